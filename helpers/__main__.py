@@ -1,0 +1,19 @@
+"""Command line: `python -m helpers standin [--verify]` | `walkthrough [--inplace] [names]`."""
+import sys
+
+
+def main() -> int:
+    command, *rest = sys.argv[1:] or ["help"]
+    if command == "standin":
+        from .standin import ensure_standin
+        print(ensure_standin(full_check="--verify" in rest))
+        return 0
+    if command == "walkthrough":
+        from .walkthrough import main as walkthrough
+        return walkthrough(rest)
+    print(__doc__)
+    return 0 if command == "help" else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

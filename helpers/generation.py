@@ -1,0 +1,103 @@
+"""Sampling settings and one generation call.
+
+The blog samples every task with the same four knobs; they live here, once.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+BLOG_SAMPLING = dict(
+    do_sample=True,    # False = greedy: always the most likely next token
+    temperature=0.8,   # divides the logits: 1.0 = no change, < 1.0 = sharper (less random)
+    top_k=20,          # sample only among the 20 most likely tokens (0 = no limit)
+    top_p=0.95,        # ...and only within the smallest set holding 95% of the probability
+)
+
+
+def validate_sampling(max_new_tokens: int = 128, do_sample: bool = True, temperature: float = 1.0,
+                      top_k: int = 0, top_p: float = 1.0, context_left: int | None = None) -> dict:
+    """Check the knobs and return them as `generate()` keyword arguments.
+
+    Raises ValueError naming the knob, the value and the allowed range."""
+    def bad(knob, value, allowed):
+        raise ValueError(f"{knob}={value!r} is not allowed: {allowed}")
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        bad("max_new_tokens", max_new_tokens, "use a whole number of at least 1")
+    if context_left is not None and max_new_tokens > context_left:
+        bad("max_new_tokens", max_new_tokens,
+            f"the prompt leaves room for at most {context_left} new tokens in the model's context")
+    if not isinstance(do_sample, bool):
+        bad("do_sample", do_sample, "use True (sample) or False (greedy)")
+    knobs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample)
+    if not do_sample:
+        return knobs  # greedy: the other knobs play no part
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        bad("temperature", temperature, "with do_sample=True use a number > 0 (for greedy, set do_sample=False)")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        bad("top_k", top_k, "use a whole number >= 0 (0 = no limit)")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        bad("top_p", top_p, "use a number in (0, 1] (1 = no limit)")
+    return dict(knobs, temperature=float(temperature), top_k=top_k, top_p=float(top_p))
+
+
+@dataclass
+class Answer:
+    """What one generation produced: the new text only, and how long it took."""
+    text: str
+    new_tokens: int
+    prompt_tokens: int
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def stats(self) -> str:
+        return (f"{self.new_tokens} new tokens after a {self.prompt_tokens}-token prompt in "
+                f"{self.seconds:.1f} s ({self.tokens_per_second:.1f} tok/s, prompt included)")
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def generate(pipe, prompt, max_new_tokens: int = 128, seed: int | None = None,
+             system: str | None = None, streamer=None, **knobs) -> Answer:
+    """Generate an answer to `prompt` with the loaded pipeline; return only the new text.
+
+    `knobs` are do_sample, temperature, top_k, top_p (the blog's when omitted). The prompt goes
+    through the tokenizer's own chat template, not the blog's hand-written string."""
+    import torch
+
+    from .prompts import chat_ids
+
+    settings = dict(BLOG_SAMPLING, **knobs)
+    unknown = set(settings) - set(BLOG_SAMPLING)
+    if unknown:
+        raise TypeError(f"unknown sampling knob(s): {', '.join(sorted(unknown))}; "
+                        f"use {', '.join(BLOG_SAMPLING)}")
+    model, tokenizer = pipe.model, pipe.tokenizer
+    ids = chat_ids(tokenizer, prompt, system)
+    context = getattr(model.config, "max_position_embeddings", None)
+    kwargs = validate_sampling(max_new_tokens, context_left=context - len(ids) if context else None, **settings)
+    if seed is not None:
+        torch.manual_seed(seed)
+    input_ids = torch.tensor([ids], device=model.device)  # [1, T]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             pad_token_id=pad, streamer=streamer, **kwargs)  # [1, T + new]
+    seconds = time.perf_counter() - started
+    new = out[0, len(ids):].tolist()
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    return Answer(text=text.strip(), new_tokens=len(new), prompt_tokens=len(ids), seconds=seconds,
+                  settings=dict(kwargs, seed=seed))
+
+
+def print_stream(tokenizer):
+    """A streamer that prints the answer as it is generated (the prompt is not repeated)."""
+    from transformers import TextStreamer
+    return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

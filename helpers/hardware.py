@@ -1,0 +1,96 @@
+"""What this machine is: torch build, devices, memory, and which models it can hold."""
+from __future__ import annotations
+
+import os
+import platform
+
+GiB = 2**30
+
+
+def torch_build() -> dict:
+    """Which torch this is: ROCm (torch.version.hip), CUDA, or CPU only."""
+    import torch
+
+    if getattr(torch.version, "hip", None):
+        backend = f"ROCm {torch.version.hip}"
+    elif torch.version.cuda:
+        backend = f"CUDA {torch.version.cuda}"
+    else:
+        backend = "CPU only"
+    return {"torch": torch.__version__, "backend": backend, "python": platform.python_version(),
+            "gpus_visible": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+
+
+def system_memory() -> dict:
+    """Total and available RAM in bytes (Linux /proc/meminfo; a sysconf fallback elsewhere)."""
+    try:
+        info = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, value = line.split(":", 1)
+                info[key] = int(value.split()[0]) * 1024
+        return {"total": info["MemTotal"], "available": info.get("MemAvailable", info["MemFree"])}
+    except (OSError, KeyError, ValueError):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return {"total": total, "available": total}
+
+
+def gpus() -> list[dict]:
+    """Each visible GPU (ROCm GPUs appear through torch.cuda too) with its memory in bytes."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    rows = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        rows.append({"index": i, "name": torch.cuda.get_device_name(i), "total": total, "free": free})
+    return rows
+
+
+def cpu_has_native_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated
+    and can be many times slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def pick_dtype():
+    """The blog's bfloat16 where the hardware computes it natively, else float32 (or fp16 on an
+    old GPU). Returns (torch dtype, reason)."""
+    import torch
+
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "GPU with bf16 support: the blog's dtype"
+        return torch.float16, "GPU without bf16: float16 instead"
+    if cpu_has_native_bf16():
+        return torch.bfloat16, "CPU with native bf16 (AVX512-BF16/AMX): the blog's dtype"
+    return torch.float32, "CPU without native bf16: float32 (emulated bf16 would be much slower)"
+
+
+def memory_budget() -> dict:
+    """Bytes that device_map="auto" can fill: free GPU memory plus available RAM."""
+    gpu_free = sum(g["free"] for g in gpus())
+    ram = system_memory()["available"]
+    return {"gpu": gpu_free, "cpu": ram, "total": gpu_free + ram}
+
+
+def fit_report(models: dict[str, int]) -> list[dict]:
+    """For {name: bytes of weights}, whether they fit on the GPUs alone, with CPU offload, or not."""
+    gpu_total = sum(g["total"] for g in gpus())
+    ram = system_memory()["total"]
+    rows = []
+    for name, need in models.items():
+        if gpu_total and need * 1.1 <= gpu_total:
+            verdict = "fits on the GPUs"
+        elif need * 1.1 <= gpu_total + ram * 0.9:
+            verdict = "fits only with CPU offload (slow)" if gpu_total else "fits in RAM (CPU only)"
+        else:
+            verdict = f"does not fit: short by {(need * 1.1 - gpu_total - ram * 0.9) / GiB:.0f} GiB"
+        rows.append({"model": name, "weights_GiB": round(need / GiB, 1), "verdict": verdict})
+    return rows

@@ -1,0 +1,191 @@
+"""Which model runs, whether it fits, and loading it the way the blog does.
+
+`model_path()` reads $MIXTRAL_MODEL (a hub id or a local folder); without it, the stand-in.
+`load_pipeline()` is the blog's `pipeline("text-generation", ...)` call, after three checks
+that turn deep library errors into plain ones: are the weights on disk, do they fit in this
+machine's memory, and which tokenizer gives the reference prompt ids.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+MODEL_ENV = "MIXTRAL_MODEL"
+STANDIN = "stand-in"
+
+# From the published config.json of each model on the Hugging Face Hub.
+KNOWN_MODELS = {
+    "mistralai/Mixtral-8x22B-Instruct-v0.1": dict(
+        vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,
+        num_attention_heads=48, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=65536, rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None,
+        tie_word_embeddings=False, router_aux_loss_coef=0.001, bos_token_id=1, eos_token_id=2),
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None,
+        tie_word_embeddings=False, router_aux_loss_coef=0.02, bos_token_id=1, eos_token_id=2),
+}
+
+# The mistral-common tokenizer file that is the reference for each Mixtral, keyed by vocab size.
+REFERENCE_TOKENIZERS = {
+    32768: "mistral_instruct_tokenizer_240323.model.v3",  # Mixtral 8x22B
+    32000: "tokenizer.model.v1",                          # Mixtral 8x7B
+}
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
+
+
+class ModelNotAvailable(RuntimeError):
+    """The model's weights are not on this machine."""
+
+
+class ModelTooLarge(MemoryError):
+    """The model would not fit in this machine's memory."""
+
+
+def model_path() -> str:
+    """The blog's `model_path`: $MIXTRAL_MODEL if set, else the stand-in's local folder."""
+    chosen = os.environ.get(MODEL_ENV, "").strip()
+    if chosen and chosen != STANDIN:
+        return chosen
+    from .standin import ensure_standin
+    return str(ensure_standin())
+
+
+def mixtral_config(name: str):
+    """A transformers MixtralConfig for a known model, built offline from KNOWN_MODELS."""
+    from transformers import MixtralConfig
+
+    if name not in KNOWN_MODELS:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+    values = dict(KNOWN_MODELS[name])
+    values["rope_parameters"] = {"rope_type": "default", "rope_theta": values.pop("rope_theta")}
+    return MixtralConfig(**values)
+
+
+def parameter_count(config) -> dict:
+    """Total and per-token (active) parameters of a Mixtral-style config, by arithmetic."""
+    c = config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    attention = c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
+    expert = 3 * c.hidden_size * c.intermediate_size
+    experts = getattr(c, "num_local_experts", 1)
+    top_k = getattr(c, "num_experts_per_tok", 1)
+    router = experts * c.hidden_size if experts > 1 else 0
+    norms = 2 * c.hidden_size
+    embed = c.vocab_size * c.hidden_size
+    head = 0 if c.tie_word_embeddings else embed
+    per_layer = attention + experts * expert + router + norms
+    active_layer = attention + top_k * expert + router + norms
+    return {
+        "total": c.num_hidden_layers * per_layer + embed + head + c.hidden_size,
+        "active": c.num_hidden_layers * active_layer + embed + head + c.hidden_size,
+    }
+
+
+def resolve_local(name: str) -> Path:
+    """The local folder that holds `name` (a folder, or a hub id already downloaded).
+
+    Never touches the network: a hub id is looked up in the local Hugging Face cache only."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotAvailable(f"{path} is a folder but holds no config.json: it is not a model folder.")
+        _check_weights_present(path, name)
+        return path
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise ModelNotAvailable(f"{MODEL_ENV}={name!r} is neither an existing folder nor a hub id (owner/name).")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        path = Path(snapshot_download(name, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        raise ModelNotAvailable(
+            f"The weights of {name} are not on this machine (looked in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE}) and these notebooks never download them. On a machine with "
+            f"network access run:\n    hf download {name} --local-dir /data/{name.split('/')[-1]}\n"
+            f"(about {_size_hint(name)}), copy the folder here, then set "
+            f"{MODEL_ENV}=/data/{name.split('/')[-1]}. Leave {MODEL_ENV} unset to use the stand-in."
+        ) from None
+    _check_weights_present(path, name)
+    return path
+
+
+def _size_hint(name: str) -> str:
+    if name in KNOWN_MODELS:
+        return f"{parameter_count(mixtral_config(name))['total'] * 2 / 2**30:.0f} GiB in bf16"
+    return "the size of its safetensors files"
+
+
+def _check_weights_present(path: Path, name: str) -> None:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise ModelNotAvailable(
+                f"{name}: {len(missing)} of {len(shards)} weight shards are missing in {path} "
+                f"(first: {missing[0]}); the download is incomplete. Finish it with `hf download`.")
+    elif not list(path.glob("*.safetensors")):
+        raise ModelNotAvailable(f"{name}: no *.safetensors weights in {path} (only safetensors are loaded).")
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of weights stored in a local model folder."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def stored_dtype_bytes(path: Path) -> float:
+    config = json.loads((Path(path) / "config.json").read_text())
+    return DTYPE_BYTES.get(config.get("dtype") or config.get("torch_dtype") or "float32", 4)
+
+
+def check_fits(path, dtype) -> int:
+    """Bytes the weights need in `dtype`; raises ModelTooLarge, with the numbers, if they exceed
+    what device_map="auto" can use here (free GPU memory plus available RAM)."""
+    import torch
+
+    from .hardware import GiB, memory_budget
+    path = Path(path)
+    need = int(weight_bytes(path) / stored_dtype_bytes(path) * torch.tensor([], dtype=dtype).element_size())
+    budget = memory_budget()
+    if need * 1.1 > budget["total"]:
+        raise ModelTooLarge(
+            f"{path.name} needs about {need / GiB:.1f} GiB in {str(dtype).replace('torch.', '')} "
+            f"(+10% working memory), but this machine has {budget['gpu'] / GiB:.1f} GiB free on GPUs "
+            f"and {budget['cpu'] / GiB:.1f} GiB of available RAM. Use a machine with more GPU memory "
+            f"(see 00_setup for what fits where), or leave {MODEL_ENV} unset for the stand-in.")
+    return need
+
+
+def load_pipeline(name: str | None = None, dtype=None, device_map="auto"):
+    """The blog's `pipeline("text-generation", model=..., dtype=..., device_map="auto")`, after
+    checking that the weights are here and fit, with the reference tokenizer for a Mixtral.
+
+    dtype: None picks bf16 where the hardware computes it natively (see hardware.pick_dtype)."""
+    from transformers import pipeline
+
+    from .hardware import pick_dtype
+    from .prompts import reference_tokenizer
+    path = resolve_local(name or model_path())
+    if dtype is None:
+        dtype, _ = pick_dtype()
+    check_fits(path, dtype)
+    config = json.loads((path / "config.json").read_text())
+    tokenizer = None
+    if config.get("model_type") == "mixtral" and config.get("vocab_size") in REFERENCE_TOKENIZERS:
+        tokenizer = reference_tokenizer(config["vocab_size"])
+    return pipeline("text-generation", model=str(path), tokenizer=tokenizer, dtype=dtype, device_map=device_map)
+
+
+def placement(model) -> list[dict]:
+    """Where device_map put the weights: parameters and bytes on each device."""
+    rows: dict[str, dict] = {}
+    for _, p in model.named_parameters():
+        row = rows.setdefault(str(p.device), {"device": str(p.device), "parameters": 0, "bytes": 0})
+        row["parameters"] += p.numel()
+        row["bytes"] += p.numel() * p.element_size()
+    return list(rows.values())

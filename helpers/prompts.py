@@ -1,0 +1,109 @@
+"""Prompts: the blog's hand-written template, and the ids the model should really see.
+
+The blog wraps each prompt as `[INST] {prompt} [/INST]`. For Mixtral the reference is
+Mistral's own `mistral-common` package: its `encode_chat_completion` is what the model was
+trained on. We feed the model `tokenizer.apply_chat_template(...)` of the tokenizer that
+belongs to it, and test that, for the Mixtral models, it equals the reference id for id.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+BLOG_TEMPLATE = "[INST] {prompt} [/INST]"
+
+# The four tasks of the blog, with their exact prompts and token budgets.
+TASKS = {
+    "poem": dict(max_new_tokens=512, prompt=(
+        "Write a poem about artificial intelligence becoming conscious in the style of Shakespeare.")),
+    "code": dict(max_new_tokens=512, prompt=(
+        "Create a python function that when given two strings word1 and word2 it returns the minimum "
+        "number of operations required to convert word1 to word2. Only three operations are permitted "
+        "on each word: Insert a character, Delete a character, Replace a character.")),
+    "jokes": dict(max_new_tokens=128, prompt="Tell me some jokes about semiconductors."),
+    "translation": dict(max_new_tokens=128, prompt=(
+        "Please translate the following sentence into English: Nel mezzo del cammin di nostra vita, "
+        "mi ritrovai per una selva oscura, ché la diritta via era smarrita.")),
+}
+
+
+def blog_prompt(prompt: str) -> str:
+    """The blog's literal prompt string, exactly as its cells build it."""
+    return BLOG_TEMPLATE.format(prompt=prompt)
+
+
+def as_messages(prompt, system: str | None = None) -> list[dict]:
+    """A chat: a prompt string becomes one user turn; a list of messages passes through."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    else:
+        messages = [dict(m) for m in prompt]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    for m in messages:
+        if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
+            raise ValueError(f"each message needs a role (system/user/assistant) and text content, got {m!r}")
+    if not any(m["content"].strip() for m in messages if m["role"] == "user"):
+        raise ValueError("the prompt is empty: give the model something to answer")
+    return messages
+
+
+def chat_ids(tokenizer, prompt, system: str | None = None) -> list[int]:
+    """The ids to feed the model: the loaded tokenizer's own chat template, ready for the answer."""
+    messages = as_messages(prompt, system)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return list(ids)
+
+
+def reference_file(vocab_size: int) -> Path:
+    """The tokenizer file that mistral-common ships for a Mixtral with this vocabulary."""
+    import mistral_common
+
+    from .models import REFERENCE_TOKENIZERS
+    if vocab_size not in REFERENCE_TOKENIZERS:
+        raise KeyError(f"no mistral-common reference tokenizer for vocab size {vocab_size}")
+    return Path(mistral_common.__file__).parent / "data" / REFERENCE_TOKENIZERS[vocab_size]
+
+
+def reference_ids(prompt, vocab_size: int, system: str | None = None) -> list[int]:
+    """mistral-common's `encode_chat_completion`: the ids Mistral's own stack would feed."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    tokenizer = MistralTokenizer.from_file(str(reference_file(vocab_size)))
+    request = ChatCompletionRequest(messages=as_messages(prompt, system))
+    return tokenizer.encode_chat_completion(request).tokens
+
+
+def reference_tokenizer(vocab_size: int):
+    """transformers' mistral-common backend over the shipped file (offline), for the pipeline."""
+    from transformers import MistralCommonBackend
+
+    from .standin import cache_root
+    source = reference_file(vocab_size)
+    version = source.name.rsplit(".", 1)[-1]  # v1, v3
+    folder = cache_root() / "tokenizers" / version
+    target = folder / f"tokenizer.model.{version}"
+    if not target.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{target.name}.tmp"
+        shutil.copyfile(source, tmp)
+        tmp.replace(target)
+    return MistralCommonBackend.from_pretrained(str(folder))
+
+
+def token_table(tokenizer, ids: list[int]) -> list[tuple[int, str]]:
+    """(id, piece) pairs, for showing what a prompt really is."""
+    return list(zip(ids, tokenizer.convert_ids_to_tokens(ids)))
+
+
+def compare_ids(tokenizer, blog_ids: list[int], correct_ids: list[int]) -> str:
+    """A side-by-side listing of two id sequences, marking the positions where they differ."""
+    blog, correct = token_table(tokenizer, blog_ids), token_table(tokenizer, correct_ids)
+    rows = [f"{'pos':>3}  {'blog string':<22} {'chat template':<22}"]
+    for i in range(max(len(blog), len(correct))):
+        a = f"{blog[i][0]:>5} {blog[i][1]!r}" if i < len(blog) else ""
+        b = f"{correct[i][0]:>5} {correct[i][1]!r}" if i < len(correct) else ""
+        mark = "" if a == b else "  <-- differs"
+        rows.append(f"{i:>3}  {a:<22} {b:<22}{mark}")
+    return "\n".join(rows)

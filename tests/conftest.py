@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def standin_tokenizer():
+    from transformers import AutoTokenizer
+
+    from helpers import ensure_standin
+    return AutoTokenizer.from_pretrained(str(ensure_standin()))
+
+
+def tiny_llama(vocab_size=49152, seed=0):
+    """A dense Llama the shape of SmolLM2 in miniature (hidden 32, 2 layers, tied embeddings)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture
+def tiny_dense():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_dir(tmp_path_factory):
+    """A tiny random Mixtral with the 8x22B vocabulary, saved as safetensors."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=32768, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           num_experts_per_tok=2, max_position_embeddings=256)
+    path = tmp_path_factory.mktemp("tiny-mixtral")
+    MixtralForCausalLM(config).save_pretrained(path)
+    return path

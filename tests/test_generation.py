@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from helpers import BLOG_SAMPLING, generate, load_pipeline, validate_sampling
+
+
+def test_blog_defaults_live_in_one_place():
+    assert BLOG_SAMPLING == dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.95)
+
+
+def test_valid_knobs_pass_through():
+    assert validate_sampling(512, **BLOG_SAMPLING) == dict(max_new_tokens=512, **BLOG_SAMPLING)
+
+
+def test_greedy_drops_the_sampling_knobs():
+    assert validate_sampling(8, do_sample=False, temperature=0.0, top_k=-3) == dict(max_new_tokens=8, do_sample=False)
+
+
+@pytest.mark.parametrize("knobs, knob, hint", [
+    (dict(temperature=0.0), "temperature", "> 0"),
+    (dict(temperature=-1), "temperature", "do_sample=False"),
+    (dict(top_p=0.0), "top_p", "(0, 1]"),
+    (dict(top_p=1.5), "top_p", "(0, 1]"),
+    (dict(top_k=-1), "top_k", ">= 0"),
+    (dict(top_k=2.5), "top_k", "whole number"),
+    (dict(max_new_tokens=0), "max_new_tokens", "at least 1"),
+    (dict(max_new_tokens=10.0), "max_new_tokens", "whole number"),
+    (dict(max_new_tokens=300, context_left=200), "max_new_tokens", "at most 200"),
+    (dict(do_sample="yes"), "do_sample", "True"),
+])
+def test_bad_knobs_name_knob_value_and_range(knobs, knob, hint):
+    with pytest.raises(ValueError) as err:
+        validate_sampling(**{"max_new_tokens": 16, **BLOG_SAMPLING, **knobs})
+    message = str(err.value)
+    assert message.startswith(f"{knob}=") and hint in message
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_mixtral_dir):
+    return load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32)
+
+
+def test_generate_returns_only_new_text_and_counts(tiny_pipe):
+    answer = generate(tiny_pipe, "Tell me some jokes about semiconductors.", max_new_tokens=12, seed=1)
+    assert 1 <= answer.new_tokens <= 12
+    assert answer.prompt_tokens == 13  # <s>[INST] + 11 prompt tokens + [/INST]
+    assert "semiconductors" not in answer.text
+    assert answer.settings == dict(max_new_tokens=12, seed=1, **BLOG_SAMPLING)
+    assert "tok/s" in answer.stats()
+
+
+def test_seed_makes_sampling_repeatable(tiny_pipe):
+    runs = [generate(tiny_pipe, "Hello", max_new_tokens=16, seed=seed, temperature=1.5, top_k=0)
+            for seed in (7, 7, 8)]
+    assert runs[0].text == runs[1].text
+    assert runs[0].text != runs[2].text
+
+
+def test_generate_rejects_bad_input_before_running(tiny_pipe):
+    with pytest.raises(ValueError, match="empty"):
+        generate(tiny_pipe, "   ")
+    with pytest.raises(ValueError, match="at most"):
+        generate(tiny_pipe, "Hello", max_new_tokens=1000)  # tiny model: 256-token context
+    with pytest.raises(TypeError, match="unknown sampling knob"):
+        generate(tiny_pipe, "Hello", temprature=0.5)

@@ -1,0 +1,101 @@
+import json
+
+import pytest
+import torch
+
+import helpers.models as models
+from helpers import (KNOWN_MODELS, ModelNotAvailable, ModelTooLarge, check_fits, load_pipeline,
+                     mixtral_config, model_path, parameter_count, placement, resolve_local)
+
+
+def independent_count(config):
+    """Count by instantiating the model on the meta device: no memory, no weights."""
+    from transformers import MixtralForCausalLM
+    with torch.device("meta"):
+        model = MixtralForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(p.numel() for p in model.model.layers[0].mlp.experts.parameters()) // config.num_local_experts
+    active = total - config.num_hidden_layers * (config.num_local_experts - config.num_experts_per_tok) * expert
+    return total, active
+
+
+@pytest.mark.parametrize("name, total_b, active_b", [
+    ("mistralai/Mixtral-8x22B-Instruct-v0.1", 140.6, 39.2),
+    ("mistralai/Mixtral-8x7B-Instruct-v0.1", 46.7, 12.9),
+])
+def test_parameter_counts_from_the_real_configs(name, total_b, active_b):
+    config = mixtral_config(name)
+    counts = parameter_count(config)
+    assert (counts["total"], counts["active"]) == independent_count(config)
+    assert round(counts["total"] / 1e9, 1) == total_b and round(counts["active"] / 1e9, 1) == active_b
+
+
+def test_known_configs_are_the_published_ones():
+    big = KNOWN_MODELS["mistralai/Mixtral-8x22B-Instruct-v0.1"]
+    assert (big["hidden_size"], big["intermediate_size"], big["num_hidden_layers"]) == (6144, 16384, 56)
+    assert (big["num_attention_heads"], big["num_key_value_heads"], big["vocab_size"]) == (48, 8, 32768)
+    small = KNOWN_MODELS["mistralai/Mixtral-8x7B-Instruct-v0.1"]
+    assert (small["hidden_size"], small["intermediate_size"], small["num_hidden_layers"]) == (4096, 14336, 32)
+    assert small["vocab_size"] == 32000
+
+
+def test_unknown_model_name_is_refused():
+    with pytest.raises(KeyError, match="unknown model"):
+        mixtral_config("mistralai/Mixtral-8x99B")
+
+
+def test_model_path_reads_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MIXTRAL_MODEL", str(tmp_path))
+    assert model_path() == str(tmp_path)
+    monkeypatch.setattr("helpers.standin.ensure_standin", lambda: tmp_path / "standin")
+    for unset in ("", "stand-in"):
+        monkeypatch.setenv("MIXTRAL_MODEL", unset)
+        assert model_path() == str(tmp_path / "standin")
+
+
+def test_hub_id_not_on_disk_fails_fast_and_says_how_to_download(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelNotAvailable) as err:
+        resolve_local("mistralai/Mixtral-8x22B-Instruct-v0.1")
+    message = str(err.value)
+    assert "mistralai/Mixtral-8x22B-Instruct-v0.1" in message and str(tmp_path) in message
+    assert "hf download mistralai/Mixtral-8x22B-Instruct-v0.1" in message and "262 GiB" in message
+
+
+def test_local_folders_are_checked(tmp_path):
+    with pytest.raises(ModelNotAvailable, match="no config.json"):
+        resolve_local(str(tmp_path))
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelNotAvailable, match="no \\*.safetensors"):
+        resolve_local(str(tmp_path))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"")
+    with pytest.raises(ModelNotAvailable, match="1 of 2 weight shards are missing"):
+        resolve_local(str(tmp_path))
+    with pytest.raises(ModelNotAvailable, match="neither an existing folder nor a hub id"):
+        resolve_local("./no/such/folder")
+
+
+def test_too_large_model_is_refused_before_loading(monkeypatch, tiny_mixtral_dir):
+    monkeypatch.setattr("helpers.hardware.memory_budget", lambda: {"gpu": 0, "cpu": 1000, "total": 1000})
+    with pytest.raises(ModelTooLarge) as err:
+        check_fits(tiny_mixtral_dir, torch.bfloat16)
+    assert "needs about" in str(err.value) and "available RAM" in str(err.value)
+    monkeypatch.setattr(models, "load_pipeline", None)  # nothing past the check may run
+    with pytest.raises(ModelTooLarge):
+        models.check_fits(tiny_mixtral_dir, torch.float32)
+
+
+def test_fit_scales_with_dtype(tiny_mixtral_dir):
+    fp32 = check_fits(tiny_mixtral_dir, torch.float32)
+    assert check_fits(tiny_mixtral_dir, torch.bfloat16) * 2 == fp32
+
+
+def test_pipeline_uses_the_reference_tokenizer_for_a_mixtral_vocab(tiny_mixtral_dir):
+    pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32)
+    assert type(pipe.tokenizer).__name__ == "MistralCommonBackend"
+    rows = placement(pipe.model)
+    assert rows == [{"device": "cpu", "parameters": sum(p.numel() for p in pipe.model.parameters()),
+                     "bytes": 4 * sum(p.numel() for p in pipe.model.parameters())}]

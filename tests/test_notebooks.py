@@ -1,0 +1,47 @@
+"""The notebooks' shape (nbval re-executes them; this checks what they promise to a reader)."""
+import json
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from helpers import TASKS
+from helpers.walkthrough import ANSWER_TAG, answers, notebook_paths
+
+NOTEBOOKS = {p.stem: p for p in notebook_paths()}
+TASK_NOTEBOOKS = {"02_poem": "poem", "03_code": "code", "04_jokes": "jokes", "05_translation": "translation"}
+
+
+def test_the_six_walkthrough_notebooks_exist():
+    assert {"00_setup", "01_loading", *TASK_NOTEBOOKS} <= set(NOTEBOOKS)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_opens_and_closes_the_same_way(name):
+    nb = json.loads(NOTEBOOKS[name].read_text())
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"  # no "Select Kernel" dialog
+    first, last = nb["cells"][0], nb["cells"][-1]
+    assert first["cell_type"] == "markdown" and "".join(first["source"]).startswith("# ")
+    assert "What you will learn" in "".join(first["source"]) and "Hardware and time" in "".join(first["source"])
+    assert "## Summary" in "".join(last["source"]) and "## Exercises" in "".join(last["source"])
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert any(c.get("outputs") for c in code), "commit notebooks with the stand-in's outputs (make notebooks)"
+    assert not any(o.get("output_type") == "error" for c in code for o in c["outputs"])
+
+
+@pytest.mark.parametrize("name, task", TASK_NOTEBOOKS.items())
+def test_task_notebooks_keep_the_blog_prompt_and_budget(name, task):
+    nb = nbformat.read(NOTEBOOKS[name], as_version=4)
+    sources = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert f'prompt = "{TASKS[task]["prompt"]}"' in sources
+    assert f"max_new_tokens = {TASKS[task]['max_new_tokens']}" in sources
+    assert "sampling = dict(BLOG_SAMPLING)" in sources
+    assert len(answers(nb)) == 1 and "tok/s" in answers(nb)[0]
+
+
+def test_answers_are_read_from_tagged_cells_only():
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("x", outputs=[nbformat.v4.new_output("stream", text="noise")]),
+        nbformat.v4.new_code_cell("y", metadata={"tags": [ANSWER_TAG]},
+                                  outputs=[nbformat.v4.new_output("stream", text="the answer")])])
+    assert answers(nb) == ["the answer"]
