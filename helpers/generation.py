@@ -50,6 +50,7 @@ class Answer:
     prompt_tokens: int
     seconds: float
     settings: dict = field(default_factory=dict)
+    token_ids: list = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -94,7 +95,7 @@ def generate(pipe, prompt, max_new_tokens: int = 128, seed: int | None = None,
     new = out[0, len(ids):].tolist()
     text = tokenizer.decode(new, skip_special_tokens=True)
     return Answer(text=text.strip(), new_tokens=len(new), prompt_tokens=len(ids), seconds=seconds,
-                  settings=dict(kwargs, seed=seed))
+                  settings=dict(kwargs, seed=seed), token_ids=new)
 
 
 def print_stream(tokenizer):

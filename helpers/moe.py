@@ -1,0 +1,208 @@
+"""Inside the MoE: record the router's choices during generation, and the knobs around it.
+
+Shapes: T = tokens, L = layers, E = experts, K = experts per token (top-k).
+The routing is read from the model itself (forward hooks on each layer's router), never
+re-implemented for display."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+def routers(model) -> list:
+    """Each decoder layer's router module (MixtralTopKRouter), in layer order."""
+    found = [layer.mlp.gate for layer in model.model.layers]
+    if not all(hasattr(r, "top_k") and hasattr(r, "weight") for r in found):
+        raise TypeError(f"{type(model).__name__} has no Mixtral-style routers (layer.mlp.gate)")
+    return found
+
+
+@dataclass
+class RouterTrace:
+    """Top-k experts and their weights for every token at every layer, recorded by hooks.
+
+    Use as a context manager around `generate()` (batch 1): the prefill call records the prompt's
+    tokens, each decode step with the KV cache records one more token."""
+    model: object
+    calls: list = field(default_factory=list)  # per forward call: L x (indices [t, K], weights [t, K], logits [t, E])
+    _hooks: list = field(default_factory=list)
+
+    def __enter__(self):
+        self.calls.clear()
+        layers = routers(self.model)
+
+        def record(layer_index):
+            def hook(_module, _inputs, outputs):
+                logits, weights, indices = outputs  # [t, E], [t, K], [t, K]
+                if layer_index == 0:
+                    self.calls.append([None] * len(layers))
+                self.calls[-1][layer_index] = (indices.detach().cpu(), weights.detach().float().cpu(),
+                                               logits.detach().float().cpu())
+            return hook
+        self._hooks = [r.register_forward_hook(record(i)) for i, r in enumerate(layers)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def _stack(self, part: int):
+        import torch
+        per_call = [torch.stack([layer[part] for layer in call], dim=1) for call in self.calls]  # [t, L, .]
+        return torch.cat(per_call) if per_call else torch.empty(0)
+
+    @property
+    def experts(self):
+        """[T, L, K] expert indices, best first."""
+        return self._stack(0)
+
+    @property
+    def weights(self):
+        """[T, L, K] the renormalised routing weights (they sum to 1 over K)."""
+        return self._stack(1)
+
+    @property
+    def logits(self):
+        """[T, L, E] raw router logits."""
+        return self._stack(2)
+
+
+def trace_generation(pipe, prompt, max_new_tokens: int = 32, seed: int = 0, **knobs):
+    """Generate with the router traced: (answer, trace, token strings for every traced position)."""
+    from .generation import generate
+    from .prompts import chat_ids
+
+    ids = chat_ids(pipe.tokenizer, prompt)
+    with RouterTrace(pipe.model) as trace:
+        answer = generate(pipe, prompt, max_new_tokens=max_new_tokens, seed=seed, **knobs)
+    # each position's routing belongs to the token fed in there: the prompt, then every new
+    # token except the last (which is never fed back)
+    tokens = pipe.tokenizer.convert_ids_to_tokens(ids + answer.token_ids)
+    return answer, trace, tokens[: trace.experts.shape[0]]
+
+
+def expert_load(experts, num_experts: int):
+    """[L, E] share of routing slots each expert received per layer (rows sum to 1)."""
+    import torch
+    T, L, K = experts.shape
+    counts = torch.zeros(L, num_experts)
+    for layer in range(L):
+        counts[layer] = torch.bincount(experts[:, layer, :].flatten(), minlength=num_experts).float()
+    return counts / (T * K)
+
+
+def stickiness(experts):
+    """[L] how often consecutive tokens keep the same first-choice expert, per layer."""
+    first = experts[:, :, 0]  # [T, L]
+    return (first[1:] == first[:-1]).float().mean(0)
+
+
+def chance_stickiness(load):
+    """[L] the same rate if tokens picked experts independently with the observed loads."""
+    return (load ** 2).sum(-1)
+
+
+def route_topk_then_softmax(logits, k: int):
+    """Mistral's reference moe.py: keep the top-k logits, softmax over just those. -> (weights, indices)"""
+    import torch
+    top, idx = torch.topk(logits, k, dim=-1)  # [T, K]
+    return torch.softmax(top.float(), dim=-1), idx
+
+
+def route_softmax_topk_renorm(logits, k: int):
+    """transformers: softmax over all experts, keep the top-k, renormalise to sum 1."""
+    import torch
+    probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
+    top, idx = torch.topk(probs, k, dim=-1)  # [T, K]
+    return top / top.sum(-1, keepdim=True), idx
+
+
+def set_experts_per_token(model, k: int) -> None:
+    """Change how many experts each token visits (the model was trained with 2)."""
+    layers = routers(model)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= layers[0].num_experts:
+        raise ValueError(f"experts per token must be a whole number from 1 to {layers[0].num_experts}, got {k!r}")
+    model.config.num_experts_per_tok = k
+    for layer, router in zip(model.model.layers, layers):
+        router.top_k = k
+        layer.mlp.top_k = k
+
+
+def decode_speed(model, prompt_ids, new_tokens: int = 32, warmup: int = 4) -> float:
+    """Greedy decode tokens/s at batch 1, the first `warmup` tokens (and the prefill) excluded."""
+    import torch
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        cache = DynamicCache()
+        ids = prompt_ids
+        out = model(ids, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        started = None
+        for step in range(warmup + new_tokens):
+            if step == warmup:
+                started = time.perf_counter()
+            out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+        return new_tokens / (time.perf_counter() - started)
+
+
+def cost_experiment(hidden: int = 512, intermediate: int = 1536, layers: int = 4, experts: int = 8,
+                    top_k: int = 2, new_tokens: int = 32, seed: int = 0) -> list[dict]:
+    """Decode speed and weight memory of three random models on this machine: the MoE, a dense
+    model as big as the MoE in total, and a dense model as big as what the MoE uses per token."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    common = dict(vocab_size=1024, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
+                  num_key_value_heads=8, max_position_embeddings=512)
+    torch.manual_seed(seed)
+    models = {
+        f"MoE ({experts} experts, top-{top_k})": MixtralForCausalLM(MixtralConfig(
+            intermediate_size=intermediate, num_local_experts=experts, num_experts_per_tok=top_k, **common)),
+        "dense, MoE's total size": LlamaForCausalLM(LlamaConfig(intermediate_size=experts * intermediate, **common)),
+        "dense, MoE's active size": LlamaForCausalLM(LlamaConfig(intermediate_size=top_k * intermediate, **common)),
+    }
+    prompt = torch.randint(0, 1024, (1, 16))
+    rows = []
+    for name, model in models.items():
+        model.eval()
+        rows.append({"model": name, "parameters": sum(p.numel() for p in model.parameters()),
+                     "weights_MiB": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+                     "tokens_per_s": decode_speed(model, prompt, new_tokens=new_tokens)})
+    return rows
+
+
+def draw_routing(experts, tokens, num_experts: int, title: str, ax=None):
+    """Heatmap: tokens (rows) x layers (columns), coloured by each token's first-choice expert."""
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    first = experts[:, :, 0].numpy()  # [T, L]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 0.18 * len(tokens) + 1))
+    cmap = ListedColormap(plt.get_cmap("tab10").colors[:num_experts])
+    image = ax.imshow(first, aspect="auto", cmap=cmap, vmin=-0.5, vmax=num_experts - 0.5, interpolation="nearest")
+    readable = [t.replace("Ġ", "␣").replace("▁", "␣").replace("Ċ", "\\n").replace("\n", "\\n") for t in tokens]
+    ax.set_yticks(range(len(tokens)), readable, fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("token")
+    ax.set_title(title)
+    ax.figure.colorbar(image, ax=ax, ticks=range(num_experts), label="first-choice expert")
+    return ax
+
+
+def draw_loads(loads: dict, title: str):
+    """One heatmap per task: layers x experts, the share of routing slots each expert took."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(loads), figsize=(3.2 * len(loads), 4), sharey=True)
+    for ax, (name, load) in zip(axes, loads.items()):
+        image = ax.imshow(load.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=float(max(l.max() for l in loads.values())))
+        ax.set_title(name)
+        ax.set_xlabel("expert")
+    axes[0].set_ylabel("layer")
+    fig.colorbar(image, ax=axes, label="share of routing slots")
+    fig.suptitle(title)
+    return fig

@@ -1,0 +1,99 @@
+import pytest
+
+from helpers.planning import GPU_TYPES, breakdown, kv_bytes_per_token, layer_device, memory_table, plan
+
+BIG = "mistralai/Mixtral-8x22B-Instruct-v0.1"
+SMALL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+GiB = 2**30
+
+
+def by_hand(h, f, layers, heads, kv_heads, vocab, experts=8, top_k=2):
+    """Mixtral's parameters from its config, written out independently of the helpers."""
+    head_dim = h // heads
+    attention = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2  # q, o + k, v
+    expert = 3 * h * f  # w1, w2, w3
+    per_layer = attention + experts * expert + experts * h + 2 * h
+    total = layers * per_layer + 2 * vocab * h + h
+    active = total - layers * (experts - top_k) * expert
+    return total, active
+
+
+def test_breakdown_matches_the_arithmetic():
+    for name, args in [(BIG, (6144, 16384, 56, 48, 8, 32768)), (SMALL, (4096, 14336, 32, 32, 8, 32000))]:
+        parts = breakdown(name)
+        assert (parts["total"], parts["active"]) == by_hand(*args)
+        assert parts["embeddings"] == parts["lm_head"] == args[5] * args[0]
+        assert parts["router"] == args[2] * 8 * args[0]
+    assert breakdown(BIG)["total"] == 140_630_071_296 and breakdown(BIG)["active"] == 39_161_468_928
+    assert breakdown(SMALL)["total"] == 46_702_792_704 and breakdown(SMALL)["active"] == 12_879_925_248
+
+
+def test_kv_cache_per_token():
+    assert kv_bytes_per_token(BIG) == 2 * 56 * 8 * 128 * 2  # K and V, layers, KV heads, head dim, bf16
+    assert kv_bytes_per_token(SMALL, "float32") == 2 * 32 * 8 * 128 * 4
+
+
+def test_memory_table_precisions():
+    rows = {r["precision"]: r for r in memory_table(BIG, context=65536)}
+    assert round(rows["bfloat16"]["weights_GiB"]) == 262
+    assert rows["int4"]["weights_GiB"] == pytest.approx(rows["bfloat16"]["weights_GiB"] / 4)
+    assert rows["bfloat16"]["kv_cache_GiB"] == pytest.approx(14.0)  # 224 KiB x 64 Ki tokens
+    assert rows["int8"]["kv_cache_GiB"] == rows["bfloat16"]["kv_cache_GiB"]
+
+
+@pytest.mark.parametrize("gpu, count, precision, fits, layers", [
+    ("MI300X", 8, "bfloat16", True, [7, 8, 8, 8, 8, 8, 8, 1]),
+    ("MI300X", 2, "bfloat16", True, [28, 28]),
+    ("MI300X", 1, "bfloat16", False, None),
+    ("H100", 4, "bfloat16", True, None),
+    ("H100", 2, "int4", True, [28, 28]),
+    ("A100", 2, "bfloat16", False, None),
+])
+def test_fit_decisions_and_device_maps(gpu, count, precision, fits, layers):
+    p = plan(BIG, gpu=gpu, count=count, precision=precision)
+    assert p.fits is fits
+    if fits:
+        assert sum(p.layers_per_gpu) == 56
+        assert all(n > 0 for n in p.layers_per_gpu[:-1])
+        if layers:
+            assert p.layers_per_gpu == layers
+        assert p.ceiling_tensor_parallel == pytest.approx(count * p.ceiling_pipeline)
+    else:
+        assert "Short by" in p.advice and "DOES NOT FIT" in p.summary()
+
+
+def test_advice_says_what_would_fit():
+    p = plan(BIG, gpu="MI300X", count=1)
+    assert "2x MI300X" in p.advice and "int8" in p.advice
+    assert p.advice.startswith(f"Short by {(p.weights_bytes + p.kv_bytes - p.capacity_bytes) / GiB:.0f} GiB")
+
+
+def test_decode_ceiling_is_bandwidth_over_active_bytes():
+    p = plan(BIG, gpu="MI300X", count=2, context=2)
+    active_bytes = breakdown(BIG)["active"] * 2
+    assert p.ceiling_pipeline == pytest.approx(5.3e12 / active_bytes, rel=1e-4)
+
+
+def test_layer_device_reads_the_most_specific_entry():
+    device_map = {"model.embed_tokens": 0, "model.layers.1": 1, "model.layers.10": 2, "": 0}
+    assert [layer_device(device_map, i) for i in (0, 1, 10, 11)] == [0, 1, 2, 0]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(model="mistralai/Mixtral-8x99B"), "unknown model"),
+    (dict(count=0), "whole number >= 1"),
+    (dict(count=-2), "whole number >= 1"),
+    (dict(gpu="RTX9090"), "unknown GPU"),
+    (dict(gpu="mine", gpu_memory_gib=0, bandwidth_tbs=1.0), "must be > 0"),
+    (dict(context=65537), "maximum, 65536"),
+    (dict(precision="fp8"), "precision='fp8' is not known"),
+])
+def test_bad_plans_are_refused(kwargs, message):
+    with pytest.raises((ValueError, KeyError), match=message):
+        plan(**{"model": BIG, **kwargs})
+
+
+def test_custom_gpu():
+    p = plan(SMALL, gpu="my GPU", count=1, gpu_memory_gib=141, bandwidth_tbs=4.8)
+    assert p.fits and p.ceiling_pipeline == pytest.approx(plan(SMALL, gpu="H200", count=1).ceiling_pipeline)
+    assert set(GPU_TYPES) >= {"MI300X", "MI250X", "MI250", "H100", "H200", "A100"}
