@@ -102,3 +102,78 @@ def print_stream(tokenizer):
     """A streamer that prints the answer as it is generated (the prompt is not repeated)."""
     from transformers import TextStreamer
     return TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def generate_many(pipe, prompt, samples: int = 3, max_new_tokens: int = 128, seed: int = 0, **knobs) -> list[str]:
+    """`samples` sampled answers to one prompt, generated together as one batch (about the cost of
+    one answer on a memory-bound machine); seeded, so a run can be repeated."""
+    import torch
+
+    from .prompts import chat_ids
+
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples={samples!r} is not allowed: use a whole number of at least 1")
+    settings = dict(BLOG_SAMPLING, **knobs)
+    ids = chat_ids(pipe.tokenizer, prompt)
+    kwargs = validate_sampling(max_new_tokens, **settings)
+    if not kwargs["do_sample"] and samples > 1:
+        raise ValueError("samples > 1 needs do_sample=True: greedy decoding gives the same answer every time")
+    torch.manual_seed(seed)
+    input_ids = torch.tensor([ids], device=pipe.model.device)
+    pad = pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else pipe.tokenizer.eos_token_id
+    with torch.no_grad():
+        out = pipe.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pad_token_id=pad,
+                                  num_return_sequences=samples, **kwargs)  # [samples, T + new]
+    return [pipe.tokenizer.decode(row[len(ids):], skip_special_tokens=True).strip() for row in out]
+
+
+def next_token_distribution(pipe, prompt, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                            show: int = 15, answer_prefix: str = "") -> dict:
+    """The model's next-token probabilities for `prompt`, and how each knob reshapes them.
+
+    Uses transformers' own warpers, in the order `generate()` applies them (temperature, then
+    top-k, then top-p). `answer_prefix` is the start of the answer, already written.
+    Returns {stage: [(token, probability), ...]} over the `show` most likely
+    tokens of the raw distribution, so every stage is drawn on the same tokens."""
+    import torch
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from .prompts import chat_ids
+
+    validate_sampling(1, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    prefix = pipe.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
+    ids = torch.tensor([chat_ids(pipe.tokenizer, prompt) + prefix], device=pipe.model.device)
+    with torch.no_grad():
+        scores = pipe.model(ids).logits[:, -1, :].float()  # [1, V]
+    stages = {"raw (temperature 1)": scores}
+    scores = TemperatureLogitsWarper(temperature)(ids, scores)
+    stages[f"temperature {temperature:g}"] = scores
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(ids, scores)
+    stages[f"+ top_k {top_k}" if top_k else "+ top_k off"] = scores
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p)(ids, scores)
+    stages[f"+ top_p {top_p:g}" if top_p < 1 else "+ top_p off"] = scores
+    probs = {name: torch.softmax(s, dim=-1)[0] for name, s in stages.items()}  # [V] each
+    shown = torch.topk(probs["raw (temperature 1)"], show).indices.tolist()
+    tokens = pipe.tokenizer.convert_ids_to_tokens(shown)
+    return {name: [(t, p[i].item()) for t, i in zip(tokens, shown)] for name, p in probs.items()}
+
+
+def draw_distribution(stages: dict, title: str = "Next-token probabilities"):
+    """One bar chart per stage, the same tokens on every row."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.3 * len(stages), 4), sharey=True)
+    top = max(p for rows in stages.values() for _, p in rows)
+    for ax, (name, rows) in zip(axes, stages.items()):
+        tokens = [t.replace("Ġ", "␣").replace("▁", "␣").replace("Ċ", "\\n") for t, _ in rows]
+        ax.barh(range(len(rows)), [p for _, p in rows], color="#4c72b0")
+        ax.set_yticks(range(len(rows)), tokens, fontsize=8)
+        ax.set_xlim(0, min(1.0, top * 1.1))
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("probability")
+    axes[0].invert_yaxis()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
