@@ -1,10 +1,13 @@
-# make run | test | lab | notebooks | setup | standin | clean
+# make run | test | lab | serve | notebooks | setup | standin | clean
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup standin run test lab notebooks clean
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: setup standin run test lab notebooks serve clean
 
 setup: $(STAMP)
 
@@ -32,6 +35,10 @@ test: standin
 
 lab: standin
 	$(VENV)/bin/jupyter lab notebooks
+
+# One model for the room: transformers serve with the stand-in (HOST=0.0.0.0 to let other machines in).
+serve: standin
+	$(PY) -m helpers serve $(HOST) $(PORT)
 
 # Re-execute the notebooks and store their outputs (the stand-in's) in notebooks/.
 notebooks: standin

@@ -1,4 +1,5 @@
-"""Command line: `python -m helpers standin [--verify]` | `walkthrough [--inplace] [names]`."""
+"""Command line: `python -m helpers standin [--verify]` | `walkthrough [--inplace] [names]`
+| `serve [HOST] [PORT]`."""
 import sys
 
 
@@ -11,6 +12,10 @@ def main() -> int:
     if command == "walkthrough":
         from .walkthrough import main as walkthrough
         return walkthrough(rest)
+    if command == "serve":
+        from .serving import serve_forever
+        host = rest[0] if rest else "127.0.0.1"
+        return serve_forever(host, int(rest[1]) if len(rest) > 1 else 8000)
     print(__doc__)
     return 0 if command == "help" else 2
 

@@ -51,14 +51,20 @@ class Answer:
     seconds: float
     settings: dict = field(default_factory=dict)
     token_ids: list = field(default_factory=list)
+    complete: bool = True   # False: a served answer whose stream was cut (the text is what arrived)
+    note: str = ""
 
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
     def stats(self) -> str:
-        return (f"{self.new_tokens} new tokens after a {self.prompt_tokens}-token prompt in "
+        prompt = f" after a {self.prompt_tokens}-token prompt" if self.prompt_tokens else ""
+        line = (f"{self.new_tokens} new tokens{prompt} in "
                 f"{self.seconds:.1f} s ({self.tokens_per_second:.1f} tok/s, prompt included)")
+        if self.settings.get("ignored_by_server"):
+            line += f"; ignored by the server: {', '.join(self.settings['ignored_by_server'])}"
+        return line if self.complete else f"INCOMPLETE ({self.note}): {line}"
 
     def __str__(self) -> str:
         return self.text
@@ -74,11 +80,16 @@ def generate(pipe, prompt, max_new_tokens: int = 128, seed: int | None = None,
 
     from .prompts import chat_ids
 
+    from .prompts import as_messages
+    from .serving import Endpoint, endpoint_generate
+
     settings = dict(BLOG_SAMPLING, **knobs)
     unknown = set(settings) - set(BLOG_SAMPLING)
     if unknown:
         raise TypeError(f"unknown sampling knob(s): {', '.join(sorted(unknown))}; "
                         f"use {', '.join(BLOG_SAMPLING)}")
+    if isinstance(pipe, Endpoint):  # a served model: the same knobs, as an OpenAI request
+        return endpoint_generate(pipe, as_messages(prompt, system), validate_sampling(max_new_tokens, **settings), seed)
     model, tokenizer = pipe.model, pipe.tokenizer
     ids = chat_ids(tokenizer, prompt, system)
     context = getattr(model.config, "max_position_embeddings", None)
@@ -113,11 +124,18 @@ def generate_many(pipe, prompt, samples: int = 3, max_new_tokens: int = 128, see
 
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples={samples!r} is not allowed: use a whole number of at least 1")
+    from .serving import Endpoint
+
     settings = dict(BLOG_SAMPLING, **knobs)
-    ids = chat_ids(pipe.tokenizer, prompt)
     kwargs = validate_sampling(max_new_tokens, **settings)
     if not kwargs["do_sample"] and samples > 1:
         raise ValueError("samples > 1 needs do_sample=True: greedy decoding gives the same answer every time")
+    if isinstance(pipe, Endpoint):  # a server batches concurrent requests itself
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(samples) as pool:
+            answers = pool.map(lambda i: generate(pipe, prompt, max_new_tokens, seed + i, **knobs), range(samples))
+        return [a.text for a in answers]
+    ids = chat_ids(pipe.tokenizer, prompt)
     torch.manual_seed(seed)
     input_ids = torch.tensor([ids], device=pipe.model.device)
     pad = pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else pipe.tokenizer.eos_token_id

@@ -161,15 +161,20 @@ def check_fits(path, dtype) -> int:
     return need
 
 
-def load_pipeline(name: str | None = None, dtype=None, device_map="auto"):
+def load_pipeline(name: str | None = None, dtype=None, device_map="auto", local: bool = False):
     """The blog's `pipeline("text-generation", model=..., dtype=..., device_map="auto")`, after
     checking that the weights are here and fit, with the reference tokenizer for a Mixtral.
 
+    With $MIXTRAL_ENDPOINT set (and neither `name` nor `local=True`), an `Endpoint` for that
+    OpenAI-compatible server instead: `generate` and the panel work with either.
     dtype: None picks bf16 where the hardware computes it natively (see hardware.pick_dtype)."""
     from transformers import pipeline
 
     from .hardware import pick_dtype
     from .prompts import reference_tokenizer
+    from .serving import ENDPOINT_ENV, Endpoint
+    if name is None and not local and os.environ.get(ENDPOINT_ENV, "").strip():
+        return Endpoint.from_env()
     path = resolve_local(name or model_path())
     if dtype is None:
         dtype, _ = pick_dtype()
@@ -179,6 +184,14 @@ def load_pipeline(name: str | None = None, dtype=None, device_map="auto"):
     if config.get("model_type") == "mixtral" and config.get("vocab_size") in REFERENCE_TOKENIZERS:
         tokenizer = reference_tokenizer(config["vocab_size"])
     return pipeline("text-generation", model=str(path), tokenizer=tokenizer, dtype=dtype, device_map=device_map)
+
+
+def describe(pipe) -> str:
+    """One line on what answers: a served endpoint, or the local model, its dtype and device."""
+    from .serving import Endpoint
+    if isinstance(pipe, Endpoint):
+        return f"served: {pipe.model} at {pipe.base_url}"
+    return f"local: {type(pipe.model).__name__}, {str(pipe.model.dtype).replace('torch.', '')}, on {pipe.model.device}"
 
 
 def placement(model) -> list[dict]:

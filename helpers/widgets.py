@@ -93,9 +93,14 @@ class SamplingPanel:
 
         if self.running:
             return False  # one at a time: the button is disabled, a stray click is ignored
+        from .prompts import as_messages
+        from .serving import Endpoint
         try:
-            ids = chat_ids(self.pipe.tokenizer, self.prompt.value)
-            context = getattr(self.pipe.model.config, "max_position_embeddings", None)
+            if isinstance(self.pipe, Endpoint):  # a served model: its server counts the tokens
+                ids, context = as_messages(self.prompt.value), None
+            else:
+                ids = chat_ids(self.pipe.tokenizer, self.prompt.value)
+                context = getattr(self.pipe.model.config, "max_position_embeddings", None)
             kwargs = validate_sampling(context_left=context - len(ids) if context else None, **self.settings())
         except ValueError as exc:
             self.message.value = f"<span style='color:#b00'>&#9888; {html.escape(str(exc))}</span>"
@@ -109,9 +114,30 @@ class SamplingPanel:
         self._thread.start()
         return True
 
+    def _work_served(self, kwargs, seed):
+        from .prompts import as_messages
+        started, error, text, note, first, ignored, complete = time.perf_counter(), None, "", "", None, [], True
+
+        def show(so_far):
+            self.output.value = so_far
+        try:
+            text, chunks, complete, note, ignored, first = self.pipe.stream(
+                as_messages(self.prompt.value), dict(kwargs, seed=seed), on_text=show, should_stop=self._stop.is_set)
+        except Exception as exc:  # noqa: BLE001 - shown in the panel
+            error, chunks = str(exc), 0
+        if not complete:
+            error = f"INCOMPLETE: {note}; the text above is what arrived"
+        streamer = type("Chunks", (), {"ids": [None] * chunks, "first_token_at": first})()
+        self._finish(streamer, started, dict(kwargs, ignored_by_server=ignored) if ignored else kwargs, seed, error,
+                     complete=complete)
+
     def _work(self, ids, kwargs, seed):
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
+
+        from .serving import Endpoint
+        if isinstance(self.pipe, Endpoint):
+            return self._work_served(kwargs, seed)
 
         stop = self._stop
 
@@ -135,13 +161,13 @@ class SamplingPanel:
         finally:
             self._finish(streamer, started, kwargs, seed, error)
 
-    def _finish(self, streamer, started, kwargs, seed, error):
+    def _finish(self, streamer, started, kwargs, seed, error, complete=True):
         ended = time.perf_counter()
         n = len(streamer.ids)
         ttft = (streamer.first_token_at - started) if streamer.first_token_at else float("nan")
         rate = (n - 1) / (ended - streamer.first_token_at) if n > 1 else float("nan")
         knobs = ", ".join(f"{k}={v}" for k, v in kwargs.items()) + f", seed={seed}"
-        ending = "stopped" if self._stop.is_set() else ("failed" if error else "done")
+        ending = "stopped" if self._stop.is_set() else ("incomplete" if not complete else ("failed" if error else "done"))
         stats = (f"{ending}: {n} tokens · time to first token {ttft:.2f} s · {rate:.1f} tok/s after it · {knobs}")
         if error:
             self.message.value = f"<span style='color:#b00'>&#9888; {html.escape(error)}</span>"
