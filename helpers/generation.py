@@ -42,6 +42,11 @@ def validate_sampling(max_new_tokens: int = 128, do_sample: bool = True, tempera
     return dict(knobs, temperature=float(temperature), top_k=top_k, top_p=float(top_p))
 
 
+def pad_id(tokenizer) -> int:
+    """The padding id generate() needs: the tokenizer's own, else its end-of-sequence id."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 @dataclass
 class Answer:
     """What one generation produced: the new text only, and how long it took."""
@@ -97,7 +102,7 @@ def generate(pipe, prompt, max_new_tokens: int = 128, seed: int | None = None,
     if seed is not None:
         torch.manual_seed(seed)
     input_ids = torch.tensor([ids], device=model.device)  # [1, T]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     started = time.perf_counter()
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
@@ -138,7 +143,7 @@ def generate_many(pipe, prompt, samples: int = 3, max_new_tokens: int = 128, see
     ids = chat_ids(pipe.tokenizer, prompt)
     torch.manual_seed(seed)
     input_ids = torch.tensor([ids], device=pipe.model.device)
-    pad = pipe.tokenizer.pad_token_id if pipe.tokenizer.pad_token_id is not None else pipe.tokenizer.eos_token_id
+    pad = pad_id(pipe.tokenizer)
     with torch.no_grad():
         out = pipe.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pad_token_id=pad,
                                   num_return_sequences=samples, **kwargs)  # [samples, T + new]

@@ -10,7 +10,7 @@ import threading
 import time
 import weakref
 
-from .generation import BLOG_SAMPLING, validate_sampling
+from .generation import BLOG_SAMPLING, pad_id, validate_sampling
 
 _PANELS: "weakref.WeakSet[SamplingPanel]" = weakref.WeakSet()  # to stop old panels when a cell re-runs
 
@@ -152,7 +152,7 @@ class SamplingPanel:
         try:
             torch.manual_seed(seed)
             input_ids = torch.tensor([ids], device=model.device)
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            pad = pad_id(tokenizer)
             with torch.no_grad():
                 model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pad_token_id=pad,
                                streamer=streamer, stopping_criteria=StoppingCriteriaList([StopPressed()]), **kwargs)
