@@ -56,6 +56,7 @@ def run_notebook(path: Path, inplace: bool = False, timeout: int = 1800):
     # Progress bars drawn headless would be stored as a frozen "0%": switch them off here only.
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"],  # no transport notice per notebook
                             resources={"metadata": {"path": str(path.parent)}},
                             on_cell_execute=progress)
     try:
