@@ -237,35 +237,36 @@ def run_sandboxed(code: str, cases=None, names=("minDistance", "min_distance", "
                     result_chunks.append(chunk)
         result_reader = threading.Thread(target=read_result, daemon=True)
         result_reader.start()
-        status = None
+        result = None
         try:
             proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            status = SandboxResult("timeout", f"still running after {timeout_s:.0f} s: stopped")
+            result = SandboxResult("timeout", f"still running after {timeout_s:.0f} s: stopped")
         finally:
             _kill_group(proc)
+            proc.wait()
         result_reader.join(timeout=2)
         os.close(read_end)
         text = output()
-        if status is None and flooded():
-            status = SandboxResult("killed by a limit", f"printed more than {output_kib} KiB")
-        if status is None:
+        if result is None and flooded():
+            result = SandboxResult("killed by a limit", f"printed more than {output_kib} KiB")
+        if result is None:
             raw = b"".join(result_chunks).decode("utf-8", "replace")
             try:
                 data = json.loads(raw) if raw else None
             except ValueError:
                 data = {"status": "exception", "detail": "the result was garbled", "cases": []}
             if data:
-                status = SandboxResult(data["status"], data["detail"], data["cases"])
+                result = SandboxResult(data["status"], data["detail"], data["cases"])
             elif proc.returncode < 0:
                 name = signal.Signals(-proc.returncode).name
                 reason = {"SIGXCPU": "CPU time limit", "SIGXFSZ": "file size limit",
                           "SIGKILL": "killed", "SIGSEGV": "crashed"}.get(name, name)
-                status = SandboxResult("killed by a limit", f"{reason} ({name})")
+                result = SandboxResult("killed by a limit", f"{reason} ({name})")
             else:
-                status = SandboxResult("exception", f"the process ended (exit {proc.returncode}) without a result")
-        status.output, status.seconds = text, time.perf_counter() - started
-        return status
+                result = SandboxResult("exception", f"the process ended (exit {proc.returncode}) without a result")
+        result.output, result.seconds = text, time.perf_counter() - started
+        return result
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -289,11 +290,11 @@ def _sandbox_python() -> tuple[str, int | None]:
 
 
 def _kill_group(proc) -> None:
+    """SIGKILL the child and everything it started (it runs in a session of its own)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    proc.wait()
 
 
 def _capped_reader(proc, cap: int):
@@ -309,7 +310,7 @@ def _capped_reader(proc, cap: int):
             kept.extend(chunk[:max(room, 0)])
             if len(chunk) > room:
                 state["flooded"] = True
-                _kill_group_quiet(proc)
+                _kill_group(proc)
                 return
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()
@@ -318,13 +319,6 @@ def _capped_reader(proc, cap: int):
         thread.join(timeout=2)
         return kept.decode("utf-8", "replace")
     return output, lambda: state["flooded"]
-
-
-def _kill_group_quiet(proc) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 # ---------------------------------------------------------------- translation

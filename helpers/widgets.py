@@ -127,9 +127,8 @@ class SamplingPanel:
             error, chunks = str(exc), 0
         if not complete:
             error = f"INCOMPLETE: {note}; the text above is what arrived"
-        streamer = type("Chunks", (), {"ids": [None] * chunks, "first_token_at": first})()
-        self._finish(streamer, started, dict(kwargs, ignored_by_server=ignored) if ignored else kwargs, seed, error,
-                     complete=complete)
+        self._finish(chunks, first, started, dict(kwargs, ignored_by_server=ignored) if ignored else kwargs, seed,
+                     error, complete=complete)
 
     def _work(self, ids, kwargs, seed):
         import torch
@@ -159,13 +158,13 @@ class SamplingPanel:
         except Exception as exc:  # noqa: BLE001 - shown in the panel, never as a traceback
             error = f"{type(exc).__name__}: {exc}"
         finally:
-            self._finish(streamer, started, kwargs, seed, error)
+            self._finish(len(streamer.ids), streamer.first_token_at, started, kwargs, seed, error)
 
-    def _finish(self, streamer, started, kwargs, seed, error, complete=True):
+    def _finish(self, n, first_token_at, started, kwargs, seed, error, complete=True):
+        """Stats line and history for a run of `n` tokens (or served chunks), whatever its ending."""
         ended = time.perf_counter()
-        n = len(streamer.ids)
-        ttft = (streamer.first_token_at - started) if streamer.first_token_at else float("nan")
-        rate = (n - 1) / (ended - streamer.first_token_at) if n > 1 else float("nan")
+        ttft = (first_token_at - started) if first_token_at else float("nan")
+        rate = (n - 1) / (ended - first_token_at) if n > 1 else float("nan")
         knobs = ", ".join(f"{k}={v}" for k, v in kwargs.items()) + f", seed={seed}"
         ending = "stopped" if self._stop.is_set() else ("incomplete" if not complete else ("failed" if error else "done"))
         stats = (f"{ending}: {n} tokens · time to first token {ttft:.2f} s · {rate:.1f} tok/s after it · {knobs}")
