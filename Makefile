@@ -1,4 +1,4 @@
-# make run | test | lab | serve | notebooks | setup | standin | clean
+# make run | test | bench | lab | serve | notebooks | setup | standin | clean
 PYTHON ?= python3
 TORCH_INDEX ?=
 VENV   := .venv
@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: setup standin run test lab notebooks serve clean
+.PHONY: setup standin run test bench bench-quick lab notebooks serve clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,13 @@ run: standin
 
 test: standin
 	$(PY) -m pytest
+
+# Decode speed per configuration against this machine's bandwidth ceiling: build/bench.{json,md,png}.
+bench: standin
+	$(PY) benchmarks/bench.py
+
+bench-quick: standin
+	$(PY) benchmarks/bench.py --quick
 
 lab: standin
 	$(VENV)/bin/jupyter lab notebooks

@@ -150,6 +150,43 @@ def generate_many(pipe, prompt, samples: int = 3, max_new_tokens: int = 128, see
     return [pipe.tokenizer.decode(row[len(ids):], skip_special_tokens=True).strip() for row in out]
 
 
+def generate_batch(pipe, prompts: list, max_new_tokens: int = 128, seed: int | None = None, **knobs) -> list[Answer]:
+    """Answers to several prompts generated together as one left-padded batch: on a memory-bound
+    machine a decode step for 4 sequences costs little more than for 1, since the weights are read
+    once per step. Each Answer's `seconds` is the batch's time."""
+    import torch
+
+    from .prompts import chat_ids
+    from .serving import Endpoint
+
+    if not prompts or isinstance(prompts, str):
+        raise ValueError("prompts: give a list of one or more prompts (for a single prompt use generate)")
+    if isinstance(pipe, Endpoint):  # a server batches concurrent requests itself
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            return list(pool.map(lambda p: generate(pipe, p, max_new_tokens, seed, **knobs), prompts))
+    model, tokenizer = pipe.model, pipe.tokenizer
+    kwargs = validate_sampling(max_new_tokens, **dict(BLOG_SAMPLING, **knobs))
+    rows = [chat_ids(tokenizer, p) for p in prompts]
+    width, pad = max(map(len, rows)), pad_id(tokenizer)
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)          # [B, T]
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)     # [B, T]
+    if seed is not None:
+        torch.manual_seed(seed)
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, pad_token_id=pad, **kwargs)  # [B, T + new]
+    seconds = time.perf_counter() - started
+    answers = []
+    for row, ids in zip(out, rows):
+        new = row[width:].tolist()
+        if tokenizer.eos_token_id in new:  # finished early: the rest is padding
+            new = new[:new.index(tokenizer.eos_token_id) + 1]
+        answers.append(Answer(text=tokenizer.decode(new, skip_special_tokens=True).strip(), new_tokens=len(new),
+                              prompt_tokens=len(ids), seconds=seconds, settings=dict(kwargs, seed=seed), token_ids=new))
+    return answers
+
+
 def next_token_distribution(pipe, prompt, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                             show: int = 15, answer_prefix: str = "") -> dict:
     """The model's next-token probabilities for `prompt`, and how each knob reshapes them.

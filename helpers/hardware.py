@@ -49,8 +49,8 @@ def gpus() -> list[dict]:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated
-    and can be many times slower than fp32."""
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated:
+    arithmetic-bound work (the prompt pass) gets several times slower than in fp32."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
@@ -70,7 +70,8 @@ def pick_dtype():
         return torch.float16, "GPU without bf16: float16 instead"
     if cpu_has_native_bf16():
         return torch.bfloat16, "CPU with native bf16 (AVX512-BF16/AMX): the blog's dtype"
-    return torch.float32, "CPU without native bf16: float32 (emulated bf16 would be much slower)"
+    return torch.float32, ("CPU without native bf16: float32 (emulated bf16 makes the prompt pass several times "
+                           "slower and drifts from the float32 reference; 08_performance measures it)")
 
 
 def memory_budget() -> dict:

@@ -161,13 +161,15 @@ def check_fits(path, dtype) -> int:
     return need
 
 
-def load_pipeline(name: str | None = None, dtype=None, device_map="auto", local: bool = False):
+def load_pipeline(name: str | None = None, dtype=None, device_map="auto", local: bool = False, fast: bool = True):
     """The blog's `pipeline("text-generation", model=..., dtype=..., device_map="auto")`, after
     checking that the weights are here and fit, with the reference tokenizer for a Mixtral.
 
     With $MIXTRAL_ENDPOINT set (and neither `name` nor `local=True`), an `Endpoint` for that
     OpenAI-compatible server instead: `generate` and the panel work with either.
-    dtype: None picks bf16 where the hardware computes it natively (see hardware.pick_dtype)."""
+    dtype: None picks bf16 where the hardware computes it natively (see hardware.pick_dtype).
+    fast: switch the loaded model to this hardware's fastest correct settings (speed.fast_recipe,
+    shown by `describe`); False keeps the blog's plain pipeline."""
     from transformers import pipeline
 
     from .hardware import pick_dtype
@@ -183,7 +185,11 @@ def load_pipeline(name: str | None = None, dtype=None, device_map="auto", local:
     tokenizer = None
     if config.get("model_type") == "mixtral" and config.get("vocab_size") in REFERENCE_TOKENIZERS:
         tokenizer = reference_tokenizer(config["vocab_size"])
-    return pipeline("text-generation", model=str(path), tokenizer=tokenizer, dtype=dtype, device_map=device_map)
+    pipe = pipeline("text-generation", model=str(path), tokenizer=tokenizer, dtype=dtype, device_map=device_map)
+    if fast:
+        from .speed import apply_recipe, fast_recipe
+        apply_recipe(pipe.model, fast_recipe(pipe.model.device.type))
+    return pipe
 
 
 def describe(pipe) -> str:
@@ -191,7 +197,9 @@ def describe(pipe) -> str:
     from .serving import Endpoint
     if isinstance(pipe, Endpoint):
         return f"served: {pipe.model} at {pipe.base_url}"
-    return f"local: {type(pipe.model).__name__}, {str(pipe.model.dtype).replace('torch.', '')}, on {pipe.model.device}"
+    line = f"local: {type(pipe.model).__name__}, {str(pipe.model.dtype).replace('torch.', '')}, on {pipe.model.device}"
+    recipe = getattr(pipe.model, "recipe", None)
+    return f"{line}\n{recipe}" if recipe is not None else f"{line} (the blog's plain pipeline)"
 
 
 def placement(model) -> list[dict]:

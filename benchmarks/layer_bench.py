@@ -1,0 +1,159 @@
+"""Mixtral-8x22B's real layer dimensions, a few layers deep, random weights: decode time per layer
+for each experts implementation, the bandwidth it achieves against the device's, and the full
+56-layer model's tokens/s extrapolated to one GPU-equivalent (all weights read by one device).
+
+    python benchmarks/layer_bench.py                       # on a GPU: bf16, 1 and 3 layers
+    python benchmarks/layer_bench.py --scale 0.0625 --device cpu --dtype float32   # a small rehearsal
+
+Writes benchmarks/results/<date>-<device>.md (or --out). No weights are downloaded: the config is
+the published one (helpers.models.KNOWN_MODELS) and the weights are random.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODEL = "mistralai/Mixtral-8x22B-Instruct-v0.1"
+IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+
+
+def build(layers: int, scale: float, dtype, device):
+    """A Mixtral with the 8x22B config, `layers` deep, every width multiplied by `scale`."""
+    import torch
+    from transformers import MixtralForCausalLM
+
+    from helpers.models import mixtral_config
+    config = mixtral_config(MODEL)
+    config.num_hidden_layers = layers
+    if scale != 1:
+        config.hidden_size = max(64, int(config.hidden_size * scale) // 64 * 64)
+        config.intermediate_size = max(64, int(config.intermediate_size * scale) // 64 * 64)
+        config.num_attention_heads = max(1, config.hidden_size // 128)
+        config.num_key_value_heads = max(1, config.num_attention_heads // 6)
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MixtralForCausalLM(config).to(dtype).eval()
+    return model
+
+
+def step_seconds(model, implementation: str, tokens: int, prompt: int = 32) -> float:
+    """Median seconds of one decode step (batch 1, KV cache), after 3 warm-up steps."""
+    import torch
+    from transformers import DynamicCache
+
+    model.set_experts_implementation(implementation)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=model.device)
+    times = []
+    with torch.no_grad():
+        cache = DynamicCache()
+        out = model(ids, past_key_values=cache, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        for step in range(3 + tokens):
+            sync()
+            started = time.perf_counter()
+            out = model(nxt, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            sync()
+            if step >= 3:
+                times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from helpers.planning import GPU_TYPES
+    from helpers.speed import decode_bytes, measure_bandwidth
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs=2, default=(1, 3), help="two depths; their difference gives the per-layer time")
+    parser.add_argument("--tokens", type=int, default=32, help="decode steps timed per implementation")
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink every width (a rehearsal on a small machine)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peak-tbs", type=float, default=None, help="the device's peak memory bandwidth (TB/s), if not known by name")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    shallow, deep = sorted(args.layers)
+    if shallow < 1 or deep <= shallow:
+        parser.error("--layers takes two different depths >= 1, e.g. 1 3")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no GPU (torch.cuda.is_available() is False); "
+                     "install the ROCm or CUDA build of torch (README) or pass --device cpu")
+
+    dtype = getattr(torch, args.dtype)
+    name = torch.cuda.get_device_name(0) if args.device == "cuda" else (platform.processor() or "CPU")
+    peak = args.peak_tbs or next((v["bandwidth_tbs"] for k, v in GPU_TYPES.items() if k in name.replace(" ", "")), None)
+    measured_bw = measure_bandwidth(mib=1024, device=args.device)
+    print(f"{name}: torch {torch.__version__}, measured read bandwidth {measured_bw / 1e9:.0f} GB/s"
+          + (f", datasheet {peak:.2f} TB/s" if peak else ""), flush=True)
+
+    rows = []
+    models = {}
+    for depth in (shallow, deep):
+        started = time.perf_counter()
+        models[depth] = build(depth, args.scale, dtype, args.device)
+        print(f"built {depth} layer(s) in {time.perf_counter() - started:.0f} s", flush=True)
+    config = models[deep].config
+    size = torch.tensor([], dtype=dtype).element_size()
+    full = decode_bytes(config, size, context=32 + 3 + args.tokens // 2)
+    layer_bytes = (full["per_step"] - full["parts"]["lm_head"] - full["parts"]["embedding rows"]
+                   - config.hidden_size * size) / deep  # one layer: attention, router, 2 experts, norms, KV
+    for implementation in IMPLEMENTATIONS:
+        try:
+            t = {d: step_seconds(m, implementation, args.tokens) for d, m in models.items()}
+        except Exception as exc:  # noqa: BLE001 - one implementation failing must not hide the others
+            rows.append(dict(implementation=implementation, error=f"{type(exc).__name__}: {exc}"[:160]))
+            print(f"{implementation}: failed: {rows[-1]['error']}", flush=True)
+            continue
+        per_layer = (t[deep] - t[shallow]) / (deep - shallow)
+        rest = t[shallow] - shallow * per_layer          # embeddings, final norm, lm_head, sampling
+        full_step = 56 * per_layer + rest
+        rows.append(dict(implementation=implementation, per_layer_ms=per_layer * 1e3, rest_ms=rest * 1e3,
+                         bandwidth_gbs=layer_bytes / per_layer / 1e9, full_tok_s=1 / full_step))
+        print(f"{implementation}: {per_layer * 1e3:.3f} ms per layer, {layer_bytes / per_layer / 1e9:.0f} GB/s, "
+              f"full model {1 / full_step:.1f} tok/s", flush=True)
+
+    date = time.strftime("%Y-%m-%d")
+    label = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-").lower()
+    lines = [f"# Mixtral-8x22B layers on {name}, {date}", "",
+             f"torch {torch.__version__} ({torch.version.hip and 'ROCm ' + torch.version.hip or torch.version.cuda and 'CUDA ' + torch.version.cuda or 'CPU'}), "
+             f"{args.dtype}, widths x{args.scale}: hidden {config.hidden_size}, FFN {config.intermediate_size}, "
+             f"{config.num_local_experts} experts top-{config.num_experts_per_tok}, "
+             f"{config.num_attention_heads}/{config.num_key_value_heads} heads; random weights; "
+             f"{shallow} and {deep} layers, batch 1, median of {args.tokens} decode steps.", "",
+             f"Measured read bandwidth (torch sum over 1 GiB): {measured_bw / 1e9:.0f} GB/s"
+             + (f"; datasheet peak {peak * 1000:.0f} GB/s." if peak else "."),
+             f"Bytes one layer reads per token: {layer_bytes / 2**20:.1f} MiB.", "",
+             "| experts implementation | ms per layer | achieved GB/s | of measured | of datasheet | full 56 layers, tok/s (one GPU-equivalent) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['implementation']} | failed: {r['error']} | | | | |")
+            continue
+        lines.append(f"| {r['implementation']} | {r['per_layer_ms']:.3f} | {r['bandwidth_gbs']:.0f} | "
+                     f"{r['bandwidth_gbs'] * 1e9 / measured_bw:.0%} | "
+                     f"{(f'{r['bandwidth_gbs'] / (peak * 1000):.0%}' if peak else 'n/a')} | {r['full_tok_s']:.1f} |")
+    lines += ["", "Per-layer time is the difference between the two depths, so embeddings and lm_head cancel out; "
+              "the extrapolation adds them back once. One GPU-equivalent: the whole 262 GiB read by one device "
+              "per token, which is what device_map=\"auto\" does across GPUs (one at a time)."]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{date}-{label}.md"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+    print(f"wrote {path}")
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
