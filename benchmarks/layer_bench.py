@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 MODEL = "mistralai/Mixtral-8x22B-Instruct-v0.1"
-IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "per_token")  # per_token: the CPU fast path's loop
 
 
 def build(layers: int, scale: float, dtype, device):
@@ -70,8 +70,9 @@ def step_seconds(model, implementation: str, tokens: int, prompt: int = 32) -> f
 def main(argv=None) -> int:
     import torch
 
+    from helpers.hardware import torch_build
     from helpers.planning import GPU_TYPES
-    from helpers.speed import decode_bytes, measure_bandwidth
+    from helpers.speed import decode_bytes, measure_bandwidth, register_experts
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs=2, default=(1, 3), help="two depths; their difference gives the per-layer time")
@@ -90,6 +91,7 @@ def main(argv=None) -> int:
                      "install the ROCm or CUDA build of torch (README) or pass --device cpu")
 
     dtype = getattr(torch, args.dtype)
+    register_experts()
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else (platform.processor() or "CPU")
     peak = args.peak_tbs or next((v["bandwidth_tbs"] for k, v in GPU_TYPES.items() if k in name.replace(" ", "")), None)
     measured_bw = measure_bandwidth(mib=1024, device=args.device)
@@ -125,7 +127,7 @@ def main(argv=None) -> int:
     date = time.strftime("%Y-%m-%d")
     label = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-").lower()
     lines = [f"# Mixtral-8x22B layers on {name}, {date}", "",
-             f"torch {torch.__version__} ({torch.version.hip and 'ROCm ' + torch.version.hip or torch.version.cuda and 'CUDA ' + torch.version.cuda or 'CPU'}), "
+             f"torch {torch.__version__} ({torch_build()['backend']}), "
              f"{args.dtype}, widths x{args.scale}: hidden {config.hidden_size}, FFN {config.intermediate_size}, "
              f"{config.num_local_experts} experts top-{config.num_experts_per_tok}, "
              f"{config.num_attention_heads}/{config.num_key_value_heads} heads; random weights; "
@@ -139,9 +141,9 @@ def main(argv=None) -> int:
         if "error" in r:
             lines.append(f"| {r['implementation']} | failed: {r['error']} | | | | |")
             continue
+        of_datasheet = f"{r['bandwidth_gbs'] / (peak * 1000):.0%}" if peak else "n/a"
         lines.append(f"| {r['implementation']} | {r['per_layer_ms']:.3f} | {r['bandwidth_gbs']:.0f} | "
-                     f"{r['bandwidth_gbs'] * 1e9 / measured_bw:.0%} | "
-                     f"{(f'{r['bandwidth_gbs'] / (peak * 1000):.0%}' if peak else 'n/a')} | {r['full_tok_s']:.1f} |")
+                     f"{r['bandwidth_gbs'] * 1e9 / measured_bw:.0%} | {of_datasheet} | {r['full_tok_s']:.1f} |")
     lines += ["", "Per-layer time is the difference between the two depths, so embeddings and lm_head cancel out; "
               "the extrapolation adds them back once. One GPU-equivalent: the whole 262 GiB read by one device "
               "per token, which is what device_map=\"auto\" does across GPUs (one at a time)."]

@@ -199,3 +199,23 @@ def test_bench_quick_runs_every_configuration(tmp_path):
     assert "| configuration |" in md and "bandwidth" in md
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------- the GPU check, rehearsed on the CPU
+def test_layer_bench_rehearsal_writes_its_report(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "layer_bench.py"), "--device", "cpu",
+                           "--scale", "0.03", "--dtype", "float32", "--tokens", "4", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = next(tmp_path.glob("*.md")).read_text()
+    for implementation in ("eager", "grouped_mm", "batched_mm", "per_token"):
+        assert f"| {implementation} |" in report
+    assert "hidden 128" in report and "full 56 layers" in report
+
+
+def test_gpu_check_refuses_clearly_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run benchmarks/gpu_check.sh itself")
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          env={**__import__("os").environ, "PY": sys.executable})
+    assert done.returncode == 2 and "torch sees no GPU" in done.stderr
