@@ -150,6 +150,17 @@ def generate_many(pipe, prompt, samples: int = 3, max_new_tokens: int = 128, see
     return [pipe.tokenizer.decode(row[len(ids):], skip_special_tokens=True).strip() for row in out]
 
 
+def left_padded(rows: list, pad: int, device="cpu"):
+    """Token-id lists of different lengths as one batch, padded on the left so that every row's
+    next token comes at the same position: (input_ids [B, T], attention_mask [B, T])."""
+    import torch
+
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
 def generate_batch(pipe, prompts: list, max_new_tokens: int = 128, seed: int | None = None, **knobs) -> list[Answer]:
     """Answers to several prompts generated together as one left-padded batch: on a memory-bound
     machine a decode step for 4 sequences costs little more than for 1, since the weights are read
@@ -168,9 +179,9 @@ def generate_batch(pipe, prompts: list, max_new_tokens: int = 128, seed: int | N
     model, tokenizer = pipe.model, pipe.tokenizer
     kwargs = validate_sampling(max_new_tokens, **dict(BLOG_SAMPLING, **knobs))
     rows = [chat_ids(tokenizer, p) for p in prompts]
-    width, pad = max(map(len, rows)), pad_id(tokenizer)
-    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)          # [B, T]
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)     # [B, T]
+    pad = pad_id(tokenizer)
+    input_ids, mask = left_padded(rows, pad, model.device)
+    width = input_ids.shape[1]
     if seed is not None:
         torch.manual_seed(seed)
     started = time.perf_counter()

