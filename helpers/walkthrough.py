@@ -86,6 +86,9 @@ def main(argv: list[str]) -> int:
     inplace = "--inplace" in argv
     only = [a for a in argv if not a.startswith("--")]
     paths = [p for p in notebook_paths() if not only or any(o in p.name for o in only)]
+    from .speed import fast_recipe
+    print(f"the notebooks load models with the {fast_recipe()}\n(load_pipeline(fast=False) is the blog's plain "
+          f"call; 08_performance measures both)", file=sys.stderr, flush=True)
     total = time.perf_counter()
     for i, path in enumerate(paths, 1):
         print(f"[{i}/{len(paths)}] {path.name}", file=sys.stderr, flush=True)
