@@ -4,6 +4,7 @@ against this machine's memory-bandwidth ceiling. Figures and ratios, never pass/
     python benchmarks/bench.py            # 64 new tokens per configuration (about 10 minutes on 2 cores)
     python benchmarks/bench.py --quick    # 8 new tokens: proves every configuration runs
     python benchmarks/bench.py --only fast --only blog   # configurations whose name contains a word
+    python benchmarks/bench.py --rounds 3   # every configuration 3 times, round-robin: best of 3, and the range
 
 Writes build/bench.json, build/bench.md and build/bench.png.
 """
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="8 new tokens, 2 warm-up: to prove it runs")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens timed per configuration")
     parser.add_argument("--only", action="append", default=[], help="run configurations whose name contains this")
+    parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, round-robin; keep each one's best")
     parser.add_argument("--out", default=str(ROOT / "build"), help="folder for bench.json, .md, .png")
     args = parser.parse_args(argv)
     tokens, warmup = (8, 2) if args.quick else (args.tokens, 4)
@@ -37,7 +39,9 @@ def main(argv=None) -> int:
         parser.error(f"no configuration matches {args.only}; names: " + "; ".join(c["name"] for c in CONFIGS))
 
     started = time.perf_counter()
-    result = measure(configs, new_tokens=tokens, warmup=warmup, progress=lambda m: print(m, flush=True))
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    result = measure(configs, new_tokens=tokens, warmup=warmup, rounds=args.rounds, progress=lambda m: print(m, flush=True))
     result.update(machine=f"{platform.machine()}, {platform.processor() or 'cpu'}", quick=args.quick,
                   date=time.strftime("%Y-%m-%d"), seconds=time.perf_counter() - started)
     table, summary = bench_table(result), bench_summary(result)

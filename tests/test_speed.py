@@ -182,6 +182,12 @@ def test_timed_generate_makes_exactly_the_tokens_asked_for():
     assert run["output"].shape == (1, 12) and run["steps"] == 7 and run["decode_tok_s"] > 0
 
 
+def test_measure_refuses_zero_rounds():
+    from helpers.speed import measure
+    with pytest.raises(ValueError, match="rounds"):
+        measure([], rounds=0)
+
+
 # ---------------------------------------------------------------- the benchmark, quick mode, every configuration
 def test_bench_quick_runs_every_configuration(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--out", str(tmp_path)],
