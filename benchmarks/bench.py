@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers.speed import CONFIGS, bench_summary, bench_table, draw_bench, measure  # noqa: E402
+from helpers.speed import CONFIGS, bench_summary, bench_table, draw_bench, measure, write_report  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -48,14 +48,12 @@ def main(argv=None) -> int:
     print("\n" + table + "\n\n" + summary)
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for name, text in (("bench.json", json.dumps(result, indent=1)),
                        ("bench.md", f"# make bench, {result['date']}\n\n{table}\n\n" +
                         "\n".join(f"- {line}" for line in summary.splitlines()) + "\n")):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)  # never a half-written file
-    draw_bench(result).savefig(out / "bench.png", dpi=110)
+        write_report(out / name, lambda tmp: tmp.write_text(text))
+    figure = draw_bench(result)
+    write_report(out / "bench.png", lambda tmp: figure.savefig(tmp, format="png", dpi=110))
     print(f"\nwrote {out}/bench.json, bench.md, bench.png in {result['seconds']:.0f} s")
     return 0 if all("error" not in r for r in result["rows"]) else 1
 

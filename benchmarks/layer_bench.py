@@ -72,7 +72,7 @@ def main(argv=None) -> int:
 
     from helpers.hardware import torch_build
     from helpers.planning import GPU_TYPES
-    from helpers.speed import decode_bytes, measure_bandwidth, register_experts
+    from helpers.speed import decode_bytes, measure_bandwidth, register_experts, write_report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs=2, default=(1, 3), help="two depths; their difference gives the per-layer time")
@@ -147,12 +147,8 @@ def main(argv=None) -> int:
     lines += ["", "Per-layer time is the difference between the two depths, so embeddings and lm_head cancel out; "
               "the extrapolation adds them back once. One GPU-equivalent: the whole 262 GiB read by one device "
               "per token, which is what device_map=\"auto\" does across GPUs (one at a time)."]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{date}-{label}.md"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    path = Path(args.out) / f"{date}-{label}.md"
+    write_report(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     print(f"wrote {path}")
     return 0 if all("error" not in r for r in rows) else 1
 

@@ -95,11 +95,13 @@ class TokenClock:
         self.times: list[float] = []
         self._prompt_seen = False
 
-    def put(self, value):
+    def put(self, value) -> bool:
+        """Note the time of a new token; False for the first call, which carries the prompt."""
         if not self._prompt_seen:
             self._prompt_seen = True
-            return
+            return False
         self.times.append(time.perf_counter())
+        return True
 
     def end(self):
         pass
@@ -339,8 +341,12 @@ def run_config(spec: dict, new_tokens: int = 64, warmup: int = 4, seed: int = 0)
 
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = getattr(torch, spec["dtype"]) if spec.get("dtype") else (
-        pick_dtype()[0] if "dtype" in spec else torch.float32)
+    if spec.get("dtype"):
+        dtype = getattr(torch, spec["dtype"])
+    elif "dtype" in spec:  # dtype=None: this machine's choice
+        dtype = pick_dtype()[0]
+    else:
+        dtype = torch.float32
     started = time.perf_counter()
     if spec.get("pipeline"):  # the blog's call, word for word, fp32 on a CPU without native bf16
         from transformers import pipeline
@@ -351,13 +357,11 @@ def run_config(spec: dict, new_tokens: int = 64, warmup: int = 4, seed: int = 0)
         model.to(device)
     else:
         from .models import load_pipeline
-        pipe = load_pipeline(str(ensure_standin()), dtype=dtype, local=True, fast=False)
+        pipe = load_pipeline(str(ensure_standin()), dtype=dtype, local=True, fast=bool(spec.get("fast")))
         model, tokenizer = pipe.model, pipe.tokenizer
         if spec.get("experts"):
             model.set_experts_implementation(spec["experts"])
-    layouts = {}
-    if spec.get("fast"):
-        layouts = apply_recipe(model, fast_recipe(device)).layouts
+    layouts = model.recipe.layouts if spec.get("fast") else {}
     load_s = time.perf_counter() - started
 
     names = list(TASKS)[:spec.get("prompts", 1)]
@@ -446,10 +450,12 @@ def measure(configs: list | None = None, new_tokens: int = 64, warmup: int = 4, 
             row = json.loads(done.stdout.strip().splitlines()[-1])
             progress(f"    {row['decode_tok_s']:.1f} tok/s, first token {row['ttft_s']:.2f} s, "
                      f"peak memory {row['peak_memory'] / 2**30:.1f} GiB")
-            seen = [r for r in best.get(spec["name"], {}).get("all_tok_s", [])] + [row["decode_tok_s"]]
-            if "error" in best.get(spec["name"], {}) or row["decode_tok_s"] >= best.get(spec["name"], {}).get("decode_tok_s", 0):
+            kept = best.get(spec["name"], {})
+            row["all_tok_s"] = kept.get("all_tok_s", []) + [row["decode_tok_s"]]
+            if row["decode_tok_s"] >= kept.get("decode_tok_s", 0):  # a failed round has no decode_tok_s
                 best[spec["name"]] = row
-            best[spec["name"]]["all_tok_s"] = seen
+            else:
+                kept["all_tok_s"] = row["all_tok_s"]
     bandwidths.append(measure_bandwidth(device=device))
     bandwidth = max(bandwidths)
     rows = [best[c["name"]] for c in configs]
@@ -462,6 +468,18 @@ def measure(configs: list | None = None, new_tokens: int = 64, warmup: int = 4, 
         row["vs_naive"] = row["decode_tok_s"] / naive["decode_tok_s"] if naive else None
     return dict(bandwidths=bandwidths, bandwidth=bandwidth, device=device, new_tokens=new_tokens,
                 warmup=warmup, rounds=rounds, rows=rows)
+
+
+def write_report(path, write) -> None:
+    """Write a report through `write(temporary path)`, then rename it into place: never a
+    half-written file, even if the benchmark is interrupted."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
 
 
 def bench_table(result: dict) -> str:

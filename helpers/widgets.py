@@ -11,29 +11,27 @@ import time
 import weakref
 
 from .generation import BLOG_SAMPLING, pad_id, validate_sampling
+from .speed import TokenClock
 
 _PANELS: "weakref.WeakSet[SamplingPanel]" = weakref.WeakSet()  # to stop old panels when a cell re-runs
 
 
-class _PanelStreamer:
-    """Receives token ids from `model.generate` as they are produced (the transformers streamer
-    protocol: put() per step, end() once), and shows the decoded text so far."""
+class _PanelStreamer(TokenClock):
+    """A TokenClock (the time of each new token from `model.generate`) that also shows the decoded
+    text so far in the panel."""
 
     def __init__(self, panel, tokenizer):
-        self.panel, self.tokenizer = panel, tokenizer
-        self.prompt_seen, self.ids, self.first_token_at = False, [], None
+        super().__init__()
+        self.panel, self.tokenizer, self.ids = panel, tokenizer, []
+
+    @property
+    def first_token_at(self):
+        return self.times[0] if self.times else None
 
     def put(self, value):
-        if not self.prompt_seen:  # the first call carries the prompt
-            self.prompt_seen = True
-            return
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        self.ids.extend(value.reshape(-1).tolist())
-        self.panel.output.value = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-    def end(self):
-        pass
+        if super().put(value):
+            self.ids.extend(value.reshape(-1).tolist())
+            self.panel.output.value = self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
 class SamplingPanel:
