@@ -1,4 +1,4 @@
-# make run | test | bench | lab | serve | slides | bundle | notebooks | setup | standin | clean
+# make run | test | test-all | bench | lab | serve | slides | bundle | notebooks | run-all | setup | standin | clean
 PYTHON ?= python3
 TORCH_INDEX ?=
 VENV   := .venv
@@ -8,7 +8,12 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-.PHONY: setup standin run test bench bench-quick lab notebooks serve slides bundle clean
+# Tests run in TEST_WORKERS processes (pytest-xdist), one notebook or test file each at a time, one
+# torch thread each so that they do not fight over the cores. Each worker may hold a 2.6 GiB model.
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+.PHONY: setup standin run run-all test test-slow test-other-dtype test-all bench bench-quick lab notebooks serve slides bundle clean
 
 setup: $(STAMP)
 
@@ -34,12 +39,30 @@ standin: setup
 	@echo "== checking the stand-in model (built once, about a minute)"
 	$(PY) -m helpers standin --verify
 
+# The blog's walkthrough (00-05), headless: build/*.ipynb and build/*.html, each task's answer printed.
 run: standin
-	@echo "== running the walkthrough headless: build/*.ipynb and build/*.html"
+	@echo "== running the blog's walkthrough (00-05) headless: build/*.ipynb and build/*.html"
 	$(PY) -m helpers walkthrough
 
+# Every notebook, ours (06-09) too.
+run-all: standin
+	$(PY) -m helpers walkthrough --all
+
+# Everything but the two slow end-to-end checks (marked `slow`), in under 10 minutes on 2 cores.
 test: standin
-	$(PY) -m pytest
+	$(PYTEST) -m "not slow"
+
+# The slow end-to-end checks: the offline bundle installed with the network cut, make bench --quick.
+test-slow: standin
+	$(PY) -m pytest -m slow
+
+# The dtype-sensitive tests again, in the dtype the other kind of CPU picks (bf16 with or without
+# native bf16 support), so no machine kind hides a failure: MIXTRAL_DTYPE=float32 or bfloat16.
+test-other-dtype: standin
+	MIXTRAL_DTYPE=$$($(PY) -m helpers dtype --other) $(PYTEST) -m numerics
+
+# What CI runs: all of the above.
+test-all: test test-slow test-other-dtype
 
 # Decode speed per configuration against this machine's bandwidth ceiling: build/bench.{json,md,png}.
 bench: standin
@@ -65,7 +88,7 @@ bundle: setup
 
 # Re-execute the notebooks and store their outputs (the stand-in's) in notebooks/.
 notebooks: standin
-	$(PY) -m helpers walkthrough --inplace
+	$(PY) -m helpers walkthrough --all --inplace
 
 clean:
 	rm -rf build .pytest_cache

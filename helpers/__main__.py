@@ -1,4 +1,4 @@
-"""Command line: `python -m helpers standin [--verify]` | `walkthrough [--inplace] [names]`
+"""Command line: `python -m helpers standin [--verify]` | `dtype [--other]` | `walkthrough [--inplace] [names]`
 | `serve [HOST] [PORT]` | `slides [OUT]` | `bundle [OUT]`."""
 import sys
 
@@ -8,6 +8,10 @@ def main() -> int:
     if command == "standin":
         from .standin import ensure_standin
         print(ensure_standin(full_check="--verify" in rest))
+        return 0
+    if command == "dtype":  # the dtype models load in here, or (--other) the one the other CPU kind picks
+        from .hardware import other_cpu_dtype, pick_dtype
+        print(other_cpu_dtype() if "--other" in rest else str(pick_dtype()[0]).replace("torch.", ""))
         return 0
     if command == "walkthrough":
         from .walkthrough import main as walkthrough

@@ -58,6 +58,7 @@ class Answer:
     token_ids: list = field(default_factory=list)
     complete: bool = True   # False: a served answer whose stream was cut (the text is what arrived)
     note: str = ""
+    scores: object = field(default=None, repr=False)  # [new, V] float32, with keep_scores=True: after the knobs
 
     @property
     def tokens_per_second(self) -> float:
@@ -76,11 +77,12 @@ class Answer:
 
 
 def generate(pipe, prompt, max_new_tokens: int = 128, seed: int | None = None,
-             system: str | None = None, streamer=None, **knobs) -> Answer:
+             system: str | None = None, streamer=None, keep_scores: bool = False, **knobs) -> Answer:
     """Generate an answer to `prompt` with the loaded pipeline; return only the new text.
 
     `knobs` are do_sample, temperature, top_k, top_p (the blog's when omitted). The prompt goes
-    through the tokenizer's own chat template, not the blog's hand-written string."""
+    through the tokenizer's own chat template, not the blog's hand-written string.
+    keep_scores: keep each step's scores after the knobs (`Answer.scores`, for `candidates_per_step`)."""
     import torch
 
     from .prompts import chat_ids
@@ -94,6 +96,8 @@ def generate(pipe, prompt, max_new_tokens: int = 128, seed: int | None = None,
         raise TypeError(f"unknown sampling knob(s): {', '.join(sorted(unknown))}; "
                         f"use {', '.join(BLOG_SAMPLING)}")
     if isinstance(pipe, Endpoint):  # a served model: the same knobs, as an OpenAI request
+        if keep_scores:
+            raise ValueError("keep_scores=True needs a local model: a served endpoint sends text, not scores")
         return endpoint_generate(pipe, as_messages(prompt, system), validate_sampling(max_new_tokens, **settings), seed)
     model, tokenizer = pipe.model, pipe.tokenizer
     ids = chat_ids(tokenizer, prompt, system)
@@ -104,14 +108,40 @@ def generate(pipe, prompt, max_new_tokens: int = 128, seed: int | None = None,
     input_ids = torch.tensor([ids], device=model.device)  # [1, T]
     pad = pad_id(tokenizer)
     started = time.perf_counter()
+    scores = dict(return_dict_in_generate=True, output_scores=True) if keep_scores else {}
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             pad_token_id=pad, streamer=streamer, **kwargs)  # [1, T + new]
+                             pad_token_id=pad, streamer=streamer, **kwargs, **scores)  # [1, T + new]
     seconds = time.perf_counter() - started
+    if keep_scores:
+        scores, out = torch.stack(out.scores, dim=1)[0].float(), out.sequences  # [new, V]
     new = out[0, len(ids):].tolist()
     text = tokenizer.decode(new, skip_special_tokens=True)
     return Answer(text=text.strip(), new_tokens=len(new), prompt_tokens=len(ids), seconds=seconds,
-                  settings=dict(kwargs, seed=seed), token_ids=new)
+                  settings=dict(kwargs, seed=seed), token_ids=new, scores=scores if keep_scores else None)
+
+
+def candidates_per_step(answer: Answer) -> list[int]:
+    """How many tokens the knobs left to choose from at each step of an answer generated with
+    `keep_scores=True`. With top_k=1 that is 1, except where several tokens share the best score:
+    transformers' top-k keeps every token tied with the k-th best. Greedy (do_sample=False)
+    applies no knobs: there it counts the tokens tied for the highest logit."""
+    import torch
+
+    if answer.scores is None:
+        raise ValueError("this answer kept no scores: generate it with keep_scores=True")
+    scores = answer.scores                                          # [N, V]
+    best = scores.max(dim=-1, keepdim=True).values                  # [N, 1]
+    greedy = not answer.settings.get("do_sample", True)
+    left = scores == best if greedy else torch.isfinite(scores)     # [N, V]
+    return left.sum(dim=-1).tolist()
+
+
+def steps_before_a_tie(answer: Answer) -> int:
+    """The steps of an answer before the first one where the knobs left more than one candidate
+    (all of them if none did). Sampling with top_k=1 is greedy decoding up to that step."""
+    left = candidates_per_step(answer)
+    return next((i for i, n in enumerate(left) if n > 1), len(left))
 
 
 def print_stream(tokenizer):

@@ -59,9 +59,14 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def pick_dtype():
-    """The blog's bfloat16 where the hardware computes it natively, else float32 (or fp16 on an
-    old GPU). Returns (torch dtype, reason)."""
+DTYPE_ENV = "MIXTRAL_DTYPE"
+DTYPE_CHOICES = {"": None, "auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                 "float16": "float16", "fp16": "float16"}
+
+
+def hardware_dtype():
+    """The dtype this hardware computes best: the blog's bfloat16 where it is native, else float32
+    (or fp16 on an old GPU). Returns (torch dtype, reason)."""
     import torch
 
     if torch.cuda.is_available():
@@ -72,6 +77,30 @@ def pick_dtype():
         return torch.bfloat16, "CPU with native bf16 (AVX512-BF16/AMX): the blog's dtype"
     return torch.float32, ("CPU without native bf16: float32 (emulated bf16 makes the prompt pass several times "
                            "slower and drifts from the float32 reference; 08_performance measures it)")
+
+
+def pick_dtype():
+    """The dtype models load in: $MIXTRAL_DTYPE when set (float32, bfloat16, float16 or auto),
+    else `hardware_dtype()`. Returns (torch dtype, reason). The override lets one machine run
+    what another kind of machine would pick (a CPU with or without native bf16)."""
+    import torch
+
+    chosen = os.environ.get(DTYPE_ENV, "").strip().lower()
+    if chosen not in DTYPE_CHOICES:
+        raise ValueError(f"{DTYPE_ENV}={os.environ[DTYPE_ENV]!r} is not a dtype these notebooks load: use one of "
+                         f"float32, bfloat16, float16, or auto (or unset it) for this hardware's choice")
+    native, reason = hardware_dtype()
+    if not DTYPE_CHOICES.get(chosen):
+        return native, reason
+    dtype = getattr(torch, DTYPE_CHOICES[chosen])
+    return dtype, (f"{DTYPE_ENV}={chosen}: {str(dtype).replace('torch.', '')} forced "
+                   f"(this hardware alone would pick {str(native).replace('torch.', '')})")
+
+
+def other_cpu_dtype() -> str:
+    """The dtype the *other* kind of CPU picks: bfloat16 here if this CPU has no native bf16, and
+    float32 if it has. CI runs the numerics-sensitive tests again under it."""
+    return "float32" if cpu_has_native_bf16() else "bfloat16"
 
 
 def memory_budget() -> dict:

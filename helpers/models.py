@@ -167,7 +167,8 @@ def load_pipeline(name: str | None = None, dtype=None, device_map="auto", local:
 
     With $MIXTRAL_ENDPOINT set (and neither `name` nor `local=True`), an `Endpoint` for that
     OpenAI-compatible server instead: `generate` and the panel work with either.
-    dtype: None picks bf16 where the hardware computes it natively (see hardware.pick_dtype).
+    dtype: None picks bf16 where the hardware computes it natively, or what $MIXTRAL_DTYPE says
+    (see hardware.pick_dtype).
     fast: switch the loaded model to this hardware's fastest correct settings (speed.fast_recipe,
     shown by `describe`); False keeps the blog's plain pipeline."""
     from transformers import pipeline
@@ -178,14 +179,14 @@ def load_pipeline(name: str | None = None, dtype=None, device_map="auto", local:
     if name is None and not local and os.environ.get(ENDPOINT_ENV, "").strip():
         return Endpoint.from_env()
     path = resolve_local(name or model_path())
-    if dtype is None:
-        dtype, _ = pick_dtype()
+    dtype, dtype_reason = pick_dtype() if dtype is None else (dtype, "chosen by the caller")
     check_fits(path, dtype)
     config = json.loads((path / "config.json").read_text())
     tokenizer = None
     if config.get("model_type") == "mixtral" and config.get("vocab_size") in REFERENCE_TOKENIZERS:
         tokenizer = reference_tokenizer(config["vocab_size"])
     pipe = pipeline("text-generation", model=str(path), tokenizer=tokenizer, dtype=dtype, device_map=device_map)
+    pipe.model.dtype_reason = dtype_reason
     if fast:
         from .speed import apply_recipe, fast_recipe
         apply_recipe(pipe.model, fast_recipe(pipe.model.device.type))
@@ -199,7 +200,10 @@ def describe(pipe) -> str:
         return f"served: {pipe.model} at {pipe.base_url}"
     line = f"local: {type(pipe.model).__name__}, {str(pipe.model.dtype).replace('torch.', '')}, on {pipe.model.device}"
     recipe = getattr(pipe.model, "recipe", None)
-    return f"{line}\n{recipe}" if recipe is not None else f"{line} (the blog's plain pipeline)"
+    if recipe is not None:  # its first reason says why this dtype
+        return f"{line}\n{recipe}"
+    reason = getattr(pipe.model, "dtype_reason", None)
+    return f"{line} (the blog's plain pipeline)" + (f"\n  - dtype: {reason}" if reason else "")
 
 
 def placement(model) -> list[dict]:

@@ -1,6 +1,7 @@
 """Run the notebooks headless, in order: executed copies and HTML into build/, answers printed.
 
-`python -m helpers walkthrough` is what `make run` calls; `--inplace` stores the outputs back
+`python -m helpers walkthrough` runs the blog's walkthrough (00-05) and is what `make run` calls;
+`--all` runs every notebook (`make run-all`), names pick some; `--inplace` stores the outputs back
 into notebooks/ (what `make notebooks` calls, before a commit)."""
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 BUILD = ROOT / "build"
 ANSWER_TAG = "task-output"  # cells whose printed output is the task's answer
+# The blog's own walkthrough: setup, loading and its four tasks. Ours (06 on) run with --all.
+BLOG_WALKTHROUGH = ("00_setup", "01_loading", "02_poem", "03_code", "04_jokes", "05_translation")
 
 
 def notebook_paths() -> list[Path]:
@@ -82,10 +85,23 @@ def answers(nb) -> list[str]:
     return texts
 
 
+def selected(argv: list[str]) -> list[Path]:
+    """The notebooks a command line asks for: names (parts of file names), else --all, else 00-05."""
+    only = [a for a in argv if not a.startswith("--")] or ([] if "--all" in argv else list(BLOG_WALKTHROUGH))
+    paths = [p for p in notebook_paths() if not only or any(o in p.name for o in only)]
+    if not paths:
+        raise ValueError(f"no notebook matches {' '.join(only)!r}: name parts of "
+                         f"{', '.join(p.stem for p in notebook_paths())}, or use --all")
+    return paths
+
+
 def main(argv: list[str]) -> int:
     inplace = "--inplace" in argv
-    only = [a for a in argv if not a.startswith("--")]
-    paths = [p for p in notebook_paths() if not only or any(o in p.name for o in only)]
+    try:
+        paths = selected(argv)
+    except ValueError as exc:
+        print(f"walkthrough: {exc}", file=sys.stderr)
+        return 2
     from .speed import fast_recipe
     print(f"the notebooks load models with the {fast_recipe()}\n(load_pipeline(fast=False) is the blog's plain "
           f"call; 08_performance measures both)", file=sys.stderr, flush=True)

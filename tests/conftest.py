@@ -1,6 +1,16 @@
 import pytest
 import torch
 
+# Notebooks whose results depend on the dtype models load in: CI runs them again in the other
+# CPU kind's dtype (MIXTRAL_DTYPE), with the tests marked `numerics`.
+NUMERICS_NOTEBOOKS = {"06_sampling_lab.ipynb"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in NUMERICS_NOTEBOOKS:
+            item.add_marker(pytest.mark.numerics)
+
 
 @pytest.fixture(scope="session")
 def standin_tokenizer():

@@ -1,7 +1,10 @@
 import pytest
 import torch
 
-from helpers import BLOG_SAMPLING, generate, load_pipeline, validate_sampling
+from helpers import (BLOG_SAMPLING, Answer, candidates_per_step, generate, load_pipeline, steps_before_a_tie,
+                     validate_sampling)
+
+pytestmark = pytest.mark.numerics  # CI runs this file again in the other CPU kind's dtype
 
 
 def test_blog_defaults_live_in_one_place():
@@ -63,3 +66,31 @@ def test_generate_rejects_bad_input_before_running(tiny_pipe):
         generate(tiny_pipe, "Hello", max_new_tokens=1000)  # tiny model: 256-token context
     with pytest.raises(TypeError, match="unknown sampling knob"):
         generate(tiny_pipe, "Hello", temprature=0.5)
+
+
+def test_candidates_count_ties_after_the_knobs():
+    inf = float("inf")
+    scores = torch.tensor([[3.0, 1.0, -inf], [2.0, 2.0, -inf], [5.0, -inf, -inf]])  # [N, V] after top_k=1
+    sampled = Answer("", 3, 1, 1.0, settings=dict(do_sample=True), token_ids=[0, 1, 0], scores=scores)
+    assert candidates_per_step(sampled) == [2, 2, 1] and steps_before_a_tie(sampled) == 0
+    raw = torch.tensor([[3.0, 1.0, 0.0], [2.0, 2.0, 1.0], [5.0, 4.0, 0.0]])  # greedy: ties for the best logit
+    greedy = Answer("", 3, 1, 1.0, settings=dict(do_sample=False), token_ids=[0, 0, 0], scores=raw)
+    assert candidates_per_step(greedy) == [1, 2, 1] and steps_before_a_tie(greedy) == 1
+    with pytest.raises(ValueError, match="keep_scores=True"):
+        candidates_per_step(Answer("", 1, 1, 1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_top_k_1_is_greedy_up_to_ties(tiny_mixtral_dir, dtype):
+    pipe = load_pipeline(str(tiny_mixtral_dir), dtype=dtype)
+    greedy = generate(pipe, "Hello there", max_new_tokens=24, do_sample=False, keep_scores=True)
+    assert greedy.scores.shape == (greedy.new_tokens, pipe.model.config.vocab_size)
+    assert greedy.token_ids == greedy.scores.argmax(-1).tolist()  # greedy takes the first best token
+    for seed in (1, 2, 3):
+        sampled = generate(pipe, "Hello there", max_new_tokens=24, seed=seed, top_k=1, keep_scores=True)
+        left = candidates_per_step(sampled)
+        same = steps_before_a_tie(sampled)
+        assert all(n >= 1 for n in left) and same == next((i for i, n in enumerate(left) if n > 1), len(left))
+        assert sampled.token_ids[:same] == greedy.token_ids[:same]
+        kept = torch.isfinite(sampled.scores)  # every token taken was one the knobs left
+        assert all(kept[i, t] for i, t in enumerate(sampled.token_ids))

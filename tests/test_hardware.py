@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 import helpers.hardware as hw
@@ -24,6 +25,7 @@ def test_system_memory_is_sane():
 def test_dtype_follows_the_cpu(monkeypatch):
     if torch.cuda.is_available():
         return
+    monkeypatch.delenv("MIXTRAL_DTYPE", raising=False)
     monkeypatch.setattr(hw, "cpu_has_native_bf16", lambda: True)
     assert pick_dtype()[0] == torch.bfloat16
     monkeypatch.setattr(hw, "cpu_has_native_bf16", lambda: False)
@@ -46,3 +48,29 @@ def test_fit_report_without_gpus(monkeypatch):
     rows = fit_report({"stand-in": 1.3 * GiB, "8x22B": 262 * GiB})
     assert rows[0]["verdict"] == "fits in RAM (CPU only)"
     assert rows[1]["verdict"] == "does not fit: short by 267 GiB"
+
+
+def test_the_dtype_can_be_forced_either_way(monkeypatch):
+    monkeypatch.setattr(hw, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for value, dtype in (("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16), (" Float32 ", torch.float32),
+                         ("float16", torch.float16)):
+        monkeypatch.setenv("MIXTRAL_DTYPE", value)
+        chosen, reason = pick_dtype()
+        assert chosen == dtype and "MIXTRAL_DTYPE" in reason and "would pick float32" in reason
+    for value in ("auto", ""):
+        monkeypatch.setenv("MIXTRAL_DTYPE", value)
+        assert pick_dtype()[0] == torch.float32 and "MIXTRAL_DTYPE" not in pick_dtype()[1]
+
+
+def test_a_bad_dtype_override_says_what_to_use(monkeypatch):
+    monkeypatch.setenv("MIXTRAL_DTYPE", "int8")
+    with pytest.raises(ValueError, match=r"MIXTRAL_DTYPE='int8'.*float32, bfloat16, float16, or auto"):
+        pick_dtype()
+
+
+def test_the_other_cpu_kind(monkeypatch):
+    monkeypatch.setattr(hw, "cpu_has_native_bf16", lambda: True)
+    assert hw.other_cpu_dtype() == "float32"
+    monkeypatch.setattr(hw, "cpu_has_native_bf16", lambda: False)
+    assert hw.other_cpu_dtype() == "bfloat16"

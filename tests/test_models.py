@@ -99,3 +99,16 @@ def test_pipeline_uses_the_reference_tokenizer_for_a_mixtral_vocab(tiny_mixtral_
     rows = placement(pipe.model)
     assert rows == [{"device": "cpu", "parameters": sum(p.numel() for p in pipe.model.parameters()),
                      "bytes": 4 * sum(p.numel() for p in pipe.model.parameters())}]
+
+
+@pytest.mark.parametrize("forced, dtype", [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
+def test_the_dtype_override_loads_and_is_shown(tiny_mixtral_dir, monkeypatch, forced, dtype):
+    from helpers import describe
+    monkeypatch.setenv("MIXTRAL_DTYPE", forced)
+    for fast in (True, False):
+        pipe = load_pipeline(str(tiny_mixtral_dir), fast=fast)
+        assert pipe.model.dtype == dtype
+        assert f"MIXTRAL_DTYPE={forced}: {forced} forced" in describe(pipe)
+    monkeypatch.setenv("MIXTRAL_DTYPE", "fp8")
+    with pytest.raises(ValueError, match="MIXTRAL_DTYPE='fp8'"):
+        load_pipeline(str(tiny_mixtral_dir))

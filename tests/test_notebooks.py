@@ -6,7 +6,7 @@ import nbformat
 import pytest
 
 from helpers import TASKS
-from helpers.walkthrough import ANSWER_TAG, answers, notebook_paths
+from helpers.walkthrough import ANSWER_TAG, BLOG_WALKTHROUGH, answers, main, notebook_paths, selected
 
 NOTEBOOKS = {p.stem: p for p in notebook_paths()}
 TASK_NOTEBOOKS = {"02_poem": "poem", "03_code": "code", "04_jokes": "jokes", "05_translation": "translation"}
@@ -45,3 +45,15 @@ def test_answers_are_read_from_tagged_cells_only():
         nbformat.v4.new_code_cell("y", metadata={"tags": [ANSWER_TAG]},
                                   outputs=[nbformat.v4.new_output("stream", text="the answer")])])
     assert answers(nb) == ["the answer"]
+
+
+def test_make_run_runs_the_blogs_walkthrough_and_run_all_runs_every_notebook():
+    assert [p.stem for p in selected([])] == list(BLOG_WALKTHROUGH)
+    assert [p.stem for p in selected(["--inplace"])] == list(BLOG_WALKTHROUGH)
+    assert selected(["--all"]) == notebook_paths() and len(notebook_paths()) > len(BLOG_WALKTHROUGH)
+    assert [p.stem for p in selected(["06", "08"])] == ["06_sampling_lab", "08_performance"]
+
+
+def test_an_unknown_notebook_name_is_refused_before_anything_runs(capsys):
+    assert main(["no_such_notebook"]) == 2
+    assert "no notebook matches 'no_such_notebook'" in capsys.readouterr().err

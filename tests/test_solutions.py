@@ -24,6 +24,7 @@ def test_every_notebook_with_exercises_has_answers():
                 int(a) <= int(number) <= int(b) for a, b in re.findall(r"(\d\d)-(\d\d)", covered)), nb.name
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("path", [p for p in FILES if python_blocks(p)], ids=lambda p: p.stem)
 def test_answer_code_runs(path, tmp_path):
     script = tmp_path / f"{path.stem}.py"
