@@ -25,12 +25,14 @@ def endpoint(server):
     return Endpoint(server.url, server.model)
 
 
-def test_load_pipeline_returns_the_endpoint_from_the_environment(server, monkeypatch):
+def test_load_pipeline_returns_the_endpoint_from_the_environment(server, monkeypatch, tiny_mixtral_dir):
     for key, value in server.env().items():
         monkeypatch.setenv(key, value)
     pipe = load_pipeline()
     assert isinstance(pipe, Endpoint) and pipe.base_url == server.url and pipe.model == server.model
-    assert not isinstance(load_pipeline(local=True), Endpoint)  # notebooks that look inside a model
+    monkeypatch.setenv("MIXTRAL_MODEL", str(tiny_mixtral_dir))  # any local model will do: not the stand-in's 2.6 GiB
+    local = load_pipeline(local=True)  # notebooks that look inside a model
+    assert not isinstance(local, Endpoint) and local.model.config.hidden_size == 32
 
 
 def test_non_streaming_call_and_knob_mapping(endpoint):
