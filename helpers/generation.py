@@ -4,6 +4,7 @@ The blog samples every task with the same four knobs; they live here, once.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -33,13 +34,30 @@ def validate_sampling(max_new_tokens: int = 128, do_sample: bool = True, tempera
     knobs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample)
     if not do_sample:
         return knobs  # greedy: the other knobs play no part
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        bad("temperature", temperature, "with do_sample=True use a number > 0 (for greedy, set do_sample=False)")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0
+            or not math.isfinite(temperature)):  # inf would flatten every distribution to uniform noise
+        bad("temperature", temperature, "with do_sample=True use a finite number > 0 (for greedy, set do_sample=False)")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         bad("top_k", top_k, "use a whole number >= 0 (0 = no limit)")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         bad("top_p", top_p, "use a number in (0, 1] (1 = no limit)")
     return dict(knobs, temperature=float(temperature), top_k=top_k, top_p=float(top_p))
+
+
+def validate_seed(seed):
+    """None (a run that is not repeatable) or a whole number >= 0; else a ValueError that says so."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"seed={seed!r} is not allowed: use a whole number >= 0 (or None for a run that is "
+                         f"not repeatable)")
+    return seed
+
+
+def context_left(prompt_tokens: int, context: int | None) -> int | None:
+    """Tokens the model's context leaves for the answer; a ValueError if the prompt alone fills it."""
+    if context is not None and prompt_tokens >= context:
+        raise ValueError(f"the prompt is {prompt_tokens} tokens long and the model's context holds {context}: "
+                         f"shorten the prompt (or load a model with a longer context)")
+    return context - prompt_tokens if context is not None else None
 
 
 def pad_id(tokenizer) -> int:
@@ -95,14 +113,15 @@ def generate(pipe, prompt, max_new_tokens: int = 128, seed: int | None = None,
     if unknown:
         raise TypeError(f"unknown sampling knob(s): {', '.join(sorted(unknown))}; "
                         f"use {', '.join(BLOG_SAMPLING)}")
+    validate_seed(seed)
     if isinstance(pipe, Endpoint):  # a served model: the same knobs, as an OpenAI request
         if keep_scores:
             raise ValueError("keep_scores=True needs a local model: a served endpoint sends text, not scores")
         return endpoint_generate(pipe, as_messages(prompt, system), validate_sampling(max_new_tokens, **settings), seed)
     model, tokenizer = pipe.model, pipe.tokenizer
     ids = chat_ids(tokenizer, prompt, system)
-    context = getattr(model.config, "max_position_embeddings", None)
-    kwargs = validate_sampling(max_new_tokens, context_left=context - len(ids) if context else None, **settings)
+    room = context_left(len(ids), getattr(model.config, "max_position_embeddings", None))
+    kwargs = validate_sampling(max_new_tokens, context_left=room, **settings)
     if seed is not None:
         torch.manual_seed(seed)
     input_ids = torch.tensor([ids], device=model.device)  # [1, T]
@@ -163,6 +182,7 @@ def generate_many(pipe, prompt, samples: int = 3, max_new_tokens: int = 128, see
 
     settings = dict(BLOG_SAMPLING, **knobs)
     kwargs = validate_sampling(max_new_tokens, **settings)
+    validate_seed(seed)
     if not kwargs["do_sample"] and samples > 1:
         raise ValueError("samples > 1 needs do_sample=True: greedy decoding gives the same answer every time")
     if isinstance(pipe, Endpoint):  # a server batches concurrent requests itself
@@ -202,6 +222,7 @@ def generate_batch(pipe, prompts: list, max_new_tokens: int = 128, seed: int | N
 
     if not prompts or isinstance(prompts, str):
         raise ValueError("prompts: give a list of one or more prompts (for a single prompt use generate)")
+    validate_seed(seed)
     if isinstance(pipe, Endpoint):  # a server batches concurrent requests itself
         from concurrent.futures import ThreadPoolExecutor
         with ThreadPoolExecutor(len(prompts)) as pool:

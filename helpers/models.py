@@ -91,8 +91,7 @@ def resolve_local(name: str) -> Path:
     Never touches the network: a hub id is looked up in the local Hugging Face cache only."""
     path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotAvailable(f"{path} is a folder but holds no config.json: it is not a model folder.")
+        _check_config(path)
         _check_weights_present(path, name)
         return path
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
@@ -110,8 +109,24 @@ def resolve_local(name: str) -> Path:
             f"(about {_size_hint(name)}), copy the folder here, then set "
             f"{MODEL_ENV}=/data/{name.split('/')[-1]}. Leave {MODEL_ENV} unset to use the stand-in."
         ) from None
+    _check_config(path)
     _check_weights_present(path, name)
     return path
+
+
+def _check_config(path: Path) -> None:
+    """A folder without a config.json, or with one that is not a JSON object (a damaged or partial
+    download), is refused with what to do."""
+    if not (path / "config.json").is_file():
+        raise ModelNotAvailable(f"{path} is a folder but holds no config.json: it is not a model folder.")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelNotAvailable(f"{path / 'config.json'} is not valid JSON ({err}): the download is damaged. "
+                                f"Download the model again (`hf download`).") from None
+    if not isinstance(config, dict):
+        raise ModelNotAvailable(f"{path / 'config.json'} holds a {type(config).__name__}, not a model config: "
+                                f"the download is damaged. Download the model again (`hf download`).")
 
 
 def _size_hint(name: str) -> str:

@@ -36,8 +36,14 @@ def as_messages(prompt, system: str | None = None) -> list[dict]:
     """A chat: a prompt string becomes one user turn; a list of messages passes through."""
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
-    else:
+    elif isinstance(prompt, (bytes, bytearray)):
+        raise TypeError(f"prompt is {type(prompt).__name__}, not text: decode it first, "
+                        f"for example prompt.decode('utf-8')")
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
         messages = [dict(m) for m in prompt]
+    else:
+        raise TypeError(f"prompt={prompt!r:.60}: give the prompt as text (a str), or a chat as a list of "
+                        f"{{'role': ..., 'content': ...}} messages")
     if system:
         messages.insert(0, {"role": "system", "content": system})
     for m in messages:

@@ -10,7 +10,7 @@ import threading
 import time
 import weakref
 
-from .generation import BLOG_SAMPLING, pad_id, validate_sampling
+from .generation import BLOG_SAMPLING, context_left, pad_id, validate_sampling, validate_seed
 from .speed import TokenClock
 
 _PANELS: "weakref.WeakSet[SamplingPanel]" = weakref.WeakSet()  # to stop old panels when a cell re-runs
@@ -99,7 +99,8 @@ class SamplingPanel:
             else:
                 ids = chat_ids(self.pipe.tokenizer, self.prompt.value)
                 context = getattr(self.pipe.model.config, "max_position_embeddings", None)
-            kwargs = validate_sampling(context_left=context - len(ids) if context else None, **self.settings())
+            kwargs = validate_sampling(context_left=context_left(len(ids), context), **self.settings())
+            validate_seed(self.seed.value)
         except ValueError as exc:
             self.message.value = f"<span style='color:#b00'>&#9888; {html.escape(str(exc))}</span>"
             return False

@@ -94,3 +94,38 @@ def test_top_k_1_is_greedy_up_to_ties(tiny_mixtral_dir, dtype):
         assert sampled.token_ids[:same] == greedy.token_ids[:same]
         kept = torch.isfinite(sampled.scores)  # every token taken was one the knobs left
         assert all(kept[i, t] for i, t in enumerate(sampled.token_ids))
+
+
+# ---------------------------------------------------------------- bad input, refused at the door with what to do
+@pytest.mark.parametrize("prompt, message", [
+    (None, "give the prompt as text"),
+    (b"Tell me a joke", "prompt is bytes, not text: decode it first"),
+    (42, "give the prompt as text"),
+    ([{"role": "user", "content": "hi"}, "hello"], "give the prompt as text"),
+])
+def test_a_prompt_that_is_not_text_says_so(tiny_pipe, prompt, message):
+    with pytest.raises(TypeError, match=message):
+        generate(tiny_pipe, prompt, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("seed", [-1, "0", 1.5, True])
+def test_a_seed_must_be_a_whole_number_from_zero(tiny_pipe, seed):
+    from helpers import generate_many
+    from helpers.generation import generate_batch
+    for call in (lambda: generate(tiny_pipe, "Hello", max_new_tokens=2, seed=seed),
+                 lambda: generate_many(tiny_pipe, "Hello", samples=2, max_new_tokens=2, seed=seed),
+                 lambda: generate_batch(tiny_pipe, ["Hello"], max_new_tokens=2, seed=seed)):
+        with pytest.raises(ValueError, match=r"seed=.* is not allowed: use a whole number >= 0"):
+            call()
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan")])
+def test_temperature_must_be_finite(temperature):
+    with pytest.raises(ValueError, match="temperature=.*finite number > 0"):
+        validate_sampling(8, temperature=temperature)
+
+
+def test_a_prompt_longer_than_the_context_says_how_long_each_is(tiny_pipe):
+    long_prompt = "word " * 400  # the tiny model's context holds 256 tokens
+    with pytest.raises(ValueError, match=r"the prompt is \d+ tokens long and the model's context holds 256: shorten"):
+        generate(tiny_pipe, long_prompt, max_new_tokens=2)

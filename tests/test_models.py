@@ -112,3 +112,12 @@ def test_the_dtype_override_loads_and_is_shown(tiny_mixtral_dir, monkeypatch, fo
     monkeypatch.setenv("MIXTRAL_DTYPE", "fp8")
     with pytest.raises(ValueError, match="MIXTRAL_DTYPE='fp8'"):
         load_pipeline(str(tiny_mixtral_dir))
+
+
+@pytest.mark.parametrize("text, found", [("{not json", "is not valid JSON"), ("[1, 2]", "holds a list")])
+def test_a_damaged_config_is_reported_as_such(tmp_path, text, found):
+    (tmp_path / "config.json").write_text(text)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelNotAvailable, match=found) as err:
+        resolve_local(str(tmp_path))
+    assert "Download the model again" in str(err.value)

@@ -54,6 +54,7 @@ def test_moving_a_slider_changes_the_next_run(panel):
 @pytest.mark.parametrize("change, knob", [
     (dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(prompt="  "), "empty"),
     (dict(max_new_tokens=1000), "max_new_tokens"),  # beyond the tiny model's 256-token context
+    (dict(seed=-1), "seed=-1"), (dict(prompt="word " * 400), "shorten the prompt"),
 ])
 def test_invalid_settings_show_a_message_not_a_traceback(panel, change, knob):
     for name, value in change.items():
