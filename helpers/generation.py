@@ -127,17 +127,15 @@ def generate(pipe, prompt, max_new_tokens: int = 128, seed: int | None = None,
     input_ids = torch.tensor([ids], device=model.device)  # [1, T]
     pad = pad_id(tokenizer)
     started = time.perf_counter()
-    scores = dict(return_dict_in_generate=True, output_scores=True) if keep_scores else {}
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             pad_token_id=pad, streamer=streamer, **kwargs, **scores)  # [1, T + new]
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pad_token_id=pad,
+                             streamer=streamer, return_dict_in_generate=True, output_scores=keep_scores, **kwargs)
     seconds = time.perf_counter() - started
-    if keep_scores:
-        scores, out = torch.stack(out.scores, dim=1)[0].float(), out.sequences  # [new, V]
-    new = out[0, len(ids):].tolist()
+    scores = torch.stack(out.scores, dim=1)[0].float() if keep_scores else None  # [new, V]
+    new = out.sequences[0, len(ids):].tolist()
     text = tokenizer.decode(new, skip_special_tokens=True)
     return Answer(text=text.strip(), new_tokens=len(new), prompt_tokens=len(ids), seconds=seconds,
-                  settings=dict(kwargs, seed=seed), token_ids=new, scores=scores if keep_scores else None)
+                  settings=dict(kwargs, seed=seed), token_ids=new, scores=scores)
 
 
 def candidates_per_step(answer: Answer) -> list[int]:

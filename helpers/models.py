@@ -28,12 +28,6 @@ KNOWN_MODELS = {
         tie_word_embeddings=False, router_aux_loss_coef=0.02, bos_token_id=1, eos_token_id=2),
 }
 
-# The mistral-common tokenizer file that is the reference for each Mixtral, keyed by vocab size.
-REFERENCE_TOKENIZERS = {
-    32768: "mistral_instruct_tokenizer_240323.model.v3",  # Mixtral 8x22B
-    32000: "tokenizer.model.v1",                          # Mixtral 8x7B
-}
-
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
 
 
@@ -91,7 +85,7 @@ def resolve_local(name: str) -> Path:
     Never touches the network: a hub id is looked up in the local Hugging Face cache only."""
     path = Path(name).expanduser()
     if path.is_dir():
-        _check_config(path)
+        read_config(path)
         _check_weights_present(path, name)
         return path
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
@@ -109,14 +103,15 @@ def resolve_local(name: str) -> Path:
             f"(about {_size_hint(name)}), copy the folder here, then set "
             f"{MODEL_ENV}=/data/{name.split('/')[-1]}. Leave {MODEL_ENV} unset to use the stand-in."
         ) from None
-    _check_config(path)
+    read_config(path)
     _check_weights_present(path, name)
     return path
 
 
-def _check_config(path: Path) -> None:
-    """A folder without a config.json, or with one that is not a JSON object (a damaged or partial
-    download), is refused with what to do."""
+def read_config(path) -> dict:
+    """A model folder's config.json as a dict. A missing file, or one that is not a JSON object
+    (a damaged or partial download), is refused with what to do."""
+    path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelNotAvailable(f"{path} is a folder but holds no config.json: it is not a model folder.")
     try:
@@ -127,6 +122,7 @@ def _check_config(path: Path) -> None:
     if not isinstance(config, dict):
         raise ModelNotAvailable(f"{path / 'config.json'} holds a {type(config).__name__}, not a model config: "
                                 f"the download is damaged. Download the model again (`hf download`).")
+    return config
 
 
 def _size_hint(name: str) -> str:
@@ -154,7 +150,7 @@ def weight_bytes(path: Path) -> int:
 
 
 def stored_dtype_bytes(path: Path) -> float:
-    config = json.loads((Path(path) / "config.json").read_text())
+    config = read_config(path)
     return DTYPE_BYTES.get(config.get("dtype") or config.get("torch_dtype") or "float32", 4)
 
 
@@ -189,14 +185,14 @@ def load_pipeline(name: str | None = None, dtype=None, device_map="auto", local:
     from transformers import pipeline
 
     from .hardware import pick_dtype
-    from .prompts import reference_tokenizer
+    from .prompts import REFERENCE_TOKENIZERS, reference_tokenizer
     from .serving import ENDPOINT_ENV, Endpoint
     if name is None and not local and os.environ.get(ENDPOINT_ENV, "").strip():
         return Endpoint.from_env()
     path = resolve_local(name or model_path())
     dtype, dtype_reason = pick_dtype() if dtype is None else (dtype, "chosen by the caller")
     check_fits(path, dtype)
-    config = json.loads((path / "config.json").read_text())
+    config = read_config(path)
     tokenizer = None
     if config.get("model_type") == "mixtral" and config.get("vocab_size") in REFERENCE_TOKENIZERS:
         tokenizer = reference_tokenizer(config["vocab_size"])

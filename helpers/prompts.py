@@ -12,6 +12,12 @@ from pathlib import Path
 
 BLOG_TEMPLATE = "[INST] {prompt} [/INST]"
 
+# The mistral-common tokenizer file that is the reference for each Mixtral, keyed by vocab size.
+REFERENCE_TOKENIZERS = {
+    32768: "mistral_instruct_tokenizer_240323.model.v3",  # Mixtral 8x22B
+    32000: "tokenizer.model.v1",                          # Mixtral 8x7B
+}
+
 # The four tasks of the blog, with their exact prompts and token budgets.
 TASKS = {
     "poem": dict(max_new_tokens=512, prompt=(
@@ -65,7 +71,6 @@ def reference_file(vocab_size: int) -> Path:
     """The tokenizer file that mistral-common ships for a Mixtral with this vocabulary."""
     import mistral_common
 
-    from .models import REFERENCE_TOKENIZERS
     if vocab_size not in REFERENCE_TOKENIZERS:
         raise KeyError(f"no mistral-common reference tokenizer for vocab size {vocab_size}")
     return Path(mistral_common.__file__).parent / "data" / REFERENCE_TOKENIZERS[vocab_size]
