@@ -42,11 +42,11 @@ standin: setup
 # The blog's walkthrough (00-05), headless: build/*.ipynb and build/*.html, each task's answer printed.
 run: standin
 	@echo "== running the blog's walkthrough (00-05) headless: build/*.ipynb and build/*.html"
-	$(PY) -m helpers walkthrough
+	$(PY) -m workshop walkthrough
 
 # Every notebook, ours (06-09) too.
 run-all: standin
-	$(PY) -m helpers walkthrough --all
+	$(PY) -m workshop walkthrough --all
 
 # Everything but the two slow end-to-end checks (marked `slow`), in under 10 minutes on 2 cores.
 test: standin
@@ -80,15 +80,15 @@ serve: standin
 
 # reveal.js decks of the task notebooks (prompt, knobs, the stand-in's answer): build/slides/*.slides.html
 slides: setup
-	$(PY) -m helpers slides
+	$(PY) -m workshop slides
 
 # Everything a room without Wi-Fi needs: wheels, the project, slides, install.sh -> build/bundle/
 bundle: setup
-	$(PY) -m helpers bundle
+	$(PY) -m workshop bundle
 
 # Re-execute the notebooks and store their outputs (the stand-in's) in notebooks/.
 notebooks: standin
-	$(PY) -m helpers walkthrough --all --inplace
+	$(PY) -m workshop walkthrough --all --inplace
 
 clean:
 	rm -rf build .pytest_cache

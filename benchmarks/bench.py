@@ -20,23 +20,97 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers.speed import CONFIGS, bench_summary, bench_table, draw_bench, measure, write_report  # noqa: E402
+from harness import CONFIGS, NAIVE, measure  # noqa: E402
+
+from helpers.data import GB, GiB  # noqa: E402
+from helpers.files import atomic_file  # noqa: E402
+
+
+def bench_table(result: dict) -> str:
+    """The measurements as a markdown table, one row per configuration."""
+    head = ("| configuration | dtype | experts | load s | first token s | decode tok/s | ceiling tok/s "
+            "| efficiency | vs blog's path | peak memory GiB |\n|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in result["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error']} |||||||||")
+            continue
+        compile_note = f" (+{r['compile_s']:.0f} s compile)" if r.get("compile_s") else ""
+        batch_note = f", {r['sequences']} prompts" + (" batched" if r["batch"] > 1 else " in turn") if r["sequences"] > 1 else ""
+        spread = (f" ({min(r['all_tok_s']):.1f}-{max(r['all_tok_s']):.1f})" if len(r.get("all_tok_s", [])) > 1 else "")
+        lines.append(
+            f"| {r['name']} | {r['dtype']} | {r['experts']}{batch_note} | {r['load_s']:.1f}{compile_note} | {r['ttft_s']:.2f} "
+            f"| {r['decode_tok_s']:.1f}{spread} | {r['ceiling_tok_s']:.1f} | {r['efficiency']:.0%} "
+            f"| {r['vs_naive']:.2f}x | {r['peak_memory'] / GiB:.1f} |")
+    return "\n".join(lines)
+
+
+def bench_summary(result: dict) -> str:
+    """What the numbers say, in sentences: the ceiling, the fast path against the blog's path."""
+    rows = {r["name"]: r for r in result["rows"] if "error" not in r}
+    lines = [f"{result.get('rounds', 1)} round(s); each configuration's best round is shown"
+             + (" (the range of its rounds in brackets)" if result.get("rounds", 1) > 1 else ""),
+             f"memory read bandwidth {result['bandwidth'] / GB:.1f} GB/s (best of "
+             f"{', '.join(f'{b / GB:.1f}' for b in result['bandwidths'])} measured before and after)"]
+    fast = rows.get("fast path (this machine's choice)")
+    naive = rows.get(NAIVE)
+    if fast and naive:
+        lines.append(f"fast path: {fast['decode_tok_s']:.1f} tok/s = {fast['vs_naive']:.2f}x the blog's path "
+                     f"({naive['decode_tok_s']:.1f} tok/s), {fast['efficiency']:.0%} of the {fast['ceiling_tok_s']:.1f} "
+                     f"tok/s bandwidth ceiling for {fast['bytes_per_token'] / 2**20:.0f} MiB read per token")
+        if fast.get("matvec_ceiling_tok_s"):
+            lines.append(f"the matrix-vector kernels alone, at the best speed measured for each weight shape here, "
+                         f"allow {fast['matvec_ceiling_tok_s']:.1f} tok/s "
+                         f"({fast['matvec_ceiling_tok_s'] / fast['ceiling_tok_s']:.0%} of the bandwidth ceiling)")
+    one, many = rows.get("4 prompts, one at a time (fast path)"), rows.get("4 prompts, one batch (fast path)")
+    if one and many:
+        lines.append(f"four prompts as one batch: {many['throughput_tok_s']:.1f} tok/s in all against "
+                     f"{one['throughput_tok_s']:.1f} one at a time ({many['throughput_tok_s'] / one['throughput_tok_s']:.2f}x)")
+    dense = rows.get("dense SmolLM2 fp32 (the stand-in's source)")
+    moe = rows.get("fp32 grouped_mm")
+    if dense and moe:
+        lines.append(f"the MoE decodes at {moe['decode_tok_s'] / dense['decode_tok_s']:.2f}x its dense source's speed "
+                     f"for {moe['bytes_per_token'] / dense['bytes_per_token']:.2f}x the bytes per token")
+    return "\n".join(lines)
+
+
+def draw_bench(result: dict, title: str | None = None):
+    """Horizontal bars: decode tok/s per configuration, each with its bandwidth ceiling marked."""
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if "error" not in r]
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.4))
+    names = [r["name"] for r in rows][::-1]
+    speeds = [r["decode_tok_s"] for r in rows][::-1]
+    ceilings = [r["ceiling_tok_s"] for r in rows][::-1]
+    colors = ["tab:gray" if r["name"] == NAIVE else "tab:green" if r.get("fast") else "tab:blue" for r in rows][::-1]
+    ax.barh(names, speeds, color=colors)
+    ax.scatter(ceilings, names, marker="|", s=300, color="black", label="bandwidth ceiling")
+    for y, (v, c) in enumerate(zip(speeds, ceilings)):
+        ax.text(v, y, f" {v:.1f} ({v / c:.0%})", va="center", fontsize=8)
+    ax.set_xlabel("decode tokens/s (after the first token); in brackets: share of the ceiling")
+    ax.set_title(title or f"Decode speed against the memory-bandwidth ceiling ({result['device']}, "
+                 f"{result['bandwidth'] / GB:.0f} GB/s)\ngrey: the blog's path; green: the fast path", fontsize=11)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    return fig
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 new tokens, 2 warm-up: to prove it runs")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens timed per configuration")
+    parser.add_argument("--warmup", type=int, default=4, help="decode steps after the first token left out of tok/s")
     parser.add_argument("--only", action="append", default=[], help="run configurations whose name contains this")
     parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, round-robin; keep each one's best")
     parser.add_argument("--out", default=str(ROOT / "build"), help="folder for bench.json, .md, .png")
     args = parser.parse_args(argv)
-    tokens, warmup = (8, 2) if args.quick else (args.tokens, 4)
+    tokens, warmup = (8, 2) if args.quick else (args.tokens, args.warmup)
     if tokens < 2 + warmup:
         parser.error(f"--tokens must be at least {2 + warmup}")
-    configs = [c for c in CONFIGS if not args.only or any(o.lower() in c["name"].lower() for o in args.only)]
+    configs = [c for c in CONFIGS if not args.only or any(o.lower() in c.name.lower() for o in args.only)]
     if not configs:
-        parser.error(f"no configuration matches {args.only}; names: " + "; ".join(c["name"] for c in CONFIGS))
+        parser.error(f"no configuration matches {args.only}; names: " + "; ".join(c.name for c in CONFIGS))
 
     started = time.perf_counter()
     if args.rounds < 1:
@@ -51,9 +125,9 @@ def main(argv=None) -> int:
     for name, text in (("bench.json", json.dumps(result, indent=1)),
                        ("bench.md", f"# make bench, {result['date']}\n\n{table}\n\n" +
                         "\n".join(f"- {line}" for line in summary.splitlines()) + "\n")):
-        write_report(out / name, lambda tmp: tmp.write_text(text))
+        atomic_file(out / name, lambda tmp: tmp.write_text(text))
     figure = draw_bench(result)
-    write_report(out / "bench.png", lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    atomic_file(out / "bench.png", lambda tmp: figure.savefig(tmp, format="png", dpi=110))
     print(f"\nwrote {out}/bench.json, bench.md, bench.png in {result['seconds']:.0f} s")
     return 0 if all("error" not in r for r in result["rows"]) else 1
 

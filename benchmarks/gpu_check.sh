@@ -19,7 +19,7 @@ fi
 log=$(mktemp)
 "$PY" -m helpers standin --verify
 started=$(date +%s)
-"$PY" -m helpers walkthrough 00_ 01_ 02_ 03_ 04_ 05_ 2>&1 | tee "$log"
+"$PY" -m workshop walkthrough 00_ 01_ 02_ 03_ 04_ 05_ 2>&1 | tee "$log"
 walkthrough_s=$(( $(date +%s) - started ))
 
 "$PY" benchmarks/layer_bench.py --layers 1 3 --tokens 32 | tee -a "$log"

@@ -6,7 +6,7 @@ for each experts implementation, the bandwidth it achieves against the device's,
     python benchmarks/layer_bench.py --scale 0.0625 --device cpu --dtype float32   # a small rehearsal
 
 Writes benchmarks/results/<date>-<device>.md (or --out). No weights are downloaded: the config is
-the published one (helpers.models.KNOWN_MODELS) and the weights are random.
+the published one (helpers.data.KNOWN_MODELS) and the weights are random.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def build(layers: int, scale: float, dtype, device):
     import torch
     from transformers import MixtralForCausalLM
 
-    from helpers.models import mixtral_config
+    from helpers.sizing import mixtral_config
     config = mixtral_config(MODEL)
     config.num_hidden_layers = layers
     if scale != 1:
@@ -70,9 +70,11 @@ def step_seconds(model, implementation: str, tokens: int, prompt: int = 32) -> f
 def main(argv=None) -> int:
     import torch
 
-    from helpers.hardware import torch_build
-    from helpers.planning import GPU_TYPES
-    from helpers.speed import decode_bytes, measure_bandwidth, register_experts, write_report
+    from helpers.data import GPU_TYPES
+    from helpers.fastpath import register_experts
+    from helpers.files import atomic_file
+    from helpers.hardware import measure_bandwidth, torch_build
+    from helpers.sizing import decode_bytes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs=2, default=(1, 3), help="two depths; their difference gives the per-layer time")
@@ -148,7 +150,7 @@ def main(argv=None) -> int:
               "the extrapolation adds them back once. One GPU-equivalent: the whole 262 GiB read by one device "
               "per token, which is what device_map=\"auto\" does across GPUs (one at a time)."]
     path = Path(args.out) / f"{date}-{label}.md"
-    write_report(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    atomic_file(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     print(f"wrote {path}")
     return 0 if all("error" not in r for r in rows) else 1
 

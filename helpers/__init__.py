@@ -1,11 +1,41 @@
-"""Helpers shared by every notebook: loading, prompts, generation, hardware."""
-from .generation import (BLOG_SAMPLING, Answer, candidates_per_step, generate, generate_batch, generate_many,
-                         print_stream, steps_before_a_tie, validate_sampling)
-from .hardware import DTYPE_ENV, cpu_has_native_bf16, fit_report, gpus, pick_dtype, system_memory, torch_build
-from .models import (KNOWN_MODELS, MODEL_ENV, ModelNotAvailable, ModelTooLarge, check_fits, describe,
-                     load_pipeline, mixtral_config, model_path, parameter_count, placement,
-                     resolve_local)
-from .prompts import (BLOG_TEMPLATE, TASKS, blog_prompt, chat_ids, compare_ids, reference_ids,
-                      reference_tokenizer, token_table)
-from .standin import ensure_standin, standin_dir
-from .serving import Endpoint, EndpointError, start_local_server
+"""The one module every notebook imports: `from helpers import ...` gives exactly the names below.
+
+Layers, each importing only from those beneath it (tests/test_layers.py keeps it so):
+    widgets, serving, moe       what notebooks touch: panels, the room's server, looking inside
+    generation                  the knobs checked once; generate, generate_many, generate_batch
+    backends                    what answers: LocalModel (the one model.generate) or Endpoint; one clock
+    loading                     model path, the blog's pipeline call, fits, placement
+    prompts, standin, fastpath, planning, checking
+    sizing                      parameters, bytes, KV cache, ceilings, the one fit check
+    files, hardware             cache folder and atomic writes; torch build, devices, memory, dtype
+    data                        the blog's tasks, knobs and answers; known models and GPUs; env names
+"""
+from .backends import Endpoint, EndpointError, describe, load_pipeline
+from .checking import chrf, diversity, edit_distance_cases, extract_code, run_sandboxed
+from .data import BLOG_SAMPLING, BLOG_TRANSLATION, GB, KNOWN_MODELS, LONGFELLOW, TASKS, GiB
+from .fastpath import fast_recipe
+from .generation import (candidates_per_step, draw_distribution, generate, generate_batch, generate_many,
+                         next_token_distribution, print_stream, steps_before_a_tie)
+from .hardware import gpus, measure_bandwidth, pick_dtype, system_memory, torch_build
+from .loading import check_fits, model_path, placement, weight_bytes
+from .moe import (chance_stickiness, cost_experiment, draw_loads, draw_routing, expert_load, experts_per_token,
+                  route_softmax_topk_renorm, route_topk_then_softmax, stickiness, trace_generation)
+from .planning import draw_plan, plan, plan_for_this_machine
+from .prompts import blog_prompt, chat_ids, compare_ids, reference_ids, reference_tokenizer
+from .serving import start_local_server
+from .sizing import ceiling, decode_bytes, fit_report, kv_bytes_per_token, memory_table, parameter_count
+from .standin import ensure_standin
+from .widgets import SamplingPanel, distribution_explorer
+
+__all__ = [
+    "BLOG_SAMPLING", "BLOG_TRANSLATION", "Endpoint", "EndpointError", "GB", "GiB", "KNOWN_MODELS", "LONGFELLOW",
+    "SamplingPanel", "TASKS", "blog_prompt", "candidates_per_step", "ceiling", "chance_stickiness", "chat_ids",
+    "check_fits", "chrf", "compare_ids", "cost_experiment", "decode_bytes", "describe", "distribution_explorer",
+    "diversity", "draw_distribution", "draw_loads", "draw_plan", "draw_routing", "edit_distance_cases",
+    "ensure_standin", "expert_load", "experts_per_token", "extract_code", "fast_recipe", "fit_report", "generate",
+    "generate_batch", "generate_many", "gpus", "kv_bytes_per_token", "load_pipeline", "measure_bandwidth",
+    "memory_table", "model_path", "next_token_distribution", "parameter_count", "pick_dtype", "placement", "plan",
+    "plan_for_this_machine", "print_stream", "reference_ids", "reference_tokenizer", "route_softmax_topk_renorm",
+    "route_topk_then_softmax", "run_sandboxed", "start_local_server", "steps_before_a_tie", "stickiness",
+    "system_memory", "torch_build", "trace_generation", "weight_bytes",
+]

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# ---------------------------------------------------------------- extraction
+from .data import LONGFELLOW
 
 FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 
@@ -73,83 +73,7 @@ def edit_distance_cases(random_pairs: int = 20, seed: int = 0) -> list[tuple[str
     return [(a, b, edit_distance(a, b)) for a, b in pairs]
 
 
-# ---------------------------------------------------------------- the sandbox
-
-RUNNER = r'''
-import ast, json, os, sys
-
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-BLOCKED = {"os.system", "os.fork", "os.forkpty", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
-           "os.kill", "os.killpg", "socket.connect", "socket.bind", "ctypes.dlopen", "ctypes.dlsym"}
-
-
-def main():
-    spec = json.loads(open("spec.json").read())
-    results = os.fdopen(spec["fd"], "w")
-    root = os.path.realpath(".")
-
-    def inside(path):
-        full = os.path.realpath(os.fsdecode(path))
-        return full == root or full.startswith(root + os.sep)
-
-    def guard(event, args):
-        if event in BLOCKED:
-            raise PermissionError(f"blocked by the sandbox: {event}")
-        if event == "import" and args[0] in ("_posixsubprocess", "_ctypes", "ctypes"):  # unaudited forks, raw calls
-            raise PermissionError(f"blocked by the sandbox: import {args[0]}")
-        if event == "open" and isinstance(args[0], (str, bytes)):
-            path, mode, flags = args
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
-                      (isinstance(flags, int) and flags & WRITE_FLAGS)
-            if writing and not inside(path):
-                raise PermissionError(f"blocked by the sandbox: writing {os.fsdecode(path)}")
-        if event in ("os.remove", "os.rename", "os.rmdir", "os.chmod", "os.symlink", "os.mkdir") and \
-                args and isinstance(args[0], (str, bytes)) and not inside(args[0]):
-            raise PermissionError(f"blocked by the sandbox: {event} {os.fsdecode(args[0])}")
-
-    def report(status, detail="", cases=()):
-        results.write(json.dumps({"status": status, "detail": detail, "cases": list(cases)}))
-        results.close()
-
-    source = open("candidate.py", encoding="utf-8").read()
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError) as exc:
-        return report("no function found", f"not valid Python: {exc}")
-
-    def takes_two(f):
-        return isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
-            len([a for a in f.args.args if a.arg != "self"]) == 2
-    found = [(None, f.name) for f in tree.body if takes_two(f)]
-    found += [(c.name, f.name) for c in tree.body if isinstance(c, ast.ClassDef) for f in c.body if takes_two(f)]
-    if not found:
-        return report("no function found", "no function of two arguments in the code")
-    preferred = [item for item in found if item[1] in spec["names"]]
-    owner, name = (preferred or found)[-1]
-    sys.addaudithook(guard)  # from here on, the guard cannot be removed
-    namespace = {"__name__": "candidate"}
-    try:
-        exec(compile(tree, "candidate.py", "exec"), namespace)
-        function = getattr(namespace[owner](), name) if owner else namespace[name]
-        cases = []
-        for a, b, expected in spec["cases"]:
-            got = function(a, b)
-            cases.append([a, b, expected, got if isinstance(got, (int, float, str, type(None))) else repr(got)])
-    except MemoryError:
-        return report("killed by a limit", "memory limit reached (MemoryError)")
-    except OSError as exc:
-        if exc.errno == 27:  # EFBIG: the file size limit
-            return report("killed by a limit", "file size limit reached")
-        return report("exception", f"{type(exc).__name__}: {exc}")
-    except BaseException as exc:
-        return report("exception", f"{type(exc).__name__}: {exc}")
-    label = f"{owner}().{name}" if owner else name
-    passed = all(got == expected for _, _, expected, got in cases)
-    report("passed" if passed else "wrong answer", f"tested {label}", cases)
-
-
-main()
-'''
+CHILD = Path(__file__).with_name("sandbox_child.py")  # run as a program in the child, never imported
 
 STATUSES = ("passed", "wrong answer", "exception", "timeout", "killed by a limit", "no function found")
 
@@ -212,31 +136,11 @@ def run_sandboxed(code: str, cases=None, names=("minDistance", "min_distance", "
     if code is None or not code.strip():
         return SandboxResult("no function found", "the answer contains no code")
     workdir = Path(tempfile.mkdtemp(prefix="sandbox-"))
-    python, nobody = _sandbox_python()
     started = time.perf_counter()
     try:
-        (workdir / "candidate.py").write_text(code, encoding="utf-8")
-        read_end, write_end = os.pipe()  # the result channel, apart from what the code prints
-        (workdir / "spec.json").write_text(json.dumps({"cases": cases, "names": list(names), "fd": write_end}))
-        (workdir / "runner.py").write_text(RUNNER)
-        if nobody is not None:
-            for path in (workdir, *workdir.iterdir()):
-                os.chown(path, nobody, nobody)
-        proc = subprocess.Popen(
-            [python, "-I", "runner.py"], cwd=workdir, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_end,),
-            env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(workdir)},
-            start_new_session=True, preexec_fn=_limits(cpu_s, memory_mb, file_mb, nobody))
-        os.close(write_end)
-        output, flooded = _capped_reader(proc, output_kib << 10)
-        result_chunks: list[bytes] = []
-
-        def read_result():
-            while chunk := os.read(read_end, 1 << 16):
-                if sum(map(len, result_chunks)) < 1 << 20:
-                    result_chunks.append(chunk)
-        result_reader = threading.Thread(target=read_result, daemon=True)
-        result_reader.start()
+        proc, read_end = _start_child(workdir, code, {"cases": cases, "names": list(names)}, cpu_s, memory_mb, file_mb)
+        output, flooded = _reader(lambda: proc.stdout.read1(1 << 16), output_kib << 10, lambda: _kill_group(proc))
+        raw, _ = _reader(lambda: os.read(read_end, 1 << 16), 1 << 20)
         result = None
         try:
             proc.wait(timeout=timeout_s)
@@ -245,30 +149,50 @@ def run_sandboxed(code: str, cases=None, names=("minDistance", "min_distance", "
         finally:
             _kill_group(proc)
             proc.wait()
-        result_reader.join(timeout=2)
-        os.close(read_end)
-        text = output()
         if result is None and flooded():
             result = SandboxResult("killed by a limit", f"printed more than {output_kib} KiB")
-        if result is None:
-            raw = b"".join(result_chunks).decode("utf-8", "replace")
-            try:
-                data = json.loads(raw) if raw else None
-            except ValueError:
-                data = {"status": "exception", "detail": "the result was garbled", "cases": []}
-            if data:
-                result = SandboxResult(data["status"], data["detail"], data["cases"])
-            elif proc.returncode < 0:
-                name = signal.Signals(-proc.returncode).name
-                reason = {"SIGXCPU": "CPU time limit", "SIGXFSZ": "file size limit",
-                          "SIGKILL": "killed", "SIGSEGV": "crashed"}.get(name, name)
-                result = SandboxResult("killed by a limit", f"{reason} ({name})")
-            else:
-                result = SandboxResult("exception", f"the process ended (exit {proc.returncode}) without a result")
-        result.output, result.seconds = text, time.perf_counter() - started
+        result = result or _child_result(raw(), proc.returncode)
+        os.close(read_end)
+        result.output, result.seconds = output(), time.perf_counter() - started
         return result
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _start_child(workdir: Path, code: str, spec: dict, cpu_s: int, memory_mb: int, file_mb: int):
+    """The child program, the candidate and its spec in `workdir`, started under the limits:
+    (process, read end of the pipe it writes its one JSON result to)."""
+    python, nobody = _sandbox_python()
+    (workdir / "candidate.py").write_text(code, encoding="utf-8")
+    read_end, write_end = os.pipe()  # the result channel, apart from what the code prints
+    (workdir / "spec.json").write_text(json.dumps(dict(spec, fd=write_end)))
+    shutil.copyfile(CHILD, workdir / "runner.py")
+    if nobody is not None:
+        for path in (workdir, *workdir.iterdir()):
+            os.chown(path, nobody, nobody)
+    proc = subprocess.Popen(
+        [python, "-I", "runner.py"], cwd=workdir, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_end,),
+        env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(workdir)},
+        start_new_session=True, preexec_fn=_limits(cpu_s, memory_mb, file_mb, nobody))
+    os.close(write_end)
+    return proc, read_end
+
+
+def _child_result(raw: str, returncode: int) -> SandboxResult:
+    """The child's own JSON report, or, without one, what ended it."""
+    try:
+        data = json.loads(raw) if raw else None
+    except ValueError:
+        data = {"status": "exception", "detail": "the result was garbled", "cases": []}
+    if data:
+        return SandboxResult(data["status"], data["detail"], data["cases"])
+    if returncode < 0:
+        name = signal.Signals(-returncode).name
+        reason = {"SIGXCPU": "CPU time limit", "SIGXFSZ": "file size limit",
+                  "SIGKILL": "killed", "SIGSEGV": "crashed"}.get(name, name)
+        return SandboxResult("killed by a limit", f"{reason} ({name})")
+    return SandboxResult("exception", f"the process ended (exit {returncode}) without a result")
 
 
 def _world_executable(path: str) -> bool:
@@ -297,38 +221,25 @@ def _kill_group(proc) -> None:
         pass
 
 
-def _capped_reader(proc, cap: int):
-    """Read the child's output on a thread, keeping the first `cap` bytes; past the cap, kill it."""
-    kept, state = bytearray(), {"flooded": False}
+def _reader(read, cap: int, on_overflow=None):
+    """Drain a stream on a thread with `read()` (a chunk, b"" at its end), keeping the first `cap`
+    bytes; past the cap call `on_overflow()` and stop. -> (text(): waits, then decodes; overflowed())."""
+    kept, state = bytearray(), {"overflow": False}
 
     def pump():
-        while True:
-            chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(65536)
-            if not chunk:
-                return
+        while chunk := read():
             room = cap - len(kept)
             kept.extend(chunk[:max(room, 0)])
-            if len(chunk) > room:
-                state["flooded"] = True
-                _kill_group(proc)
-                return
+            if len(chunk) > room and on_overflow:
+                state["overflow"] = True
+                return on_overflow()
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()
 
-    def output():
+    def text() -> str:
         thread.join(timeout=2)
         return kept.decode("utf-8", "replace")
-    return output, lambda: state["flooded"]
-
-
-# ---------------------------------------------------------------- translation
-
-# Henry Wadsworth Longfellow's translation of Inferno I, 1-3 (1867; public domain).
-LONGFELLOW = ("Midway upon the journey of our life I found myself within a forest dark, "
-              "For the straightforward pathway had been lost.")
-# The blog's published answer (published output of Mixtral 8x22B, ROCm blog, May 2024).
-BLOG_TRANSLATION = ("In the middle of the journey of our life, I found myself in a dark wood, "
-                    "for the straight way was lost.")
+    return text, lambda: state["overflow"]
 
 
 def chrf(hypothesis: str, reference: str = LONGFELLOW) -> float:
@@ -338,8 +249,6 @@ def chrf(hypothesis: str, reference: str = LONGFELLOW) -> float:
         raise TypeError(f"chrF scores text, got {type(hypothesis).__name__}")
     return sacrebleu.sentence_chrf(" ".join(hypothesis.split()), [" ".join(reference.split())]).score
 
-
-# ---------------------------------------------------------------- diversity
 
 def _ngrams(text: str, n: int) -> list[tuple[str, ...]]:
     words = re.findall(r"\w+|[^\w\s]", text.lower())

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
-GiB = 2**30
+from .data import DTYPE_ENV, whole_number
 
 
 def torch_build() -> dict:
@@ -59,7 +60,6 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
-DTYPE_ENV = "MIXTRAL_DTYPE"
 DTYPE_CHOICES = {"": None, "auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                  "float16": "float16", "fp16": "float16"}
 
@@ -110,17 +110,20 @@ def memory_budget() -> dict:
     return {"gpu": gpu_free, "cpu": ram, "total": gpu_free + ram}
 
 
-def fit_report(models: dict[str, int]) -> list[dict]:
-    """For {name: bytes of weights}, whether they fit on the GPUs alone, with CPU offload, or not."""
-    gpu_total = sum(g["total"] for g in gpus())
-    ram = system_memory()["total"]
-    rows = []
-    for name, need in models.items():
-        if gpu_total and need * 1.1 <= gpu_total:
-            verdict = "fits on the GPUs"
-        elif need * 1.1 <= gpu_total + ram * 0.9:
-            verdict = "fits only with CPU offload (slow)" if gpu_total else "fits in RAM (CPU only)"
-        else:
-            verdict = f"does not fit: short by {(need * 1.1 - gpu_total - ram * 0.9) / GiB:.0f} GiB"
-        rows.append({"model": name, "weights_GiB": round(need / GiB, 1), "verdict": verdict})
-    return rows
+def measure_bandwidth(mib: int = 512, repeats: int = 5, device: str = "cpu") -> float:
+    """Memory read bandwidth in bytes/s as torch sees it (all its threads): the best of `repeats`
+    sums over a float32 buffer far larger than the caches."""
+    import torch
+
+    whole_number("mib", mib, 64, " (MiB), so the buffer does not fit in the caches")
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    x.sum()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        x.sum()
+        sync()
+        best = min(best, time.perf_counter() - started)
+    return x.numel() * 4 / best

@@ -5,8 +5,13 @@ The routing is read from the model itself (forward hooks on each layer's router)
 re-implemented for display."""
 from __future__ import annotations
 
-import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+from .backends import LocalModel, decode_rate
+from .data import whole_number
+from .generation import generate
+from .prompts import chat_ids
 
 
 def routers(model) -> list:
@@ -70,9 +75,6 @@ class RouterTrace:
 
 def trace_generation(pipe, prompt, max_new_tokens: int = 32, seed: int = 0, **knobs):
     """Generate with the router traced: (answer, trace, token strings for every traced position)."""
-    from .generation import generate
-    from .prompts import chat_ids
-
     ids = chat_ids(pipe.tokenizer, prompt)
     with RouterTrace(pipe.model) as trace:
         answer = generate(pipe, prompt, max_new_tokens=max_new_tokens, seed=seed, **knobs)
@@ -121,31 +123,23 @@ def route_softmax_topk_renorm(logits, k: int):
 def set_experts_per_token(model, k: int) -> None:
     """Change how many experts each token visits (the model was trained with 2)."""
     layers = routers(model)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= layers[0].num_experts:
-        raise ValueError(f"experts per token must be a whole number from 1 to {layers[0].num_experts}, got {k!r}")
+    whole_number("experts per token", k, 1, " (the model was trained with 2)", maximum=layers[0].num_experts)
     model.config.num_experts_per_tok = k
     for layer, router in zip(model.model.layers, layers):
         router.top_k = k
         layer.mlp.top_k = k
 
 
-def decode_speed(model, prompt_ids, new_tokens: int = 32, warmup: int = 4) -> float:
-    """Greedy decode tokens/s at batch 1, the first `warmup` tokens (and the prefill) excluded."""
-    import torch
-    from transformers import DynamicCache
-
-    with torch.no_grad():
-        cache = DynamicCache()
-        ids = prompt_ids
-        out = model(ids, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        started = None
-        for step in range(warmup + new_tokens):
-            if step == warmup:
-                started = time.perf_counter()
-            out = model(nxt, past_key_values=out.past_key_values, use_cache=True)
-            nxt = out.logits[:, -1:].argmax(-1)
-        return new_tokens / (time.perf_counter() - started)
+@contextmanager
+def experts_per_token(model, k: int):
+    """`with experts_per_token(model, 4): ...` runs the block with top-k routing, then restores
+    what the model had, even if the block fails."""
+    old = routers(model)[0].top_k
+    set_experts_per_token(model, k)
+    try:
+        yield model
+    finally:
+        set_experts_per_token(model, old)
 
 
 def cost_experiment(hidden: int = 512, intermediate: int = 1536, layers: int = 4, experts: int = 8,
@@ -164,13 +158,14 @@ def cost_experiment(hidden: int = 512, intermediate: int = 1536, layers: int = 4
         "dense, MoE's total size": LlamaForCausalLM(LlamaConfig(intermediate_size=experts * intermediate, **common)),
         "dense, MoE's active size": LlamaForCausalLM(LlamaConfig(intermediate_size=top_k * intermediate, **common)),
     }
-    prompt = torch.randint(0, 1024, (1, 16))
+    prompt = torch.randint(0, 1024, (16,)).tolist()
+    greedy = dict(do_sample=False, max_new_tokens=5 + new_tokens, min_new_tokens=5 + new_tokens)
     rows = []
     for name, model in models.items():
-        model.eval()
+        answer = LocalModel(model=model.eval()).run([prompt], greedy)[0]  # decode speed after 1 + 4 warm-up tokens
         rows.append({"model": name, "parameters": sum(p.numel() for p in model.parameters()),
                      "weights_MiB": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
-                     "tokens_per_s": decode_speed(model, prompt, new_tokens=new_tokens)})
+                     "tokens_per_s": decode_rate(answer.token_times, warmup=4)})
     return rows
 
 

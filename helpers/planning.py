@@ -1,87 +1,16 @@
-"""Plan the hardware before the download: parameter accounting, memory, device maps, ceilings.
+"""Plan the hardware before the download: will a model fit on these GPUs, where would
+device_map="auto" put its layers, and how fast could it decode there.
 
-Everything here runs on the meta device: the real configs, no weights."""
+Counts come from sizing.py; the placement is accelerate's own, run on the meta device (the real
+configs, no weights)."""
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
 
-GiB = 2**30
-
-# Memory (GiB, as sold) and peak memory bandwidth (TB/s) per device, from the vendors' datasheets:
-# AMD Instinct MI300X and MI250X data sheets (MI250X: one OAM = two GCDs; each GCD is one
-# torch device with 64 GiB and half the 3.2 TB/s), NVIDIA A100 80GB SXM, H100 SXM, H200 SXM.
-GPU_TYPES = {
-    "MI300X": dict(memory_gib=192, bandwidth_tbs=5.3),
-    "MI250X": dict(memory_gib=64, bandwidth_tbs=1.6),   # per GCD (torch device)
-    "MI250": dict(memory_gib=64, bandwidth_tbs=1.6),    # per GCD (torch device)
-    "H200": dict(memory_gib=141, bandwidth_tbs=4.8),
-    "H100": dict(memory_gib=80, bandwidth_tbs=3.35),
-    "A100": dict(memory_gib=80, bandwidth_tbs=2.0),
-}
-PRECISIONS = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
-RESERVED = 0.10  # share of each GPU kept for the runtime, activations and fragmentation
-
-
-def _config(model):
-    from .models import mixtral_config
-    return mixtral_config(model) if isinstance(model, str) else model
-
-
-def breakdown(model) -> dict:
-    """Parameters per component, counted from the model built on the meta device."""
-    import torch
-    from transformers import MixtralForCausalLM
-
-    config = _config(model)
-    with torch.device("meta"):
-        net = MixtralForCausalLM(config)
-    parts = {"embeddings": 0, "attention": 0, "experts": 0, "router": 0, "norms": 0, "lm_head": 0}
-    for name, p in net.named_parameters():
-        if "embed_tokens" in name:
-            parts["embeddings"] += p.numel()
-        elif "self_attn" in name:
-            parts["attention"] += p.numel()
-        elif ".experts." in name:
-            parts["experts"] += p.numel()
-        elif ".mlp.gate." in name:
-            parts["router"] += p.numel()
-        elif "norm" in name:
-            parts["norms"] += p.numel()
-        elif "lm_head" in name:
-            parts["lm_head"] += p.numel()
-        else:
-            raise AssertionError(f"unaccounted parameter {name}")
-    share = config.num_experts_per_tok / config.num_local_experts
-    parts["total"] = sum(parts.values())
-    parts["active"] = parts["total"] - parts["experts"] + int(parts["experts"] * share)
-    return parts
-
-
-def kv_bytes_per_token(model, precision: str = "bfloat16") -> int:
-    """K and V, every layer, every KV head: what one token of context costs."""
-    c = _config(model)
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return int(2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * _bytes(precision))
-
-
-def _bytes(precision: str) -> float:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not known; use one of {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
-
-
-def memory_table(model, context: int = 4096, batch: int = 1) -> list[dict]:
-    """Weights and KV cache in GiB for each precision (KV cache kept in bf16 for the int types)."""
-    parts = breakdown(model)
-    rows = []
-    for precision, size in PRECISIONS.items():
-        kv_precision = precision if precision in ("float32", "bfloat16", "float16") else "bfloat16"
-        rows.append({"precision": precision, "weights_GiB": parts["total"] * size / GiB,
-                     "active_GiB_per_token": parts["active"] * size / GiB,
-                     "kv_cache_GiB": kv_bytes_per_token(model, kv_precision) * context * batch / GiB})
-    return rows
-
+from . import hardware
+from .data import DTYPE_BYTES, GPU_TYPES, GiB, whole_number
+from .sizing import as_config, dtype_bytes, kv_bytes_per_token, parameter_count, usable
 
 @dataclass
 class Plan:
@@ -92,7 +21,7 @@ class Plan:
     context: int
     weights_bytes: int
     kv_bytes: int
-    capacity_bytes: int          # usable memory over all GPUs (after RESERVED)
+    capacity_bytes: int          # usable memory over all GPUs (sizing.usable: RESERVED kept free)
     fits: bool
     device_map: dict = field(default_factory=dict)   # module -> GPU index, from accelerate
     layers_per_gpu: list = field(default_factory=list)
@@ -119,13 +48,8 @@ def plan(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", gpu: str = "MI300
 
     `gpu` is a key of GPU_TYPES, or any name with `gpu_memory_gib` and `bandwidth_tbs` given
     (for example the GPUs this machine has)."""
-    import torch
-    from accelerate.utils import get_balanced_memory, infer_auto_device_map
-    from transformers import MixtralForCausalLM
-
-    config = _config(model)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"count={count!r}: the number of GPUs must be a whole number >= 1")
+    config = as_config(model)
+    whole_number("count", count, 1, " (the number of GPUs)")
     spec = dict(GPU_TYPES.get(gpu, {}))
     if gpu_memory_gib is not None:
         spec["memory_gib"] = gpu_memory_gib
@@ -136,44 +60,23 @@ def plan(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", gpu: str = "MI300
                          f"or give gpu_memory_gib and bandwidth_tbs")
     if not spec["memory_gib"] > 0 or not spec["bandwidth_tbs"] > 0:
         raise ValueError(f"GPU memory and bandwidth must be > 0, got {spec}")
-    if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= config.max_position_embeddings:
-        raise ValueError(f"context={context!r}: must be between 1 and the model's maximum, "
-                         f"{config.max_position_embeddings} tokens")
-    size = _bytes(precision)
-    parts = breakdown(config)
+    whole_number("context", context, 1, " (the model's maximum, in tokens)", maximum=config.max_position_embeddings)
+    size = dtype_bytes(precision)
+    parts = parameter_count(config)
     weights = int(parts["total"] * size)
     kv = kv_bytes_per_token(config, precision if size >= 2 else "bfloat16") * context
-    per_gpu = int(spec["memory_gib"] * GiB * (1 - RESERVED))
+    per_gpu = int(usable(spec["memory_gib"] * GiB))
     capacity = per_gpu * count
     name = model if isinstance(model, str) else "model"
     result = Plan(name, gpu, count, precision, context, weights, kv, capacity, fits=weights + kv <= capacity)
     if not result.fits:
         short = (weights + kv - capacity) / GiB
         more = -(-(weights + kv) // per_gpu)
-        lower = [p for p, s in PRECISIONS.items() if s < size and parts["total"] * s + kv <= capacity]
+        lower = [p for p, s in DTYPE_BYTES.items() if s < size and parts["total"] * s + kv <= capacity]
         result.advice = (f"Short by {short:.0f} GiB. It would fit on {more}x {gpu}"
                          + (f", or in {lower[0]} on these {count}" if lower else "") + ".")
         return result
-    # accelerate's own placement, on the meta device. Its sizes are per torch dtype, so int4 is
-    # planned as int8 with doubled budgets (the same proportions).
-    scale = 2 if precision == "int4" else 1
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-             "int8": torch.int8, "int4": torch.int8}[precision]
-    with torch.device("meta"):
-        net = MixtralForCausalLM(config)
-    kv_share = kv // count
-    budget = {i: (per_gpu - kv_share) * scale for i in range(count)}
-    no_split = ["MixtralDecoderLayer"]
-    quiet = logging.getLogger("accelerate.utils.modeling")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # it warns that these GPUs are not on this machine: we know
-    try:
-        # transformers' device_map="auto" balances the layers over the GPUs, then places them
-        budget = get_balanced_memory(net, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
-        result.device_map = infer_auto_device_map(net, max_memory=budget, dtype=dtype,
-                                                  no_split_module_classes=no_split)
-    finally:
-        quiet.setLevel(level)
+    result.device_map = auto_device_map(config, count, per_gpu - kv // count, precision)
     devices = [layer_device(result.device_map, i) for i in range(config.num_hidden_layers)]
     result.layers_per_gpu = [devices.count(i) for i in range(count)]
     active = parts["active"] * size + kv_bytes_per_token(config, "bfloat16") * context / 2  # half-full cache on average
@@ -181,6 +84,31 @@ def plan(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", gpu: str = "MI300
     result.ceiling_pipeline = bandwidth / active
     result.ceiling_tensor_parallel = count * bandwidth / active
     return result
+
+
+def auto_device_map(config, count: int, budget_per_gpu: int, precision: str) -> dict:
+    """What transformers' device_map="auto" would do on `count` GPUs with `budget_per_gpu` bytes each
+    for the weights: accelerate's own balancing and placement, on the meta device. accelerate sizes
+    per torch dtype, so int4 is planned as int8 with doubled budgets (the same proportions)."""
+    import torch
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+    from transformers import MixtralForCausalLM
+
+    scale = 2 if precision == "int4" else 1
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+             "int8": torch.int8, "int4": torch.int8}[precision]
+    with torch.device("meta"):
+        net = MixtralForCausalLM(config)
+    no_split = ["MixtralDecoderLayer"]
+    quiet = logging.getLogger("accelerate.utils.modeling")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # it warns that these GPUs are not on this machine: we know
+    try:
+        budget = {i: budget_per_gpu * scale for i in range(count)}
+        budget = get_balanced_memory(net, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
+        return infer_auto_device_map(net, max_memory=budget, dtype=dtype, no_split_module_classes=no_split)
+    finally:
+        quiet.setLevel(level)
 
 
 def layer_device(device_map: dict, layer: int):
@@ -220,8 +148,7 @@ def plan_for_this_machine(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", 
                           context: int = 4096) -> Plan | None:
     """The plan for the GPUs torch sees here (None without GPUs). The bandwidth comes from
     GPU_TYPES when the device name contains a known type, else 2 TB/s is assumed and said."""
-    from .hardware import gpus
-    found = gpus()
+    found = hardware.gpus()
     if not found:
         return None
     name = found[0]["name"]

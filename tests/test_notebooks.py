@@ -6,7 +6,7 @@ import nbformat
 import pytest
 
 from helpers import TASKS
-from helpers.walkthrough import ANSWER_TAG, BLOG_WALKTHROUGH, answers, main, notebook_paths, selected
+from workshop.walkthrough import ANSWER_TAG, BLOG_WALKTHROUGH, answers, main, notebook_paths, selected
 
 NOTEBOOKS = {p.stem: p for p in notebook_paths()}
 TASK_NOTEBOOKS = {"02_poem": "poem", "03_code": "code", "04_jokes": "jokes", "05_translation": "translation"}

@@ -1,44 +1,12 @@
 import pytest
 
-from helpers.planning import GPU_TYPES, breakdown, kv_bytes_per_token, layer_device, memory_table, plan
+from helpers.data import GPU_TYPES
+from helpers.planning import layer_device, plan
+from helpers.sizing import parameter_count
 
 BIG = "mistralai/Mixtral-8x22B-Instruct-v0.1"
 SMALL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 GiB = 2**30
-
-
-def by_hand(h, f, layers, heads, kv_heads, vocab, experts=8, top_k=2):
-    """Mixtral's parameters from its config, written out independently of the helpers."""
-    head_dim = h // heads
-    attention = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2  # q, o + k, v
-    expert = 3 * h * f  # w1, w2, w3
-    per_layer = attention + experts * expert + experts * h + 2 * h
-    total = layers * per_layer + 2 * vocab * h + h
-    active = total - layers * (experts - top_k) * expert
-    return total, active
-
-
-def test_breakdown_matches_the_arithmetic():
-    for name, args in [(BIG, (6144, 16384, 56, 48, 8, 32768)), (SMALL, (4096, 14336, 32, 32, 8, 32000))]:
-        parts = breakdown(name)
-        assert (parts["total"], parts["active"]) == by_hand(*args)
-        assert parts["embeddings"] == parts["lm_head"] == args[5] * args[0]
-        assert parts["router"] == args[2] * 8 * args[0]
-    assert breakdown(BIG)["total"] == 140_630_071_296 and breakdown(BIG)["active"] == 39_161_468_928
-    assert breakdown(SMALL)["total"] == 46_702_792_704 and breakdown(SMALL)["active"] == 12_879_925_248
-
-
-def test_kv_cache_per_token():
-    assert kv_bytes_per_token(BIG) == 2 * 56 * 8 * 128 * 2  # K and V, layers, KV heads, head dim, bf16
-    assert kv_bytes_per_token(SMALL, "float32") == 2 * 32 * 8 * 128 * 4
-
-
-def test_memory_table_precisions():
-    rows = {r["precision"]: r for r in memory_table(BIG, context=65536)}
-    assert round(rows["bfloat16"]["weights_GiB"]) == 262
-    assert rows["int4"]["weights_GiB"] == pytest.approx(rows["bfloat16"]["weights_GiB"] / 4)
-    assert rows["bfloat16"]["kv_cache_GiB"] == pytest.approx(14.0)  # 224 KiB x 64 Ki tokens
-    assert rows["int8"]["kv_cache_GiB"] == rows["bfloat16"]["kv_cache_GiB"]
 
 
 @pytest.mark.parametrize("gpu, count, precision, fits, layers", [
@@ -70,7 +38,7 @@ def test_advice_says_what_would_fit():
 
 def test_decode_ceiling_is_bandwidth_over_active_bytes():
     p = plan(BIG, gpu="MI300X", count=2, context=2)
-    active_bytes = breakdown(BIG)["active"] * 2
+    active_bytes = parameter_count(BIG)["active"] * 2
     assert p.ceiling_pipeline == pytest.approx(5.3e12 / active_bytes, rel=1e-4)
 
 
@@ -85,7 +53,7 @@ def test_layer_device_reads_the_most_specific_entry():
     (dict(count=-2), "whole number >= 1"),
     (dict(gpu="RTX9090"), "unknown GPU"),
     (dict(gpu="mine", gpu_memory_gib=0, bandwidth_tbs=1.0), "must be > 0"),
-    (dict(context=65537), "maximum, 65536"),
+    (dict(context=65537), "from 1 to 65536 .the model.s maximum"),
     (dict(precision="fp8"), "precision='fp8' is not known"),
 ])
 def test_bad_plans_are_refused(kwargs, message):

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from helpers import TASKS, blog_prompt, chat_ids, compare_ids, reference_ids, reference_tokenizer
-from helpers.generation import BLOG_SAMPLING
+from helpers import BLOG_SAMPLING
 
 BLOG = Path(__file__).resolve().parents[2] / "shared" / "source" / "rocm-blog-mixtral-8x22b.md"
 

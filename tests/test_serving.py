@@ -5,12 +5,11 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from helpers import Endpoint, EndpointError, generate, generate_many, load_pipeline, start_local_server
-from helpers.widgets import SamplingPanel
+from helpers import (Endpoint, EndpointError, SamplingPanel, generate, generate_batch, generate_many, load_pipeline,
+                     start_local_server)
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +68,7 @@ def test_sixteen_concurrent_requests_all_complete_unmixed(endpoint):
                ["apple", "river", "silicon", "violet", "thunder", "marble", "falcon", "copper",
                 "lantern", "meadow", "quartz", "saffron", "harbor", "ember", "glacier", "tulip"]]
     alone = [generate(endpoint, p, max_new_tokens=10, do_sample=False).text for p in prompts]
-    with ThreadPoolExecutor(16) as pool:
-        together = list(pool.map(lambda p: generate(endpoint, p, max_new_tokens=10, do_sample=False), prompts))
+    together = generate_batch(endpoint, prompts, max_new_tokens=10, do_sample=False)  # 16 concurrent requests
     assert len(together) == 16 and all(a.complete and a.text for a in together)
     assert [a.text for a in together] == alone  # each answer is its own prompt's, as when sent alone
 
@@ -165,10 +163,9 @@ def test_stream_cut_mid_answer_keeps_the_partial_text():
             arrived.append(text)
             if len(arrived) == 3:
                 os.killpg(own.process.pid, signal.SIGKILL)  # the server dies mid-answer
-        text, chunks, complete, note, _, _ = endpoint.stream(
-            [{"role": "user", "content": "Write a long poem about the sea."}],
-            dict(max_new_tokens=200, do_sample=False), on_text=on_text)
-        assert not complete and "stream was cut" in note
-        assert text == arrived[-1] and chunks >= 3 and len(text) > 0
+        answer = generate(endpoint, "Write a long poem about the sea.", max_new_tokens=200, do_sample=False,
+                          on_text=on_text)
+        assert not answer.complete and "stream was cut" in answer.note and "INCOMPLETE" in answer.stats()
+        assert answer.text == arrived[-1].strip() and answer.new_tokens >= 3 and answer.text
     finally:
         own.stop()

@@ -1,6 +1,6 @@
 """Run the notebooks headless, in order: executed copies and HTML into build/, answers printed.
 
-`python -m helpers walkthrough` runs the blog's walkthrough (00-05) and is what `make run` calls;
+`python -m workshop walkthrough` runs the blog's walkthrough (00-05) and is what `make run` calls;
 `--all` runs every notebook (`make run-all`), names pick some; `--inplace` stores the outputs back
 into notebooks/ (what `make notebooks` calls, before a commit)."""
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
     except ValueError as exc:
         print(f"walkthrough: {exc}", file=sys.stderr)
         return 2
-    from .speed import fast_recipe
+    from helpers.fastpath import fast_recipe
     print(f"the notebooks load models with the {fast_recipe()}\n(load_pipeline(fast=False) is the blog's plain "
           f"call; 08_performance measures both)", file=sys.stderr, flush=True)
     total = time.perf_counter()

@@ -3,31 +3,10 @@ import json
 import pytest
 import torch
 
-import helpers.models as models
-from helpers import (KNOWN_MODELS, ModelNotAvailable, ModelTooLarge, check_fits, load_pipeline,
-                     mixtral_config, model_path, parameter_count, placement, resolve_local)
-
-
-def independent_count(config):
-    """Count by instantiating the model on the meta device: no memory, no weights."""
-    from transformers import MixtralForCausalLM
-    with torch.device("meta"):
-        model = MixtralForCausalLM(config)
-    total = sum(p.numel() for p in model.parameters())
-    expert = sum(p.numel() for p in model.model.layers[0].mlp.experts.parameters()) // config.num_local_experts
-    active = total - config.num_hidden_layers * (config.num_local_experts - config.num_experts_per_tok) * expert
-    return total, active
-
-
-@pytest.mark.parametrize("name, total_b, active_b", [
-    ("mistralai/Mixtral-8x22B-Instruct-v0.1", 140.6, 39.2),
-    ("mistralai/Mixtral-8x7B-Instruct-v0.1", 46.7, 12.9),
-])
-def test_parameter_counts_from_the_real_configs(name, total_b, active_b):
-    config = mixtral_config(name)
-    counts = parameter_count(config)
-    assert (counts["total"], counts["active"]) == independent_count(config)
-    assert round(counts["total"] / 1e9, 1) == total_b and round(counts["active"] / 1e9, 1) == active_b
+import helpers.loading as loading
+from helpers import KNOWN_MODELS, check_fits, load_pipeline, model_path, parameter_count, placement
+from helpers.loading import ModelNotAvailable, ModelTooLarge, resolve_local
+from helpers.sizing import mixtral_config
 
 
 def test_known_configs_are_the_published_ones():
@@ -47,7 +26,7 @@ def test_unknown_model_name_is_refused():
 def test_model_path_reads_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("MIXTRAL_MODEL", str(tmp_path))
     assert model_path() == str(tmp_path)
-    monkeypatch.setattr("helpers.standin.ensure_standin", lambda: tmp_path / "standin")
+    monkeypatch.setattr("helpers.loading.ensure_standin", lambda: tmp_path / "standin")
     for unset in ("", "stand-in"):
         monkeypatch.setenv("MIXTRAL_MODEL", unset)
         assert model_path() == str(tmp_path / "standin")
@@ -79,13 +58,14 @@ def test_local_folders_are_checked(tmp_path):
 
 
 def test_too_large_model_is_refused_before_loading(monkeypatch, tiny_mixtral_dir):
-    monkeypatch.setattr("helpers.hardware.memory_budget", lambda: {"gpu": 0, "cpu": 1000, "total": 1000})
+    monkeypatch.setattr(loading, "memory_budget", lambda: {"gpu": 0, "cpu": 1000, "total": 1000})
     with pytest.raises(ModelTooLarge) as err:
         check_fits(tiny_mixtral_dir, torch.bfloat16)
     assert "needs about" in str(err.value) and "available RAM" in str(err.value)
-    monkeypatch.setattr(models, "load_pipeline", None)  # nothing past the check may run
+    assert "usable" in str(err.value) and "10% kept free" in str(err.value)
+    monkeypatch.setattr(loading, "pipeline", None, raising=False)  # nothing past the check may run
     with pytest.raises(ModelTooLarge):
-        models.check_fits(tiny_mixtral_dir, torch.float32)
+        loading.load_local(str(tiny_mixtral_dir), dtype=torch.float32)
 
 
 def test_fit_scales_with_dtype(tiny_mixtral_dir):

@@ -1,7 +1,7 @@
 """Which model runs, whether it fits, and loading it the way the blog does.
 
 `model_path()` reads $MIXTRAL_MODEL (a hub id or a local folder); without it, the stand-in.
-`load_pipeline()` is the blog's `pipeline("text-generation", ...)` call, after three checks
+`load_local()` is the blog's `pipeline("text-generation", ...)` call, after three checks
 that turn deep library errors into plain ones: are the weights on disk, do they fit in this
 machine's memory, and which tokenizer gives the reference prompt ids.
 """
@@ -11,25 +11,14 @@ import json
 import os
 from pathlib import Path
 
-MODEL_ENV = "MIXTRAL_MODEL"
+from .data import DTYPE_BYTES, KNOWN_MODELS, MODEL_ENV, REFERENCE_TOKENIZERS, RESERVED, GiB
+from .fastpath import apply_recipe, fast_recipe
+from .hardware import memory_budget, pick_dtype
+from .prompts import reference_tokenizer
+from .sizing import fits, mixtral_config, parameter_count, usable
+from .standin import ensure_standin
+
 STANDIN = "stand-in"
-
-# From the published config.json of each model on the Hugging Face Hub.
-KNOWN_MODELS = {
-    "mistralai/Mixtral-8x22B-Instruct-v0.1": dict(
-        vocab_size=32768, hidden_size=6144, intermediate_size=16384, num_hidden_layers=56,
-        num_attention_heads=48, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=65536, rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None,
-        tie_word_embeddings=False, router_aux_loss_coef=0.001, bos_token_id=1, eos_token_id=2),
-    "mistralai/Mixtral-8x7B-Instruct-v0.1": dict(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
-        max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6, sliding_window=None,
-        tie_word_embeddings=False, router_aux_loss_coef=0.02, bos_token_id=1, eos_token_id=2),
-}
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
-
 
 class ModelNotAvailable(RuntimeError):
     """The model's weights are not on this machine."""
@@ -44,39 +33,7 @@ def model_path() -> str:
     chosen = os.environ.get(MODEL_ENV, "").strip()
     if chosen and chosen != STANDIN:
         return chosen
-    from .standin import ensure_standin
     return str(ensure_standin())
-
-
-def mixtral_config(name: str):
-    """A transformers MixtralConfig for a known model, built offline from KNOWN_MODELS."""
-    from transformers import MixtralConfig
-
-    if name not in KNOWN_MODELS:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
-    values = dict(KNOWN_MODELS[name])
-    values["rope_parameters"] = {"rope_type": "default", "rope_theta": values.pop("rope_theta")}
-    return MixtralConfig(**values)
-
-
-def parameter_count(config) -> dict:
-    """Total and per-token (active) parameters of a Mixtral-style config, by arithmetic."""
-    c = config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    attention = c.hidden_size * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)
-    expert = 3 * c.hidden_size * c.intermediate_size
-    experts = getattr(c, "num_local_experts", 1)
-    top_k = getattr(c, "num_experts_per_tok", 1)
-    router = experts * c.hidden_size if experts > 1 else 0
-    norms = 2 * c.hidden_size
-    embed = c.vocab_size * c.hidden_size
-    head = 0 if c.tie_word_embeddings else embed
-    per_layer = attention + experts * expert + router + norms
-    active_layer = attention + top_k * expert + router + norms
-    return {
-        "total": c.num_hidden_layers * per_layer + embed + head + c.hidden_size,
-        "active": c.num_hidden_layers * active_layer + embed + head + c.hidden_size,
-    }
 
 
 def resolve_local(name: str) -> Path:
@@ -156,39 +113,31 @@ def stored_dtype_bytes(path: Path) -> float:
 
 def check_fits(path, dtype) -> int:
     """Bytes the weights need in `dtype`; raises ModelTooLarge, with the numbers, if they exceed
-    what device_map="auto" can use here (free GPU memory plus available RAM)."""
+    what device_map="auto" can use here (free GPU memory plus available RAM, `RESERVED` kept free)."""
     import torch
 
-    from .hardware import GiB, memory_budget
     path = Path(path)
     need = int(weight_bytes(path) / stored_dtype_bytes(path) * torch.tensor([], dtype=dtype).element_size())
     budget = memory_budget()
-    if need * 1.1 > budget["total"]:
+    if not fits(need, budget["total"]):
         raise ModelTooLarge(
-            f"{path.name} needs about {need / GiB:.1f} GiB in {str(dtype).replace('torch.', '')} "
-            f"(+10% working memory), but this machine has {budget['gpu'] / GiB:.1f} GiB free on GPUs "
-            f"and {budget['cpu'] / GiB:.1f} GiB of available RAM. Use a machine with more GPU memory "
-            f"(see 00_setup for what fits where), or leave {MODEL_ENV} unset for the stand-in.")
+            f"{path.name} needs about {need / GiB:.1f} GiB in {str(dtype).replace('torch.', '')}, but this machine "
+            f"has {usable(budget['total']) / GiB:.1f} GiB usable ({budget['gpu'] / GiB:.1f} GiB free on GPUs and "
+            f"{budget['cpu'] / GiB:.1f} GiB of available RAM, {RESERVED:.0%} kept free). Use a machine with more GPU "
+            f"memory (see 00_setup for what fits where), or leave {MODEL_ENV} unset for the stand-in.")
     return need
 
 
-def load_pipeline(name: str | None = None, dtype=None, device_map="auto", local: bool = False, fast: bool = True):
+def load_local(name: str | None = None, dtype=None, device_map="auto", fast: bool = True):
     """The blog's `pipeline("text-generation", model=..., dtype=..., device_map="auto")`, after
     checking that the weights are here and fit, with the reference tokenizer for a Mixtral.
 
-    With $MIXTRAL_ENDPOINT set (and neither `name` nor `local=True`), an `Endpoint` for that
-    OpenAI-compatible server instead: `generate` and the panel work with either.
-    dtype: None picks bf16 where the hardware computes it natively, or what $MIXTRAL_DTYPE says
-    (see hardware.pick_dtype).
-    fast: switch the loaded model to this hardware's fastest correct settings (speed.fast_recipe,
+    name: a local folder or a downloaded hub id (default: `model_path()`).
+    dtype: None picks bf16 where the hardware computes it natively, or what $MIXTRAL_DTYPE says.
+    fast: switch the loaded model to this hardware's fastest correct settings (fastpath.fast_recipe,
     shown by `describe`); False keeps the blog's plain pipeline."""
     from transformers import pipeline
 
-    from .hardware import pick_dtype
-    from .prompts import REFERENCE_TOKENIZERS, reference_tokenizer
-    from .serving import ENDPOINT_ENV, Endpoint
-    if name is None and not local and os.environ.get(ENDPOINT_ENV, "").strip():
-        return Endpoint.from_env()
     path = resolve_local(name or model_path())
     dtype, dtype_reason = pick_dtype() if dtype is None else (dtype, "chosen by the caller")
     check_fits(path, dtype)
@@ -199,22 +148,8 @@ def load_pipeline(name: str | None = None, dtype=None, device_map="auto", local:
     pipe = pipeline("text-generation", model=str(path), tokenizer=tokenizer, dtype=dtype, device_map=device_map)
     pipe.model.dtype_reason = dtype_reason
     if fast:
-        from .speed import apply_recipe, fast_recipe
         apply_recipe(pipe.model, fast_recipe(pipe.model.device.type))
     return pipe
-
-
-def describe(pipe) -> str:
-    """One line on what answers: a served endpoint, or the local model, its dtype and device."""
-    from .serving import Endpoint
-    if isinstance(pipe, Endpoint):
-        return f"served: {pipe.model} at {pipe.base_url}"
-    line = f"local: {type(pipe.model).__name__}, {str(pipe.model.dtype).replace('torch.', '')}, on {pipe.model.device}"
-    recipe = getattr(pipe.model, "recipe", None)
-    if recipe is not None:  # its first reason says why this dtype
-        return f"{line}\n{recipe}"
-    reason = getattr(pipe.model, "dtype_reason", None)
-    return f"{line} (the blog's plain pipeline)" + (f"\n  - dtype: {reason}" if reason else "")
 
 
 def placement(model) -> list[dict]:

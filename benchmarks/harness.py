@@ -1,0 +1,235 @@
+"""The benchmark harness behind `make bench`: each configuration loaded in a process of its own and
+timed with the package's own clock (helpers.backends: tok/s is decode after the first token, here
+also after `warmup` more steps), against this machine's bandwidth ceiling (helpers.sizing).
+
+    python benchmarks/harness.py JSON   # one configuration, in a process of its own (measure() does this)
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from helpers.backends import LocalModel, TokenClock, decode_rate  # noqa: E402
+from helpers.data import GB, GiB, TASKS, whole_number  # noqa: E402
+from helpers.hardware import measure_bandwidth, pick_dtype  # noqa: E402
+from helpers.loading import load_local  # noqa: E402
+from helpers.prompts import blog_prompt, chat_ids  # noqa: E402
+from helpers.sizing import ceiling, decode_bytes  # noqa: E402
+from helpers.standin import ensure_standin, load_dense_source  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Config:
+    """One way to run the stand-in; the defaults are fp32, transformers' own experts, a dynamic cache."""
+    name: str
+    pipeline: bool = False       # the blog's pipeline(...) call, text in, text out
+    dtype: str | None = "float32"  # None: this machine's choice (hardware.pick_dtype)
+    experts: str | None = None   # an experts_implementation; None: what the loader set
+    fast: bool = False           # load_local(fast=True): the notebooks' fast path
+    cache: str | None = None     # cache_implementation, e.g. "static"
+    compile: bool = False        # torch.compile the decode step
+    prompts: int = 1             # how many of the blog's prompts
+    batch: bool = False          # the prompts as one batch, not one after another
+    dense: bool = False          # the dense SmolLM2 the stand-in was built from
+
+
+NAIVE = "blog pipeline, fp32"
+CONFIGS = [
+    Config(NAIVE, pipeline=True),
+    Config("fp32 eager", experts="eager"),
+    Config("fp32 grouped_mm", experts="grouped_mm"),
+    Config("fp32 batched_mm", experts="batched_mm"),
+    Config("bf16 eager", dtype="bfloat16", experts="eager"),
+    Config("bf16 grouped_mm", dtype="bfloat16", experts="grouped_mm"),
+    Config("bf16 batched_mm", dtype="bfloat16", experts="batched_mm"),
+    Config("fp32 static cache", cache="static"),
+    Config("fp32 static cache + compile", cache="static", compile=True),
+    Config("fast path (this machine's choice)", fast=True, dtype=None),
+    Config("fast path in bf16", fast=True, dtype="bfloat16"),
+    Config("4 prompts, one at a time (fast path)", fast=True, dtype=None, prompts=4),
+    Config("4 prompts, one batch (fast path)", fast=True, dtype=None, prompts=4, batch=True),
+    Config("dense SmolLM2 fp32 (the stand-in's source)", dense=True),
+]
+
+
+def matvec_ceiling(layouts: dict, experts_share: float) -> float:
+    """Tokens/s if a decode step did nothing but its matrix-vector products, each kind of weight at
+    the best speed `choose_layouts` measured for it: what the kernels allow, below the memory's
+    ceiling. `experts_share` = K / E, the part of each expert tensor a token reads."""
+    seconds = 0.0
+    for kind, (row_gbs, col_gbs, _, nbytes) in layouts.items():
+        share = experts_share if kind.startswith("experts.") else 1.0
+        seconds += nbytes * share / (max(row_gbs, col_gbs) * GB)
+    return 1 / seconds
+
+
+def _peak_memory(device: str) -> int:
+    import torch
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _load(config: Config, device: str):
+    """(runner, pipeline or None): the configuration's model, ready to answer encoded prompts."""
+    import torch
+
+    dtype = pick_dtype()[0] if config.dtype is None else getattr(torch, config.dtype)
+    if config.pipeline:  # the blog's call, word for word
+        from transformers import pipeline
+        pipe = pipeline("text-generation", model=str(ensure_standin()), dtype=dtype, device_map="auto")
+        return LocalModel(pipe), pipe
+    if config.dense:
+        model, tokenizer = load_dense_source(dtype)
+        return LocalModel(model=model.to(device), tokenizer=tokenizer), None
+    runner = LocalModel(load_local(str(ensure_standin()), dtype=dtype, fast=config.fast))
+    if config.experts:
+        runner.model.set_experts_implementation(config.experts)
+    return runner, None
+
+
+def _knobs(config: Config) -> dict:
+    from transformers import CompileConfig
+
+    from helpers.data import BLOG_SAMPLING
+    knobs = dict(BLOG_SAMPLING)
+    if config.cache:
+        knobs["cache_implementation"] = config.cache
+    if config.compile:
+        compile_config = CompileConfig(mode="default")
+        compile_config._compile_all_devices = True  # transformers compiles only on GPUs unless told
+        knobs["compile_config"] = compile_config
+    elif config.cache == "static":
+        knobs["disable_compile"] = True
+    return knobs
+
+
+def run_config(config: Config, new_tokens: int = 64, warmup: int = 4, seed: int = 0) -> dict:
+    """Load one configuration and time it: load, warm-up (compile) and the timed runs. Call it in a
+    fresh process (`measure` does), so peak memory and compiled code are its own."""
+    import torch
+
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.perf_counter()
+    runner, pipe = _load(config, device)
+    load_s = time.perf_counter() - started
+    model, tokenizer = runner.model, runner.tokenizer
+    prompts = [TASKS[n]["prompt"] for n in list(TASKS)[:config.prompts]]
+    if config.pipeline:
+        rows = [tokenizer(blog_prompt(p))["input_ids"] for p in prompts]
+    else:
+        rows = [chat_ids(tokenizer, p) for p in prompts]
+    knobs = dict(_knobs(config), max_new_tokens=new_tokens)
+    batches = [rows] if config.batch else [[r] for r in rows]
+
+    def timed(batch, **extra):
+        """One run: the blog's pipeline call, or the package's generate path. -> (token times, batch size)"""
+        if config.pipeline:
+            clock = TokenClock()
+            pipe(blog_prompt(prompts[0]), return_full_text=False, streamer=clock, **knobs, **extra)
+            return [t - clock.started for t in clock.times]
+        stop = extra.pop("stop_after", None)
+        steps = itertools.count(1)
+        should_stop = (lambda: next(steps) >= stop) if stop else None
+        return runner.run(batch, dict(knobs, **extra), should_stop=should_stop)[0].token_times
+
+    warm_started = time.perf_counter()  # same lengths as the timed runs, stopped after a few tokens
+    if config.pipeline:
+        from transformers import StoppingCriteriaList
+        limit = max(map(len, batches[0])) + warmup + 2
+        timed(batches[0], stopping_criteria=StoppingCriteriaList([lambda ids, scores, **_: torch.full(
+            (ids.shape[0],), ids.shape[1] >= limit, dtype=torch.bool)]))
+    else:
+        timed(batches[0], stop_after=warmup + 2)
+    warmup_s = time.perf_counter() - warm_started
+
+    runs, wall = [], time.perf_counter()
+    for batch in batches:
+        times = timed(batch, min_new_tokens=new_tokens)
+        if len(times) < 2 + warmup:
+            raise ValueError(f"only {len(times)} tokens came back: ask for more than 1 + warmup ({1 + warmup})")
+        runs.append(dict(ttft_s=times[0], decode_tok_s=decode_rate(times, warmup, len(batch)),
+                         prompt_tokens=max(map(len, batch)), batch=len(batch)))
+    wall = time.perf_counter() - wall
+
+    context = sum(r["prompt_tokens"] for r in runs) / len(runs) + (1 + warmup + new_tokens) / 2
+    bytes_ = decode_bytes(model.config, torch.tensor([], dtype=model.dtype).element_size(), int(context), runs[0]["batch"])
+    layouts = model.recipe.layouts if config.fast else {}
+    share = model.config.num_experts_per_tok / model.config.num_local_experts if layouts else None
+    return dict(asdict(config), dtype=str(model.dtype).replace("torch.", ""), device=device,
+                experts="dense" if config.dense else getattr(model.config, "_experts_implementation", None),
+                load_s=load_s, warmup_s=warmup_s, compile_s=warmup_s if config.compile else None,
+                ttft_s=sum(r["ttft_s"] for r in runs) / len(runs),
+                decode_tok_s=sum(r["decode_tok_s"] for r in runs) / len(runs),
+                throughput_tok_s=sum(r["batch"] * new_tokens for r in runs) / wall,
+                prompt_tokens=runs[0]["prompt_tokens"], new_tokens=new_tokens, sequences=len(rows),
+                batch=runs[0]["batch"], bytes_per_token=bytes_["per_token"], peak_memory=_peak_memory(device),
+                layouts=layouts, matvec_ceiling_tok_s=matvec_ceiling(layouts, share) if layouts else None)
+
+
+def _run_apart(config: Config, new_tokens: int, warmup: int) -> dict:
+    """run_config in a fresh process: its row, or {"error": the last line it printed}."""
+    job = json.dumps(dict(config=asdict(config), new_tokens=new_tokens, warmup=warmup))
+    env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
+    done = subprocess.run([sys.executable, __file__, job], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        return {"error": (done.stderr.strip().splitlines() or ["(no output)"])[-1]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(configs: list | None = None, new_tokens: int = 64, warmup: int = 4, rounds: int = 1,
+            progress=print) -> dict:
+    """Run each configuration in its own process, side by side, `rounds` times round-robin (each
+    keeps its best round: noise only ever slows a run down), with the memory bandwidth measured
+    before and after; add each one's ceiling, efficiency and ratio to the blog's path."""
+    import torch
+
+    configs = configs or CONFIGS
+    whole_number("rounds", rounds, 1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bandwidths = [measure_bandwidth(device=device)]
+    progress(f"memory read bandwidth: {bandwidths[0] / GB:.1f} GB/s")
+    best: dict[str, dict] = {}
+    for round_ in range(1, rounds + 1):
+        for i, config in enumerate(configs, 1):
+            progress(f"[{i}/{len(configs)}{f', round {round_}/{rounds}' if rounds > 1 else ''}] {config.name} ...")
+            row = _run_apart(config, new_tokens, warmup)
+            if "error" in row:
+                best.setdefault(config.name, dict(asdict(config), **row))
+                progress(f"    FAILED: {row['error']}")
+                continue
+            progress(f"    {row['decode_tok_s']:.1f} tok/s, first token {row['ttft_s']:.2f} s, "
+                     f"peak memory {row['peak_memory'] / GiB:.1f} GiB")
+            kept = best.get(config.name, {})
+            row["all_tok_s"] = kept.get("all_tok_s", []) + [row["decode_tok_s"]]
+            if row["decode_tok_s"] >= kept.get("decode_tok_s", 0):  # a failed round has no decode_tok_s
+                best[config.name] = row
+            else:
+                kept["all_tok_s"] = row["all_tok_s"]
+    bandwidths.append(measure_bandwidth(device=device))
+    bandwidth = max(bandwidths)
+    rows = [best[c.name] for c in configs]
+    naive = next((r for r in rows if r.get("name") == NAIVE and "error" not in r), None)
+    for row in rows:
+        if "error" not in row:
+            row["ceiling_tok_s"] = ceiling(bandwidth, row["bytes_per_token"])
+            row["efficiency"] = row["decode_tok_s"] / row["ceiling_tok_s"]
+            row["vs_naive"] = row["decode_tok_s"] / naive["decode_tok_s"] if naive else None
+    return dict(bandwidths=bandwidths, bandwidth=bandwidth, device=device, new_tokens=new_tokens,
+                warmup=warmup, rounds=rounds, rows=rows)
+
+
+if __name__ == "__main__":  # one configuration, in a process of its own
+    job = json.loads(sys.argv[1])
+    print(json.dumps(run_config(Config(**job["config"]), job["new_tokens"], job["warmup"])))

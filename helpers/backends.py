@@ -1,0 +1,352 @@
+"""What answers: a model loaded here, or a served endpoint, behind one call.
+
+Both answer `backend.answer(messages, knobs, seed, on_text, should_stop) -> Answer` and
+`backend.answer_batch(chats, knobs, seed) -> [Answer]`, so `generate`, the panel and the
+notebooks never ask which one they hold. `load_local` loads weights (loading.py), `connect`
+reaches a server, and `load_pipeline` picks one from the environment ($MIXTRAL_ENDPOINT).
+
+One clock for every answer: `TokenClock` notes when each new token arrives, and tok/s is always
+decode speed after the first token (`decode_rate`): the prompt pass is its own number, time to first token.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+
+from .data import API_KEY_ENV, ENDPOINT_ENV, ENDPOINT_MODEL_ENV
+from .loading import load_local
+from .prompts import chat_ids
+
+
+def decode_rate(times: list, warmup: int = 0, batch: int = 1) -> float:
+    """Tokens/s after the first token (and `warmup` more steps): the one definition of tok/s.
+    `times` are the arrival times of each step's tokens; a step of a batch brings `batch` tokens."""
+    steps = len(times) - 1 - warmup
+    if steps < 1:
+        return float("nan")
+    return batch * steps / (times[-1] - times[warmup])
+
+
+class TokenClock:
+    """A generate() streamer: when each new token arrives (its first put is the prompt), and, with
+    `on_text`, the answer's text so far after each token (batch 1)."""
+
+    def __init__(self, tokenizer=None, on_text=None):
+        self.started = time.perf_counter()
+        self.times: list[float] = []
+        self.ids: list[int] = []
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self._prompt_seen, self._shown = False, None
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+        if self.on_text is not None:
+            self.ids.extend(value.reshape(-1).tolist())
+            self._show(final=False)
+
+    def end(self) -> None:
+        if self.on_text is not None and self.ids:
+            self._show(final=True)
+
+    def _show(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if (final or not text.endswith("\ufffd")) and text != self._shown:  # half a character: wait for the rest
+            self._shown = text
+            self.on_text(text)
+
+
+@dataclass
+class Answer:
+    """What one generation produced: the new text only, and when its tokens came."""
+    text: str
+    new_tokens: int
+    prompt_tokens: int
+    seconds: float                 # from the call to the last token
+    settings: dict = field(default_factory=dict)
+    token_ids: list = field(default_factory=list)
+    complete: bool = True          # False: a served answer whose stream was cut (the text is what arrived)
+    note: str = ""
+    scores: object = field(default=None, repr=False)      # [new, V] float32, with keep_scores=True: after the knobs
+    token_times: list = field(default_factory=list, repr=False)  # seconds from the call to each step
+
+    @property
+    def first_token_s(self) -> float:
+        """Time to first token: the prompt pass (and, served, the trip to the server)."""
+        return self.token_times[0] if self.token_times else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed after the first token (`decode_rate`)."""
+        return decode_rate(self.token_times)
+
+    def stats(self) -> str:
+        prompt = f" after a {self.prompt_tokens}-token prompt" if self.prompt_tokens else ""
+        line = (f"{self.new_tokens} new tokens{prompt} in {self.seconds:.1f} s (first token after "
+                f"{self.first_token_s:.2f} s, then {self.tokens_per_second:.1f} tok/s)")
+        if self.settings.get("ignored_by_server"):
+            line += f"; ignored by the server: {', '.join(self.settings['ignored_by_server'])}"
+        return line if self.complete else f"INCOMPLETE ({self.note}): {line}"
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def left_padded(rows: list, pad: int, device="cpu"):
+    """Token-id lists of different lengths as one batch, padded on the left so that every row's
+    next token comes at the same position: (input_ids [B, T], attention_mask [B, T])."""
+    import torch
+
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+class LocalModel:
+    """A loaded transformers pipeline (or a bare model), answering like a served endpoint.
+    `run` holds the package's one `model.generate` call."""
+
+    def __init__(self, pipe=None, model=None, tokenizer=None):
+        self.pipe = pipe
+        self.model = model if model is not None else pipe.model
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(pipe, "tokenizer", None)
+
+    def __repr__(self) -> str:
+        return f"LocalModel({type(self.model).__name__})"
+
+    def pad_id(self) -> int:
+        """The padding id generate() needs: the tokenizer's own, else its end-of-sequence id."""
+        t = self.tokenizer
+        if t is None:  # a bare model: its own end-of-sequence id
+            eos = self.model.generation_config.eos_token_id
+            return (eos[0] if isinstance(eos, list) else eos) or 0
+        return t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
+
+    def room(self, messages) -> int | None:
+        """Tokens the model's context leaves for the answer; a ValueError if the prompt alone fills it."""
+        length = len(chat_ids(self.tokenizer, messages))
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context is not None and length >= context:
+            raise ValueError(f"the prompt is {length} tokens long and the model's context holds {context}: "
+                             f"shorten the prompt (or load a model with a longer context)")
+        return context - length if context is not None else None
+
+    def answer(self, messages, knobs: dict, seed=None, on_text=None, should_stop=None, keep_scores=False) -> Answer:
+        return self.run([chat_ids(self.tokenizer, messages)], knobs, seed, on_text, should_stop, keep_scores)[0]
+
+    def answer_batch(self, chats: list, knobs: dict, seed=None) -> list[Answer]:
+        return self.run([chat_ids(self.tokenizer, m) for m in chats], knobs, seed)
+
+    def run(self, rows: list, knobs: dict, seed=None, on_text=None, should_stop=None, keep_scores=False) -> list[Answer]:
+        """Encoded prompts in, Answers out: pad, seed, generate (the one call), split the new tokens."""
+        import torch
+        from transformers import StoppingCriteriaList
+
+        pad = self.pad_id()
+        input_ids, mask = left_padded(rows, pad, self.model.device)        # [B, T]
+        clock = TokenClock(self.tokenizer, on_text if len(rows) == 1 else None)
+        stop = StoppingCriteriaList([_StopWhen(should_stop)]) if should_stop else None
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, pad_token_id=pad, streamer=clock,
+                                      stopping_criteria=stop, return_dict_in_generate=True,
+                                      output_scores=keep_scores, **knobs)
+        seconds = time.perf_counter() - clock.started
+        times = [t - clock.started for t in clock.times]
+        scores = torch.stack(out.scores, dim=1).float() if keep_scores else None     # [B, new, V]
+        answers = []
+        for i, ids in enumerate(rows):
+            new = out.sequences[i, input_ids.shape[1]:].tolist()
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            if len(rows) > 1 and eos in new:  # finished early: the rest is padding
+                new = new[:new.index(eos) + 1]
+            text = self.tokenizer.decode(new, skip_special_tokens=True).strip() if self.tokenizer else ""
+            answers.append(Answer(text=text, new_tokens=len(new), prompt_tokens=len(ids), seconds=seconds,
+                                  settings=dict(knobs, seed=seed), token_ids=new, token_times=times,
+                                  scores=scores[i] if scores is not None else None))
+        return answers
+
+    def describe(self) -> str:
+        m = self.model
+        line = f"local: {type(m).__name__}, {str(m.dtype).replace('torch.', '')}, on {m.device}"
+        recipe = getattr(m, "recipe", None)
+        if recipe is not None:  # its first reason says why this dtype
+            return f"{line}\n{recipe}"
+        reason = getattr(m, "dtype_reason", None)
+        return f"{line} (the blog's plain pipeline)" + (f"\n  - dtype: {reason}" if reason else "")
+
+
+class _StopWhen:
+    """A stopping criterion: end generate() after the current token once `should_stop()` is true."""
+
+    def __init__(self, should_stop):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids, scores, **_):
+        import torch
+        return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool, device=input_ids.device)
+
+
+class EndpointError(RuntimeError):
+    """The server could not answer; the message says why and what to check."""
+
+
+@dataclass
+class Endpoint:
+    """An OpenAI-compatible server (vLLM, `transformers serve`), answering like a local model."""
+    base_url: str
+    model: str
+    api_key: str = "none"
+    timeout: float = 300.0
+    refused: set = field(default_factory=set)  # knobs this server rejected; sent no more
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.base_url}, model={self.model!r})"
+
+    def _client(self, timeout=None):
+        import openai
+        return openai.OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=timeout or self.timeout,
+                             max_retries=0)
+
+    def served_models(self) -> list[str]:
+        try:
+            models = [m.id for m in self._client(timeout=10).models.list().data]
+        except Exception as exc:  # noqa: BLE001 - explained below
+            raise EndpointError(f"could not list the models of {self.base_url} ({_reason(exc, self)}); "
+                                f"set {ENDPOINT_MODEL_ENV} to the model name the server serves") from None
+        if not models:
+            raise EndpointError(f"{self.base_url} serves no model; set {ENDPOINT_MODEL_ENV}")
+        return models
+
+    def request(self, max_new_tokens, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, seed=None):
+        """The knobs as an OpenAI request, and the knobs the server will not see."""
+        body = {"max_tokens": max_new_tokens, "temperature": temperature if do_sample else 0.0}  # 0: greedy
+        if do_sample:
+            body["top_p"] = top_p
+        if seed is not None:
+            body["seed"] = seed
+        extra = {"top_k": top_k} if do_sample and top_k else {}  # not in the OpenAI API; vLLM takes it
+        ignored = sorted(k for k in (*body, *extra) if k in self.refused)
+        body = {k: v for k, v in body.items() if k not in self.refused}
+        extra = {k: v for k, v in extra.items() if k not in self.refused}
+        return (dict(body, extra_body=extra) if extra else body), ignored
+
+    def room(self, messages) -> None:
+        return None  # the server counts the prompt
+
+    def answer(self, messages, knobs: dict, seed=None, on_text=None, should_stop=None, keep_scores=False) -> Answer:
+        """Stream an answer; a stream cut mid-answer keeps what arrived (complete=False, and why)."""
+        if keep_scores:
+            raise ValueError("keep_scores=True needs a local model: a served endpoint sends text, not scores")
+        body, ignored = self.request(**knobs, seed=seed)
+        started = time.perf_counter()
+        try:
+            response = self._client().chat.completions.create(model=self.model, messages=messages, stream=True, **body)
+        except Exception as exc:  # noqa: BLE001
+            refused = _refused_fields(exc)
+            if refused & (set(body) | set(body.get("extra_body", {}))):  # knobs it does not take: drop them, retry
+                self.refused |= refused
+                return self.answer(messages, knobs, seed, on_text, should_stop)
+            raise EndpointError(_reason(exc, self)) from None
+        text, times, complete, note = "", [], True, ""
+        try:
+            for chunk in response:
+                piece = chunk.choices[0].delta.content if chunk.choices else None
+                if piece:
+                    times.append(time.perf_counter() - started)
+                    text += piece
+                    if on_text:
+                        on_text(text)
+                if should_stop and should_stop():
+                    response.close()
+                    note = "stopped"
+                    break
+        except Exception as exc:  # noqa: BLE001 - a stream cut mid-answer keeps what arrived
+            if not times:
+                raise EndpointError(_reason(exc, self)) from None
+            complete, note = False, f"the stream was cut after {len(times)} chunks ({_reason(exc, self)})"
+        return Answer(text=text.strip(), new_tokens=len(times), prompt_tokens=0, seconds=time.perf_counter() - started,
+                      settings=dict(knobs, seed=seed, ignored_by_server=ignored), complete=complete, note=note,
+                      token_times=times)
+
+    def answer_batch(self, chats: list, knobs: dict, seed=None) -> list[Answer]:
+        """Concurrent requests, one per chat (the server batches them); request i gets seed + i."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(len(chats)) as pool:
+            return list(pool.map(lambda i: self.answer(chats[i], knobs, None if seed is None else seed + i),
+                                 range(len(chats))))
+
+    def describe(self) -> str:
+        return f"served: {self.model} at {self.base_url}"
+
+
+def _refused_fields(exc) -> set:
+    body = str(getattr(exc, "body", "") or exc)
+    found = re.search(r"Unexpected fields in the request: \{([^}]*)\}", body)
+    return {f.strip(" '\"") for f in found.group(1).split(",")} if found else set()
+
+
+def _reason(exc, endpoint) -> str:
+    """A plain sentence for what went wrong, with what to check."""
+    import openai
+    url = endpoint.base_url
+    if isinstance(exc, openai.APITimeoutError):
+        return f"no answer from {url} within {endpoint.timeout:g} s: the server is busy or stuck"
+    if isinstance(exc, openai.APIConnectionError):
+        return f"cannot reach {url}: is the server running, and is {ENDPOINT_ENV} right?"
+    if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
+        return f"{url} refused the API key: set {API_KEY_ENV} to the key the server expects"
+    if isinstance(exc, openai.NotFoundError):
+        detail = str(getattr(exc, "body", "") or "")
+        if "model" in detail.lower():
+            return f"{url} does not serve model {endpoint.model!r}: {detail[:200]}"
+        return f"{url} has no chat endpoint (HTTP 404): the URL usually ends in /v1"
+    if isinstance(exc, openai.APIStatusError):
+        detail = exc.body.get("detail", exc.body) if isinstance(exc.body, dict) else exc.body
+        if endpoint.model in str(detail) or "model" in str(detail).lower():
+            return f"the server does not serve model {endpoint.model!r}: {str(detail)[:200]}"
+        return f"HTTP {exc.status_code} from {url}: {str(detail)[:200]}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def connect(url: str | None = None, model: str | None = None, api_key: str | None = None) -> Endpoint:
+    """An Endpoint for a served model: `url` or $MIXTRAL_ENDPOINT; the model named, or the first it serves."""
+    url = (url or os.environ.get(ENDPOINT_ENV, "")).strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise EndpointError(f"{ENDPOINT_ENV}={url!r} is not a URL: use for example http://gpu-node:8000/v1")
+    endpoint = Endpoint(url, model or os.environ.get(ENDPOINT_MODEL_ENV, "").strip(),
+                        api_key or os.environ.get(API_KEY_ENV, "none") or "none")
+    if not endpoint.model:
+        endpoint.model = endpoint.served_models()[0]
+    return endpoint
+
+
+def load_pipeline(name: str | None = None, dtype=None, device_map="auto", local: bool = False, fast: bool = True):
+    """What the notebooks call: with $MIXTRAL_ENDPOINT set (and neither `name` nor `local=True`),
+    `connect()` to that server; else `load_local(name, dtype, device_map, fast)`, the blog's pipeline.
+    `generate`, `describe` and the panel take either."""
+    if name is None and not local and os.environ.get(ENDPOINT_ENV, "").strip():
+        return connect()
+    return load_local(name, dtype=dtype, device_map=device_map, fast=fast)
+
+
+def as_backend(pipe):
+    """Anything that answers (an Endpoint, a LocalModel) as it is; a loaded pipeline as a LocalModel."""
+    if hasattr(pipe, "answer"):
+        return pipe
+    if hasattr(pipe, "model") and hasattr(pipe, "tokenizer"):
+        return LocalModel(pipe)
+    raise TypeError(f"{type(pipe).__name__} does not answer prompts: pass what load_pipeline() returned")
+
+
+def describe(pipe) -> str:
+    """One line on what answers: a served endpoint, or the local model, its dtype, device and fast path."""
+    return as_backend(pipe).describe()
+

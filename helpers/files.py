@@ -1,0 +1,54 @@
+"""Where the package keeps what it builds, and writing it so that a failure leaves nothing half-written."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from .data import CACHE_ENV
+
+
+def cache_root() -> Path:
+    """Where the stand-in and the tokenizers are kept: $MIXTRAL_NOTEBOOKS_CACHE, else ~/.cache/mixtral-notebooks."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "mixtral-notebooks"
+
+
+def atomic_file(path, write) -> Path:
+    """Write a file through `write(temporary path)`, then rename it into place: the file is either
+    the old one or the whole new one, even if the writer fails or is interrupted."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+@contextmanager
+def atomic_folder(path):
+    """Fill a fresh folder beside `path` (yielded); when the block ends without an error it replaces
+    `path`, else it is removed and `path` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.building-", dir=path.parent))
+    try:
+        yield work
+        work.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            path.rename(old)
+        work.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise

@@ -1,0 +1,73 @@
+"""The benchmark (benchmarks/, outside helpers): the harness's configurations, the quick run end to
+end (no timing assertions), and the GPU check rehearsed on the CPU."""
+import json
+import subprocess
+import sys
+from dataclasses import FrozenInstanceError
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from harness import CONFIGS, NAIVE, Config, matvec_ceiling, measure  # noqa: E402
+
+
+def test_configurations_are_typed_and_named_once():
+    assert len({c.name for c in CONFIGS}) == len(CONFIGS) and CONFIGS[0].name == NAIVE and CONFIGS[0].pipeline
+    with pytest.raises(FrozenInstanceError):
+        CONFIGS[0].dtype = "bfloat16"
+    with pytest.raises(TypeError):
+        Config("typo", experts_impl="eager")  # an unknown setting is an error, not a silently ignored key
+
+
+def test_measure_refuses_zero_rounds():
+    with pytest.raises(ValueError, match="rounds"):
+        measure([], rounds=0)
+
+
+# ---------------------------------------------------------------- the benchmark, quick mode, every configuration
+@pytest.mark.slow  # every configuration in a fresh process, about 5 minutes: make test-slow and CI run it
+def test_bench_quick_runs_every_configuration(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["name"] for r in result["rows"]] == [c.name for c in CONFIGS]
+    for row in result["rows"]:
+        assert row["decode_tok_s"] > 0 and 0 < row["efficiency"] < 1.5, row
+        assert row["bytes_per_token"] > 0 and row["peak_memory"] > 0
+    naive = next(r for r in result["rows"] if r["name"] == NAIVE)
+    assert naive["vs_naive"] == 1 and naive["experts"] == "grouped_mm" and naive["dtype"] == "float32"
+    md = (tmp_path / "bench.md").read_text()
+    assert "| configuration |" in md and "bandwidth" in md
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# ---------------------------------------------------------------- the GPU check, rehearsed on the CPU
+def test_layer_bench_rehearsal_writes_its_report(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "layer_bench.py"), "--device", "cpu",
+                           "--scale", "0.03", "--dtype", "float32", "--tokens", "4", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = next(tmp_path.glob("*.md")).read_text()
+    for implementation in ("eager", "grouped_mm", "batched_mm", "per_token"):
+        assert f"| {implementation} |" in report
+    assert "hidden 128" in report and "full 56 layers" in report
+
+
+def test_gpu_check_refuses_clearly_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: run benchmarks/gpu_check.sh itself")
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          env={**__import__("os").environ, "PY": sys.executable})
+    assert done.returncode == 2 and "torch sees no GPU" in done.stderr
+
+
+def test_matvec_ceiling_adds_the_time_of_each_kind():
+    layouts = {"q_proj": (10.0, 5.0, "row-major", 1e9), "experts.gate_up_proj": (5.0, 20.0, "column-major", 4e9)}
+    # 1 GB at 10 GB/s + a quarter of 4 GB at 20 GB/s = 0.15 s per token
+    assert matvec_ceiling(layouts, experts_share=0.25) == pytest.approx(1 / 0.15)
