@@ -116,9 +116,6 @@ class LocalModel:
         self.model = model if model is not None else pipe.model
         self.tokenizer = tokenizer if tokenizer is not None else getattr(pipe, "tokenizer", None)
 
-    def __repr__(self) -> str:
-        return f"LocalModel({type(self.model).__name__})"
-
     def pad_id(self) -> int:
         """The padding id generate() needs: the tokenizer's own, else its end-of-sequence id."""
         t = self.tokenizer

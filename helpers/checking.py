@@ -75,12 +75,10 @@ def edit_distance_cases(random_pairs: int = 20, seed: int = 0) -> list[tuple[str
 
 CHILD = Path(__file__).with_name("sandbox_child.py")  # run as a program in the child, never imported
 
-STATUSES = ("passed", "wrong answer", "exception", "timeout", "killed by a limit", "no function found")
-
 
 @dataclass
 class SandboxResult:
-    status: str                 # one of STATUSES
+    status: str  # passed, wrong answer, exception, timeout, killed by a limit, no function found
     detail: str = ""
     cases: list = field(default_factory=list)   # [a, b, expected, got]
     output: str = ""            # what the code printed (capped)

@@ -138,8 +138,8 @@ def fast_recipe(device: str | None = None) -> Recipe:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype, why_dtype = pick_dtype()
-    batching = ("several prompts at once: generate_batch runs them as one padded batch, reading the "
-                "weights once per step for all of them")
+    batching = ("several prompts at once: generate_batch runs them as one padded batch; each step reads the "
+                "shared weights once for all of them, and the union of the experts they chose")
     if device != "cpu":
         return Recipe(device, dtype, "grouped_mm", relayout=False, reasons=[
             why_dtype, "grouped_mm: transformers' default, one grouped GEMM over all experts on the GPU", batching])

@@ -105,8 +105,7 @@ def other_cpu_dtype() -> str:
 
 def memory_budget() -> dict:
     """Bytes that device_map="auto" can fill: free GPU memory plus available RAM."""
-    gpu_free = sum(g["free"] for g in gpus())
-    ram = system_memory()["available"]
+    gpu_free, ram = sum(g["free"] for g in gpus()), system_memory()["available"]
     return {"gpu": gpu_free, "cpu": ram, "total": gpu_free + ram}
 
 

@@ -15,7 +15,7 @@ from .data import DTYPE_BYTES, KNOWN_MODELS, MODEL_ENV, REFERENCE_TOKENIZERS, RE
 from .fastpath import apply_recipe, fast_recipe
 from .hardware import memory_budget, pick_dtype
 from .prompts import reference_tokenizer
-from .sizing import fits, mixtral_config, parameter_count, usable
+from .sizing import fits, parameter_count, usable
 from .standin import ensure_standin
 
 STANDIN = "stand-in"
@@ -53,11 +53,13 @@ def resolve_local(name: str) -> Path:
     try:
         path = Path(snapshot_download(name, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        size = (f"{parameter_count(name)['total'] * 2 / GiB:.0f} GiB in bf16" if name in KNOWN_MODELS
+                else "the size of its safetensors files")
         raise ModelNotAvailable(
             f"The weights of {name} are not on this machine (looked in the Hugging Face cache "
             f"{constants.HF_HUB_CACHE}) and these notebooks never download them. On a machine with "
             f"network access run:\n    hf download {name} --local-dir /data/{name.split('/')[-1]}\n"
-            f"(about {_size_hint(name)}), copy the folder here, then set "
+            f"(about {size}), copy the folder here, then set "
             f"{MODEL_ENV}=/data/{name.split('/')[-1]}. Leave {MODEL_ENV} unset to use the stand-in."
         ) from None
     read_config(path)
@@ -80,12 +82,6 @@ def read_config(path) -> dict:
         raise ModelNotAvailable(f"{path / 'config.json'} holds a {type(config).__name__}, not a model config: "
                                 f"the download is damaged. Download the model again (`hf download`).")
     return config
-
-
-def _size_hint(name: str) -> str:
-    if name in KNOWN_MODELS:
-        return f"{parameter_count(mixtral_config(name))['total'] * 2 / 2**30:.0f} GiB in bf16"
-    return "the size of its safetensors files"
 
 
 def _check_weights_present(path: Path, name: str) -> None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .backends import LocalModel, decode_rate
+from .backends import LocalModel, as_backend, decode_rate
 from .data import whole_number
-from .generation import generate
+from .generation import generate, generate_batch
 from .prompts import chat_ids
 
 
@@ -73,6 +73,20 @@ class RouterTrace:
         return self._stack(2)
 
 
+def experts_read_per_step(pipe, prompts: list, max_new_tokens: int = 24, seed: int = 0):
+    """Answer `prompts` as one batch (generate_batch) with the routers traced: [S, L], the distinct
+    experts each layer read at each decode step, the union over the batch's tokens (prompt pass left out)."""
+    with RouterTrace(as_backend(pipe).model) as trace:
+        generate_batch(pipe, prompts, max_new_tokens=max_new_tokens, seed=seed)
+    return step_unions(trace)
+
+
+def step_unions(trace):
+    """[S, L] distinct experts per layer in each decode call of a trace (every call after the first)."""
+    import torch
+    return torch.tensor([[len(set(indices.flatten().tolist())) for indices, _, _ in call] for call in trace.calls[1:]])
+
+
 def trace_generation(pipe, prompt, max_new_tokens: int = 32, seed: int = 0, **knobs):
     """Generate with the router traced: (answer, trace, token strings for every traced position)."""
     ids = chat_ids(pipe.tokenizer, prompt)
@@ -120,26 +134,23 @@ def route_softmax_topk_renorm(logits, k: int):
     return top / top.sum(-1, keepdim=True), idx
 
 
-def set_experts_per_token(model, k: int) -> None:
-    """Change how many experts each token visits (the model was trained with 2)."""
-    layers = routers(model)
-    whole_number("experts per token", k, 1, " (the model was trained with 2)", maximum=layers[0].num_experts)
-    model.config.num_experts_per_tok = k
-    for layer, router in zip(model.model.layers, layers):
-        router.top_k = k
-        layer.mlp.top_k = k
-
-
 @contextmanager
 def experts_per_token(model, k: int):
-    """`with experts_per_token(model, 4): ...` runs the block with top-k routing, then restores
-    what the model had, even if the block fails."""
+    """`with experts_per_token(model, 4): ...` runs the block with each token visiting `k` experts
+    (Mixtral was trained with 2), then restores what the model had, even if the block fails."""
+    whole_number("experts per token", k, 1, " (the model was trained with 2)", maximum=routers(model)[0].num_experts)
     old = routers(model)[0].top_k
-    set_experts_per_token(model, k)
+    _set_top_k(model, k)
     try:
         yield model
     finally:
-        set_experts_per_token(model, old)
+        _set_top_k(model, old)
+
+
+def _set_top_k(model, k: int) -> None:
+    model.config.num_experts_per_tok = k
+    for layer in model.model.layers:
+        layer.mlp.top_k = layer.mlp.gate.top_k = k
 
 
 def cost_experiment(hidden: int = 512, intermediate: int = 1536, layers: int = 4, experts: int = 8,

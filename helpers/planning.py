@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from . import hardware
 from .data import DTYPE_BYTES, GPU_TYPES, GiB, whole_number
-from .sizing import as_config, dtype_bytes, kv_bytes_per_token, parameter_count, usable
+from .sizing import as_config, decode_bytes, dtype_bytes, kv_bytes_per_token, parameter_count, usable
 
 @dataclass
 class Plan:
@@ -79,10 +79,10 @@ def plan(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", gpu: str = "MI300
     result.device_map = auto_device_map(config, count, per_gpu - kv // count, precision)
     devices = [layer_device(result.device_map, i) for i in range(config.num_hidden_layers)]
     result.layers_per_gpu = [devices.count(i) for i in range(count)]
-    active = parts["active"] * size + kv_bytes_per_token(config, "bfloat16") * context / 2  # half-full cache on average
+    step = decode_bytes(config, size, context // 2, kv_bytes=max(size, 2))  # a half-full cache on average
     bandwidth = spec["bandwidth_tbs"] * 1e12
-    result.ceiling_pipeline = bandwidth / active
-    result.ceiling_tensor_parallel = count * bandwidth / active
+    result.ceiling_pipeline = bandwidth / step["per_token"]
+    result.ceiling_tensor_parallel = count * bandwidth / step["per_token"]
     return result
 
 

@@ -80,14 +80,9 @@ def reference_tokenizer(vocab_size: int):
     return MistralCommonBackend.from_pretrained(str(folder))
 
 
-def token_table(tokenizer, ids: list[int]) -> list[tuple[int, str]]:
-    """(id, piece) pairs, for showing what a prompt really is."""
-    return list(zip(ids, tokenizer.convert_ids_to_tokens(ids)))
-
-
 def compare_ids(tokenizer, blog_ids: list[int], correct_ids: list[int]) -> str:
     """A side-by-side listing of two id sequences, marking the positions where they differ."""
-    blog, correct = token_table(tokenizer, blog_ids), token_table(tokenizer, correct_ids)
+    blog, correct = (list(zip(ids, tokenizer.convert_ids_to_tokens(ids))) for ids in (blog_ids, correct_ids))
     rows = [f"{'pos':>3}  {'blog string':<22} {'chat template':<22}"]
     for i in range(max(len(blog), len(correct))):
         a = f"{blog[i][0]:>5} {blog[i][1]!r}" if i < len(blog) else ""

@@ -78,11 +78,13 @@ def expected_distinct_experts(experts: int, per_token: int, batch: int) -> float
     return experts * (1 - (1 - per_token / experts) ** batch)
 
 
-def decode_bytes(model, dtype_bytes: float, context: int = 0, batch: int = 1, experts_read: float | None = None) -> dict:
-    """Bytes read from memory by one decode step, by component, and per generated token.
+def decode_bytes(model, dtype_bytes: float, context: int = 0, batch: int = 1, experts_read: float | None = None,
+                 kv_bytes: float | None = None) -> dict:
+    """Bytes read from memory by one decode step of `batch` sequences, by component, and per token.
 
-    `context`: tokens already in each sequence's KV cache; `experts_read`: distinct experts per
-    layer the step reads (default: the expected number under uniform routing, exactly K at batch 1)."""
+    `context`: tokens already in each sequence's KV cache, `kv_bytes` bytes per cached value (default
+    `dtype_bytes`); `experts_read`: distinct experts per layer the step reads (default: the expected
+    union under uniform routing, `expected_distinct_experts`: exactly K at batch 1, nearly all E from 16)."""
     if isinstance(dtype_bytes, bool) or not dtype_bytes > 0:
         raise ValueError(f"dtype_bytes={dtype_bytes!r}: use a positive number")
     whole_number("batch", batch, 1)
@@ -99,7 +101,7 @@ def decode_bytes(model, dtype_bytes: float, context: int = 0, batch: int = 1, ex
     else:
         reads["mlp"] = params["mlp"]
     parts = {name: n * dtype_bytes for name, n in reads.items()}
-    parts["kv_cache"] = batch * context * kv_values_per_token(c) * dtype_bytes
+    parts["kv_cache"] = batch * context * kv_values_per_token(c) * (kv_bytes or dtype_bytes)
     step = sum(parts.values())
     return {"parts": parts, "per_step": step, "per_token": step / batch}
 

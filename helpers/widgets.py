@@ -92,16 +92,14 @@ class SamplingPanel:
     def _work(self, messages, kwargs, seed):
         answer, error = None, None
         try:
-            answer = self.backend.answer(messages, kwargs, seed, on_text=self._show, should_stop=self._stop.is_set)
+            answer = self.backend.answer(messages, kwargs, seed, should_stop=self._stop.is_set,
+                                         on_text=lambda text: setattr(self.output, "value", text))
             if not answer.complete:
                 error = f"INCOMPLETE: {answer.note}; the text above is what arrived"
         except Exception as exc:  # noqa: BLE001 - shown in the panel, never as a traceback
             error = f"{type(exc).__name__}: {exc}"
         finally:
             self._finish(answer, kwargs, seed, error)
-
-    def _show(self, text: str) -> None:
-        self.output.value = text
 
     def _finish(self, answer, kwargs, seed, error):
         """Stats line and history for a run, whatever its ending."""

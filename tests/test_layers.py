@@ -24,10 +24,10 @@ LAYERS = {
     "widgets": 7, "serving": 7, "moe": 7,                   # what notebooks touch
     "__init__": 8, "__main__": 8,                           # the front door and the command line
 }
-# Issue 13 asks for at most 2,300 lines in helpers/. This change measured 2,727 (from 3,137 before, with the
+# Issue 13 asks for at most 2,300 lines in helpers/. The layering measured 2,726 (from 3,137 before, with the
 # benchmark harness and the workshop tooling moved out): `total` holds that figure so helpers/ cannot grow
 # back, and is to be lowered towards 2,300, not raised.
-LIMITS = dict(total=2727, file=400, function=60)
+LIMITS = dict(total=2726, file=400, function=60)
 
 
 def helper_imports(path: Path) -> set[str]:

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from helpers import load_pipeline
-from helpers.moe import (RouterTrace, chance_stickiness, cost_experiment, expert_load,
-                         route_softmax_topk_renorm, route_topk_then_softmax, set_experts_per_token,
-                         stickiness, trace_generation)
+from helpers.moe import (RouterTrace, chance_stickiness, cost_experiment, expert_load, experts_read_per_step,
+                         route_softmax_topk_renorm, route_topk_then_softmax,
+                         stickiness, step_unions, trace_generation)
 
 
 @pytest.fixture(scope="module")
@@ -80,18 +80,16 @@ def test_transformers_router_matches_both(tiny_pipe):
 def test_experts_per_token_knob(tiny_pipe):
     model = tiny_pipe.model
     ids = torch.tensor([[1, 3, 100, 200, 4]])
-    try:
-        for k in (1, 2, 4):
-            set_experts_per_token(model, k)
-            with RouterTrace(model) as trace:
-                model(ids)
-            assert trace.experts.shape[-1] == k
+    from helpers import experts_per_token
+    for k in (1, 2, 4):
+        with experts_per_token(model, k), RouterTrace(model) as trace:
+            model(ids)
+        assert trace.experts.shape[-1] == k
+    for bad in (5, 0, 2.0):
         with pytest.raises(ValueError, match="from 1 to 4"):
-            set_experts_per_token(model, 5)
-        with pytest.raises(ValueError):
-            set_experts_per_token(model, 0)
-    finally:
-        set_experts_per_token(model, 2)
+            with experts_per_token(model, bad):
+                pass
+    assert model.config.num_experts_per_tok == 2
 
 
 def test_experts_per_token_restores_the_model_even_on_an_error(tiny_pipe):
@@ -104,6 +102,22 @@ def test_experts_per_token_restores_the_model_even_on_an_error(tiny_pipe):
         with experts_per_token(model, 1):
             raise RuntimeError("inside the block")
     assert model.config.num_experts_per_tok == 2
+
+
+def test_a_batch_step_reads_the_union_of_its_tokens_experts(tiny_pipe):
+    prompts = ["Tell me a joke.", "Hi", "Translate: buongiorno a tutti.", "Write a poem."]
+    with RouterTrace(tiny_pipe.model) as trace:
+        from helpers import generate_batch
+        generate_batch(tiny_pipe, prompts, max_new_tokens=5, do_sample=False)
+    read = step_unions(trace)                                       # [S, L]
+    prompt_rows = trace.calls[0][0][0].shape[0]                     # the prompt pass: 4 x padded length
+    steps = trace.experts[prompt_rows:].reshape(-1, 4, *trace.experts.shape[1:])  # [S, B, L, K]
+    for s in range(steps.shape[0]):
+        for layer in range(steps.shape[2]):
+            assert read[s, layer] == len(set(steps[s, :, layer].flatten().tolist()))  # the union, counted again
+    assert read.shape == (4, 2) and (read >= 2).all() and (read <= 4).all()  # K <= union <= E (4 experts here)
+    alone = experts_read_per_step(tiny_pipe, prompts[:1], max_new_tokens=5)
+    assert (alone == 2).all()  # one sequence reads exactly its K experts per layer
 
 
 def test_cost_experiment_builds_the_three_models():

@@ -2,7 +2,7 @@ import pytest
 
 from helpers.data import GPU_TYPES
 from helpers.planning import layer_device, plan
-from helpers.sizing import parameter_count
+from helpers.sizing import decode_bytes, parameter_count
 
 BIG = "mistralai/Mixtral-8x22B-Instruct-v0.1"
 SMALL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
@@ -36,10 +36,15 @@ def test_advice_says_what_would_fit():
     assert p.advice.startswith(f"Short by {(p.weights_bytes + p.kv_bytes - p.capacity_bytes) / GiB:.0f} GiB")
 
 
-def test_decode_ceiling_is_bandwidth_over_active_bytes():
-    p = plan(BIG, gpu="MI300X", count=2, context=2)
-    active_bytes = parameter_count(BIG)["active"] * 2
-    assert p.ceiling_pipeline == pytest.approx(5.3e12 / active_bytes, rel=1e-4)
+def test_decode_ceiling_is_bandwidth_over_the_bytes_a_token_reads():
+    p = plan(BIG, gpu="MI300X", count=2, context=2)  # the planner counts a half-full cache: 1 token
+    read = decode_bytes(BIG, 2, context=1)["per_token"]
+    assert p.ceiling_pipeline == pytest.approx(5.3e12 / read, rel=1e-9)
+    # the active parameters, less the embedding table but its one row: one account of bytes per token
+    active = parameter_count(BIG)["active"] - parameter_count(BIG)["embeddings"] + 6144
+    assert read == pytest.approx(2 * active + decode_bytes(BIG, 2, context=1)["parts"]["kv_cache"], rel=1e-12)
+    int4 = plan(BIG, gpu="MI300X", count=2, context=2, precision="int4")
+    assert int4.ceiling_pipeline == pytest.approx(5.3e12 / decode_bytes(BIG, 0.5, context=1, kv_bytes=2)["per_token"])
 
 
 def test_layer_device_reads_the_most_specific_entry():

@@ -193,3 +193,17 @@ def test_every_component_equals_a_meta_device_count(which, tiny_dense):
 def test_one_margin_for_every_fit():
     assert usable(100 * GiB) == pytest.approx(90 * GiB)
     assert fits(90 * GiB, 100 * GiB) and not fits(90.1 * GiB, 100 * GiB)
+
+
+def test_the_guides_batching_numbers_are_computed():
+    """docs/workshop.md quotes what a room of 30 gets from 8x MI300X: the same arithmetic as 08, section 6."""
+    import re
+    from pathlib import Path
+
+    from helpers.data import GPU_TYPES
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "workshop.md").read_text()
+    each, alone = map(int, re.search(r"about (\d+) tok/s at the ceiling, not (\d+)", guide).groups())
+    bandwidth = 8 * GPU_TYPES["MI300X"]["bandwidth_tbs"] * 1e12
+    assert round(bandwidth / decode_bytes(BIG, 2, context=2048, batch=30)["per_step"]) == each
+    assert round(bandwidth / decode_bytes(BIG, 2, context=2048)["per_step"]) == alone
+    assert round(expected_distinct_experts(8, 2, 4), 1) == 5.5 and expected_distinct_experts(8, 2, 16) > 7.9

