@@ -3,7 +3,7 @@ import torch
 
 # Notebooks whose results depend on the dtype models load in: CI runs them again in the other
 # CPU kind's dtype (MIXTRAL_DTYPE), with the tests marked `numerics`.
-NUMERICS_NOTEBOOKS = {"06_sampling_lab.ipynb"}
+NUMERICS_NOTEBOOKS = {"06_sampling_lab.ipynb", "07_inside_the_moe.ipynb"}  # 07: its MoE layer by hand, to the dtype's rounding
 
 
 def pytest_collection_modifyitems(items):
