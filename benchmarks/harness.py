@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from helpers.backends import LocalModel, TokenClock, decode_rate  # noqa: E402
-from helpers.data import GB, GiB, TASKS, whole_number  # noqa: E402
+from helpers.data import BLOG_SAMPLING, GB, GiB, TASKS, whole_number  # noqa: E402
 from helpers.hardware import measure_bandwidth, pick_dtype  # noqa: E402
 from helpers.loading import load_local  # noqa: E402
 from helpers.prompts import blog_prompt, chat_ids  # noqa: E402
@@ -101,7 +101,6 @@ def _load(config: Config, device: str):
 def _knobs(config: Config) -> dict:
     from transformers import CompileConfig
 
-    from helpers.data import BLOG_SAMPLING
     knobs = dict(BLOG_SAMPLING)
     if config.cache:
         knobs["cache_implementation"] = config.cache

@@ -1,15 +1,6 @@
 """The one module every notebook imports: `from helpers import ...` gives exactly the names below.
-
-Layers, each importing only from those beneath it (tests/test_layers.py keeps it so):
-    widgets, serving, moe       what notebooks touch: panels, the room's server, looking inside
-    generation                  the knobs checked once; generate, generate_many, generate_batch
-    backends                    what answers: LocalModel (the one model.generate) or Endpoint; one clock
-    loading                     model path, the blog's pipeline call, fits, placement
-    prompts, standin, fastpath, planning, checking
-    sizing                      parameters, bytes, KV cache, ceilings, the one fit check
-    files, hardware             cache folder and atomic writes; torch build, devices, memory, dtype
-    data                        the blog's tasks, knobs and answers; known models and GPUs; env names
-"""
+Its files form layers that import downward only: README's "The code" shows them, tests/test_layers.py
+holds the table."""
 from .backends import Endpoint, EndpointError, describe, load_pipeline
 from .checking import chrf, diversity, edit_distance_cases, extract_code, run_sandboxed
 from .data import BLOG_SAMPLING, BLOG_TRANSLATION, GB, GPU_TYPES, KNOWN_MODELS, LONGFELLOW, TASKS, GiB

@@ -157,10 +157,9 @@ class LocalModel:
         seconds = time.perf_counter() - clock.started
         times = [t - clock.started for t in clock.times]
         scores = torch.stack(out.scores, dim=1).float() if keep_scores else None     # [B, new, V]
-        answers = []
+        answers, eos = [], getattr(self.tokenizer, "eos_token_id", None)
         for i, ids in enumerate(rows):
             new = out.sequences[i, input_ids.shape[1]:].tolist()
-            eos = getattr(self.tokenizer, "eos_token_id", None)
             if len(rows) > 1 and eos in new:  # finished early: the rest is padding
                 new = new[:new.index(eos) + 1]
             text = self.tokenizer.decode(new, skip_special_tokens=True).strip() if self.tokenizer else ""
