@@ -147,7 +147,8 @@ class LocalModel:
         pad = self.pad_id()
         input_ids, mask = left_padded(rows, pad, self.model.device)        # [B, T]
         clock = TokenClock(self.tokenizer, on_text if len(rows) == 1 else None)
-        stop = StoppingCriteriaList([_StopWhen(should_stop)]) if should_stop else None
+        stop = StoppingCriteriaList([lambda ids, scores, **_: torch.full(  # end after this token once should_stop()
+            (ids.shape[0],), bool(should_stop()), dtype=torch.bool, device=ids.device)]) if should_stop else None
         if seed is not None:
             torch.manual_seed(seed)
         with torch.no_grad():
@@ -176,17 +177,6 @@ class LocalModel:
             return f"{line}\n{recipe}"
         reason = getattr(m, "dtype_reason", None)
         return f"{line} (the blog's plain pipeline)" + (f"\n  - dtype: {reason}" if reason else "")
-
-
-class _StopWhen:
-    """A stopping criterion: end generate() after the current token once `should_stop()` is true."""
-
-    def __init__(self, should_stop):
-        self.should_stop = should_stop
-
-    def __call__(self, input_ids, scores, **_):
-        import torch
-        return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool, device=input_ids.device)
 
 
 class EndpointError(RuntimeError):

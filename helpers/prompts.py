@@ -7,6 +7,8 @@ belongs to it, and test that, for the Mixtral models, it equals the reference id
 """
 from __future__ import annotations
 
+import difflib
+import functools
 import shutil
 from pathlib import Path
 
@@ -67,26 +69,63 @@ def reference_ids(prompt, vocab_size: int, system: str | None = None) -> list[in
     return tokenizer.encode_chat_completion(request).tokens
 
 
+def _cached_copy(source: Path, folder: str, name: str) -> Path:
+    """A cache folder holding `source` as `name`: transformers loads tokenizers from folders."""
+    target = cache_root() / "tokenizers" / folder / name
+    if not target.is_file():
+        atomic_file(target, lambda tmp: shutil.copyfile(source, tmp))
+    return target.parent
+
+
 def reference_tokenizer(vocab_size: int):
     """transformers' mistral-common backend over the shipped file (offline), for the pipeline."""
     from transformers import MistralCommonBackend
 
     source = reference_file(vocab_size)
     version = source.name.rsplit(".", 1)[-1]  # v1, v3
-    folder = cache_root() / "tokenizers" / version
-    target = folder / f"tokenizer.model.{version}"
-    if not target.is_file():
-        atomic_file(target, lambda tmp: shutil.copyfile(source, tmp))
-    return MistralCommonBackend.from_pretrained(str(folder))
+    return MistralCommonBackend.from_pretrained(str(_cached_copy(source, version, f"tokenizer.model.{version}")))
 
 
-def compare_ids(tokenizer, blog_ids: list[int], correct_ids: list[int]) -> str:
-    """A side-by-side listing of two id sequences, marking the positions where they differ."""
-    blog, correct = (list(zip(ids, tokenizer.convert_ids_to_tokens(ids))) for ids in (blog_ids, correct_ids))
-    rows = [f"{'pos':>3}  {'blog string':<22} {'chat template':<22}"]
-    for i in range(max(len(blog), len(correct))):
-        a = f"{blog[i][0]:>5} {blog[i][1]!r}" if i < len(blog) else ""
-        b = f"{correct[i][0]:>5} {correct[i][1]!r}" if i < len(correct) else ""
-        mark = "" if a == b else "  <-- differs"
-        rows.append(f"{i:>3}  {a:<22} {b:<22}{mark}")
+@functools.cache
+def hub_fast_tokenizer():
+    """A reconstruction, offline, of the hub's fast tokenizer for 8x22B (its tokenizer.json).
+
+    transformers' own conversion of the v3 SentencePiece file that mistral-common ships. It assumes
+    what the hub's files are documented to do: the control pieces ([INST] = 3, [/INST] = 4, ...)
+    are special added tokens, split out of text before the words are tokenised; the non-legacy
+    Metaspace pre-tokenizer (a space only becomes "▁" where the text has one); `<s>` added by default.
+    """
+    from transformers import LlamaTokenizer
+
+    folder = _cached_copy(reference_file(32768), "fast-v3", "tokenizer.model")
+    return LlamaTokenizer.from_pretrained(str(folder), legacy=False, add_bos_token=True)
+
+
+def blog_readings(prompt: str) -> dict[str, list[int]]:
+    """What the blog's string `[INST] {prompt} [/INST]` becomes for 8x22B, in four stacks, (a) to (d)."""
+    text = blog_prompt(prompt)
+    return {
+        "(a) May 2024 pipeline": hub_fast_tokenizer()(text, add_special_tokens=False)["input_ids"],
+        "(b) today's pipeline": hub_fast_tokenizer()(text)["input_ids"],
+        "(c) MistralCommonBackend": reference_tokenizer(32768)(text)["input_ids"],
+        "(d) mistral-common": reference_ids(prompt, 32768),
+    }
+
+
+def compare_ids(tokenizer, columns: dict[str, list[int]]) -> str:
+    """Id sequences, one line each, then how each differs from the last one (the reference)."""
+    def pieces(ids, with_ids=False):
+        return " ".join(f"{t}({i})" if with_ids else t for i, t in zip(ids, tokenizer.convert_ids_to_tokens(ids)))
+
+    *others, reference = columns
+    ref, width = columns[reference], max(map(len, columns)) + 1
+    rows = [f"{name:<{width}}{len(ids):>3} ids: {pieces(ids)}" for name, ids in columns.items()]
+    for name in others:
+        ids, changes = columns[name], []
+        for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ref, ids, autojunk=False).get_opcodes():
+            where = f"before {pieces(ref[i1:i1 + 1], True)}" if i1 < len(ref) else "at the end"
+            changes += {"delete": [f"drops {pieces(ref[i1:i2], True)}"],
+                        "insert": [f"adds {pieces(ids[j1:j2], True)} {where}"],
+                        "replace": [f"spells {pieces(ref[i1:i2], True)} as {pieces(ids[j1:j2], True)}"]}.get(op, [])
+        rows.append(f"{name} against {reference}: " + ("; ".join(changes) or "identical"))
     return "\n".join(rows)

@@ -32,28 +32,8 @@ NUM_EXPERTS = 8
 EXPERTS_PER_TOKEN = 2
 MANIFEST = "standin.json"
 
-# Calibration text for the routers: a mix of the registers the walkthrough touches.
-CALIBRATION_TEXT = """\
-Shall I compare thee to a humming server? Thou art more patient and more temperate.
-The engineers gathered at dawn to argue about memory bandwidth and the price of silicon.
-def fibonacci(n):
-    a, b = 0, 1
-    for _ in range(n):
-        a, b = b, a + b
-    return a
-for i in range(10): print(i * i, end=", ")
-Nel mezzo del cammin di nostra vita mi ritrovai per una selva oscura.
-La pioggia cade piano sulle colline, e il vento porta il profumo del mare.
-Why did the transistor cross the road? Because it was biased toward the other side.
-A knock-knock joke walks into a bar; the bartender says: who's there?
-The derivative of x squared is two x, and the integral of one over x is the log of x.
-In 1969 the first humans walked on the Moon; in 1971 the first microprocessor shipped.
-Dear customer, your order number 48213 has been shipped and will arrive on Tuesday.
-Photosynthesis turns light, water and carbon dioxide into sugar and oxygen.
-<html><body><h1>Hello</h1><p>Welcome to the workshop.</p></body></html>
-SELECT name, COUNT(*) FROM experts GROUP BY name ORDER BY 2 DESC;
-O wild West Wind, thou breath of Autumn's being, thou from whose unseen presence the leaves dead.
-"""
+# Calibration text for the routers (helpers/calibration.txt): a mix of the registers the walkthrough touches.
+CALIBRATION_TEXT = Path(__file__).with_name("calibration.txt").read_text()
 
 
 class StandInError(RuntimeError):

@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TASKS, blog_prompt, chat_ids, compare_ids, reference_ids, reference_tokenizer
+from helpers import (TASKS, blog_prompt, blog_readings, chat_ids, compare_ids, hub_fast_tokenizer, reference_ids,
+                     reference_tokenizer)
 from helpers import BLOG_SAMPLING
 
 BLOG = Path(__file__).resolve().parents[2] / "shared" / "source" / "rocm-blog-mixtral-8x22b.md"
@@ -32,16 +33,47 @@ def test_chat_template_ids_equal_mistral_common(mixtral_tokenizer, name):
     assert chat_ids(tokenizer, prompt, system) == reference_ids(prompt, vocab, system)
 
 
+INST, END, SPACE = 3, 4, 29473  # [INST], [/INST] and a lone "▁" in the v3 vocabulary
+AS_TEXT = {INST: [1501, 17057, 29561], END: [1501, 29516, 17057, 29561]}  # ▁[ INST ]  and  ▁[ / INST ]
+
+
 @pytest.mark.parametrize("task", TASKS)
-def test_v3_control_tokens_and_the_blog_string_is_wrong(task):
-    tokenizer = reference_tokenizer(32768)
-    prompt = TASKS[task]["prompt"]
-    ids = chat_ids(tokenizer, prompt)
-    assert ids[:2] == [1, 3] and ids[-1] == 4  # <s> [INST] ... [/INST]
-    blog_ids = tokenizer(blog_prompt(prompt))["input_ids"]
-    assert blog_ids != ids
-    assert 3 not in blog_ids and 4 not in blog_ids  # the literal text is not the control token
-    assert tokenizer.convert_ids_to_tokens(blog_ids[1:4]) == ["▁[", "INST", "]"]
+def test_what_the_blog_string_becomes_in_four_stacks(task):
+    """(a)-(d) of notebook 01, for each blog prompt, from the reference's own ids."""
+    readings = list(blog_readings(TASKS[task]["prompt"]).values())
+    may_2024, today, common_backend, reference = readings
+    assert reference[:2] == [1, INST] and reference[-1] == END
+    words = reference[2:-1]
+    assert INST not in words and END not in words and SPACE not in words[-1:]
+    assert may_2024 == [INST] + words + [SPACE, END]  # no <s>; the blog's space before [/INST] is a token
+    assert today == [1] + may_2024  # today's pipeline lets the tokenizer add <s>
+    assert common_backend == [1] + AS_TEXT[INST] + words + AS_TEXT[END]  # the markers as plain text
+
+
+def test_the_four_readings_of_the_jokes_prompt_id_by_id():
+    words = [16027, 1296, 1509, 24640, 1452, 4314, 4558, 3246, 1502, 29491]  # ▁Tell ▁me ▁some ... ors .
+    assert blog_readings(TASKS["jokes"]["prompt"]) == {
+        "(a) May 2024 pipeline": [3, *words, 29473, 4],
+        "(b) today's pipeline": [1, 3, *words, 29473, 4],
+        "(c) MistralCommonBackend": [1, 1501, 17057, 29561, *words, 1501, 29516, 17057, 29561],
+        "(d) mistral-common": [1, 3, *words, 4],
+    }
+
+
+def test_todays_pipeline_code_feeds_reading_b(tiny_mixtral_dir):
+    from transformers import pipeline
+
+    pipe = pipeline("text-generation", model=str(tiny_mixtral_dir), tokenizer=hub_fast_tokenizer())
+    prompt = TASKS["poem"]["prompt"]
+    fed = pipe.preprocess(blog_prompt(prompt))["input_ids"][0].tolist()
+    assert fed == blog_readings(prompt)["(b) today's pipeline"]
+
+
+def test_the_rebuilt_fast_tokenizer_splits_the_control_tokens_out_of_text():
+    fast = hub_fast_tokenizer()
+    assert fast.convert_ids_to_tokens([1, 2, 3, 4]) == ["<s>", "</s>", "[INST]", "[/INST]"]
+    assert fast("[INST]x[/INST]", add_special_tokens=False)["input_ids"][::2] == [3, 4]
+    assert fast.backend_tokenizer.pre_tokenizer.prepend_scheme == "first"  # the non-legacy assumption
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -57,11 +89,13 @@ def test_standin_uses_its_own_chatml_template(standin_tokenizer):
     assert "<|im_start|>user\nHi<|im_end|>" in text
 
 
-def test_compare_ids_marks_differences():
-    tokenizer = reference_tokenizer(32768)
-    table = compare_ids(tokenizer, [1, 1501, 17057], [1, 3])
+def test_compare_ids_names_each_difference_from_the_reference():
+    table = compare_ids(reference_tokenizer(32768), {"x": [3, 1501, 29473, 4], "ref": [1, 3, 1032, 4]})
     lines = table.splitlines()
-    assert "differs" not in lines[1] and "differs" in lines[2] and "differs" in lines[3]
+    assert lines[0].split()[:3] == ["x", "4", "ids:"] and lines[1].startswith("ref ")
+    assert lines[2] == "x against ref: drops <s>(1); spells ▁a(1032) as ▁[(1501) ▁(29473)"
+    same = compare_ids(reference_tokenizer(32768), {"x": [1, 3], "ref": [1, 3]})
+    assert same.splitlines()[-1] == "x against ref: identical"
 
 
 @pytest.mark.parametrize("bad, message", [
