@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import helpers.loading as loading
-from helpers import KNOWN_MODELS, check_fits, load_pipeline, model_path, parameter_count, placement
+from helpers import KNOWN_MODELS, check_fits, load_pipeline, model_path, placement
 from helpers.loading import ModelNotAvailable, ModelTooLarge, resolve_local
 from helpers.sizing import mixtral_config
 

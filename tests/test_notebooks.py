@@ -1,6 +1,6 @@
 """The notebooks' shape (nbval re-executes them; this checks what they promise to a reader)."""
 import json
-from pathlib import Path
+import re
 
 import nbformat
 import pytest
@@ -27,6 +27,32 @@ def test_notebook_opens_and_closes_the_same_way(name):
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert any(c.get("outputs") for c in code), "commit notebooks with the stand-in's outputs (make notebooks)"
     assert not any(o.get("output_type") == "error" for c in code for o in c["outputs"])
+
+
+def as_python(nb) -> str:
+    """A notebook's code cells as one program: a shell line (`!cmd {expr}`) keeps only its {expressions}."""
+    lines = []
+    for cell in nb.cells:
+        for line in cell.source.splitlines() if cell.cell_type == "code" else []:
+            shell = line.lstrip().startswith(("!", "%"))
+            lines += [f"({e})" for e in re.findall(r"\{([^{}]+)\}", line)] if shell else [line]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_no_unused_import_or_undefined_name(name):
+    from pyflakes.api import check
+    from pyflakes.reporter import Reporter
+    import io
+
+    out = io.StringIO()
+    check(as_python(nbformat.read(NOTEBOOKS[name], as_version=4)), name, Reporter(out, out))
+    assert out.getvalue() == "", out.getvalue()
+
+
+def test_the_import_check_sees_shell_lines():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import sys, os\n!{sys.executable} x.py")])
+    assert as_python(nb) == "import sys, os\n(sys.executable)"
 
 
 @pytest.mark.parametrize("name, task", TASK_NOTEBOOKS.items())

@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from helpers import BLOG_SAMPLING, SamplingPanel, generate, load_pipeline
+from helpers import SamplingPanel, generate, load_pipeline
 
 
 @pytest.fixture(scope="module")
