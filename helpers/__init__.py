@@ -13,7 +13,8 @@ from .moe import (chance_stickiness, cost_experiment, draw_loads, draw_routing, 
                   experts_read_per_step, route_softmax_topk_renorm, route_topk_then_softmax, stickiness,
                   trace_generation)
 from .planning import draw_plan, plan, plan_for_this_machine
-from .prompts import blog_prompt, blog_readings, chat_ids, compare_ids, hub_fast_tokenizer, reference_ids, reference_tokenizer
+from .prompts import (blog_prompt, blog_readings, chat_ids, compare_ids, hub_fast_tokenizer, reference_ids,
+                      reference_tokenizer, turn_starts)
 from .serving import start_local_server
 from .sizing import (ceiling, decode_bytes, expected_distinct_experts, fit_report, kv_bytes_per_token, memory_table,
                      parameter_count)
@@ -31,5 +32,5 @@ __all__ = [
     "model_path", "next_token_distribution", "parameter_count", "pick_dtype", "placement", "plan",
     "plan_for_this_machine", "print_stream", "reference_ids", "reference_tokenizer", "route_softmax_topk_renorm",
     "route_topk_then_softmax", "run_sandboxed", "start_local_server", "steps_before_a_tie", "stickiness",
-    "system_memory", "torch_build", "trace_generation", "weight_bytes",
+    "system_memory", "torch_build", "trace_generation", "turn_starts", "weight_bytes",
 ]

@@ -180,8 +180,9 @@ def cost_experiment(hidden: int = 512, intermediate: int = 1536, layers: int = 4
     return rows
 
 
-def draw_routing(experts, tokens, num_experts: int, title: str, ax=None):
-    """Heatmap: tokens (rows) x layers (columns), coloured by each token's first-choice expert."""
+def draw_routing(experts, tokens, num_experts: int, title: str, ax=None, marks: dict | None = None):
+    """Heatmap: tokens (rows) x layers (columns), coloured by each token's first-choice expert;
+    `marks` (name: first row, as from `turn_starts`) draws a line and a label where each part begins."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
@@ -196,6 +197,9 @@ def draw_routing(experts, tokens, num_experts: int, title: str, ax=None):
     ax.set_ylabel("token")
     ax.set_title(title)
     ax.figure.colorbar(image, ax=ax, ticks=range(num_experts), label="first-choice expert")
+    for name, row in (marks or {}).items():
+        ax.axhline(row - 0.5, color="black", linewidth=1.5)
+        ax.text(first.shape[1] - 0.5, row - 0.3, f" {name} ", ha="right", va="top", fontsize=8, backgroundcolor="white")
     return ax
 
 

@@ -50,6 +50,14 @@ def chat_ids(tokenizer, prompt, system: str | None = None) -> list[int]:
     return list(ids)
 
 
+def turn_starts(tokenizer, prompt: str) -> dict[str, int]:
+    """Where each part of a one-turn chat starts, in ids: the template's own text (for some models a
+    default system prompt), the user's words, the answer. The user's words start where two one-letter prompts differ."""
+    one, other = chat_ids(tokenizer, "a"), chat_ids(tokenizer, "Z")
+    user = next(i for i, (a, b) in enumerate(zip(one, other)) if a != b)
+    return {"chat template": 0, "user's words": user, "answer": len(chat_ids(tokenizer, prompt))}
+
+
 def reference_file(vocab_size: int) -> Path:
     """The tokenizer file that mistral-common ships for a Mixtral with this vocabulary."""
     import mistral_common

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (TASKS, blog_prompt, blog_readings, chat_ids, compare_ids, hub_fast_tokenizer, reference_ids,
-                     reference_tokenizer)
+                     reference_tokenizer, turn_starts)
 from helpers import BLOG_SAMPLING
 
 BLOG = Path(__file__).resolve().parents[2] / "shared" / "source" / "rocm-blog-mixtral-8x22b.md"
@@ -123,3 +123,13 @@ def test_tasks_match_the_blog_exactly():
     assert text.count("top_k=20") == 4 and text.count("top_p=0.95") == 4
     assert BLOG_SAMPLING == dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.95)
     assert "prompt_template=f'''[INST] {prompt} [/INST]'''" in text
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_turn_starts_finds_the_users_first_word(task, standin_tokenizer):
+    prompt = TASKS[task]["prompt"]
+    for tokenizer in (standin_tokenizer, reference_tokenizer(32768)):
+        parts, ids = turn_starts(tokenizer, prompt), chat_ids(tokenizer, prompt)
+        first_word = tokenizer.convert_ids_to_tokens(ids[parts["user's words"]])
+        assert first_word.lstrip("▁Ġ") == prompt.split()[0] and parts["answer"] == len(ids)
+    assert turn_starts(reference_tokenizer(32768), prompt)["user's words"] == 2  # <s> [INST] ▁Write ...
