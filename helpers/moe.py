@@ -57,20 +57,9 @@ class RouterTrace:
         per_call = [torch.stack([layer[part] for layer in call], dim=1) for call in self.calls]  # [t, L, .]
         return torch.cat(per_call) if per_call else torch.empty(0)
 
-    @property
-    def experts(self):
-        """[T, L, K] expert indices, best first."""
-        return self._stack(0)
-
-    @property
-    def weights(self):
-        """[T, L, K] the renormalised routing weights (they sum to 1 over K)."""
-        return self._stack(1)
-
-    @property
-    def logits(self):
-        """[T, L, E] raw router logits."""
-        return self._stack(2)
+    experts = property(lambda self: self._stack(0), doc="[T, L, K] expert indices, best first.")
+    weights = property(lambda self: self._stack(1), doc="[T, L, K] the renormalised routing weights (sum 1 over K).")
+    logits = property(lambda self: self._stack(2), doc="[T, L, E] raw router logits.")
 
 
 def experts_read_per_step(pipe, prompts: list, max_new_tokens: int = 24, seed: int = 0):
@@ -101,11 +90,7 @@ def trace_generation(pipe, prompt, max_new_tokens: int = 32, seed: int = 0, **kn
 def expert_load(experts, num_experts: int):
     """[L, E] share of routing slots each expert received per layer (rows sum to 1)."""
     import torch
-    T, L, K = experts.shape
-    counts = torch.zeros(L, num_experts)
-    for layer in range(L):
-        counts[layer] = torch.bincount(experts[:, layer, :].flatten(), minlength=num_experts).float()
-    return counts / (T * K)
+    return torch.nn.functional.one_hot(experts, num_experts).float().mean((0, 2))  # [T, L, K, E] -> [L, E]
 
 
 def stickiness(experts):
