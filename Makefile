@@ -1,4 +1,4 @@
-# make run | test | test-all | bench | lab | serve | slides | bundle | notebooks | run-all | setup | standin | clean
+# make run | test | test-all | bench | lab | stop-kernels | screenshots | serve | slides | bundle | notebooks | run-all | setup | standin | clean
 PYTHON ?= python3
 TORCH_INDEX ?=
 VENV   := .venv
@@ -13,7 +13,7 @@ PORT   ?= 8000
 TEST_WORKERS ?= 2
 PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: setup standin run run-all test test-slow test-other-dtype test-all bench bench-quick lab notebooks serve slides bundle clean
+.PHONY: setup standin run run-all test test-slow test-other-dtype test-all bench bench-quick lab stop-kernels screenshots notebooks serve slides bundle clean
 
 setup: $(STAMP)
 
@@ -74,9 +74,18 @@ bench-quick: standin
 lab: standin
 	$(VENV)/bin/jupyter lab notebooks
 
-# One model for the room: transformers serve with the stand-in (HOST=0.0.0.0 to let other machines in).
+# Photograph each notebook's widget after a run (JupyterLab + Chromium) into docs/images/, for static readers.
+screenshots: standin
+	$(PY) -m workshop screenshots
+
+# Shut down every notebook kernel of the running Jupyter servers: each kernel holds its own model in memory.
+stop-kernels:
+	$(PY) -m workshop stop-kernels
+
+# One model for the room: transformers serve with the stand-in and continuous batching (HOST=0.0.0.0 lets
+# other machines in; ONE_AT_A_TIME=1 serves one request at a time).
 serve: standin
-	$(PY) -m helpers serve $(HOST) $(PORT)
+	$(PY) -m helpers serve $(HOST) $(PORT) $(if $(ONE_AT_A_TIME),--one-at-a-time)
 
 # reveal.js decks of the task notebooks (prompt, knobs, the stand-in's answer): build/slides/*.slides.html
 slides: setup

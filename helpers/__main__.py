@@ -1,4 +1,4 @@
-"""Command line: `python -m helpers standin [--verify]` | `dtype [--other]` | `serve [HOST] [PORT]`."""
+"""Command line: `python -m helpers standin [--verify]` | `dtype [--other]` | `serve [HOST] [PORT] [--one-at-a-time]`."""
 import sys
 
 from .hardware import other_cpu_dtype, pick_dtype
@@ -15,7 +15,9 @@ def main() -> int:
         print(other_cpu_dtype() if "--other" in rest else str(pick_dtype()[0]).replace("torch.", ""))
         return 0
     if command == "serve":
-        return serve_forever(rest[0] if rest else "127.0.0.1", int(rest[1]) if len(rest) > 1 else 8000)
+        args = [a for a in rest if not a.startswith("--")]
+        return serve_forever(args[0] if args else "127.0.0.1", int(args[1]) if len(args) > 1 else 8000,
+                             batching="--one-at-a-time" not in rest)
     print(__doc__)
     return 0 if command == "help" else 2
 

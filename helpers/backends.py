@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from .data import API_KEY_ENV, ENDPOINT_ENV, ENDPOINT_MODEL_ENV
+from .data import API_KEY_ENV, ENDPOINT_ENV, ENDPOINT_MODEL_ENV, MAX_TOKENS_ENV, whole_number
 from .loading import load_local
 from .prompts import chat_ids
 
@@ -90,6 +90,8 @@ class Answer:
                 f"{self.first_token_s:.2f} s, then {self.tokens_per_second:.1f} tok/s)")
         if self.settings.get("ignored_by_server"):
             line += f"; ignored by the server: {', '.join(self.settings['ignored_by_server'])}"
+        if self.settings.get("capped_at"):
+            line += f"; capped at {self.settings['capped_at']} new tokens ({MAX_TOKENS_ENV})"
         return line if self.complete else f"INCOMPLETE ({self.note}): {line}"
 
     def __str__(self) -> str:
@@ -169,14 +171,15 @@ class LocalModel:
                                   scores=scores[i] if scores is not None else None))
         return answers
 
-    def describe(self) -> str:
-        m = self.model
-        line = f"local: {type(m).__name__}, {str(m.dtype).replace('torch.', '')}, on {m.device}"
-        recipe = getattr(m, "recipe", None)
-        if recipe is not None:  # its first reason says why this dtype
-            return f"{line}\n{recipe}"
-        reason = getattr(m, "dtype_reason", None)
-        return f"{line} (the blog's plain pipeline)" + (f"\n  - dtype: {reason}" if reason else "")
+    def describe(self, detail: bool = False) -> str:
+        m, recipe = self.model, getattr(self.model, "recipe", None)
+        name = str(getattr(m, "name_or_path", "") or "").rstrip("/").split("/")[-1] or type(m).__name__
+        line = (f"local: {name} ({type(m).__name__}, {str(m.dtype).replace('torch.', '')}, on {m.device}), "
+                + ("the notebooks' fast path" if recipe is not None else "the blog's plain pipeline"))
+        if not detail:
+            return line + (" (08_performance explains it)" if recipe is not None else "")
+        reason = getattr(m, "dtype_reason", None)  # the recipe's first reason says why this dtype
+        return f"{line}\n{recipe}" if recipe is not None else line + (f"\n  - dtype: {reason}" if reason else "")
 
 
 class EndpointError(RuntimeError):
@@ -191,6 +194,7 @@ class Endpoint:
     api_key: str = "none"
     timeout: float = 300.0
     refused: set = field(default_factory=set)  # knobs this server rejected; sent no more
+    max_new_tokens: int | None = None  # a room's cap: longer requests are cut to it, and the answer says so
 
     def __repr__(self) -> str:
         return f"Endpoint({self.base_url}, model={self.model!r})"
@@ -230,7 +234,8 @@ class Endpoint:
         """Stream an answer; a stream cut mid-answer keeps what arrived (complete=False, and why)."""
         if keep_scores:
             raise ValueError("keep_scores=True needs a local model: a served endpoint sends text, not scores")
-        body, ignored = self.request(**knobs, seed=seed)
+        cap = self.max_new_tokens if self.max_new_tokens and knobs["max_new_tokens"] > self.max_new_tokens else None
+        body, ignored = self.request(**dict(knobs, max_new_tokens=cap or knobs["max_new_tokens"]), seed=seed)
         started = time.perf_counter()
         try:
             response = self._client().chat.completions.create(model=self.model, messages=messages, stream=True, **body)
@@ -258,8 +263,8 @@ class Endpoint:
                 raise EndpointError(_reason(exc, self)) from None
             complete, note = False, f"the stream was cut after {len(times)} chunks ({_reason(exc, self)})"
         return Answer(text=text.strip(), new_tokens=len(times), prompt_tokens=0, seconds=time.perf_counter() - started,
-                      settings=dict(knobs, seed=seed, ignored_by_server=ignored), complete=complete, note=note,
-                      token_times=times)
+                      settings=dict(knobs, seed=seed, ignored_by_server=ignored, capped_at=cap), complete=complete,
+                      note=note, token_times=times)
 
     def answer_batch(self, chats: list, knobs: dict, seed=None) -> list[Answer]:
         """Concurrent requests, one per chat (the server batches them); request i gets seed + i."""
@@ -269,7 +274,7 @@ class Endpoint:
             return list(pool.map(lambda i: self.answer(chats[i], knobs, None if seed is None else seed + i),
                                  range(len(chats))))
 
-    def describe(self) -> str:
+    def describe(self, detail: bool = False) -> str:
         return f"served: {self.model} at {self.base_url}"
 
 
@@ -307,8 +312,11 @@ def connect(url: str | None = None, model: str | None = None, api_key: str | Non
     url = (url or os.environ.get(ENDPOINT_ENV, "")).strip().rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise EndpointError(f"{ENDPOINT_ENV}={url!r} is not a URL: use for example http://gpu-node:8000/v1")
+    cap = os.environ.get(MAX_TOKENS_ENV, "").strip()
     endpoint = Endpoint(url, model or os.environ.get(ENDPOINT_MODEL_ENV, "").strip(),
-                        api_key or os.environ.get(API_KEY_ENV, "none") or "none")
+                        api_key or os.environ.get(API_KEY_ENV, "none") or "none",
+                        max_new_tokens=whole_number(MAX_TOKENS_ENV, int(cap) if cap.isdigit() else cap, 1,
+                                                    " (new tokens per served answer)") if cap else None)
     if not endpoint.model:
         endpoint.model = endpoint.served_models()[0]
     return endpoint
@@ -332,7 +340,7 @@ def as_backend(pipe):
     raise TypeError(f"{type(pipe).__name__} does not answer prompts: pass what load_pipeline() returned")
 
 
-def describe(pipe) -> str:
-    """One line on what answers: a served endpoint, or the local model, its dtype, device and fast path."""
-    return as_backend(pipe).describe()
-
+def describe(pipe, detail: bool = False) -> str:
+    """One line on what answers: a served endpoint, or the local model, its dtype and device;
+    `detail=True` adds the fast path's settings and why this machine gets them."""
+    return as_backend(pipe).describe(detail)

@@ -129,6 +129,9 @@ def run_sandboxed(code: str, cases=None, names=("minDistance", "min_distance", "
     an audit hook that refuses process creation, sockets, ctypes and writes outside its
     directory, a wall-clock timeout that kills its whole process group, and output capped at
     `output_kib`. As root it runs as the user nobody."""
+    if sys.platform != "linux":
+        raise OSError(f"run_sandboxed runs model code on Linux only (this is {sys.platform}): its limits on memory, "
+                      f"processes and CPU time are verified there alone. Use Linux or WSL 2 (README, Platforms).")
     cases = edit_distance_cases() if cases is None else cases
     if code is None or not code.strip():
         return SandboxResult("no function found", "the answer contains no code")

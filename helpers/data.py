@@ -13,6 +13,7 @@ CACHE_ENV = "MIXTRAL_NOTEBOOKS_CACHE"          # where the stand-in and tokenize
 ENDPOINT_ENV = "MIXTRAL_ENDPOINT"              # an OpenAI-compatible server, e.g. http://gpu-node:8000/v1
 API_KEY_ENV = "MIXTRAL_API_KEY"
 ENDPOINT_MODEL_ENV = "MIXTRAL_ENDPOINT_MODEL"  # the model name that server serves
+MAX_TOKENS_ENV = "MIXTRAL_MAX_NEW_TOKENS"      # a room's cap on new tokens per served answer
 
 # ---------------------------------------------------------------- the blog: prompts, knobs, answers
 BLOG_TEMPLATE = "[INST] {prompt} [/INST]"
@@ -72,8 +73,8 @@ REFERENCE_TOKENIZERS = {
 # torch device with 64 GiB and half the 3.2 TB/s), NVIDIA A100 80GB SXM, H100 SXM, H200 SXM.
 GPU_TYPES = {
     "MI300X": dict(memory_gib=192, bandwidth_tbs=5.3),
-    "MI250X": dict(memory_gib=64, bandwidth_tbs=1.6),   # per GCD (torch device)
-    "MI250": dict(memory_gib=64, bandwidth_tbs=1.6),    # per GCD (torch device)
+    "MI250X": dict(memory_gib=64, bandwidth_tbs=1.6, unit="GCD"),   # per GCD (torch device), two per card
+    "MI250": dict(memory_gib=64, bandwidth_tbs=1.6, unit="GCD"),    # per GCD (torch device), two per card
     "H200": dict(memory_gib=141, bandwidth_tbs=4.8),
     "H100": dict(memory_gib=80, bandwidth_tbs=3.35),
     "A100": dict(memory_gib=80, bandwidth_tbs=2.0),

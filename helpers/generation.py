@@ -128,13 +128,14 @@ def generate_batch(pipe, prompts: list, max_new_tokens: int = 128, seed: int | N
 
 
 def next_token_distribution(pipe, prompt, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                            show: int = 15, answer_prefix: str = "") -> dict:
+                            show: int = 30, answer_prefix: str = "") -> dict:
     """The model's next-token probabilities for `prompt`, and how each knob reshapes them.
 
     Uses transformers' own warpers, in the order `generate()` applies them (temperature, then
     top-k, then top-p). `answer_prefix` is the start of the answer, already written.
-    Returns {stage: [(token, probability), ...]} over the `show` most likely
-    tokens of the raw distribution, so every stage is drawn on the same tokens."""
+    Returns {stage: [(token, probability), ...]} over the `show` most likely tokens of the raw
+    distribution, so every stage is drawn on the same tokens (0 where a warper removed one), with
+    `.survivors`: {stage: how many tokens of the whole vocabulary can still be drawn}."""
     import torch
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -158,23 +159,40 @@ def next_token_distribution(pipe, prompt, temperature: float = 1.0, top_k: int =
     probs = {name: torch.softmax(s, dim=-1)[0] for name, s in stages.items()}  # [V] each
     shown = torch.topk(probs["raw (temperature 1)"], show).indices.tolist()
     tokens = local.tokenizer.convert_ids_to_tokens(shown)
-    return {name: [(t, p[i].item()) for t, i in zip(tokens, shown)] for name, p in probs.items()}
+    result = Stages({name: [(t, p[i].item()) for t, i in zip(tokens, shown)] for name, p in probs.items()})
+    result.survivors = {name: int(torch.isfinite(s).sum()) for name, s in stages.items()}
+    return result
+
+
+class Stages(dict):
+    """next_token_distribution's answer: a dict of stages, and `survivors` per stage."""
+    survivors: dict = {}
 
 
 def draw_distribution(stages: dict, title: str = "Next-token probabilities"):
-    """One bar chart per stage, the same tokens on every row."""
+    """One bar chart per stage, the same tokens on every row; a token a warper removed is greyed out,
+    its bar at the probability it had before (the stage to its left)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(stages), figsize=(3.3 * len(stages), 4), sharey=True)
-    top = max(p for rows in stages.values() for _, p in rows)
+    fig, axes = plt.subplots(1, len(stages), figsize=(3.3 * len(stages), 0.16 * len(next(iter(stages.values()))) + 2),
+                             sharey=True)
+    top, before = max(p for rows in stages.values() for _, p in rows), None
     for ax, (name, rows) in zip(axes, stages.items()):
         tokens = [t.replace("Ġ", "␣").replace("▁", "␣").replace("Ċ", "\\n") for t, _ in rows]
-        ax.barh(range(len(rows)), [p for _, p in rows], color="#4c72b0")
-        ax.set_yticks(range(len(rows)), tokens, fontsize=8)
+        ghost = [b if p == 0 else 0 for (_, p), (_, b) in zip(rows, before or rows)]
+        for i, (_, p) in enumerate(rows):
+            if p == 0:
+                ax.axhspan(i - 0.5, i + 0.5, color="#ececec", linewidth=0)
+        ax.barh(range(len(rows)), ghost, color="#a0a0a0", label="removed")
+        ax.barh(range(len(rows)), [p for _, p in rows], color="#4c72b0", label="can be drawn")
+        ax.set_yticks(range(len(rows)), tokens, fontsize=7)
         ax.set_xlim(0, min(1.0, top * 1.1))
-        ax.set_title(name, fontsize=10)
+        left = getattr(stages, "survivors", {}).get(name)
+        ax.set_title(name + (f"\n{left:,} tokens left" if left is not None else ""), fontsize=9)
         ax.set_xlabel("probability")
+        before = rows
     axes[0].invert_yaxis()
+    axes[-1].legend(loc="lower right", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     return fig

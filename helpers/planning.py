@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass, field
 
 from . import hardware
-from .data import DTYPE_BYTES, GPU_TYPES, GiB, whole_number
+from .data import DTYPE_BYTES, GPU_TYPES, RESERVED, GiB, whole_number
 from .sizing import as_config, decode_bytes, dtype_bytes, kv_bytes_per_token, parameter_count, usable
 
 @dataclass
@@ -29,16 +29,26 @@ class Plan:
     ceiling_tensor_parallel: float = 0.0  # tok/s at batch 1 if all GPUs read at once (vLLM)
     advice: str = ""
 
+    @property
+    def label(self) -> str:
+        """"8x MI300X"; for a card with two dies, the dies the system shows as GPUs: "8x MI250X GCD"."""
+        return f"{self.count}x {gpu_name(self.gpu)}"
+
     def summary(self) -> str:
-        need = (self.weights_bytes + self.kv_bytes) / GiB
-        head = (f"{self.model} in {self.precision}, {self.context} tokens of context, on {self.count}x {self.gpu}: "
+        need, has = (self.weights_bytes + self.kv_bytes) / GiB, self.capacity_bytes / GiB
+        head = (f"{self.model} in {self.precision}, {self.context} tokens of context, on {self.label}: "
                 f"needs {need:.0f} GiB (weights {self.weights_bytes / GiB:.0f} + KV cache {self.kv_bytes / GiB:.1f}), "
-                f"has {self.capacity_bytes / GiB:.0f} GiB usable")
+                f"has {has:.0f} GiB usable ({RESERVED:.0%} of each GPU kept free)")
         if not self.fits:
-            return f"{head}. DOES NOT FIT. {self.advice}"
-        return (f"{head}. Fits: layers per GPU {self.layers_per_gpu}. Decode ceiling at batch 1: "
-                f"{self.ceiling_pipeline:.0f} tok/s with device_map=\"auto\", "
-                f"{self.ceiling_tensor_parallel:.0f} tok/s with tensor parallelism." + (f" {self.advice}" if self.advice else ""))
+            return f"{head}. DOES NOT FIT: {need - has:.0f} GiB missing. {self.advice}"
+        return (f"{head}. Fits, {has - need:.0f} GiB to spare: layers per GPU {self.layers_per_gpu}. Decode ceiling "
+                f"at batch 1: {self.ceiling_pipeline:.0f} tok/s with device_map=\"auto\", "
+                f"{self.ceiling_tensor_parallel:.0f} tok/s with tensor parallelism."
+                + (f" {self.advice}" if self.advice else ""))
+
+
+def gpu_name(gpu: str) -> str:
+    return f"{gpu} {GPU_TYPES[gpu]['unit']}" if "unit" in GPU_TYPES.get(gpu, {}) else gpu
 
 
 def plan(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", gpu: str = "MI300X", count: int = 8,
@@ -70,10 +80,9 @@ def plan(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", gpu: str = "MI300
     name = model if isinstance(model, str) else "model"
     result = Plan(name, gpu, count, precision, context, weights, kv, capacity, fits=weights + kv <= capacity)
     if not result.fits:
-        short = (weights + kv - capacity) / GiB
         more = -(-(weights + kv) // per_gpu)
         lower = [p for p, s in DTYPE_BYTES.items() if s < size and parts["total"] * s + kv <= capacity]
-        result.advice = (f"Short by {short:.0f} GiB. It would fit on {more}x {gpu}"
+        result.advice = (f"It would fit on {more}x {gpu_name(gpu)}"
                          + (f", or in {lower[0]} on these {count}" if lower else "") + ".")
         return result
     result.device_map = auto_device_map(config, count, per_gpu - kv // count, precision)
@@ -140,7 +149,7 @@ def draw_plan(p: Plan, ax=None):
     ax.invert_yaxis()
     ax.set_xlabel("GiB (grey: usable memory, blue: decoder layers, orange: KV cache, red: what does not fit)")
     verdict = "fits" if p.fits else "does not fit"
-    ax.set_title(f"{p.model.split('/')[-1]}, {p.precision}, {p.context} ctx: {verdict} on {p.count}x {p.gpu}")
+    ax.set_title(f"{p.model.split('/')[-1]}, {p.precision}, {p.context} ctx: {verdict} on {p.label}")
     return ax
 
 

@@ -16,7 +16,8 @@ import urllib.request
 from dataclasses import dataclass
 
 from .backends import Endpoint, EndpointError
-from .data import ENDPOINT_ENV, ENDPOINT_MODEL_ENV
+from .data import ENDPOINT_ENV, ENDPOINT_MODEL_ENV, MAX_TOKENS_ENV, TASKS, whole_number
+from .generation import generate_batch
 from .hardware import pick_dtype
 from .loading import model_path
 
@@ -42,14 +43,26 @@ class LocalServer:
                 self.process.kill()
                 self.process.wait()
 
+    def peak_mib(self) -> int | None:
+        """The server process's peak resident memory so far, in MiB (Linux: /proc), else None."""
+        try:
+            with open(f"/proc/{self.process.pid}/status") as status:
+                return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmHWM"))
+        except (OSError, StopIteration):
+            return None
+
     def env(self) -> dict:
         return {ENDPOINT_ENV: self.url, ENDPOINT_MODEL_ENV: self.model}
 
 
 def start_local_server(model: str | None = None, port: int | None = None, dtype: str | None = None,
-                       wait_s: float = 180, host: str = "127.0.0.1") -> LocalServer:
+                       wait_s: float = 180, host: str = "127.0.0.1", batching: bool = True,
+                       cb_blocks: int = 64) -> LocalServer:
     """`transformers serve` on `host` (loopback by default) with the stand-in (or `model`),
-    ready when this returns. For a room, host="0.0.0.0" lets other machines connect."""
+    ready when this returns. For a room, host="0.0.0.0" lets other machines connect.
+    `batching`: continuous batching (paged attention), so that concurrent requests share each
+    decode step; False serves one request at a time. Its KV cache holds `cb_blocks` x 256 tokens:
+    left to itself, transformers sizes it at 60% of a CPU machine's RAM."""
     model = model or model_path()
     port = port or free_port()
     dtype = dtype or str(pick_dtype()[0]).replace("torch.", "")
@@ -57,7 +70,8 @@ def start_local_server(model: str | None = None, port: int | None = None, dtype:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
     cli = os.path.join(os.path.dirname(sys.executable), "transformers")
     process = subprocess.Popen([cli, "serve", "--host", host, "--port", str(port), "--dtype", dtype,
-                                "--device", "auto", "--log-level", "warning", model],
+                                "--device", "auto", "--log-level", "warning", model]
+                               + (["--continuous-batching", "--cb-num-blocks", str(cb_blocks)] if batching else []),
                                stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = LocalServer(process, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/v1", model, log)
     atexit.register(server.stop)  # a kernel that exits takes its server with it
@@ -76,16 +90,35 @@ def start_local_server(model: str | None = None, port: int | None = None, dtype:
     raise EndpointError(f"transformers serve did not answer within {wait_s:.0f} s; see {log}")
 
 
-def serve_forever(host: str = "127.0.0.1", port: int = 8000) -> int:
-    """`make serve`: start the server, say what to set in the notebooks, run until Ctrl-C."""
+def room_load(endpoint, users=(1, 4, 16, 30), max_new_tokens: int = 24) -> list[dict]:
+    """For each room size n: n users send the blog's prompts at once (request i: prompt i mod 4).
+    What the server gives in all (tok/s), and what each user waits: first token, whole answer."""
+    prompts = [task["prompt"] for task in TASKS.values()]
+    rows = []
+    for n in users:
+        whole_number("users", n, 1)
+        started = time.perf_counter()
+        answers = generate_batch(endpoint, [prompts[i % len(prompts)] for i in range(n)], max_new_tokens, seed=0)
+        seconds, tokens = time.perf_counter() - started, sum(a.new_tokens for a in answers)
+        rows.append(dict(users=n, seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds,
+                         first_token_mean_s=sum(a.first_token_s for a in answers) / n,
+                         first_token_max_s=max(a.first_token_s for a in answers),
+                         answer_max_s=max(a.seconds for a in answers), complete=all(a.complete for a in answers)))
+    return rows
+
+
+def serve_forever(host: str = "127.0.0.1", port: int = 8000, batching: bool = True) -> int:
+    """`make serve`: start the server (continuous batching unless `batching=False`), say what to
+    set in the notebooks, run until Ctrl-C."""
     def interrupt(*_):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the server too, not only Ctrl-C
     print(f"starting transformers serve with the stand-in on {host}:{port} (the model loads first)...", flush=True)
-    server = start_local_server(port=port, host=host)
+    server = start_local_server(port=port, host=host, batching=batching)
     where = socket.gethostname() if host in ("0.0.0.0", "::") else "127.0.0.1"
     print(f"\nready. In the notebooks' environment (before `make lab`), set:\n"
           f"    export {ENDPOINT_ENV}=http://{where}:{port}/v1\n    export {ENDPOINT_MODEL_ENV}={server.model}\n"
+          f"    export {MAX_TOKENS_ENV}=256   # optional: the room's cap on new tokens per answer\n"
           f"log: {server.log}. Ctrl-C stops the server.", flush=True)
     try:
         server.process.wait()

@@ -148,7 +148,7 @@ class SamplingPanel:
         self.ui.close()
 
 
-def distribution_explorer(pipe, prompt: str, answer_prefix: str = "", show: int = 15):
+def distribution_explorer(pipe, prompt: str, answer_prefix: str = "", show: int = 30):
     """Sliders for temperature, top_k and top_p over a plot of the next-token distribution,
     redrawn when a slider is released (continuous_update=False)."""
     import ipywidgets as w

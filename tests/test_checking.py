@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,9 @@ def test_diversity_measures():
     assert duplicate_lines(same) == 2 and duplicate_lines(varied) == 0
     assert diversity(varied)["samples"] == 3
     assert distinct_n([], 1) == 0.0
+
+
+def test_the_sandbox_refuses_systems_where_its_limits_are_unverified(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(OSError, match="Linux only .*darwin.*WSL 2"):
+        run_sandboxed("def minDistance(a, b):\n    return 0\n", [("a", "b", 1)])

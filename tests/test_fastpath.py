@@ -70,5 +70,6 @@ def test_load_pipeline_takes_the_fast_path_unless_told_not_to(tiny_mixtral_dir):
     fast = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32)
     plain = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32, fast=False)
     assert fast.model.config._experts_implementation == "per_token"
-    assert "fast path on cpu" in describe(fast) and "blog's plain pipeline" in describe(plain)
+    assert "fast path on cpu" in describe(fast, detail=True) and "blog's plain pipeline" in describe(plain)
+    assert len(describe(fast).splitlines()) == 1 and "fast path" in describe(fast)
     assert not hasattr(plain.model, "recipe")

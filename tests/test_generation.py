@@ -130,3 +130,20 @@ def test_a_prompt_longer_than_the_context_says_how_long_each_is(tiny_pipe):
     long_prompt = "word " * 400  # the tiny model's context holds 256 tokens
     with pytest.raises(ValueError, match=r"the prompt is \d+ tokens long and the model's context holds 256: shorten"):
         generate(tiny_pipe, long_prompt, max_new_tokens=2)
+
+
+def test_the_distribution_counts_what_each_warper_leaves(standin_tokenizer):
+    """06's plots: every stage on the same tokens, 0 where a warper removed one, and the survivors counted
+    over the whole vocabulary (top-k leaves k, top-p at most that)."""
+    from conftest import tiny_llama
+    from helpers import draw_distribution, next_token_distribution
+    from helpers.backends import LocalModel
+
+    pipe = LocalModel(model=tiny_llama(), tokenizer=standin_tokenizer)
+    stages = next_token_distribution(pipe, "Tell me a joke.", temperature=0.8, top_k=20, top_p=0.5)
+    raw, warm, top_k, top_p = stages.values()
+    assert len(raw) == 30 and [t for t, _ in raw] == [t for t, _ in top_p]
+    assert list(stages.survivors.values())[:3] == [49152, 49152, 20]
+    assert 1 <= stages.survivors["+ top_p 0.5"] <= 20
+    assert sum(p > 0 for _, p in top_k) == 20 and sum(p > 0 for _, p in top_p) == stages.survivors["+ top_p 0.5"]
+    assert len(draw_distribution(stages).axes) == 4  # one panel per stage

@@ -88,7 +88,7 @@ def test_the_dtype_override_loads_and_is_shown(tiny_mixtral_dir, monkeypatch, fo
     for fast in (True, False):
         pipe = load_pipeline(str(tiny_mixtral_dir), fast=fast)
         assert pipe.model.dtype == dtype
-        assert f"MIXTRAL_DTYPE={forced}: {forced} forced" in describe(pipe)
+        assert f"MIXTRAL_DTYPE={forced}: {forced} forced" in describe(pipe, detail=True)
     monkeypatch.setenv("MIXTRAL_DTYPE", "fp8")
     with pytest.raises(ValueError, match="MIXTRAL_DTYPE='fp8'"):
         load_pipeline(str(tiny_mixtral_dir))

@@ -6,7 +6,7 @@ import nbformat
 import pytest
 
 from helpers import TASKS
-from workshop.walkthrough import ANSWER_TAG, BLOG_WALKTHROUGH, answers, main, notebook_paths, selected
+from workshop.walkthrough import ANSWER_TAG, BLOG_WALKTHROUGH, MEASURED, answers, main, notebook_paths, selected, stamp
 
 NOTEBOOKS = {p.stem: p for p in notebook_paths()}
 TASK_NOTEBOOKS = {"02_poem": "poem", "03_code": "code", "04_jokes": "jokes", "05_translation": "translation"}
@@ -27,6 +27,29 @@ def test_notebook_opens_and_closes_the_same_way(name):
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert any(c.get("outputs") for c in code), "commit notebooks with the stand-in's outputs (make notebooks)"
     assert not any(o.get("output_type") == "error" for c in code for o in c["outputs"])
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_header_time_is_the_measured_one(name):
+    """The "about N s" of each header comes from the last `make notebooks` run, kept within 2x of it."""
+    nb = json.loads(NOTEBOOKS[name].read_text())
+    measured = nb["metadata"].get("measured")
+    assert measured, "make notebooks records each run's time and peak memory in the notebook's metadata"
+    phrase = MEASURED.search("".join(nb["cells"][0]["source"]))
+    assert phrase, "the header says how long the notebook takes, in the phrase make notebooks updates"
+    number, unit = re.match(r"about ([\d,]+) (s|min)", phrase.group(0)).groups()
+    stated = int(number.replace(",", "")) * (60 if unit == "min" else 1)
+    assert measured["seconds"] / 2 <= stated <= measured["seconds"] * 2, (stated, measured)
+
+
+def test_stamp_records_the_run_and_rewrites_the_header():
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
+        "x: about 0 s with the stand-in on a 2-core CPU (measured by `make notebooks`).")])
+    stamp(nb, 143.0, 2100, 900)
+    assert nb.metadata["measured"]["seconds"] == 143 and nb.metadata["measured"]["kernel_peak_mib"] == 2100
+    assert nb.cells[0].source.startswith("x: about 2 min with the stand-in on a ")
+    stamp(nb, 23.0, 1, 1)
+    assert "about 25 s with" in nb.cells[0].source
 
 
 def as_python(nb) -> str:
@@ -83,3 +106,29 @@ def test_make_run_runs_the_blogs_walkthrough_and_run_all_runs_every_notebook():
 def test_an_unknown_notebook_name_is_refused_before_anything_runs(capsys):
     assert main(["no_such_notebook"]) == 2
     assert "no notebook matches 'no_such_notebook'" in capsys.readouterr().err
+
+
+def test_glossary_defines_the_terms_and_points_to_real_notebooks():
+    text = (NOTEBOOKS["00_setup"].parent.parent / "docs" / "glossary.md").read_text()
+    for term in ("Ceiling", "Decode", "Expert parallelism", "GCD", "Tensor parallelism", "Top-k", "Top-p", "TTFT",
+                 "Upcycling"):
+        assert f"**{term}" in text, term
+    named = re.findall(r"`(\d\d_\w+)`", text)
+    assert named and set(named) <= set(NOTEBOOKS)
+
+
+@pytest.mark.parametrize("name", ["02_poem", "03_code", "04_jokes", "05_translation", "06_sampling_lab"])
+def test_each_widget_is_followed_by_its_photograph(name):
+    """Static readers see the panels: after each widget cell, a markdown cell shows the photograph that
+    `make screenshots` took of it in a real browser, and the image is in the repository."""
+    from workshop.browser import IMAGES, SHOT_TAG, WIDGETS
+
+    assert name in WIDGETS
+    cells = nbformat.read(NOTEBOOKS[name], as_version=4).cells
+    shots = [i for i, c in enumerate(cells) if SHOT_TAG in c.metadata.get("tags", [])]
+    assert len(shots) == 1 and cells[shots[0]].cell_type == "markdown"
+    widget = cells[shots[0] - 1]
+    assert widget.cell_type == "code" and ("SamplingPanel(" in widget.source or "distribution_explorer(" in widget.source)
+    image = IMAGES / f"widget-{name}.png"
+    assert f"(../docs/images/{image.name})" in cells[shots[0]].source
+    assert image.is_file() and image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 10_000

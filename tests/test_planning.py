@@ -1,3 +1,6 @@
+import re
+from pathlib import Path
+
 import pytest
 
 from helpers.data import GPU_TYPES
@@ -27,13 +30,15 @@ def test_fit_decisions_and_device_maps(gpu, count, precision, fits, layers):
             assert p.layers_per_gpu == layers
         assert p.ceiling_tensor_parallel == pytest.approx(count * p.ceiling_pipeline)
     else:
-        assert "Short by" in p.advice and "DOES NOT FIT" in p.summary()
+        missing = (p.weights_bytes + p.kv_bytes - p.capacity_bytes) / GiB
+        assert f"DOES NOT FIT: {missing:.0f} GiB missing. It would fit on" in p.summary()
 
 
 def test_advice_says_what_would_fit():
     p = plan(BIG, gpu="MI300X", count=1)
     assert "2x MI300X" in p.advice and "int8" in p.advice
-    assert p.advice.startswith(f"Short by {(p.weights_bytes + p.kv_bytes - p.capacity_bytes) / GiB:.0f} GiB")
+    assert p.advice.startswith("It would fit on 2x MI300X")
+    assert "needs 263 GiB" in p.summary() and "has 173 GiB usable (10% of each GPU kept free)" in p.summary()
 
 
 def test_decode_ceiling_is_bandwidth_over_the_bytes_a_token_reads():
@@ -70,3 +75,15 @@ def test_custom_gpu():
     p = plan(SMALL, gpu="my GPU", count=1, gpu_memory_gib=141, bandwidth_tbs=4.8)
     assert p.fits and p.ceiling_pipeline == pytest.approx(plan(SMALL, gpu="H200", count=1).ceiling_pipeline)
     assert set(GPU_TYPES) >= {"MI300X", "MI250X", "MI250", "H100", "H200", "A100"}
+
+
+def test_readme_hardware_column_is_the_planners_fewest_gpus():
+    """README's model table: the fewest GPUs of each kind that hold each model, as the planner says."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for model in ("mistralai/Mixtral-8x22B-Instruct-v0.1", "mistralai/Mixtral-8x7B-Instruct-v0.1"):
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{model}`"))
+        stated = re.findall(r"(\d+)x (\w+)", row.split("|")[-2])
+        assert {g for _, g in stated} == {"MI300X", "H200", "H100", "A100", "MI250X"}
+        for count, gpu in stated:
+            assert plan(model, gpu=gpu, count=int(count)).fits
+            assert int(count) == 1 or not plan(model, gpu=gpu, count=int(count) - 1).fits

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from helpers import (Endpoint, EndpointError, SamplingPanel, generate, generate_batch, generate_many, load_pipeline,
-                     start_local_server)
+                     room_load, start_local_server)
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +169,26 @@ def test_stream_cut_mid_answer_keeps_the_partial_text():
         assert answer.text == arrived[-1].strip() and answer.new_tokens >= 3 and answer.text
     finally:
         own.stop()
+
+
+def test_a_rooms_cap_cuts_long_requests_and_says_so(server, monkeypatch):
+    monkeypatch.setenv("MIXTRAL_ENDPOINT", server.url)
+    monkeypatch.setenv("MIXTRAL_ENDPOINT_MODEL", server.model)
+    monkeypatch.setenv("MIXTRAL_MAX_NEW_TOKENS", "5")
+    capped = load_pipeline()
+    answer = generate(capped, "Tell me a long story.", max_new_tokens=40, do_sample=False)
+    assert answer.new_tokens <= 5 and answer.settings["capped_at"] == 5
+    assert "capped at 5 new tokens (MIXTRAL_MAX_NEW_TOKENS)" in answer.stats()
+    assert generate(capped, "Hi", max_new_tokens=3, do_sample=False).settings["capped_at"] is None
+    monkeypatch.setenv("MIXTRAL_MAX_NEW_TOKENS", "lots")
+    with pytest.raises(ValueError, match="MIXTRAL_MAX_NEW_TOKENS='lots'.*whole number >= 1"):
+        load_pipeline()
+
+
+def test_room_load_measures_each_room_size(endpoint, server):
+    rows = room_load(endpoint, users=(1, 3), max_new_tokens=4)
+    assert [r["users"] for r in rows] == [1, 3] and all(r["complete"] for r in rows)
+    for r in rows:
+        assert r["tokens"] <= 4 * r["users"] and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+        assert 0 < r["first_token_mean_s"] <= r["first_token_max_s"] <= r["answer_max_s"] <= r["seconds"]
+    assert 500 < server.peak_mib() < 20_000  # the server's peak memory, read from /proc

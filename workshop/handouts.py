@@ -124,7 +124,7 @@ touch "$project/.venv/.installed"
 echo "== building the stand-in model (about a minute, once)"
 (cd "$project" && .venv/bin/python -m helpers standin --verify)
 echo
-echo "Ready. Start the notebooks with:  cd $project && make lab"
+echo "Ready, in $SECONDS s. Start the notebooks with:  cd $project && make lab"
 echo "Slides: open $here/slides/02_poem.slides.html in a browser."
 """
 

@@ -6,6 +6,7 @@ into notebooks/ (what `make notebooks` calls, before a commit)."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,13 @@ BUILD = ROOT / "build"
 ANSWER_TAG = "task-output"  # cells whose printed output is the task's answer
 # The blog's own walkthrough: setup, loading and its four tasks. Ours (06 on) run with --all.
 BLOG_WALKTHROUGH = ("00_setup", "01_loading", "02_poem", "03_code", "04_jokes", "05_translation")
+
+
+# Appended to each run, then removed: the kernel's peak memory, and its subprocesses' (servers, benchmarks).
+PEAK_CELL = ("import resource as _r\n"
+             "print(_r.getrusage(_r.RUSAGE_SELF).ru_maxrss, _r.getrusage(_r.RUSAGE_CHILDREN).ru_maxrss)")
+# The header's time, rewritten from the measured run by --inplace (tests/test_notebooks.py keeps it within 2x).
+MEASURED = re.compile(r"about [\d,]+ (?:s|min) with the stand-in on a \d+-core CPU \(measured by `make notebooks`\)")
 
 
 def notebook_paths() -> list[Path]:
@@ -46,6 +54,7 @@ def run_notebook(path: Path, inplace: bool = False, timeout: int = 1800):
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(path, as_version=4)
+    nb.cells.append(nbformat.v4.new_code_cell(PEAK_CELL))
     code_cells = sum(c.cell_type == "code" for c in nb.cells)
     done = {"n": 0}
     started = time.perf_counter()
@@ -64,8 +73,11 @@ def run_notebook(path: Path, inplace: bool = False, timeout: int = 1800):
                             on_cell_execute=progress)
     try:
         client.execute()
+        peaks = [int(k) // 1024 for k in nb.cells[-1].outputs[0]["text"].split()]  # KiB -> MiB
+        stamp(nb, time.perf_counter() - started, *peaks)
     finally:
         print(file=sys.stderr)
+        nb.cells.pop()
         _clean(nb)
         BUILD.mkdir(exist_ok=True)
         nbformat.write(nb, BUILD / path.name)
@@ -74,6 +86,16 @@ def run_notebook(path: Path, inplace: bool = False, timeout: int = 1800):
     if inplace:
         nbformat.write(nb, path)
     return nb
+
+
+def stamp(nb, seconds: float, kernel_mib: int, subprocess_mib: int) -> None:
+    """Record a run in the notebook's metadata, and put its time in the header's "about N s" phrase."""
+    cores = os.cpu_count()
+    nb.metadata["measured"] = dict(seconds=round(seconds), kernel_peak_mib=kernel_mib,
+                                   subprocess_peak_mib=subprocess_mib, cpu_cores=cores)
+    about = f"about {max(5, round(seconds / 5) * 5)} s" if seconds < 90 else f"about {round(seconds / 60)} min"
+    nb.cells[0].source = MEASURED.sub(f"{about} with the stand-in on a {cores}-core CPU (measured by `make notebooks`)",
+                                      nb.cells[0].source)
 
 
 def answers(nb) -> list[str]:
