@@ -166,7 +166,7 @@ def next_token_distribution(pipe, prompt, temperature: float = 1.0, top_k: int =
 
 class Stages(dict):
     """next_token_distribution's answer: a dict of stages, and `survivors` per stage."""
-    survivors: dict = {}
+    survivors: dict
 
 
 def draw_distribution(stages: dict, title: str = "Next-token probabilities"):

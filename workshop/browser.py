@@ -7,13 +7,14 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+from helpers.serving import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -24,18 +25,12 @@ WIDGETS = {"02_poem": "panel", "03_code": "panel", "04_jokes": "panel", "05_tran
 SHOT_TAG = "widget-screenshot"  # the markdown cell after a widget cell that shows its photograph
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def jupyter_lab(notebooks: list[Path], root: Path | None = None):
+def jupyter_lab(notebooks: list[Path]):
     """JupyterLab on 127.0.0.1, no token, over copies of `notebooks` (the originals are never touched);
     yields its URL."""
     with tempfile.TemporaryDirectory(prefix="lab-") as scratch:
-        root = Path(root or scratch)
+        root = Path(scratch)
         for path in notebooks:
             shutil.copy(path, root / path.name)
         settings = root / ".settings" / "@jupyterlab" / "apputils-extension"
