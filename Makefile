@@ -44,7 +44,7 @@ run: standin
 	@echo "== running the blog's walkthrough (00-05) headless: build/*.ipynb and build/*.html"
 	$(PY) -m workshop walkthrough
 
-# Every notebook, ours (06-09) too.
+# Every notebook, ours (06-10) too.
 run-all: standin
 	$(PY) -m workshop walkthrough --all
 

@@ -38,10 +38,11 @@ def bench_table(result: dict) -> str:
         compile_note = f" (+{r['compile_s']:.0f} s compile)" if r.get("compile_s") else ""
         batch_note = f", {r['sequences']} prompts" + (" batched" if r["batch"] > 1 else " in turn") if r["sequences"] > 1 else ""
         spread = (f" ({min(r['all_tok_s']):.1f}-{max(r['all_tok_s']):.1f})" if len(r.get("all_tok_s", [])) > 1 else "")
+        ratio = f"{r['vs_naive']:.2f}x" if r.get("vs_naive") else "-"  # without the blog's row, no ratio
         lines.append(
             f"| {r['name']} | {r['dtype']} | {r['experts']}{batch_note} | {r['load_s']:.1f}{compile_note} | {r['ttft_s']:.2f} "
             f"| {r['decode_tok_s']:.1f}{spread} | {r['ceiling_tok_s']:.1f} | {r['efficiency']:.0%} "
-            f"| {r['vs_naive']:.2f}x | {r['peak_memory'] / GiB:.1f} |")
+            f"| {ratio} | {r['peak_memory'] / GiB:.1f} |")
     return "\n".join(lines)
 
 
@@ -62,6 +63,14 @@ def bench_summary(result: dict) -> str:
             lines.append(f"the matrix-vector kernels alone, at the best speed measured for each weight shape here, "
                          f"allow {fast['matvec_ceiling_tok_s']:.1f} tok/s "
                          f"({fast['matvec_ceiling_tok_s'] / fast['ceiling_tok_s']:.0%} of the bandwidth ceiling)")
+    for scheme in ("int8", "int4"):
+        quantized = rows.get(f"{scheme} weights (fast path)")
+        if quantized and naive:
+            lines.append(f"{scheme} weights: {quantized['decode_tok_s']:.1f} tok/s = {quantized['vs_naive']:.2f}x the blog's path"
+                         + (f", {quantized['decode_tok_s'] / fast['decode_tok_s']:.2f}x the fast path" if fast else "")
+                         + f", for {quantized['bytes_per_token'] / 2**20:.0f} MiB read per token "
+                         f"({naive['bytes_per_token'] / quantized['bytes_per_token']:.1f}x fewer than the blog's path): "
+                         f"{quantized['efficiency']:.0%} of its {quantized['ceiling_tok_s']:.0f} tok/s ceiling")
     one, many = rows.get("4 prompts, one at a time (fast path)"), rows.get("4 prompts, one batch (fast path)")
     if one and many:
         lines.append(f"four prompts as one batch: {many['throughput_tok_s']:.1f} tok/s in all against "

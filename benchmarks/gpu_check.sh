@@ -3,7 +3,8 @@
 # torch (make setup TORCH_INDEX=...; see README). It
 #   1. runs the walkthrough notebooks 00-05 on the GPU with the stand-in (bf16, device_map="auto"),
 #   2. times Mixtral-8x22B's real layer dimensions, a few layers deep, random bf16 weights
-#      (benchmarks/layer_bench.py), and extrapolates the full model's tokens/s,
+#      (benchmarks/layer_bench.py), per experts implementation and with int8 weights (torch's CUDA
+#      int8 kernel, helpers/quantize.py), and extrapolates the full model's tokens/s,
 # and writes both into benchmarks/results/<date>-<gpu>.md, to be committed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -41,6 +41,7 @@ class Config:
     prompts: int = 1             # how many of the blog's prompts
     batch: bool = False          # the prompts as one batch, not one after another
     dense: bool = False          # the dense SmolLM2 the stand-in was built from
+    quantize: str | None = None  # load_local(quantize=...): "int8" or "int4" weights
 
 
 NAIVE = "blog pipeline, fp32"
@@ -56,6 +57,9 @@ CONFIGS = [
     Config("fp32 static cache + compile", cache="static", compile=True),
     Config("fast path (this machine's choice)", fast=True, dtype=None),
     Config("fast path in bf16", fast=True, dtype="bfloat16"),
+    Config("int8 weights (fast path)", fast=True, dtype=None, quantize="int8"),
+    Config("int8 weights, bf16 activations", fast=True, dtype="bfloat16", quantize="int8"),
+    Config("int4 weights (fast path)", fast=True, dtype=None, quantize="int4"),
     Config("4 prompts, one at a time (fast path)", fast=True, dtype=None, prompts=4),
     Config("4 prompts, one batch (fast path)", fast=True, dtype=None, prompts=4, batch=True),
     Config("dense SmolLM2 fp32 (the stand-in's source)", dense=True),
@@ -92,7 +96,7 @@ def _load(config: Config, device: str):
     if config.dense:
         model, tokenizer = load_dense_source(dtype)
         return LocalModel(model=model.to(device), tokenizer=tokenizer), None
-    runner = LocalModel(load_local(str(ensure_standin()), dtype=dtype, fast=config.fast))
+    runner = LocalModel(load_local(str(ensure_standin()), dtype=dtype, fast=config.fast, quantize=config.quantize))
     if config.experts:
         runner.model.set_experts_implementation(config.experts)
     return runner, None
@@ -163,7 +167,10 @@ def run_config(config: Config, new_tokens: int = 64, warmup: int = 4, seed: int 
     wall = time.perf_counter() - wall
 
     context = sum(r["prompt_tokens"] for r in runs) / len(runs) + (1 + warmup + new_tokens) / 2
-    bytes_ = decode_bytes(model.config, torch.tensor([], dtype=model.dtype).element_size(), int(context), runs[0]["batch"])
+    element = torch.tensor([], dtype=model.dtype).element_size()
+    quantized = getattr(model, "quantized", None)  # then weights cost what quantize_model measured, per parameter
+    per_weight = quantized["bytes_after"] / quantized["parameters"] if quantized else element
+    bytes_ = decode_bytes(model.config, per_weight, int(context), runs[0]["batch"], kv_bytes=element)
     layouts = model.recipe.layouts if config.fast else {}
     share = model.config.num_experts_per_tok / model.config.num_local_experts if layouts else None
     return dict(asdict(config), dtype=str(model.dtype).replace("torch.", ""), device=device,

@@ -74,6 +74,7 @@ def main(argv=None) -> int:
     from helpers.fastpath import register_experts
     from helpers.files import atomic_file
     from helpers.hardware import measure_bandwidth, torch_build
+    from helpers.quantize import quantize_model
     from helpers.sizing import decode_bytes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -128,6 +129,23 @@ def main(argv=None) -> int:
 
     date = time.strftime("%Y-%m-%d")
     label = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-").lower()
+    try:  # last, since it replaces the weights: int8 weight-only (helpers/quantize.py), the same layers
+        reports = [quantize_model(m, "int8") for m in models.values()]
+        t = {d: step_seconds(m, "quantized", args.tokens) for d, m in models.items()}
+        per_weight = reports[0]["bytes_after"] / reports[0]["parameters"]
+        int8 = decode_bytes(config, per_weight, context=32 + 3 + args.tokens // 2, kv_bytes=size)
+        int8_layer = (int8["per_step"] - int8["parts"]["lm_head"] - int8["parts"]["embedding rows"]
+                      - config.hidden_size * per_weight) / deep
+        per_layer = (t[deep] - t[shallow]) / (deep - shallow)
+        rows.append(dict(implementation="int8 weights (quantized)", per_layer_ms=per_layer * 1e3,
+                         rest_ms=(t[shallow] - shallow * per_layer) * 1e3, bandwidth_gbs=int8_layer / per_layer / 1e9,
+                         full_tok_s=1 / (56 * per_layer + t[shallow] - shallow * per_layer)))
+        print(f"int8: {per_layer * 1e3:.3f} ms per layer, {int8_layer / per_layer / 1e9:.0f} GB/s of int8 weights, "
+              f"full model {rows[-1]['full_tok_s']:.1f} tok/s", flush=True)
+    except Exception as exc:  # noqa: BLE001 - e.g. a ROCm build without the int8 kernel
+        rows.append(dict(implementation="int8 weights (quantized)", error=f"{type(exc).__name__}: {exc}"[:160]))
+        print(f"int8: failed: {rows[-1]['error']}", flush=True)
+
     lines = [f"# Mixtral-8x22B layers on {name}, {date}", "",
              f"torch {torch.__version__} ({torch_build()['backend']}), "
              f"{args.dtype}, widths x{args.scale}: hidden {config.hidden_size}, FFN {config.intermediate_size}, "
@@ -146,7 +164,8 @@ def main(argv=None) -> int:
         of_datasheet = f"{r['bandwidth_gbs'] / (peak * 1000):.0%}" if peak else "n/a"
         lines.append(f"| {r['implementation']} | {r['per_layer_ms']:.3f} | {r['bandwidth_gbs']:.0f} | "
                      f"{r['bandwidth_gbs'] * 1e9 / measured_bw:.0%} | {of_datasheet} | {r['full_tok_s']:.1f} |")
-    lines += ["", "Per-layer time is the difference between the two depths, so embeddings and lm_head cancel out; "
+    lines += ["", "The int8 row reads int8 weights (one bf16 scale per output channel; helpers/quantize.py), so its "
+              "achieved GB/s counts int8 bytes. Per-layer time is the difference between the two depths, so embeddings and lm_head cancel out; "
               "the extrapolation adds them back once. One GPU-equivalent: the whole 262 GiB read by one device "
               "per token, which is what device_map=\"auto\" does across GPUs (one at a time)."]
     path = Path(args.out) / f"{date}-{label}.md"

@@ -15,6 +15,7 @@ from .moe import (chance_stickiness, cost_experiment, draw_loads, draw_routing, 
 from .planning import draw_plan, plan, plan_for_this_machine
 from .prompts import (blog_prompt, blog_readings, chat_ids, compare_ids, hub_fast_tokenizer, reference_ids,
                       reference_tokenizer, turn_starts)
+from .quantize import QUALITY_TEXT, compare_logits, kernel_speeds
 from .serving import room_load, start_local_server
 from .sizing import (ceiling, decode_bytes, expected_distinct_experts, fit_report, kv_bytes_per_token, memory_table,
                      parameter_count)
@@ -23,12 +24,12 @@ from .widgets import SamplingPanel, distribution_explorer
 
 __all__ = [
     "BLOG_SAMPLING", "BLOG_TRANSLATION", "Endpoint", "EndpointError", "GB", "GPU_TYPES", "GiB", "KNOWN_MODELS",
-    "LONGFELLOW", "SamplingPanel", "TASKS", "blog_prompt", "blog_readings", "candidates_per_step", "ceiling",
-    "chance_stickiness", "chat_ids", "check_fits", "chrf", "compare_ids", "cost_experiment", "decode_bytes",
+    "LONGFELLOW", "QUALITY_TEXT", "SamplingPanel", "TASKS", "blog_prompt", "blog_readings", "candidates_per_step", "ceiling",
+    "chance_stickiness", "chat_ids", "check_fits", "chrf", "compare_ids", "compare_logits", "cost_experiment", "decode_bytes",
     "describe", "distribution_explorer", "diversity", "draw_distribution", "draw_loads", "draw_plan",
     "draw_routing", "edit_distance_cases", "ensure_standin", "expected_distinct_experts", "expert_load",
     "experts_per_token", "experts_read_per_step", "extract_code", "fast_recipe", "fit_report", "generate",
-    "generate_batch", "generate_many", "gpus", "hub_fast_tokenizer", "kv_bytes_per_token", "load_pipeline",
+    "generate_batch", "generate_many", "gpus", "hub_fast_tokenizer", "kernel_speeds", "kv_bytes_per_token", "load_pipeline",
     "measure_bandwidth", "memory_table", "model_path", "next_token_distribution", "parameter_count", "pick_dtype",
     "placement", "plan", "plan_for_this_machine", "print_stream", "reference_ids", "reference_tokenizer",
     "room_load", "route_softmax_topk_renorm", "route_topk_then_softmax", "run_sandboxed", "start_local_server",

@@ -174,7 +174,8 @@ class LocalModel:
     def describe(self, detail: bool = False) -> str:
         m, recipe = self.model, getattr(self.model, "recipe", None)
         name = str(getattr(m, "name_or_path", "") or "").rstrip("/").split("/")[-1] or type(m).__name__
-        line = (f"local: {name} ({type(m).__name__}, {str(m.dtype).replace('torch.', '')}, on {m.device}), "
+        weights = f", {m.quantized['scheme']} weights" if getattr(m, "quantized", None) else ""
+        line = (f"local: {name} ({type(m).__name__}, {str(m.dtype).replace('torch.', '')}{weights}, on {m.device}), "
                 + ("the notebooks' fast path" if recipe is not None else "the blog's plain pipeline"))
         if not detail:
             return line + (" (08_performance explains it)" if recipe is not None else "")
@@ -322,13 +323,17 @@ def connect(url: str | None = None, model: str | None = None, api_key: str | Non
     return endpoint
 
 
-def load_pipeline(name: str | None = None, dtype=None, device_map="auto", local: bool = False, fast: bool = True):
+def load_pipeline(name: str | None = None, dtype=None, device_map="auto", local: bool = False, fast: bool = True,
+                  quantize: str | None = None):
     """What the notebooks call: with $MIXTRAL_ENDPOINT set (and neither `name` nor `local=True`),
-    `connect()` to that server; else `load_local(name, dtype, device_map, fast)`, the blog's pipeline.
-    `generate`, `describe` and the panel take either."""
+    `connect()` to that server; else `load_local(name, dtype, device_map, fast, quantize)`, the blog's
+    pipeline. `generate`, `describe` and the panel take either."""
     if name is None and not local and os.environ.get(ENDPOINT_ENV, "").strip():
+        if quantize:
+            raise ValueError(f"quantize={quantize!r} changes weights loaded here, and {ENDPOINT_ENV} points at a server: "
+                             f"quantize there (vLLM: --quantization), or pass local=True to load the model here")
         return connect()
-    return load_local(name, dtype=dtype, device_map=device_map, fast=fast)
+    return load_local(name, dtype=dtype, device_map=device_map, fast=fast, quantize=quantize)
 
 
 def as_backend(pipe):

@@ -15,6 +15,7 @@ from .data import DTYPE_BYTES, KNOWN_MODELS, MODEL_ENV, REFERENCE_TOKENIZERS, RE
 from .fastpath import apply_recipe, fast_recipe
 from .hardware import memory_budget, pick_dtype
 from .prompts import reference_tokenizer
+from .quantize import SCHEMES, check_scheme, quantize_model
 from .sizing import fits, parameter_count, usable
 from .standin import ensure_standin
 
@@ -124,16 +125,21 @@ def check_fits(path, dtype) -> int:
     return need
 
 
-def load_local(name: str | None = None, dtype=None, device_map="auto", fast: bool = True):
+def load_local(name: str | None = None, dtype=None, device_map="auto", fast: bool = True, quantize: str | None = None):
     """The blog's `pipeline("text-generation", model=..., dtype=..., device_map="auto")`, after
     checking that the weights are here and fit, with the reference tokenizer for a Mixtral.
 
     name: a local folder or a downloaded hub id (default: `model_path()`).
     dtype: None picks bf16 where the hardware computes it natively, or what $MIXTRAL_DTYPE says.
     fast: switch the loaded model to this hardware's fastest correct settings (fastpath.fast_recipe,
-    shown by `describe`); False keeps the blog's plain pipeline."""
+    shown by `describe`); False keeps the blog's plain pipeline.
+    quantize: None (the blog's weights), "int8" or "int4": weight-only quantization on the CPU
+    (quantize.py; 10_quantization measures its speed and quality)."""
+    import torch
     from transformers import pipeline
 
+    if quantize is not None:
+        check_scheme(quantize, "cuda" if torch.cuda.is_available() else "cpu")
     path = resolve_local(name or model_path())
     dtype, dtype_reason = pick_dtype() if dtype is None else (dtype, "chosen by the caller")
     check_fits(path, dtype)
@@ -143,8 +149,15 @@ def load_local(name: str | None = None, dtype=None, device_map="auto", fast: boo
         tokenizer = reference_tokenizer(config["vocab_size"])
     pipe = pipeline("text-generation", model=str(path), tokenizer=tokenizer, dtype=dtype, device_map=device_map)
     pipe.model.dtype_reason = dtype_reason
-    if fast:
-        apply_recipe(pipe.model, fast_recipe(pipe.model.device.type))
+    recipe = fast_recipe(pipe.model.device.type) if fast else None
+    if quantize:
+        report = quantize_model(pipe.model, quantize)
+        if recipe is not None:
+            recipe.experts, recipe.relayout = "quantized", False
+            recipe.reasons[1:3] = [f"{quantize}: {SCHEMES[quantize]}, experts and lm_head included "
+                                   f"({report['bytes_before'] / GiB:.2f} -> {report['bytes_after'] / GiB:.2f} GiB)"]
+    if recipe is not None:
+        apply_recipe(pipe.model, recipe)
     return pipe
 
 

@@ -54,7 +54,7 @@ def test_layer_bench_rehearsal_writes_its_report(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = next(tmp_path.glob("*.md")).read_text()
-    for implementation in ("eager", "grouped_mm", "batched_mm", "per_token"):
+    for implementation in ("eager", "grouped_mm", "batched_mm", "per_token", "int8 weights (quantized)"):
         assert f"| {implementation} |" in report
     assert "hidden 128" in report and "full 56 layers" in report
 

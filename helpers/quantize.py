@@ -1,0 +1,201 @@
+"""Fewer bytes per token: weight-only int8 and int4 for every matrix a decode step reads.
+
+Decoding waits on memory, so reading 1 byte (int8) or about half a byte (int4) per weight instead of
+4 (fp32) raises the bandwidth ceiling by as much. transformers 5 keeps a Mixtral's experts as 3-D
+parameters (`experts.gate_up_proj` [E, 2I, D], `experts.down_proj` [E, D, I]); tools that quantize
+`nn.Linear` modules skip them silently, and they hold most of the bytes. Here attention's projections,
+both expert stacks and lm_head are quantized (embedding rows, norms and routers stay: a lookup, or
+tiny), and multiplied by torch's own CPU kernels, fed bf16 activations (with fp32 activations the
+int8 kernel is several times slower on both CPU kinds; 10_quantization times it):
+  int8: `_weight_int8pack_mm`, one scale per output channel (w = q * scale)
+  int4: `_weight_int4pack_mm_for_cpu`, groups of GROUP inputs with a scale and a zero each
+
+Shapes: T = tokens, N = outputs, K = inputs, E = experts, G = GROUP.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+GROUP = 32
+SCHEMES = {"int8": "8-bit weights, a scale per output channel",
+           "int4": f"4-bit weights, a scale and a zero per {GROUP} inputs"}
+# Genesis 1-4 in the King James Version (1611, public domain), as Debian's bible-kjv-text 4.38 prints it
+# (`bible gen1:1-4:26`), verse numbers dropped: the text quality is measured on
+QUALITY_TEXT = Path(__file__).with_name("genesis_kjv.txt")
+
+
+def _int8(stack):
+    """[E, N, K] float -> (int8 [E, N, K], bf16 scales [E, N]); rounded with the scales as stored."""
+    import torch
+    scale = (stack.abs().amax(-1).clamp(min=1e-12) / 127).bfloat16()         # [E, N]
+    return (stack / scale.float()[..., None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def _int4(stack):
+    """[E, N, K] float -> (packed [E, N, K/2] uint8, bf16 scales and zeros [E, K/G, N, 2])."""
+    import torch
+    E, N, K = stack.shape
+    if K % GROUP or N % 16:
+        raise ValueError(f"int4 needs inputs in groups of {GROUP} and outputs in multiples of 16 (torch's kernel), and a "
+                         f"weight is {N} x {K}: use quantize='int8' for this model")
+    groups = stack.reshape(E, N, K // GROUP, GROUP)
+    low, high = groups.amin(-1), groups.amax(-1)                            # [E, N, K/G]
+    scale = ((high - low) / 15).clamp(min=1e-12).bfloat16().float()
+    zero = (low + 8 * scale).bfloat16().float()                             # the kernel computes (q - 8) * scale + zero
+    q = ((groups - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15).to(torch.int32).reshape(E, N, K)
+    packed = torch.stack([torch.ops.aten._convert_weight_to_int4pack_for_cpu(m, 2) for m in q])
+    return packed, torch.stack([scale, zero], -1).transpose(1, 2).contiguous().bfloat16()
+
+
+@functools.cache
+def quantized_linear():
+    """The module class, built on first use so that importing helpers does not import torch."""
+    import torch
+
+    class QuantizedLinear(torch.nn.Module):
+        """x @ W.T for a quantized W [N, K], or for one expert of a stack [E, N, K]."""
+        def __init__(self, weight, scheme: str):
+            super().__init__()
+            self.scheme, self.shape = scheme, tuple(weight.shape)
+            stack = weight.detach().float().reshape(-1, *weight.shape[-2:]).contiguous()   # [E, N, K]
+            packed, scales = (_int8 if scheme == "int8" else _int4)(stack)
+            one = weight.dim() == 2
+            self.register_buffer("packed", packed[0] if one else packed)
+            self.register_buffer("scales", scales[0] if one else scales)
+
+        def forward(self, x, expert: int | None = None):
+            import torch
+            packed = self.packed if expert is None else self.packed[expert]
+            scales = self.scales if expert is None else self.scales[expert]
+            flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)                # [T, K] (no copy if bf16)
+            if self.scheme == "int8":
+                y = torch.ops.aten._weight_int8pack_mm(flat, packed, scales)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scales)
+            return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])         # [.., N]
+
+        def extra_repr(self) -> str:
+            return f"{self.scheme}, weight {list(self.shape)}"
+    return QuantizedLinear
+
+
+def quantized_experts(self, hidden_states, top_k_index, top_k_weights):
+    """The experts of a quantized model: each chosen expert once, over the tokens that chose it
+    (grouped in Python: at decode time a tensor unique/where costs more than the two products)."""
+    import torch
+    chosen: dict[int, list] = {}
+    for token, experts in enumerate(top_k_index.tolist()):
+        for slot, expert in enumerate(experts):
+            chosen.setdefault(expert, []).append((token, slot))
+    x = hidden_states.to(torch.bfloat16)                                      # [T, D], the kernels' input
+    out = torch.zeros_like(hidden_states)                                     # [T, D]
+    for expert, pairs in chosen.items():
+        token, slot = torch.tensor(pairs).T                                   # [t] each
+        gate, up = self.gate_up_q(x[token], expert).chunk(2, dim=-1)          # [t, I] each
+        y = self.down_q(self.act_fn(gate) * up, expert)                       # [t, D]
+        out.index_add_(0, token, y.to(out.dtype) * top_k_weights[token, slot, None].to(out.dtype))
+    return out
+
+
+def check_scheme(scheme, device: str, knob: bool = True) -> None:
+    """A ValueError that says what to do, unless `scheme` can run on `device` here. The knob (`knob`)
+    is CPU-only: on GPUs a model that needs quantizing to fit must be quantized while it loads. The
+    GPU check times int8 on a GPU's layers all the same (torch ships the int8 kernel for CUDA too)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantize={scheme!r} is not a scheme here; use None, {' or '.join(map(repr, SCHEMES))}")
+    if device != "cpu" and (knob or scheme == "int4"):
+        raise ValueError(f"quantize={scheme!r} uses torch's CPU kernels, and the model would run on {device}: on GPUs "
+                         f"load with transformers' quantization_config instead (10_quantization shows how)")
+
+
+def quantize_model(model, scheme: str) -> dict:
+    """Quantize `model` in place (a Mixtral or dense Llama on the CPU) and switch its experts to
+    `quantized_experts`. Returns {"scheme", "parameters", "bytes_before", "bytes_after"} for what changed."""
+    import torch
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    check_scheme(scheme, model.device.type, knob=False)
+    Quantized, report = quantized_linear(), dict(scheme=scheme, parameters=0, bytes_before=0, bytes_after=0)
+
+    def swap(owner, attribute, weight, new_name=None):
+        quantized = Quantized(weight, scheme)
+        report["parameters"] += weight.numel()
+        report["bytes_before"] += weight.numel() * weight.element_size()
+        report["bytes_after"] += sum(b.numel() * b.element_size() for b in quantized.buffers())
+        if new_name:
+            delattr(owner, attribute)
+        setattr(owner, new_name or attribute, quantized)
+
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                               "gate_proj", "up_proj", "down_proj"):
+                swap(model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1], module.weight)
+            elif hasattr(module, "gate_up_proj") and getattr(module.gate_up_proj, "dim", lambda: 0)() == 3:
+                swap(module, "gate_up_proj", module.gate_up_proj, "gate_up_q")
+                swap(module, "down_proj", module.down_proj, "down_q")
+        swap(model, "lm_head", model.lm_head.weight)  # tied to the embeddings: those stay, for row lookups
+        for p in model.parameters():  # what stays gets memory of its own, so the weights file can be unmapped
+            p.data = p.data.clone()
+    if "quantized" not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register("quantized", quantized_experts)
+    if getattr(model.config, "num_local_experts", None):
+        model.set_experts_implementation("quantized")
+    model.quantized = report
+    return report
+
+
+def compare_logits(reference, candidate, ids: list, window: int = 512) -> dict:
+    """Teacher-forced over `ids` in windows of `window` tokens: how often the candidate's top-1 next
+    token is the reference's, the mean KL(reference || candidate) per token, and both perplexities."""
+    import torch
+
+    sums = dict(tokens=0, agree=0, kl=0.0, nll_reference=0.0, nll_candidate=0.0)
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, window):
+            chunk = torch.tensor([ids[start:start + window + 1]])                  # [1, W + 1]
+            if chunk.shape[1] < 2:
+                break
+            inputs, targets = chunk[:, :-1], chunk[0, 1:]
+            ref = torch.log_softmax(reference(input_ids=inputs).logits[0].float(), -1)   # [W, V]
+            cand = torch.log_softmax(candidate(input_ids=inputs).logits[0].float(), -1)  # [W, V]
+            sums["tokens"] += len(targets)
+            sums["agree"] += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+            sums["kl"] += float((ref.exp() * (ref - cand)).sum())
+            sums["nll_reference"] -= float(ref.gather(1, targets[:, None]).sum())
+            sums["nll_candidate"] -= float(cand.gather(1, targets[:, None]).sum())
+    n = sums["tokens"]
+    return dict(tokens=n, top1_agreement=sums["agree"] / n, mean_kl=sums["kl"] / n,
+                perplexity_reference=math.exp(sums["nll_reference"] / n),
+                perplexity_candidate=math.exp(sums["nll_candidate"] / n))
+
+
+def kernel_speeds(n: int = 3072, k: int = 576, repeats: int = 30) -> dict:
+    """GB/s of weights that one matrix-vector product [1, K] x [N, K].T reads on this machine (best of
+    3 x `repeats`): F.linear in fp32 and bf16, the int8 kernel fed fp32 or bf16 activations, int4."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    w, x = torch.randn(n, k), torch.randn(1, k)
+    w16, x16 = w.bfloat16(), x.bfloat16()
+    int8, int4 = quantized_linear()(w, "int8"), quantized_linear()(w, "int4") if k % GROUP == 0 == n % 16 else None
+    scales32 = int8.scales.float()
+    runs = {"fp32 F.linear": (lambda: F.linear(x, w), 4), "bf16 F.linear": (lambda: F.linear(x16, w16), 2),
+            "int8, fp32 activations": (lambda: torch.ops.aten._weight_int8pack_mm(x, int8.packed, scales32), 1),
+            "int8, bf16 activations": (lambda: int8(x16), 1)}
+    if int4 is not None:
+        runs["int4, bf16 activations"] = (lambda: int4(x16), 0.5)
+    speeds = {}
+    for name, (run, size) in runs.items():
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            best = min(best, (time.perf_counter() - started) / repeats)
+        speeds[name] = dict(microseconds=best * 1e6, gb_s=n * k * size / best / 1e9)
+    return speeds
