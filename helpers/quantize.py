@@ -66,7 +66,6 @@ def quantized_linear():
             self.register_buffer("scales", scales[0] if one else scales)
 
         def forward(self, x, expert: int | None = None):
-            import torch
             packed = self.packed if expert is None else self.packed[expert]
             scales = self.scales if expert is None else self.scales[expert]
             flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)                # [T, K] (no copy if bf16)
