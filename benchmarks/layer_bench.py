@@ -109,43 +109,38 @@ def main(argv=None) -> int:
         print(f"built {depth} layer(s) in {time.perf_counter() - started:.0f} s", flush=True)
     config = models[deep].config
     size = torch.tensor([], dtype=dtype).element_size()
-    full = decode_bytes(config, size, context=32 + 3 + args.tokens // 2)
-    layer_bytes = (full["per_step"] - full["parts"]["lm_head"] - full["parts"]["embedding rows"]
-                   - config.hidden_size * size) / deep  # one layer: attention, router, 2 experts, norms, KV
-    for implementation in IMPLEMENTATIONS:
+    def layer_bytes(per_weight: float) -> float:  # one layer: attention, router, 2 experts, norms, KV (in `size`)
+        full = decode_bytes(config, per_weight, context=32 + 3 + args.tokens // 2, kv_bytes=size)
+        return (full["per_step"] - full["parts"]["lm_head"] - full["parts"]["embedding rows"]
+                - config.hidden_size * per_weight) / deep
+
+    def timed_row(label: str, experts: str, per_weight=lambda: size) -> None:
+        """Time both depths with `experts`; `per_weight()` (bytes per weight) runs first, inside the try."""
         try:
-            t = {d: step_seconds(m, implementation, args.tokens) for d, m in models.items()}
-        except Exception as exc:  # noqa: BLE001 - one implementation failing must not hide the others
-            rows.append(dict(implementation=implementation, error=f"{type(exc).__name__}: {exc}"[:160]))
-            print(f"{implementation}: failed: {rows[-1]['error']}", flush=True)
-            continue
+            weight_bytes = per_weight()
+            t = {d: step_seconds(m, experts, args.tokens) for d, m in models.items()}
+        except Exception as exc:  # noqa: BLE001 - one failing (a ROCm build without a kernel) must not hide the others
+            rows.append(dict(implementation=label, error=f"{type(exc).__name__}: {exc}"[:160]))
+            print(f"{label}: failed: {rows[-1]['error']}", flush=True)
+            return
         per_layer = (t[deep] - t[shallow]) / (deep - shallow)
         rest = t[shallow] - shallow * per_layer          # embeddings, final norm, lm_head, sampling
-        full_step = 56 * per_layer + rest
-        rows.append(dict(implementation=implementation, per_layer_ms=per_layer * 1e3, rest_ms=rest * 1e3,
-                         bandwidth_gbs=layer_bytes / per_layer / 1e9, full_tok_s=1 / full_step))
-        print(f"{implementation}: {per_layer * 1e3:.3f} ms per layer, {layer_bytes / per_layer / 1e9:.0f} GB/s, "
-              f"full model {1 / full_step:.1f} tok/s", flush=True)
+        bandwidth = layer_bytes(weight_bytes) / per_layer
+        rows.append(dict(implementation=label, per_layer_ms=per_layer * 1e3, rest_ms=rest * 1e3,
+                         bandwidth_gbs=bandwidth / 1e9, full_tok_s=1 / (56 * per_layer + rest)))
+        print(f"{label}: {per_layer * 1e3:.3f} ms per layer, {bandwidth / 1e9:.0f} GB/s, "
+              f"full model {rows[-1]['full_tok_s']:.1f} tok/s", flush=True)
+
+    for implementation in IMPLEMENTATIONS:
+        timed_row(implementation, implementation)
+
+    def quantize_int8() -> float:  # int8 weight-only (helpers/quantize.py), the same layers: bytes per weight
+        report = [quantize_model(m, "int8") for m in models.values()][0]
+        return report["bytes_after"] / report["parameters"]
+    timed_row("int8 weights (quantized)", "quantized", quantize_int8)  # last: it replaces the weights
 
     date = time.strftime("%Y-%m-%d")
     label = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-").lower()
-    try:  # last, since it replaces the weights: int8 weight-only (helpers/quantize.py), the same layers
-        reports = [quantize_model(m, "int8") for m in models.values()]
-        t = {d: step_seconds(m, "quantized", args.tokens) for d, m in models.items()}
-        per_weight = reports[0]["bytes_after"] / reports[0]["parameters"]
-        int8 = decode_bytes(config, per_weight, context=32 + 3 + args.tokens // 2, kv_bytes=size)
-        int8_layer = (int8["per_step"] - int8["parts"]["lm_head"] - int8["parts"]["embedding rows"]
-                      - config.hidden_size * per_weight) / deep
-        per_layer = (t[deep] - t[shallow]) / (deep - shallow)
-        rows.append(dict(implementation="int8 weights (quantized)", per_layer_ms=per_layer * 1e3,
-                         rest_ms=(t[shallow] - shallow * per_layer) * 1e3, bandwidth_gbs=int8_layer / per_layer / 1e9,
-                         full_tok_s=1 / (56 * per_layer + t[shallow] - shallow * per_layer)))
-        print(f"int8: {per_layer * 1e3:.3f} ms per layer, {int8_layer / per_layer / 1e9:.0f} GB/s of int8 weights, "
-              f"full model {rows[-1]['full_tok_s']:.1f} tok/s", flush=True)
-    except Exception as exc:  # noqa: BLE001 - e.g. a ROCm build without the int8 kernel
-        rows.append(dict(implementation="int8 weights (quantized)", error=f"{type(exc).__name__}: {exc}"[:160]))
-        print(f"int8: failed: {rows[-1]['error']}", flush=True)
-
     lines = [f"# Mixtral-8x22B layers on {name}, {date}", "",
              f"torch {torch.__version__} ({torch_build()['backend']}), "
              f"{args.dtype}, widths x{args.scale}: hidden {config.hidden_size}, FFN {config.intermediate_size}, "
@@ -154,7 +149,7 @@ def main(argv=None) -> int:
              f"{shallow} and {deep} layers, batch 1, median of {args.tokens} decode steps.", "",
              f"Measured read bandwidth (torch sum over 1 GiB): {measured_bw / 1e9:.0f} GB/s"
              + (f"; datasheet peak {peak * 1000:.0f} GB/s." if peak else "."),
-             f"Bytes one layer reads per token: {layer_bytes / 2**20:.1f} MiB.", "",
+             f"Bytes one layer reads per token: {layer_bytes(size) / 2**20:.1f} MiB (in {args.dtype}).", "",
              "| experts implementation | ms per layer | achieved GB/s | of measured | of datasheet | full 56 layers, tok/s (one GPU-equivalent) |",
              "|---|---|---|---|---|---|"]
     for r in rows:

@@ -131,8 +131,9 @@ class Recipe:
         return "\n".join(lines)
 
 
-def fast_recipe(device: str | None = None) -> Recipe:
-    """The fastest configuration that is correct on this hardware, as measured by `make bench`."""
+def fast_recipe(device: str | None = None, quantized: str | None = None) -> Recipe:
+    """The fastest configuration that is correct on this hardware, as measured by `make bench`;
+    `quantized` (what quantize_model did, in words) for a model whose weights it replaced."""
     import torch
 
     if device is None:
@@ -143,6 +144,8 @@ def fast_recipe(device: str | None = None) -> Recipe:
     if device != "cpu":
         return Recipe(device, dtype, "grouped_mm", relayout=False, reasons=[
             why_dtype, "grouped_mm: transformers' default, one grouped GEMM over all experts on the GPU", batching])
+    if quantized:  # the weights are replaced: their own experts path, nothing left to re-lay
+        return Recipe(device, dtype, "quantized", relayout=False, reasons=[why_dtype, quantized, batching])
     return Recipe(device, dtype, "per_token", relayout=True, reasons=[
         why_dtype,
         "per_token experts while decoding: reads only the chosen experts' weights, skips the masks "

@@ -149,15 +149,12 @@ def load_local(name: str | None = None, dtype=None, device_map="auto", fast: boo
         tokenizer = reference_tokenizer(config["vocab_size"])
     pipe = pipeline("text-generation", model=str(path), tokenizer=tokenizer, dtype=dtype, device_map=device_map)
     pipe.model.dtype_reason = dtype_reason
-    recipe = fast_recipe(pipe.model.device.type) if fast else None
     if quantize:
         report = quantize_model(pipe.model, quantize)
-        if recipe is not None:
-            recipe.experts, recipe.relayout = "quantized", False
-            recipe.reasons[1:3] = [f"{quantize}: {SCHEMES[quantize]}, experts and lm_head included "
-                                   f"({report['bytes_before'] / GiB:.2f} -> {report['bytes_after'] / GiB:.2f} GiB)"]
-    if recipe is not None:
-        apply_recipe(pipe.model, recipe)
+        quantized = (f"{quantize}: {SCHEMES[quantize]}, experts and lm_head included "
+                     f"({report['bytes_before'] / GiB:.2f} -> {report['bytes_after'] / GiB:.2f} GiB)")
+    if fast:
+        apply_recipe(pipe.model, fast_recipe(pipe.model.device.type, quantized if quantize else None))
     return pipe
 
 
