@@ -71,6 +71,18 @@ def bench_summary(result: dict) -> str:
                          + f", for {quantized['bytes_per_token'] / 2**20:.0f} MiB read per token "
                          f"({naive['bytes_per_token'] / quantized['bytes_per_token']:.1f}x fewer than the blog's path): "
                          f"{quantized['efficiency']:.0%} of its {quantized['ceiling_tok_s']:.0f} tok/s ceiling")
+    for name, row in rows.items():
+        tiers, mib = row.get("tiers"), 2**20
+        if not tiers:
+            continue
+        base = naive if row.get("ram_gib") else fast
+        against = (f" = {row['decode_tok_s'] / base['decode_tok_s']:.2f}x {'the blog' if base is naive else 'the fast path'}"
+                   f"{chr(39) + 's path' if base is naive else ''} all in memory" if base else "")
+        lines.append(f"{name}: {row['decode_tok_s']:.1f} tok/s{against}; per token {tiers.get('resident', 0) / mib:.0f} MiB read "
+                     f"in place, {tiers.get('from disk', 0) / mib:.0f} MiB from disk"
+                     + (f" (hit rate {tiers['hit_rate']:.0%})" if "hit_rate" in tiers else "")
+                     + (f", of which the storage device gave {tiers['storage'] / mib:.0f} MiB (the OS page cache the rest)"
+                        if tiers.get("storage") is not None else ""))
     one, many = rows.get("4 prompts, one at a time (fast path)"), rows.get("4 prompts, one batch (fast path)")
     if one and many:
         lines.append(f"four prompts as one batch: {many['throughput_tok_s']:.1f} tok/s in all against "

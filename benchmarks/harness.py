@@ -23,6 +23,7 @@ from helpers.backends import LocalModel, TokenClock, decode_rate  # noqa: E402
 from helpers.data import BLOG_SAMPLING, GB, GiB, TASKS, whole_number  # noqa: E402
 from helpers.hardware import measure_bandwidth, pick_dtype  # noqa: E402
 from helpers.loading import load_local  # noqa: E402
+from helpers.offload import OffloadMeter  # noqa: E402
 from helpers.prompts import blog_prompt, chat_ids  # noqa: E402
 from helpers.sizing import ceiling, decode_bytes  # noqa: E402
 from helpers.standin import ensure_standin, load_dense_source  # noqa: E402
@@ -42,6 +43,8 @@ class Config:
     batch: bool = False          # the prompts as one batch, not one after another
     dense: bool = False          # the dense SmolLM2 the stand-in was built from
     quantize: str | None = None  # load_local(quantize=...): "int8" or "int4" weights
+    ram_gib: float | None = None  # accelerate's offloading: this much CPU RAM for weights, the rest on disk
+    expert_cache: int | None = None  # load_local(expert_cache=...): experts kept in RAM per layer, the rest on disk
 
 
 NAIVE = "blog pipeline, fp32"
@@ -60,6 +63,9 @@ CONFIGS = [
     Config("int8 weights (fast path)", fast=True, dtype=None, quantize="int8"),
     Config("int8 weights, bf16 activations", fast=True, dtype="bfloat16", quantize="int8"),
     Config("int4 weights (fast path)", fast=True, dtype=None, quantize="int4"),
+    Config("offloaded by accelerate: 1 GiB in RAM, the rest on disk", ram_gib=1.0),
+    Config("expert cache, 2 of 8 per layer (fast path, the rest on disk)", fast=True, dtype=None, expert_cache=2),
+    Config("expert cache, 4 of 8 per layer (fast path, the rest on disk)", fast=True, dtype=None, expert_cache=4),
     Config("4 prompts, one at a time (fast path)", fast=True, dtype=None, prompts=4),
     Config("4 prompts, one batch (fast path)", fast=True, dtype=None, prompts=4, batch=True),
     Config("dense SmolLM2 fp32 (the stand-in's source)", dense=True),
@@ -96,7 +102,9 @@ def _load(config: Config, device: str):
     if config.dense:
         model, tokenizer = load_dense_source(dtype)
         return LocalModel(model=model.to(device), tokenizer=tokenizer), None
-    runner = LocalModel(load_local(str(ensure_standin()), dtype=dtype, fast=config.fast, quantize=config.quantize))
+    budget = {"cpu": f"{config.ram_gib}GiB"} if config.ram_gib else None
+    runner = LocalModel(load_local(str(ensure_standin()), dtype=dtype, fast=config.fast, quantize=config.quantize,
+                                   max_memory=budget, expert_cache=config.expert_cache))
     if config.experts:
         runner.model.set_experts_implementation(config.experts)
     return runner, None
@@ -157,9 +165,10 @@ def run_config(config: Config, new_tokens: int = 64, warmup: int = 4, seed: int 
         timed(batches[0], stop_after=warmup + 2)
     warmup_s = time.perf_counter() - warm_started
 
-    runs, wall = [], time.perf_counter()
+    runs, wall, meter = [], time.perf_counter(), OffloadMeter(model)
     for batch in batches:
-        times = timed(batch, min_new_tokens=new_tokens)
+        with meter:
+            times = timed(batch, min_new_tokens=new_tokens)
         if len(times) < 2 + warmup:
             raise ValueError(f"only {len(times)} tokens came back: ask for more than 1 + warmup ({1 + warmup})")
         runs.append(dict(ttft_s=times[0], decode_tok_s=decode_rate(times, warmup, len(batch)),
@@ -171,6 +180,10 @@ def run_config(config: Config, new_tokens: int = 64, warmup: int = 4, seed: int 
     quantized = getattr(model, "quantized", None)  # then weights cost what quantize_model measured, per parameter
     per_weight = quantized["bytes_after"] / quantized["parameters"] if quantized else element
     bytes_ = decode_bytes(model.config, per_weight, int(context), runs[0]["batch"], kv_bytes=element)
+    tiers = meter.per_token() if config.ram_gib or config.expert_cache else None  # offloaded: measured per tier
+    if tiers:  # all of it comes through RAM here (the OS caches the files): that is what the ceiling counts
+        bytes_["per_token"] = sum(v for k, v in tiers.items() if k in ("resident", "from RAM", "from disk")) + \
+            bytes_["parts"]["kv_cache"] / runs[0]["batch"]
     layouts = model.recipe.layouts if config.fast else {}
     share = model.config.num_experts_per_tok / model.config.num_local_experts if layouts else None
     return dict(asdict(config), dtype=str(model.dtype).replace("torch.", ""), device=device,
@@ -181,7 +194,7 @@ def run_config(config: Config, new_tokens: int = 64, warmup: int = 4, seed: int 
                 throughput_tok_s=sum(r["batch"] * new_tokens for r in runs) / wall,
                 prompt_tokens=runs[0]["prompt_tokens"], new_tokens=new_tokens, sequences=len(rows),
                 batch=runs[0]["batch"], bytes_per_token=bytes_["per_token"], peak_memory=_peak_memory(device),
-                layouts=layouts, matvec_ceiling_tok_s=matvec_ceiling(layouts, share) if layouts else None)
+                layouts=layouts, matvec_ceiling_tok_s=matvec_ceiling(layouts, share) if layouts else None, tiers=tiers)
 
 
 def _run_apart(config: Config, new_tokens: int, warmup: int) -> dict:

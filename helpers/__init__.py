@@ -3,7 +3,7 @@ Its files form layers that import downward only: README's "The code" shows them,
 holds the table."""
 from .backends import Endpoint, EndpointError, describe, load_pipeline
 from .checking import chrf, diversity, edit_distance_cases, extract_code, run_sandboxed
-from .data import BLOG_SAMPLING, BLOG_TRANSLATION, GB, GPU_TYPES, KNOWN_MODELS, LONGFELLOW, TASKS, GiB
+from .data import BLOG_SAMPLING, BLOG_TRANSLATION, GB, GPU_TYPES, KNOWN_MODELS, LINK_GTS, LONGFELLOW, TASKS, GiB
 from .fastpath import fast_recipe
 from .generation import (candidates_per_step, draw_distribution, generate, generate_batch, generate_many,
                          next_token_distribution, print_stream, steps_before_a_tie)
@@ -12,27 +12,30 @@ from .loading import check_fits, model_path, placement, weight_bytes
 from .moe import (chance_stickiness, cost_experiment, draw_loads, draw_routing, expert_load, experts_per_token,
                   experts_read_per_step, route_softmax_topk_renorm, route_topk_then_softmax, stickiness,
                   trace_generation)
-from .planning import draw_plan, plan, plan_for_this_machine
+from .offload import OffloadMeter, device_map_bytes, draw_device_map, lru_hit_rates
+from .planning import draw_offload_plans, draw_plan, offload_plan, plan, plan_for_this_machine
 from .prompts import (blog_prompt, blog_readings, chat_ids, compare_ids, hub_fast_tokenizer, reference_ids,
                       reference_tokenizer, turn_starts)
 from .quantize import QUALITY_TEXT, compare_logits, kernel_speeds
 from .serving import room_load, start_local_server
-from .sizing import (ceiling, decode_bytes, expected_distinct_experts, fit_report, kv_bytes_per_token, memory_table,
-                     parameter_count)
+from .sizing import (ceiling, chance_hit_rate, decode_bytes, expected_distinct_experts, fit_report, kv_bytes_per_token,
+                     memory_table, parameter_count)
 from .standin import ensure_standin
 from .widgets import SamplingPanel, distribution_explorer
 
 __all__ = [
     "BLOG_SAMPLING", "BLOG_TRANSLATION", "Endpoint", "EndpointError", "GB", "GPU_TYPES", "GiB", "KNOWN_MODELS",
-    "LONGFELLOW", "QUALITY_TEXT", "SamplingPanel", "TASKS", "blog_prompt", "blog_readings", "candidates_per_step", "ceiling",
-    "chance_stickiness", "chat_ids", "check_fits", "chrf", "compare_ids", "compare_logits", "cost_experiment", "decode_bytes",
-    "describe", "distribution_explorer", "diversity", "draw_distribution", "draw_loads", "draw_plan",
-    "draw_routing", "edit_distance_cases", "ensure_standin", "expected_distinct_experts", "expert_load",
-    "experts_per_token", "experts_read_per_step", "extract_code", "fast_recipe", "fit_report", "generate",
-    "generate_batch", "generate_many", "gpus", "hub_fast_tokenizer", "kernel_speeds", "kv_bytes_per_token", "load_pipeline",
-    "measure_bandwidth", "memory_table", "model_path", "next_token_distribution", "parameter_count", "pick_dtype",
-    "placement", "plan", "plan_for_this_machine", "print_stream", "reference_ids", "reference_tokenizer",
-    "room_load", "route_softmax_topk_renorm", "route_topk_then_softmax", "run_sandboxed", "start_local_server",
+    "LINK_GTS", "LONGFELLOW", "OffloadMeter", "QUALITY_TEXT", "SamplingPanel", "TASKS", "blog_prompt",
+    "blog_readings", "candidates_per_step", "ceiling", "chance_hit_rate", "chance_stickiness", "chat_ids",
+    "check_fits", "chrf", "compare_ids", "compare_logits", "cost_experiment", "decode_bytes", "describe",
+    "device_map_bytes", "distribution_explorer", "diversity", "draw_device_map", "draw_distribution", "draw_loads",
+    "draw_offload_plans", "draw_plan", "draw_routing", "edit_distance_cases", "ensure_standin",
+    "expected_distinct_experts", "expert_load", "experts_per_token", "experts_read_per_step", "extract_code",
+    "fast_recipe", "fit_report", "generate", "generate_batch", "generate_many", "gpus", "hub_fast_tokenizer",
+    "kernel_speeds", "kv_bytes_per_token", "load_pipeline", "lru_hit_rates", "measure_bandwidth", "memory_table",
+    "model_path", "next_token_distribution", "offload_plan", "parameter_count", "pick_dtype", "placement", "plan",
+    "plan_for_this_machine", "print_stream", "reference_ids", "reference_tokenizer", "room_load",
+    "route_softmax_topk_renorm", "route_topk_then_softmax", "run_sandboxed", "start_local_server",
     "steps_before_a_tie", "stickiness", "system_memory", "torch_build", "trace_generation", "turn_starts",
     "weight_bytes",
 ]

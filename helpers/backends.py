@@ -175,6 +175,10 @@ class LocalModel:
         m, recipe = self.model, getattr(self.model, "recipe", None)
         name = str(getattr(m, "name_or_path", "") or "").rstrip("/").split("/")[-1] or type(m).__name__
         weights = f", {m.quantized['scheme']} weights" if getattr(m, "quantized", None) else ""
+        if getattr(m, "expert_cache", None):
+            weights += f", {m.expert_cache['per_layer']} of {m.expert_cache['experts']} experts cached per layer"
+        elif any(d == "disk" for d in (getattr(m, "hf_device_map", None) or {}).values()):
+            weights += ", part offloaded to disk"
         line = (f"local: {name} ({type(m).__name__}, {str(m.dtype).replace('torch.', '')}{weights}, on {m.device}), "
                 + ("the notebooks' fast path" if recipe is not None else "the blog's plain pipeline"))
         if not detail:
@@ -324,16 +328,19 @@ def connect(url: str | None = None, model: str | None = None, api_key: str | Non
 
 
 def load_pipeline(name: str | None = None, dtype=None, device_map="auto", local: bool = False, fast: bool = True,
-                  quantize: str | None = None):
+                  quantize: str | None = None, **fitting):
     """What the notebooks call: with $MIXTRAL_ENDPOINT set (and neither `name` nor `local=True`),
-    `connect()` to that server; else `load_local(name, dtype, device_map, fast, quantize)`, the blog's
-    pipeline. `generate`, `describe` and the panel take either."""
+    `connect()` to that server; else `load_local(name, dtype, device_map, fast, quantize, **fitting)`, the
+    blog's pipeline (`fitting`: max_memory, offload_folder, expert_cache). `generate`, `describe` and the
+    panel take either."""
     if name is None and not local and os.environ.get(ENDPOINT_ENV, "").strip():
-        if quantize:
-            raise ValueError(f"quantize={quantize!r} changes weights loaded here, and {ENDPOINT_ENV} points at a server: "
-                             f"quantize there (vLLM: --quantization), or pass local=True to load the model here")
+        changes = [k for k, v in dict(quantize=quantize, **fitting).items() if v is not None]
+        if changes:
+            raise ValueError(f"{', '.join(changes)} change how weights load here, and {ENDPOINT_ENV} points at a server: "
+                             f"set them there (vLLM: --quantization, --cpu-offload-gb), or pass local=True to load the "
+                             f"model here")
         return connect()
-    return load_local(name, dtype=dtype, device_map=device_map, fast=fast, quantize=quantize)
+    return load_local(name, dtype=dtype, device_map=device_map, fast=fast, quantize=quantize, **fitting)
 
 
 def as_backend(pipe):

@@ -78,7 +78,15 @@ GPU_TYPES = {
     "H200": dict(memory_gib=141, bandwidth_tbs=4.8),
     "H100": dict(memory_gib=80, bandwidth_tbs=3.35),
     "A100": dict(memory_gib=80, bandwidth_tbs=2.0),
+    # One-GPU machines (11_offloading): AMD's specifications give the bus and memory speed; bandwidth =
+    # 384 bits x 20 Gbps / 8 (RX 7900 XTX, 24 GB GDDR6) and 384 bits x 18 Gbps / 8 (Radeon PRO W7900, 48 GB).
+    "RX 7900 XTX": dict(memory_gib=24, bandwidth_tbs=0.96),
+    "W7900": dict(memory_gib=48, bandwidth_tbs=0.864),
 }
+
+# The link between a GPU and the host's RAM, per direction: PCI-SIG's transfer rate per lane (PCIe 4.0:
+# 16 GT/s, PCIe 5.0: 32 GT/s), 16 lanes, 128b/130b encoding in both -> GT/s x 16 x 128/130 / 8 GB/s.
+LINK_GTS = {"PCIe 4.0 x16": 16, "PCIe 5.0 x16": 32}
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
 RESERVED = 0.10  # share of each memory kept for the runtime, activations and fragmentation: the one margin

@@ -35,12 +35,23 @@ def per_token_experts(self, hidden_states, top_k_index, top_k_weights):
     return out
 
 
-def register_experts() -> None:
-    """Make "per_token" a valid `experts_implementation` for transformers."""
+def tokens_by_expert(top_k_index) -> list:
+    """[(expert, tokens [t], slots [t])] for each chosen expert, ascending, its rows in the order of
+    transformers' eager loop (by slot, then token): the same products, so the same sums."""
+    import torch
+    chosen: dict[int, list] = {}
+    for slot, experts in enumerate(top_k_index.T.tolist()):
+        for token, expert in enumerate(experts):
+            chosen.setdefault(expert, []).append((token, slot))
+    return [(expert, *torch.tensor(chosen[expert]).T) for expert in sorted(chosen)]
+
+
+def register_experts(name: str = "per_token", function=None) -> None:
+    """Make `name` a valid `experts_implementation` for transformers (default: "per_token")."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    if "per_token" not in ALL_EXPERTS_FUNCTIONS:
-        ALL_EXPERTS_FUNCTIONS.register("per_token", per_token_experts)
+    if name not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(name, function or per_token_experts)
 
 
 def column_major(weight):
@@ -131,9 +142,9 @@ class Recipe:
         return "\n".join(lines)
 
 
-def fast_recipe(device: str | None = None, quantized: str | None = None) -> Recipe:
+def fast_recipe(device: str | None = None, experts: tuple[str, str] | None = None) -> Recipe:
     """The fastest configuration that is correct on this hardware, as measured by `make bench`;
-    `quantized` (what quantize_model did, in words) for a model whose weights it replaced."""
+    `experts` = (implementation, why) for a model whose experts were replaced (quantized, cached)."""
     import torch
 
     if device is None:
@@ -141,11 +152,11 @@ def fast_recipe(device: str | None = None, quantized: str | None = None) -> Reci
     dtype, why_dtype = pick_dtype()
     batching = ("several prompts at once: generate_batch runs them as one padded batch; each step reads the "
                 "shared weights once for all of them, and the union of the experts they chose")
+    if experts:  # the experts are replaced: their own implementation, nothing left to re-lay
+        return Recipe(device, dtype, experts[0], relayout=False, reasons=[why_dtype, experts[1], batching])
     if device != "cpu":
         return Recipe(device, dtype, "grouped_mm", relayout=False, reasons=[
             why_dtype, "grouped_mm: transformers' default, one grouped GEMM over all experts on the GPU", batching])
-    if quantized:  # the weights are replaced: their own experts path, nothing left to re-lay
-        return Recipe(device, dtype, "quantized", relayout=False, reasons=[why_dtype, quantized, batching])
     return Recipe(device, dtype, "per_token", relayout=True, reasons=[
         why_dtype,
         "per_token experts while decoding: reads only the chosen experts' weights, skips the masks "

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 
 from .data import DTYPE_BYTES, KNOWN_MODELS, MODEL_ENV, REFERENCE_TOKENIZERS, RESERVED, GiB
 from .fastpath import apply_recipe, fast_recipe
+from .files import cache_root
 from .hardware import memory_budget, pick_dtype
+from .offload import check_cache_size, offload_experts
 from .prompts import reference_tokenizer
 from .quantize import SCHEMES, check_scheme, quantize_model
 from .sizing import fits, parameter_count, usable
@@ -125,7 +130,8 @@ def check_fits(path, dtype) -> int:
     return need
 
 
-def load_local(name: str | None = None, dtype=None, device_map="auto", fast: bool = True, quantize: str | None = None):
+def load_local(name: str | None = None, dtype=None, device_map="auto", fast: bool = True, quantize: str | None = None,
+               max_memory: dict | None = None, offload_folder=None, expert_cache: int | None = None):
     """The blog's `pipeline("text-generation", model=..., dtype=..., device_map="auto")`, after
     checking that the weights are here and fit, with the reference tokenizer for a Mixtral.
 
@@ -134,28 +140,87 @@ def load_local(name: str | None = None, dtype=None, device_map="auto", fast: boo
     fast: switch the loaded model to this hardware's fastest correct settings (fastpath.fast_recipe,
     shown by `describe`); False keeps the blog's plain pipeline.
     quantize: None (the blog's weights), "int8" or "int4": weight-only quantization on the CPU
-    (quantize.py; 10_quantization measures its speed and quality)."""
+    (quantize.py; 10_quantization measures its speed and quality).
+    max_memory, offload_folder: accelerate's budgets ({0: "20GiB", "cpu": "1GiB"}) and the folder for what goes
+    past them (default: a temporary one); expert_cache: experts kept per layer (offload.py). 11_offloading."""
     import torch
     from transformers import pipeline
 
+    offloading = max_memory is not None or offload_folder is not None
     if quantize is not None:
         check_scheme(quantize, "cuda" if torch.cuda.is_available() else "cpu")
+    if sum((quantize is not None, offloading, expert_cache is not None)) > 1:
+        raise ValueError("quantize, max_memory/offload_folder and expert_cache are separate ways to fit a model: "
+                         "use one at a time (11_offloading compares the last two)")
     path = resolve_local(name or model_path())
     dtype, dtype_reason = pick_dtype() if dtype is None else (dtype, "chosen by the caller")
-    check_fits(path, dtype)
     config = read_config(path)
+    if expert_cache is not None:
+        check_cache_size(expert_cache, config.get("num_local_experts"))
+    extra = offload_arguments(max_memory, offload_folder, path) if offloading else {}
+    temporary = extra.pop("temporary", False)
+    if not offloading:
+        check_fits(path, dtype)
     tokenizer = None
     if config.get("model_type") == "mixtral" and config.get("vocab_size") in REFERENCE_TOKENIZERS:
         tokenizer = reference_tokenizer(config["vocab_size"])
-    pipe = pipeline("text-generation", model=str(path), tokenizer=tokenizer, dtype=dtype, device_map=device_map)
+    try:
+        pipe = pipeline("text-generation", model=str(path), tokenizer=tokenizer, dtype=dtype, device_map=device_map,
+                        model_kwargs=extra)
+    except BaseException:
+        if temporary:  # nothing left behind by a load that failed
+            shutil.rmtree(extra["offload_folder"], ignore_errors=True)
+        raise
     pipe.model.dtype_reason = dtype_reason
+    experts = None
     if quantize:
         report = quantize_model(pipe.model, quantize)
-        quantized = (f"{quantize}: {SCHEMES[quantize]}, experts and lm_head included "
-                     f"({report['bytes_before'] / GiB:.2f} -> {report['bytes_after'] / GiB:.2f} GiB)")
+        experts = ("quantized", f"{quantize}: {SCHEMES[quantize]}, experts and lm_head included "
+                                f"({report['bytes_before'] / GiB:.2f} -> {report['bytes_after'] / GiB:.2f} GiB)")
+    if expert_cache is not None:
+        experts = ("expert_cache", offload_experts(pipe.model, expert_cache)["why"])
+    if temporary:
+        weakref.finalize(pipe.model, shutil.rmtree, extra["offload_folder"], ignore_errors=True)
     if fast:
-        apply_recipe(pipe.model, fast_recipe(pipe.model.device.type, quantized if quantize else None))
+        recipe = fast_recipe(pipe.model.device.type, experts)
+        if offloading:  # accelerate loads offloaded weights afresh for each forward: nothing to re-lay
+            recipe.relayout = False
+            recipe.reasons.append("offloaded by accelerate: weights on other devices are copied in for each forward")
+        apply_recipe(pipe.model, recipe)
     return pipe
+
+
+def offload_arguments(max_memory, offload_folder, path: Path) -> dict:
+    """accelerate's max_memory and offload_folder, checked: a dict of budgets, and a folder on a disk
+    with room for the whole model (a temporary one under the cache if none is given)."""
+    if max_memory is not None and not isinstance(max_memory, dict):
+        raise ValueError(f"max_memory={max_memory!r}: use a dict of budgets per device, e.g. {{'cpu': '1GiB'}} "
+                         f"or {{0: '20GiB', 'cpu': '64GiB'}}")
+    temporary = offload_folder is None
+    folder = cache_root() / "offload" if temporary else Path(offload_folder).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    free, need = shutil.disk_usage(folder).free, weight_bytes(path)
+    if not fits(need, free):
+        raise ModelTooLarge(f"offload_folder {folder} has {free / GiB:.1f} GiB free and the model's weights take "
+                            f"{need / GiB:.1f} GiB: choose a folder on a disk with more room")
+    if temporary:
+        for stale in folder.glob("offload-*-*"):  # left by a process that was killed
+            pid = stale.name.split("-")[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"offload-{os.getpid()}-", dir=folder))
+    return dict(max_memory=max_memory, offload_folder=str(folder), temporary=temporary)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs (one of another user counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def placement(model) -> list[dict]:

@@ -9,8 +9,8 @@ import logging
 from dataclasses import dataclass, field
 
 from . import hardware
-from .data import DTYPE_BYTES, GPU_TYPES, RESERVED, GiB, whole_number
-from .sizing import as_config, decode_bytes, dtype_bytes, kv_bytes_per_token, parameter_count, usable
+from .data import DTYPE_BYTES, GPU_TYPES, LINK_GTS, RESERVED, GiB, whole_number
+from .sizing import as_config, chance_hit_rate, decode_bytes, dtype_bytes, kv_bytes_per_token, parameter_count, usable
 
 @dataclass
 class Plan:
@@ -95,12 +95,13 @@ def plan(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", gpu: str = "MI300
     return result
 
 
-def auto_device_map(config, count: int, budget_per_gpu: int, precision: str) -> dict:
+def auto_device_map(config, count: int, budget_per_gpu: int, precision: str, cpu: bool = False):
     """What transformers' device_map="auto" would do on `count` GPUs with `budget_per_gpu` bytes each
     for the weights: accelerate's own balancing and placement, on the meta device. accelerate sizes
-    per torch dtype, so int4 is planned as int8 with doubled budgets (the same proportions)."""
+    per torch dtype, so int4 is planned as int8 with doubled budgets (the same proportions).
+    `cpu=True`: what does not fit goes to CPU RAM; returns (device map, bytes left in CPU RAM) then."""
     import torch
-    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+    from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
     from transformers import MixtralForCausalLM
 
     scale = 2 if precision == "int4" else 1
@@ -114,10 +115,94 @@ def auto_device_map(config, count: int, budget_per_gpu: int, precision: str) -> 
     quiet.setLevel(logging.ERROR)  # it warns that these GPUs are not on this machine: we know
     try:
         budget = {i: budget_per_gpu * scale for i in range(count)}
+        if cpu:
+            budget["cpu"] = 2**60
+            placed = infer_auto_device_map(net, max_memory=budget, dtype=dtype, no_split_module_classes=no_split)
+            sizes = compute_module_sizes(net, dtype=dtype)
+            return placed, sum(sizes[k] for k, d in placed.items() if d == "cpu") / scale
         budget = get_balanced_memory(net, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
         return infer_auto_device_map(net, max_memory=budget, dtype=dtype, no_split_module_classes=no_split)
     finally:
         quiet.setLevel(level)
+
+
+def link_bandwidth(link: str) -> float:
+    """Bytes/s one way over a host link of LINK_GTS (PCIe x16: GT/s x 16 lanes x 128/130 / 8 bits)."""
+    if link not in LINK_GTS:
+        raise ValueError(f"link={link!r}: use one of {', '.join(LINK_GTS)}")
+    return LINK_GTS[link] * 16 * 128 / 130 / 8 * 1e9
+
+
+def offload_plan(model: str, gpu: str, link: str = "PCIe 4.0 x16", precision: str = "bfloat16", context: int = 4096,
+                 hit_rate=None) -> dict:
+    """Batch-1 decode ceilings on ONE GPU of GPU_TYPES for a model that may not fit on it, two ways:
+    device_map="auto" (accelerate puts the layers that do not fit in CPU RAM and copies them in, whole,
+    for every token) and an expert cache (all but the experts on the GPU, as many experts per layer as
+    the rest of its memory holds; a token fetches its experts that are not cached). `hit_rate`: the
+    share of expert uses found in the cache, a number or a function of experts cached per layer
+    (default: what uniformly random routing would give, `chance_hit_rate`). Per token, time = bytes the GPU reads /
+    its bandwidth + bytes over the link / the link's (no overlap: an upper bound, not a forecast).
+    11_offloading, section 3, draws them with `draw_offload_plans`."""
+    config, size = as_config(model), dtype_bytes(precision)
+    if gpu not in GPU_TYPES:
+        raise ValueError(f"unknown GPU {gpu!r}: use one of {', '.join(GPU_TYPES)}")
+    gpu_bw, link_bw = GPU_TYPES[gpu]["bandwidth_tbs"] * 1e12, link_bandwidth(link)
+    parts, L, E, K = parameter_count(config), config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok
+    expert = parts["experts"] / (L * E) * size                              # one expert of one layer
+    kv = kv_bytes_per_token(config, precision if size >= 2 else "bfloat16") * context
+    budget, weights = usable(GPU_TYPES[gpu]["memory_gib"] * GiB), parts["total"] * size
+    resident = weights - parts["experts"] * size + kv                       # all but the experts
+    read = decode_bytes(config, size, context // 2, kv_bytes=max(size, 2))["per_token"]   # what the GPU reads
+    row = dict(model=model.split("/")[-1], gpu=gpu, memory_gib=GPU_TYPES[gpu]["memory_gib"], link=link,
+               precision=precision, weights_gib=weights / GiB, fits=weights + kv <= budget, expert_gib=expert / GiB)
+    if row["fits"]:
+        return dict(row, cached_per_layer=E, hit_rate=1.0, cache_bus_gb=0.0, auto_bus_gb=0.0,
+                    cache_tok_s=gpu_bw / read, auto_tok_s=gpu_bw / read)
+    _, in_ram = auto_device_map(config, 1, int(budget - kv), precision, cpu=True)
+    row.update(auto_bus_gb=in_ram / 1e9, auto_tok_s=1 / (read / gpu_bw + in_ram / link_bw))
+    per_layer = min(E, int((budget - resident) // expert // L)) if budget > resident else 0
+    if per_layer < 1:  # each layer needs a slot to compute in
+        return dict(row, cached_per_layer=0, hit_rate=None, cache_bus_gb=None, cache_tok_s=None)
+    hit = (hit_rate(per_layer) if callable(hit_rate) else chance_hit_rate(per_layer, E, K) if hit_rate is None
+           else hit_rate)
+    bus = L * K * (1 - hit) * expert
+    return dict(row, cached_per_layer=per_layer, hit_rate=hit, cache_bus_gb=bus / 1e9,
+                cache_tok_s=1 / (read / gpu_bw + bus / link_bw))
+
+
+def draw_offload_plans(rows: list, title: str = "One GPU, the model bigger than it: decode ceilings at batch 1"):
+    """Bars per GPU: device_map="auto" against the expert cache, for each link; one panel per model
+    and precision; a cross where the route cannot run (not even one expert per layer fits)."""
+    import matplotlib.pyplot as plt
+
+    from matplotlib.patches import Patch
+
+    panels = list(dict.fromkeys((r["model"], r["precision"]) for r in rows))
+    links = list(dict.fromkeys(r["link"] for r in rows))
+    bars = [(route, link) for route in ("auto", "cache") for link in links]
+    colours = ("#c44e52", "#dd8452", "#4c72b0", "#55a868")
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), sharey=True, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        mine = [r for r in rows if (r["model"], r["precision"]) == panel]
+        gpus = list(dict.fromkeys(r["gpu"] for r in mine))
+        for i, gpu in enumerate(gpus):
+            for j, (route, link) in enumerate(bars):
+                r = next(r for r in mine if r["gpu"] == gpu and r["link"] == link)
+                x, speed = i + (j - 1.5) * 0.2, r[f"{route}_tok_s"]
+                if speed is None:
+                    ax.scatter(x, 0.05, marker="x", color=colours[j])
+                else:
+                    ax.bar(x, speed, 0.2, color=colours[j])
+        ax.set_xticks(range(len(gpus)), [f"{r['gpu']}\n{r['memory_gib']} GB" for r in mine if r["link"] == links[0]])
+        ax.set_yscale("log")
+        ax.set_title(f"{panel[0]}, {panel[1]}", fontsize=9)
+    axes[0][0].set_ylabel("decode ceiling, tok/s (log)")
+    names = {"auto": 'device_map="auto"', "cache": "expert cache"}
+    fig.legend([Patch(color=c) for c in colours], [f"{names[route]}, {link}" for route, link in bars],
+               loc="lower center", ncol=4, fontsize=8)
+    fig.suptitle(f"{title} (x: not even one expert per layer fits)")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
 
 
 def layer_device(device_map: dict, layer: int):

@@ -18,6 +18,8 @@ import functools
 import math
 from pathlib import Path
 
+from .fastpath import register_experts, tokens_by_expert
+
 GROUP = 32
 SCHEMES = {"int8": "8-bit weights, a scale per output channel",
            "int4": f"4-bit weights, a scale and a zero per {GROUP} inputs"}
@@ -84,14 +86,9 @@ def quantized_experts(self, hidden_states, top_k_index, top_k_weights):
     """The experts of a quantized model: each chosen expert once, over the tokens that chose it
     (grouped in Python: at decode time a tensor unique/where costs more than the two products)."""
     import torch
-    chosen: dict[int, list] = {}
-    for token, experts in enumerate(top_k_index.tolist()):
-        for slot, expert in enumerate(experts):
-            chosen.setdefault(expert, []).append((token, slot))
     x = hidden_states.to(torch.bfloat16)                                      # [T, D], the kernels' input
     out = torch.zeros_like(hidden_states)                                     # [T, D]
-    for expert, pairs in chosen.items():
-        token, slot = torch.tensor(pairs).T                                   # [t] each
+    for expert, token, slot in tokens_by_expert(top_k_index):                 # token, slot: [t] each
         gate, up = self.gate_up_q(x[token], expert).chunk(2, dim=-1)          # [t, I] each
         y = self.down_q(self.act_fn(gate) * up, expert)                       # [t, D]
         out.index_add_(0, token, y.to(out.dtype) * top_k_weights[token, slot, None].to(out.dtype))
@@ -113,7 +110,6 @@ def quantize_model(model, scheme: str) -> dict:
     """Quantize `model` in place (a Mixtral or dense Llama on the CPU) and switch its experts to
     `quantized_experts`. Returns {"scheme", "parameters", "bytes_before", "bytes_after"} for what changed."""
     import torch
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     check_scheme(scheme, model.device.type, knob=False)
     Quantized, report = quantized_linear(), dict(scheme=scheme, parameters=0, bytes_before=0, bytes_after=0)
@@ -138,8 +134,7 @@ def quantize_model(model, scheme: str) -> dict:
         swap(model, "lm_head", model.lm_head.weight)  # tied to the embeddings: those stay, for row lookups
         for p in model.parameters():  # what stays gets memory of its own, so the weights file can be unmapped
             p.data = p.data.clone()
-    if "quantized" not in ALL_EXPERTS_FUNCTIONS:
-        ALL_EXPERTS_FUNCTIONS.register("quantized", quantized_experts)
+    register_experts("quantized", quantized_experts)
     if getattr(model.config, "num_local_experts", None):
         model.set_experts_implementation("quantized")
     model.quantized = report

@@ -78,6 +78,14 @@ def expected_distinct_experts(experts: int, per_token: int, batch: int) -> float
     return experts * (1 - (1 - per_token / experts) ** batch)
 
 
+def chance_hit_rate(cached: int, experts: int, per_token: int) -> float:
+    """The share of expert uses an LRU cache of `cached` experts per layer finds, if each token picks
+    `per_token` distinct experts of `experts` uniformly at random: the cache then holds any expert with
+    chance cached / experts, and the j-th pick of a token finds (cached - j) of the (experts - j) left.
+    With fewer slots than picks, a token's own picks evict each other and the LRU finds less."""
+    return sum(max(cached - j, 0) / (experts - j) for j in range(per_token)) / per_token
+
+
 def decode_bytes(model, dtype_bytes: float, context: int = 0, batch: int = 1, experts_read: float | None = None,
                  kv_bytes: float | None = None) -> dict:
     """Bytes read from memory by one decode step of `batch` sequences, by component, and per token.

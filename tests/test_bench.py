@@ -39,6 +39,9 @@ def test_bench_quick_runs_every_configuration(tmp_path):
     for row in result["rows"]:
         assert row["decode_tok_s"] > 0 and 0 < row["efficiency"] < 1.5, row
         assert row["bytes_per_token"] > 0 and row["peak_memory"] > 0
+    for row in (r for r in result["rows"] if r["ram_gib"] or r["expert_cache"]):  # offloaded: bytes from disk counted
+        assert row["tiers"]["from disk"] > 0 and row["tiers"]["resident"] > 0, row
+        assert ("hit_rate" in row["tiers"]) == bool(row["expert_cache"]), row
     naive = next(r for r in result["rows"] if r["name"] == NAIVE)
     assert naive["vs_naive"] == 1 and naive["experts"] == "grouped_mm" and naive["dtype"] == "float32"
     md = (tmp_path / "bench.md").read_text()

@@ -17,18 +17,20 @@ LAYERS = {
     "data": 0,                                              # the blog's facts, known models and GPUs, env names
     "files": 1, "hardware": 1,                              # cache folder, atomic writes; the machine
     "sizing": 2,                                            # parameters, bytes, ceilings, the fit check
-    "prompts": 3, "standin": 3, "fastpath": 3, "quantize": 3, "planning": 3, "checking": 3,
-    "loading": 4,                                           # model path, the blog's pipeline call
-    "backends": 5,                                          # LocalModel / Endpoint: what answers
-    "generation": 6,                                        # knobs checked once; generate*
-    "widgets": 7, "serving": 7, "moe": 7,                   # what notebooks touch
-    "__init__": 8, "__main__": 8,                           # the front door and the command line
+    "prompts": 3, "standin": 3, "fastpath": 3, "planning": 3, "checking": 3,
+    "quantize": 4, "offload": 4,                            # experts replaced: quantized, or cached
+    "loading": 5,                                           # model path, the blog's pipeline call
+    "backends": 6,                                          # LocalModel / Endpoint: what answers
+    "generation": 7,                                        # knobs checked once; generate*
+    "widgets": 8, "serving": 8, "moe": 8,                   # what notebooks touch
+    "__init__": 9, "__main__": 9,                           # the front door and the command line
 }
 # Issue 13 asks for at most 2,300 lines in helpers/. The layering measured 2,726 (from 3,137 before, with the
-# benchmark harness and the workshop tooling moved out); issue 14 brought it to 2,797 and issue 15's quantization
-# (a new capability, quantize.py) to 3,016. `total` holds the figure so helpers/ cannot grow unnoticed; it is
-# to be lowered towards 2,300, and raised only with a new capability, said in the README.
-LIMITS = dict(total=3016, file=400, function=60)
+# benchmark harness and the workshop tooling moved out); issue 14 brought it to 2,797, issue 15's quantization
+# (a new capability, quantize.py) to 3,016 and issue 16's offloading (offload.py, the one-GPU arithmetic) to 3,493.
+# `total` holds the figure so helpers/ cannot grow unnoticed; it is to be lowered towards 2,300, and raised only
+# with a new capability, said in the README.
+LIMITS = dict(total=3493, file=400, function=60)
 
 
 def helper_imports(path: Path) -> set[str]:

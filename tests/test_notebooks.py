@@ -110,8 +110,8 @@ def test_an_unknown_notebook_name_is_refused_before_anything_runs(capsys):
 
 def test_glossary_defines_the_terms_and_points_to_real_notebooks():
     text = (NOTEBOOKS["00_setup"].parent.parent / "docs" / "glossary.md").read_text()
-    for term in ("Ceiling", "Decode", "Expert parallelism", "GCD", "Quantization", "Tensor parallelism", "Top-k",
-                 "Top-p", "TTFT", "Upcycling"):
+    for term in ("Ceiling", "Decode", "Expert cache", "Expert parallelism", "GCD", "Offloading", "Quantization",
+                 "Tensor parallelism", "Top-k", "Top-p", "TTFT", "Upcycling"):
         assert f"**{term}" in text, term
     named = re.findall(r"`(\d\d_\w+)`", text)
     assert named and set(named) <= set(NOTEBOOKS)

@@ -102,7 +102,7 @@ def test_the_knob_refuses_what_it_cannot_do(tiny_mixtral_dir, monkeypatch):
     with pytest.raises(ValueError, match="CPU kernels"):
         check_scheme("int4", "cuda", knob=False)
     monkeypatch.setenv(ENDPOINT_ENV, "http://127.0.0.1:9/v1")
-    with pytest.raises(ValueError, match="quantize there .*local=True"):
+    with pytest.raises(ValueError, match="set them there .*local=True"):
         load_pipeline(quantize="int8")
 
 

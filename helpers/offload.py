@@ -1,0 +1,295 @@
+"""When the model does not fit: keep part of it in a slower memory, two ways, and count the bytes.
+
+1. accelerate's offloading (`max_memory`, `offload_folder`): what `device_map="auto"` does with a model
+   larger than the GPUs. Whole modules live in a slower tier (CPU RAM, then disk) and every forward
+   copies all of their weights in, all 8 experts of a layer although a token uses 2.
+2. An expert cache: everything but the experts stays resident; each layer keeps `per_layer` experts in
+   slots of fast memory and fetches the others from the slow tier when the router picks them, into
+   the least recently used slot. On a CPU the slow tier is the safetensors file, memory-mapped; on a
+   GPU, CPU RAM. It is an experts implementation, "expert_cache", like the fast path's "per_token".
+
+`OffloadMeter` counts what each tier gives every forward; `lru_hit_rates` replays router traces
+through the same LRU, for every cache size, without running the model again. 11_offloading uses them all.
+Shapes: E experts, K experts per token, D hidden, I expert FFN, T tokens, C slots per layer.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter, OrderedDict
+from pathlib import Path
+
+from .data import whole_number
+from .fastpath import register_experts, tokens_by_expert
+
+
+
+class LRU:
+    """Which expert sits in which of `capacity` slots, least recently used first."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.slots = capacity, OrderedDict()     # expert -> slot
+
+    def touch(self, expert: int) -> tuple[bool, int]:
+        """(hit, slot): a miss takes a free slot, or the least recently used expert's."""
+        if expert in self.slots:
+            self.slots.move_to_end(expert)
+            return True, self.slots[expert]
+        slot = len(self.slots) if len(self.slots) < self.capacity else self.slots.popitem(last=False)[1]
+        self.slots[expert] = slot
+        return False, slot
+
+
+class LayerCache:
+    """One layer's LRU over its slots, `fetch(expert) -> (gate_up [2I, D], down [D, I])` from the
+    slow tier, and what it counted: hits, misses, bytes fetched."""
+
+    def __init__(self, fetch, capacity: int):
+        self.lru, self.fetch = LRU(capacity), fetch
+        self.count = Counter()
+
+    def slot(self, experts_module, expert: int) -> int:
+        hit, slot = self.lru.touch(expert)
+        self.count["hits" if hit else "misses"] += 1
+        if not hit:
+            gate_up, down = self.fetch(expert)
+            experts_module.cached_gate_up[slot].copy_(gate_up, non_blocking=True)
+            experts_module.cached_down[slot].copy_(down, non_blocking=True)
+            self.count["from slow tier"] += gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
+        return slot
+
+
+def cached_experts(self, hidden_states, top_k_index, top_k_weights):
+    """transformers' eager experts loop, each expert's weights taken from its cache slot (fetched on a miss)."""
+    import torch.nn.functional as F
+
+    out = hidden_states.new_zeros(hidden_states.shape)                       # [T, D]
+    for expert, token, slot in tokens_by_expert(top_k_index):                # token, slot: [t] each
+        token, slot = token.to(out.device), slot.to(out.device)
+        i = self.expert_cache.slot(self, expert)
+        gate, up = F.linear(hidden_states[token], self.cached_gate_up[i]).chunk(2, dim=-1)   # [t, I] each
+        y = F.linear(self.act_fn(gate) * up, self.cached_down[i]) * top_k_weights[token, slot, None]  # [t, D]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+class ExpertFiles:
+    """The experts in a model folder's safetensors, read one expert at a time (memory-mapped): the
+    fused 3-D tensors transformers 5 saves, or the hub's per-expert w1/w3/w2."""
+
+    def __init__(self, folder):
+        from safetensors import safe_open
+
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+                 else [f.name for f in sorted(folder.glob("*.safetensors"))])
+        self.where = {}                                                      # tensor name -> open file
+        for name in files:
+            handle = safe_open(str(folder / name), framework="pt")
+            self.where.update(dict.fromkeys(handle.keys(), handle))
+        if not any(".experts." in k for k in self.where):
+            raise ValueError(f"no experts in the safetensors of {folder}: expert_cache needs a Mixtral's weights")
+
+    def fetch(self, layer: int, expert: int):
+        """(gate_up [2I, D], down [D, I]) of one expert of one layer, as stored."""
+        import torch
+
+        fused = f"model.layers.{layer}.mlp.experts."
+        if fused + "gate_up_proj" in self.where:
+            return tuple(self.where[fused + n].get_slice(fused + n)[expert] for n in ("gate_up_proj", "down_proj"))
+        old = f"model.layers.{layer}.block_sparse_moe.experts.{expert}."
+        w1, w3, w2 = (self.where[old + n + ".weight"].get_tensor(old + n + ".weight") for n in ("w1", "w3", "w2"))
+        return torch.cat([w1, w3]), w2
+
+
+def check_cache_size(per_layer, experts_total) -> int:
+    """The model's number of experts, if `per_layer` of them can be cached; else a ValueError saying why."""
+    if not experts_total:
+        raise ValueError("expert_cache needs a mixture-of-experts model, and this one has no experts")
+    whole_number("expert_cache", per_layer, 1, f" (experts kept per layer, of {experts_total})", maximum=experts_total)
+    return experts_total
+
+
+def offload_experts(model, per_layer: int, tier: str | None = None) -> dict:
+    """Keep `per_layer` experts of each layer in the model's memory, in slots filled on demand (least
+    recently used evicted), the others in `tier`: "disk" (the model folder's safetensors, memory-mapped;
+    the default on a CPU) or "ram" (CPU RAM; the default on a GPU). In place; returns what was set."""
+    import torch
+
+    experts_total = check_cache_size(per_layer, getattr(model.config, "num_local_experts", None))
+    tier = tier or ("disk" if model.device.type == "cpu" else "ram")
+    if tier not in ("disk", "ram"):
+        raise ValueError(f"tier={tier!r}: use 'disk' (memory-mapped safetensors) or 'ram' (CPU RAM)")
+    files = ExpertFiles(model.name_or_path) if tier == "disk" else None
+    for i, layer in enumerate(model.model.layers):
+        experts = layer.mlp.experts
+        gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()     # [E, 2I, D], [E, D, I]
+        if files is not None:
+            fetch = (lambda layer_index: lambda e: files.fetch(layer_index, e))(i)
+        else:
+            slow = [w.to("cpu", copy=True) for w in (gate_up, down)]
+            if torch.cuda.is_available() and model.device.type == "cuda":
+                slow = [w.pin_memory() for w in slow]                             # copies to the GPU overlap
+            fetch = (lambda g, d: lambda e: (g[e], d[e]))(*slow)
+        del experts.gate_up_proj, experts.down_proj
+        experts.register_buffer("cached_gate_up", gate_up.new_empty((per_layer, *gate_up.shape[1:])))
+        experts.register_buffer("cached_down", down.new_empty((per_layer, *down.shape[1:])))
+        experts.expert_cache = LayerCache(fetch, per_layer)
+    register_experts("expert_cache", cached_experts)
+    model.set_experts_implementation("expert_cache")
+    model.expert_cache = dict(per_layer=per_layer, experts=experts_total, tier=tier,
+                              why=f"expert cache: {per_layer} of {experts_total} experts per layer in memory, "
+                                  f"the others read from {tier} when the router picks them")
+    return model.expert_cache
+
+
+def layer_caches(model) -> list:
+    """Each layer's LayerCache, in layer order (none without an expert cache)."""
+    return [m.expert_cache for m in model.modules() if isinstance(getattr(m, "expert_cache", None), LayerCache)]
+
+
+def _loaders(model) -> list:
+    """accelerate's offloaded-weights loaders of a dispatched model (one, shared by its hooks)."""
+    found = {}
+    for module in model.modules():
+        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        loader = getattr(weights, "dataset", weights)
+        if loader is not None and hasattr(loader, "index"):
+            found[id(loader)] = loader
+    return list(found.values())
+
+
+def resident_bytes(model) -> float:
+    """What a decode step reads in place: every weight held on the compute device (K of E of the
+    experts, one row of an untied embedding), and K experts from each layer's cache slots."""
+    c = model.config
+    share = c.num_experts_per_tok / c.num_local_experts if getattr(c, "num_local_experts", None) else 1
+    total = 0.0
+    for name, p in model.named_parameters():                                  # tied weights come once
+        if p.device.type == "meta":
+            continue                                                          # offloaded: counted as copied in
+        size = p.numel() * p.element_size()
+        if p.dim() == 3:
+            size *= share
+        elif name.endswith("embed_tokens.weight") and not c.tie_word_embeddings:
+            size = p.shape[-1] * p.element_size()
+        total += size
+    for m in model.modules():
+        if hasattr(m, "cached_gate_up"):
+            total += c.num_experts_per_tok * sum(b[0].numel() * b[0].element_size() for b in (m.cached_gate_up, m.cached_down))
+    return total
+
+
+def storage_read_bytes() -> int | None:
+    """Bytes this process has made the kernel read from storage (Linux /proc/self/io; None elsewhere):
+    reads the OS page cache served are not in it."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class OffloadMeter:
+    """`with OffloadMeter(model) as meter: generate(...)`, then `meter.per_token()`: bytes each tier
+    gave each forward call (the prompt's, then one per new token), counted where they are read."""
+
+    def __init__(self, model):
+        self.model, self.calls, self._undo = model, [], []
+
+    def __enter__(self):
+        count = Counter()
+        for loader in _loaders(self.model):                                   # count what accelerate copies in
+            base = type(loader)
+
+            class Counting(base):
+                def __getitem__(self, key, _base=base):
+                    tensor = _base.__getitem__(self, key)
+                    count["from RAM" if key in self.state_dict else "from disk"] += tensor.numel() * tensor.element_size()
+                    return tensor
+            loader.__class__ = Counting
+            self._undo.append(lambda loader=loader, base=base: setattr(loader, "__class__", base))
+        caches, resident = layer_caches(self.model), resident_bytes(self.model)
+        state = dict(before=Counter(), storage=storage_read_bytes())
+
+        def after_call(_module, args, kwargs, _output):
+            now = count + sum((c.count for c in caches), Counter())
+            storage = storage_read_bytes()
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            row = dict(now - state["before"], resident=resident, decode=ids is not None and ids.shape[-1] == 1)
+            if storage is not None:
+                row["storage"] = storage - state["storage"]
+            self.calls.append(row)
+            state.update(before=now, storage=storage)
+        self._undo.append(self.model.register_forward_hook(after_call, with_kwargs=True).remove)
+        return self
+
+    def __exit__(self, *exc):
+        for undo in self._undo:
+            undo()
+        self._undo = []
+
+    def per_token(self) -> dict:
+        """The mean of each count over the decode steps (the calls with one new token each, batch 1);
+        with a cache, its hit rate over those steps too."""
+        steps = [row for row in self.calls if row["decode"]]
+        if not steps:
+            raise ValueError("no decode step was measured: generate at least 2 new tokens inside the `with`")
+        keys = {k for row in steps for k in row} - {"decode"}
+        mean = {k: sum(row.get(k, 0) for row in steps) / len(steps) for k in keys}
+        if mean.get("hits", 0) + mean.get("misses", 0):
+            mean["hit_rate"] = mean.get("hits", 0) / (mean.get("hits", 0) + mean.get("misses", 0))
+        if "from slow tier" in mean:
+            mean["from " + ("disk" if self.model.expert_cache["tier"] == "disk" else "RAM")] = mean.pop("from slow tier")
+        return mean
+
+
+def lru_hit_rates(traces, capacities=None, num_experts: int = 8) -> dict:
+    """Replay router traces (`trace_generation`'s, one per prompt) through a per-layer LRU of each size:
+    {C: hit rate over the decode steps}. Each trace starts empty, its prompt pass fills the cache
+    uncounted; each forward touches its distinct experts in ascending order, as `cached_experts` does."""
+    rates = {}
+    for capacity in capacities or range(1, num_experts + 1):
+        hits = uses = 0
+        for trace in traces:
+            caches = None
+            for step, call in enumerate(trace.calls):
+                caches = caches or [LRU(capacity) for _ in call]
+                for lru, (indices, _, _) in zip(caches, call):
+                    for expert in sorted(set(indices.flatten().tolist())):
+                        hit, _ = lru.touch(expert)
+                        hits, uses = hits + (hit and step > 0), uses + (step > 0)
+        rates[capacity] = hits / uses if uses else float("nan")
+    return rates
+
+
+def device_map_bytes(model) -> list[dict]:
+    """accelerate's placement of a loaded model, in model order: [{"module", "device", "bytes"}]."""
+    placement = getattr(model, "hf_device_map", None) or {"": str(model.device)}
+    sizes = Counter()
+    for name, p in model.named_parameters():
+        holder = max((k for k in placement if k == "" or name == k or name.startswith(k + ".")), key=len)
+        sizes[holder] += p.numel() * p.element_size()
+    return [dict(module=k or "model", device=str(placement[k]), bytes=sizes[k]) for k in placement if sizes[k]]
+
+
+def draw_device_map(rows: list, title: str = "Where device_map put each module", ax=None):
+    """One bar per module, its height the bytes it holds, coloured by where it lives."""
+    import matplotlib.pyplot as plt
+
+    colours = {"disk": "#c44e52", "cpu": "#4c72b0"}
+    if ax is None:
+        _, ax = plt.subplots(figsize=(10, 3))
+    names = [r["module"].replace("model.layers.", "").replace("model.", "").replace("embed_tokens", "embed") for r in rows]
+    ax.bar(range(len(rows)), [r["bytes"] / 2**20 for r in rows], color=[colours.get(r["device"], "#55a868") for r in rows])
+    ax.set_xticks(range(len(rows)), names, rotation=90, fontsize=7)
+    ax.set_ylabel("MiB")
+    ax.set_title(title)
+    for device in dict.fromkeys(r["device"] for r in rows):
+        ax.bar(0, 0, color=colours.get(device, "#55a868"), label={"cpu": "CPU RAM", "disk": "disk (offload_folder)"}.get(device, f"GPU {device}"))
+    ax.legend()
+    ax.set_xlabel("module (decoder layers by number)")
+    ax.figure.tight_layout()
+    return ax

@@ -1,0 +1,227 @@
+"""Offloading (offload.py, planning.offload_plan): the expert cache computes what the model in memory
+computes, its LRU and its counts are what the router's choices imply, accelerate's disk tier is counted
+byte for byte, and the arithmetic for the real models holds together."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from helpers.backends import describe, load_pipeline
+from helpers.data import ENDPOINT_ENV, GPU_TYPES, GiB
+from helpers.fastpath import tokens_by_expert
+from helpers.loading import ModelTooLarge
+from helpers.moe import RouterTrace
+from helpers.offload import (LRU, ExpertFiles, OffloadMeter, device_map_bytes, layer_caches, lru_hit_rates,
+                             offload_experts)
+from helpers.planning import link_bandwidth, offload_plan, plan
+from helpers.sizing import chance_hit_rate, parameter_count, usable
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tiny_mixtral_dir):
+    """A tiny random Mixtral whose 4 experts differ (the stand-in's are copies of one FFN), as safetensors."""
+    return tiny_mixtral_dir
+
+
+def load(path, dtype=torch.float32, experts="eager"):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model.set_experts_implementation(experts)
+    return model
+
+
+# ---------------------------------------------------------------- the LRU and the order of the work
+def test_lru_evicts_the_least_recently_used_expert():
+    lru = LRU(2)
+    assert [lru.touch(e) for e in (1, 2, 1, 3, 2)] == [(False, 0), (False, 1), (True, 0), (False, 1), (False, 0)]
+    assert list(lru.slots) == [3, 2]  # 1 was the least recently used when 2 came back
+
+
+def test_tokens_by_expert_follows_the_eager_loop():
+    groups = tokens_by_expert(torch.tensor([[1, 0], [0, 2]]))  # token 0 chose 1 then 0; token 1 chose 0 then 2
+    assert [(e, t.tolist(), s.tolist()) for e, t, s in groups] == [(0, [1, 0], [0, 1]), (1, [0], [0]), (2, [1], [1])]
+
+
+def test_hit_rates_replay_a_trace():
+    class Trace:  # one layer: a prompt pass touching experts 0 and 1, then two decode steps
+        calls = [[(torch.tensor([[0, 1]]), None, None)], [(torch.tensor([[1, 0]]), None, None)],
+                 [(torch.tensor([[2, 1]]), None, None)]]
+    assert lru_hit_rates([Trace()], [1, 2, 3], num_experts=3) == {1: 0.25, 2: 0.75, 3: 0.75}
+
+
+def test_chance_is_what_lru_finds_under_uniform_routing():
+    g = torch.Generator().manual_seed(0)
+
+    class Uniform:  # 8 layers x 600 steps, each token 2 distinct experts of 8 drawn uniformly
+        calls = [[(torch.randperm(8, generator=g)[:2][None], None, None) for _ in range(8)] for _ in range(600)]
+    replayed = lru_hit_rates([Uniform()])
+    for cached, rate in replayed.items():  # fewer slots than picks: a token's picks evict each other, less than that
+        assert rate == pytest.approx(chance_hit_rate(cached, 8, 2), abs=0.02) if cached >= 2 else \
+            rate < chance_hit_rate(cached, 8, 2), cached
+    assert chance_hit_rate(1, 8, 2) == 1 / 16 and chance_hit_rate(8, 8, 2) == 1  # one slot: the pair evicts itself
+
+
+# ---------------------------------------------------------------- the cache computes what memory computes
+@pytest.mark.numerics
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("per_layer, tier", [(1, "disk"), (2, "disk"), (3, "ram")])
+def test_the_cache_returns_the_logits_of_the_model_in_memory(moe_dir, dtype, per_layer, tier):
+    reference, cached = load(moe_dir, dtype), load(moe_dir, dtype)
+    offload_experts(cached, per_layer, tier)
+    assert not any(".experts." in n for n, _ in cached.named_parameters())  # only the slots hold experts now
+    ids = torch.randint(0, 32768, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(cached(ids).logits, reference(ids).logits)      # the prompt pass, with evictions
+        greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        got, expected = cached.generate(ids[:, :6], **greedy), reference.generate(ids[:, :6], **greedy)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.scores, expected.scores))
+    counts = sum((c.count for c in layer_caches(cached)), start=__import__("collections").Counter())
+    assert counts["misses"] > 0 and counts["hits"] + counts["misses"] > 0
+
+
+def test_the_cache_matches_transformers_default_experts_too(moe_dir):
+    reference, cached = load(moe_dir, experts="grouped_mm"), load(moe_dir)
+    offload_experts(cached, 2)
+    ids = torch.randint(0, 32768, (1, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(cached(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_its_counts_are_what_the_routers_chose(moe_dir):
+    model = load(moe_dir)
+    offload_experts(model, 2)
+    with RouterTrace(model) as trace, OffloadMeter(model) as meter, torch.no_grad():
+        model.generate(torch.tensor([[5, 9, 200, 31, 7]]), max_new_tokens=16, do_sample=False, pad_token_id=0)
+    measured = meter.per_token()
+    assert measured["hit_rate"] == pytest.approx(lru_hit_rates([trace], [2], num_experts=4)[2])
+    one_expert = 3 * 32 * 64 * 4  # gate, up, down of hidden 32 x FFN 64, float32 as stored
+    assert measured["from disk"] == pytest.approx(measured["misses"] * one_expert)
+    assert measured["hits"] + measured["misses"] == 2 * 2  # 2 layers x 2 distinct experts per decode step
+
+
+def test_the_hub_layout_is_read_expert_by_expert(tmp_path, moe_dir):
+    model = load(moe_dir)
+    state = {}
+    for i, layer in enumerate(model.model.layers):
+        gate_up, down = layer.mlp.experts.gate_up_proj.detach(), layer.mlp.experts.down_proj.detach()
+        for e in range(4):
+            prefix = f"model.layers.{i}.block_sparse_moe.experts.{e}."
+            state.update({prefix + "w1.weight": gate_up[e, :64].clone(), prefix + "w3.weight": gate_up[e, 64:].clone(),
+                          prefix + "w2.weight": down[e].clone()})
+    save_file(state, tmp_path / "model.safetensors")
+    fused, legacy = ExpertFiles(moe_dir), ExpertFiles(tmp_path)
+    for layer, expert in ((0, 0), (1, 3)):
+        assert all(torch.equal(a, b) for a, b in zip(fused.fetch(layer, expert), legacy.fetch(layer, expert)))
+
+
+# ---------------------------------------------------------------- the knob, and what it refuses
+def test_the_knob_loads_a_cached_model_and_says_so(moe_dir):
+    pipe = load_pipeline(str(moe_dir), dtype=torch.float32, expert_cache=2)
+    assert pipe.model.config._experts_implementation == "expert_cache"
+    assert "2 of 4 experts cached per layer" in describe(pipe)
+    assert "the others read from disk" in describe(pipe, detail=True)
+
+
+def test_the_knobs_refuse_what_they_cannot_do(moe_dir, tmp_path, monkeypatch):
+    for bad in (0, 5, "2", True):
+        with pytest.raises(ValueError, match=r"expert_cache=.* is not allowed: use a whole number from 1 to 4"):
+            load_pipeline(str(moe_dir), expert_cache=bad)
+    with pytest.raises(ValueError, match="use one at a time"):
+        load_pipeline(str(moe_dir), expert_cache=2, max_memory={"cpu": "1GiB"})
+    with pytest.raises(ValueError, match="a dict of budgets per device"):
+        load_pipeline(str(moe_dir), max_memory="1GiB")
+    with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
+        offload_experts(type("Dense", (), {"config": type("C", (), {})()})(), 2)
+    with pytest.raises(ValueError, match="no experts in the safetensors"):
+        (tmp_path / "model.safetensors").write_bytes(b"")
+        save_file({"x": torch.zeros(2)}, tmp_path / "model.safetensors")
+        ExpertFiles(tmp_path)
+    monkeypatch.setenv("MIXTRAL_NOTEBOOKS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("shutil.disk_usage", lambda _: type("U", (), {"free": 10})())
+    with pytest.raises(ModelTooLarge, match="has 0.0 GiB free"):
+        load_pipeline(str(moe_dir), max_memory={"cpu": "1GiB"}, offload_folder=tmp_path / "off")
+    with pytest.raises(ModelTooLarge, match="has 0.0 GiB free"):  # and no temporary folder is left behind
+        load_pipeline(str(moe_dir), max_memory={"cpu": "1GiB"})
+    assert not any((tmp_path / "cache" / "offload").iterdir())
+    monkeypatch.setenv(ENDPOINT_ENV, "http://127.0.0.1:9/v1")
+    with pytest.raises(ValueError, match="expert_cache change how weights load here"):
+        load_pipeline(expert_cache=2)
+
+
+# ---------------------------------------------------------------- accelerate's offloading, counted
+def test_accelerate_reads_whole_layers_from_disk_every_token(moe_dir, tmp_path):
+    reference = load_pipeline(str(moe_dir), dtype=torch.float32, fast=False)
+    pipe = load_pipeline(str(moe_dir), dtype=torch.float32, fast=False, max_memory={"cpu": 8_500_000},
+                         offload_folder=tmp_path / "off")
+    rows = device_map_bytes(pipe.model)
+    on_disk = sum(r["bytes"] for r in rows if r["device"] == "disk")
+    assert {r["device"] for r in rows} == {"cpu", "disk"} and on_disk > 0, rows
+    assert "part offloaded to disk" in describe(pipe)
+    ids = torch.tensor([[5, 9, 200, 31, 7]])
+    greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with OffloadMeter(pipe.model) as meter, torch.no_grad():
+        out = pipe.model.generate(ids, **greedy)
+    assert torch.equal(out, reference.model.generate(ids, **greedy))
+    assert meter.per_token()["from disk"] == on_disk  # every weight of every module on disk, all experts, per token
+
+
+def test_a_temporary_offload_folder_goes_with_its_model(moe_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXTRAL_NOTEBOOKS_CACHE", str(tmp_path))
+    stale = tmp_path / "offload" / "offload-999999999-x"  # left by a process that no longer runs
+    stale.mkdir(parents=True)
+    pipe = load_pipeline(str(moe_dir), dtype=torch.float32, fast=False, max_memory={"cpu": 8_500_000})
+    assert not stale.exists()
+    folders = list((tmp_path / "offload").iterdir())
+    assert len(folders) == 1 and any(folders[0].iterdir())
+    del pipe
+    import gc
+    gc.collect()
+    assert not folders[0].exists()
+    with pytest.raises(Exception):  # a load that fails leaves no folder either
+        load_pipeline(str(moe_dir), dtype=torch.float32, fast=False, max_memory={"cpu": 8_500_000}, device_map="nowhere")
+    assert not any((tmp_path / "offload").iterdir())
+
+
+# ---------------------------------------------------------------- the arithmetic for the real models
+BIG, SMALL = "mistralai/Mixtral-8x22B-Instruct-v0.1", "mistralai/Mixtral-8x7B-Instruct-v0.1"
+
+
+def test_a_pcie_link_carries_what_its_lanes_carry():
+    assert link_bandwidth("PCIe 4.0 x16") == pytest.approx(31.5e9, rel=1e-3)
+    assert link_bandwidth("PCIe 5.0 x16") == 2 * link_bandwidth("PCIe 4.0 x16")
+    with pytest.raises(ValueError, match="use one of PCIe 4.0 x16, PCIe 5.0 x16"):
+        link_bandwidth("NVLink")
+
+
+def test_what_fits_needs_no_link_and_matches_the_planner():
+    row = offload_plan(SMALL, "A100", precision="int4")
+    assert row["fits"] and row["cache_tok_s"] == row["auto_tok_s"] == pytest.approx(plan(SMALL, "A100", 1, "int4").ceiling_pipeline)
+
+
+def test_the_cache_holds_what_memory_allows_and_moves_only_misses():
+    row = offload_plan(SMALL, "A100", "PCIe 4.0 x16")                       # 8x7B bf16 does not fit in 80 GB
+    parts, L = parameter_count(SMALL), 32
+    expert = parts["experts"] / (L * 8) * 2
+    resident = (parts["total"] - parts["experts"]) * 2 + 32 * 2 * 8 * 128 * 2 * 4096
+    c = row["cached_per_layer"]
+    assert resident + c * L * expert <= usable(80 * GiB) < resident + (c + 1) * L * expert
+    hit = (c / 8 + (c - 1) / 7) / 2                                          # chance, unless told
+    assert row["hit_rate"] == pytest.approx(hit)
+    assert row["cache_bus_gb"] * 1e9 == pytest.approx(L * 2 * (1 - hit) * expert)
+    told = offload_plan(SMALL, "A100", "PCIe 4.0 x16", hit_rate=lambda n: 0.9)
+    assert told["cache_bus_gb"] == pytest.approx(row["cache_bus_gb"] * 0.1 / (1 - hit))
+    assert told["cache_tok_s"] > row["cache_tok_s"] > row["auto_tok_s"]
+    # device_map="auto" leaves in RAM what the GPU cannot take, and copies it in for every token
+    assert parts["total"] * 2 - usable(80 * GiB) <= row["auto_bus_gb"] * 1e9 < parts["total"] * 2
+
+
+def test_a_gpu_with_no_room_for_one_expert_per_layer_cannot_cache():
+    row = offload_plan(BIG, "RX 7900 XTX")
+    assert row["cached_per_layer"] == 0 and row["cache_tok_s"] is None and row["auto_tok_s"] > 0
+    assert offload_plan(BIG, "RX 7900 XTX", precision="int4")["cached_per_layer"] >= 1
+    with pytest.raises(ValueError, match="unknown GPU 'T4'"):
+        offload_plan(BIG, "T4")
+    assert set(GPU_TYPES) >= {"RX 7900 XTX", "W7900"}
