@@ -212,7 +212,7 @@ class OffloadMeter:
             loader.__class__ = Counting
             self._undo.append(lambda loader=loader, base=base: setattr(loader, "__class__", base))
         caches, resident = layer_caches(self.model), resident_bytes(self.model)
-        state = dict(before=Counter(), storage=storage_read_bytes())
+        state = dict(before=sum((c.count for c in caches), Counter()), storage=storage_read_bytes())  # counted so far
 
         def after_call(_module, args, kwargs, _output):
             now = count + sum((c.count for c in caches), Counter())

@@ -174,7 +174,6 @@ def draw_offload_plans(rows: list, title: str = "One GPU, the model bigger than 
     """Bars per GPU: device_map="auto" against the expert cache, for each link; one panel per model
     and precision; a cross where the route cannot run (not even one expert per layer fits)."""
     import matplotlib.pyplot as plt
-
     from matplotlib.patches import Patch
 
     panels = list(dict.fromkeys((r["model"], r["precision"]) for r in rows))

@@ -97,6 +97,10 @@ def test_its_counts_are_what_the_routers_chose(moe_dir):
         model.generate(torch.tensor([[5, 9, 200, 31, 7]]), max_new_tokens=16, do_sample=False, pad_token_id=0)
     measured = meter.per_token()
     assert measured["hit_rate"] == pytest.approx(lru_hit_rates([trace], [2], num_experts=4)[2])
+    with OffloadMeter(model) as again, torch.no_grad():  # a second meter counts its own calls only
+        model.generate(torch.tensor([[5, 9, 200, 31, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    prompt = again.calls[0]
+    assert not prompt["decode"] and 0 < prompt.get("hits", 0) + prompt.get("misses", 0) <= 2 * 4  # 2 layers, 4 experts
     one_expert = 3 * 32 * 64 * 4  # gate, up, down of hidden 32 x FFN 64, float32 as stored
     assert measured["from disk"] == pytest.approx(measured["misses"] * one_expert)
     assert measured["hits"] + measured["misses"] == 2 * 2  # 2 layers x 2 distinct experts per decode step
