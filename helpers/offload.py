@@ -237,7 +237,7 @@ class OffloadMeter:
         steps = [row for row in self.calls if row["decode"]]
         if not steps:
             raise ValueError("no decode step was measured: generate at least 2 new tokens inside the `with`")
-        keys = {k for row in steps for k in row} - {"decode"}
+        keys = ({k for row in steps for k in row} | {"from RAM", "from disk"}) - {"decode"}
         mean = {k: sum(row.get(k, 0) for row in steps) / len(steps) for k in keys}
         if mean.get("hits", 0) + mean.get("misses", 0):
             mean["hit_rate"] = mean.get("hits", 0) / (mean.get("hits", 0) + mean.get("misses", 0))

@@ -73,7 +73,8 @@ def run_notebook(path: Path, inplace: bool = False, timeout: int = 1800):
                             on_cell_execute=progress)
     try:
         client.execute()
-        peaks = [int(k) // 1024 for k in nb.cells[-1].outputs[0]["text"].split()]  # KiB -> MiB
+        printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.get("name") == "stdout")
+        peaks = [int(k) // 1024 for k in printed.split()]  # KiB -> MiB; a busy kernel may send them in two pieces
         stamp(nb, time.perf_counter() - started, *peaks)
     finally:
         print(file=sys.stderr)
