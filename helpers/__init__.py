@@ -13,7 +13,7 @@ from .moe import (chance_stickiness, cost_experiment, draw_loads, draw_routing, 
                   experts_read_per_step, route_softmax_topk_renorm, route_topk_then_softmax, stickiness,
                   trace_generation)
 from .offload import OffloadMeter, device_map_bytes, draw_device_map, lru_hit_rates
-from .planning import draw_offload_plans, draw_plan, offload_plan, plan, plan_for_this_machine
+from .planning import draw_offload_plans, draw_plan, link_bandwidth, offload_plan, plan, plan_for_this_machine
 from .prompts import (blog_prompt, blog_readings, chat_ids, compare_ids, hub_fast_tokenizer, reference_ids,
                       reference_tokenizer, turn_starts)
 from .quantize import QUALITY_TEXT, compare_logits, kernel_speeds
@@ -32,10 +32,10 @@ __all__ = [
     "draw_offload_plans", "draw_plan", "draw_routing", "edit_distance_cases", "ensure_standin",
     "expected_distinct_experts", "expert_load", "experts_per_token", "experts_read_per_step", "extract_code",
     "fast_recipe", "fit_report", "generate", "generate_batch", "generate_many", "gpus", "hub_fast_tokenizer",
-    "kernel_speeds", "kv_bytes_per_token", "load_pipeline", "lru_hit_rates", "measure_bandwidth", "memory_table",
-    "model_path", "next_token_distribution", "offload_plan", "parameter_count", "pick_dtype", "placement", "plan",
-    "plan_for_this_machine", "print_stream", "reference_ids", "reference_tokenizer", "room_load",
-    "route_softmax_topk_renorm", "route_topk_then_softmax", "run_sandboxed", "start_local_server",
+    "kernel_speeds", "kv_bytes_per_token", "link_bandwidth", "load_pipeline", "lru_hit_rates", "measure_bandwidth",
+    "memory_table", "model_path", "next_token_distribution", "offload_plan", "parameter_count", "pick_dtype",
+    "placement", "plan", "plan_for_this_machine", "print_stream", "reference_ids", "reference_tokenizer",
+    "room_load", "route_softmax_topk_renorm", "route_topk_then_softmax", "run_sandboxed", "start_local_server",
     "steps_before_a_tie", "stickiness", "system_memory", "torch_build", "trace_generation", "turn_starts",
     "weight_bytes",
 ]

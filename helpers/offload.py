@@ -14,6 +14,7 @@ Shapes: E experts, K experts per token, D hidden, I expert FFN, T tokens, C slot
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -102,6 +103,10 @@ class ExpertFiles:
         return torch.cat([w1, w3]), w2
 
 
+def _rows(gate_up, down, expert: int):
+    return gate_up[expert], down[expert]
+
+
 def check_cache_size(per_layer, experts_total) -> int:
     """The model's number of experts, if `per_layer` of them can be cached; else a ValueError saying why."""
     if not experts_total:
@@ -125,12 +130,12 @@ def offload_experts(model, per_layer: int, tier: str | None = None) -> dict:
         experts = layer.mlp.experts
         gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()     # [E, 2I, D], [E, D, I]
         if files is not None:
-            fetch = (lambda layer_index: lambda e: files.fetch(layer_index, e))(i)
+            fetch = functools.partial(files.fetch, i)
         else:
             slow = [w.to("cpu", copy=True) for w in (gate_up, down)]
             if torch.cuda.is_available() and model.device.type == "cuda":
                 slow = [w.pin_memory() for w in slow]                             # copies to the GPU overlap
-            fetch = (lambda g, d: lambda e: (g[e], d[e]))(*slow)
+            fetch = functools.partial(_rows, *slow)
         del experts.gate_up_proj, experts.down_proj
         experts.register_buffer("cached_gate_up", gate_up.new_empty((per_layer, *gate_up.shape[1:])))
         experts.register_buffer("cached_down", down.new_empty((per_layer, *down.shape[1:])))

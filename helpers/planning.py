@@ -5,6 +5,7 @@ Counts come from sizing.py; the placement is accelerate's own, run on the meta d
 configs, no weights)."""
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -158,7 +159,7 @@ def offload_plan(model: str, gpu: str, link: str = "PCIe 4.0 x16", precision: st
     if row["fits"]:
         return dict(row, cached_per_layer=E, hit_rate=1.0, cache_bus_gb=0.0, auto_bus_gb=0.0,
                     cache_tok_s=gpu_bw / read, auto_tok_s=gpu_bw / read)
-    _, in_ram = auto_device_map(config, 1, int(budget - kv), precision, cpu=True)
+    in_ram = _bytes_left_in_ram(model, int(budget - kv), precision)
     row.update(auto_bus_gb=in_ram / 1e9, auto_tok_s=1 / (read / gpu_bw + in_ram / link_bw))
     per_layer = min(E, int((budget - resident) // expert // L)) if budget > resident else 0
     if per_layer < 1:  # each layer needs a slot to compute in
@@ -168,6 +169,12 @@ def offload_plan(model: str, gpu: str, link: str = "PCIe 4.0 x16", precision: st
     bus = L * K * (1 - hit) * expert
     return dict(row, cached_per_layer=per_layer, hit_rate=hit, cache_bus_gb=bus / 1e9,
                 cache_tok_s=1 / (read / gpu_bw + bus / link_bw))
+
+
+@functools.lru_cache(maxsize=64)
+def _bytes_left_in_ram(model: str, budget: int, precision: str) -> float:
+    """What device_map="auto" leaves in CPU RAM with one GPU of `budget` bytes (the same for every link)."""
+    return auto_device_map(as_config(model), 1, budget, precision, cpu=True)[1]
 
 
 def draw_offload_plans(rows: list, title: str = "One GPU, the model bigger than it: decode ceilings at batch 1"):
