@@ -37,7 +37,7 @@ $(STAMP): requirements.txt
 
 standin: setup
 	@echo "== checking the stand-in model (built once, about a minute)"
-	$(PY) -m helpers standin --verify
+	$(PY) -m workshop standin --verify
 
 # The blog's walkthrough (00-05), headless: build/*.ipynb and build/*.html, each task's answer printed.
 run: standin
@@ -59,7 +59,7 @@ test-slow: standin
 # The dtype-sensitive tests again, in the dtype the other kind of CPU picks (bf16 with or without
 # native bf16 support), so no machine kind hides a failure: MIXTRAL_DTYPE=float32 or bfloat16.
 test-other-dtype: standin
-	MIXTRAL_DTYPE=$$($(PY) -m helpers dtype --other) $(PYTEST) -m numerics
+	MIXTRAL_DTYPE=$$($(PY) -m workshop dtype --other) $(PYTEST) -m numerics
 
 # What CI runs: all of the above.
 test-all: test test-slow test-other-dtype
@@ -85,7 +85,7 @@ stop-kernels:
 # One model for the room: transformers serve with the stand-in and continuous batching (HOST=0.0.0.0 lets
 # other machines in; ONE_AT_A_TIME=1 serves one request at a time).
 serve: standin
-	$(PY) -m helpers serve $(HOST) $(PORT) $(if $(ONE_AT_A_TIME),--one-at-a-time)
+	$(PY) -m workshop serve $(HOST) $(PORT) $(if $(ONE_AT_A_TIME),--one-at-a-time)
 
 # reveal.js decks of the task notebooks (prompt, knobs, the stand-in's answer): build/slides/*.slides.html
 slides: setup

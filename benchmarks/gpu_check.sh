@@ -18,7 +18,7 @@ fi
 "$PY" -c "from helpers.hardware import torch_build, gpus; print(torch_build()); [print(g) for g in gpus()]"
 
 log=$(mktemp)
-"$PY" -m helpers standin --verify
+"$PY" -m workshop standin --verify
 started=$(date +%s)
 "$PY" -m workshop walkthrough 00_ 01_ 02_ 03_ 04_ 05_ 2>&1 | tee "$log"
 walkthrough_s=$(( $(date +%s) - started ))

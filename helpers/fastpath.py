@@ -10,11 +10,10 @@ Shapes: T = tokens, K = experts per token, D = hidden size, I = expert FFN size.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from .data import GB
-from .hardware import pick_dtype
+from .hardware import best_seconds, pick_dtype
 DECODE_TOKENS = 4   # at most this many tokens in a forward: the "per_token" experts loop; more: grouped_mm
 
 
@@ -80,13 +79,7 @@ def _gemv_seconds(weights, x) -> float:
     """Best-of-3 time of one F.linear(x, w) pass over all `weights` (a pass reads them once)."""
     import torch.nn.functional as F
 
-    best = float("inf")
-    for _ in range(3):
-        started = time.perf_counter()
-        for w in weights:
-            F.linear(x, w)
-        best = min(best, time.perf_counter() - started)
-    return best
+    return best_seconds(lambda: [F.linear(x, w) for w in weights])
 
 
 def choose_layouts(model, sample_bytes: int = 128 * 2**20) -> dict:

@@ -97,16 +97,23 @@ def pick_dtype():
                    f"(this hardware alone would pick {str(native).replace('torch.', '')})")
 
 
-def other_cpu_dtype() -> str:
-    """The dtype the *other* kind of CPU picks: bfloat16 here if this CPU has no native bf16, and
-    float32 if it has. CI runs the numerics-sensitive tests again under it."""
-    return "float32" if cpu_has_native_bf16() else "bfloat16"
-
-
 def memory_budget() -> dict:
     """Bytes that device_map="auto" can fill: free GPU memory plus available RAM."""
     gpu_free, ram = sum(g["free"] for g in gpus()), system_memory()["available"]
     return {"gpu": gpu_free, "cpu": ram, "total": gpu_free + ram}
+
+
+def best_seconds(run, rounds: int = 3, sync=None) -> float:
+    """The least disturbed of `rounds` wall-clock times of `run()` (with `sync()` after it on a GPU):
+    the one timer for kernels and memory passes."""
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        run()
+        if sync is not None:
+            sync()
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 def measure_bandwidth(mib: int = 512, repeats: int = 5, device: str = "cpu") -> float:
@@ -116,13 +123,6 @@ def measure_bandwidth(mib: int = 512, repeats: int = 5, device: str = "cpu") -> 
 
     whole_number("mib", mib, 64, " (MiB), so the buffer does not fit in the caches")
     x = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
-    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    x.sum()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        x.sum()
-        sync()
-        best = min(best, time.perf_counter() - started)
-    return x.numel() * 4 / best
+    sync = torch.cuda.synchronize if x.is_cuda else None
+    x.sum()  # the first pass pays for the pages
+    return x.numel() * 4 / best_seconds(x.sum, repeats, sync)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from . import hardware
 from .data import DTYPE_BYTES, GPU_TYPES, LINK_GTS, RESERVED, GiB, whole_number
-from .sizing import as_config, chance_hit_rate, decode_bytes, dtype_bytes, kv_bytes_per_token, parameter_count, usable
+from .sizing import as_config, ceiling, chance_hit_rate, dtype_bytes, fits, footprint, parameter_count, usable
 
 @dataclass
 class Plan:
@@ -72,27 +72,23 @@ def plan(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", gpu: str = "MI300
     if not spec["memory_gib"] > 0 or not spec["bandwidth_tbs"] > 0:
         raise ValueError(f"GPU memory and bandwidth must be > 0, got {spec}")
     whole_number("context", context, 1, " (the model's maximum, in tokens)", maximum=config.max_position_embeddings)
-    size = dtype_bytes(precision)
-    parts = parameter_count(config)
-    weights = int(parts["total"] * size)
-    kv = kv_bytes_per_token(config, precision if size >= 2 else "bfloat16") * context
+    size, cost = dtype_bytes(precision), footprint(config, precision, context)
+    weights, kv = cost["weights"], cost["kv"]
     per_gpu = int(usable(spec["memory_gib"] * GiB))
     capacity = per_gpu * count
     name = model if isinstance(model, str) else "model"
     result = Plan(name, gpu, count, precision, context, weights, kv, capacity, fits=weights + kv <= capacity)
     if not result.fits:
         more = -(-(weights + kv) // per_gpu)
-        lower = [p for p, s in DTYPE_BYTES.items() if s < size and parts["total"] * s + kv <= capacity]
+        lower = [p for p, s in DTYPE_BYTES.items() if s < size and weights / size * s + kv <= capacity]
         result.advice = (f"It would fit on {more}x {gpu_name(gpu)}"
                          + (f", or in {lower[0]} on these {count}" if lower else "") + ".")
         return result
     result.device_map = auto_device_map(config, count, per_gpu - kv // count, precision)
     devices = [layer_device(result.device_map, i) for i in range(config.num_hidden_layers)]
     result.layers_per_gpu = [devices.count(i) for i in range(count)]
-    step = decode_bytes(config, size, context // 2, kv_bytes=max(size, 2))  # a half-full cache on average
-    bandwidth = spec["bandwidth_tbs"] * 1e12
-    result.ceiling_pipeline = bandwidth / step["per_token"]
-    result.ceiling_tensor_parallel = count * bandwidth / step["per_token"]
+    result.ceiling_pipeline = ceiling(spec["bandwidth_tbs"] * 1e12, cost["per_token"])
+    result.ceiling_tensor_parallel = count * result.ceiling_pipeline
     return result
 
 
@@ -106,8 +102,7 @@ def auto_device_map(config, count: int, budget_per_gpu: int, precision: str, cpu
     from transformers import MixtralForCausalLM
 
     scale = 2 if precision == "int4" else 1
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-             "int8": torch.int8, "int4": torch.int8}[precision]
+    dtype = getattr(torch, "int8" if precision == "int4" else precision)
     with torch.device("meta"):
         net = MixtralForCausalLM(config)
     no_split = ["MixtralDecoderLayer"]
@@ -150,15 +145,14 @@ def offload_plan(model: str, gpu: str, link: str = "PCIe 4.0 x16", precision: st
     gpu_bw, link_bw = GPU_TYPES[gpu]["bandwidth_tbs"] * 1e12, link_bandwidth(link)
     parts, L, E, K = parameter_count(config), config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok
     expert = parts["experts"] / (L * E) * size                              # one expert of one layer
-    kv = kv_bytes_per_token(config, precision if size >= 2 else "bfloat16") * context
-    budget, weights = usable(GPU_TYPES[gpu]["memory_gib"] * GiB), parts["total"] * size
-    resident = weights - parts["experts"] * size + kv                       # all but the experts
-    read = decode_bytes(config, size, context // 2, kv_bytes=max(size, 2))["per_token"]   # what the GPU reads
+    cost, memory = footprint(config, precision, context), GPU_TYPES[gpu]["memory_gib"] * GiB
+    weights, kv, read = cost["weights"], cost["kv"], cost["per_token"]      # read: what the GPU reads per token
+    budget, resident = usable(memory), weights - parts["experts"] * size + kv  # resident: all but the experts
     row = dict(model=model.split("/")[-1], gpu=gpu, memory_gib=GPU_TYPES[gpu]["memory_gib"], link=link,
-               precision=precision, weights_gib=weights / GiB, fits=weights + kv <= budget, expert_gib=expert / GiB)
+               precision=precision, weights_gib=weights / GiB, fits=fits(weights + kv, memory), expert_gib=expert / GiB)
     if row["fits"]:
         return dict(row, cached_per_layer=E, hit_rate=1.0, cache_bus_gb=0.0, auto_bus_gb=0.0,
-                    cache_tok_s=gpu_bw / read, auto_tok_s=gpu_bw / read)
+                    cache_tok_s=ceiling(gpu_bw, read), auto_tok_s=ceiling(gpu_bw, read))
     in_ram = _bytes_left_in_ram(model, int(budget - kv), precision)
     row.update(auto_bus_gb=in_ram / 1e9, auto_tok_s=1 / (read / gpu_bw + in_ram / link_bw))
     per_layer = min(E, int((budget - resident) // expert // L)) if budget > resident else 0

@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 
 from .fastpath import register_experts, tokens_by_expert
+from .hardware import best_seconds
 
 GROUP = 32
 SCHEMES = {"int8": "8-bit weights, a scale per output channel",
@@ -169,8 +170,6 @@ def compare_logits(reference, candidate, ids: list, window: int = 512) -> dict:
 def kernel_speeds(n: int = 3072, k: int = 576, repeats: int = 30) -> dict:
     """GB/s of weights that one matrix-vector product [1, K] x [N, K].T reads on this machine (best of
     3 x `repeats`): F.linear in fp32 and bf16, the int8 kernel fed fp32 or bf16 activations, int4."""
-    import time
-
     import torch
     import torch.nn.functional as F
 
@@ -185,11 +184,6 @@ def kernel_speeds(n: int = 3072, k: int = 576, repeats: int = 30) -> dict:
         runs["int4, bf16 activations"] = (lambda: int4(x16), 0.5)
     speeds = {}
     for name, (run, size) in runs.items():
-        best = float("inf")
-        for _ in range(3):
-            started = time.perf_counter()
-            for _ in range(repeats):
-                run()
-            best = min(best, (time.perf_counter() - started) / repeats)
+        best = best_seconds(lambda: [run() for _ in range(repeats)]) / repeats
         speeds[name] = dict(microseconds=best * 1e6, gb_s=n * k * size / best / 1e9)
     return speeds

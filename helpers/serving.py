@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from .backends import Endpoint, EndpointError
-from .data import ENDPOINT_ENV, ENDPOINT_MODEL_ENV, MAX_TOKENS_ENV, TASKS, whole_number
+from .data import ENDPOINT_ENV, ENDPOINT_MODEL_ENV, TASKS, whole_number
 from .generation import generate_batch
 from .hardware import pick_dtype
 from .loading import model_path
@@ -106,24 +105,3 @@ def room_load(endpoint, users=(1, 4, 16, 30), max_new_tokens: int = 24) -> list[
                          answer_max_s=max(a.seconds for a in answers), complete=all(a.complete for a in answers)))
     return rows
 
-
-def serve_forever(host: str = "127.0.0.1", port: int = 8000, batching: bool = True) -> int:
-    """`make serve`: start the server (continuous batching unless `batching=False`), say what to
-    set in the notebooks, run until Ctrl-C."""
-    def interrupt(*_):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the server too, not only Ctrl-C
-    print(f"starting transformers serve with the stand-in on {host}:{port} (the model loads first)...", flush=True)
-    server = start_local_server(port=port, host=host, batching=batching)
-    where = socket.gethostname() if host in ("0.0.0.0", "::") else "127.0.0.1"
-    print(f"\nready. In the notebooks' environment (before `make lab`), set:\n"
-          f"    export {ENDPOINT_ENV}=http://{where}:{port}/v1\n    export {ENDPOINT_MODEL_ENV}={server.model}\n"
-          f"    export {MAX_TOKENS_ENV}=256   # optional: the room's cap on new tokens per answer\n"
-          f"log: {server.log}. Ctrl-C stops the server.", flush=True)
-    try:
-        server.process.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-    return 0

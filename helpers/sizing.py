@@ -114,6 +114,19 @@ def decode_bytes(model, dtype_bytes: float, context: int = 0, batch: int = 1, ex
     return {"parts": parts, "per_step": step, "per_token": step / batch}
 
 
+def kv_precision(precision: str) -> str:
+    """The KV cache's precision for weights in `precision`: int weights keep the cache in bfloat16."""
+    return precision if dtype_bytes(precision) >= 2 else "bfloat16"
+
+
+def footprint(model, precision: str, context: int) -> dict:
+    """Serving `model` in `precision` with `context` tokens of context: bytes of weights, of the full
+    KV cache, and read by one decode token at batch 1 with the cache half full (a generation's average)."""
+    c, size, kv = as_config(model), dtype_bytes(precision), kv_precision(precision)
+    return dict(weights=int(parameter_count(c)["total"] * size), kv=kv_bytes_per_token(c, kv) * context,
+                per_token=decode_bytes(c, size, context // 2, kv_bytes=dtype_bytes(kv))["per_token"])
+
+
 def ceiling(bandwidth: float, bytes_per_token: float) -> float:
     """The most tokens/s that memory can feed: every byte read once, at the measured bandwidth."""
     if not bandwidth > 0 or not bytes_per_token > 0:
@@ -146,10 +159,9 @@ def memory_table(model, context: int = 4096, batch: int = 1) -> list[dict]:
     parts = parameter_count(model)
     rows = []
     for precision, size in DTYPE_BYTES.items():
-        kv_precision = precision if size >= 2 else "bfloat16"
         rows.append({"precision": precision, "weights_GiB": parts["total"] * size / GiB,
                      "active_GiB_per_token": parts["active"] * size / GiB,
-                     "kv_cache_GiB": kv_bytes_per_token(model, kv_precision) * context * batch / GiB})
+                     "kv_cache_GiB": kv_bytes_per_token(model, kv_precision(precision)) * context * batch / GiB})
     return rows
 
 

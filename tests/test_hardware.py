@@ -49,10 +49,3 @@ def test_a_bad_dtype_override_says_what_to_use(monkeypatch):
     monkeypatch.setenv("MIXTRAL_DTYPE", "int8")
     with pytest.raises(ValueError, match=r"MIXTRAL_DTYPE='int8'.*float32, bfloat16, float16, or auto"):
         pick_dtype()
-
-
-def test_the_other_cpu_kind(monkeypatch):
-    monkeypatch.setattr(hw, "cpu_has_native_bf16", lambda: True)
-    assert hw.other_cpu_dtype() == "float32"
-    monkeypatch.setattr(hw, "cpu_has_native_bf16", lambda: False)
-    assert hw.other_cpu_dtype() == "bfloat16"

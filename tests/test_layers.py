@@ -23,14 +23,15 @@ LAYERS = {
     "backends": 6,                                          # LocalModel / Endpoint: what answers
     "generation": 7,                                        # knobs checked once; generate*
     "widgets": 8, "serving": 8, "moe": 8,                   # what notebooks touch
-    "__init__": 9, "__main__": 9,                           # the front door and the command line
+    "__init__": 9,                                          # the front door
 }
 # Issue 13 asks for at most 2,300 lines in helpers/. The layering measured 2,726 (from 3,137 before, with the
 # benchmark harness and the workshop tooling moved out); issue 14 brought it to 2,797, issue 15's quantization
-# (a new capability, quantize.py) to 3,016 and issue 16's offloading (offload.py, the one-GPU arithmetic) to 3,504.
-# `total` holds the figure so helpers/ cannot grow unnoticed; it is to be lowered towards 2,300, and raised only
-# with a new capability, said in the README.
-LIMITS = dict(total=3504, file=400, function=60)
+# (a new capability, quantize.py) to 3,016 and issue 16's offloading (offload.py, the one-GPU arithmetic) to 3,504;
+# the command line behind `make standin/serve/test-other-dtype` moving to workshop/ and one timer and one serving
+# footprint in place of three and two copies brought it to 3,449. `total` holds the figure so helpers/ cannot grow
+# unnoticed; it is to be lowered towards 2,300, and raised only with a new capability, said in the README.
+LIMITS = dict(total=3449, file=400, function=60)
 
 
 def helper_imports(path: Path) -> set[str]:

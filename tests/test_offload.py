@@ -1,8 +1,6 @@
 """Offloading (offload.py, planning.offload_plan): the expert cache computes what the model in memory
 computes, its LRU and its counts are what the router's choices imply, accelerate's disk tier is counted
 byte for byte, and the arithmetic for the real models holds together."""
-import json
-import os
 
 import pytest
 import torch

@@ -234,3 +234,14 @@ def test_stop_kernels_shuts_down_every_kernel_of_every_server():
     assert seen == [("/lab/api/kernels/k1", "token secret"), ("/lab/api/kernels/k2", "token secret")]
     assert len(stopped) == 2 and "kernel k2 (python3)" in stopped[1]
     assert stop_kernels([]) == []
+
+
+def test_the_other_cpu_kind(monkeypatch):
+    """`python -m workshop dtype --other`, which CI's second numerics run uses, names the other kind's dtype."""
+    from helpers import hardware
+    from workshop.__main__ import other_cpu_dtype
+
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    assert other_cpu_dtype() == "float32"
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    assert other_cpu_dtype() == "bfloat16"

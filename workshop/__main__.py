@@ -1,10 +1,31 @@
 """Command line: `python -m workshop walkthrough [--all] [--inplace] [names]` | `slides [OUT]` | `bundle [OUT]` |
-`stop-kernels` | `screenshots [names]`."""
+`stop-kernels` | `screenshots [names]` | `standin [--verify]` | `dtype [--other]` |
+`serve [HOST] [PORT] [--one-at-a-time]`."""
 import sys
+
+
+def other_cpu_dtype() -> str:
+    """The dtype the *other* kind of CPU picks: bfloat16 here if this CPU has no native bf16, and
+    float32 if it has. CI runs the numerics-sensitive tests again under it."""
+    from helpers import hardware
+    return "float32" if hardware.cpu_has_native_bf16() else "bfloat16"
 
 
 def main() -> int:
     command, *rest = sys.argv[1:] or ["help"]
+    if command == "standin":  # build the stand-in (or check it, --verify), and print where it is
+        from helpers.standin import ensure_standin
+        print(ensure_standin(full_check="--verify" in rest))
+        return 0
+    if command == "dtype":  # the dtype models load in here, or (--other) the one the other CPU kind picks
+        from helpers.hardware import pick_dtype
+        print(other_cpu_dtype() if "--other" in rest else str(pick_dtype()[0]).replace("torch.", ""))
+        return 0
+    if command == "serve":
+        from .room import serve_forever
+        args = [a for a in rest if not a.startswith("--")]
+        return serve_forever(args[0] if args else "127.0.0.1", int(args[1]) if len(args) > 1 else 8000,
+                             batching="--one-at-a-time" not in rest)
     if command == "walkthrough":
         from .walkthrough import main as walkthrough
         return walkthrough(rest)

