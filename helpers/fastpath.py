@@ -79,7 +79,10 @@ def _gemv_seconds(weights, x) -> float:
     """Best-of-3 time of one F.linear(x, w) pass over all `weights` (a pass reads them once)."""
     import torch.nn.functional as F
 
-    return best_seconds(lambda: [F.linear(x, w) for w in weights])
+    def one_pass():
+        for w in weights:
+            F.linear(x, w)
+    return best_seconds(one_pass)
 
 
 def choose_layouts(model, sample_bytes: int = 128 * 2**20) -> dict:

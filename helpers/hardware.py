@@ -103,16 +103,17 @@ def memory_budget() -> dict:
     return {"gpu": gpu_free, "cpu": ram, "total": gpu_free + ram}
 
 
-def best_seconds(run, rounds: int = 3, sync=None) -> float:
-    """The least disturbed of `rounds` wall-clock times of `run()` (with `sync()` after it on a GPU):
-    the one timer for kernels and memory passes."""
+def best_seconds(run, rounds: int = 3, repeats: int = 1, sync=None) -> float:
+    """Seconds per `run()`: the least disturbed of `rounds` timings of `repeats` calls in a row (with
+    `sync()` after them on a GPU). The one timer for kernels and memory passes."""
     best = float("inf")
     for _ in range(rounds):
         started = time.perf_counter()
-        run()
+        for _ in range(repeats):
+            run()
         if sync is not None:
             sync()
-        best = min(best, time.perf_counter() - started)
+        best = min(best, (time.perf_counter() - started) / repeats)
     return best
 
 
@@ -125,4 +126,4 @@ def measure_bandwidth(mib: int = 512, repeats: int = 5, device: str = "cpu") -> 
     x = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=device)
     sync = torch.cuda.synchronize if x.is_cuda else None
     x.sum()  # the first pass pays for the pages
-    return x.numel() * 4 / best_seconds(x.sum, repeats, sync)
+    return x.numel() * 4 / best_seconds(x.sum, rounds=repeats, sync=sync)
