@@ -75,9 +75,8 @@ def bench_summary(result: dict) -> str:
         tiers, mib = row.get("tiers"), 2**20
         if not tiers:
             continue
-        base = naive if row.get("ram_gib") else fast
-        against = (f" = {row['decode_tok_s'] / base['decode_tok_s']:.2f}x {'the blog' if base is naive else 'the fast path'}"
-                   f"{chr(39) + 's path' if base is naive else ''} all in memory" if base else "")
+        base, label = (naive, "the blog's path") if row.get("ram_gib") else (fast, "the fast path")
+        against = f" = {row['decode_tok_s'] / base['decode_tok_s']:.2f}x {label} all in memory" if base else ""
         lines.append(f"{name}: {row['decode_tok_s']:.1f} tok/s{against}; per token {tiers.get('resident', 0) / mib:.0f} MiB read "
                      f"in place, {tiers.get('from disk', 0) / mib:.0f} MiB from disk"
                      + (f" (hit rate {tiers['hit_rate']:.0%})" if "hit_rate" in tiers else "")

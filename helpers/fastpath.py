@@ -138,9 +138,10 @@ class Recipe:
         return "\n".join(lines)
 
 
-def fast_recipe(device: str | None = None, experts: tuple[str, str] | None = None) -> Recipe:
+def fast_recipe(device: str | None = None, experts: tuple[str, str] | None = None, offloaded: bool = False) -> Recipe:
     """The fastest configuration that is correct on this hardware, as measured by `make bench`;
-    `experts` = (implementation, why) for a model whose experts were replaced (quantized, cached)."""
+    `experts` = (implementation, why) for a model whose experts were replaced (quantized, cached);
+    `offloaded`: accelerate holds part of the weights elsewhere and copies them in for each forward."""
     import torch
 
     if device is None:
@@ -148,17 +149,19 @@ def fast_recipe(device: str | None = None, experts: tuple[str, str] | None = Non
     dtype, why_dtype = pick_dtype()
     batching = ("several prompts at once: generate_batch runs them as one padded batch; each step reads the "
                 "shared weights once for all of them, and the union of the experts they chose")
+    offload = ["offloaded by accelerate: weights on other devices are copied in for each forward"] if offloaded else []
     if experts:  # the experts are replaced: their own implementation, nothing left to re-lay
-        return Recipe(device, dtype, experts[0], relayout=False, reasons=[why_dtype, experts[1], batching])
+        return Recipe(device, dtype, experts[0], relayout=False, reasons=[why_dtype, experts[1], batching, *offload])
     if device != "cpu":
         return Recipe(device, dtype, "grouped_mm", relayout=False, reasons=[
-            why_dtype, "grouped_mm: transformers' default, one grouped GEMM over all experts on the GPU", batching])
-    return Recipe(device, dtype, "per_token", relayout=True, reasons=[
+            why_dtype, "grouped_mm: transformers' default, one grouped GEMM over all experts on the GPU", batching,
+            *offload])
+    return Recipe(device, dtype, "per_token", relayout=not offloaded, reasons=[  # offloaded: loaded afresh, not re-laid
         why_dtype,
         "per_token experts while decoding: reads only the chosen experts' weights, skips the masks "
         "and index bookkeeping of eager/grouped_mm (prompts still go through grouped_mm)",
         "weights whose matrix-vector product reads faster column-major on this CPU are re-laid once at load",
-        batching])
+        batching, *offload])
 
 
 def apply_recipe(model, recipe: Recipe) -> Recipe:

@@ -1,6 +1,7 @@
 """Where the package keeps what it builds, and writing it so that a failure leaves nothing half-written."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -17,6 +18,14 @@ def cache_root() -> Path:
         return Path(env).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return base / "mixtral-notebooks"
+
+
+def weight_files(folder) -> list[str]:
+    """A model folder's safetensors: the shards its index names (present or not), else all *.safetensors."""
+    index = Path(folder) / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return [f.name for f in sorted(Path(folder).glob("*.safetensors"))]
 
 
 def atomic_file(path, write) -> Path:

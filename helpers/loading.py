@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .data import DTYPE_BYTES, KNOWN_MODELS, MODEL_ENV, REFERENCE_TOKENIZERS, RESERVED, GiB
 from .fastpath import apply_recipe, fast_recipe
-from .files import cache_root
+from .files import cache_root, weight_files
 from .hardware import memory_budget, pick_dtype
 from .offload import check_cache_size, offload_experts
 from .prompts import reference_tokenizer
@@ -91,16 +91,14 @@ def read_config(path) -> dict:
 
 
 def _check_weights_present(path: Path, name: str) -> None:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        shards = set(json.loads(index.read_text())["weight_map"].values())
-        missing = sorted(s for s in shards if not (path / s).is_file())
-        if missing:
-            raise ModelNotAvailable(
-                f"{name}: {len(missing)} of {len(shards)} weight shards are missing in {path} "
-                f"(first: {missing[0]}); the download is incomplete. Finish it with `hf download`.")
-    elif not list(path.glob("*.safetensors")):
+    shards = weight_files(path)
+    if not shards:
         raise ModelNotAvailable(f"{name}: no *.safetensors weights in {path} (only safetensors are loaded).")
+    missing = [s for s in shards if not (path / s).is_file()]
+    if missing:
+        raise ModelNotAvailable(
+            f"{name}: {len(missing)} of {len(shards)} weight shards are missing in {path} "
+            f"(first: {missing[0]}); the download is incomplete. Finish it with `hf download`.")
 
 
 def weight_bytes(path: Path) -> int:
@@ -157,8 +155,7 @@ def load_local(name: str | None = None, dtype=None, device_map="auto", fast: boo
     config = read_config(path)
     if expert_cache is not None:
         check_cache_size(expert_cache, config.get("num_local_experts"))
-    extra = offload_arguments(max_memory, offload_folder, path) if offloading else {}
-    temporary = extra.pop("temporary", False)
+    extra, temporary = offload_arguments(max_memory, offload_folder, path) if offloading else ({}, False)
     if not offloading:
         check_fits(path, dtype)
     tokenizer = None
@@ -182,17 +179,13 @@ def load_local(name: str | None = None, dtype=None, device_map="auto", fast: boo
     if temporary:
         weakref.finalize(pipe.model, shutil.rmtree, extra["offload_folder"], ignore_errors=True)
     if fast:
-        recipe = fast_recipe(pipe.model.device.type, experts)
-        if offloading:  # accelerate loads offloaded weights afresh for each forward: nothing to re-lay
-            recipe.relayout = False
-            recipe.reasons.append("offloaded by accelerate: weights on other devices are copied in for each forward")
-        apply_recipe(pipe.model, recipe)
+        apply_recipe(pipe.model, fast_recipe(pipe.model.device.type, experts, offloaded=offloading))
     return pipe
 
 
-def offload_arguments(max_memory, offload_folder, path: Path) -> dict:
+def offload_arguments(max_memory, offload_folder, path: Path) -> tuple[dict, bool]:
     """accelerate's max_memory and offload_folder, checked: a dict of budgets, and a folder on a disk
-    with room for the whole model (a temporary one under the cache if none is given)."""
+    with room for the whole model (a temporary one under the cache if none is given, said by the bool)."""
     if max_memory is not None and not isinstance(max_memory, dict):
         raise ValueError(f"max_memory={max_memory!r}: use a dict of budgets per device, e.g. {{'cpu': '1GiB'}} "
                          f"or {{0: '20GiB', 'cpu': '64GiB'}}")
@@ -209,7 +202,7 @@ def offload_arguments(max_memory, offload_folder, path: Path) -> dict:
             if pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(stale, ignore_errors=True)
         folder = Path(tempfile.mkdtemp(prefix=f"offload-{os.getpid()}-", dir=folder))
-    return dict(max_memory=max_memory, offload_folder=str(folder), temporary=temporary)
+    return dict(max_memory=max_memory, offload_folder=str(folder)), temporary
 
 
 def _alive(pid: int) -> bool:

@@ -15,13 +15,13 @@ Shapes: E experts, K experts per token, D hidden, I expert FFN, T tokens, C slot
 from __future__ import annotations
 
 import functools
-import json
 from collections import Counter, OrderedDict
 from pathlib import Path
 
 from .data import whole_number
 from .fastpath import register_experts, tokens_by_expert
-
+from .files import weight_files
+from .planning import map_entry
 
 
 class LRU:
@@ -80,13 +80,9 @@ class ExpertFiles:
     def __init__(self, folder):
         from safetensors import safe_open
 
-        folder = Path(folder)
-        index = folder / "model.safetensors.index.json"
-        files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-                 else [f.name for f in sorted(folder.glob("*.safetensors"))])
         self.where = {}                                                      # tensor name -> open file
-        for name in files:
-            handle = safe_open(str(folder / name), framework="pt")
+        for name in weight_files(folder):
+            handle = safe_open(str(Path(folder) / name), framework="pt")
             self.where.update(dict.fromkeys(handle.keys(), handle))
         if not any(".experts." in k for k in self.where):
             raise ValueError(f"no experts in the safetensors of {folder}: expert_cache needs a Mixtral's weights")
@@ -275,8 +271,7 @@ def device_map_bytes(model) -> list[dict]:
     placement = getattr(model, "hf_device_map", None) or {"": str(model.device)}
     sizes = Counter()
     for name, p in model.named_parameters():
-        holder = max((k for k in placement if k == "" or name == k or name.startswith(k + ".")), key=len)
-        sizes[holder] += p.numel() * p.element_size()
+        sizes[map_entry(placement, name)] += p.numel() * p.element_size()
     return [dict(module=k or "model", device=str(placement[k]), bytes=sizes[k]) for k in placement if sizes[k]]
 
 

@@ -205,11 +205,14 @@ def draw_offload_plans(rows: list, title: str = "One GPU, the model bigger than 
     return fig
 
 
+def map_entry(device_map: dict, name: str) -> str:
+    """The device_map key that places module or parameter `name`: the most specific one that holds it."""
+    return max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len)
+
+
 def layer_device(device_map: dict, layer: int):
-    """The device of decoder layer `layer`: the most specific device_map entry that holds it."""
-    name = f"model.layers.{layer}"
-    holders = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
-    return device_map[max(holders, key=len)]
+    """The device of decoder layer `layer`."""
+    return device_map[map_entry(device_map, f"model.layers.{layer}")]
 
 
 def draw_plan(p: Plan, ax=None):
