@@ -8,10 +8,11 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-# Tests run in TEST_WORKERS processes (pytest-xdist), one notebook or test file each at a time, one
-# torch thread each so that they do not fight over the cores. Each worker may hold a 2.6 GiB model.
+# Tests run in TEST_WORKERS processes (pytest-xdist), one group at a time each (a test file, a notebook's
+# cells in order, or one exercise answer: tests/conftest.py), one torch thread each so that they do not
+# fight over the cores. Each worker may hold a 2.6 GiB model.
 TEST_WORKERS ?= 2
-PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 .PHONY: setup standin run run-all test test-slow test-other-dtype test-all bench bench-quick lab stop-kernels screenshots notebooks serve slides bundle clean
 
@@ -52,13 +53,14 @@ run-all: standin
 test: standin
 	$(PYTEST) -m "not slow"
 
-# The slow end-to-end checks: the offline bundle installed with the network cut, make bench --quick.
+# The slow end-to-end checks, side by side: the offline bundle installed with the network cut, make bench --quick.
 test-slow: standin
-	$(PY) -m pytest -m slow
+	$(PYTEST) -m slow
 
 # The dtype-sensitive tests again, in the dtype the other kind of CPU picks (bf16 with or without
 # native bf16 support), so no machine kind hides a failure: MIXTRAL_DTYPE=float32 or bfloat16.
 test-other-dtype: standin
+	@echo "== models load in $$($(PY) -m workshop dtype) here; the numerics tests again in $$($(PY) -m workshop dtype --other)"
 	MIXTRAL_DTYPE=$$($(PY) -m workshop dtype --other) $(PYTEST) -m numerics
 
 # What CI runs: all of the above.

@@ -142,29 +142,28 @@ def quantize_model(model, scheme: str) -> dict:
     return report
 
 
-def compare_logits(reference, candidate, ids: list, window: int = 512) -> dict:
-    """Teacher-forced over `ids` in windows of `window` tokens: how often the candidate's top-1 next
-    token is the reference's, the mean KL(reference || candidate) per token, and both perplexities."""
+def compare_logits(reference, candidates: dict, ids: list, window: int = 512) -> dict:
+    """For each of `candidates` ({name: model}), teacher-forced over `ids` in windows of `window` tokens:
+    how often its top-1 next token is the reference's, the mean KL(reference || candidate) per token,
+    and both perplexities. The reference runs once per window, however many candidates there are."""
     import torch
 
-    sums = dict(tokens=0, agree=0, kl=0.0, nll_reference=0.0, nll_candidate=0.0)
+    sums = {name: dict(tokens=0, agree=0, kl=0.0, nll_reference=0.0, nll_candidate=0.0) for name in candidates}
     with torch.no_grad():
         for start in range(0, len(ids) - 1, window):
             chunk = torch.tensor([ids[start:start + window + 1]])                  # [1, W + 1]
-            if chunk.shape[1] < 2:
-                break
             inputs, targets = chunk[:, :-1], chunk[0, 1:]
             ref = torch.log_softmax(reference(input_ids=inputs).logits[0].float(), -1)   # [W, V]
-            cand = torch.log_softmax(candidate(input_ids=inputs).logits[0].float(), -1)  # [W, V]
-            sums["tokens"] += len(targets)
-            sums["agree"] += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-            sums["kl"] += float((ref.exp() * (ref - cand)).sum())
-            sums["nll_reference"] -= float(ref.gather(1, targets[:, None]).sum())
-            sums["nll_candidate"] -= float(cand.gather(1, targets[:, None]).sum())
-    n = sums["tokens"]
-    return dict(tokens=n, top1_agreement=sums["agree"] / n, mean_kl=sums["kl"] / n,
-                perplexity_reference=math.exp(sums["nll_reference"] / n),
-                perplexity_candidate=math.exp(sums["nll_candidate"] / n))
+            for name, model in candidates.items():
+                cand, s = torch.log_softmax(model(input_ids=inputs).logits[0].float(), -1), sums[name]  # [W, V]
+                s["tokens"] += len(targets)
+                s["agree"] += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+                s["kl"] += float((ref.exp() * (ref - cand)).sum())
+                s["nll_reference"] -= float(ref.gather(1, targets[:, None]).sum())
+                s["nll_candidate"] -= float(cand.gather(1, targets[:, None]).sum())
+    return {name: dict(tokens=s["tokens"], top1_agreement=s["agree"] / s["tokens"], mean_kl=s["kl"] / s["tokens"],
+                       perplexity_reference=math.exp(s["nll_reference"] / s["tokens"]),
+                       perplexity_candidate=math.exp(s["nll_candidate"] / s["tokens"])) for name, s in sums.items()}
 
 
 def kernel_speeds(n: int = 3072, k: int = 576, repeats: int = 30) -> dict:

@@ -5,9 +5,6 @@ from helpers import BLOG_SAMPLING, candidates_per_step, generate, load_pipeline,
 from helpers.backends import Answer
 from helpers.generation import validate_sampling
 
-pytestmark = pytest.mark.numerics  # CI runs this file again in the other CPU kind's dtype
-
-
 def test_blog_defaults_live_in_one_place():
     assert BLOG_SAMPLING == dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.95)
 

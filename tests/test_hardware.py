@@ -22,9 +22,8 @@ def test_system_memory_is_sane():
     assert 0 < ram["available"] <= ram["total"]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: models load in bf16 there, whatever the CPU")
 def test_dtype_follows_the_cpu(monkeypatch):
-    if torch.cuda.is_available():
-        return
     monkeypatch.delenv("MIXTRAL_DTYPE", raising=False)
     monkeypatch.setattr(hw, "cpu_has_native_bf16", lambda: True)
     assert pick_dtype()[0] == torch.bfloat16

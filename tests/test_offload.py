@@ -62,7 +62,6 @@ def test_chance_is_what_lru_finds_under_uniform_routing():
 
 
 # ---------------------------------------------------------------- the cache computes what memory computes
-@pytest.mark.numerics
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("per_layer, tier", [(1, "disk"), (2, "disk"), (3, "ram")])
 def test_the_cache_returns_the_logits_of_the_model_in_memory(moe_dir, dtype, per_layer, tier):

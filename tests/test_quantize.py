@@ -1,11 +1,12 @@
-"""Weight-only int8 and int4 (helpers/quantize.py): what is quantized, how close it stays, the knob,
-its refusals, and int8's quality on the stand-in over the public-domain text shipped in helpers/."""
+"""Weight-only int8 and int4 (helpers/quantize.py): what is quantized, how close it stays, the knob and
+its refusals. int8's quality on the stand-in over the shipped text is asserted where it is measured,
+in 10_quantization, which nbval re-executes."""
 import pytest
 import torch
 
 from helpers import describe, load_pipeline, parameter_count
 from helpers.data import ENDPOINT_ENV
-from helpers.quantize import (GROUP, QUALITY_TEXT, check_scheme, compare_logits, kernel_speeds, quantize_model,
+from helpers.quantize import (GROUP, check_scheme, compare_logits, kernel_speeds, quantize_model,
                               quantized_linear)
 
 
@@ -54,7 +55,6 @@ def test_kernel_speeds_times_each_kernel_and_skips_int4_where_groups_do_not_fit(
 
 
 # ---------------------------------------------------------------- a whole model
-@pytest.mark.numerics
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("scheme, agreement", [("int8", 0.95), ("int4", 0.6)])
 def test_quantize_model_covers_every_matrix_a_token_reads(scheme, agreement, dtype):
@@ -78,11 +78,16 @@ def test_quantize_model_covers_every_matrix_a_token_reads(scheme, agreement, dty
 
 
 def test_compare_logits_counts_windows_and_is_zero_for_the_same_model():
-    model = small_mixtral()
+    model, other = small_mixtral(), small_mixtral()
+    with torch.no_grad():
+        other.lm_head.weight.add_(0.5 * torch.randn_like(other.lm_head.weight))
     ids = torch.randint(0, 512, (301,)).tolist()
-    same = compare_logits(model, model, ids, window=128)
+    result = compare_logits(model, {"same": model, "other": other}, ids, window=128)
+    same = result["same"]
     assert same["tokens"] == 300 and same["top1_agreement"] == 1.0 and abs(same["mean_kl"]) < 1e-6
     assert same["perplexity_reference"] == same["perplexity_candidate"] > 1
+    assert result["other"]["mean_kl"] > 1e-3 and result["other"]["perplexity_reference"] == same["perplexity_reference"]
+    assert compare_logits(model, {"other": other}, ids, window=128)["other"] == result["other"]  # one pass, same sums
 
 
 # ---------------------------------------------------------------- the knob and its refusals
@@ -105,19 +110,3 @@ def test_the_knob_refuses_what_it_cannot_do(tiny_mixtral_dir, monkeypatch):
     with pytest.raises(ValueError, match="set them there .*local=True"):
         load_pipeline(quantize="int8")
 
-
-# ---------------------------------------------------------------- quality on the stand-in, measured
-def test_int8_agrees_with_the_standin_on_the_shipped_text(standin_tokenizer):
-    """Teacher-forced over the whole text (3,453 tokens), both in float32 (pinned: the reference must
-    not depend on the CPU kind). Measured 2026-11-29 on a 2-core Xeon without native bf16: top-1
-    agreement 0.952 over the first 2,099 tokens, mean KL 0.010. The bound, 0.93, leaves two points
-    for another CPU's bf16 rounding inside the int8 kernel."""
-    ids = standin_tokenizer(QUALITY_TEXT.read_text())["input_ids"]
-    assert len(ids) >= 2000
-    reference = load_pipeline(local=True, dtype=torch.float32, fast=False).model
-    quantized = load_pipeline(local=True, dtype=torch.float32, quantize="int8").model
-    result = compare_logits(reference, quantized, ids)
-    assert result["tokens"] == len(ids) - 1
-    assert result["top1_agreement"] >= 0.93, result
-    assert result["mean_kl"] < 0.03, result
-    assert result["perplexity_candidate"] < result["perplexity_reference"] * 1.05, result

@@ -24,8 +24,26 @@ def test_every_notebook_with_exercises_has_answers():
                 int(a) <= int(number) <= int(b) for a, b in re.findall(r"(\d\d)-(\d\d)", covered)), nb.name
 
 
-@pytest.mark.numerics
-@pytest.mark.parametrize("path", [p for p in FILES if python_blocks(p)], ids=lambda p: p.stem)
+def loads_in_the_machines_dtype(code: str) -> bool:
+    """Does the code load a model without naming its dtype (so in the one this CPU kind picks)?"""
+    return any("dtype=" not in args for args in re.findall(r"(?:load_pipeline|start_local_server)\(([^)]*)\)", code))
+
+
+def test_the_dtype_reading_sees_which_loads_name_a_dtype():
+    assert loads_in_the_machines_dtype("pipe = load_pipeline(local=True)")
+    assert loads_in_the_machines_dtype("a = load_pipeline(dtype=torch.float32)\nserver = start_local_server()")
+    assert not loads_in_the_machines_dtype("a = load_pipeline(local=True, dtype=torch.float32)\nconfig = 1")
+
+
+# An answer that loads in the machine's dtype runs again in the other CPU kind's (`make test-other-dtype`);
+# one that names its dtype computes the same on both kinds, so it runs once. Each answer is a group of
+# its own for `--dist loadgroup`: the answers' fresh interpreters spread over the workers.
+ANSWERS = [pytest.param(p, id=p.stem, marks=[pytest.mark.xdist_group(f"answer-{p.stem}")]
+                        + ([pytest.mark.numerics] if loads_in_the_machines_dtype(python_blocks(p)) else []))
+           for p in FILES if python_blocks(p)]
+
+
+@pytest.mark.parametrize("path", ANSWERS)
 def test_answer_code_runs(path, tmp_path):
     script = tmp_path / f"{path.stem}.py"
     script.write_text(python_blocks(path))
