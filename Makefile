@@ -49,7 +49,7 @@ run: standin
 run-all: standin
 	$(PY) -m workshop walkthrough --all
 
-# Everything but the two slow end-to-end checks (marked `slow`), in under 10 minutes on 2 cores.
+# Everything but the two slow end-to-end checks (marked `slow`); README.md says how long it took on a clean clone.
 test: standin
 	$(PYTEST) -m "not slow"
 
