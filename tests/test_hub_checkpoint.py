@@ -4,6 +4,7 @@ per-expert names in shards with their index, the tokenizer files), named by $MIX
 and load_pipeline load it, the walkthrough runs on it, the ids it is fed are mistral-common's, the planner
 counts its parameters, and quantized, offloaded and expert-cached loading read its layout."""
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from hub_folder import CHAT_TEMPLATE, as_transformers_names, stored_tensors
 
 from helpers import BLOG_SAMPLING, TASKS, blog_prompt, describe, generate, load_pipeline, model_path, parameter_count
 from helpers.data import MODEL_ENV
+from helpers.loading import check_fits, weight_bytes
 from helpers.offload import ExpertFiles, OffloadMeter, device_map_bytes, layer_caches
 from helpers.prompts import chat_ids, reference_ids
 
@@ -195,3 +197,19 @@ def test_the_expert_cache_computes_what_the_model_in_memory_computes(hub_mixtral
     one_expert = 3 * 64 * 128 * 2  # w1, w3, w2 of hidden 64 x FFN 128, bf16 as stored
     assert counts["misses"] > 0 and counts["from slow tier"] == counts["misses"] * one_expert
     assert meter.per_token()["from disk"] == pytest.approx(meter.per_token()["misses"] * one_expert)
+
+
+# ---------------------------------------------------------------- the fit check counts what loads
+def test_a_stray_safetensors_file_is_not_counted(hub_mixtral_dir, tmp_path):
+    """A folder may hold safetensors the index does not name (Mistral's repositories carry their own
+    consolidated format beside the transformers shards): the fit check counts only what loads."""
+    folder = tmp_path / "with-stray"
+    folder.mkdir()
+    for f in hub_mixtral_dir.iterdir():
+        (folder / f.name).symlink_to(f)
+    shutil.copyfile(hub_mixtral_dir / "model-00001-of-00005.safetensors", folder / "consolidated.safetensors")
+    named = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()
+    on_disk = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    assert weight_bytes(folder) == sum((folder / f).stat().st_size for f in set(named)) < on_disk
+    assert weight_bytes(folder) == weight_bytes(hub_mixtral_dir)
+    assert check_fits(folder, torch.float32) == check_fits(hub_mixtral_dir, torch.float32)
