@@ -4,10 +4,14 @@ per-expert names in shards with their index, the tokenizer files), named by $MIX
 and load_pipeline load it, the walkthrough runs on it, the ids it is fed are mistral-common's, the planner
 counts its parameters, and quantized, offloaded and expert-cached loading read its layout."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
+import nbformat
 import pytest
 import torch
 from conftest import meta_count
@@ -18,6 +22,8 @@ from helpers.data import MODEL_ENV
 from helpers.loading import check_fits, weight_bytes
 from helpers.offload import ExpertFiles, OffloadMeter, device_map_bytes, layer_caches
 from helpers.prompts import chat_ids, reference_ids
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def go_offline(monkeypatch):
@@ -213,3 +219,29 @@ def test_a_stray_safetensors_file_is_not_counted(hub_mixtral_dir, tmp_path):
     assert weight_bytes(folder) == sum((folder / f).stat().st_size for f in set(named)) < on_disk
     assert weight_bytes(folder) == weight_bytes(hub_mixtral_dir)
     assert check_fits(folder, torch.float32) == check_fits(hub_mixtral_dir, torch.float32)
+
+
+# ---------------------------------------------------------------- b) the walkthrough on it
+@pytest.mark.walkthrough  # five fresh kernels, their imports most of its 80-100 s; in `make test`, `-m walkthrough` alone
+def test_the_walkthrough_runs_on_the_hub_layout(hub_mixtral_dir, tmp_path, monkeypatch):
+    """`python -m workshop walkthrough` with $MIXTRAL_MODEL naming the folder: 01-05 run without an error and
+    each task prints an answer (that random model's own). 00_setup reads no model setting (it plans the known
+    models and sizes the stand-in): nbval runs it, and it is left out here to save a kernel's start."""
+    setup = nbformat.read(ROOT / "notebooks" / "00_setup.ipynb", as_version=4)
+    code = "".join(c.source for c in setup.cells if c.cell_type == "code")
+    assert not any(word in code for word in ("model_path(", "load_pipeline(", "pipeline(", MODEL_ENV, "environ"))
+    monkeypatch.setenv(MODEL_ENV, str(hub_mixtral_dir))
+    build = tmp_path / "build"
+    done = subprocess.run([sys.executable, "-m", "workshop", "walkthrough", f"--build={build}", "01", "02", "03", "04",
+                           "05"], cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outputs = {name: [o for c in nbformat.read(build / f"{name}.ipynb", as_version=4).cells if c.cell_type == "code"
+                      for o in c.outputs] for name in ("01_loading", "02_poem", "03_code", "04_jokes", "05_translation")}
+    failed = [name for name, out in outputs.items() if any(o.output_type == "error" for o in out)]
+    assert not failed, failed
+    assert str(hub_mixtral_dir) in json.dumps(outputs["01_loading"])  # model_path(): this folder
+    for task in ("02_poem", "03_code", "04_jokes", "05_translation"):
+        printed = "".join(o.get("text", "") for o in outputs[task] if o.output_type == "stream")
+        assert f"local: {hub_mixtral_dir.name} (MixtralForCausalLM, " in printed, task  # describe(pipe): this model
+        text, stats = done.stdout.split(f"===== {task} =====\n", 1)[1].split("\n===== ", 1)[0].rsplit("\n--- ", 1)
+        assert text.strip() and int(stats.split()[0]) > 0, task  # the answer's text, then its count of new tokens
