@@ -102,8 +102,8 @@ def _check_weights_present(path: Path, name: str) -> None:
 
 
 def weight_bytes(path: Path) -> int:
-    """Bytes of weights stored in a local model folder."""
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    """Bytes of the weights a model folder loads: the files its index names (`weight_files`), no stray file beside them."""
+    return sum((Path(path) / name).stat().st_size for name in weight_files(path))
 
 
 def stored_dtype_bytes(path: Path) -> float:

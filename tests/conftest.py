@@ -65,3 +65,23 @@ def tiny_mixtral_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-mixtral")
     MixtralForCausalLM(config).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def hub_mixtral_dir(tmp_path_factory):
+    """A tiny random Mixtral laid out as the hub ships Mixtral-8x22B-Instruct-v0.1 (tests/hub_folder.py):
+    the hub's config, bf16 per-expert weights in shards with their index, the tokenizer files."""
+    from hub_folder import build_hub_folder
+
+    return build_hub_folder(tmp_path_factory.mktemp("hub") / "Mixtral-8x22B-Instruct-v0.1")
+
+
+def meta_count(model):
+    """Every parameter of a model built on the meta device, by component name."""
+    parts = {}
+    for name, p in model.named_parameters():
+        kind = ("embeddings" if "embed_tokens" in name else "attention" if "self_attn" in name else
+                "experts" if ".experts." in name else "router" if ".mlp.gate." in name else
+                "mlp" if ".mlp." in name else "norms" if "norm" in name else "lm_head")
+        parts[kind] = parts.get(kind, 0) + p.numel()
+    return parts

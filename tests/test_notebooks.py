@@ -6,7 +6,8 @@ import nbformat
 import pytest
 
 from helpers import TASKS
-from workshop.walkthrough import ANSWER_TAG, BLOG_WALKTHROUGH, MEASURED, answers, main, notebook_paths, selected, stamp
+from workshop.walkthrough import (ANSWER_TAG, BLOG_WALKTHROUGH, BUILD, MEASURED, answers, build_folder, main, notebook_paths,
+                                  selected, stamp)
 
 NOTEBOOKS = {p.stem: p for p in notebook_paths()}
 TASK_NOTEBOOKS = {"02_poem": "poem", "03_code": "code", "04_jokes": "jokes", "05_translation": "translation"}
@@ -101,6 +102,12 @@ def test_make_run_runs_the_blogs_walkthrough_and_run_all_runs_every_notebook():
     assert [p.stem for p in selected(["--inplace"])] == list(BLOG_WALKTHROUGH)
     assert selected(["--all"]) == notebook_paths() and len(notebook_paths()) > len(BLOG_WALKTHROUGH)
     assert [p.stem for p in selected(["06", "08"])] == ["06_sampling_lab", "08_performance"]
+
+
+def test_the_executed_copies_go_to_build_unless_told(tmp_path):
+    assert build_folder([]) == build_folder(["--all", "02"]) == BUILD
+    assert build_folder(["--build=x", f"--build={tmp_path}/out", "02"]) == tmp_path / "out"
+    assert [p.stem for p in selected([f"--build={tmp_path}", "02"])] == ["02_poem"]  # not taken for a name
 
 
 def test_an_unknown_notebook_name_is_refused_before_anything_runs(capsys):

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import tiny_moe
+from conftest import meta_count, tiny_moe
 
 import helpers.hardware as hw
 from helpers.sizing import (ceiling, decode_bytes, expected_distinct_experts, fit_report, fits, kv_bytes_per_token,
@@ -157,19 +157,6 @@ def test_fit_report_without_gpus(monkeypatch):
     rows = fit_report({"stand-in": 1.3 * GiB, "8x22B": 262 * GiB})
     assert rows[0]["verdict"] == "fits in RAM (CPU only)"
     assert rows[1]["verdict"] == "does not fit: needs 262 GiB, has 22 GiB usable (10% of 24 GiB kept free)"
-
-
-
-
-def meta_count(model):
-    """Every parameter of a model built on the meta device, by component name."""
-    parts = {}
-    for name, p in model.named_parameters():
-        kind = ("embeddings" if "embed_tokens" in name else "attention" if "self_attn" in name else
-                "experts" if ".experts." in name else "router" if ".mlp.gate." in name else
-                "mlp" if ".mlp." in name else "norms" if "norm" in name else "lm_head")
-        parts[kind] = parts.get(kind, 0) + p.numel()
-    return parts
 
 
 @pytest.mark.parametrize("which", [BIG, SMALL, "stand-in", "tiny dense"])

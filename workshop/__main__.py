@@ -1,4 +1,4 @@
-"""Command line: `python -m workshop walkthrough [--all] [--inplace] [names]` | `slides [OUT]` | `bundle [OUT]` |
+"""Command line: `python -m workshop walkthrough [--all] [--inplace] [--build=DIR] [names]` | `slides [OUT]` | `bundle [OUT]` |
 `stop-kernels` | `screenshots [names]` | `standin [--verify]` | `dtype [--other]` |
 `serve [HOST] [PORT] [--one-at-a-time]`."""
 import sys

@@ -2,7 +2,8 @@
 
 `python -m workshop walkthrough` runs the blog's walkthrough (00-05) and is what `make run` calls;
 `--all` runs every notebook (`make run-all`), names pick some; `--inplace` stores the outputs back
-into notebooks/ (what `make notebooks` calls, before a commit)."""
+into notebooks/ (what `make notebooks` calls, before a commit); `--build=DIR` writes the executed
+copies into DIR instead of build/ (the tests run the walkthrough on other models there)."""
 from __future__ import annotations
 
 import os
@@ -48,7 +49,7 @@ def _clean(nb) -> None:
             cell.outputs = merged
 
 
-def run_notebook(path: Path, inplace: bool = False, timeout: int = 1800):
+def run_notebook(path: Path, inplace: bool = False, timeout: int = 1800, build: Path = BUILD):
     import nbformat
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
@@ -80,10 +81,10 @@ def run_notebook(path: Path, inplace: bool = False, timeout: int = 1800):
         print(file=sys.stderr)
         nb.cells.pop()
         _clean(nb)
-        BUILD.mkdir(exist_ok=True)
-        nbformat.write(nb, BUILD / path.name)
+        build.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, build / path.name)
         html, _ = HTMLExporter().from_notebook_node(nb)
-        (BUILD / path.with_suffix(".html").name).write_text(html)
+        (build / path.with_suffix(".html").name).write_text(html)
     if inplace:
         nbformat.write(nb, path)
     return nb
@@ -118,8 +119,14 @@ def selected(argv: list[str]) -> list[Path]:
     return paths
 
 
+def build_folder(argv: list[str]) -> Path:
+    """Where the executed copies go: the last --build=DIR, else build/."""
+    chosen = [a.split("=", 1)[1] for a in argv if a.startswith("--build=")]
+    return Path(chosen[-1]).expanduser().resolve() if chosen else BUILD
+
+
 def main(argv: list[str]) -> int:
-    inplace = "--inplace" in argv
+    inplace, build = "--inplace" in argv, build_folder(argv)
     try:
         paths = selected(argv)
     except ValueError as exc:
@@ -133,16 +140,16 @@ def main(argv: list[str]) -> int:
         print(f"[{i}/{len(paths)}] {path.name}", file=sys.stderr, flush=True)
         t = time.perf_counter()
         try:
-            nb = run_notebook(path, inplace=inplace)
+            nb = run_notebook(path, inplace=inplace, build=build)
         except Exception as exc:  # noqa: BLE001 - report which notebook failed, keep its partial copy
             print(f"    FAILED after {time.perf_counter() - t:.0f} s: {type(exc).__name__}: "
                   f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}\n"
-                  f"    the partly executed notebook is in {BUILD / path.name}", file=sys.stderr)
+                  f"    the partly executed notebook is in {build / path.name}", file=sys.stderr)
             return 1
-        print(f"    done in {time.perf_counter() - t:.0f} s -> build/{path.stem}.ipynb, .html",
+        print(f"    done in {time.perf_counter() - t:.0f} s -> {build / path.stem}.ipynb, .html",
               file=sys.stderr)
         for text in answers(nb):
             print(f"\n===== {path.stem} =====\n{text.rstrip()}\n", flush=True)
-    print(f"walkthrough finished in {time.perf_counter() - total:.0f} s; open build/*.html",
+    print(f"walkthrough finished in {time.perf_counter() - total:.0f} s; open {build}/*.html",
           file=sys.stderr)
     return 0
