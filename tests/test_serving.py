@@ -355,3 +355,19 @@ def test_served_names(tmp_path, monkeypatch):
     (tmp_path / "my model@2").mkdir()
     assert served_name(str(tmp_path / "my model@2")) == "my-model-2"
 
+
+def test_make_serve_says_what_to_give_the_room():
+    from workshop.room import lan_addresses, room_message
+
+    room = SimpleNamespace(model="mixtral-standin", url="http://127.0.0.1:8000/v1", log="serve.log", api_key=None,
+                           max_new_tokens=256)
+    text = room_message(room, "0.0.0.0", 8000, [("wlan0", "192.168.1.23")])
+    assert "    http://192.168.1.23:8000/v1   (wlan0)" in text and "can use the model, without a key" in text
+    for line in ("export MIXTRAL_ENDPOINT=http://192.168.1.23:8000/v1", "export MIXTRAL_ENDPOINT_MODEL=mixtral-standin",
+                 "export MIXTRAL_MAX_NEW_TOKENS=256", "curl http://192.168.1.23:8000/v1/models"):
+        assert line in text
+    assert "MIXTRAL_API_KEY=<a secret>" in text and "firewall" in text and "HOST=<its address>" in text
+    keyed = room_message(SimpleNamespace(**dict(vars(room), api_key="s3cret")), "192.168.1.23", 8000, [])
+    assert "use the model with the key" in keyed and "export MIXTRAL_API_KEY=s3cret" in keyed
+    assert "for this machine only" in room_message(room, "127.0.0.1", 8000, [])
+    assert all(not address.startswith("127.") for _, address in lan_addresses())
