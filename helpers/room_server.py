@@ -73,8 +73,8 @@ def check_chat(body, name: str, context: int, cap: int | None = None) -> dict:
     finish_reason "length"."""
     if not isinstance(body, dict):
         raise Refused(400, "the body must be a JSON object with model and messages")
-    model = body.get("model", name)
-    if model != name:
+    model = body.get("model")
+    if model not in (None, name):
         raise Refused(404, f"model {model!r} is not served here: this server serves {name!r} "
                            "(GET /v1/models lists it)", "model", "model_not_found")
     _check_messages(body.get("messages"))
@@ -85,9 +85,9 @@ def check_chat(body, name: str, context: int, cap: int | None = None) -> dict:
                                "(the model's context)", key)
     _number(body, "temperature", 0, 2, "use a number from 0 to 2 (0 = greedy, 1 = the model's own distribution)")
     _number(body, "top_p", 0, 1, "use a number in (0, 1] (1 = no limit)", low_open=True)
-    _number(body, "seed", 0, 2**63 - 1, "use a whole number >= 0")
-    if body.get("seed") is not None and not isinstance(body["seed"], int):
-        raise Refused(400, f"seed={body['seed']!r} is not allowed: use a whole number >= 0", "seed")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise Refused(400, f"seed={seed!r} is not allowed: use a whole number from 0 to 2**63 - 1", "seed")
     if body.get("n") not in (None, 1):
         raise Refused(400, f"n={body['n']!r} is not allowed: this server gives one answer per request (n=1)", "n")
     if body.get("stream") not in (None, True, False):
