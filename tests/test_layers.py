@@ -147,5 +147,6 @@ def test_all_is_exactly_what_notebooks_use():
 def test_notebooks_never_ask_which_backend_they_hold():
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
         code = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
-        for pattern in (r"hasattr\(pipe", r"isinstance\([^)]*Endpoint", r"\bglobal\b", r"base_url"):
+        # `.base_url`: an endpoint's URL read back (handing a URL to another client, base_url=..., is fine)
+        for pattern in (r"hasattr\(pipe", r"isinstance\([^)]*Endpoint", r"\bglobal\b", r"\.base_url"):
             assert not re.search(pattern, code), f"{path.name}: {pattern}"
