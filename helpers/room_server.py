@@ -143,7 +143,8 @@ class RoomLayer:
         try:
             if not self._authorised(scope):
                 raise Refused(401, f"this server needs its API key: send the header 'Authorization: Bearer <key>' "
-                                   f"(openai clients: api_key=...; the notebooks: {API_KEY_ENV})", code="invalid_api_key")
+                                   f"(openai clients: api_key=...; the notebooks: {API_KEY_ENV})",
+                              code="invalid_api_key")
             if method == "GET" and path == "/v1/models":
                 return await _send_json(send, 200, {"object": "list", "data": [self.card()]})
             if method == "GET" and path == f"/v1/models/{self.name}":
@@ -195,7 +196,7 @@ def transformers_app(model: str, dtype: str, batching: bool, cb_blocks: int):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m helpers.room_server", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a local folder or a hub id already in the Hugging Face cache")
-    parser.add_argument("--name", required=True, help="the name clients use (the hub id, or for example mixtral-standin)")
+    parser.add_argument("--name", required=True, help="the name clients use (a hub id, or e.g. mixtral-standin)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--dtype", default="auto")

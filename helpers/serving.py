@@ -60,15 +60,16 @@ class LocalServer:
             return None
 
     def env(self) -> dict:
-        """What a notebook sets to use this server: its address, its model's name, and its key and cap if it has them."""
+        """What a notebook sets to use this server: its address, its model's name, its key and cap if any."""
         return {ENDPOINT_ENV: self.url, ENDPOINT_MODEL_ENV: self.model,
                 **({API_KEY_ENV: self.api_key} if self.api_key else {}),
                 **({MAX_TOKENS_ENV: str(self.max_new_tokens)} if self.max_new_tokens else {})}
 
 
 def served_name(model: str) -> str:
-    """The name clients ask for: a hub id as it is; the stand-in `mixtral-standin`; a folder holding a known
-    model its hub id (a download of Mixtral-8x22B-Instruct-v0.1 answers as mistralai/...); any other folder its own name."""
+    """The name clients ask for: a hub id as it is; the stand-in `mixtral-standin`; a folder named like a
+    known model its hub id (a download of Mixtral-8x22B-Instruct-v0.1 answers as mistralai/...); any other
+    folder its own name."""
     if not os.path.isdir(model):
         return model
     folder = Path(model).resolve()

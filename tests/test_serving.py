@@ -252,7 +252,7 @@ def test_openai_client_chats_by_the_short_name_streamed_and_not(server, client):
     (dict(top_p=0), openai.BadRequestError, r"top_p=0 is not allowed: use a number in \(0, 1\]"),
     (dict(top_p=1.5), openai.BadRequestError, r"top_p=1.5 is not allowed"),
     (dict(messages=[]), openai.BadRequestError, r"messages=\[\] is not allowed: send a non-empty list"),
-    (dict(model="gpt-4o"), openai.NotFoundError, r"model 'gpt-4o' is not served here: this server serves 'mixtral-standin'"),
+    (dict(model="gpt-4o"), openai.NotFoundError, r"model 'gpt-4o' is not served here: this server serves 'mixtral-"),
 ], ids=lambda v: str(v)[:24] if isinstance(v, dict) else None)
 def test_bad_requests_are_refused_with_what_to_send(server, client, change, error, message):
     request = dict(dict(model=server.model, messages=HI, max_tokens=4), **change)
@@ -318,7 +318,8 @@ def test_check_chat_cuts_to_the_cap_as_the_notebooks_do():
     (dict(max_tokens=True), "max_tokens"), (dict(max_tokens=2.0), "max_tokens"), (dict(n=2), "n"),
     (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"), (dict(temperature=float("nan")), "temperature"),
     (dict(stream="yes"), "stream"), (dict(generation_config='{"max_new_tokens": 99999}'), "generation_config"),
-    (dict(messages=[{"content": "Hi"}]), "messages"), (dict(messages=[{"role": "user", "content": [{"text": "Hi"}]}]), "messages"),
+    (dict(messages=[{"content": "Hi"}]), "messages"),
+    (dict(messages=[{"role": "user", "content": [{"text": "Hi"}]}]), "messages"),
 ])
 def test_check_chat_refuses_what_transformers_would_take(change, param):
     with pytest.raises(Refused) as refused:
@@ -340,7 +341,8 @@ def test_the_layer_without_a_key_passes_the_checked_request_on():
     assert client.get("/v1/models").json()["data"][0]["id"] == "mixtral-standin"  # answered by the layer, no key
     assert client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 100}).text == "from transformers"
     path, length, body = seen[-1]
-    assert path == "/v1/chat/completions" and json.loads(body) == {"messages": HI, "max_tokens": 8, "model": "mixtral-standin"}
+    assert path == "/v1/chat/completions"
+    assert json.loads(body) == {"messages": HI, "max_tokens": 8, "model": "mixtral-standin"}  # cut to the cap
     assert int(length) == len(body)
     assert client.get("/health").text == "from transformers" and client.post("/reset").status_code == 404
 

@@ -51,7 +51,7 @@ def room_message(server, host: str, port: int, addresses: list[tuple[str, str]])
     exports = [f"export {ENDPOINT_ENV}={url}", f"export {ENDPOINT_MODEL_ENV}={server.model}"]
     exports.append(f"export {MAX_TOKENS_ENV}={server.max_new_tokens}   # the server cuts longer answers to this"
                    if server.max_new_tokens else
-                   f"export {MAX_TOKENS_ENV}=256   # optional; set it before `make serve` and the server enforces it too")
+                   f"export {MAX_TOKENS_ENV}=256   # optional; set before `make serve`, the server enforces it too")
     exports += [f"export {API_KEY_ENV}={server.api_key}"] if server.api_key else []
     lines = [f"\nready: {server.model} on {host}:{port}. {heading}"]
     lines += [f"    {address}   ({name})" for address, name in where]
