@@ -84,8 +84,10 @@ screenshots: standin
 stop-kernels:
 	$(PY) -m workshop stop-kernels
 
-# One model for the room: transformers serve with the stand-in and continuous batching (HOST=0.0.0.0 lets
-# other machines in; ONE_AT_A_TIME=1 serves one request at a time).
+# One model for the room: transformers' OpenAI-compatible server with the stand-in and continuous batching,
+# behind helpers/room_server.py. HOST=0.0.0.0 lets every machine that reaches the port in (HOST=<an interface's
+# address> only that network); MIXTRAL_API_KEY=<a secret> requires a key; MIXTRAL_MAX_NEW_TOKENS=<n> cuts longer
+# answers; ONE_AT_A_TIME=1 serves one request at a time. It prints the address and the lines to give the room.
 serve: standin
 	$(PY) -m workshop serve $(HOST) $(PORT) $(if $(ONE_AT_A_TIME),--one-at-a-time)
 

@@ -299,16 +299,18 @@ def _reason(exc, endpoint) -> str:
         return f"cannot reach {url}: is the server running, and is {ENDPOINT_ENV} right?"
     if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):
         return f"{url} refused the API key: set {API_KEY_ENV} to the key the server expects"
-    if isinstance(exc, openai.NotFoundError):
-        detail = str(getattr(exc, "body", "") or "")
-        if "model" in detail.lower():
-            return f"{url} does not serve model {endpoint.model!r}: {detail[:200]}"
-        return f"{url} has no chat endpoint (HTTP 404): the URL usually ends in /v1"
     if isinstance(exc, openai.APIStatusError):
-        detail = exc.body.get("detail", exc.body) if isinstance(exc.body, dict) else exc.body
-        if endpoint.model in str(detail) or "model" in str(detail).lower():
-            return f"the server does not serve model {endpoint.model!r}: {str(detail)[:200]}"
-        return f"HTTP {exc.status_code} from {url}: {str(detail)[:200]}"
+        body = exc.body if isinstance(exc.body, dict) else {}
+        detail = str(body.get("message", body.get("detail", exc.body)))
+        if "message" in body:  # an OpenAI-shaped error names the field it refuses
+            about_model = exc.param == "model" or exc.code == "model_not_found"
+        else:
+            about_model = "model" in detail.lower() or bool(endpoint.model) and endpoint.model in detail
+        if about_model:
+            return f"{url} does not serve model {endpoint.model!r}: {detail[:200]}"
+        if isinstance(exc, openai.NotFoundError):
+            return f"{url} has no chat endpoint (HTTP 404): the URL usually ends in /v1"
+        return f"HTTP {exc.status_code} from {url}: {detail[:200]}"
     return f"{type(exc).__name__}: {exc}"
 
 

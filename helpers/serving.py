@@ -1,4 +1,4 @@
-"""One model for the whole room: `transformers serve` with the stand-in, for `make serve` and 09.
+"""One model for the whole room: transformers' server with the stand-in (room_server.py), for `make serve` and 09.
 
 Notebooks reach it (or a vLLM server with the real model) through `backends.Endpoint`: set
 MIXTRAL_ENDPOINT (for example http://gpu-node:8000/v1), optionally MIXTRAL_API_KEY and
@@ -7,18 +7,25 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from .backends import Endpoint, EndpointError
-from .data import ENDPOINT_ENV, ENDPOINT_MODEL_ENV, TASKS, whole_number
+from .data import (API_KEY_ENV, ENDPOINT_ENV, ENDPOINT_MODEL_ENV, KNOWN_MODELS, MAX_TOKENS_ENV, TASKS,
+                   whole_number)
+from .files import cache_root
 from .generation import generate_batch
 from .hardware import pick_dtype
 from .loading import model_path
+from .standin import standin_dir
+
+STANDIN_NAME = "mixtral-standin"  # what clients call the stand-in: short, and no facilitator's folder in it
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -30,8 +37,10 @@ def free_port() -> int:
 class LocalServer:
     process: subprocess.Popen
     url: str
-    model: str
+    model: str                       # the name clients use: mixtral-standin, or the hub id
     log: str
+    api_key: str | None = field(default=None, repr=False)
+    max_new_tokens: int | None = None  # the room's cap: the server cuts longer requests to it
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -51,42 +60,74 @@ class LocalServer:
             return None
 
     def env(self) -> dict:
-        return {ENDPOINT_ENV: self.url, ENDPOINT_MODEL_ENV: self.model}
+        """What a notebook sets to use this server: its address, its model's name, its key and cap if any."""
+        return {ENDPOINT_ENV: self.url, ENDPOINT_MODEL_ENV: self.model,
+                **({API_KEY_ENV: self.api_key} if self.api_key else {}),
+                **({MAX_TOKENS_ENV: str(self.max_new_tokens)} if self.max_new_tokens else {})}
+
+
+def served_name(model: str) -> str:
+    """The name clients ask for: a hub id as it is; the stand-in `mixtral-standin`; a folder named like a
+    known model its hub id (a download of Mixtral-8x22B-Instruct-v0.1 answers as mistralai/...); any other
+    folder its own name."""
+    if not os.path.isdir(model):
+        return model
+    folder = Path(model).resolve()
+    if folder == standin_dir().resolve():
+        return STANDIN_NAME
+    known = {hub_id.split("/")[1]: hub_id for hub_id in KNOWN_MODELS}
+    return known.get(folder.name, re.sub(r"[^A-Za-z0-9._-]", "-", folder.name))
 
 
 def start_local_server(model: str | None = None, port: int | None = None, dtype: str | None = None,
                        wait_s: float = 180, host: str = "127.0.0.1", batching: bool = True,
-                       cb_blocks: int = 64) -> LocalServer:
-    """`transformers serve` on `host` (loopback by default) with the stand-in (or `model`),
-    ready when this returns. For a room, host="0.0.0.0" lets other machines connect.
-    `batching`: continuous batching (paged attention), so that concurrent requests share each
-    decode step; False serves one request at a time. Its KV cache holds `cb_blocks` x 256 tokens:
-    left to itself, transformers sizes it at 60% of a CPU machine's RAM."""
+                       cb_blocks: int = 64, max_new_tokens: int | None = None,
+                       api_key: str | None = None) -> LocalServer:
+    """transformers' OpenAI-compatible server (room_server.py) on `host` (loopback by default) with the
+    stand-in (or `model`), ready when this returns; clients ask for `server.model` (`served_name`).
+    For a room, host="0.0.0.0" lets other machines connect. `batching`: continuous batching (paged
+    attention), so that concurrent requests share each decode step; False serves one request at a time.
+    Its KV cache holds `cb_blocks` x 256 tokens: left to itself, transformers sizes it at 60% of a CPU
+    machine's RAM. `max_new_tokens`: the room's cap, longer requests are cut to it. `api_key`: the
+    server answers only requests that carry it (Authorization: Bearer <key>)."""
     model = model or model_path()
+    model = os.path.abspath(model) if os.path.isdir(model) else model  # the server runs in a folder of its own
     port = port or free_port()
     dtype = dtype or str(pick_dtype()[0]).replace("torch.", "")
-    log = os.path.join(os.path.dirname(model.rstrip("/")) or ".", f"serve-{port}.log")
+    if max_new_tokens is not None:
+        whole_number("max_new_tokens", max_new_tokens, 1, " (the room's cap on new tokens per answer)")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip() or api_key.strip() != api_key):
+        raise ValueError("api_key must be a non-empty string without spaces around it (or None for no key)")
+    cache_root().mkdir(parents=True, exist_ok=True)
+    log = str(cache_root() / f"serve-{port}.log")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
-    cli = os.path.join(os.path.dirname(sys.executable), "transformers")
-    process = subprocess.Popen([cli, "serve", "--host", host, "--port", str(port), "--dtype", dtype,
-                                "--device", "auto", "--log-level", "warning", model]
-                               + (["--continuous-batching", "--cb-num-blocks", str(cb_blocks)] if batching else []),
-                               stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    server = LocalServer(process, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/v1", model, log)
+    env.pop(API_KEY_ENV, None)  # the server's key is `api_key`, never a client's key left in this environment
+    if api_key:
+        env[API_KEY_ENV] = api_key  # the environment, not argv: every user can read argv with `ps`
+    name = served_name(model)
+    process = subprocess.Popen([sys.executable, "-m", "helpers.room_server", model, "--name", name, "--host", host,
+                                "--port", str(port), "--dtype", dtype, "--cb-blocks", str(cb_blocks)]
+                               + ([] if batching else ["--one-at-a-time"])
+                               + (["--max-new-tokens", str(max_new_tokens)] if max_new_tokens else []),
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    server = LocalServer(process, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/v1", name, log,
+                         api_key, max_new_tokens)
     atexit.register(server.stop)  # a kernel that exits takes its server with it
     deadline = time.time() + wait_s
     while time.time() < deadline:
         if process.poll() is not None:
-            raise EndpointError(f"transformers serve exited ({process.returncode}); see {log}")
+            raise EndpointError(f"the server exited ({process.returncode}); see {log}")
         try:
             urllib.request.urlopen(server.url.replace("/v1", "/health"), timeout=2)
-            # the model loads with the first request: make one now so the room does not wait
-            Endpoint(server.url, model).answer([{"role": "user", "content": "Hi"}], dict(max_new_tokens=1))
+            # the first request starts the batching worker: make one now so the room does not wait
+            Endpoint(server.url, name, api_key or "none").answer([{"role": "user", "content": "Hi"}],
+                                                                 dict(max_new_tokens=1))
             return server
         except OSError:
             time.sleep(0.5)
     server.stop()
-    raise EndpointError(f"transformers serve did not answer within {wait_s:.0f} s; see {log}")
+    raise EndpointError(f"the server did not answer within {wait_s:.0f} s; see {log}")
 
 
 def room_load(endpoint, users=(1, 4, 16, 30), max_new_tokens: int = 24) -> list[dict]:

@@ -23,6 +23,7 @@ LAYERS = {
     "backends": 6,                                          # LocalModel / Endpoint: what answers
     "generation": 7,                                        # knobs checked once; generate*
     "widgets": 8, "serving": 8, "moe": 8,                   # what notebooks touch
+    "room_server": 8,                                       # the server program that serving.py runs
     "__init__": 9,                                          # the front door
 }
 # Issue 13 asks for at most 2,300 lines in helpers/. The layering measured 2,726 (from 3,137 before, with the
@@ -30,9 +31,11 @@ LAYERS = {
 # (a new capability, quantize.py) to 3,016 and issue 16's offloading (offload.py, the one-GPU arithmetic) to 3,504;
 # the command line behind `make standin/serve/test-other-dtype` moving to workshop/, one timer and one serving
 # footprint in place of three and two copies, and one listing of a folder's weight files and one device_map lookup
-# in place of two each brought it to 3,456. `total` holds the figure so helpers/ cannot grow
-# unnoticed; it is to be lowered towards 2,300, and raised only with a new capability, said in the README.
-LIMITS = dict(total=3456, file=400, function=60)
+# in place of two each brought it to 3,456; the room's server behind a thin layer of our own (room_server.py: the
+# model list, a short model name, requests checked, the room's cap and an optional key) to 3,728. `total` holds the
+# figure so helpers/ cannot grow unnoticed; it is to be lowered towards 2,300, and raised only with a new
+# capability, said in the README.
+LIMITS = dict(total=3728, file=400, function=60)
 
 
 def helper_imports(path: Path) -> set[str]:
@@ -146,5 +149,6 @@ def test_all_is_exactly_what_notebooks_use():
 def test_notebooks_never_ask_which_backend_they_hold():
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
         code = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
-        for pattern in (r"hasattr\(pipe", r"isinstance\([^)]*Endpoint", r"\bglobal\b", r"base_url"):
+        # `.base_url`: an endpoint's URL read back (handing a URL to another client, base_url=..., is fine)
+        for pattern in (r"hasattr\(pipe", r"isinstance\([^)]*Endpoint", r"\bglobal\b", r"\.base_url"):
             assert not re.search(pattern, code), f"{path.name}: {pattern}"

@@ -1,27 +1,46 @@
-"""Against a real `transformers serve` on a free loopback port, with the stand-in."""
+"""Against the room's real server (transformers' app behind helpers/room_server.py) on a free loopback
+port, with the stand-in: through our Endpoint, the official `openai` client and plain HTTP."""
+import http.client
 import http.server
 import json
 import os
 import signal
 import threading
 import time
+import urllib.parse
+from types import SimpleNamespace
 
+import openai
 import pytest
 
 from helpers import (Endpoint, EndpointError, SamplingPanel, generate, generate_batch, generate_many, load_pipeline,
                      room_load, start_local_server)
+from helpers.room_server import Refused, RoomLayer, check_chat
+from helpers.serving import served_name
+
+ROOM_KEY = "room-secret"
+ROOM_CAP = 16  # the server's cap: above every budget the tests ask for, but the cap's own test
 
 
 @pytest.fixture(scope="module")
-def server():
-    s = start_local_server(dtype="float32")
+def empty_hf_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("empty-hf-home")
+
+
+@pytest.fixture(scope="module")
+def server(empty_hf_cache):
+    """The module's one server, as a fresh machine has it (no Hugging Face cache), with a key and a cap."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HF_HOME", str(empty_hf_cache))
+        env.setenv("HF_HUB_CACHE", str(empty_hf_cache / "hub"))
+        s = start_local_server(dtype="float32", max_new_tokens=ROOM_CAP, api_key=ROOM_KEY)
     yield s
     s.stop()
 
 
 @pytest.fixture
 def endpoint(server):
-    return Endpoint(server.url, server.model)
+    return Endpoint(server.url, server.model, api_key=server.api_key)
 
 
 def test_load_pipeline_returns_the_endpoint_from_the_environment(server, monkeypatch, tiny_mixtral_dir):
@@ -29,6 +48,7 @@ def test_load_pipeline_returns_the_endpoint_from_the_environment(server, monkeyp
         monkeypatch.setenv(key, value)
     pipe = load_pipeline()
     assert isinstance(pipe, Endpoint) and pipe.base_url == server.url and pipe.model == server.model
+    assert pipe.api_key == ROOM_KEY and pipe.max_new_tokens == ROOM_CAP  # the server's key and cap travel in env()
     monkeypatch.setenv("MIXTRAL_MODEL", str(tiny_mixtral_dir))  # any local model will do: not the stand-in's 2.6 GiB
     local = load_pipeline(local=True)  # notebooks that look inside a model
     assert not isinstance(local, Endpoint) and local.model.config.hidden_size == 32
@@ -90,12 +110,12 @@ def test_unreachable_server(free_port):
 
 def test_wrong_url(server):
     with pytest.raises(EndpointError, match="no chat endpoint .* ends in /v1"):
-        generate(Endpoint(server.url.replace("/v1", "/v2"), server.model), "Hi", max_new_tokens=3)
+        generate(Endpoint(server.url.replace("/v1", "/v2"), server.model, server.api_key), "Hi", max_new_tokens=3)
 
 
 def test_unknown_model(server):
     with pytest.raises(EndpointError, match="does not serve model 'nobody/unknown'"):
-        generate(Endpoint(server.url, "nobody/unknown"), "Hi", max_new_tokens=3)
+        generate(Endpoint(server.url, "nobody/unknown", server.api_key), "Hi", max_new_tokens=3)
 
 
 @pytest.fixture
@@ -172,9 +192,9 @@ def test_stream_cut_mid_answer_keeps_the_partial_text():
 
 
 def test_a_rooms_cap_cuts_long_requests_and_says_so(server, monkeypatch):
-    monkeypatch.setenv("MIXTRAL_ENDPOINT", server.url)
-    monkeypatch.setenv("MIXTRAL_ENDPOINT_MODEL", server.model)
-    monkeypatch.setenv("MIXTRAL_MAX_NEW_TOKENS", "5")
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MIXTRAL_MAX_NEW_TOKENS", "5")  # the notebooks' cap, below the server's
     capped = load_pipeline()
     answer = generate(capped, "Tell me a long story.", max_new_tokens=40, do_sample=False)
     assert answer.new_tokens <= 5 and answer.settings["capped_at"] == 5
@@ -192,3 +212,164 @@ def test_room_load_measures_each_room_size(endpoint, server):
         assert r["tokens"] <= 4 * r["users"] and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
         assert 0 < r["first_token_mean_s"] <= r["first_token_max_s"] <= r["answer_max_s"] <= r["seconds"]
     assert 500 < server.peak_mib() < 20_000  # the server's peak memory, read from /proc
+
+
+# ---------------------------------------------------------------- clients we did not write: openai, plain HTTP
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key=server.api_key, max_retries=0, timeout=120)
+
+
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def test_the_model_list_names_the_served_model_without_a_hub_cache(server, client, empty_hf_cache):
+    assert server.model == "mixtral-standin"
+    assert [m.id for m in client.models.list()] == [server.model]
+    assert client.models.retrieve(server.model).id == server.model
+    assert list(empty_hf_cache.iterdir()) == []  # the server never needed a Hugging Face cache
+
+
+def test_openai_client_chats_by_the_short_name_streamed_and_not(server, client):
+    reply = client.chat.completions.create(model=server.model, messages=HI, max_tokens=6, temperature=0)
+    text = reply.choices[0].message.content
+    assert text and 1 <= reply.usage.completion_tokens <= 6
+    assert reply.model.split("@")[0] == server.model and os.sep not in reply.model  # no facilitator's folder
+    chunks = list(client.chat.completions.create(model=server.model, messages=HI, max_tokens=6, temperature=0,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text  # greedy: the same text
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(max_tokens=-5), openai.BadRequestError, r"max_tokens=-5 is not allowed: use a whole number from 1 to 8192"),
+    (dict(max_tokens=10**6), openai.BadRequestError, r"max_tokens=1000000 is not allowed: .* \(the model's context\)"),
+    (dict(max_completion_tokens=0), openai.BadRequestError, r"max_completion_tokens=0 is not allowed"),
+    (dict(temperature=2.5), openai.BadRequestError, r"temperature=2.5 is not allowed: use a number from 0 to 2"),
+    (dict(temperature=-0.1), openai.BadRequestError, r"temperature=-0.1 is not allowed"),
+    (dict(top_p=0), openai.BadRequestError, r"top_p=0 is not allowed: use a number in \(0, 1\]"),
+    (dict(top_p=1.5), openai.BadRequestError, r"top_p=1.5 is not allowed"),
+    (dict(messages=[]), openai.BadRequestError, r"messages=\[\] is not allowed: send a non-empty list"),
+    (dict(model="gpt-4o"), openai.NotFoundError, r"model 'gpt-4o' is not served here: this server serves 'mixtral-"),
+], ids=lambda v: str(v)[:24] if isinstance(v, dict) else None)
+def test_bad_requests_are_refused_with_what_to_send(server, client, change, error, message):
+    request = dict(dict(model=server.model, messages=HI, max_tokens=4), **change)
+    with pytest.raises(error, match=message) as refused:
+        client.chat.completions.create(**request)
+    assert refused.value.param == next(iter(change))  # the field at fault, as OpenAI names it
+
+
+def test_the_key_is_required(server):
+    with pytest.raises(openai.AuthenticationError, match="needs its API key"):
+        openai.OpenAI(base_url=server.url, api_key="wrong", max_retries=0).models.list()
+
+
+def test_the_server_cuts_a_request_over_the_rooms_cap(server, client):
+    reply = client.chat.completions.create(model=server.model, messages=[
+        {"role": "user", "content": "Write a long story about the sea."}], max_tokens=100, temperature=0)
+    assert reply.usage.completion_tokens == ROOM_CAP and reply.choices[0].finish_reason == "length"
+
+
+def test_plain_http(server):
+    """What curl sees: the model list, a chat, the key, bad JSON, and no other route (none reaches transformers)."""
+    address = urllib.parse.urlsplit(server.url)
+
+    def call(method, path, body=None, key=server.api_key):
+        connection = http.client.HTTPConnection(address.hostname, address.port, timeout=120)
+        data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+        connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(
+            {"Authorization": f"Bearer {key}"} if key else {})})
+        response = connection.getresponse()
+        payload = response.read()
+        connection.close()
+        return response.status, response.msg, json.loads(payload)
+    chat = {"model": server.model, "messages": HI, "max_tokens": 3}
+    status, _, models = call("GET", "/v1/models")
+    assert status == 200 and [m["id"] for m in models["data"]] == [server.model] and models["object"] == "list"
+    status, _, reply = call("POST", "/v1/chat/completions", chat)
+    assert status == 200 and reply["choices"][0]["message"]["content"]
+    status, headers, refused = call("GET", "/v1/models", key=None)
+    assert status == 401 and headers["WWW-Authenticate"] == "Bearer" and refused["error"]["code"] == "invalid_api_key"
+    assert call("GET", "/health", key=None)[:1] == (200,)  # the readiness check needs no key
+    status, _, refused = call("POST", "/v1/chat/completions", b'{"model": "mixtral-standin", "messages": [')
+    assert status == 400 and "not valid JSON" in refused["error"]["message"]
+    for method, path in [("POST", "/reset"), ("POST", "/load_model"), ("POST", "/v1/completions"),
+                         ("POST", "/v1/responses"), ("GET", "/v1/chat/completions")]:
+        status, _, refused = call(method, path, {"model": "/etc"} if method == "POST" else None)
+        assert status == 404 and "answers GET /v1/models, POST /v1/chat/completions and GET /health" in (
+            refused["error"]["message"]), path
+    assert call("POST", "/v1/chat/completions", chat)[0] == 200  # /reset never reached the model
+
+
+# ---------------------------------------------------------------- the layer and the names, without a server
+
+
+def test_check_chat_cuts_to_the_cap_as_the_notebooks_do():
+    cut = check_chat({"messages": HI, "max_tokens": 500, "max_completion_tokens": 300}, "m", 8192, cap=64)
+    assert cut["max_tokens"] == cut["max_completion_tokens"] == 64 and cut["model"] == "m"
+    assert check_chat({"messages": HI}, "m", 8192, cap=64)["max_tokens"] == 64  # the cap is the default
+    assert check_chat({"messages": HI, "max_tokens": 5}, "m", 8192, cap=64)["max_tokens"] == 5
+    assert "max_tokens" not in check_chat({"messages": HI}, "m", 8192)  # no cap: transformers' own default
+
+
+@pytest.mark.parametrize("change, param", [
+    (dict(max_tokens=True), "max_tokens"), (dict(max_tokens=2.0), "max_tokens"), (dict(n=2), "n"),
+    (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"), (dict(temperature=float("nan")), "temperature"),
+    (dict(stream="yes"), "stream"), (dict(generation_config='{"max_new_tokens": 99999}'), "generation_config"),
+    (dict(messages=[{"content": "Hi"}]), "messages"),
+    (dict(messages=[{"role": "user", "content": [{"text": "Hi"}]}]), "messages"),
+])
+def test_check_chat_refuses_what_transformers_would_take(change, param):
+    with pytest.raises(Refused) as refused:
+        check_chat(dict({"messages": HI}, **change), "m", 8192)
+    assert refused.value.status == 400 and refused.value.param == param and f"{param}" in refused.value.message
+
+
+def test_the_layer_without_a_key_passes_the_checked_request_on():
+    from starlette.testclient import TestClient
+
+    seen = []
+
+    async def transformers_app(scope, receive, send):  # stands in for transformers' app
+        body = (await receive())["body"]
+        seen.append((scope["path"], dict(scope["headers"]).get(b"content-length"), body))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"from transformers"})
+    client = TestClient(RoomLayer(transformers_app, "mixtral-standin", 8192, cap=8))
+    assert client.get("/v1/models").json()["data"][0]["id"] == "mixtral-standin"  # answered by the layer, no key
+    assert client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 100}).text == "from transformers"
+    path, length, body = seen[-1]
+    assert path == "/v1/chat/completions"
+    assert json.loads(body) == {"messages": HI, "max_tokens": 8, "model": "mixtral-standin"}  # cut to the cap
+    assert int(length) == len(body)
+    assert client.get("/health").text == "from transformers" and client.post("/reset").status_code == 404
+
+
+def test_served_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIXTRAL_NOTEBOOKS_CACHE", str(tmp_path))
+    (tmp_path / "standin-v1").mkdir()
+    assert served_name(str(tmp_path / "standin-v1")) == "mixtral-standin"
+    assert served_name("mistralai/Mixtral-8x22B-Instruct-v0.1") == "mistralai/Mixtral-8x22B-Instruct-v0.1"  # a hub id
+    (tmp_path / "Mixtral-8x22B-Instruct-v0.1").mkdir()  # a download of it answers by its hub id, as on vLLM
+    assert served_name(str(tmp_path / "Mixtral-8x22B-Instruct-v0.1")) == "mistralai/Mixtral-8x22B-Instruct-v0.1"
+    (tmp_path / "my model@2").mkdir()
+    assert served_name(str(tmp_path / "my model@2")) == "my-model-2"
+
+
+def test_make_serve_says_what_to_give_the_room():
+    from workshop.room import lan_addresses, room_message
+
+    room = SimpleNamespace(model="mixtral-standin", url="http://127.0.0.1:8000/v1", log="serve.log", api_key=None,
+                           max_new_tokens=256)
+    text = room_message(room, "0.0.0.0", 8000, [("wlan0", "192.168.1.23")])
+    assert "    http://192.168.1.23:8000/v1   (wlan0)" in text and "can use the model, without a key" in text
+    for line in ("export MIXTRAL_ENDPOINT=http://192.168.1.23:8000/v1", "export MIXTRAL_ENDPOINT_MODEL=mixtral-standin",
+                 "export MIXTRAL_MAX_NEW_TOKENS=256", "curl http://192.168.1.23:8000/v1/models"):
+        assert line in text
+    assert "MIXTRAL_API_KEY=<a secret>" in text and "firewall" in text and "HOST=<its address>" in text
+    keyed = room_message(SimpleNamespace(**dict(vars(room), api_key="s3cret")), "192.168.1.23", 8000, [])
+    assert "use the model with the key" in keyed and "export MIXTRAL_API_KEY=s3cret" in keyed
+    assert "for this machine only" in room_message(room, "127.0.0.1", 8000, [])
+    assert all(not address.startswith("127.") for _, address in lan_addresses())

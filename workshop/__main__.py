@@ -22,10 +22,16 @@ def main() -> int:
         print(other_cpu_dtype() if "--other" in rest else str(pick_dtype()[0]).replace("torch.", ""))
         return 0
     if command == "serve":
+        from helpers.backends import EndpointError
+
         from .room import serve_forever
         args = [a for a in rest if not a.startswith("--")]
-        return serve_forever(args[0] if args else "127.0.0.1", int(args[1]) if len(args) > 1 else 8000,
-                             batching="--one-at-a-time" not in rest)
+        try:
+            return serve_forever(args[0] if args else "127.0.0.1", int(args[1]) if len(args) > 1 else 8000,
+                                 batching="--one-at-a-time" not in rest)
+        except (ValueError, EndpointError) as exc:  # a bad cap or port, or a server that did not start
+            print(f"serve: {exc}", file=sys.stderr)
+            return 1
     if command == "walkthrough":
         from .walkthrough import main as walkthrough
         return walkthrough(rest)
