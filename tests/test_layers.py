@@ -18,7 +18,7 @@ LAYERS = {
     "files": 1, "hardware": 1,                              # cache folder, atomic writes; the machine
     "sizing": 2,                                            # parameters, bytes, ceilings, the fit check
     "prompts": 3, "standin": 3, "fastpath": 3, "planning": 3, "checking": 3,
-    "quantize": 4, "offload": 4,                            # experts replaced: quantized, or cached
+    "quantize": 4, "offload": 4, "sandbox": 4,              # experts replaced: quantized, or cached; model code run
     "loading": 5,                                           # model path, the blog's pipeline call
     "backends": 6,                                          # LocalModel / Endpoint: what answers
     "generation": 7,                                        # knobs checked once; generate*
@@ -30,9 +30,11 @@ LAYERS = {
 # (a new capability, quantize.py) to 3,016 and issue 16's offloading (offload.py, the one-GPU arithmetic) to 3,504;
 # the command line behind `make standin/serve/test-other-dtype` moving to workshop/, one timer and one serving
 # footprint in place of three and two copies, and one listing of a folder's weight files and one device_map lookup
-# in place of two each brought it to 3,456. `total` holds the figure so helpers/ cannot grow
-# unnoticed; it is to be lowered towards 2,300, and raised only with a new capability, said in the README.
-LIMITS = dict(total=3456, file=400, function=60)
+# in place of two each brought it to 3,456; the sandbox that the kernel enforces (sandbox.py, and the child
+# program's network namespace, seccomp filter, Landlock rules and deny-by-default audit hook) to 3,727.
+# `total` holds the figure so helpers/ cannot grow unnoticed; it is to be lowered towards 2,300, and raised
+# only with a new capability, said in the README.
+LIMITS = dict(total=3727, file=400, function=60)
 
 
 def helper_imports(path: Path) -> set[str]:
