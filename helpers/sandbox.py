@@ -31,6 +31,7 @@ LAYERS = ("both", "kernel", "audit hook")  # run_sandboxed(layers=...): what gua
 # What the child asks of the kernel (all of it unless layers="audit hook"); tests narrow it to stand for a
 # kernel that lacks some.
 _KERNEL = ("namespace", "landlock", "seccomp")
+REPORTED = ("ran", "exception", "killed by a limit", "no function found", "refused")  # what the child may say
 LANDLOCK_ABI = {2: "no rename or link out of it", 3: "no truncation outside it", 5: "no device ioctls"}
 
 
@@ -134,10 +135,12 @@ def run_sandboxed(code: str, cases=None, names=("minDistance", "min_distance", "
     if layers not in LAYERS:
         raise ValueError(f"layers must be one of {', '.join(map(repr, LAYERS))}, not {layers!r}")
     cases = edit_distance_cases() if cases is None else cases
+    if not all(isinstance(case, (tuple, list)) and len(case) == 3 for case in cases):
+        raise ValueError("cases are (word1, word2, expected distance) triples, as edit_distance_cases() makes them")
     if code is None or not code.strip():
         return SandboxResult("no function found", "the answer contains no code")
-    spec = {"cases": cases, "names": list(names), "kernel": list(_KERNEL) if layers != "audit hook" else [],
-            "audit_hook": layers != "kernel"}
+    spec = {"inputs": [[a, b] for a, b, _ in cases], "names": list(names), "audit_hook": layers != "kernel",
+            "kernel": list(_KERNEL) if layers != "audit hook" else []}
     workdir = Path(tempfile.mkdtemp(prefix="sandbox-"))
     started = time.perf_counter()
     try:
@@ -155,11 +158,13 @@ def run_sandboxed(code: str, cases=None, names=("minDistance", "min_distance", "
         if result is None and flooded():
             result = SandboxResult("killed by a limit", f"printed more than {output_kib} KiB")
         held, report = _child_report(raw())
-        result = result or _child_result(report, proc.returncode)
+        result = result or _child_result(report, proc.returncode, cases)
         os.close(read_end)
         result.output, result.seconds, result.protections = output(), time.perf_counter() - started, held
-        if result.status == "refused":
+        if result.status == "refused" and not (held.landlock or held.namespace):
             raise OSError(_NO_KERNEL.format(result.detail))
+        if result.status == "refused":  # the child says so only before the code runs, on a kernel without both
+            result.status, result.detail = "exception", "the result was garbled: a refusal the kernel did not make"
         return result
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -201,17 +206,29 @@ def _child_report(raw: str) -> tuple[Protections, dict | None]:
                                   held["uid"], held["limits"], held["audit_hook"], tuple(held["missing"]))
     except (ValueError, KeyError, TypeError):
         protections = Protections()
-    try:
+    try:  # the code could have written to the pipe too: take nothing on trust
         report = json.loads(lines[-1]) if len(lines) > 1 else None
+        if report is not None and not (isinstance(report, dict) and report.get("status") in REPORTED
+                                       and isinstance(report.get("detail"), str)
+                                       and isinstance(report.get("returned"), list)
+                                       and isinstance(report.get("refused"), list)):
+            raise ValueError(report)
     except ValueError:
-        report = {"status": "exception", "detail": "the result was garbled", "cases": []}
+        report = {"status": "exception", "detail": "the result was garbled", "refused": []}
     return protections, report
 
 
-def _child_result(data: dict | None, returncode: int) -> SandboxResult:
-    """The child's own result, or, without one, what ended it."""
+def _child_result(data: dict | None, returncode: int, cases) -> SandboxResult:
+    """The child's own result, checked here against the expected answers, or, without one, what ended it."""
+    if data and data["status"] == "ran":
+        returned = data["returned"]
+        if len(returned) != len(cases):
+            return SandboxResult("exception", f"the result was garbled: {len(returned)} answers for {len(cases)} cases")
+        rows = [[a, b, expected, got] for (a, b, expected), got in zip(cases, returned)]
+        passed = all(got == expected for _, _, expected, got in rows)
+        return SandboxResult("passed" if passed else "wrong answer", data["detail"], rows, refused=data["refused"])
     if data:
-        return SandboxResult(data["status"], data["detail"], data["cases"], refused=data.get("refused", []))
+        return SandboxResult(data["status"], data["detail"], refused=data["refused"])
     if returncode < 0:
         name = signal.Signals(-returncode).name
         reason = {"SIGXCPU": "CPU time limit", "SIGXFSZ": "file size limit",

@@ -3,7 +3,8 @@ separate process (`python -I -S -B runner.py`); it is never imported, and import
 library. Before it reads the candidate's code it asks the kernel for its layers (`kernel_layers`: a
 network namespace, the drop from root to nobody, no new privileges, seccomp, Landlock), installs the
 deny-by-default audit hook (`make_guard`), and writes what held as the first line of its result pipe. Then it
-finds the candidate's two-argument function, runs the cases and writes one JSON result line.
+finds the candidate's two-argument function, calls it on each pair of inputs and writes one JSON result
+line: what it returned (the expected answers stay with the caller).
 
 The kernel's interfaces: landlock(7) and Documentation/userspace-api/landlock.rst, seccomp(2),
 unshare(2), prctl(2), include/uapi/linux/{landlock,seccomp,filter,audit,sched}.h."""
@@ -213,16 +214,17 @@ def find_function(tree, names):
     return (preferred or found)[-1] if found else None
 
 
-def run_cases(tree, owner, name, cases):
-    """Run the candidate (every layer already on) over the cases: (status, detail, results)."""
+def run_cases(tree, owner, name, inputs):
+    """Run the candidate (every layer already on) on each pair of inputs: (status, detail, what it returned).
+    The expected answers never come here: they stay with the caller, which decides what passed."""
     namespace = {"__name__": "candidate"}
     try:
         exec(compile(tree, "candidate.py", "exec"), namespace)
         function = getattr(namespace[owner](), name) if owner else namespace[name]
-        results = []
-        for a, b, expected in cases:
+        returned = []
+        for a, b in inputs:
             got = function(a, b)
-            results.append([a, b, expected, got if isinstance(got, (int, float, str, type(None))) else repr(got)])
+            returned.append(got if isinstance(got, (int, float, str, type(None))) else repr(got))
     except MemoryError:
         return "killed by a limit", "memory limit reached (MemoryError)", []
     except OSError as exc:
@@ -231,13 +233,11 @@ def run_cases(tree, owner, name, cases):
         return "exception", f"{type(exc).__name__}: {exc}", []
     except BaseException as exc:
         return "exception", f"{type(exc).__name__}: {exc}", []
-    passed = all(got == expected for _, _, expected, got in results)
-    label = f"{owner}().{name}" if owner else name
-    return ("passed" if passed else "wrong answer"), f"tested {label}", results
+    return "ran", f"tested {owner}().{name}" if owner else f"tested {name}", returned
 
 
 def check_candidate(spec) -> tuple:
-    """Read, parse and test the candidate: (status, detail, cases)."""
+    """Read, parse and run the candidate: (status, detail, what it returned)."""
     try:
         tree = ast.parse(open("candidate.py", encoding="utf-8").read())
     except (SyntaxError, ValueError) as exc:
@@ -245,7 +245,7 @@ def check_candidate(spec) -> tuple:
     target = find_function(tree, spec["names"])
     if target is None:
         return "no function found", "no function of two arguments in the code", []
-    return run_cases(tree, *target, spec["cases"])
+    return run_cases(tree, *target, spec["inputs"])
 
 
 def main():
@@ -263,10 +263,10 @@ def main():
     report.write(json.dumps(held) + "\n")
     report.flush()  # what held is on record before the candidate's code is read
     if spec["kernel"] and not (held["landlock"] or held["namespace"]):
-        status, detail, cases = "refused", "; ".join(held["missing"]), []
+        status, detail, returned = "refused", "; ".join(held["missing"]), []
     else:
-        status, detail, cases = check_candidate(spec)
-    report.write(json.dumps({"status": status, "detail": detail, "cases": cases, "refused": REFUSED}) + "\n")
+        status, detail, returned = check_candidate(spec)
+    report.write(json.dumps({"status": status, "detail": detail, "returned": returned, "refused": REFUSED}) + "\n")
     report.close()
 
 

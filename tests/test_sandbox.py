@@ -2,6 +2,7 @@
 (the audit hook off), by root and by an ordinary user, against a host that must stay unharmed: a
 world-writable folder outside the sandbox holding a file its user owns, listening sockets, and a process
 of its user. Each route is first shown to harm that host when nothing guards it."""
+import json
 import os
 import pickle
 import shutil
@@ -417,3 +418,28 @@ def _child_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # defines functions only; main() runs as a program
     return module
+
+
+# ---------------------------------------------------------------- the report: what the code cannot forge
+
+
+def test_the_expected_answers_never_reach_the_sandbox():
+    code = "def f(a, b):\n    return open('spec.json').read()\n"
+    spec = json.loads(run_sandboxed(code, cases=[("kitten", "sitting", 3)]).cases[0][3])
+    assert spec["inputs"] == [["kitten", "sitting"]] and "cases" not in spec  # the 3 stays here
+
+
+def test_a_forged_report_cannot_claim_a_pass_or_a_refusal():
+    forge = ("import json, os\ndef f(a, b):\n    fd = json.load(open('spec.json'))['fd']\n"
+             "    os.write(fd, json.dumps({report}).encode() + b'\\n')\n    os._exit(0)\n")
+    claims = {"status": "ran", "detail": "tested f", "returned": [0], "refused": []}
+    assert run_sandboxed(forge.format(report=claims), cases=[("abc", "", 3)]).status == "wrong answer"
+    garbled = run_sandboxed(forge.format(report={"status": "passed", "cases": []}), cases=[("abc", "", 3)])
+    assert garbled.status == "exception" and "garbled" in garbled.detail
+    refusal = run_sandboxed(forge.format(report=dict(claims, status="refused", detail="no kernel")))
+    assert refusal.status == "exception" and "a refusal the kernel did not make" in refusal.detail
+
+
+def test_cases_must_be_triples():
+    with pytest.raises(ValueError, match=r"\(word1, word2, expected distance\) triples"):
+        run_sandboxed("def f(a, b):\n    return 1\n", cases=[("a", "b")])
