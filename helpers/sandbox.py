@@ -130,8 +130,8 @@ def run_sandboxed(code: str, cases=None, names=("minDistance", "min_distance", "
     offers neither Landlock nor namespaces, where the other two refuse to run. The result's `protections`
     says what held."""
     if sys.platform != "linux":
-        raise OSError(f"run_sandboxed runs model code on Linux only (this is {sys.platform}): its limits on memory, "
-                      f"processes and CPU time are verified there alone. Use Linux or WSL 2 (README, Platforms).")
+        raise OSError(f"run_sandboxed runs model code on Linux only (this is {sys.platform}): its layers (Landlock, "
+                      f"namespaces, seccomp, rlimits) are Linux's. Use Linux or WSL 2 (README, Platforms).")
     if layers not in LAYERS:
         raise ValueError(f"layers must be one of {', '.join(map(repr, LAYERS))}, not {layers!r}")
     cases = edit_distance_cases() if cases is None else cases

@@ -12,7 +12,7 @@ import helpers
 ROOT = Path(__file__).resolve().parent.parent
 HELPERS = ROOT / "helpers"
 
-# Each file's layer; a file may import only from lower layers (DESIGN.md has the picture).
+# Each file's layer; a file may import only from lower layers (README's "The code" has the picture).
 LAYERS = {
     "data": 0,                                              # the blog's facts, known models and GPUs, env names
     "files": 1, "hardware": 1,                              # cache folder, atomic writes; the machine

@@ -443,3 +443,8 @@ def test_a_forged_report_cannot_claim_a_pass_or_a_refusal():
 def test_cases_must_be_triples():
     with pytest.raises(ValueError, match=r"\(word1, word2, expected distance\) triples"):
         run_sandboxed("def f(a, b):\n    return 1\n", cases=[("a", "b")])
+
+
+def test_the_readme_counts_the_routes():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"`tests/test_sandbox.py` tries {len(ROUTES)} routes out" in " ".join(readme.split())
