@@ -69,20 +69,24 @@ SIGNALS = {
     "os.kill a process of its user": "os.kill({victim}, 9)",
     "kill(-1): every process it may signal": "os.kill(-1, 9)",  # only as the tests' own user (see below)
 }
-ROUTES = {**FILES, **PROCESSES, **SOCKETS, **SIGNALS}
+READS = {  # reading is allowed, but not another process's memory or environment (ptrace's rules)
+    "read a process's environment through /proc": "print(open('/proc/{victim}/environ').read())",
+}
+ROUTES = {**FILES, **PROCESSES, **SOCKETS, **SIGNALS, **READS}
 CONTROL_AS_ROOT = {"raw IP packet"}  # needs CAP_NET_RAW to harm at all
 
-# What stops each route with both layers on: the audit hook, naming the event.
-HOOK = {route: "import " + body.split("\n")[0].split()[1].split(",")[0] for route, body in ROUTES.items()
-        if body.startswith("import ")}
-HOOK.update({"rebind what a hook might use, then write": "open", "widen the hook's allow list, then send": "import socket",
-             "create a file": "open", "append to a file": "open", "os.rename a file out": "os.rename",
-             "os.replace a file over it": "os.rename", "hard link, then write": "os.link",
-             "symlink, then write": "os.symlink", "os.truncate by path": "os.truncate", "os.chmod": "os.chmod",
-             "os.remove": "os.remove", "os.open with dir_fd": "open keep.txt for writing",
-             "os.unlink with dir_fd": "os.remove", "os.fork": "os.fork", "os.posix_spawn": "os.posix_spawn",
-             "os.system": "os.system", "os.execv": "os.exec", "os.kill a process of its user": "os.kill",
-             "kill(-1): every process it may signal": "os.kill"})
+# What stops each route with both layers on: the audit hook, naming the event, except for reading (Landlock).
+BOTH = {route: "blocked by the audit hook: import " + body.split()[1].split(",")[0]
+        for route, body in ROUTES.items() if body.startswith("import ")}
+BOTH.update({route: f"blocked by the audit hook: {event}" for route, event in {
+    "rebind what a hook might use, then write": "open", "widen the hook's allow list, then send": "import socket",
+    "create a file": "open", "append to a file": "open", "os.rename a file out": "os.rename",
+    "os.replace a file over it": "os.rename", "hard link, then write": "os.link", "symlink, then write": "os.symlink",
+    "os.truncate by path": "os.truncate", "os.chmod": "os.chmod", "os.remove": "os.remove",
+    "os.open with dir_fd": "open keep.txt for writing", "os.unlink with dir_fd": "os.remove", "os.fork": "os.fork",
+    "os.posix_spawn": "os.posix_spawn", "os.system": "os.system", "os.execv": "os.exec",
+    "os.kill a process of its user": "os.kill", "kill(-1): every process it may signal": "os.kill"}.items()})
+BOTH["read a process's environment through /proc"] = "[Errno 13]"  # the hook allows reading; Landlock does not
 
 
 def kernel_stop(route: str, uid: int) -> tuple[str, str | None]:
@@ -106,6 +110,7 @@ def kernel_stop(route: str, uid: int) -> tuple[str, str | None]:
         "raw IP packet": ("user nobody (no CAP_NET_RAW)", "[Errno 1]") if uid == NOBODY else
         ("network namespace", "[Errno 101]"),
         "os.kill a process of its user": ("Landlock (signals scoped)", "[Errno 1]"),
+        "read a process's environment through /proc": ("Landlock (no ptrace outside)", "[Errno 13]"),
         # kill(-1) reports success when every process it tried refused it (EPERM is not counted)
         "kill(-1): every process it may signal": ("Landlock (signals scoped)", None),
     }.get(route, ("rlimit (no processes)", "[Errno 11]"))
@@ -138,7 +143,9 @@ class Host:
             self.sockets[name].listen()
         for s in self.sockets.values():
             s.setblocking(False)
-        self.victim = subprocess.Popen(["sleep", "120"], user=self.uid if ROOT else None)
+        self.secret = f"secret-{uuid.uuid4().hex}"  # in the environment of a process of the sandbox's user
+        self.victim = subprocess.Popen(["sleep", "120"], user=self.uid if ROOT else None,
+                                       env={"PATH": "/usr/bin:/bin", "HOST_SECRET": self.secret})
         self.before = self.state()
 
     def names(self) -> dict:
@@ -153,8 +160,10 @@ class Host:
             found[path.name] = (st.st_mode, st.st_uid, st.st_nlink, path.read_bytes() if path.is_file() else None)
         return found
 
-    def harms(self) -> list[str]:
+    def harms(self, printed: str = "") -> list[str]:
         harms = [] if self.state() == self.before else [f"the folder changed: {self.before} -> {self.state()}"]
+        if self.secret in printed:
+            harms.append("the secret in another process's environment was read")
         for name in ("tcp", "unix", "abstract"):
             try:
                 self.sockets[name].accept()
@@ -288,9 +297,9 @@ def test_the_route_harms_a_host_that_nothing_guards(route, tmp_path):
         (scratch / "candidate.py").write_text(candidate(route, made))
         if ROOT:
             shutil.chown(scratch, uid, uid)
-        subprocess.run([python, "-I", "-c", "exec(open('candidate.py').read()); f('a', 'b')"], cwd=scratch,
-                       user=uid if ROOT else None, capture_output=True, timeout=20)
-        assert made.harms(), f"{route}: did no harm unguarded, so the sandbox's test of it proves nothing"
+        done = subprocess.run([python, "-I", "-c", "exec(open('candidate.py').read()); f('a', 'b')"], cwd=scratch,
+                              user=uid if ROOT else None, capture_output=True, text=True, timeout=20)
+        assert made.harms(done.stdout), f"{route}: did no harm unguarded, so the sandbox's test of it proves nothing"
     finally:
         made.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -303,9 +312,9 @@ def test_the_route_harms_a_host_that_nothing_guards(route, tmp_path):
 def test_both_layers_keep_the_host_unharmed(route, caller, host):
     skip_unless_own_user(route, caller)
     result = caller.run(candidate(route, host))
-    assert host.harms() == []
-    assert result.status == "exception" and f"blocked by the audit hook: {HOOK[route]}" in result.detail, result.detail
-    assert result.refused and result.protections.audit_hook
+    assert host.harms(result.output) == []
+    assert result.status == "exception" and BOTH[route] in result.detail, result.detail
+    assert result.protections.audit_hook and bool(result.refused) == ("audit hook" in BOTH[route])
 
 
 @pytest.mark.parametrize("route", ROUTES)
@@ -315,7 +324,7 @@ def test_the_kernel_alone_keeps_the_host_unharmed(route, caller, host):
     if caller.held.landlock < 6 or not caller.held.namespace:
         pytest.skip(f"written for Landlock ABI 6+ and a network namespace; here: {'; '.join(caller.held.lines())}")
     result = caller.run(candidate(route, host), layers="kernel")
-    assert host.harms() == []
+    assert host.harms(result.output) == []
     layer, error = kernel_stop(route, caller.uid)
     if error is None:
         assert result.status == "wrong answer", f"{route}: expected {layer}, silently: {result.detail}"
