@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import resource
+import resource  # here, not between fork and exec (the child's preexec function)
 import shutil
 import signal
 import subprocess
@@ -122,9 +122,10 @@ def run_sandboxed(code: str, cases=None, names=("minDistance", "min_distance", "
                   output_kib: int = 64, layers: str = "both") -> SandboxResult:
     """Run `code`'s two-argument function on `cases` in a separate, limited Python process (03_code).
 
-    The child: `python -I`, a fresh temporary folder, an empty environment, rlimits on CPU time,
+    The child: `python -I -S`, a fresh temporary folder, an empty environment, rlimits on CPU time,
     memory, file size and processes, a wall-clock timeout that kills its whole process group, output
-    capped at `output_kib`; as root it runs as nobody. `layers`: "both" (default) puts the kernel's layers
+    capped at `output_kib`; as root it runs as nobody. It gets the inputs only: the expected answers stay
+    here, where what it returned is checked. `layers`: "both" (default) puts the kernel's layers
     (network namespace, seccomp, Landlock) and the deny-by-default audit hook in place; "kernel" leaves the
     hook out (to see what the kernel alone stops); "audit hook" runs with the hook alone, for a kernel that
     offers neither Landlock nor namespaces, where the other two refuse to run. The result's `protections`
