@@ -2,7 +2,7 @@
 Its files form layers that import downward only: README's "The code" shows them, tests/test_layers.py
 holds the table."""
 from .backends import Endpoint, EndpointError, describe, load_pipeline
-from .checking import chrf, diversity, edit_distance_cases, extract_code, run_sandboxed
+from .checking import chrf, diversity, edit_distance_cases, extract_code
 from .data import BLOG_SAMPLING, BLOG_TRANSLATION, GB, GPU_TYPES, KNOWN_MODELS, LINK_GTS, LONGFELLOW, TASKS, GiB
 from .fastpath import fast_recipe
 from .generation import (candidates_per_step, draw_distribution, generate, generate_batch, generate_many,
@@ -17,6 +17,7 @@ from .planning import draw_offload_plans, draw_plan, link_bandwidth, offload_pla
 from .prompts import (blog_prompt, blog_readings, chat_ids, compare_ids, hub_fast_tokenizer, reference_ids,
                       reference_tokenizer, turn_starts)
 from .quantize import QUALITY_TEXT, compare_logits, kernel_speeds
+from .sandbox import run_sandboxed
 from .serving import room_load, start_local_server
 from .sizing import (ceiling, chance_hit_rate, decode_bytes, expected_distinct_experts, fit_report, kv_bytes_per_token,
                      memory_table, parameter_count)

@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 
 from helpers.checking import (chrf, distinct_n, diversity, duplicate_lines, edit_distance, edit_distance_cases,
-                              extract_code, run_sandboxed)
+                              extract_code)
 from helpers.data import BLOG_TRANSLATION, LONGFELLOW
+from helpers.sandbox import run_sandboxed
 
 DP = """def minDistance(word1, word2):
     m, n = len(word1), len(word2)
@@ -138,10 +139,10 @@ def test_fork_bomb_is_stopped():
 
 
 @pytest.mark.parametrize("code, blocked", [
-    ("import subprocess\ndef f(a, b):\n    return 0\n", "_posixsubprocess"),
+    ("import subprocess\ndef f(a, b):\n    return 0\n", "import subprocess"),
     ("import os\ndef f(a, b):\n    os.system('touch /tmp/sandbox-escape')\n    return 0\n", "os.system"),
     ("import ctypes\ndef f(a, b):\n    return 0\n", "ctypes"),
-    ("import socket\ndef f(a, b):\n    socket.create_connection(('127.0.0.1', 9))\n", "socket.connect"),
+    ("import socket\ndef f(a, b):\n    socket.create_connection(('127.0.0.1', 9))\n", "import socket"),
 ])
 def test_processes_sockets_and_ctypes_are_blocked(code, blocked):
     result = run_sandboxed(code)
@@ -152,7 +153,7 @@ def test_processes_sockets_and_ctypes_are_blocked(code, blocked):
 def test_writing_outside_its_directory_is_blocked(tmp_path):
     target = tmp_path / "escaped.txt"
     result = run_sandboxed(f"def f(a, b):\n    open({str(target)!r}, 'w').write('x')\n    return 0\n")
-    assert result.status == "exception" and "blocked by the sandbox: writing" in result.detail
+    assert result.status == "exception" and f"blocked by the audit hook: open {target} for writing" in result.detail
     assert not target.exists()
 
 

@@ -12,13 +12,13 @@ import helpers
 ROOT = Path(__file__).resolve().parent.parent
 HELPERS = ROOT / "helpers"
 
-# Each file's layer; a file may import only from lower layers (DESIGN.md has the picture).
+# Each file's layer; a file may import only from lower layers (README's "The code" has the picture).
 LAYERS = {
     "data": 0,                                              # the blog's facts, known models and GPUs, env names
     "files": 1, "hardware": 1,                              # cache folder, atomic writes; the machine
     "sizing": 2,                                            # parameters, bytes, ceilings, the fit check
     "prompts": 3, "standin": 3, "fastpath": 3, "planning": 3, "checking": 3,
-    "quantize": 4, "offload": 4,                            # experts replaced: quantized, or cached
+    "quantize": 4, "offload": 4, "sandbox": 4,              # experts replaced: quantized, or cached; model code run
     "loading": 5,                                           # model path, the blog's pipeline call
     "backends": 6,                                          # LocalModel / Endpoint: what answers
     "generation": 7,                                        # knobs checked once; generate*
@@ -32,10 +32,12 @@ LAYERS = {
 # the command line behind `make standin/serve/test-other-dtype` moving to workshop/, one timer and one serving
 # footprint in place of three and two copies, and one listing of a folder's weight files and one device_map lookup
 # in place of two each brought it to 3,456; the room's server behind a thin layer of our own (room_server.py: the
-# model list, a short model name, requests checked, the room's cap and an optional key) to 3,728. `total` holds the
-# figure so helpers/ cannot grow unnoticed; it is to be lowered towards 2,300, and raised only with a new
-# capability, said in the README.
-LIMITS = dict(total=3728, file=400, function=60)
+# model list, a short model name, requests checked, the room's cap and an optional key) to 3,728; the sandbox that
+# the kernel enforces (sandbox.py, and the child program's network namespace, seccomp filter, Landlock rules and
+# deny-by-default audit hook) to 4,016.
+# `total` holds the figure so helpers/ cannot grow unnoticed; it is to be lowered towards 2,300, and raised
+# only with a new capability, said in the README.
+LIMITS = dict(total=4016, file=400, function=60)
 
 
 def helper_imports(path: Path) -> set[str]:
