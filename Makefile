@@ -8,11 +8,11 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
-# Tests run in TEST_WORKERS processes (pytest-xdist), one group at a time each (a test file, a notebook's
-# cells in order, or one exercise answer: tests/conftest.py), one torch thread each so that they do not
-# fight over the cores. Each worker may hold a 2.6 GiB model.
+# Tests run in TEST_WORKERS processes (pytest-xdist), one notebook or test file each at a time (nbval runs
+# a notebook's cells in order in one kernel), one torch thread each so that they do not fight over the
+# cores. Each worker may hold a 2.6 GiB model.
 TEST_WORKERS ?= 2
-PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup standin run run-all test test-slow test-other-dtype test-all bench bench-quick lab stop-kernels screenshots notebooks serve slides bundle clean
 

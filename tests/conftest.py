@@ -6,16 +6,10 @@ import torch
 NUMERICS_NOTEBOOKS = {"06_sampling_lab.ipynb", "07_inside_the_moe.ipynb"}  # 07: its MoE layer by hand, to the dtype's rounding
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
-    """Mark the numerics notebooks, and give every test a group for `--dist loadgroup`: its file's, so
-    a notebook's cells run in order in one kernel, unless the test names a group of its own (each
-    exercise answer does, so that the answers spread over the workers)."""
     for item in items:
         if item.path.name in NUMERICS_NOTEBOOKS:
             item.add_marker(pytest.mark.numerics)
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
 
 
 @pytest.fixture(scope="session")

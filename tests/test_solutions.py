@@ -36,10 +36,8 @@ def test_the_dtype_reading_sees_which_loads_name_a_dtype():
 
 
 # An answer that loads in the machine's dtype runs again in the other CPU kind's (`make test-other-dtype`);
-# one that names its dtype computes the same on both kinds, so it runs once. Each answer is a group of
-# its own for `--dist loadgroup`: the answers' fresh interpreters spread over the workers.
-ANSWERS = [pytest.param(p, id=p.stem, marks=[pytest.mark.xdist_group(f"answer-{p.stem}")]
-                        + ([pytest.mark.numerics] if loads_in_the_machines_dtype(python_blocks(p)) else []))
+# one that names its dtype computes the same on both kinds, so it runs once.
+ANSWERS = [pytest.param(p, id=p.stem, marks=[pytest.mark.numerics] if loads_in_the_machines_dtype(python_blocks(p)) else [])
            for p in FILES if python_blocks(p)]
 
 
