@@ -45,7 +45,7 @@ run: standin
 	@echo "== running the blog's walkthrough (00-05) headless: build/*.ipynb and build/*.html"
 	$(PY) -m workshop walkthrough
 
-# Every notebook, ours (06-10) too.
+# Every notebook, ours (06-11) too.
 run-all: standin
 	$(PY) -m workshop walkthrough --all
 
@@ -86,7 +86,7 @@ stop-kernels:
 
 # One model for the room: transformers' OpenAI-compatible server with the stand-in and continuous batching,
 # behind helpers/room_server.py. HOST=0.0.0.0 lets every machine that reaches the port in (HOST=<an interface's
-# address> only that network); MIXTRAL_API_KEY=<a secret> requires a key; MIXTRAL_MAX_NEW_TOKENS=<n> cuts longer
+# address> only that network); MIXTRAL_API_KEY=<a secret> in the environment (not on make's command line, which `ps` shows) requires a key; MIXTRAL_MAX_NEW_TOKENS=<n> cuts longer
 # answers; ONE_AT_A_TIME=1 serves one request at a time. It prints the address and the lines to give the room.
 serve: standin
 	$(PY) -m workshop serve $(HOST) $(PORT) $(if $(ONE_AT_A_TIME),--one-at-a-time)
