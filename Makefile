@@ -49,14 +49,15 @@ run: standin
 run-all: standin
 	$(PY) -m workshop walkthrough --all
 
-# Everything but the two slow end-to-end checks (marked `slow`); README.md says how long it took on a clean clone.
+# Everything, in TEST_WORKERS processes: unit tests, nbval re-executing every notebook, the browser test and the
+# two slow end-to-end checks (the offline bundle installed with the network cut, make bench --quick), which start
+# first (tests/conftest.py orders the work). README.md says how long it took on a clean clone.
 test: standin
-	$(PYTEST) -m "not slow"
+	$(PYTEST)
 
-# The slow end-to-end checks, one after the other: the offline bundle installed with the network cut, make bench
-# --quick. (Side by side, one thread each, they took 939 s on the clean clone against about 730 s in turn.)
+# The two slow end-to-end checks alone (make test runs them too).
 test-slow: standin
-	$(PY) -m pytest -m slow
+	$(PYTEST) -m slow
 
 # The dtype-sensitive tests again, in the dtype the other kind of CPU picks (bf16 with or without
 # native bf16 support), so no machine kind hides a failure: MIXTRAL_DTYPE=float32 or bfloat16.
@@ -64,8 +65,8 @@ test-other-dtype: standin
 	@echo "== models load in $$($(PY) -m workshop dtype) here; the numerics tests again in $$($(PY) -m workshop dtype --other)"
 	MIXTRAL_DTYPE=$$($(PY) -m workshop dtype --other) $(PYTEST) -m numerics
 
-# What CI runs: all of the above.
-test-all: test test-slow test-other-dtype
+# What CI runs: make test, then the dtype-sensitive tests in the other kind's dtype.
+test-all: test test-other-dtype
 
 # Decode speed per configuration against this machine's bandwidth ceiling: build/bench.{json,md,png}.
 bench: standin

@@ -6,10 +6,38 @@ import torch
 NUMERICS_NOTEBOOKS = {"06_sampling_lab.ipynb", "07_inside_the_moe.ipynb"}  # 07: its MoE layer by hand, to the dtype's rounding
 
 
+# `make test` runs in two workers, each taking a file at a time (nbval runs a notebook's cells in one kernel).
+# Two things keep both workers busy to the end: the files below go first, the longest first (measured under
+# `make test`; the rest follow in collection order), and each exercise answer is a unit of its own, since each runs
+# in a fresh interpreter of its own. The order changes when tests finish, never what they check.
+LONGEST_FIRST = ["tests/test_bench.py", "notebooks/10_quantization.ipynb", "notebooks/11_offloading.ipynb",
+                 "tests/test_workshop.py", "notebooks/08_performance.ipynb", "notebooks/09_serving.ipynb",
+                 "tests/test_solutions.py", "tests/test_serving.py", "tests/test_hub_checkpoint.py"]
+EACH_ITEM_APART = {"tests/test_solutions.py"}
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.path.name in NUMERICS_NOTEBOOKS:
             item.add_marker(pytest.mark.numerics)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: cells keep their order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, with each item of EACH_ITEM_APART a unit of its own, in collection order."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FilesAndApartItems(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return nodeid if file in EACH_ITEM_APART else file
+
+    config.option.loadscopereorder = False  # the order of pytest_collection_modifyitems, not the count of items
+    return FilesAndApartItems(config, log)
 
 
 @pytest.fixture(scope="session")
