@@ -110,12 +110,12 @@ def test_a_resized_cache_starts_empty_and_computes_what_memory_computes(moe_dir)
     cache = offload_experts(cached, 4)
     ids = torch.randint(0, 32768, (1, 24), generator=torch.Generator().manual_seed(0))
     with OffloadMeter(cached) as meter, torch.no_grad():  # one meter open around every resize
-        for per_layer in (4, 4, 4, 2, 3, 1):
-            if per_layer != 4 or len(meter.calls) == 2:   # the third pass: the same size again, emptied
-                assert cache.resize(per_layer) is cache and cache.per_layer == per_layer
+        for resize_to in (None, None, 4, 2, 3, 1):  # two passes as loaded, then the same size again, and others
+            if resize_to:
+                assert cache.resize(resize_to) is cache and cache.per_layer == resize_to
                 assert all(not c.policy.slots for c in layer_caches(cached))
             assert torch.equal(cached(ids).logits, reference(ids).logits)
-            assert all(m.mlp.experts.cached_gate_up.shape[0] == m.mlp.experts.cached_down.shape[0] == per_layer
+            assert all(m.mlp.experts.cached_gate_up.shape[0] == m.mlp.experts.cached_down.shape[0] == cache.per_layer
                        for m in cached.model.layers)
     first, again, resized = meter.calls[:3]
     assert not first.get("hits") and first["misses"] == again["hits"] and not again.get("misses")  # all 4 slots: kept
