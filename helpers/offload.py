@@ -6,7 +6,7 @@
 2. An expert cache: everything but the experts stays resident; each layer keeps `per_layer` experts in
    slots of fast memory and fetches the others from the slow tier when the router picks them, into
    the least recently used slot. On a CPU the slow tier is the safetensors file, memory-mapped; on a
-   GPU, CPU RAM. It is an experts implementation, "expert_cache", like the fast path's "per_token".
+   GPU, CPU RAM. An experts implementation, "expert_cache", like the fast path's "per_token"; resizable.
 
 `OffloadMeter` counts what each tier gives every forward; `lru_hit_rates` replays router traces
 through the same LRU, for every cache size, without running the model again. 11_offloading uses them all.
@@ -15,7 +15,9 @@ Shapes: E experts, K experts per token, D hidden, I expert FFN, T tokens, C slot
 from __future__ import annotations
 
 import functools
+import weakref
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 from .data import whole_number
@@ -41,15 +43,15 @@ class LRU:
 
 
 class LayerCache:
-    """One layer's LRU over its slots, `fetch(expert) -> (gate_up [2I, D], down [D, I])` from the
+    """One layer's policy over its slots (LRU), `fetch(expert) -> (gate_up [2I, D], down [D, I])` from the
     slow tier, and what it counted: hits, misses, bytes fetched."""
 
     def __init__(self, fetch, capacity: int):
-        self.lru, self.fetch = LRU(capacity), fetch
+        self.policy, self.fetch = LRU(capacity), fetch
         self.count = Counter()
 
     def slot(self, experts_module, expert: int) -> int:
-        hit, slot = self.lru.touch(expert)
+        hit, slot = self.policy.touch(expert)
         self.count["hits" if hit else "misses"] += 1
         if not hit:
             gate_up, down = self.fetch(expert)
@@ -111,7 +113,41 @@ def check_cache_size(per_layer, experts_total) -> int:
     return experts_total
 
 
-def offload_experts(model, per_layer: int, tier: str | None = None) -> dict:
+def _give_slots(experts, per_layer: int, gate_up, down) -> None:                # C slots, empty, like [., 2I, D], [., D, I]
+    experts.register_buffer("cached_gate_up", gate_up.new_empty((per_layer, *gate_up.shape[1:])))
+    experts.register_buffer("cached_down", down.new_empty((per_layer, *down.shape[1:])))
+
+
+@dataclass
+class ExpertCache:
+    """`model.expert_cache`, what `offload_experts` set: `per_layer` of the `experts` of each layer in slots,
+    the others in `tier`. `resize` changes the slots in place (11_offloading: one model, four sizes)."""
+    per_layer: int
+    experts: int
+    tier: str
+    model: weakref.ref
+    why = property(lambda self: f"expert cache: {self.per_layer} of {self.experts} experts per layer in memory, "
+                                f"the others read from {self.tier} when the router picks them")
+
+    def __getitem__(self, key: str):                                          # read as the dict it was: cache["why"]
+        return getattr(self, key)
+
+    def resize(self, per_layer: int) -> ExpertCache:
+        """`per_layer` empty slots in each layer, under the same policy (what they held is fetched again when
+        used); the counts go on. A bad size is refused before anything changes."""
+        check_cache_size(per_layer, self.experts)
+        model, before = self.model(), self.why
+        for m in model.modules():
+            if isinstance(getattr(m, "expert_cache", None), LayerCache):
+                _give_slots(m, per_layer, m.cached_gate_up, m.cached_down)
+                m.expert_cache.policy = type(m.expert_cache.policy)(per_layer)
+        self.per_layer, recipe = per_layer, getattr(model, "recipe", None)   # the fast path says why, too
+        if recipe is not None:
+            recipe.reasons = [self.why if r == before else r for r in recipe.reasons]
+        return self
+
+
+def offload_experts(model, per_layer: int, tier: str | None = None) -> ExpertCache:
     """Keep `per_layer` experts of each layer in the model's memory, in slots filled on demand (least
     recently used evicted), the others in `tier`: "disk" (the model folder's safetensors, memory-mapped;
     the default on a CPU) or "ram" (CPU RAM; the default on a GPU). In place; returns what was set."""
@@ -133,14 +169,11 @@ def offload_experts(model, per_layer: int, tier: str | None = None) -> dict:
                 slow = [w.pin_memory() for w in slow]                             # copies to the GPU overlap
             fetch = functools.partial(_rows, *slow)
         del experts.gate_up_proj, experts.down_proj
-        experts.register_buffer("cached_gate_up", gate_up.new_empty((per_layer, *gate_up.shape[1:])))
-        experts.register_buffer("cached_down", down.new_empty((per_layer, *down.shape[1:])))
+        _give_slots(experts, per_layer, gate_up, down)
         experts.expert_cache = LayerCache(fetch, per_layer)
     register_experts("expert_cache", cached_experts)
     model.set_experts_implementation("expert_cache")
-    model.expert_cache = dict(per_layer=per_layer, experts=experts_total, tier=tier,
-                              why=f"expert cache: {per_layer} of {experts_total} experts per layer in memory, "
-                                  f"the others read from {tier} when the router picks them")
+    model.expert_cache = ExpertCache(per_layer, experts_total, tier, weakref.ref(model))
     return model.expert_cache
 
 
@@ -243,7 +276,7 @@ class OffloadMeter:
         if mean.get("hits", 0) + mean.get("misses", 0):
             mean["hit_rate"] = mean.get("hits", 0) / (mean.get("hits", 0) + mean.get("misses", 0))
         if "from slow tier" in mean:
-            mean["from " + ("disk" if self.model.expert_cache["tier"] == "disk" else "RAM")] = mean.pop("from slow tier")
+            mean["from " + ("disk" if self.model.expert_cache.tier == "disk" else "RAM")] = mean.pop("from slow tier")
         return mean
 
 

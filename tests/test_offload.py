@@ -2,6 +2,8 @@
 computes, its LRU and its counts are what the router's choices imply, accelerate's disk tier is counted
 byte for byte, and the arithmetic for the real models holds together."""
 
+from collections import Counter
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -75,7 +77,7 @@ def test_the_cache_returns_the_logits_of_the_model_in_memory(moe_dir, dtype, per
         got, expected = cached.generate(ids[:, :6], **greedy), reference.generate(ids[:, :6], **greedy)
     assert torch.equal(got.sequences, expected.sequences)
     assert all(torch.equal(a, b) for a, b in zip(got.scores, expected.scores))
-    counts = sum((c.count for c in layer_caches(cached)), start=__import__("collections").Counter())
+    counts = sum((c.count for c in layer_caches(cached)), start=Counter())
     assert counts["misses"] > 0 and counts["hits"] + counts["misses"] > 0
 
 
@@ -103,6 +105,50 @@ def test_its_counts_are_what_the_routers_chose(moe_dir):
     assert measured["hits"] + measured["misses"] == 2 * 2  # 2 layers x 2 distinct experts per decode step
 
 
+def test_a_resized_cache_starts_empty_and_computes_what_memory_computes(moe_dir):
+    reference, cached = load(moe_dir), load(moe_dir)
+    cache = offload_experts(cached, 4)
+    ids = torch.randint(0, 32768, (1, 24), generator=torch.Generator().manual_seed(0))
+    with OffloadMeter(cached) as meter, torch.no_grad():  # one meter open around every resize
+        for resize_to in (None, None, 4, 2, 3, 1):  # two passes as loaded, then the same size again, and others
+            if resize_to:
+                assert cache.resize(resize_to) is cache and cache.per_layer == resize_to
+                assert all(not c.policy.slots for c in layer_caches(cached))
+            assert torch.equal(cached(ids).logits, reference(ids).logits)
+            assert all(m.mlp.experts.cached_gate_up.shape[0] == m.mlp.experts.cached_down.shape[0] == cache.per_layer
+                       for m in cached.model.layers)
+    first, again, resized = meter.calls[:3]
+    assert not first.get("hits") and first["misses"] == again["hits"] and not again.get("misses")  # all 4 slots: kept
+    assert resized.get("hits", 0) == 0 and resized["misses"] == first["misses"]  # resized to 4: fetched again
+    assert len(meter.calls) == 6 and all(row["misses"] > 0 for row in meter.calls[3:])
+
+
+def test_a_resized_cache_counts_what_the_routers_chose(moe_dir):
+    model = load(moe_dir)
+    cache = offload_experts(model, 2)
+    one_expert = 3 * 32 * 64 * 4  # gate, up, down of hidden 32 x FFN 64, float32 as stored
+    for per_layer in (3, 1, 2):
+        cache.resize(per_layer)
+        with RouterTrace(model) as trace, OffloadMeter(model) as meter, torch.no_grad():
+            model.generate(torch.tensor([[5, 9, 200, 31, 7]]), max_new_tokens=12, do_sample=False, pad_token_id=0)
+        live = meter.per_token()
+        assert live["hit_rate"] == pytest.approx(lru_hit_rates([trace], [per_layer], num_experts=4)[per_layer])
+        assert live["from disk"] == pytest.approx(live["misses"] * one_expert)
+
+
+def test_a_bad_size_is_refused_and_changes_nothing(moe_dir):
+    reference, cached = load(moe_dir), load(moe_dir)
+    cache = offload_experts(cached, 2)
+    for bad in (0, 5, "3", True, None, 2.0):
+        with pytest.raises(ValueError, match=r"expert_cache=.* is not allowed: use a whole number from 1 to 4"):
+            cache.resize(bad)
+    assert cache.per_layer == 2 and all(m.mlp.experts.cached_gate_up.shape[0] == 2 for m in cached.model.layers)
+    assert all(c.policy.capacity == 2 for c in layer_caches(cached))
+    ids = torch.tensor([[5, 9, 200, 31, 7, 11, 90]])
+    with torch.no_grad():
+        assert torch.equal(cached(ids).logits, reference(ids).logits)
+
+
 def test_the_hub_layout_is_read_expert_by_expert(tmp_path, moe_dir):
     model = load(moe_dir)
     state = {}
@@ -124,6 +170,9 @@ def test_the_knob_loads_a_cached_model_and_says_so(moe_dir):
     assert pipe.model.config._experts_implementation == "expert_cache"
     assert "2 of 4 experts cached per layer" in describe(pipe)
     assert "the others read from disk" in describe(pipe, detail=True)
+    pipe.model.expert_cache.resize(3)  # what it says follows the size, the fast path's reasons included
+    assert "3 of 4 experts cached per layer" in describe(pipe)
+    assert "3 of 4 experts per layer in memory" in describe(pipe, detail=True) and "2 of 4" not in describe(pipe, detail=True)
 
 
 def test_the_knobs_refuse_what_they_cannot_do(moe_dir, tmp_path, monkeypatch):
