@@ -39,8 +39,9 @@ def bench_table(result: dict) -> str:
         batch_note = f", {r['sequences']} prompts" + (" batched" if r["batch"] > 1 else " in turn") if r["sequences"] > 1 else ""
         spread = (f" ({min(r['all_tok_s']):.1f}-{max(r['all_tok_s']):.1f})" if len(r.get("all_tok_s", [])) > 1 else "")
         ratio = f"{r['vs_naive']:.2f}x" if r.get("vs_naive") else "-"  # without the blog's row, no ratio
+        load = f"{r['load_s']:.1f}" if r.get("loaded_with", [r["name"]])[0] == r["name"] else "shared"
         lines.append(
-            f"| {r['name']} | {r['dtype']} | {r['experts']}{batch_note} | {r['load_s']:.1f}{compile_note} | {r['ttft_s']:.2f} "
+            f"| {r['name']} | {r['dtype']} | {r['experts']}{batch_note} | {load}{compile_note} | {r['ttft_s']:.2f} "
             f"| {r['decode_tok_s']:.1f}{spread} | {r['ceiling_tok_s']:.1f} | {r['efficiency']:.0%} "
             f"| {ratio} | {r['peak_memory'] / GiB:.1f} |")
     return "\n".join(lines)
@@ -53,6 +54,10 @@ def bench_summary(result: dict) -> str:
              + (" (the range of its rounds in brackets)" if result.get("rounds", 1) > 1 else ""),
              f"memory read bandwidth {result['bandwidth'] / GB:.1f} GB/s (best of "
              f"{', '.join(f'{b / GB:.1f}' for b in result['bandwidths'])} measured before and after)"]
+    shared = [r["loaded_with"] for r in result["rows"] if len(r.get("loaded_with", [])) > 1 and r["loaded_with"][0] == r["name"]]
+    if shared:
+        lines.append("one process and one load for the configurations that load the same model (the load time is on "
+                     "the first of each; \"shared\" on the others): " + "; ".join(", ".join(g) for g in shared))
     fast = rows.get("fast path (this machine's choice)")
     naive = rows.get(NAIVE)
     if fast and naive:

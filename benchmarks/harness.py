@@ -1,8 +1,9 @@
-"""The benchmark harness behind `make bench`: each configuration loaded in a process of its own and
-timed with the package's own clock (helpers.backends: tok/s is decode after the first token, here
-also after `warmup` more steps), against this machine's bandwidth ceiling (helpers.sizing).
+"""The benchmark harness behind `make bench`: the configurations that load the same model share a
+process and one load (`by_load`), every other one gets a process of its own; each is timed with the
+package's own clock (helpers.backends: tok/s is decode after the first token, here also after `warmup`
+more steps), against this machine's bandwidth ceiling (helpers.sizing).
 
-    python benchmarks/harness.py JSON   # one configuration, in a process of its own (measure() does this)
+    python benchmarks/harness.py JSON   # one load group, in a process of its own (measure() does this)
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import resource
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,6 +85,22 @@ def matvec_ceiling(layouts: dict, experts_share: float) -> float:
     return 1 / seconds
 
 
+def load_key(config: Config) -> tuple:
+    """What decides the model a configuration loads. The blog's pipeline and compiled configurations
+    key on their own name: a process of their own, so that compiled code never leaks into another."""
+    if config.pipeline or config.compile:
+        return (config.name,)
+    return (config.dtype, config.fast, config.quantize, config.ram_gib, config.expert_cache, config.dense)
+
+
+def by_load(configs: list) -> list[list[Config]]:
+    """`configs` grouped by `load_key`, each group in the order of its first member: one load per group."""
+    groups: dict[tuple, list[Config]] = {}
+    for config in configs:
+        groups.setdefault(load_key(config), []).append(config)
+    return list(groups.values())
+
+
 def _peak_memory(device: str) -> int:
     import torch
     if device == "cuda":
@@ -103,11 +121,8 @@ def _load(config: Config, device: str):
         model, tokenizer = load_dense_source(dtype)
         return LocalModel(model=model.to(device), tokenizer=tokenizer), None
     budget = {"cpu": f"{config.ram_gib}GiB"} if config.ram_gib else None
-    runner = LocalModel(load_local(str(ensure_standin()), dtype=dtype, fast=config.fast, quantize=config.quantize,
-                                   max_memory=budget, expert_cache=config.expert_cache))
-    if config.experts:
-        runner.model.set_experts_implementation(config.experts)
-    return runner, None
+    return LocalModel(load_local(str(ensure_standin()), dtype=dtype, fast=config.fast, quantize=config.quantize,
+                                 max_memory=budget, expert_cache=config.expert_cache)), None
 
 
 def _knobs(config: Config) -> dict:
@@ -125,16 +140,38 @@ def _knobs(config: Config) -> dict:
     return knobs
 
 
-def run_config(config: Config, new_tokens: int = 64, warmup: int = 4, seed: int = 0) -> dict:
-    """Load one configuration and time it: load, warm-up (compile) and the timed runs. Call it in a
-    fresh process (`measure` does), so peak memory and compiled code are its own."""
+def run_group(configs: list, new_tokens: int = 64, warmup: int = 4, seed: int = 0) -> list[dict]:
+    """Load the model a group of `by_load` shares once, then time each configuration on it in turn
+    (its experts implementation set, a warm-up, the timed runs). Call it in a fresh process (`measure`
+    does): compiled code stays the group's, and each row's peak memory is its process's so far."""
     import torch
 
-    torch.manual_seed(seed)
+    if len({load_key(c) for c in configs}) != 1:
+        raise ValueError(f"one load group at a time: {[c.name for c in configs]} load different models")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
-    runner, pipe = _load(config, device)
+    runner, pipe = _load(configs[0], device)
     load_s = time.perf_counter() - started
+    loaders = getattr(runner.model.config, "_experts_implementation", None)
+    rows = []
+    for config in configs:
+        wanted = config.experts or loaders
+        if wanted != getattr(runner.model.config, "_experts_implementation", None):
+            runner.model.set_experts_implementation(wanted)
+        torch.manual_seed(seed)
+        try:
+            row = _time(config, runner, pipe, device, new_tokens, warmup)
+        except Exception as err:  # the group's other configurations still run; the traceback goes to stderr
+            traceback.print_exc()
+            row = {"error": f"{type(err).__name__}: {err}"}
+        rows.append(dict(row, load_s=load_s, loaded_with=[c.name for c in configs]))
+    return rows
+
+
+def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: int) -> dict:
+    """One configuration's warm-up and timed runs on a loaded model: its row, less the load."""
+    import torch
+
     model, tokenizer = runner.model, runner.tokenizer
     prompts = [TASKS[n]["prompt"] for n in list(TASKS)[:config.prompts]]
     if config.pipeline:
@@ -188,7 +225,7 @@ def run_config(config: Config, new_tokens: int = 64, warmup: int = 4, seed: int 
     share = model.config.num_experts_per_tok / model.config.num_local_experts if layouts else None
     return dict(asdict(config), dtype=str(model.dtype).replace("torch.", ""), device=device,
                 experts="dense" if config.dense else getattr(model.config, "_experts_implementation", None),
-                load_s=load_s, warmup_s=warmup_s, compile_s=warmup_s if config.compile else None,
+                warmup_s=warmup_s, compile_s=warmup_s if config.compile else None,
                 ttft_s=sum(r["ttft_s"] for r in runs) / len(runs),
                 decode_tok_s=sum(r["decode_tok_s"] for r in runs) / len(runs),
                 throughput_tok_s=sum(r["batch"] * new_tokens for r in runs) / wall,
@@ -197,21 +234,37 @@ def run_config(config: Config, new_tokens: int = 64, warmup: int = 4, seed: int 
                 layouts=layouts, matvec_ceiling_tok_s=matvec_ceiling(layouts, share) if layouts else None, tiers=tiers)
 
 
-def _run_apart(config: Config, new_tokens: int, warmup: int) -> dict:
-    """run_config in a fresh process: its row, or {"error": the last line it printed}."""
-    job = json.dumps(dict(config=asdict(config), new_tokens=new_tokens, warmup=warmup))
+def _run_apart(group: list, new_tokens: int, warmup: int) -> list[dict]:
+    """run_group in a fresh process: a row per configuration, or {"error": the last line it printed} for each."""
+    job = json.dumps(dict(configs=[asdict(c) for c in group], new_tokens=new_tokens, warmup=warmup))
     env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
     done = subprocess.run([sys.executable, __file__, job], capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["(no output)"])[-1]}
+        return [{"error": (done.stderr.strip().splitlines() or ["(no output)"])[-1]}] * len(group)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _keep(best: dict, config: Config, row: dict, progress) -> None:
+    """Keep `row` as `config`'s best round so far, or its first failure; say how it went."""
+    if "error" in row:
+        best.setdefault(config.name, dict(asdict(config), **row))
+        progress(f"    {config.name}: FAILED: {row['error']}")
+        return
+    progress(f"    {config.name}: {row['decode_tok_s']:.1f} tok/s, first token {row['ttft_s']:.2f} s, "
+             f"peak memory {row['peak_memory'] / GiB:.1f} GiB")
+    kept = best.get(config.name, {})
+    row["all_tok_s"] = kept.get("all_tok_s", []) + [row["decode_tok_s"]]
+    if row["decode_tok_s"] >= kept.get("decode_tok_s", 0):  # a failed round has no decode_tok_s
+        best[config.name] = row
+    else:
+        kept["all_tok_s"] = row["all_tok_s"]
 
 
 def measure(configs: list | None = None, new_tokens: int = 64, warmup: int = 4, rounds: int = 1,
             progress=print) -> dict:
-    """Run each configuration in its own process, side by side, `rounds` times round-robin (each
-    keeps its best round: noise only ever slows a run down), with the memory bandwidth measured
-    before and after; add each one's ceiling, efficiency and ratio to the blog's path."""
+    """Run each load group (`by_load`) in a process of its own, side by side, `rounds` times round-robin
+    (each configuration keeps its best round: noise only ever slows a run down), with the memory
+    bandwidth measured before and after; add each one's ceiling, efficiency and ratio to the blog's path."""
     import torch
 
     configs = configs or CONFIGS
@@ -220,22 +273,13 @@ def measure(configs: list | None = None, new_tokens: int = 64, warmup: int = 4, 
     bandwidths = [measure_bandwidth(device=device)]
     progress(f"memory read bandwidth: {bandwidths[0] / GB:.1f} GB/s")
     best: dict[str, dict] = {}
+    groups = by_load(configs)
     for round_ in range(1, rounds + 1):
-        for i, config in enumerate(configs, 1):
-            progress(f"[{i}/{len(configs)}{f', round {round_}/{rounds}' if rounds > 1 else ''}] {config.name} ...")
-            row = _run_apart(config, new_tokens, warmup)
-            if "error" in row:
-                best.setdefault(config.name, dict(asdict(config), **row))
-                progress(f"    FAILED: {row['error']}")
-                continue
-            progress(f"    {row['decode_tok_s']:.1f} tok/s, first token {row['ttft_s']:.2f} s, "
-                     f"peak memory {row['peak_memory'] / GiB:.1f} GiB")
-            kept = best.get(config.name, {})
-            row["all_tok_s"] = kept.get("all_tok_s", []) + [row["decode_tok_s"]]
-            if row["decode_tok_s"] >= kept.get("decode_tok_s", 0):  # a failed round has no decode_tok_s
-                best[config.name] = row
-            else:
-                kept["all_tok_s"] = row["all_tok_s"]
+        for i, group in enumerate(groups, 1):
+            progress(f"[{i}/{len(groups)}{f', round {round_}/{rounds}' if rounds > 1 else ''}] "
+                     f"{'; '.join(c.name for c in group)}{' (one load)' if len(group) > 1 else ''} ...")
+            for config, row in zip(group, _run_apart(group, new_tokens, warmup)):
+                _keep(best, config, row, progress)
     bandwidths.append(measure_bandwidth(device=device))
     bandwidth = max(bandwidths)
     rows = [best[c.name] for c in configs]
@@ -249,6 +293,6 @@ def measure(configs: list | None = None, new_tokens: int = 64, warmup: int = 4, 
                 warmup=warmup, rounds=rounds, rows=rows)
 
 
-if __name__ == "__main__":  # one configuration, in a process of its own
+if __name__ == "__main__":  # one load group, in a process of its own
     job = json.loads(sys.argv[1])
-    print(json.dumps(run_config(Config(**job["config"]), job["new_tokens"], job["warmup"])))
+    print(json.dumps(run_group([Config(**c) for c in job["configs"]], job["new_tokens"], job["warmup"])))

@@ -12,7 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from harness import CONFIGS, NAIVE, Config, matvec_ceiling, measure  # noqa: E402
+from harness import CONFIGS, NAIVE, Config, by_load, matvec_ceiling, measure, run_group  # noqa: E402
 
 
 def test_configurations_are_typed_and_named_once():
@@ -23,13 +23,30 @@ def test_configurations_are_typed_and_named_once():
         Config("typo", experts_impl="eager")  # an unknown setting is an error, not a silently ignored key
 
 
+def test_configurations_that_load_the_same_model_share_a_process():
+    groups = by_load(CONFIGS)
+    assert sorted(c.name for g in groups for c in g) == sorted(c.name for c in CONFIGS)  # each once
+    names = [[c.name for c in g] for g in groups]
+    assert ["fp32 eager", "fp32 grouped_mm", "fp32 batched_mm", "fp32 static cache"] in names
+    assert ["fast path (this machine's choice)", "4 prompts, one at a time (fast path)",
+            "4 prompts, one batch (fast path)"] in names
+    assert [NAIVE] in names and ["fp32 static cache + compile"] in names  # the pipeline and compiled code: alone
+    assert ["int8 weights (fast path)"] in names and ["int8 weights, bf16 activations"] in names  # other loads
+    assert len(groups) == 13  # of 20 configurations
+
+
+def test_a_group_is_one_load():
+    with pytest.raises(ValueError, match="load different models"):
+        run_group([CONFIGS[1], Config("bf16", dtype="bfloat16")])
+
+
 def test_measure_refuses_zero_rounds():
     with pytest.raises(ValueError, match="rounds"):
         measure([], rounds=0)
 
 
 # ---------------------------------------------------------------- the benchmark, quick mode, every configuration
-@pytest.mark.slow  # every configuration in a fresh process, about 5 minutes: make test-slow and CI run it
+@pytest.mark.slow  # every configuration, a fresh process per load group, about 5 minutes: make test-slow and CI run it
 def test_bench_quick_runs_every_configuration(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=1800)
@@ -42,6 +59,10 @@ def test_bench_quick_runs_every_configuration(tmp_path):
     for row in (r for r in result["rows"] if r["ram_gib"] or r["expert_cache"]):  # offloaded: bytes from disk counted
         assert row["tiers"]["from disk"] > 0 and row["tiers"]["resident"] > 0, row
         assert ("hit_rate" in row["tiers"]) == bool(row["expert_cache"]), row
+    assert [r["loaded_with"] for r in result["rows"]] == [[c.name for c in g] for c in CONFIGS
+                                                          for g in by_load(CONFIGS) if c in g]
+    for group in by_load(CONFIGS):  # one load each: the same load time on every row of a group
+        assert len({r["load_s"] for r in result["rows"] if r["name"] in {c.name for c in group}}) == 1, group
     naive = next(r for r in result["rows"] if r["name"] == NAIVE)
     assert naive["vs_naive"] == 1 and naive["experts"] == "grouped_mm" and naive["dtype"] == "float32"
     md = (tmp_path / "bench.md").read_text()
