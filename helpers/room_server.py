@@ -226,7 +226,8 @@ def parse(argv=None) -> argparse.Namespace:
     if not os.path.isdir(args.model) and args.name != args.model:
         parser.error(f"a hub model is served under its hub id: --name {args.model}")
     if args.parent_pid is not None and args.parent_pid <= 0:
-        parser.error(f"--parent-pid {args.parent_pid}: give the process id of the server's parent (a whole number >= 1)")
+        parser.error(f"--parent-pid {args.parent_pid}: give the process id of the server's parent "
+                     "(a whole number >= 1)")
     return args
 
 
