@@ -18,25 +18,25 @@ from .prompts import (blog_prompt, blog_readings, chat_ids, compare_ids, hub_fas
                       reference_tokenizer, turn_starts)
 from .quantize import QUALITY_TEXT, compare_logits, kernel_speeds
 from .sandbox import run_sandboxed
-from .serving import room_load, start_local_server
+from .serving import BATCHING_MIN_GAIN, QUEUE_MIN_WAIT_RATIO, room_load, start_local_server
 from .sizing import (ceiling, chance_hit_rate, decode_bytes, expected_distinct_experts, fit_report, kv_bytes_per_token,
                      memory_table, parameter_count)
 from .standin import ensure_standin
 from .widgets import SamplingPanel, distribution_explorer
 
 __all__ = [
-    "BLOG_SAMPLING", "BLOG_TRANSLATION", "Endpoint", "EndpointError", "GB", "GPU_TYPES", "GiB", "KNOWN_MODELS",
-    "LINK_GTS", "LONGFELLOW", "OffloadMeter", "QUALITY_TEXT", "SamplingPanel", "TASKS", "blog_prompt",
-    "blog_readings", "candidates_per_step", "ceiling", "chance_hit_rate", "chance_stickiness", "chat_ids",
-    "check_fits", "chrf", "compare_ids", "compare_logits", "cost_experiment", "decode_bytes", "describe",
-    "device_map_bytes", "distribution_explorer", "diversity", "draw_device_map", "draw_distribution", "draw_loads",
-    "draw_offload_plans", "draw_plan", "draw_routing", "edit_distance_cases", "ensure_standin",
-    "expected_distinct_experts", "expert_load", "experts_per_token", "experts_read_per_step", "extract_code",
-    "fast_recipe", "fit_report", "generate", "generate_batch", "generate_many", "gpus", "hub_fast_tokenizer",
-    "kernel_speeds", "kv_bytes_per_token", "link_bandwidth", "load_pipeline", "lru_hit_rates", "measure_bandwidth",
-    "memory_table", "model_path", "next_token_distribution", "offload_plan", "parameter_count", "pick_dtype",
-    "placement", "plan", "plan_for_this_machine", "print_stream", "reference_ids", "reference_tokenizer",
-    "room_load", "route_softmax_topk_renorm", "route_topk_then_softmax", "run_sandboxed", "start_local_server",
-    "steps_before_a_tie", "stickiness", "system_memory", "torch_build", "trace_generation", "turn_starts",
-    "weight_bytes",
+    "BATCHING_MIN_GAIN", "BLOG_SAMPLING", "BLOG_TRANSLATION", "Endpoint", "EndpointError", "GB", "GPU_TYPES", "GiB",
+    "KNOWN_MODELS", "LINK_GTS", "LONGFELLOW", "OffloadMeter", "QUALITY_TEXT", "QUEUE_MIN_WAIT_RATIO",
+    "SamplingPanel", "TASKS", "blog_prompt", "blog_readings", "candidates_per_step", "ceiling", "chance_hit_rate",
+    "chance_stickiness", "chat_ids", "check_fits", "chrf", "compare_ids", "compare_logits", "cost_experiment",
+    "decode_bytes", "describe", "device_map_bytes", "distribution_explorer", "diversity", "draw_device_map",
+    "draw_distribution", "draw_loads", "draw_offload_plans", "draw_plan", "draw_routing", "edit_distance_cases",
+    "ensure_standin", "expected_distinct_experts", "expert_load", "experts_per_token", "experts_read_per_step",
+    "extract_code", "fast_recipe", "fit_report", "generate", "generate_batch", "generate_many", "gpus",
+    "hub_fast_tokenizer", "kernel_speeds", "kv_bytes_per_token", "link_bandwidth", "load_pipeline", "lru_hit_rates",
+    "measure_bandwidth", "memory_table", "model_path", "next_token_distribution", "offload_plan", "parameter_count",
+    "pick_dtype", "placement", "plan", "plan_for_this_machine", "print_stream", "reference_ids",
+    "reference_tokenizer", "room_load", "route_softmax_topk_renorm", "route_topk_then_softmax", "run_sandboxed",
+    "start_local_server", "steps_before_a_tie", "stickiness", "system_memory", "torch_build", "trace_generation",
+    "turn_starts", "weight_bytes",
 ]

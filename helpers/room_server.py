@@ -22,7 +22,9 @@ import argparse
 import hmac
 import json
 import os
+import signal
 import tempfile
+import threading
 import time
 
 from .data import API_KEY_ENV
@@ -193,7 +195,22 @@ def transformers_app(model: str, dtype: str, batching: bool, cb_blocks: int):
                         systemone_handler=None, generation_state=state)
 
 
-def main(argv=None) -> None:
+def watch_parent(pid: int, every_s: float = 0.5) -> threading.Thread:
+    """Stop this server when process `pid`, which started it, has exited (its children then get another
+    parent): uvicorn's own shutdown on SIGTERM (before uvicorn runs, SIGTERM ends the process), and if that
+    has not ended it within 10 s, an exit. So a notebook kernel or test run that dies leaves no server behind."""
+    def watch():
+        while os.getppid() == pid:
+            time.sleep(every_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        os._exit(1)
+    thread = threading.Thread(target=watch, name="watch-parent", daemon=True)
+    thread.start()
+    return thread
+
+
+def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m helpers.room_server", description=__doc__.split("\n")[0])
     parser.add_argument("model", help="a local folder or a hub id already in the Hugging Face cache")
     parser.add_argument("--name", required=True, help="the name clients use (a hub id, or e.g. mixtral-standin)")
@@ -203,11 +220,22 @@ def main(argv=None) -> None:
     parser.add_argument("--one-at-a-time", action="store_true", help="no continuous batching")
     parser.add_argument("--cb-blocks", type=int, default=64, help="KV cache blocks of 256 tokens (batching)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="the room's cap: longer requests are cut")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="exit when this process (the one that started the server) exits")
     args = parser.parse_args(argv)
-    import uvicorn
+    if not os.path.isdir(args.model) and args.name != args.model:
+        parser.error(f"a hub model is served under its hub id: --name {args.model}")
+    if args.parent_pid is not None and args.parent_pid <= 0:
+        parser.error(f"--parent-pid {args.parent_pid}: give the process id of the server's parent "
+                     "(a whole number >= 1)")
+    return args
+
+
+def room_app(args: argparse.Namespace) -> RoomLayer:
+    """The room's app for parsed `args` (`parse`), with the model loaded: transformers' app behind RoomLayer,
+    the key from the environment (argv is visible to every user in `ps`)."""
     from transformers import AutoConfig
 
-    key = os.environ.get(API_KEY_ENV) or None  # from the environment: argv is visible to every user in `ps`
     served, home = args.model, os.getcwd()
     with tempfile.TemporaryDirectory(prefix="room-server-") as work:  # needed only while the model loads
         if os.path.isdir(args.model):  # transformers reads a relative folder name as a local model
@@ -216,13 +244,21 @@ def main(argv=None) -> None:
             os.symlink(os.path.abspath(args.model), link)
             os.chdir(work)
             served = args.name
-        elif args.name != args.model:
-            parser.error(f"a hub model is served under its hub id: --name {args.model}")
-        context = AutoConfig.from_pretrained(served).max_position_embeddings
-        app = transformers_app(served, args.dtype, not args.one_at_a_time, args.cb_blocks)  # loads it, for good
-        os.chdir(home)
-    uvicorn.run(RoomLayer(app, args.name, context, args.max_new_tokens, key), host=args.host, port=args.port,
-                log_level="info")
+        try:
+            context = AutoConfig.from_pretrained(served).max_position_embeddings
+            app = transformers_app(served, args.dtype, not args.one_at_a_time, args.cb_blocks)  # loads it, for good
+        finally:
+            os.chdir(home)
+    return RoomLayer(app, args.name, context, args.max_new_tokens, os.environ.get(API_KEY_ENV) or None)
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    if args.parent_pid is not None:
+        watch_parent(args.parent_pid)  # from the start: a parent that dies while the model loads takes it too
+    import uvicorn
+
+    uvicorn.run(room_app(args), host=args.host, port=args.port, log_level="info")
 
 
 if __name__ == "__main__":

@@ -20,12 +20,17 @@ from .backends import Endpoint, EndpointError
 from .data import (API_KEY_ENV, ENDPOINT_ENV, ENDPOINT_MODEL_ENV, KNOWN_MODELS, MAX_TOKENS_ENV, TASKS,
                    whole_number)
 from .files import cache_root
-from .generation import generate_batch
+from .generation import generate, generate_batch
 from .hardware import pick_dtype
 from .loading import model_path
 from .standin import standin_dir
 
 STANDIN_NAME = "mixtral-standin"  # what clients call the stand-in: short, and no facilitator's folder in it
+# What 09 asserts of its one server (room_load), with margins for a shared machine (2.4x and 9x measured at 4 users):
+# batching gives at least this many times the tokens per server CPU second (4 users batched/queued, 30 users/1)
+BATCHING_MIN_GAIN = 1.5
+# and a queue makes the last user wait at least this many times as long for a first token (the last of 4 queued
+QUEUE_MIN_WAIT_RATIO = 2.0  # against batched; the last of the largest room against one user alone)
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -57,6 +62,16 @@ class LocalServer:
             with open(f"/proc/{self.process.pid}/status") as status:
                 return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmHWM"))
         except (OSError, StopIteration):
+            return None
+
+    def cpu_s(self) -> float | None:
+        """CPU seconds the server process has used so far, all its threads together (Linux: /proc), else None.
+        Unlike the wall clock, it barely moves when other programs share the machine's cores."""
+        try:
+            with open(f"/proc/{self.process.pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()  # after the name: state, ppid, ... utime, stime
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
             return None
 
     def env(self) -> dict:
@@ -106,7 +121,8 @@ def start_local_server(model: str | None = None, port: int | None = None, dtype:
         env[API_KEY_ENV] = api_key  # the environment, not argv: every user can read argv with `ps`
     name = served_name(model)
     process = subprocess.Popen([sys.executable, "-m", "helpers.room_server", model, "--name", name, "--host", host,
-                                "--port", str(port), "--dtype", dtype, "--cb-blocks", str(cb_blocks)]
+                                "--port", str(port), "--dtype", dtype, "--cb-blocks", str(cb_blocks),
+                                "--parent-pid", str(os.getpid())]  # it exits when this process does
                                + ([] if batching else ["--one-at-a-time"])
                                + (["--max-new-tokens", str(max_new_tokens)] if max_new_tokens else []),
                                stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -130,19 +146,42 @@ def start_local_server(model: str | None = None, port: int | None = None, dtype:
     raise EndpointError(f"the server did not answer within {wait_s:.0f} s; see {log}")
 
 
-def room_load(endpoint, users=(1, 4, 16, 30), max_new_tokens: int = 24) -> list[dict]:
-    """For each room size n: n users send the blog's prompts at once (request i: prompt i mod 4).
-    What the server gives in all (tok/s), and what each user waits: first token, whole answer."""
+def _send(endpoint, prompts: list, max_new_tokens: int, one_at_a_time: bool) -> tuple[list, list]:
+    """The answers, and when each request was sent (seconds after the first): all at once, or each after
+    the previous answer. Request i has seed i either way (as generate_batch gives them)."""
+    if not one_at_a_time:
+        return generate_batch(endpoint, prompts, max_new_tokens, seed=0), [0.0] * len(prompts)
+    answers, sent, started = [], [], time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        sent.append(time.perf_counter() - started)
+        answers.append(generate(endpoint, prompt, max_new_tokens=max_new_tokens, seed=i))
+    return answers, sent
+
+
+def room_load(endpoint, users=(1, 4, 16, 30), max_new_tokens: int = 24, one_at_a_time: bool = False,
+              server: LocalServer | None = None) -> list[dict]:
+    """For each room size n: n users send the blog's prompts (request i: prompt i mod 4) at once, or with
+    `one_at_a_time` one after another, each user waiting for the previous user's answer: the queue a server
+    without batching makes, measured on the same server. What the server gives in all (tok/s), and what
+    each user waits from the moment the room sends: first token, whole answer. With `server` (the
+    LocalServer behind `endpoint`), also the CPU seconds it spent on the room (`cpu_s`) and `tokens_per_cpu_s`."""
+    if server is not None and not isinstance(server, LocalServer):
+        raise TypeError(f"server: give the LocalServer behind the endpoint (start_local_server), not {server!r}")
     prompts = [task["prompt"] for task in TASKS.values()]
     rows = []
     for n in users:
         whole_number("users", n, 1)
+        cpu = server.cpu_s() if server else None
         started = time.perf_counter()
-        answers = generate_batch(endpoint, [prompts[i % len(prompts)] for i in range(n)], max_new_tokens, seed=0)
+        answers, sent = _send(endpoint, [prompts[i % len(prompts)] for i in range(n)], max_new_tokens, one_at_a_time)
         seconds, tokens = time.perf_counter() - started, sum(a.new_tokens for a in answers)
-        rows.append(dict(users=n, seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds,
-                         first_token_mean_s=sum(a.first_token_s for a in answers) / n,
-                         first_token_max_s=max(a.first_token_s for a in answers),
-                         answer_max_s=max(a.seconds for a in answers), complete=all(a.complete for a in answers)))
+        first = [s + a.first_token_s for s, a in zip(sent, answers)]
+        row = dict(users=n, seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds,
+                   first_token_mean_s=sum(first) / n, first_token_max_s=max(first),
+                   answer_max_s=max(s + a.seconds for s, a in zip(sent, answers)),
+                   complete=all(a.complete for a in answers))
+        if cpu is not None:
+            spent = server.cpu_s() - cpu
+            row.update(cpu_s=spent, tokens_per_cpu_s=tokens / spent if spent > 0 else float("nan"))
+        rows.append(row)
     return rows
-

@@ -5,6 +5,8 @@ import http.server
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -15,7 +17,7 @@ import pytest
 
 from helpers import (Endpoint, EndpointError, SamplingPanel, generate, generate_batch, generate_many, load_pipeline,
                      room_load, start_local_server)
-from helpers.room_server import Refused, RoomLayer, check_chat
+from helpers.room_server import Refused, RoomLayer, check_chat, parse
 from helpers.serving import served_name
 
 ROOM_KEY = "room-secret"
@@ -126,7 +128,7 @@ def free_port():
 
 @pytest.fixture
 def stub(free_port):
-    """A loopback HTTP server that refuses every key (401), or accepts and never answers."""
+    """A loopback HTTP server that refuses every key (401), accepts and never answers, or cuts its stream."""
     behaviour = {"mode": "401"}
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -134,11 +136,28 @@ def stub(free_port):
             if behaviour["mode"] == "hang":
                 time.sleep(5)
                 return
+            if behaviour["mode"] == "cut":
+                return self.cut()
             body = json.dumps({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
             self.send_response(401)
             self.send_header("content-type", "application/json")
             self.end_headers()
             self.wfile.write(body.encode())
+
+        def cut(self):  # a streamed answer whose last chunk never comes
+            self.rfile.read(int(self.headers["content-length"]))
+            self.protocol_version = "HTTP/1.1"
+            self.send_response(200)
+            self.send_header("content-type", "text/event-stream")
+            self.send_header("transfer-encoding", "chunked")
+            self.end_headers()
+            for word in ("The", " sea", " is"):
+                chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                         "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+                data = f"data: {json.dumps(chunk)}\n\n".encode()
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+            self.close_connection = True
 
         def log_message(self, *args):
             pass
@@ -173,22 +192,14 @@ def test_failure_shows_in_the_panel(free_port):
         panel.close()
 
 
-def test_stream_cut_mid_answer_keeps_the_partial_text():
-    own = start_local_server(dtype="float32")  # a server of its own, to stop mid-stream
-    try:
-        endpoint = Endpoint(own.url, own.model)
-        arrived = []
-
-        def on_text(text):
-            arrived.append(text)
-            if len(arrived) == 3:
-                os.killpg(own.process.pid, signal.SIGKILL)  # the server dies mid-answer
-        answer = generate(endpoint, "Write a long poem about the sea.", max_new_tokens=200, do_sample=False,
-                          on_text=on_text)
-        assert not answer.complete and "stream was cut" in answer.note and "INCOMPLETE" in answer.stats()
-        assert answer.text == arrived[-1].strip() and answer.new_tokens >= 3 and answer.text
-    finally:
-        own.stop()
+def test_stream_cut_mid_answer_keeps_the_partial_text(stub):
+    url, behaviour = stub
+    behaviour["mode"] = "cut"  # three chunks, then the connection closes mid-answer, as when a server dies
+    arrived = []
+    answer = generate(Endpoint(url, "m"), "Write a long poem about the sea.", max_new_tokens=200, do_sample=False,
+                      on_text=arrived.append)
+    assert not answer.complete and "stream was cut after 3 chunks" in answer.note and "INCOMPLETE" in answer.stats()
+    assert answer.text == arrived[-1].strip() == "The sea is" and answer.new_tokens == len(arrived) == 3
 
 
 def test_a_rooms_cap_cuts_long_requests_and_says_so(server, monkeypatch):
@@ -206,12 +217,75 @@ def test_a_rooms_cap_cuts_long_requests_and_says_so(server, monkeypatch):
 
 
 def test_room_load_measures_each_room_size(endpoint, server):
-    rows = room_load(endpoint, users=(1, 3), max_new_tokens=4)
-    assert [r["users"] for r in rows] == [1, 3] and all(r["complete"] for r in rows)
-    for r in rows:
+    rows = room_load(endpoint, users=(1, 3), max_new_tokens=4, server=server)
+    queued = room_load(endpoint, users=(3,), max_new_tokens=4, one_at_a_time=True, server=server)
+    assert [r["users"] for r in rows + queued] == [1, 3, 3] and all(r["complete"] for r in rows + queued)
+    for r in rows + queued:
         assert r["tokens"] <= 4 * r["users"] and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
         assert 0 < r["first_token_mean_s"] <= r["first_token_max_s"] <= r["answer_max_s"] <= r["seconds"]
+        assert 0 < r["cpu_s"] and r["tokens_per_cpu_s"] == pytest.approx(r["tokens"] / r["cpu_s"])
+    # queued, the last user's first token waits for the two whole answers before it: later than one alone's
+    assert queued[0]["first_token_max_s"] > rows[0]["answer_max_s"]
     assert 500 < server.peak_mib() < 20_000  # the server's peak memory, read from /proc
+    assert server.cpu_s() > sum(r["cpu_s"] for r in rows + queued)  # its CPU seconds so far, from /proc
+    with pytest.raises(TypeError, match="give the LocalServer behind the endpoint"):
+        room_load(endpoint, users=(1,), server=server.url)
+
+
+STARTER = """import sys, time
+from helpers import start_local_server
+server = start_local_server(sys.argv[1], dtype="float32", batching=False)
+print(server.process.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_server_exits_with_the_process_that_started_it(hub_mixtral_dir):
+    """A kernel killed outright (no atexit) leaves no server behind: the server watches its parent."""
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, str(hub_mixtral_dir)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)  # a tiny model, served one request at a time
+    pid = None
+    try:
+        line = starter.stdout.readline()
+        assert line.strip().isdigit(), f"the starter did not start a server:\n{starter.communicate()[1][-3000:]}"
+        pid = int(line)
+        assert running(pid)
+        starter.kill()  # SIGKILL: its atexit never runs
+        starter.wait()
+        killed = time.perf_counter()
+        while running(pid) and time.perf_counter() - killed < 10:
+            time.sleep(0.1)
+        assert not running(pid), "the server outlived the process that started it by 10 s"
+    finally:
+        starter.kill()
+        if pid and running(pid):
+            os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["some/hub-model", "--name", "mixtral-standin"], "a hub model is served under its hub id: --name some/hub-model"),
+    (["some/hub-model", "--name", "some/hub-model", "--parent-pid", "0"], "--parent-pid 0: give the process id"),
+])
+def test_the_server_command_line_says_what_is_wrong(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        parse(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_the_server_command_line_reads_its_options():
+    args = parse(["some/hub-model", "--name", "some/hub-model", "--one-at-a-time", "--parent-pid", "42",
+                  "--max-new-tokens", "64"])
+    assert args.one_at_a_time and args.parent_pid == 42 and args.max_new_tokens == 64 and args.cb_blocks == 64
+    assert not parse(["some/hub-model", "--name", "some/hub-model"]).one_at_a_time  # batching unless asked
 
 
 # ---------------------------------------------------------------- clients we did not write: openai, plain HTTP
