@@ -77,6 +77,9 @@ def test_guide_room_numbers_come_from_09s_run():
     for users, tps, mean, last_first, last_answer in rows:
         row = measured[users]
         assert [tps, mean, last_first, last_answer] == [row[1], row[2], row[4], row[6]], users
+    queued = re.search(r"^ 4 users:.*last first token after +([\d.]+) s against +([\d.]+) s$", outputs, flags=re.M)
+    said = re.search(r"the\s+last of four users waited ([\d.]+) s for a first token, against ([\d.]+) s\s+batched", guide)
+    assert queued and said and said.groups() == queued.groups(), "the guide's queue figures are 09's"
 
 
 def test_one_platform_statement_in_readme_and_guide():
