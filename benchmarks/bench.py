@@ -89,7 +89,7 @@ def bench_summary(result: dict) -> str:
                         if tiers.get("storage") is not None else ""))
     one, many = rows.get("4 prompts, one at a time (fast path)"), rows.get("4 prompts, one batch (fast path)")
     if one and many:
-        lines.append(f"four prompts as one batch: {many['throughput_tok_s']:.1f} tok/s in all against "
+        lines.append(f"four prompts as one batch: {many['throughput_tok_s']:.1f} tok/s in all over the whole call (prompt pass included) against "
                      f"{one['throughput_tok_s']:.1f} one at a time ({many['throughput_tok_s'] / one['throughput_tok_s']:.2f}x)")
     dense = rows.get("dense SmolLM2 fp32 (the stand-in's source)")
     moe = rows.get("fp32 grouped_mm")

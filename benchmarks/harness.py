@@ -1,4 +1,4 @@
-"""The benchmark harness behind `make bench`: the configurations that load the same model share a
+"""The benchmark harness behind `make bench`: the configurations with the same load settings share a
 process and one load (`by_load`), every other one gets a process of its own; each is timed with the
 package's own clock (helpers.backends: tok/s is decode after the first token, here also after `warmup`
 more steps), against this machine's bandwidth ceiling (helpers.sizing).
@@ -86,7 +86,8 @@ def matvec_ceiling(layouts: dict, experts_share: float) -> float:
 
 
 def load_key(config: Config) -> tuple:
-    """What decides the model a configuration loads. The blog's pipeline and compiled configurations
+    """The settings that decide the model a configuration loads, as named (dtype=None, this machine's
+    choice, is a setting of its own even where it picks bfloat16). The blog's pipeline and compiled configurations
     key on their own name: a process of their own, so that compiled code never leaks into another."""
     if config.pipeline or config.compile:
         return (config.name,)
