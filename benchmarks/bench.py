@@ -56,7 +56,7 @@ def bench_summary(result: dict) -> str:
              f"{', '.join(f'{b / GB:.1f}' for b in result['bandwidths'])} measured before and after)"]
     shared = [r["loaded_with"] for r in result["rows"] if len(r.get("loaded_with", [])) > 1 and r["loaded_with"][0] == r["name"]]
     if shared:
-        lines.append("one process and one load for the configurations that load the same model (the load time is on "
+        lines.append("one process and one load for the configurations with the same load settings (the load time is on "
                      "the first of each; \"shared\" on the others): " + "; ".join(", ".join(g) for g in shared))
     fast = rows.get("fast path (this machine's choice)")
     naive = rows.get(NAIVE)
