@@ -95,18 +95,32 @@ def reference_tokenizer(vocab_size: int):
 
 
 @functools.cache
-def hub_fast_tokenizer():
+def hub_fast_tokenizer(*, legacy: bool = False, normalized: bool = False, add_bos_token: bool = True):
     """A reconstruction, offline, of the hub's fast tokenizer for 8x22B (its tokenizer.json).
 
-    transformers' own conversion of the v3 SentencePiece file that mistral-common ships. It assumes
-    what the hub's files are documented to do: the control pieces ([INST] = 3, [/INST] = 4, ...)
-    are special added tokens, split out of text before the words are tokenised; the non-legacy
-    Metaspace pre-tokenizer (a space only becomes "▁" where the text has one); `<s>` added by default.
+    transformers' own conversion of the v3 SentencePiece file that mistral-common ships. By default it
+    assumes: the control pieces ([INST] = 3, [/INST] = 4, ...) are special added tokens, split out of
+    text before the words are tokenised; the non-legacy Metaspace pre-tokenizer (a space only becomes
+    "▁" where the text has one); `<s>` added by default. The hub's files changed during 2024
+    (ggerganov/llama.cpp#6947, #7969), so the keywords give the variants: `add_bos_token=False`, as the
+    hub's tokenizer_config.json said in April 2024 (#6947); `legacy=True`, the normalizer transformers'
+    `LlamaConverter` writes for a legacy tokenizer (a "▁" in front of every stretch of text between special
+    tokens); `normalized=True`, the special tokens matched after that normalizer, as the tokenizer.json
+    quoted in #7969 marks them. Used in 01_loading.
     """
+    from tokenizers import AddedToken, normalizers
     from transformers import LlamaTokenizer
 
     folder = _cached_copy(reference_file(32768), "fast-v3", "tokenizer.model")
-    return LlamaTokenizer.from_pretrained(str(folder), legacy=False, add_bos_token=True)
+    tokenizer = LlamaTokenizer.from_pretrained(str(folder), legacy=False, add_bos_token=add_bos_token)
+    backend = tokenizer.backend_tokenizer
+    if legacy:  # what LlamaConverter.normalizer returns for legacy=True, with no pre-tokenizer
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.pre_tokenizer = None
+    if normalized:
+        backend.add_special_tokens([AddedToken(t.content, special=True, normalized=True)
+                                    for t in backend.get_added_tokens_decoder().values()])
+    return tokenizer
 
 
 def blog_readings(prompt: str) -> dict[str, list[int]]:

@@ -133,3 +133,29 @@ def test_turn_starts_finds_the_users_first_word(task, standin_tokenizer):
         first_word = tokenizer.convert_ids_to_tokens(ids[parts["user's words"]])
         assert first_word.lstrip("▁Ġ") == prompt.split()[0] and parts["answer"] == len(ids)
     assert turn_starts(reference_tokenizer(32768), prompt)["user's words"] == 2  # <s> [INST] ▁Write ...
+
+
+def test_the_hub_file_variants_of_reading_a():
+    """Notebook 01's variants: what the reconstruction's assumptions change, for the jokes prompt."""
+    text, a = blog_prompt(TASKS["jokes"]["prompt"]), blog_readings(TASKS["jokes"]["prompt"])["(a) May 2024 pipeline"]
+    assert hub_fast_tokenizer(add_bos_token=False)(text)["input_ids"] == a  # April 2024's add_bos_token: false
+    legacy = hub_fast_tokenizer(legacy=True)(text, add_special_tokens=False)["input_ids"]
+    assert legacy == [INST, 1027, 23235, *a[2:]]  # ▁Tell becomes ▁▁ Tell
+    swallowed = hub_fast_tokenizer(legacy=True, normalized=True)(text, add_special_tokens=False)["input_ids"]
+    assert swallowed == [INST, *a[1:-2], END]  # the blog's space goes into the match for [/INST]
+    assert hub_fast_tokenizer()(text, add_special_tokens=False)["input_ids"] == a  # the cached default is untouched
+
+
+def test_the_legacy_variant_is_transformers_own_legacy_normalizer():
+    from types import SimpleNamespace
+    from transformers.convert_slow_tokenizer import LlamaConverter
+
+    marked = SimpleNamespace(original_tokenizer=SimpleNamespace(legacy=True, add_prefix_space=True))
+    expected = LlamaConverter.normalizer(marked, None)
+    assert repr(hub_fast_tokenizer(legacy=True).backend_tokenizer.normalizer) == repr(expected)
+    assert hub_fast_tokenizer(legacy=True).backend_tokenizer.pre_tokenizer is None
+    assert LlamaConverter.pre_tokenizer(marked, "▁", True) is None
+
+
+def test_a_lone_space_piece_precedes_numbers_in_ordinary_text():
+    assert reference_tokenizer(32768)("in 2024", add_special_tokens=False)["input_ids"][:2] == [1065, SPACE]
