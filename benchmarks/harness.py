@@ -62,6 +62,7 @@ CONFIGS = [
     Config("fp32 static cache + compile", cache="static", compile=True),
     Config("fast path (this machine's choice)", fast=True, dtype=None),
     Config("fast path in bf16", fast=True, dtype="bfloat16"),
+    Config("fast path in fp32", fast=True, dtype="float32"),
     Config("int8 weights (fast path)", fast=True, dtype=None, quantize="int8"),
     Config("int8 weights, bf16 activations", fast=True, dtype="bfloat16", quantize="int8"),
     Config("int4 weights (fast path)", fast=True, dtype=None, quantize="int4"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import platform
 import time
+from pathlib import Path
 
 from .data import DTYPE_ENV, whole_number
 
@@ -51,7 +52,7 @@ def gpus() -> list[dict]:
 
 def cpu_has_native_bf16() -> bool:
     """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated:
-    arithmetic-bound work (the prompt pass) gets several times slower than in fp32."""
+    arithmetic-bound work (the prompt pass) gets slower than in fp32 (08_performance measures by how much)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
@@ -75,8 +76,8 @@ def hardware_dtype():
         return torch.float16, "GPU without bf16: float16 instead"
     if cpu_has_native_bf16():
         return torch.bfloat16, "CPU with native bf16 (AVX512-BF16/AMX): the blog's dtype"
-    return torch.float32, ("CPU without native bf16: float32 (emulated bf16 makes the prompt pass several times "
-                           "slower and drifts from the float32 reference; 08_performance measures it)")
+    return torch.float32, ("CPU without native bf16: float32 (emulated bf16 makes the prompt pass slower "
+                           "and drifts from the float32 reference; 08_performance measures it)")
 
 
 def pick_dtype():
@@ -101,6 +102,18 @@ def memory_budget() -> dict:
     """Bytes that device_map="auto" can fill: free GPU memory plus available RAM."""
     gpu_free, ram = sum(g["free"] for g in gpus()), system_memory()["available"]
     return {"gpu": gpu_free, "cpu": ram, "total": gpu_free + ram}
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache this machine reports (Linux sysfs), or 32 MiB where it reports none: a buffer
+    that is to be read from memory, not from a cache, must be larger than this."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+    return max(sizes, default=32 * 2**20)
 
 
 def best_seconds(run, rounds: int = 3, repeats: int = 1, sync=None) -> float:

@@ -131,13 +131,15 @@ def link_bandwidth(link: str) -> float:
 
 def offload_plan(model: str, gpu: str, link: str = "PCIe 4.0 x16", precision: str = "bfloat16", context: int = 4096,
                  hit_rate=None) -> dict:
-    """Batch-1 decode ceilings on ONE GPU of GPU_TYPES for a model that may not fit on it, two ways:
+    """Batch-1 decode speed, estimated from the datasheets, on ONE GPU of GPU_TYPES for a model that may not
+    fit on it, two ways:
     device_map="auto" (accelerate puts the layers that do not fit in CPU RAM and copies them in, whole,
     for every token) and an expert cache (all but the experts on the GPU, as many experts per layer as
     the rest of its memory holds; a token fetches its experts that are not cached). `hit_rate`: the
     share of expert uses found in the cache, a number or a function of experts cached per layer
     (default: what uniformly random routing would give, `chance_hit_rate`). Per token, time = bytes the GPU reads /
-    its bandwidth + bytes over the link / the link's (no overlap: an upper bound, not a forecast).
+    its bandwidth + bytes over the link / the link's (peak rates, which real transfers do not reach, and no
+    overlap of the copy with compute, which real engines have: an estimate, not a bound either way).
     11_offloading, section 3, draws them with `draw_offload_plans`."""
     config, size = as_config(model), dtype_bytes(precision)
     if gpu not in GPU_TYPES:
@@ -171,7 +173,7 @@ def _bytes_left_in_ram(model: str, budget: int, precision: str) -> float:
     return auto_device_map(as_config(model), 1, budget, precision, cpu=True)[1]
 
 
-def draw_offload_plans(rows: list, title: str = "One GPU, the model bigger than it: decode ceilings at batch 1"):
+def draw_offload_plans(rows: list, title: str = "One GPU, the model bigger than it: decode speed at batch 1, estimated"):
     """Bars per GPU: device_map="auto" against the expert cache, for each link; one panel per model
     and precision; a cross where the route cannot run (not even one expert per layer fits)."""
     import matplotlib.pyplot as plt
@@ -196,7 +198,7 @@ def draw_offload_plans(rows: list, title: str = "One GPU, the model bigger than 
         ax.set_xticks(range(len(gpus)), [f"{r['gpu']}\n{r['memory_gib']} GB" for r in mine if r["link"] == links[0]])
         ax.set_yscale("log")
         ax.set_title(f"{panel[0]}, {panel[1]}", fontsize=9)
-    axes[0][0].set_ylabel("decode ceiling, tok/s (log)")
+    axes[0][0].set_ylabel("decode, tok/s (estimate, log)")
     names = {"auto": 'device_map="auto"', "cache": "expert cache"}
     fig.legend([Patch(color=c) for c in colours], [f"{names[route]}, {link}" for route, link in bars],
                loc="lower center", ncol=4, fontsize=8)

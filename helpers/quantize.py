@@ -6,7 +6,7 @@ parameters (`experts.gate_up_proj` [E, 2I, D], `experts.down_proj` [E, D, I]); t
 `nn.Linear` modules skip them silently, and they hold most of the bytes. Here attention's projections,
 both expert stacks and lm_head are quantized (embedding rows, norms and routers stay: a lookup, or
 tiny), and multiplied by torch's own CPU kernels, fed bf16 activations (with fp32 activations the
-int8 kernel is several times slower on both CPU kinds; 10_quantization times it):
+int8 kernel is much slower: 10_quantization times both and asserts more than twice):
   int8: `_weight_int8pack_mm`, one scale per output channel (w = q * scale)
   int4: `_weight_int4pack_mm_for_cpu`, groups of GROUP inputs with a scale and a zero each
 
@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 from .fastpath import register_experts, tokens_by_expert
-from .hardware import best_seconds
+from .hardware import best_seconds, last_level_cache_bytes
 
 GROUP = 32
 SCHEMES = {"int8": "8-bit weights, a scale per output channel",
@@ -166,23 +166,39 @@ def compare_logits(reference, candidates: dict, ids: list, window: int = 512) ->
                        perplexity_candidate=math.exp(s["nll_candidate"] / s["tokens"])) for name, s in sums.items()}
 
 
-def kernel_speeds(n: int = 3072, k: int = 576, repeats: int = 30) -> dict:
-    """GB/s of weights that one matrix-vector product [1, K] x [N, K].T reads on this machine (best of
-    3 x `repeats`): F.linear in fp32 and bf16, the int8 kernel fed fp32 or bf16 activations, int4."""
+def timing_buffer_bytes() -> int:
+    """Bytes a kernel timing cycles over so that its weights come from memory: twice the last-level cache,
+    at least 256 MiB."""
+    return max(2 * last_level_cache_bytes(), 256 * 2**20)
+
+
+def kernel_speeds(n: int = 3072, k: int = 576, repeats: int = 3, total: int | None = None) -> dict:
+    """GB/s of weights that matrix-vector products [1, K] x [N, K].T read on this machine: F.linear in fp32
+    and bf16, the int8 kernel fed fp32 or bf16 activations, int4. Each kind cycles over as many distinct
+    [N, K] matrices as fill `total` bytes (default: twice the last-level cache, at least 256 MiB), so the
+    weights come from memory, as a decode step's do, not from a cache; best of 3 x `repeats` passes."""
     import torch
     import torch.nn.functional as F
 
-    w, x = torch.randn(n, k), torch.randn(1, k)
-    w16, x16 = w.bfloat16(), x.bfloat16()
-    int8, int4 = quantized_linear()(w, "int8"), quantized_linear()(w, "int4") if k % GROUP == 0 == n % 16 else None
-    scales32 = int8.scales.float()
-    runs = {"fp32 F.linear": (lambda: F.linear(x, w), 4), "bf16 F.linear": (lambda: F.linear(x16, w16), 2),
-            "int8, fp32 activations": (lambda: torch.ops.aten._weight_int8pack_mm(x, int8.packed, scales32), 1),
-            "int8, bf16 activations": (lambda: int8(x16), 1)}
-    if int4 is not None:
-        runs["int4, bf16 activations"] = (lambda: int4(x16), 0.5)
+    total = total or timing_buffer_bytes()
+    x, x16, linear = torch.randn(1, k), torch.randn(1, k).bfloat16(), quantized_linear()
+
+    def int8_fp32_activations(w):  # the fp32 kernel wants fp32 scales: converted once, not timed
+        m = linear(w, "int8")
+        return m.packed, m.scales.float()
+    kinds = {"fp32 F.linear": (4, lambda w: w, lambda m: F.linear(x, m)),
+             "bf16 F.linear": (2, lambda w: w.bfloat16(), lambda m: F.linear(x16, m)),
+             "int8, fp32 activations": (1, int8_fp32_activations,
+                                        lambda m: torch.ops.aten._weight_int8pack_mm(x, *m)),
+             "int8, bf16 activations": (1, lambda w: linear(w, "int8"), lambda m: m(x16))}
+    if k % GROUP == 0 == n % 16:
+        kinds["int4, bf16 activations"] = (0.5, lambda w: linear(w, "int4"), lambda m: m(x16))
     speeds = {}
-    for name, (run, size) in runs.items():
-        best = best_seconds(run, repeats=repeats)
-        speeds[name] = dict(microseconds=best * 1e6, gb_s=n * k * size / best / 1e9)
+    for name, (size, build, run) in kinds.items():
+        count = max(1, math.ceil(total / (n * k * size)))
+        matrices = [build(torch.randn(n, k)) for _ in range(count)]
+        best = best_seconds(lambda ms=matrices: [run(m) for m in ms], repeats=repeats) / count
+        speeds[name] = dict(microseconds=best * 1e6, gb_s=n * k * size / best / 1e9, matrices=count,
+                            mib=count * n * k * size / 2**20)
+        del matrices
     return speeds

@@ -32,7 +32,15 @@ def test_configurations_that_load_the_same_model_share_a_process():
             "4 prompts, one batch (fast path)"] in names
     assert [NAIVE] in names and ["fp32 static cache + compile"] in names  # the pipeline and compiled code: alone
     assert ["int8 weights (fast path)"] in names and ["int8 weights, bf16 activations"] in names  # other loads
-    assert len(groups) == 13  # of 20 configurations
+    assert len(groups) == 14  # of 21 configurations
+
+
+def test_the_prose_counts_the_configurations_and_processes_there_are():
+    counts = f"{len(CONFIGS)} configurations", f"{len(by_load(CONFIGS))} fresh processes"
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"times {counts[0]} of the stand-in side by side, in {counts[1]}" in readme, counts
+    header = json.loads((ROOT / "notebooks" / "08_performance.ipynb").read_text())["cells"][0]["source"]
+    assert f"({len(CONFIGS)} of them, in {len(by_load(CONFIGS))} processes)" in "".join(header)
 
 
 def test_a_group_is_one_load():

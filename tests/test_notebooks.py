@@ -1,6 +1,7 @@
 """The notebooks' shape (nbval re-executes them; this checks what they promise to a reader)."""
 import json
 import re
+from pathlib import Path
 
 import nbformat
 import pytest
@@ -9,6 +10,7 @@ from helpers import TASKS
 from workshop.walkthrough import (ANSWER_TAG, BLOG_WALKTHROUGH, BUILD, MEASURED, answers, build_folder, main, notebook_paths,
                                   selected, stamp)
 
+ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = {p.stem: p for p in notebook_paths()}
 TASK_NOTEBOOKS = {"02_poem": "poem", "03_code": "code", "04_jokes": "jokes", "05_translation": "translation"}
 
@@ -41,6 +43,18 @@ def test_header_time_is_the_measured_one(name):
     number, unit = re.match(r"about ([\d,]+) (s|min)", phrase.group(0)).groups()
     stated = int(number.replace(",", "")) * (60 if unit == "min" else 1)
     assert measured["seconds"] / 2 <= stated <= measured["seconds"] * 2, (stated, measured)
+
+
+def test_readme_run_times_are_the_notebooks_measured_ones():
+    """README's opening compares the two halves of the package by the times `make notebooks` recorded."""
+    readme = (ROOT / "README.md").read_text()
+    seconds = {name: json.loads(path.read_text())["metadata"]["measured"]["seconds"] for name, path in NOTEBOOKS.items()}
+    walkthrough = sum(s for name, s in seconds.items() if name[:2] <= "05")
+    ours = sum(s for name, s in seconds.items() if name[:2] > "05")
+    said = re.search(r"00-05 took ([\d,]+) s .*?06-11 took ([\d,]+) s, ([\d.]+) times as long", readme, flags=re.S)
+    assert said, "README states both halves' run times"
+    assert [int(said.group(1).replace(",", "")), int(said.group(2).replace(",", ""))] == [walkthrough, ours]
+    assert float(said.group(3)) == round(ours / walkthrough, 1)
 
 
 def test_stamp_records_the_run_and_rewrites_the_header():
@@ -115,10 +129,16 @@ def test_an_unknown_notebook_name_is_refused_before_anything_runs(capsys):
     assert "no notebook matches 'no_such_notebook'" in capsys.readouterr().err
 
 
+def test_help_and_unknown_options_run_nothing(capsys):
+    assert main(["--help"]) == 0 and "--inplace" in capsys.readouterr().out
+    assert main(["--inpalce", "08"]) == 2 and "unknown option --inpalce" in capsys.readouterr().err
+
+
 def test_glossary_defines_the_terms_and_points_to_real_notebooks():
     text = (NOTEBOOKS["00_setup"].parent.parent / "docs" / "glossary.md").read_text()
-    for term in ("Ceiling", "Decode", "Expert cache", "Expert parallelism", "GCD", "Offloading", "Quantization",
-                 "Tensor parallelism", "Top-k", "Top-p", "TTFT", "Upcycling"):
+    for term in ("Active parameters", "Ceiling", "chrF", "Control token", "Decode", "Expert", "Expert cache",
+                 "Expert parallelism", "GCD", "Hit rate", "KL divergence", "Load balancing", "MoE", "Offloading",
+                 "Perplexity", "Quantization", "Tensor parallelism", "Top-k", "Top-p", "TTFT", "Upcycling"):
         assert f"**{term}" in text, term
     named = re.findall(r"`(\d\d_\w+)`", text)
     assert named and set(named) <= set(NOTEBOOKS)

@@ -47,11 +47,22 @@ def test_int4_refuses_shapes_its_kernel_cannot_take():
 
 
 def test_kernel_speeds_times_each_kernel_and_skips_int4_where_groups_do_not_fit():
-    speeds = kernel_speeds(n=256, k=128, repeats=2)
+    speeds = kernel_speeds(n=256, k=128, repeats=2, total=2**20)
     assert list(speeds) == ["fp32 F.linear", "bf16 F.linear", "int8, fp32 activations", "int8, bf16 activations",
                             "int4, bf16 activations"]
     assert all(s["microseconds"] > 0 and s["gb_s"] > 0 for s in speeds.values())
-    assert "int4, bf16 activations" not in kernel_speeds(n=64, k=48, repeats=1)
+    # each kind cycles over enough distinct matrices to fill the buffer: 1 MiB of 128 KiB fp32 matrices is 8 of them
+    assert [s["matrices"] for s in speeds.values()] == [8, 16, 32, 32, 64] and all(s["mib"] == 1 for s in speeds.values())
+    assert "int4, bf16 activations" not in kernel_speeds(n=64, k=48, repeats=1, total=2**16)
+
+
+def test_kernel_speeds_reads_more_than_the_last_level_cache_by_default(monkeypatch):
+    from helpers import quantize
+    from helpers.hardware import last_level_cache_bytes
+    assert last_level_cache_bytes() >= 2**20  # this machine reports one, or the 32 MiB default
+    assert quantize.timing_buffer_bytes() >= max(2 * last_level_cache_bytes(), 256 * 2**20)
+    monkeypatch.setattr(quantize, "timing_buffer_bytes", lambda: 2**18)  # the default is used when none is given
+    assert all(s["mib"] == 0.25 for s in kernel_speeds(n=64, k=64, repeats=1).values())
 
 
 # ---------------------------------------------------------------- a whole model

@@ -125,7 +125,22 @@ def build_folder(argv: list[str]) -> Path:
     return Path(chosen[-1]).expanduser().resolve() if chosen else BUILD
 
 
+USAGE = """usage: python -m workshop walkthrough [--all] [--inplace] [--build=DIR] [names]
+
+Execute notebooks headless, in order, into build/ (or DIR) as .ipynb and .html, and print each task's answer.
+  names       parts of notebook file names (08_ or performance); none: the blog's walkthrough, 00-05
+  --all       every notebook
+  --inplace   also store the outputs, time and peak memory in notebooks/ (make notebooks)"""
+
+
 def main(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(USAGE)
+        return 0
+    unknown = [a for a in argv if a.startswith("-") and a not in ("--all", "--inplace") and not a.startswith("--build=")]
+    if unknown:
+        print(f"walkthrough: unknown option {' '.join(unknown)}\n{USAGE}", file=sys.stderr)
+        return 2
     inplace, build = "--inplace" in argv, build_folder(argv)
     try:
         paths = selected(argv)
