@@ -144,3 +144,16 @@ def test_the_check_catches_a_figure_that_is_not_in_its_source(tmp_path):
     twin.write_text("- int8 weights: 12.5 tok/s = 1.29x the blog's path\n")
     check = source_check(str(twin))
     assert check(1.29, 2, "x") and check(12.5, 1, " ") and not check(1.3, 1, "x")
+
+
+def test_notebook_prose_states_no_measured_speed():
+    """In a notebook, a measured speed changes with the machine: code prints it, markdown does not state it
+    (datasheet rates, in TB/s, and hardware counts such as 8x MI300X are not measurements)."""
+    measured = re.compile(r"\d[\d.,]*\s*(?:tok/s|tokens/s|GB/s|microseconds)")
+    found = []
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        for i, cell in enumerate(json.loads(path.read_text())["cells"]):
+            if cell["cell_type"] == "markdown":
+                prose = re.sub(r"`[^`]*`", " ", "".join(cell["source"]))
+                found += [f"{path.name} cell {i}: {m.group(0)}" for m in measured.finditer(prose)]
+    assert not found, "print measured speeds from code:\n" + "\n".join(found)
