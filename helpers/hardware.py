@@ -116,6 +116,12 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 * 2**20)
 
 
+def timing_buffer_bytes() -> int:
+    """Bytes a timing cycles over so that its weights come from memory: twice the last-level cache,
+    at least 256 MiB."""
+    return max(2 * last_level_cache_bytes(), 256 * 2**20)
+
+
 def best_seconds(run, rounds: int = 3, repeats: int = 1, sync=None) -> float:
     """Seconds per `run()`: the least disturbed of `rounds` timings of `repeats` calls in a row (with
     `sync()` after them on a GPU). The one timer for kernels and memory passes."""

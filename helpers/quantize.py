@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 from .fastpath import register_experts, tokens_by_expert
-from .hardware import best_seconds, last_level_cache_bytes
+from .hardware import best_seconds, timing_buffer_bytes
 
 GROUP = 32
 SCHEMES = {"int8": "8-bit weights, a scale per output channel",
@@ -164,12 +164,6 @@ def compare_logits(reference, candidates: dict, ids: list, window: int = 512) ->
     return {name: dict(tokens=s["tokens"], top1_agreement=s["agree"] / s["tokens"], mean_kl=s["kl"] / s["tokens"],
                        perplexity_reference=math.exp(s["nll_reference"] / s["tokens"]),
                        perplexity_candidate=math.exp(s["nll_candidate"] / s["tokens"])) for name, s in sums.items()}
-
-
-def timing_buffer_bytes() -> int:
-    """Bytes a kernel timing cycles over so that its weights come from memory: twice the last-level cache,
-    at least 256 MiB."""
-    return max(2 * last_level_cache_bytes(), 256 * 2**20)
 
 
 def kernel_speeds(n: int = 3072, k: int = 576, repeats: int = 3, total: int | None = None) -> dict:
