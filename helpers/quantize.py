@@ -182,11 +182,13 @@ def kernel_speeds(n: int = 3072, k: int = 576, repeats: int = 3, total: int | No
         return m.packed, m.scales.float()
     kinds = {"fp32 F.linear": (4, lambda w: w, lambda m: F.linear(x, m)),
              "bf16 F.linear": (2, lambda w: w.bfloat16(), lambda m: F.linear(x16, m)),
-             "int8, fp32 activations": (1, int8_fp32_activations,
+             # bytes per weight count the scales the kernel reads too: int8 one per row of k (fp32 or bf16),
+             # int4 a bf16 scale and zero per GROUP inputs
+             "int8, fp32 activations": (1 + 4 / k, int8_fp32_activations,
                                         lambda m: torch.ops.aten._weight_int8pack_mm(x, *m)),
-             "int8, bf16 activations": (1, lambda w: linear(w, "int8"), lambda m: m(x16))}
+             "int8, bf16 activations": (1 + 2 / k, lambda w: linear(w, "int8"), lambda m: m(x16))}
     if k % GROUP == 0 == n % 16:
-        kinds["int4, bf16 activations"] = (0.5, lambda w: linear(w, "int4"), lambda m: m(x16))
+        kinds["int4, bf16 activations"] = (0.5 + 4 / GROUP, lambda w: linear(w, "int4"), lambda m: m(x16))
     speeds = {}
     for name, (size, build, run) in kinds.items():
         count = max(1, math.ceil(total / (n * k * size)))
