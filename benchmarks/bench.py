@@ -2,7 +2,7 @@
 against this machine's memory-bandwidth ceiling. Figures and ratios, never pass/fail.
 
     python benchmarks/bench.py            # 64 new tokens per configuration (about 10 minutes on 2 cores)
-    python benchmarks/bench.py --quick    # 8 new tokens: proves every configuration runs
+    python benchmarks/bench.py --quick    # proves every configuration runs: 8 new tokens, fewer loads, no warm-up run
     python benchmarks/bench.py --only fast --only blog   # configurations whose name contains a word
     python benchmarks/bench.py --rounds 3   # every configuration 3 times, round-robin: best of 3, and the range
 
@@ -50,7 +50,9 @@ def bench_table(result: dict) -> str:
 def bench_summary(result: dict) -> str:
     """What the numbers say, in sentences: the ceiling, the fast path against the blog's path."""
     rows = {r["name"]: r for r in result["rows"] if "error" not in r}
-    lines = [f"{result.get('rounds', 1)} round(s); each configuration's best round is shown"
+    lines = (["quick run: it proves that every configuration runs (no warm-up run, few tokens, one load where this "
+              "machine's choice of dtype is also named); its figures are not measurements of speed"] if result.get("quick") else [])
+    lines += [f"{result.get('rounds', 1)} round(s); each configuration's best round is shown"
              + (" (the range of its rounds in brackets)" if result.get("rounds", 1) > 1 else ""),
              f"memory read bandwidth {result['bandwidth'] / GB:.1f} GB/s (best of "
              f"{', '.join(f'{b / GB:.1f}' for b in result['bandwidths'])} measured before and after)"]
@@ -123,7 +125,8 @@ def draw_bench(result: dict, title: str | None = None):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="8 new tokens, 2 warm-up: to prove it runs")
+    parser.add_argument("--quick", action="store_true", help="to prove every configuration runs: 8 new tokens, 2 warm-up "
+                        "steps, no warm-up run (but where code compiles), one load where this machine's dtype is named")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens timed per configuration")
     parser.add_argument("--warmup", type=int, default=4, help="decode steps after the first token left out of tok/s")
     parser.add_argument("--only", action="append", default=[], help="run configurations whose name contains this")
@@ -140,8 +143,9 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    result = measure(configs, new_tokens=tokens, warmup=warmup, rounds=args.rounds, progress=lambda m: print(m, flush=True))
-    result.update(machine=f"{platform.machine()}, {platform.processor() or 'cpu'}", quick=args.quick,
+    result = measure(configs, new_tokens=tokens, warmup=warmup, rounds=args.rounds, progress=lambda m: print(m, flush=True),
+                     quick=args.quick)
+    result.update(machine=f"{platform.machine()}, {platform.processor() or 'cpu'}",
                   date=time.strftime("%Y-%m-%d"), seconds=time.perf_counter() - started)
     table, summary = bench_table(result), bench_summary(result)
     print("\n" + table + "\n\n" + summary)

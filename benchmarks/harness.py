@@ -86,20 +86,23 @@ def matvec_ceiling(layouts: dict, experts_share: float) -> float:
     return 1 / seconds
 
 
-def load_key(config: Config) -> tuple:
-    """The settings that decide the model a configuration loads, as named (dtype=None, this machine's
-    choice, is a setting of its own even where it picks bfloat16). The blog's pipeline and compiled configurations
-    key on their own name: a process of their own, so that compiled code never leaks into another."""
+def load_key(config: Config, resolved: bool = False) -> tuple:
+    """The settings that decide the model a configuration loads. As named, dtype=None (this machine's choice) is
+    a setting of its own even where it picks bfloat16, so that a measured run times the machine's choice and the
+    named dtype apart; `resolved` reads None as the dtype this machine picks (the quick run: one load each). The
+    blog's pipeline and compiled configurations key on their own name: a process of their own, so that compiled
+    code never leaks into another."""
     if config.pipeline or config.compile:
         return (config.name,)
-    return (config.dtype, config.fast, config.quantize, config.ram_gib, config.expert_cache, config.dense)
+    dtype = config.dtype if config.dtype or not resolved else str(pick_dtype()[0]).replace("torch.", "")
+    return (dtype, config.fast, config.quantize, config.ram_gib, config.expert_cache, config.dense)
 
 
-def by_load(configs: list) -> list[list[Config]]:
+def by_load(configs: list, resolved: bool = False) -> list[list[Config]]:
     """`configs` grouped by `load_key`, each group in the order of its first member: one load per group."""
     groups: dict[tuple, list[Config]] = {}
     for config in configs:
-        groups.setdefault(load_key(config), []).append(config)
+        groups.setdefault(load_key(config, resolved), []).append(config)
     return list(groups.values())
 
 
@@ -142,13 +145,14 @@ def _knobs(config: Config) -> dict:
     return knobs
 
 
-def run_group(configs: list, new_tokens: int = 64, warmup: int = 4, seed: int = 0) -> list[dict]:
+def run_group(configs: list, new_tokens: int = 64, warmup: int = 4, seed: int = 0, warm: bool = True) -> list[dict]:
     """Load the model a group of `by_load` shares once, then time each configuration on it in turn
     (its experts implementation set, a warm-up, the timed runs). Call it in a fresh process (`measure`
-    does): compiled code stays the group's, and each row's peak memory is its process's so far."""
+    does): compiled code stays the group's, and each row's peak memory is its process's so far.
+    warm=False (the quick run) leaves out the warm-up run, except where a configuration compiles there."""
     import torch
 
-    if len({load_key(c) for c in configs}) != 1:
+    if len({load_key(c, resolved=True) for c in configs}) != 1:
         raise ValueError(f"one load group at a time: {[c.name for c in configs]} load different models")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
@@ -162,7 +166,7 @@ def run_group(configs: list, new_tokens: int = 64, warmup: int = 4, seed: int = 
             runner.model.set_experts_implementation(wanted)
         torch.manual_seed(seed)
         try:
-            row = _time(config, runner, pipe, device, new_tokens, warmup)
+            row = _time(config, runner, pipe, device, new_tokens, warmup, warm=warm or config.compile)
         except Exception as err:  # the group's other configurations still run; the traceback goes to stderr
             traceback.print_exc()
             row = {"error": f"{type(err).__name__}: {err}"}
@@ -170,7 +174,7 @@ def run_group(configs: list, new_tokens: int = 64, warmup: int = 4, seed: int = 
     return rows
 
 
-def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: int) -> dict:
+def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: int, warm: bool = True) -> dict:
     """One configuration's warm-up and timed runs on a loaded model: its row, less the load."""
     import torch
 
@@ -195,14 +199,14 @@ def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: in
         return runner.run(batch, dict(knobs, **extra), should_stop=should_stop)[0].token_times
 
     warm_started = time.perf_counter()  # same lengths as the timed runs, stopped after a few tokens
-    if config.pipeline:
+    if warm and config.pipeline:
         from transformers import StoppingCriteriaList
         limit = max(map(len, batches[0])) + warmup + 2
         timed(batches[0], stopping_criteria=StoppingCriteriaList([lambda ids, scores, **_: torch.full(
             (ids.shape[0],), ids.shape[1] >= limit, dtype=torch.bool)]))
-    else:
+    elif warm:
         timed(batches[0], stop_after=warmup + 2)
-    warmup_s = time.perf_counter() - warm_started
+    warmup_s = time.perf_counter() - warm_started if warm else None
 
     runs, wall, meter = [], time.perf_counter(), OffloadMeter(model)
     for batch in batches:
@@ -236,9 +240,9 @@ def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: in
                 layouts=layouts, matvec_ceiling_tok_s=matvec_ceiling(layouts, share) if layouts else None, tiers=tiers)
 
 
-def _run_apart(group: list, new_tokens: int, warmup: int) -> list[dict]:
+def _run_apart(group: list, new_tokens: int, warmup: int, warm: bool = True) -> list[dict]:
     """run_group in a fresh process: a row per configuration, or {"error": the last line it printed} for each."""
-    job = json.dumps(dict(configs=[asdict(c) for c in group], new_tokens=new_tokens, warmup=warmup))
+    job = json.dumps(dict(configs=[asdict(c) for c in group], new_tokens=new_tokens, warmup=warmup, warm=warm))
     env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
     done = subprocess.run([sys.executable, __file__, job], capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -263,10 +267,12 @@ def _keep(best: dict, config: Config, row: dict, progress) -> None:
 
 
 def measure(configs: list | None = None, new_tokens: int = 64, warmup: int = 4, rounds: int = 1,
-            progress=print) -> dict:
+            progress=print, quick: bool = False) -> dict:
     """Run each load group (`by_load`) in a process of its own, side by side, `rounds` times round-robin
     (each configuration keeps its best round: noise only ever slows a run down), with the memory
-    bandwidth measured before and after; add each one's ceiling, efficiency and ratio to the blog's path."""
+    bandwidth measured before and after; add each one's ceiling, efficiency and ratio to the blog's path.
+    quick=True proves that every configuration runs, at the least cost: the loads this machine makes
+    the same are one load (`by_load(resolved=True)`), and there is no warm-up run but where code compiles."""
     import torch
 
     configs = configs or CONFIGS
@@ -275,12 +281,12 @@ def measure(configs: list | None = None, new_tokens: int = 64, warmup: int = 4, 
     bandwidths = [measure_bandwidth(device=device)]
     progress(f"memory read bandwidth: {bandwidths[0] / GB:.1f} GB/s")
     best: dict[str, dict] = {}
-    groups = by_load(configs)
+    groups = by_load(configs, resolved=quick)
     for round_ in range(1, rounds + 1):
         for i, group in enumerate(groups, 1):
             progress(f"[{i}/{len(groups)}{f', round {round_}/{rounds}' if rounds > 1 else ''}] "
                      f"{'; '.join(c.name for c in group)}{' (one load)' if len(group) > 1 else ''} ...")
-            for config, row in zip(group, _run_apart(group, new_tokens, warmup)):
+            for config, row in zip(group, _run_apart(group, new_tokens, warmup, warm=not quick)):
                 _keep(best, config, row, progress)
     bandwidths.append(measure_bandwidth(device=device))
     bandwidth = max(bandwidths)
@@ -292,9 +298,9 @@ def measure(configs: list | None = None, new_tokens: int = 64, warmup: int = 4, 
             row["efficiency"] = row["decode_tok_s"] / row["ceiling_tok_s"]
             row["vs_naive"] = row["decode_tok_s"] / naive["decode_tok_s"] if naive else None
     return dict(bandwidths=bandwidths, bandwidth=bandwidth, device=device, new_tokens=new_tokens,
-                warmup=warmup, rounds=rounds, rows=rows)
+                warmup=warmup, rounds=rounds, quick=quick, rows=rows)
 
 
 if __name__ == "__main__":  # one load group, in a process of its own
     job = json.loads(sys.argv[1])
-    print(json.dumps(run_group([Config(**c) for c in job["configs"]], job["new_tokens"], job["warmup"])))
+    print(json.dumps(run_group([Config(**c) for c in job["configs"]], job["new_tokens"], job["warmup"], warm=job["warm"])))

@@ -35,6 +35,16 @@ def test_configurations_that_load_the_same_model_share_a_process():
     assert len(groups) == 14  # of 21 configurations
 
 
+def test_the_quick_run_loads_once_what_this_machine_loads_the_same():
+    from helpers.hardware import pick_dtype
+    machine = str(pick_dtype()[0]).replace("torch.", "")
+    quick = [[c.name for c in g] for g in by_load(CONFIGS, resolved=True)]
+    named = "fp32" if machine == "float32" else "bf16"
+    assert ["fast path (this machine's choice)", f"fast path in {named}", "4 prompts, one at a time (fast path)",
+            "4 prompts, one batch (fast path)"] in quick
+    assert len(quick) == len(by_load(CONFIGS)) - (2 if machine == "bfloat16" else 1)  # int8's two loads are one in bf16
+
+
 def test_the_prose_counts_the_configurations_and_processes_there_are():
     counts = f"{len(CONFIGS)} configurations", f"{len(by_load(CONFIGS))} fresh processes"
     readme = " ".join((ROOT / "README.md").read_text().split())
@@ -54,7 +64,7 @@ def test_measure_refuses_zero_rounds():
 
 
 # ---------------------------------------------------------------- the benchmark, quick mode, every configuration
-@pytest.mark.slow  # every configuration, a fresh process per load group, about 5 minutes: make test-slow and CI run it
+@pytest.mark.slow  # every configuration, a fresh process per load group, minutes: make test runs it first
 def test_bench_quick_runs_every_configuration(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=1800)
@@ -67,14 +77,15 @@ def test_bench_quick_runs_every_configuration(tmp_path):
     for row in (r for r in result["rows"] if r["ram_gib"] or r["expert_cache"]):  # offloaded: bytes from disk counted
         assert row["tiers"]["from disk"] > 0 and row["tiers"]["resident"] > 0, row
         assert ("hit_rate" in row["tiers"]) == bool(row["expert_cache"]), row
-    assert [r["loaded_with"] for r in result["rows"]] == [[c.name for c in g] for c in CONFIGS
-                                                          for g in by_load(CONFIGS) if c in g]
-    for group in by_load(CONFIGS):  # one load each: the same load time on every row of a group
+    groups = by_load(CONFIGS, resolved=True)  # the quick run: one load where this machine's dtype is also named
+    assert [r["loaded_with"] for r in result["rows"]] == [[c.name for c in g] for c in CONFIGS for g in groups if c in g]
+    assert all((r["warmup_s"] is None) != r["compile"] for r in result["rows"]), "a warm-up run only where code compiles"
+    for group in groups:  # one load each: the same load time on every row of a group
         assert len({r["load_s"] for r in result["rows"] if r["name"] in {c.name for c in group}}) == 1, group
     naive = next(r for r in result["rows"] if r["name"] == NAIVE)
     assert naive["vs_naive"] == 1 and naive["experts"] == "grouped_mm" and naive["dtype"] == "float32"
     md = (tmp_path / "bench.md").read_text()
-    assert "| configuration |" in md and "bandwidth" in md
+    assert "| configuration |" in md and "bandwidth" in md and "quick run: it proves" in md
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert not list(tmp_path.glob("*.tmp"))
 
