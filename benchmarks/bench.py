@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -24,6 +25,19 @@ from harness import CONFIGS, NAIVE, measure  # noqa: E402
 
 from helpers.data import GB, GiB  # noqa: E402
 from helpers.files import atomic_file  # noqa: E402
+from helpers.hardware import cpu_has_native_bf16, gpus  # noqa: E402
+
+
+def machine_name() -> str:
+    """What ran the benchmark, for its results file: the CPU's model name (Linux's /proc/cpuinfo; elsewhere what
+    platform says), its architecture, cores and whether it computes bf16 natively, and any GPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or "an unnamed CPU"
+    cpu = f"{name} ({platform.machine()}, {os.cpu_count()} cores, native bf16: {'yes' if cpu_has_native_bf16() else 'no'})"
+    return "; ".join([cpu, *(f"GPU {g['index']}: {g['name']}" for g in gpus())])
 
 
 def bench_table(result: dict) -> str:
@@ -145,14 +159,14 @@ def main(argv=None) -> int:
         parser.error("--rounds must be at least 1")
     result = measure(configs, new_tokens=tokens, warmup=warmup, rounds=args.rounds, progress=lambda m: print(m, flush=True),
                      quick=args.quick)
-    result.update(machine=f"{platform.machine()}, {platform.processor() or 'cpu'}",
+    result.update(machine=machine_name(),
                   date=time.strftime("%Y-%m-%d"), seconds=time.perf_counter() - started)
     table, summary = bench_table(result), bench_summary(result)
     print("\n" + table + "\n\n" + summary)
 
     out = Path(args.out)
     for name, text in (("bench.json", json.dumps(result, indent=1)),
-                       ("bench.md", f"# make bench, {result['date']}\n\n{table}\n\n" +
+                       ("bench.md", f"# make bench, {result['date']}\n\n{result['machine']}\n\n{table}\n\n" +
                         "\n".join(f"- {line}" for line in summary.splitlines()) + "\n")):
         atomic_file(out / name, lambda tmp: tmp.write_text(text))
     figure = draw_bench(result)

@@ -45,6 +45,16 @@ def test_the_quick_run_loads_once_what_this_machine_loads_the_same():
     assert len(quick) == len(by_load(CONFIGS)) - (2 if machine == "bfloat16" else 1)  # int8's two loads are one in bf16
 
 
+def test_the_results_name_the_machine():
+    import platform
+
+    from bench import machine_name
+    from helpers.hardware import cpu_has_native_bf16
+    name = machine_name()
+    assert f"({platform.machine()}, " in name and f"native bf16: {'yes' if cpu_has_native_bf16() else 'no'})" in name
+    assert ("GPU 0:" in name) == torch.cuda.is_available()
+
+
 def test_the_prose_counts_the_configurations_and_processes_there_are():
     counts = f"{len(CONFIGS)} configurations", f"{len(by_load(CONFIGS))} fresh processes"
     readme = " ".join((ROOT / "README.md").read_text().split())
@@ -85,7 +95,7 @@ def test_bench_quick_runs_every_configuration(tmp_path):
     naive = next(r for r in result["rows"] if r["name"] == NAIVE)
     assert naive["vs_naive"] == 1 and naive["experts"] == "grouped_mm" and naive["dtype"] == "float32"
     md = (tmp_path / "bench.md").read_text()
-    assert "| configuration |" in md and "bandwidth" in md and "quick run: it proves" in md
+    assert "| configuration |" in md and "bandwidth" in md and "quick run: it proves" in md and result["machine"] in md
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert not list(tmp_path.glob("*.tmp"))
 
