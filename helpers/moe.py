@@ -62,6 +62,57 @@ class RouterTrace:
     logits = property(lambda self: self._stack(2), doc="[T, L, E] raw router logits.")
 
 
+@dataclass
+class NextLayerGuess:
+    """Speculative prefetch's guess (Eliseev and Mazur, 2023): as layer l's experts start, apply layer l+1's norm
+    and router to the hidden state entering them; its top experts are the guess for layer l+1, made a layer early,
+    in time to fetch them while layer l computes. Use beside RouterTrace, as a context manager around `generate()`
+    (batch 1): per forward call, L - 1 entries of [t, `most`] guessed experts, best first."""
+    model: object
+    most: int = 4
+    calls: list = field(default_factory=list)
+    _hooks: list = field(default_factory=list)
+
+    def __enter__(self):
+        import torch.nn.functional as F
+        self.calls.clear()
+        layers, gates = self.model.model.layers, routers(self.model)
+
+        def guess(layer):
+            def hook(_module, inputs):  # before this layer's post-attention norm: the residual stream its experts get
+                state = inputs[0].reshape(-1, inputs[0].shape[-1])
+                norm = layers[layer + 1].post_attention_layernorm.forward(state)  # forward(): not the next hook
+                logits = F.linear(norm, gates[layer + 1].weight)
+                if layer == 0:
+                    self.calls.append([None] * (len(layers) - 1))
+                self.calls[-1][layer] = logits.topk(min(self.most, logits.shape[-1]), dim=-1).indices.cpu()
+            return hook
+        self._hooks = [layers[i].post_attention_layernorm.register_forward_pre_hook(guess(i)) for i in range(len(layers) - 1)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def prefetch_recall(pairs, counts=(2, 3, 4)) -> dict:
+    """{G: [L - 1] recall per layer from the second on}: over the decode steps of each (NextLayerGuess,
+    RouterTrace) pair from the same generation, the share of a token's true top-k experts among the first G
+    guessed a layer before. The prompt pass is left out: a cache prefetches for the tokens it decodes."""
+    import torch
+    found, total = 0, 0
+    for guess, trace in pairs:
+        if len(guess.calls) != len(trace.calls):
+            raise ValueError(f"{len(guess.calls)} guessed calls against {len(trace.calls)} traced: record both around one generate()")
+        guessed = torch.cat([torch.stack(call, dim=1) for call in guess.calls[1:]])                  # [T, L-1, most]
+        truth = torch.cat([torch.stack([i for i, _, _ in call[1:]], dim=1) for call in trace.calls[1:]])  # [T, L-1, K]
+        found = found + torch.stack([(guessed[..., :g, None] == truth[..., None, :]).any(-2).float().sum((0, 2))
+                                     for g in counts])                                                 # [G, L-1]
+        total += truth.shape[0] * truth.shape[2]
+    return {g: found[i] / total for i, g in enumerate(counts)}
+
+
 def experts_read_per_step(pipe, prompts: list, max_new_tokens: int = 24, seed: int = 0):
     """Answer `prompts` as one batch (generate_batch) with the routers traced: [S, L], the distinct
     experts each layer read at each decode step, the union over the batch's tokens (prompt pass left out)."""

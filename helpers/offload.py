@@ -8,7 +8,7 @@
    the least recently used slot. On a CPU the slow tier is the safetensors file, memory-mapped; on a
    GPU, CPU RAM. An experts implementation, "expert_cache", like the fast path's "per_token"; resizable.
 
-`OffloadMeter` counts what each tier gives every forward; `lru_hit_rates` replays router traces
+`OffloadMeter` counts what each tier gives every forward; `hit_rates` replays router traces
 through the same LRU, for every cache size, without running the model again. 11_offloading uses them all.
 Shapes: E experts, K experts per token, D hidden, I expert FFN, T tokens, C slots per layer.
 """
@@ -27,9 +27,10 @@ from .planning import map_entry
 
 
 class LRU:
-    """Which expert sits in which of `capacity` slots, least recently used first."""
+    """Which expert sits in which of `capacity` slots, least recently used first. (`future`: the uses to come,
+    which only Belady's policy reads.)"""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, future=None):
         self.capacity, self.slots = capacity, OrderedDict()     # expert -> slot
 
     def touch(self, expert: int) -> tuple[bool, int]:
@@ -40,6 +41,48 @@ class LRU:
         slot = len(self.slots) if len(self.slots) < self.capacity else self.slots.popitem(last=False)[1]
         self.slots[expert] = slot
         return False, slot
+
+
+class LFU(LRU):
+    """Evicts the expert used least often so far (every use counted, resident or not); ties go to the least
+    recently used."""
+
+    def __init__(self, capacity: int, future=None):
+        super().__init__(capacity)
+        self.uses = Counter()
+
+    def touch(self, expert: int) -> tuple[bool, int]:
+        self.uses[expert] += 1
+        if expert in self.slots or len(self.slots) < self.capacity:
+            return super().touch(expert)
+        slot = self.slots.pop(min(self.slots, key=self.uses.__getitem__))  # min keeps the first: least recent
+        self.slots[expert] = slot
+        return False, slot
+
+
+class Belady(LRU):
+    """The optimal policy (Belady, 1966), which no cache can run live: it knows the layer's `future` uses and
+    evicts the expert whose next use is furthest away, or never comes. Its hit rate bounds every policy's."""
+
+    def __init__(self, capacity: int, future):
+        super().__init__(capacity)
+        self.future, self.now = list(future), 0
+
+    def touch(self, expert: int) -> tuple[bool, int]:
+        if self.future[self.now] != expert:
+            raise ValueError(f"use {self.now} is expert {self.future[self.now]} in the future given, not {expert}")
+        self.now += 1
+        if expert in self.slots or len(self.slots) < self.capacity:
+            return super().touch(expert)
+
+        def next_use(resident):
+            return next((i for i in range(self.now, len(self.future)) if self.future[i] == resident), len(self.future))
+        slot = self.slots.pop(max(self.slots, key=next_use))
+        self.slots[expert] = slot
+        return False, slot
+
+
+POLICIES = {"LRU": LRU, "LFU": LFU, "Belady": Belady}
 
 
 class LayerCache:
@@ -280,21 +323,26 @@ class OffloadMeter:
         return mean
 
 
-def lru_hit_rates(traces, capacities=None, num_experts: int = 8) -> dict:
-    """Replay router traces (`trace_generation`'s, one per prompt) through a per-layer LRU of each size:
-    {C: hit rate over the decode steps}. Each trace starts empty, its prompt pass fills the cache
-    uncounted; each forward touches its distinct experts in ascending order, as `cached_experts` does."""
+def hit_rates(traces, capacities=None, num_experts: int = 8, policy: str = "LRU") -> dict:
+    """Replay router traces (`trace_generation`'s, one per prompt) through a per-layer cache of each size run
+    by `policy` (a name in POLICIES): {C: hit rate over the decode steps}. Each trace starts empty, its prompt
+    pass fills the cache uncounted; each forward touches its distinct experts in ascending order, as
+    `cached_experts` does."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy={policy!r}: use one of {', '.join(POLICIES)}")
     rates = {}
     for capacity in capacities or range(1, num_experts + 1):
         hits = uses = 0
         for trace in traces:
-            caches = None
+            layers = [[] for _ in trace.calls[0]] if trace.calls else []  # per layer: (step, expert) in order
             for step, call in enumerate(trace.calls):
-                caches = caches or [LRU(capacity) for _ in call]
-                for lru, (indices, _, _) in zip(caches, call):
-                    for expert in sorted(set(indices.flatten().tolist())):
-                        hit, _ = lru.touch(expert)
-                        hits, uses = hits + (hit and step > 0), uses + (step > 0)
+                for used, (indices, _, _) in zip(layers, call):
+                    used += [(step, expert) for expert in sorted(set(indices.flatten().tolist()))]
+            for used in layers:
+                cache = POLICIES[policy](capacity, [expert for _, expert in used])
+                for step, expert in used:
+                    hit, _ = cache.touch(expert)
+                    hits, uses = hits + (hit and step > 0), uses + (step > 0)
         rates[capacity] = hits / uses if uses else float("nan")
     return rates
 

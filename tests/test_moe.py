@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from helpers import load_pipeline
-from helpers.moe import (RouterTrace, chance_stickiness, cost_experiment, expert_load, experts_read_per_step,
-                         route_softmax_topk_renorm, route_topk_then_softmax,
+from helpers.moe import (NextLayerGuess, RouterTrace, chance_stickiness, cost_experiment, expert_load, experts_read_per_step,
+                         prefetch_recall, route_softmax_topk_renorm, route_topk_then_softmax,
                          stickiness, step_unions, trace_generation)
 
 
@@ -126,3 +126,60 @@ def test_cost_experiment_builds_the_three_models():
     assert abs(moe - dense_total) / moe < 0.01  # same memory (the router is the difference)
     assert dense_active < dense_total / 2
     assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+# ---------------------------------------------------------------- guessing the next layer's experts (prefetch)
+class Recorded:
+    def __init__(self, calls):
+        self.calls = calls
+
+
+def test_prefetch_recall_counts_the_true_experts_among_the_first_guesses():
+    # 2 layers, 2 experts a token; a prompt call (left out) and two decode steps; guesses are for layer 1
+    trace = Recorded([[(torch.tensor([[0, 1]]), None, None), (torch.tensor([[7, 7]]), None, None)],
+                      [(torch.tensor([[0, 1]]), None, None), (torch.tensor([[2, 3]]), None, None)],
+                      [(torch.tensor([[0, 1]]), None, None), (torch.tensor([[4, 5]]), None, None)]])
+    guess = Recorded([[torch.tensor([[7, 6, 5, 4]])], [torch.tensor([[3, 0, 2, 1]])], [torch.tensor([[1, 2, 6, 4]])]])
+    recall = prefetch_recall([(guess, trace)], counts=(1, 2, 3, 4))
+    # step 1 finds 3 among 1 guess, 2 and 3 among 3; step 2 finds nothing among 3, 4 among 4
+    assert {g: r.tolist() for g, r in recall.items()} == {1: [0.25], 2: [0.25], 3: [0.5], 4: [0.75]}
+    with pytest.raises(ValueError, match="2 guessed calls against 3 traced"):
+        prefetch_recall([(Recorded(guess.calls[:2]), trace)])
+
+
+def test_the_guess_is_the_next_router_when_a_layer_changes_nothing(tiny_mixtral_dir):
+    """With attention and experts writing nothing to the residual stream, and every layer's norm and router the
+    same, the state layer l's experts get is the state layer l+1's router sees: every guess of 2 is right."""
+    pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32)
+    layers = pipe.model.model.layers
+    with torch.no_grad():
+        for layer in layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.experts.down_proj.zero_()
+            layer.mlp.gate.weight.copy_(layers[0].mlp.gate.weight)
+            layer.post_attention_layernorm.weight.copy_(layers[0].post_attention_layernorm.weight)
+    with NextLayerGuess(pipe.model) as guess:
+        _, trace, _ = trace_generation(pipe, "Tell me some jokes.", max_new_tokens=5, seed=0, do_sample=False)
+    assert len(guess.calls) == len(trace.calls) == 5 and not guess._hooks
+    assert guess.calls[1][0].shape == (1, 4)  # one token, 4 guesses (of 4 experts), for layer 1 of 2
+    assert [r.tolist() for r in prefetch_recall([(guess, trace)]).values()] == [[1.0], [1.0], [1.0]]
+
+
+def test_every_layer_but_the_last_guesses_once_per_call():
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=5,
+                                             num_attention_heads=2, num_key_value_heads=1, num_local_experts=6)).eval()
+    with torch.no_grad(), NextLayerGuess(model, most=3) as guess, RouterTrace(model) as trace:
+        model(torch.tensor([[1, 5, 9]]))
+        model(torch.tensor([[1, 5, 9, 11]]))
+    assert len(guess.calls) == len(trace.calls) == 2 and [len(call) for call in guess.calls] == [4, 4]
+    assert [tuple(g.shape) for g in guess.calls[1]] == [(4, 3)] * 4  # layers 2-5 guessed, 4 tokens, 3 guesses each
+
+
+def test_recall_grows_with_the_guesses_and_is_whole_with_all_experts(tiny_pipe):
+    with NextLayerGuess(tiny_pipe.model) as guess:
+        _, trace, _ = trace_generation(tiny_pipe, "Tell me some jokes.", max_new_tokens=8, seed=0, do_sample=False)
+    recall = prefetch_recall([(guess, trace)], counts=(1, 2, 3, 4))
+    assert all(((0 <= r) & (r <= 1)).all() for r in recall.values())
+    assert all((recall[g] <= recall[g + 1]).all() for g in (1, 2, 3)) and (recall[4] == 1).all()  # 4 experts in all

@@ -13,7 +13,7 @@ from helpers.data import ENDPOINT_ENV, GPU_TYPES, GiB
 from helpers.fastpath import tokens_by_expert
 from helpers.loading import ModelTooLarge
 from helpers.moe import RouterTrace
-from helpers.offload import (LRU, ExpertFiles, OffloadMeter, device_map_bytes, layer_caches, lru_hit_rates,
+from helpers.offload import (LFU, LRU, Belady, ExpertFiles, OffloadMeter, device_map_bytes, hit_rates, layer_caches,
                              offload_experts)
 from helpers.planning import link_bandwidth, offload_plan, plan
 from helpers.sizing import chance_hit_rate, parameter_count, usable
@@ -39,6 +39,58 @@ def test_lru_evicts_the_least_recently_used_expert():
     assert list(lru.slots) == [3, 2]  # 1 was the least recently used when 2 came back
 
 
+def test_lfu_evicts_the_least_often_used_expert_and_the_least_recent_of_a_tie():
+    lfu = LFU(2)
+    assert [lfu.touch(e)[0] for e in (1, 1, 2, 3, 2, 1)] == [False, True, False, False, False, True]
+    # 3 evicted 2 (one use against 1's two), then 2 evicted 3 (one use against two); least recent first
+    assert list(lfu.slots) == [2, 1] and lfu.uses == Counter({1: 3, 2: 2, 3: 1})
+    tie = LFU(2)
+    assert [tie.touch(e) for e in (1, 2, 3)] == [(False, 0), (False, 1), (False, 0)]  # a tie: 1, the least recent, goes
+    assert list(tie.slots) == [2, 3]
+
+
+def best_hits(uses, capacity):
+    """The most hits any eviction choices give, by trying them all: what Belady's policy must equal."""
+    def search(i, cached):
+        if i == len(uses):
+            return 0
+        if uses[i] in cached:
+            return 1 + search(i + 1, cached)
+        if len(cached) < capacity:
+            return search(i + 1, cached | {uses[i]})
+        return max(search(i + 1, cached - {victim} | {uses[i]}) for victim in cached)
+    return search(0, frozenset())
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_belady_is_the_best_any_eviction_choices_give(seed):
+    g = torch.Generator().manual_seed(seed)
+    uses = torch.randint(0, 5, (12,), generator=g).tolist()
+    for capacity in (1, 2, 3):
+        caches = {"Belady": Belady(capacity, uses), "LRU": LRU(capacity), "LFU": LFU(capacity)}
+        hits = {name: sum(cache.touch(e)[0] for e in uses) for name, cache in caches.items()}
+        assert hits["Belady"] == best_hits(uses, capacity) >= max(hits["LRU"], hits["LFU"]), (uses, capacity, hits)
+
+
+def test_belady_refuses_a_use_its_future_does_not_hold():
+    with pytest.raises(ValueError, match="use 0 is expert 1"):
+        Belady(2, [1, 2]).touch(3)
+
+
+def test_replays_compare_the_policies_and_refuse_an_unknown_one():
+    g = torch.Generator().manual_seed(1)
+
+    class Trace:  # 3 layers x 40 steps, each 2 distinct experts of 8, from a skewed choice
+        calls = [[(torch.multinomial(torch.tensor([8., 4, 2, 1, 1, 1, 1, 1]), 2, generator=g)[None], None, None)
+                  for _ in range(3)] for _ in range(40)]
+    rates = {p: hit_rates([Trace()], policy=p) for p in ("LRU", "LFU", "Belady")}
+    assert all(rates["Belady"][c] >= max(rates["LRU"][c], rates["LFU"][c]) for c in range(1, 9))
+    # with a slot for every expert, no policy evicts: only first uses miss; with 4, the oracle wins more
+    assert rates["Belady"][8] == rates["LRU"][8] == rates["LFU"][8] < 1 and rates["Belady"][4] > rates["LRU"][4]
+    with pytest.raises(ValueError, match="policy='MRU': use one of LRU, LFU, Belady"):
+        hit_rates([Trace()], policy="MRU")
+
+
 def test_tokens_by_expert_follows_the_eager_loop():
     groups = tokens_by_expert(torch.tensor([[1, 0], [0, 2]]))  # token 0 chose 1 then 0; token 1 chose 0 then 2
     assert [(e, t.tolist(), s.tolist()) for e, t, s in groups] == [(0, [1, 0], [0, 1]), (1, [0], [0]), (2, [1], [1])]
@@ -48,7 +100,7 @@ def test_hit_rates_replay_a_trace():
     class Trace:  # one layer: a prompt pass touching experts 0 and 1, then two decode steps
         calls = [[(torch.tensor([[0, 1]]), None, None)], [(torch.tensor([[1, 0]]), None, None)],
                  [(torch.tensor([[2, 1]]), None, None)]]
-    assert lru_hit_rates([Trace()], [1, 2, 3], num_experts=3) == {1: 0.25, 2: 0.75, 3: 0.75}
+    assert hit_rates([Trace()], [1, 2, 3], num_experts=3) == {1: 0.25, 2: 0.75, 3: 0.75}
 
 
 def test_chance_is_what_lru_finds_under_uniform_routing():
@@ -56,7 +108,7 @@ def test_chance_is_what_lru_finds_under_uniform_routing():
 
     class Uniform:  # 8 layers x 600 steps, each token 2 distinct experts of 8 drawn uniformly
         calls = [[(torch.randperm(8, generator=g)[:2][None], None, None) for _ in range(8)] for _ in range(600)]
-    replayed = lru_hit_rates([Uniform()])
+    replayed = hit_rates([Uniform()])
     for cached, rate in replayed.items():  # fewer slots than picks: a token's picks evict each other, less than that
         assert rate == pytest.approx(chance_hit_rate(cached, 8, 2), abs=0.02) if cached >= 2 else \
             rate < chance_hit_rate(cached, 8, 2), cached
@@ -95,7 +147,7 @@ def test_its_counts_are_what_the_routers_chose(moe_dir):
     with RouterTrace(model) as trace, OffloadMeter(model) as meter, torch.no_grad():
         model.generate(torch.tensor([[5, 9, 200, 31, 7]]), max_new_tokens=16, do_sample=False, pad_token_id=0)
     measured = meter.per_token()
-    assert measured["hit_rate"] == pytest.approx(lru_hit_rates([trace], [2], num_experts=4)[2])
+    assert measured["hit_rate"] == pytest.approx(hit_rates([trace], [2], num_experts=4)[2])
     with OffloadMeter(model) as again, torch.no_grad():  # a second meter counts its own calls only
         model.generate(torch.tensor([[5, 9, 200, 31, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
     prompt = again.calls[0]
@@ -132,7 +184,7 @@ def test_a_resized_cache_counts_what_the_routers_chose(moe_dir):
         with RouterTrace(model) as trace, OffloadMeter(model) as meter, torch.no_grad():
             model.generate(torch.tensor([[5, 9, 200, 31, 7]]), max_new_tokens=12, do_sample=False, pad_token_id=0)
         live = meter.per_token()
-        assert live["hit_rate"] == pytest.approx(lru_hit_rates([trace], [per_layer], num_experts=4)[per_layer])
+        assert live["hit_rate"] == pytest.approx(hit_rates([trace], [per_layer], num_experts=4)[per_layer])
         assert live["from disk"] == pytest.approx(live["misses"] * one_expert)
 
 
