@@ -52,7 +52,7 @@ run-all: standin
 # Everything, in TEST_WORKERS processes: unit tests, nbval re-executing every notebook, the browser test and the
 # two slow end-to-end checks (the offline bundle installed with the network cut, make bench --quick), which start
 # first (tests/conftest.py orders the work). On a clean clone of a 2-core Intel Xeon with AMX (2026-12-03) it took
-# 1,462 s, and the whole of .ci/run 1,925 s (README.md).
+# 1,419 s, and the whole of .ci/run 1,871 s (README.md).
 test: standin
 	$(PYTEST)
 
