@@ -25,17 +25,13 @@ from harness import CONFIGS, NAIVE, measure  # noqa: E402
 
 from helpers.data import GB, GiB  # noqa: E402
 from helpers.files import atomic_file  # noqa: E402
-from helpers.hardware import cpu_has_native_bf16, gpus  # noqa: E402
+from helpers.hardware import cpu_has_native_bf16, cpuinfo, gpus  # noqa: E402
 
 
 def machine_name() -> str:
     """What ran the benchmark, for its results file: the CPU's model name (Linux's /proc/cpuinfo; elsewhere what
     platform says), its architecture, cores and whether it computes bf16 natively, and any GPU."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or "an unnamed CPU"
+    name = cpuinfo("model name") or platform.processor() or "an unnamed CPU"
     cpu = f"{name} ({platform.machine()}, {os.cpu_count()} cores, native bf16: {'yes' if cpu_has_native_bf16() else 'no'})"
     return "; ".join([cpu, *(f"GPU {g['index']}: {g['name']}" for g in gpus())])
 

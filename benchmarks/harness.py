@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from helpers.backends import LocalModel, TokenClock, decode_rate  # noqa: E402
 from helpers.data import BLOG_SAMPLING, GB, GiB, TASKS, whole_number  # noqa: E402
-from helpers.hardware import measure_bandwidth, pick_dtype  # noqa: E402
+from helpers.hardware import dtype_name, measure_bandwidth, pick_dtype  # noqa: E402
 from helpers.loading import load_local  # noqa: E402
 from helpers.offload import OffloadMeter  # noqa: E402
 from helpers.prompts import blog_prompt, chat_ids  # noqa: E402
@@ -94,7 +94,7 @@ def load_key(config: Config, resolved: bool = False) -> tuple:
     code never leaks into another."""
     if config.pipeline or config.compile:
         return (config.name,)
-    dtype = config.dtype if config.dtype or not resolved else str(pick_dtype()[0]).replace("torch.", "")
+    dtype = config.dtype if config.dtype or not resolved else dtype_name(pick_dtype()[0])
     return (dtype, config.fast, config.quantize, config.ram_gib, config.expert_cache, config.dense)
 
 
@@ -229,7 +229,7 @@ def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: in
             bytes_["parts"]["kv_cache"] / runs[0]["batch"]
     layouts = model.recipe.layouts if config.fast else {}
     share = model.config.num_experts_per_tok / model.config.num_local_experts if layouts else None
-    return dict(asdict(config), dtype=str(model.dtype).replace("torch.", ""), device=device,
+    return dict(asdict(config), dtype=dtype_name(model.dtype), device=device,
                 experts="dense" if config.dense else getattr(model.config, "_experts_implementation", None),
                 warmup_s=warmup_s, compile_s=warmup_s if config.compile else None,
                 ttft_s=sum(r["ttft_s"] for r in runs) / len(runs),

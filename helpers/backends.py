@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from .data import API_KEY_ENV, ENDPOINT_ENV, ENDPOINT_MODEL_ENV, MAX_TOKENS_ENV, whole_number
+from .hardware import dtype_name
 from .loading import load_local
 from .prompts import chat_ids
 
@@ -179,7 +180,7 @@ class LocalModel:
             weights += f", {m.expert_cache['per_layer']} of {m.expert_cache['experts']} experts cached per layer"
         elif any(d == "disk" for d in (getattr(m, "hf_device_map", None) or {}).values()):
             weights += ", part offloaded to disk"
-        line = (f"local: {name} ({type(m).__name__}, {str(m.dtype).replace('torch.', '')}{weights}, on {m.device}), "
+        line = (f"local: {name} ({type(m).__name__}, {dtype_name(m.dtype)}{weights}, on {m.device}), "
                 + ("the notebooks' fast path" if recipe is not None else "the blog's plain pipeline"))
         if not detail:
             return line + (" (08_performance explains it)" if recipe is not None else "")

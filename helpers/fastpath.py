@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .data import GB
-from .hardware import best_seconds, pick_dtype
+from .hardware import best_seconds, dtype_name, pick_dtype
 DECODE_TOKENS = 4   # at most this many tokens in a forward: the "per_token" experts loop; more: grouped_mm
 
 
@@ -129,7 +129,7 @@ class Recipe:
     layouts: dict = field(default_factory=dict)  # filled by apply_recipe
 
     def __str__(self) -> str:
-        lines = [f"fast path on {self.device}: dtype {str(self.dtype).replace('torch.', '')}, "
+        lines = [f"fast path on {self.device}: dtype {dtype_name(self.dtype)}, "
                  f"experts {self.experts!r}, column-major re-layout {'probed' if self.relayout else 'off'}"]
         lines += [f"  - {r}" for r in self.reasons]
         moved = [k for k, v in self.layouts.items() if v[2] == "column-major"]
@@ -167,7 +167,7 @@ def fast_recipe(device: str | None = None, experts: tuple[str, str] | None = Non
 def apply_recipe(model, recipe: Recipe) -> Recipe:
     """Switch a loaded model to the recipe's experts implementation and layouts (in place)."""
     if model.dtype != recipe.dtype:
-        recipe.reasons[0] = f"dtype {str(model.dtype).replace('torch.', '')}: chosen by the caller ({recipe.reasons[0]} otherwise)"
+        recipe.reasons[0] = f"dtype {dtype_name(model.dtype)}: chosen by the caller ({recipe.reasons[0]} otherwise)"
         recipe.dtype = model.dtype
     if getattr(model.config, "num_local_experts", None):
         register_experts()

@@ -50,15 +50,24 @@ def gpus() -> list[dict]:
     return rows
 
 
+def cpuinfo(field: str) -> str:
+    """The value of the first `field` line ("flags", "model name") of Linux's /proc/cpuinfo; "" where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field) and ":" in line), "")
+    except OSError:
+        return ""
+
+
 def cpu_has_native_bf16() -> bool:
     """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated:
     arithmetic-bound work (the prompt pass) gets slower than in fp32 (08_performance measures by how much)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+    return any(flag in cpuinfo("flags").split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def dtype_name(dtype) -> str:
+    """A torch dtype as the notebooks and $MIXTRAL_DTYPE write it: "bfloat16" for torch.bfloat16."""
+    return str(dtype).replace("torch.", "")
 
 
 DTYPE_CHOICES = {"": None, "auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -94,8 +103,8 @@ def pick_dtype():
     if not DTYPE_CHOICES.get(chosen):
         return native, reason
     dtype = getattr(torch, DTYPE_CHOICES[chosen])
-    return dtype, (f"{DTYPE_ENV}={chosen}: {str(dtype).replace('torch.', '')} forced "
-                   f"(this hardware alone would pick {str(native).replace('torch.', '')})")
+    return dtype, (f"{DTYPE_ENV}={chosen}: {dtype_name(dtype)} forced "
+                   f"(this hardware alone would pick {dtype_name(native)})")
 
 
 def memory_budget() -> dict:

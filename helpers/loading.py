@@ -17,7 +17,7 @@ from pathlib import Path
 from .data import DTYPE_BYTES, KNOWN_MODELS, MODEL_ENV, REFERENCE_TOKENIZERS, RESERVED, GiB
 from .fastpath import apply_recipe, fast_recipe
 from .files import cache_root, weight_files
-from .hardware import memory_budget, pick_dtype
+from .hardware import dtype_name, memory_budget, pick_dtype
 from .offload import check_cache_size, offload_experts
 from .prompts import reference_tokenizer
 from .quantize import SCHEMES, check_scheme, quantize_model
@@ -121,7 +121,7 @@ def check_fits(path, dtype) -> int:
     budget = memory_budget()
     if not fits(need, budget["total"]):
         raise ModelTooLarge(
-            f"{path.name} needs about {need / GiB:.1f} GiB in {str(dtype).replace('torch.', '')}, but this machine "
+            f"{path.name} needs about {need / GiB:.1f} GiB in {dtype_name(dtype)}, but this machine "
             f"has {usable(budget['total']) / GiB:.1f} GiB usable ({budget['gpu'] / GiB:.1f} GiB free on GPUs and "
             f"{budget['cpu'] / GiB:.1f} GiB of available RAM, {RESERVED:.0%} kept free). Use a machine with more GPU "
             f"memory (see 00_setup for what fits where), or leave {MODEL_ENV} unset for the stand-in.")

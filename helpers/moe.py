@@ -66,8 +66,9 @@ class RouterTrace:
 class NextLayerGuess:
     """Speculative prefetch's guess (after Eliseev and Mazur, 2023): as layer l's experts start, take the residual
     stream after layer l's attention, apply layer l+1's norm and router to it; its top experts are the guess for
-    layer l+1, made a layer early, in time to fetch them while layer l computes. Use beside RouterTrace, as a context manager around `generate()`
-    (batch 1): per forward call, L - 1 entries of [t, `most`] guessed experts, best first."""
+    layer l+1, made a layer early, in time to fetch them while layer l computes. Use beside RouterTrace, as a
+    context manager around `generate()` (batch 1): per forward call, L - 1 entries of [t, `most`] guessed
+    experts, best first."""
     model: object
     most: int = 4
     calls: list = field(default_factory=list)

@@ -27,20 +27,24 @@ from .planning import map_entry
 
 
 class LRU:
-    """Which expert sits in which of `capacity` slots, least recently used first. (`future`: the uses to come,
-    which only Belady's policy reads.)"""
+    """Which expert sits in which of `capacity` slots, least recently used first. A full cache gives a newcomer
+    the slot of `victim()`; the policies below choose it otherwise. (`future`: the uses to come, which only
+    Belady's policy reads.)"""
 
     def __init__(self, capacity: int, future=None):
         self.capacity, self.slots = capacity, OrderedDict()     # expert -> slot
 
     def touch(self, expert: int) -> tuple[bool, int]:
-        """(hit, slot): a miss takes a free slot, or the least recently used expert's."""
+        """(hit, slot): a miss takes a free slot, or the victim's."""
         if expert in self.slots:
             self.slots.move_to_end(expert)
             return True, self.slots[expert]
-        slot = len(self.slots) if len(self.slots) < self.capacity else self.slots.popitem(last=False)[1]
+        slot = len(self.slots) if len(self.slots) < self.capacity else self.slots.pop(self.victim())
         self.slots[expert] = slot
         return False, slot
+
+    def victim(self) -> int:
+        return next(iter(self.slots))                           # the least recently used
 
 
 class LFU(LRU):
@@ -53,11 +57,10 @@ class LFU(LRU):
 
     def touch(self, expert: int) -> tuple[bool, int]:
         self.uses[expert] += 1
-        if expert in self.slots or len(self.slots) < self.capacity:
-            return super().touch(expert)
-        slot = self.slots.pop(min(self.slots, key=self.uses.__getitem__))  # min keeps the first: least recent
-        self.slots[expert] = slot
-        return False, slot
+        return super().touch(expert)
+
+    def victim(self) -> int:
+        return min(self.slots, key=self.uses.__getitem__)       # min keeps the first of a tie: the least recent
 
 
 class Belady(LRU):
@@ -72,14 +75,12 @@ class Belady(LRU):
         if self.future[self.now] != expert:
             raise ValueError(f"use {self.now} is expert {self.future[self.now]} in the future given, not {expert}")
         self.now += 1
-        if expert in self.slots or len(self.slots) < self.capacity:
-            return super().touch(expert)
+        return super().touch(expert)
 
+    def victim(self) -> int:
         def next_use(resident):
             return next((i for i in range(self.now, len(self.future)) if self.future[i] == resident), len(self.future))
-        slot = self.slots.pop(max(self.slots, key=next_use))
-        self.slots[expert] = slot
-        return False, slot
+        return max(self.slots, key=next_use)
 
 
 POLICIES = {"LRU": LRU, "LFU": LFU, "Belady": Belady}

@@ -21,7 +21,7 @@ from .data import (API_KEY_ENV, ENDPOINT_ENV, ENDPOINT_MODEL_ENV, KNOWN_MODELS, 
                    whole_number)
 from .files import cache_root
 from .generation import generate, generate_batch
-from .hardware import pick_dtype
+from .hardware import dtype_name, pick_dtype
 from .loading import model_path
 from .standin import standin_dir
 
@@ -108,7 +108,7 @@ def start_local_server(model: str | None = None, port: int | None = None, dtype:
     model = model or model_path()
     model = os.path.abspath(model) if os.path.isdir(model) else model  # the server runs in a folder of its own
     port = port or free_port()
-    dtype = dtype or str(pick_dtype()[0]).replace("torch.", "")
+    dtype = dtype or dtype_name(pick_dtype()[0])
     if max_new_tokens is not None:
         whole_number("max_new_tokens", max_new_tokens, 1, " (the room's cap on new tokens per answer)")
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip() or api_key.strip() != api_key):

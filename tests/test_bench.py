@@ -36,8 +36,8 @@ def test_configurations_that_load_the_same_model_share_a_process():
 
 
 def test_the_quick_run_loads_once_what_this_machine_loads_the_same():
-    from helpers.hardware import pick_dtype
-    machine = str(pick_dtype()[0]).replace("torch.", "")
+    from helpers.hardware import dtype_name, pick_dtype
+    machine = dtype_name(pick_dtype()[0])
     quick = [[c.name for c in g] for g in by_load(CONFIGS, resolved=True)]
     named = "fp32" if machine == "float32" else "bf16"
     assert ["fast path (this machine's choice)", f"fast path in {named}", "4 prompts, one at a time (fast path)",

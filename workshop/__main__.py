@@ -18,8 +18,8 @@ def main() -> int:
         print(ensure_standin(full_check="--verify" in rest))
         return 0
     if command == "dtype":  # the dtype models load in here, or (--other) the one the other CPU kind picks
-        from helpers.hardware import pick_dtype
-        print(other_cpu_dtype() if "--other" in rest else str(pick_dtype()[0]).replace("torch.", ""))
+        from helpers.hardware import dtype_name, pick_dtype
+        print(other_cpu_dtype() if "--other" in rest else dtype_name(pick_dtype()[0]))
         return 0
     if command == "serve":
         from helpers.backends import EndpointError
