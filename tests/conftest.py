@@ -6,20 +6,39 @@ import torch
 NUMERICS_NOTEBOOKS = {"06_sampling_lab.ipynb", "07_inside_the_moe.ipynb"}  # 07: its MoE layer by hand, to the dtype's rounding
 
 
-# `make test` runs in two workers, each taking a file at a time (nbval runs a notebook's cells in one kernel).
-# Two things keep both workers busy to the end: the files below go first, the longest first (measured under
-# `make test`; the rest follow in collection order), and each exercise answer is a unit of its own, since each runs
-# in a fresh interpreter of its own. The order changes when tests finish, never what they check.
+# `make test` and `make test-slow` run in two workers, each taking a file at a time (nbval runs a notebook's cells
+# in one kernel). Two things keep both workers busy to the end: the files below go first, the longest first
+# (measured under the two; the rest follow in collection order), and each exercise answer is a unit of its own,
+# since each runs in a fresh interpreter of its own. The order changes when tests finish, never what they check.
 LONGEST_FIRST = ["tests/test_bench.py", "notebooks/10_quantization.ipynb", "notebooks/11_offloading.ipynb",
                  "tests/test_workshop.py", "notebooks/08_performance.ipynb", "notebooks/09_serving.ipynb",
-                 "tests/test_solutions.py", "tests/test_serving.py", "tests/test_hub_checkpoint.py"]
+                 "tests/test_solutions.py", "tests/test_hub_checkpoint.py", "notebooks/02_poem.ipynb",
+                 "tests/test_serving.py", "notebooks/06_sampling_lab.ipynb", "notebooks/04_jokes.ipynb",
+                 "tests/test_browser.py", "tests/test_standin.py", "notebooks/03_code.ipynb"]
 EACH_ITEM_APART = {"tests/test_solutions.py"}
+
+
+# `make test` is the blog's walkthrough and everything fast; `make test-slow` is the rest, marked `slow` here: our
+# own notebooks (06 on) under nbval, their exercise answers, and the two end-to-end checks marked in their files.
+# CI runs both (.ci/run), so nothing is checked less; `make test` alone fits in minutes.
+FIRST_SLOW_NOTEBOOK = 6
+
+
+def is_slow_notebook(stem: str) -> bool:
+    """A notebook's (or its answers') stem, `06_sampling_lab`: ours, from 06 on. `02-05_tasks` is the blog's."""
+    number = stem.split("_", 1)[0]
+    return number.isdigit() and int(number) >= FIRST_SLOW_NOTEBOOK
 
 
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.path.name in NUMERICS_NOTEBOOKS:
             item.add_marker(pytest.mark.numerics)
+        if item.path.suffix == ".ipynb" and is_slow_notebook(item.path.stem):
+            item.add_marker(pytest.mark.slow)
+        elif item.path.name == "test_solutions.py" and hasattr(item, "callspec") and \
+                is_slow_notebook(item.callspec.id):
+            item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: cells keep their order
 

@@ -74,7 +74,7 @@ def test_measure_refuses_zero_rounds():
 
 
 # ---------------------------------------------------------------- the benchmark, quick mode, every configuration
-@pytest.mark.slow  # every configuration, a fresh process per load group, minutes: make test runs it first
+@pytest.mark.slow  # every configuration, a fresh process per load group, minutes: make test-slow runs it first
 def test_bench_quick_runs_every_configuration(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=1800)

@@ -161,7 +161,7 @@ def network_cut(command: list[str]) -> tuple[list[str], str]:
     return command, "dead proxies"
 
 
-@pytest.mark.slow  # about 3 minutes: part of make test (it starts among the first); make test-slow runs it alone
+@pytest.mark.slow  # about 3 minutes: make test-slow (it starts among the first)
 def test_bundle_installs_offline_and_runs_a_notebook(tmp_path):
     bundle = workshop.build_bundle(tmp_path / "bundle")
     wheels = list((bundle / "wheels").glob("*.whl"))

@@ -117,8 +117,10 @@ fi
 echo "== creating $project/.venv"
 "$python" -m venv "$project/.venv"
 pip="$project/.venv/bin/python -m pip"
-$pip install --no-index --find-links "$here/wheels" -r "$project/requirements.txt"
-$pip install --no-index --find-links "$here/wheels" --no-deps __GGUF__
+$pip install --no-index --find-links "$here/wheels" --no-compile -r "$project/requirements.txt"
+$pip install --no-index --find-links "$here/wheels" --no-compile --no-deps __GGUF__
+echo "== compiling the packages' bytecode on every core"
+"$project/.venv/bin/python" -c "import compileall, sysconfig; compileall.compile_dir(sysconfig.get_paths()['purelib'], quiet=2, workers=0)"
 "$project/.venv/bin/python" -c "import sysconfig; open(sysconfig.get_paths()['purelib'] + '/mixtral_notebooks.pth', 'w').write('$project\\n')"
 touch "$project/.venv/.installed"
 echo "== building the stand-in model (about a minute, once)"
