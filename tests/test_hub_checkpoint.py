@@ -227,6 +227,7 @@ def test_a_stray_safetensors_file_is_not_counted(hub_mixtral_dir, tmp_path):
 
 # ---------------------------------------------------------------- b) the walkthrough on it
 @pytest.mark.walkthrough  # five fresh kernels, their imports most of its 80-100 s; in `make test`, `-m walkthrough` alone
+@pytest.mark.numerics  # it loads in the machine's dtype, and what 04 asserts of the samples depends on it
 def test_the_walkthrough_runs_on_the_hub_layout(hub_mixtral_dir, tmp_path, monkeypatch):
     """`python -m workshop walkthrough` with $MIXTRAL_MODEL naming the folder: 01-05 run without an error and
     each task prints an answer (that random model's own). 00_setup reads no model setting (it plans the known
