@@ -1,4 +1,4 @@
-# make run | test | test-slow | test-all | bench | lab | stop-kernels | screenshots | serve | slides | bundle | notebooks | run-all | setup | standin | clean
+# make run | test | test-slow | test-other-dtype | test-all | bench | bench-quick | lab | stop-kernels | screenshots | serve | slides | bundle | notebooks | run-all | setup | standin | clean
 PYTHON ?= python3
 TORCH_INDEX ?=
 VENV   := .venv
@@ -9,7 +9,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
 # Tests run in TEST_WORKERS processes (pytest-xdist), one notebook or test file each at a time (nbval runs
-# a notebook's cells in order in one kernel), one torch thread each so that they do not fight over the
+# a notebook's cells in order in one kernel; each exercise answer is a unit of its own), one torch thread each so that they do not fight over the
 # cores. Each worker may hold a 2.6 GiB model.
 TEST_WORKERS ?= 2
 PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
@@ -56,8 +56,9 @@ run-all: standin
 
 # The tests come in two parts, both in TEST_WORKERS processes (the longest files start first, tests/conftest.py).
 # make test: the unit tests, nbval re-executing the blog's walkthrough (00-05), the browser test, the walkthrough on a
-# hub-shaped checkpoint and the exercise answers of 02-05. make test-slow: everything marked `slow`: nbval over our
-# notebooks (06-11), their exercise answers, the offline bundle installed with the network cut and make bench --quick.
+# hub-shaped checkpoint and the exercise answers of 00-05. make test-slow: everything marked `slow`: nbval over our
+# notebooks (06-11), their exercise answers, the offline bundle installed with the network cut and the bench's quick
+# run (benchmarks/bench.py --quick).
 # CI runs both, then the dtype-sensitive tests in the other kind's dtype (make test-all). Times: README.md.
 test: standin
 	$(PYTEST) -m "not slow"
