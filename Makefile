@@ -9,8 +9,8 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
 # Tests run in TEST_WORKERS processes (pytest-xdist), one notebook or test file each at a time (nbval runs
-# a notebook's cells in order in one kernel; each exercise answer is a unit of its own), one torch thread each so that they do not fight over the
-# cores. Each worker may hold a 2.6 GiB model.
+# a notebook's cells in order in one kernel; each exercise answer is a unit of its own), one torch thread each
+# so that they do not fight over the cores. Each worker may hold a 2.6 GiB model.
 TEST_WORKERS ?= 2
 PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 

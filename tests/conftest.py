@@ -39,10 +39,9 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.path.name in NUMERICS_NOTEBOOKS:
             item.add_marker(pytest.mark.numerics)
-        if item.path.suffix == ".ipynb" and is_slow_notebook(item.path.stem):
-            item.add_marker(pytest.mark.slow)
-        elif item.path.name == "test_solutions.py" and hasattr(item, "callspec") and \
-                is_slow_notebook(item.callspec.id):
+        stem = item.path.stem if item.path.suffix == ".ipynb" else \
+            item.callspec.id if item.path.name == "test_solutions.py" and hasattr(item, "callspec") else ""
+        if is_slow_notebook(stem):  # a notebook of ours, or one of its exercise answers
             item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
 
