@@ -5,12 +5,15 @@ against this machine's memory-bandwidth ceiling. Figures and ratios, never pass/
     python benchmarks/bench.py --quick    # proves every configuration runs: 8 new tokens, fewer loads, no warm-up run
     python benchmarks/bench.py --only fast --only blog   # configurations whose name contains a word
     python benchmarks/bench.py --rounds 3   # every configuration 3 times, round-robin: best of 3, and the range
+    python benchmarks/bench.py --notebooks --tokens 24 --out build/bench-notebooks   # the run 08 and 10 share
 
 Writes build/bench.json, build/bench.md and build/bench.png.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -25,7 +28,39 @@ from harness import CONFIGS, NAIVE, measure  # noqa: E402
 
 from helpers.data import GB, GiB  # noqa: E402
 from helpers.files import atomic_file  # noqa: E402
-from helpers.hardware import cpu_has_native_bf16, cpuinfo, gpus  # noqa: E402
+from helpers.hardware import cpu_has_native_bf16, cpuinfo, gpus, pick_dtype  # noqa: E402
+
+REUSE_S = 3600  # --notebooks reuses a run with the same key that finished less than an hour ago
+
+
+def notebook_configs() -> list:
+    """The configurations 08 and 10 show, in one run they share: the blog's path, the fast path in this machine's
+    dtype and in the other one, its four prompts one at a time and batched (08), int8 and int4 weights (10)."""
+    import torch
+    other = "fast path in " + ("fp32" if pick_dtype()[0] == torch.bfloat16 else "bf16")
+    wanted = (NAIVE, "fast path (this machine's choice)", other, "4 prompts, one at a time (fast path)",
+              "4 prompts, one batch (fast path)", "int8 weights (fast path)", "int4 weights (fast path)")
+    return [c for c in CONFIGS if c.name in wanted]
+
+
+def run_key(configs: list, tokens: int, warmup: int, rounds: int) -> str:
+    """What makes two runs the same: the configurations, the settings, the machine and the code that measures
+    (benchmarks/ and helpers/, byte for byte)."""
+    code = hashlib.sha256()
+    for path in sorted([*(ROOT / "benchmarks").glob("*.py"), *(ROOT / "helpers").glob("*.py")]):
+        code.update(path.name.encode() + path.read_bytes())
+    return json.dumps(dict(configs=[c.name for c in configs], tokens=tokens, warmup=warmup, rounds=rounds,
+                           machine=machine_name(), code=code.hexdigest()[:16]))
+
+
+def reusable(out: Path, key: str) -> dict | None:
+    """The result in `out` if it has `key` and finished less than REUSE_S ago, else None."""
+    try:
+        result = json.loads((out / "bench.json").read_text())
+    except (OSError, ValueError):
+        return None
+    fresh = time.time() - result.get("finished", 0) < REUSE_S
+    return result if result.get("key") == key and fresh and all("error" not in r for r in result["rows"]) else None
 
 
 def machine_name() -> str:
@@ -140,27 +175,54 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=64, help="new tokens timed per configuration")
     parser.add_argument("--warmup", type=int, default=4, help="decode steps after the first token left out of tok/s")
     parser.add_argument("--only", action="append", default=[], help="run configurations whose name contains this")
+    parser.add_argument("--notebooks", action="store_true", help="the configurations 08 and 10 show, in one run they "
+                        "share: a run in --out with the same configurations, settings, machine and code, finished less "
+                        "than an hour ago, is shown again instead of measured again (a run in progress is waited for)")
     parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, round-robin; keep each one's best")
     parser.add_argument("--out", default=str(ROOT / "build"), help="folder for bench.json, .md, .png")
     args = parser.parse_args(argv)
     tokens, warmup = (8, 2) if args.quick else (args.tokens, args.warmup)
     if tokens < 2 + warmup:
         parser.error(f"--tokens must be at least {2 + warmup}")
-    configs = [c for c in CONFIGS if not args.only or any(o.lower() in c.name.lower() for o in args.only)]
+    if args.notebooks and (args.only or args.quick):
+        parser.error("--notebooks names its own configurations: leave out --only and --quick")
+    configs = notebook_configs() if args.notebooks else \
+        [c for c in CONFIGS if not args.only or any(o.lower() in c.name.lower() for o in args.only)]
     if not configs:
         parser.error(f"no configuration matches {args.only}; names: " + "; ".join(c.name for c in CONFIGS))
-
-    started = time.perf_counter()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    out = Path(args.out)
+    if not args.notebooks:
+        return run(args, configs, tokens, warmup, out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = run_key(configs, tokens, warmup, args.rounds)
+    with open(out / ".lock", "w") as lock:  # a second notebook running this at the same time waits here
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("another notebook is running this benchmark: waiting for its results", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        result = reusable(out, key)
+        if result is None:
+            (out / "bench.json").unlink(missing_ok=True)  # a run that fails leaves no older results to be read as its own
+            return run(args, configs, tokens, warmup, out, key=key)
+    print(f"the same configurations, settings, machine and code were measured at {time.strftime('%H:%M', time.localtime(result['finished']))} "
+          f"(less than an hour ago), in {result['seconds']:.0f} s: their results, in {out}, are shown again "
+          f"(delete {out / 'bench.json'} to measure again)\n\n{bench_table(result)}\n\n{bench_summary(result)}")
+    return 0
+
+
+def run(args, configs: list, tokens: int, warmup: int, out: Path, key: str | None = None) -> int:
+    """Measure `configs`, print the table and write bench.json, .md and .png to `out`: 0 if every one ran."""
+    started = time.perf_counter()
     result = measure(configs, new_tokens=tokens, warmup=warmup, rounds=args.rounds, progress=lambda m: print(m, flush=True),
                      quick=args.quick)
-    result.update(machine=machine_name(),
+    result.update(machine=machine_name(), key=key, finished=time.time(),
                   date=time.strftime("%Y-%m-%d"), seconds=time.perf_counter() - started)
     table, summary = bench_table(result), bench_summary(result)
     print("\n" + table + "\n\n" + summary)
 
-    out = Path(args.out)
     for name, text in (("bench.json", json.dumps(result, indent=1)),
                        ("bench.md", f"# make bench, {result['date']}\n\n{result['machine']}\n\n{table}\n\n" +
                         "\n".join(f"- {line}" for line in summary.splitlines()) + "\n")):

@@ -124,3 +124,38 @@ def test_matvec_ceiling_adds_the_time_of_each_kind():
     layouts = {"q_proj": (10.0, 5.0, "row-major", 1e9), "experts.gate_up_proj": (5.0, 20.0, "column-major", 4e9)}
     # 1 GB at 10 GB/s + a quarter of 4 GB at 20 GB/s = 0.15 s per token
     assert matvec_ceiling(layouts, experts_share=0.25) == pytest.approx(1 / 0.15)
+
+
+# ---------------------------------------------------------------- the run 08 and 10 share (bench.py --notebooks)
+def test_the_notebooks_run_names_what_08_and_10_read():
+    from bench import notebook_configs
+    from helpers.hardware import pick_dtype
+    names = [c.name for c in notebook_configs()]
+    other = "fast path in " + ("fp32" if pick_dtype()[0] == torch.bfloat16 else "bf16")
+    assert names == [NAIVE, "fast path (this machine's choice)", other, "int8 weights (fast path)",
+                     "int4 weights (fast path)", "4 prompts, one at a time (fast path)", "4 prompts, one batch (fast path)"]
+
+
+def test_a_run_is_reused_only_when_the_same_fresh_and_whole(tmp_path):
+    import time
+
+    from bench import REUSE_S, reusable, run_key
+    configs = CONFIGS[:2]
+    key = run_key(configs, 24, 2, 1)
+    assert key == run_key(configs, 24, 2, 1) and key != run_key(configs, 32, 2, 1) and key != run_key(CONFIGS[:3], 24, 2, 1)
+    assert reusable(tmp_path, key) is None  # nothing there
+    (tmp_path / "bench.json").write_text("{not json")
+    assert reusable(tmp_path, key) is None
+    result = dict(key=key, finished=time.time(), rows=[{"name": NAIVE}])
+    (tmp_path / "bench.json").write_text(json.dumps(result))
+    assert reusable(tmp_path, key) == result and reusable(tmp_path, run_key(configs, 32, 2, 1)) is None
+    (tmp_path / "bench.json").write_text(json.dumps(dict(result, finished=time.time() - REUSE_S - 1)))
+    assert reusable(tmp_path, key) is None  # older than an hour: measured again
+    (tmp_path / "bench.json").write_text(json.dumps(dict(result, rows=[{"name": NAIVE, "error": "boom"}])))
+    assert reusable(tmp_path, key) is None  # a failed run is measured again
+
+
+def test_the_notebooks_run_refuses_a_subset():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--notebooks", "--only", "blog"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "--notebooks names its own configurations" in done.stderr
