@@ -3,18 +3,22 @@ Its files form layers that import downward only: README's "The code" shows them,
 holds the table."""
 from .backends import Endpoint, EndpointError, describe, load_pipeline
 from .checking import chrf, diversity, edit_distance_cases, extract_code
-from .data import BLOG_SAMPLING, BLOG_TRANSLATION, GB, GPU_TYPES, KNOWN_MODELS, LINK_GTS, LONGFELLOW, TASKS, GiB
+from .data import (BLOG_SAMPLING, BLOG_TRANSLATION, GB, GPU_TYPES, KNOWN_MODELS, LINK_GTS, LONGFELLOW, PEER_LINK_GBS,
+                   TASKS, GiB)
 from .fastpath import fast_recipe
 from .generation import (BATCH_MIN_GAIN, candidates_per_step, draw_distribution, generate, generate_batch,
                          generate_many, next_token_distribution, print_stream, steps_before_a_tie)
 from .hardware import (cpu_has_native_bf16, gpus, last_level_cache_bytes, measure_bandwidth, pick_dtype, system_memory,
                        torch_build)
 from .loading import check_fits, model_path, placement, weight_bytes
-from .moe import (NextLayerGuess, chance_stickiness, cost_experiment, draw_loads, draw_routing, expert_load,
+from .moe import (NextLayerGuess, busiest_expert, chance_stickiness, cost_experiment, draw_loads, draw_routing, expert_load,
                   experts_per_token, experts_read_per_step, prefetch_recall, route_softmax_topk_renorm,
                   route_topk_then_softmax, stickiness, trace_generation)
-from .offload import POLICIES, OffloadMeter, device_map_bytes, draw_device_map, hit_rates
-from .planning import draw_offload_plans, draw_plan, link_bandwidth, offload_plan, plan, plan_for_this_machine
+from .offload import OffloadMeter, device_map_bytes, draw_device_map
+from .planning import (draw_offload_plans, draw_plan, link_bandwidth, offload_plan, parallel_step, plan,
+                       plan_for_this_machine)
+from .policies import POLICIES, hit_rates
+from .prefetch import Prefetch
 from .prompts import (blog_prompt, blog_readings, chat_ids, compare_ids, hub_fast_tokenizer, reference_ids,
                       reference_tokenizer, turn_starts)
 from .quantize import QUALITY_TEXT, compare_logits, kernel_speeds
@@ -27,8 +31,8 @@ from .widgets import SamplingPanel, distribution_explorer
 
 __all__ = [
     "BATCHING_MIN_GAIN", "BATCH_MIN_GAIN", "BLOG_SAMPLING", "BLOG_TRANSLATION", "Endpoint", "EndpointError", "GB",
-    "GPU_TYPES", "GiB", "KNOWN_MODELS", "LINK_GTS", "LONGFELLOW", "NextLayerGuess", "OffloadMeter", "POLICIES", "QUALITY_TEXT",
-    "QUEUE_MIN_WAIT_RATIO", "SamplingPanel", "TASKS", "blog_prompt", "blog_readings", "candidates_per_step",
+    "GPU_TYPES", "GiB", "KNOWN_MODELS", "LINK_GTS", "LONGFELLOW", "NextLayerGuess", "OffloadMeter", "PEER_LINK_GBS", "POLICIES", "Prefetch", "QUALITY_TEXT",
+    "QUEUE_MIN_WAIT_RATIO", "SamplingPanel", "TASKS", "blog_prompt", "blog_readings", "busiest_expert", "candidates_per_step",
     "ceiling", "chance_hit_rate", "chance_stickiness", "chat_ids", "check_fits", "chrf", "compare_ids",
     "compare_logits", "cost_experiment", "cpu_has_native_bf16", "decode_bytes", "describe", "device_map_bytes",
     "distribution_explorer", "diversity", "draw_device_map", "draw_distribution", "draw_loads",
@@ -36,7 +40,7 @@ __all__ = [
     "expected_distinct_experts", "expert_load", "experts_per_token", "experts_read_per_step", "extract_code",
     "fast_recipe", "fit_report", "generate", "generate_batch", "generate_many", "gpus", "hit_rates", "hub_fast_tokenizer",
     "kernel_speeds", "kv_bytes_per_token", "last_level_cache_bytes", "link_bandwidth", "load_pipeline",
-    "measure_bandwidth", "memory_table", "model_path", "next_token_distribution", "offload_plan",
+    "measure_bandwidth", "memory_table", "model_path", "next_token_distribution", "offload_plan", "parallel_step",
     "parameter_count", "pick_dtype", "placement", "prefetch_recall", "plan", "plan_for_this_machine", "print_stream", "reference_ids",
     "reference_tokenizer", "room_load", "route_softmax_topk_renorm", "route_topk_then_softmax", "run_sandboxed",
     "start_local_server", "steps_before_a_tie", "stickiness", "system_memory", "torch_build", "trace_generation",

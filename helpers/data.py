@@ -88,6 +88,12 @@ GPU_TYPES = {
 # 16 GT/s, PCIe 5.0: 32 GT/s), 16 lanes, 128b/130b encoding in both -> GT/s x 16 x 128/130 / 8 GB/s.
 LINK_GTS = {"PCIe 4.0 x16": 16, "PCIe 5.0 x16": 32}
 
+# GPU-to-GPU links of an 8-GPU node, bytes/s each GPU sends (and receives) at once over all its links. MI300X: AMD CDNA 3
+# white paper, "7 x16 AMD Infinity Fabric links" at 32 Gbps per lane -> 7 x 16 x 32 / 8 = 448 GB/s each way (its
+# "P2P ring peak aggregate I/O bandwidth 896 GB/s" counts both ways). H100 SXM: NVIDIA's Hopper architecture
+# in-depth post (2022-03-22), 18 NVLink 4 links at 25 GB/s each way = 450 GB/s (the "900 GB/s" counts both ways).
+PEER_LINK_GBS = {"MI300X": 448, "H100": 450}
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
 RESERVED = 0.10  # share of each memory kept for the runtime, activations and fragmentation: the one margin
 

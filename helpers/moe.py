@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from .backends import LocalModel, as_backend, decode_rate
 from .data import whole_number
 from .generation import generate, generate_batch
+from .prefetch import next_layer_guesses
 from .prompts import chat_ids
 
 
@@ -75,20 +76,14 @@ class NextLayerGuess:
     _hooks: list = field(default_factory=list)
 
     def __enter__(self):
-        import torch.nn.functional as F
         self.calls.clear()
-        layers, gates = self.model.model.layers, routers(self.model)
+        layers = routers(self.model)  # refuses a model without Mixtral-style routers
 
-        def guess(layer):
-            def hook(_module, inputs):  # before this layer's post-attention norm: the residual stream its experts get
-                state = inputs[0].reshape(-1, inputs[0].shape[-1])
-                norm = layers[layer + 1].post_attention_layernorm.forward(state)  # forward(): not the next hook
-                logits = F.linear(norm, gates[layer + 1].weight)
-                if layer == 0:
-                    self.calls.append([None] * (len(layers) - 1))
-                self.calls[-1][layer] = logits.topk(min(self.most, logits.shape[-1]), dim=-1).indices.cpu()
-            return hook
-        self._hooks = [layers[i].post_attention_layernorm.register_forward_pre_hook(guess(i)) for i in range(len(layers) - 1)]
+        def record(i, logits, _tokens):
+            if i == 0:
+                self.calls.append([None] * (len(layers) - 1))
+            self.calls[-1][i] = logits.topk(min(self.most, logits.shape[-1]), dim=-1).indices.cpu()
+        self._hooks = next_layer_guesses(self.model, record)
         return self
 
     def __exit__(self, *exc):
@@ -143,6 +138,21 @@ def expert_load(experts, num_experts: int):
     """[L, E] share of routing slots each expert received per layer (rows sum to 1)."""
     import torch
     return torch.nn.functional.one_hot(experts, num_experts).float().mean((0, 2))  # [T, L, K, E] -> [L, E]
+
+
+def busiest_expert(experts, batch: int, num_experts: int, draws: int = 200, seed: int = 0) -> float:
+    """How much more work the busiest expert gets than the mean one when `batch` tokens are decoded together:
+    from a [T, L, K] trace, `draws` batches of `batch` distinct tokens drawn at random (a fixed seed), in each
+    layer the most tokens any expert received over the mean (batch x K / E); the average over draws and layers.
+    1.0 is a perfectly even load. With expert parallelism, where an expert's time grows with its tokens (a prompt
+    pass, large batches), the GPU holding the busiest expert sets the pace."""
+    import torch
+    T, L, K = experts.shape
+    whole_number("batch", batch, 1, f" (at most the {T} tokens traced)", maximum=T)
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.stack([torch.randperm(T, generator=generator)[:batch] for _ in range(draws)])  # [draws, B]
+    chosen = torch.nn.functional.one_hot(experts[picks], num_experts).sum((1, 3))                 # [draws, L, E]
+    return (chosen.max(-1).values.float() / (batch * K / num_experts)).mean().item()
 
 
 def stickiness(experts):

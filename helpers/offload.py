@@ -8,15 +8,16 @@
    the least recently used slot. On a CPU the slow tier is the safetensors file, memory-mapped; on a
    GPU, CPU RAM. An experts implementation, "expert_cache", like the fast path's "per_token"; resizable.
 
-`OffloadMeter` counts what each tier gives every forward; `hit_rates` replays router traces
-through the same LRU, for every cache size, without running the model again. 11_offloading uses them all.
+`OffloadMeter` counts what each tier gives every forward. Fetching ahead is in prefetch.py; the eviction
+policies and their replay over router traces in policies.py. 11_offloading uses them all.
 Shapes: E experts, K experts per token, D hidden, I expert FFN, T tokens, C slots per layer.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,84 +25,63 @@ from .data import whole_number
 from .fastpath import register_experts, tokens_by_expert
 from .files import weight_files
 from .planning import map_entry
-
-
-class LRU:
-    """Which expert sits in which of `capacity` slots, least recently used first. A full cache gives a newcomer
-    the slot of `victim()`; the policies below choose it otherwise. (`future`: the uses to come, which only
-    Belady's policy reads.)"""
-
-    def __init__(self, capacity: int, future=None):
-        self.capacity, self.slots = capacity, OrderedDict()     # expert -> slot
-
-    def touch(self, expert: int) -> tuple[bool, int]:
-        """(hit, slot): a miss takes a free slot, or the victim's."""
-        if expert in self.slots:
-            self.slots.move_to_end(expert)
-            return True, self.slots[expert]
-        slot = len(self.slots) if len(self.slots) < self.capacity else self.slots.pop(self.victim())
-        self.slots[expert] = slot
-        return False, slot
-
-    def victim(self) -> int:
-        return next(iter(self.slots))                           # the least recently used
-
-
-class LFU(LRU):
-    """Evicts the expert used least often so far (every use counted, resident or not); ties go to the least
-    recently used."""
-
-    def __init__(self, capacity: int, future=None):
-        super().__init__(capacity)
-        self.uses = Counter()
-
-    def touch(self, expert: int) -> tuple[bool, int]:
-        self.uses[expert] += 1
-        return super().touch(expert)
-
-    def victim(self) -> int:
-        return min(self.slots, key=self.uses.__getitem__)       # min keeps the first of a tie: the least recent
-
-
-class Belady(LRU):
-    """The optimal policy (Belady, 1966), which no cache can run live: it knows the layer's `future` uses and
-    evicts the expert whose next use is furthest away, or never comes. Its hit rate bounds every policy's."""
-
-    def __init__(self, capacity: int, future):
-        super().__init__(capacity)
-        self.future, self.now = list(future), 0
-
-    def touch(self, expert: int) -> tuple[bool, int]:
-        if self.future[self.now] != expert:
-            raise ValueError(f"use {self.now} is expert {self.future[self.now]} in the future given, not {expert}")
-        self.now += 1
-        return super().touch(expert)
-
-    def victim(self) -> int:
-        def next_use(resident):
-            return next((i for i in range(self.now, len(self.future)) if self.future[i] == resident), len(self.future))
-        return max(self.slots, key=next_use)
-
-
-POLICIES = {"LRU": LRU, "LFU": LFU, "Belady": Belady}
+from .policies import LRU
 
 
 class LayerCache:
     """One layer's policy over its slots (LRU), `fetch(expert) -> (gate_up [2I, D], down [D, I])` from the
-    slow tier, and what it counted: hits, misses, bytes fetched."""
+    slow tier, and what it counted: hits, misses, bytes fetched. `prefetch` fetches guessed experts ahead, in
+    a background thread; a use waits for the copies still under way."""
 
     def __init__(self, fetch, capacity: int):
         self.policy, self.fetch = LRU(capacity), fetch
-        self.count = Counter()
+        self.count, self.pending, self.ahead, self.stream = Counter(), [], set(), None
 
-    def slot(self, experts_module, expert: int) -> int:
-        hit, slot = self.policy.touch(expert)
-        self.count["hits" if hit else "misses"] += 1
-        if not hit:
-            gate_up, down = self.fetch(expert)
+    def _copy(self, experts_module, slot: int, expert: int, stream=None) -> int:
+        """One expert from the slow tier into `slot`: its bytes. On a GPU, `stream` is a side stream for copies."""
+        import torch
+
+        gate_up, down = self.fetch(expert)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             experts_module.cached_gate_up[slot].copy_(gate_up, non_blocking=True)
             experts_module.cached_down[slot].copy_(down, non_blocking=True)
-            self.count["from slow tier"] += gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
+        return gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
+
+    def settle(self) -> None:
+        """Wait for the prefetches under way (a use must not read a slot being written)."""
+        for job in self.pending:
+            self.count["from slow tier"] += job.result()
+        if self.pending and self.stream is not None:                   # the GPU's compute waits for the copies
+            import torch
+            torch.cuda.current_stream().wait_stream(self.stream)
+        self.pending = []
+
+    def prefetch(self, experts_module, experts, pool, stream=None) -> None:
+        """Give each guessed expert that is not resident a slot now (the policy's victim's) and copy it in on
+        `pool`'s thread: it is used, or evicted, later. Runs where the guess is made, so the policy is only
+        ever touched by one thread."""
+        if stream is not None:  # on a GPU, a slot is overwritten only after the work queued so far has read it
+            import torch
+            stream.wait_stream(torch.cuda.current_stream())
+        experts = sorted(experts, key=lambda e: e not in self.policy.slots)  # the resident first, refreshed: with as
+        for expert in experts:                                                # many slots as guesses, none is evicted
+            hit, slot = self.policy.touch(expert)
+            if not hit:
+                self.ahead.add(expert)
+                self.ahead.intersection_update(self.policy.slots)  # an evicted guess was fetched for nothing
+                self.count["prefetched"] += 1
+                self.stream = stream
+                self.pending.append(pool.submit(self._copy, experts_module, slot, expert, stream))
+
+    def slot(self, experts_module, expert: int) -> int:
+        self.settle()
+        hit, slot = self.policy.touch(expert)
+        self.count["hits" if hit else "misses"] += 1
+        if expert in self.ahead:
+            self.ahead.discard(expert)
+            self.count["prefetch used"] += 1
+        if not hit:
+            self.count["from slow tier"] += self._copy(experts_module, slot, expert)
         return slot
 
 
@@ -184,6 +164,8 @@ class ExpertCache:
         for m in model.modules():
             if isinstance(getattr(m, "expert_cache", None), LayerCache):
                 _give_slots(m, per_layer, m.cached_gate_up, m.cached_down)
+                m.expert_cache.settle()
+                m.expert_cache.ahead.clear()
                 m.expert_cache.policy = type(m.expert_cache.policy)(per_layer)
         self.per_layer, recipe = per_layer, getattr(model, "recipe", None)   # the fast path says why, too
         if recipe is not None:
@@ -322,30 +304,6 @@ class OffloadMeter:
         if "from slow tier" in mean:
             mean["from " + ("disk" if self.model.expert_cache.tier == "disk" else "RAM")] = mean.pop("from slow tier")
         return mean
-
-
-def hit_rates(traces, capacities=None, num_experts: int = 8, policy: str = "LRU") -> dict:
-    """Replay router traces (`trace_generation`'s, one per prompt) through a per-layer cache of each size run
-    by `policy` (a name in POLICIES): {C: hit rate over the decode steps}. Each trace starts empty, its prompt
-    pass fills the cache uncounted; each forward touches its distinct experts in ascending order, as
-    `cached_experts` does."""
-    if policy not in POLICIES:
-        raise ValueError(f"policy={policy!r}: use one of {', '.join(POLICIES)}")
-    rates = {}
-    for capacity in capacities or range(1, num_experts + 1):
-        hits = uses = 0
-        for trace in traces:
-            layers = [[] for _ in trace.calls[0]] if trace.calls else []  # per layer: (step, expert) in order
-            for step, call in enumerate(trace.calls):
-                for used, (indices, _, _) in zip(layers, call):
-                    used += [(step, expert) for expert in sorted(set(indices.flatten().tolist()))]
-            for used in layers:
-                cache = POLICIES[policy](capacity, [expert for _, expert in used])
-                for step, expert in used:
-                    hit, _ = cache.touch(expert)
-                    hits, uses = hits + (hit and step > 0), uses + (step > 0)
-        rates[capacity] = hits / uses if uses else float("nan")
-    return rates
 
 
 def device_map_bytes(model) -> list[dict]:

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass, field
 
 from . import hardware
-from .data import DTYPE_BYTES, GPU_TYPES, LINK_GTS, RESERVED, GiB, whole_number
-from .sizing import as_config, ceiling, chance_hit_rate, dtype_bytes, fits, footprint, parameter_count, usable
+from .data import DTYPE_BYTES, GPU_TYPES, LINK_GTS, PEER_LINK_GBS, RESERVED, GiB, whole_number
+from .sizing import (as_config, ceiling, chance_hit_rate, decode_bytes, dtype_bytes, fits, footprint, kv_precision,
+                     parameter_count, usable)
 
 @dataclass
 class Plan:
@@ -165,6 +167,70 @@ def offload_plan(model: str, gpu: str, link: str = "PCIe 4.0 x16", precision: st
     bus = L * K * (1 - hit) * expert
     return dict(row, cached_per_layer=per_layer, hit_rate=hit, cache_bus_gb=bus / 1e9,
                 cache_tok_s=1 / (read / gpu_bw + bus / link_bw))
+
+
+# Three ways to spread an MoE over the GPUs of one node (08_performance, section 5), as vLLM names them.
+SCHEMES = {"tensor": "tensor parallel: every weight split over all GPUs (vLLM: --tensor-parallel-size N)",
+           "expert": "expert parallel, attention split: whole experts per GPU (vLLM: --tensor-parallel-size N "
+                     "--enable-expert-parallel)",
+           "expert, data": "expert parallel, attention replicated: whole experts per GPU, each GPU its own sequences "
+                           "(vLLM: --data-parallel-size N --enable-expert-parallel)"}
+
+
+def remote_gpus(experts: int, per_token: int, gpus: int) -> float:
+    """GPUs other than a token's own that hold at least one of its `per_token` experts, on average, when the
+    `experts` are spread evenly (experts / gpus each) and a token picks `per_token` distinct ones at random:
+    (gpus - 1) x P(a given GPU holds one) = (gpus - 1) x (1 - C(E - E/N, K) / C(E, K)). Its hidden state goes to
+    each of them (dispatch), and their results come back (combine)."""
+    return (gpus - 1) * (1 - math.comb(experts - experts // gpus, per_token) / math.comb(experts, per_token))
+
+
+def parallel_step(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", gpu: str = "MI300X", count: int = 8,
+                  batch: int = 1, scheme: str = "tensor", precision: str = "bfloat16", context: int = 2048) -> dict:
+    """One decode step of `batch` sequences (`context` tokens cached each) on `count` GPUs of one node, one of SCHEMES:
+    what the GPU that sets the pace reads from its memory and sends over its links (it receives as much), and
+    the time of each at the published rates (GPU_TYPES, PEER_LINK_GBS), added with no overlap: a ceiling's kind of
+    estimate, with no per-exchange latency. PEER_LINK_GBS is all of a GPU's links at once; a GPU that sends to few
+    peers uses few of them, so its link time is understated.
+    - tensor: each GPU reads 1/N of everything the step reads; two ring all-reduces per layer (after attention
+      and after the experts) of the step's hidden states, each GPU sending 2 (N-1)/N of them.
+    - expert: attention split as in tensor; whole experts, E/N per GPU: the busiest GPU reads its E/N experts in
+      every layer (exact where E = N: some token chose its one expert; an upper bound otherwise). The experts'
+      all-gather and reduce-scatter move an all-reduce's bytes, so the links carry what tensor's do.
+    - expert, data: each GPU holds every shared weight and its ceil(B/N) sequences (their KV cache), and sends each
+      token's hidden state to the GPUs that hold its experts and the results back (all-to-all): 2 x remote_gpus
+      hidden states per token per layer.
+    `moved_per_token_layer`: bytes over all links, all GPUs together, per token per layer; `exchanges`: the link
+    exchanges in one step (two per layer, each with a start-up latency that is not counted)."""
+    c, size = as_config(model), dtype_bytes(precision)
+    whole_number("count", count, 1, " (the number of GPUs)")
+    whole_number("batch", batch, 1, " (sequences decoded together)")
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme={scheme!r}: use one of {', '.join(map(repr, SCHEMES))}")
+    if gpu not in PEER_LINK_GBS:
+        raise ValueError(f"gpu={gpu!r}: GPU-to-GPU link rates are known for {', '.join(PEER_LINK_GBS)} (PEER_LINK_GBS)")
+    E, K, L, D, N = c.num_local_experts, c.num_experts_per_tok, c.num_hidden_layers, c.hidden_size, count
+    if E % N:
+        raise ValueError(f"{E} experts do not split evenly over {N} GPUs: use a count that divides {E}")
+    kv = dtype_bytes(kv_precision(precision))
+    every_expert = parameter_count(c)["experts"] * size
+    if scheme == "expert, data":
+        mine = -(-batch // N)  # the busiest GPU's sequences
+        own = decode_bytes(c, size, context, mine, kv_bytes=kv)["parts"]
+        read = sum(v for k, v in own.items() if k != "experts") + every_expert / N
+        moved = 2 * remote_gpus(E, K, N) * D * size
+        sent = L * mine * moved
+    else:
+        step = decode_bytes(c, size, context, batch, kv_bytes=kv)["parts"]
+        experts = every_expert if scheme == "expert" else step["experts"]
+        read = (sum(v for k, v in step.items() if k != "experts") + experts) / N
+        sent = L * 2 * (2 * (N - 1) / N * batch * D * size)  # two ring all-reduces of batch x D values per layer
+        moved = sent * N / L / batch
+    exchanges = 2 * L  # per step: an all-reduce after attention and one after the experts; or dispatch and combine
+    read_s, link_s = read / (GPU_TYPES[gpu]["bandwidth_tbs"] * 1e12), sent / (PEER_LINK_GBS[gpu] * 1e9)
+    return dict(scheme=scheme, how=SCHEMES[scheme], gpu=gpu, count=N, batch=batch, read_bytes=read, link_bytes=sent, read_s=read_s,
+                link_s=link_s, seconds=read_s + link_s, tok_s=batch / (read_s + link_s), moved_per_token_layer=moved,
+                exchanges=exchanges)
 
 
 @functools.lru_cache(maxsize=64)

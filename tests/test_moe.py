@@ -183,3 +183,14 @@ def test_recall_grows_with_the_guesses_and_is_whole_with_all_experts(tiny_pipe):
     recall = prefetch_recall([(guess, trace)], counts=(1, 2, 3, 4))
     assert all(((0 <= r) & (r <= 1)).all() for r in recall.values())
     assert all((recall[g] <= recall[g + 1]).all() for g in (1, 2, 3)) and (recall[4] == 1).all()  # 4 experts in all
+
+
+def test_busiest_expert_on_a_hand_built_trace():
+    from helpers.moe import busiest_expert
+    trace = torch.tensor([[[0, 1]], [[0, 2]], [[0, 3]], [[1, 2]]])  # 4 tokens, 1 layer, top-2 of 4 experts
+    assert busiest_expert(trace, batch=4, num_experts=4) == pytest.approx(3 / 2)  # expert 0: 3 tokens, mean 2
+    assert busiest_expert(trace, batch=1, num_experts=4) == pytest.approx(1 / 0.5)  # one token: 1 against 0.5
+    even = torch.tensor([[[0, 1]], [[2, 3]]])
+    assert busiest_expert(even, batch=2, num_experts=4) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at most the 4 tokens traced"):
+        busiest_expert(trace, batch=5, num_experts=4)

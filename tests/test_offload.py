@@ -13,9 +13,10 @@ from helpers.data import ENDPOINT_ENV, GPU_TYPES, GiB
 from helpers.fastpath import tokens_by_expert
 from helpers.loading import ModelTooLarge
 from helpers.moe import RouterTrace
-from helpers.offload import (LFU, LRU, Belady, ExpertFiles, OffloadMeter, device_map_bytes, hit_rates, layer_caches,
-                             offload_experts)
+from helpers.offload import ExpertFiles, OffloadMeter, device_map_bytes, layer_caches, offload_experts
 from helpers.planning import link_bandwidth, offload_plan, plan
+from helpers.policies import LFU, LRU, Belady, hit_rates
+from helpers.prefetch import Prefetch
 from helpers.sizing import chance_hit_rate, parameter_count, usable
 
 
@@ -199,6 +200,64 @@ def test_a_bad_size_is_refused_and_changes_nothing(moe_dir):
     ids = torch.tensor([[5, 9, 200, 31, 7, 11, 90]])
     with torch.no_grad():
         assert torch.equal(cached(ids).logits, reference(ids).logits)
+
+
+# ---------------------------------------------------------------- prefetch: the next layer's experts fetched ahead
+@pytest.mark.parametrize("per_layer, tier, threads", [(1, "disk", 1), (2, "disk", 1), (3, "ram", 1), (2, "disk", 0)])
+def test_prefetch_computes_what_memory_computes(moe_dir, per_layer, tier, threads):
+    reference, cached = load(moe_dir), load(moe_dir)
+    offload_experts(cached, per_layer, tier)
+    ids = torch.randint(0, 32768, (1, 6), generator=torch.Generator().manual_seed(2))
+    greedy = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = reference.generate(ids, **greedy)
+        with Prefetch(cached, most=2, threads=threads):
+            got = cached.generate(ids, **greedy)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.scores, expected.scores))
+    first, second = layer_caches(cached)
+    assert first.count["prefetched"] == 0 and second.count["prefetched"] > 0  # layer 0 has no layer before it
+    assert not first.pending and not second.pending  # every copy settled
+    assert not any(layer.post_attention_layernorm._forward_pre_hooks for layer in cached.model.layers)  # hooks gone
+
+
+def test_a_perfect_guess_leaves_no_decode_miss_where_it_guesses(moe_dir):
+    model = load(moe_dir)
+    offload_experts(model, 2)
+    prompt, greedy = torch.tensor([[5, 9, 200, 31, 7]]), dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with RouterTrace(model) as trace, torch.no_grad():
+        model.generate(prompt, **greedy)
+    model.expert_cache.resize(2)  # empty again
+    second = layer_caches(model)[1]
+    before = Counter(second.count)
+    with Prefetch(model, trace=trace), torch.no_grad():
+        model.generate(prompt, **greedy)
+    counted = second.count - before
+    cold = len(set(trace.calls[0][1][0].flatten().tolist()))  # the prompt pass's experts in layer 1, all misses
+    assert counted["misses"] == cold and counted["hits"] == 11 * 2  # 11 decode steps, 2 experts each: all found
+    assert counted["prefetch used"] == counted["prefetched"] > 0  # and every prefetch was used
+
+
+def test_prefetch_in_line_makes_the_same_copies_as_the_thread(moe_dir):
+    model = load(moe_dir)
+    offload_experts(model, 2)
+    prompt, greedy = torch.tensor([[5, 9, 200, 31, 7]]), dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    counted = []
+    for threads in (1, 0):
+        model.expert_cache.resize(2)
+        with Prefetch(model, most=3, threads=threads), OffloadMeter(model) as meter, torch.no_grad():
+            model.generate(prompt, **greedy)
+        counted.append({k: v for k, v in meter.per_token().items() if k != "storage"})
+    assert counted[0] == counted[1] and counted[0]["prefetched"] > 0
+
+
+def test_prefetch_refuses_what_it_cannot_do(moe_dir):
+    with pytest.raises(ValueError, match="needs a model with an expert cache"):
+        Prefetch(load(moe_dir))
+    model = load(moe_dir)
+    offload_experts(model, 2)
+    with pytest.raises(ValueError, match=r"threads=2 is not allowed: use a whole number from 0 to 1"):
+        Prefetch(model, threads=2)
 
 
 def test_the_hub_layout_is_read_expert_by_expert(tmp_path, moe_dir):

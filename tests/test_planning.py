@@ -5,7 +5,7 @@ import pytest
 
 from helpers.data import GPU_TYPES
 from helpers.planning import layer_device, plan
-from helpers.sizing import decode_bytes, parameter_count
+from helpers.sizing import as_config, decode_bytes, parameter_count
 
 BIG = "mistralai/Mixtral-8x22B-Instruct-v0.1"
 SMALL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
@@ -87,3 +87,81 @@ def test_readme_hardware_column_is_the_planners_fewest_gpus():
         for count, gpu in stated:
             assert plan(model, gpu=gpu, count=int(count)).fits
             assert int(count) == 1 or not plan(model, gpu=gpu, count=int(count) - 1).fits
+
+
+# ---------------------------------------------------------------- expert parallelism against tensor parallelism
+@pytest.mark.parametrize("experts, per_token, gpus", [(8, 2, 8), (8, 2, 4), (8, 2, 2), (8, 3, 4), (16, 2, 8)])
+def test_remote_gpus_is_the_enumerated_mean(experts, per_token, gpus):
+    """Every home GPU against every set of chosen experts: the GPUs other than home that hold one of them."""
+    from itertools import combinations
+
+    from helpers.planning import remote_gpus
+    per_gpu = experts // gpus
+    counts = [len({e // per_gpu for e in chosen} - {home})
+              for home in range(gpus) for chosen in combinations(range(experts), per_token)]
+    assert remote_gpus(experts, per_token, gpus) == pytest.approx(sum(counts) / len(counts))
+
+
+def ring_allreduce(vectors: list) -> tuple[list, int]:
+    """A ring all-reduce done by hand: reduce-scatter, then all-gather, each N - 1 steps in which every GPU
+    sends one of N chunks to the next. -> (each GPU's result, values each GPU sent)."""
+    n, size = len(vectors), len(vectors[0])
+    bounds = [(i * size // n, (i + 1) * size // n) for i in range(n)]
+    data = [list(v) for v in vectors]
+    sent = 0
+    for phase in ("reduce", "gather"):
+        for step in range(n - 1):
+            moves = []
+            for gpu in range(n):
+                chunk = (gpu - step + (0 if phase == "reduce" else 1)) % n
+                lo, hi = bounds[chunk]
+                moves.append(((gpu + 1) % n, chunk, data[gpu][lo:hi]))
+            for to, chunk, values in moves:
+                lo, hi = bounds[chunk]
+                data[to][lo:hi] = [a + b for a, b in zip(data[to][lo:hi], values)] if phase == "reduce" else values
+            sent += bounds[0][1] - bounds[0][0]
+    return data, sent
+
+
+def test_tensor_parallel_links_carry_two_ring_all_reduces_per_layer():
+    from helpers.planning import parallel_step
+    gpus, values = 8, 64
+    results, sent = ring_allreduce([[gpu * 100 + i for i in range(values)] for gpu in range(gpus)])
+    assert all(r == [sum(g * 100 + i for g in range(gpus)) for i in range(values)] for r in results)  # it is one
+    assert sent == 2 * (gpus - 1) * values // gpus
+    config = as_config(SMALL)
+    for batch in (1, 4):
+        step = parallel_step(SMALL, gpu="H100", count=gpus, batch=batch)
+        message = batch * config.hidden_size  # values per all-reduce; bf16: 2 bytes each
+        assert step["link_bytes"] == pytest.approx(config.num_hidden_layers * 2 * 2 * sent / values * message)
+        assert step["link_s"] == pytest.approx(step["link_bytes"] / 450e9)
+
+
+def test_expert_parallel_reads_and_sends():
+    from helpers.planning import parallel_step, remote_gpus
+    config = as_config(BIG)
+    L, D = config.num_hidden_layers, config.hidden_size
+    one_expert_all_layers = parameter_count(BIG)["experts"] * 2 / 8
+    tensor, expert, data = (parallel_step(BIG, batch=1, scheme=s) for s in ("tensor", "expert", "expert, data"))
+    assert tensor["read_bytes"] * 8 == pytest.approx(decode_bytes(BIG, 2, context=2048)["per_step"])  # all split
+    assert expert["read_bytes"] - tensor["read_bytes"] == pytest.approx(one_expert_all_layers * (1 - 2 / 8))
+    assert expert["link_bytes"] == tensor["link_bytes"]
+    assert data["link_bytes"] == pytest.approx(L * 2 * remote_gpus(8, 2, 8) * D * 2)  # one sequence, its two experts
+    assert tensor["moved_per_token_layer"] / data["moved_per_token_layer"] == pytest.approx(4 * 7 / (2 * 1.75))
+    assert tensor["seconds"] < expert["seconds"] < data["seconds"]  # at batch 1
+    wide = [parallel_step(BIG, batch=64, scheme=s) for s in ("tensor", "expert")]
+    assert wide[1]["read_bytes"] / wide[0]["read_bytes"] == pytest.approx(1, abs=1e-3)  # nearly every expert chosen
+    ninth = parallel_step(BIG, batch=9, scheme="expert, data")
+    assert ninth["link_bytes"] == 2 * data["link_bytes"]  # the busiest GPU: ceil(9 / 8) = 2 sequences
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(count=3), "do not split evenly over 3 GPUs"),
+    (dict(gpu="A100"), "link rates are known for MI300X, H100"),
+    (dict(scheme="pipeline"), "use one of 'tensor', 'expert', 'expert, data'"),
+    (dict(batch=0), "batch"),
+])
+def test_parallel_step_refuses_what_it_cannot_work_out(kwargs, message):
+    from helpers.planning import parallel_step
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parallel_step(BIG, **kwargs)
