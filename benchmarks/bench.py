@@ -44,13 +44,17 @@ def notebook_configs() -> list:
 
 
 def run_key(configs: list, tokens: int, warmup: int, rounds: int) -> str:
-    """What makes two runs the same: the configurations, the settings, the machine and the code that measures
-    (benchmarks/ and helpers/, byte for byte)."""
+    """What makes two runs the same: the configurations, the settings, the machine, the dtype it picks (or
+    MIXTRAL_DTYPE names), torch's threads, the library versions and the code that measures (benchmarks/ and
+    helpers/, byte for byte)."""
+    import torch
+    import transformers
     code = hashlib.sha256()
     for path in sorted([*(ROOT / "benchmarks").glob("*.py"), *(ROOT / "helpers").glob("*.py")]):
         code.update(path.name.encode() + path.read_bytes())
     return json.dumps(dict(configs=[c.name for c in configs], tokens=tokens, warmup=warmup, rounds=rounds,
-                           machine=machine_name(), code=code.hexdigest()[:16]))
+                           machine=machine_name(), dtype=str(pick_dtype()[0]), threads=torch.get_num_threads(),
+                           versions=[torch.__version__, transformers.__version__], code=code.hexdigest()[:16]))
 
 
 def reusable(out: Path, key: str) -> dict | None:

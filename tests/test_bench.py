@@ -143,6 +143,12 @@ def test_a_run_is_reused_only_when_the_same_fresh_and_whole(tmp_path):
     configs = CONFIGS[:2]
     key = run_key(configs, 24, 2, 1)
     assert key == run_key(configs, 24, 2, 1) and key != run_key(configs, 32, 2, 1) and key != run_key(CONFIGS[:3], 24, 2, 1)
+    threads = torch.get_num_threads()
+    try:  # torch's threads are part of the key: a run on 1 thread is not shown again for 2
+        torch.set_num_threads(threads + 1)
+        assert run_key(configs, 24, 2, 1) != key
+    finally:
+        torch.set_num_threads(threads)
     assert reusable(tmp_path, key) is None  # nothing there
     (tmp_path / "bench.json").write_text("{not json")
     assert reusable(tmp_path, key) is None
