@@ -28,7 +28,7 @@ from harness import CONFIGS, NAIVE, measure  # noqa: E402
 
 from helpers.data import GB, GiB  # noqa: E402
 from helpers.files import atomic_file  # noqa: E402
-from helpers.hardware import cpu_has_native_bf16, cpuinfo, gpus, pick_dtype  # noqa: E402
+from helpers.hardware import cpu_has_native_bf16, cpuinfo, dtype_name, gpus, pick_dtype  # noqa: E402
 
 REUSE_S = 3600  # --notebooks reuses a run with the same key that finished less than an hour ago
 
@@ -53,7 +53,7 @@ def run_key(configs: list, tokens: int, warmup: int, rounds: int) -> str:
     for path in sorted([*(ROOT / "benchmarks").glob("*.py"), *(ROOT / "helpers").glob("*.py")]):
         code.update(path.name.encode() + path.read_bytes())
     return json.dumps(dict(configs=[c.name for c in configs], tokens=tokens, warmup=warmup, rounds=rounds,
-                           machine=machine_name(), dtype=str(pick_dtype()[0]), threads=torch.get_num_threads(),
+                           machine=machine_name(), dtype=dtype_name(pick_dtype()[0]), threads=torch.get_num_threads(),
                            versions=[torch.__version__, transformers.__version__], code=code.hexdigest()[:16]))
 
 

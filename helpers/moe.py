@@ -79,9 +79,10 @@ class NextLayerGuess:
         self.calls.clear()
         layers = routers(self.model)  # refuses a model without Mixtral-style routers
 
-        def record(i, logits, _tokens):
+        def record(i, guess, _tokens):
             if i == 0:
                 self.calls.append([None] * (len(layers) - 1))
+            logits = guess()
             self.calls[-1][i] = logits.topk(min(self.most, logits.shape[-1]), dim=-1).indices.cpu()
         self._hooks = next_layer_guesses(self.model, record)
         return self

@@ -68,10 +68,10 @@ class LayerCache:
             hit, slot = self.policy.touch(expert)
             if not hit:
                 self.ahead.add(expert)
-                self.ahead.intersection_update(self.policy.slots)  # an evicted guess was fetched for nothing
                 self.count["prefetched"] += 1
                 self.stream = stream
                 self.pending.append(pool.submit(self._copy, experts_module, slot, expert, stream))
+        self.ahead.intersection_update(self.policy.slots)  # a guess evicted before its use was fetched for nothing
 
     def slot(self, experts_module, expert: int) -> int:
         self.settle()

@@ -11,15 +11,18 @@ from .offload import layer_caches
 def next_layer_guesses(model, on_guess) -> list:
     """Speculative prefetch's guess (after Eliseev and Mazur, 2023), hooked into `model`: before layer l's experts
     (at its post-attention norm), layer l+1's norm and router applied to the residual stream there. Calls
-    `on_guess(l, logits [T, E], tokens per sequence)` for l = 0 .. L-2 in every forward; returns the hooks."""
+    `on_guess(l, guess, tokens per sequence)` for l = 0 .. L-2 in every forward, where `guess()` computes the
+    logits [T, E] (only for a caller that wants them); returns the hooks."""
     import torch.nn.functional as F
     layers = model.model.layers
 
     def hook_for(i):
         def hook(_module, inputs):
-            state = inputs[0].reshape(-1, inputs[0].shape[-1])
-            norm = layers[i + 1].post_attention_layernorm.forward(state)  # forward(): not layer i+1's own hook
-            on_guess(i, F.linear(norm, layers[i + 1].mlp.gate.weight), inputs[0].shape[1])
+            def guess():
+                state = inputs[0].reshape(-1, inputs[0].shape[-1])
+                norm = layers[i + 1].post_attention_layernorm.forward(state)  # forward(): not layer i+1's own hook
+                return F.linear(norm, layers[i + 1].mlp.gate.weight)
+            on_guess(i, guess, inputs[0].shape[1])
         return hook
     return [layers[i].post_attention_layernorm.register_forward_pre_hook(hook_for(i)) for i in range(len(layers) - 1)]
 
@@ -56,20 +59,20 @@ class Prefetch:
         from concurrent.futures import ThreadPoolExecutor
 
         import torch
-        layers, call = self.model.model.layers, [-1]
+        layers, self.call = self.model.model.layers, -1  # the forward call within the generation, 0: its prompt pass
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if self.threads else InLine()
         stream = torch.cuda.Stream() if self.model.device.type == "cuda" else None  # copies beside the compute
 
-        def fetch_ahead(i, logits, tokens):
+        def fetch_ahead(i, guess, tokens):
             if i == 0:
-                call[0] = 0 if tokens > 1 else call[0] + 1                   # a prompt pass starts a generation
+                self.call = 0 if tokens > 1 else self.call + 1              # a prompt pass starts a generation
             if tokens > 1:
                 return                                                       # decode steps only
             if self.trace is not None:
                 calls = self.trace.calls
-                chosen = calls[call[0]][i + 1][0].flatten().tolist() if call[0] < len(calls) else []
+                chosen = calls[self.call][i + 1][0].flatten().tolist() if self.call < len(calls) else []
             else:
-                chosen = logits.topk(self.most, dim=-1).indices.flatten().tolist()
+                chosen = guess().topk(self.most, dim=-1).indices.flatten().tolist()
             self.caches[i + 1].prefetch(layers[i + 1].mlp.experts, dict.fromkeys(chosen), self.pool, stream)
         self._hooks = next_layer_guesses(self.model, fetch_ahead)
         return self
