@@ -77,9 +77,9 @@ class LayerCache:
         self.settle()
         hit, slot = self.policy.touch(expert)
         self.count["hits" if hit else "misses"] += 1
-        if expert in self.ahead:
+        if expert in self.ahead:                        # used where it was fetched to, unless a miss evicted it since
             self.ahead.discard(expert)
-            self.count["prefetch used"] += 1
+            self.count["prefetch used"] += hit
         if not hit:
             self.count["from slow tier"] += self._copy(experts_module, slot, expert)
         return slot

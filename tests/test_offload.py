@@ -251,6 +251,22 @@ def test_prefetch_in_line_makes_the_same_copies_as_the_thread(moe_dir):
     assert counted[0] == counted[1] and counted[0]["prefetched"] > 0
 
 
+def test_a_guess_evicted_before_its_use_is_not_counted_as_used():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers.offload import LayerCache
+
+    class Slots:  # one slot of a 2 x 2 expert
+        cached_gate_up, cached_down = torch.zeros(1, 2, 2), torch.zeros(1, 2, 2)
+    cache = LayerCache(lambda e: (torch.full((2, 2), float(e)), torch.full((2, 2), float(e))), capacity=1)
+    with ThreadPoolExecutor(1) as pool:
+        cache.prefetch(Slots, [3], pool)
+        cache.slot(Slots, 5)  # a miss: evicts the guess
+        cache.slot(Slots, 3)  # the guess, fetched again on demand
+    assert cache.count["prefetched"] == 1 and cache.count["prefetch used"] == 0 and cache.count["misses"] == 2
+    assert torch.equal(Slots.cached_gate_up[0], torch.full((2, 2), 3.0))
+
+
 def test_prefetch_refuses_what_it_cannot_do(moe_dir):
     with pytest.raises(ValueError, match="needs a model with an expert cache"):
         Prefetch(load(moe_dir))
