@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from helpers.backends import LocalModel, TokenClock, decode_rate  # noqa: E402
 from helpers.data import BLOG_SAMPLING, GB, GiB, TASKS, whole_number  # noqa: E402
 from helpers.hardware import dtype_name, measure_bandwidth, pick_dtype  # noqa: E402
+from helpers.fitting import Fit  # noqa: E402
 from helpers.loading import load_local  # noqa: E402
 from helpers.offload import OffloadMeter  # noqa: E402
 from helpers.prompts import blog_prompt, chat_ids  # noqa: E402
@@ -44,9 +45,9 @@ class Config:
     prompts: int = 1             # how many of the blog's prompts
     batch: bool = False          # the prompts as one batch, not one after another
     dense: bool = False          # the dense SmolLM2 the stand-in was built from
-    quantize: str | None = None  # load_local(quantize=...): "int8" or "int4" weights
+    quantize: str | None = None  # load_local(fit=Fit.quantized(...)): "int8" or "int4" weights
     ram_gib: float | None = None  # accelerate's offloading: this much CPU RAM for weights, the rest on disk
-    expert_cache: int | None = None  # load_local(expert_cache=...): experts kept in RAM per layer, the rest on disk
+    expert_cache: int | None = None  # load_local(fit=Fit.expert_cache(...)): experts kept per layer, the rest on disk
 
 
 NAIVE = "blog pipeline, fp32"
@@ -125,9 +126,9 @@ def _load(config: Config, device: str):
     if config.dense:
         model, tokenizer = load_dense_source(dtype)
         return LocalModel(model=model.to(device), tokenizer=tokenizer), None
-    budget = {"cpu": f"{config.ram_gib}GiB"} if config.ram_gib else None
-    return LocalModel(load_local(str(ensure_standin()), dtype=dtype, fast=config.fast, quantize=config.quantize,
-                                 max_memory=budget, expert_cache=config.expert_cache)), None
+    fit = (Fit.budget({"cpu": f"{config.ram_gib}GiB"}) if config.ram_gib else Fit.quantized(config.quantize)
+           if config.quantize else Fit.expert_cache(config.expert_cache) if config.expert_cache else None)
+    return LocalModel(load_local(str(ensure_standin()), dtype=dtype, fit=fit, fast=config.fast)), None
 
 
 def _knobs(config: Config) -> dict:
@@ -220,14 +221,14 @@ def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: in
 
     context = sum(r["prompt_tokens"] for r in runs) / len(runs) + (1 + warmup + new_tokens) / 2
     element = torch.tensor([], dtype=model.dtype).element_size()
-    quantized = getattr(model, "quantized", None)  # then weights cost what quantize_model measured, per parameter
-    per_weight = quantized["bytes_after"] / quantized["parameters"] if quantized else element
+    record = getattr(model, "load_record", None)  # None: the blog's own pipeline call, or the dense model
+    per_weight = record.bytes_per_parameter if record is not None else element  # quantized: as measured
     bytes_ = decode_bytes(model.config, per_weight, int(context), runs[0]["batch"], kv_bytes=element)
     tiers = meter.per_token() if config.ram_gib or config.expert_cache else None  # offloaded: measured per tier
     if tiers:  # all of it comes through RAM here (the OS caches the files): that is what the ceiling counts
         bytes_["per_token"] = sum(v for k, v in tiers.items() if k in ("resident", "from RAM", "from disk")) + \
             bytes_["parts"]["kv_cache"] / runs[0]["batch"]
-    layouts = model.recipe.layouts if config.fast else {}
+    layouts = record.recipe.layouts if config.fast else {}
     share = model.config.num_experts_per_tok / model.config.num_local_experts if layouts else None
     return dict(asdict(config), dtype=dtype_name(model.dtype), device=device,
                 experts="dense" if config.dense else getattr(model.config, "_experts_implementation", None),

@@ -6,6 +6,7 @@ from .checking import chrf, diversity, edit_distance_cases, extract_code
 from .data import (BLOG_SAMPLING, BLOG_TRANSLATION, GB, GPU_TYPES, KNOWN_MODELS, LINK_GTS, LONGFELLOW, PEER_LINK_GBS,
                    TASKS, GiB)
 from .fastpath import fast_recipe
+from .fitting import Fit
 from .generation import (BATCH_MIN_GAIN, candidates_per_step, draw_distribution, generate, generate_batch,
                          generate_many, next_token_distribution, print_stream, steps_before_a_tie)
 from .hardware import (cpu_has_native_bf16, gpus, last_level_cache_bytes, measure_bandwidth, pick_dtype, system_memory,
@@ -30,7 +31,7 @@ from .standin import ensure_standin
 from .widgets import SamplingPanel, distribution_explorer
 
 __all__ = [
-    "BATCHING_MIN_GAIN", "BATCH_MIN_GAIN", "BLOG_SAMPLING", "BLOG_TRANSLATION", "Endpoint", "EndpointError", "GB",
+    "BATCHING_MIN_GAIN", "BATCH_MIN_GAIN", "BLOG_SAMPLING", "BLOG_TRANSLATION", "Endpoint", "EndpointError", "Fit", "GB",
     "GPU_TYPES", "GiB", "KNOWN_MODELS", "LINK_GTS", "LONGFELLOW", "NextLayerGuess", "OffloadMeter", "PEER_LINK_GBS", "POLICIES", "Prefetch", "QUALITY_TEXT",
     "QUEUE_MIN_WAIT_RATIO", "SamplingPanel", "TASKS", "blog_prompt", "blog_readings", "busiest_expert", "candidates_per_step",
     "ceiling", "chance_hit_rate", "chance_stickiness", "chat_ids", "check_fits", "chrf", "compare_ids",

@@ -173,19 +173,19 @@ class LocalModel:
         return answers
 
     def describe(self, detail: bool = False) -> str:
-        m, recipe = self.model, getattr(self.model, "recipe", None)
+        m, record = self.model, getattr(self.model, "load_record", None)  # None: a pipeline made elsewhere
+        recipe = record.recipe if record is not None else None
         name = str(getattr(m, "name_or_path", "") or "").rstrip("/").split("/")[-1] or type(m).__name__
-        weights = f", {m.quantized['scheme']} weights" if getattr(m, "quantized", None) else ""
-        if getattr(m, "expert_cache", None):
-            weights += f", {m.expert_cache['per_layer']} of {m.expert_cache['experts']} experts cached per layer"
-        elif any(d == "disk" for d in (getattr(m, "hf_device_map", None) or {}).values()):
-            weights += ", part offloaded to disk"
+        weights = record.weights() if record is not None else ""
+        if not weights and any(d == "disk" for d in (getattr(m, "hf_device_map", None) or {}).values()):
+            weights = ", part offloaded to disk"
         line = (f"local: {name} ({type(m).__name__}, {dtype_name(m.dtype)}{weights}, on {m.device}), "
                 + ("the notebooks' fast path" if recipe is not None else "the blog's plain pipeline"))
         if not detail:
             return line + (" (08_performance explains it)" if recipe is not None else "")
-        reason = getattr(m, "dtype_reason", None)  # the recipe's first reason says why this dtype
-        return f"{line}\n{recipe}" if recipe is not None else line + (f"\n  - dtype: {reason}" if reason else "")
+        if recipe is not None:
+            return f"{line}\n{recipe.describe(record.fit_reason())}"
+        return line + (f"\n  - dtype: {record.dtype_reason}" if record is not None else "")
 
 
 class EndpointError(RuntimeError):
@@ -330,20 +330,19 @@ def connect(url: str | None = None, model: str | None = None, api_key: str | Non
     return endpoint
 
 
-def load_pipeline(name: str | None = None, dtype=None, device_map="auto", local: bool = False, fast: bool = True,
-                  quantize: str | None = None, **fitting):
+def load_pipeline(name: str | None = None, dtype=None, fit=None, fast: bool = True, local: bool = False,
+                  device_map="auto"):
     """What the notebooks call: with $MIXTRAL_ENDPOINT set (and neither `name` nor `local=True`),
-    `connect()` to that server; else `load_local(name, dtype, device_map, fast, quantize, **fitting)`, the
-    blog's pipeline (`fitting`: max_memory, offload_folder, expert_cache). `generate`, `describe` and the
-    panel take either."""
+    `connect()` to that server; else `load_local(name, dtype, fit, fast, device_map)`, the blog's pipeline
+    (`fit`: None, or Fit.quantized / Fit.budget / Fit.expert_cache). `generate`, `describe` and the panel
+    take either. Taught in 01_loading."""
     if name is None and not local and os.environ.get(ENDPOINT_ENV, "").strip():
-        changes = [k for k, v in dict(quantize=quantize, **fitting).items() if v is not None]
-        if changes:
-            raise ValueError(f"{', '.join(changes)} change how weights load here, and {ENDPOINT_ENV} points at a server: "
-                             f"set them there (vLLM: --quantization, --cpu-offload-gb), or pass local=True to load the "
+        if fit is not None:
+            raise ValueError(f"fit={fit!r} changes how weights load here, and {ENDPOINT_ENV} points at a server: "
+                             f"set it there (vLLM: --quantization, --cpu-offload-gb), or pass local=True to load the "
                              f"model here")
         return connect()
-    return load_local(name, dtype=dtype, device_map=device_map, fast=fast, quantize=quantize, **fitting)
+    return load_local(name, dtype=dtype, fit=fit, fast=fast, device_map=device_map)
 
 
 def as_backend(pipe):

@@ -120,7 +120,7 @@ def choose_layouts(model, sample_bytes: int = 128 * 2**20) -> dict:
 
 @dataclass
 class Recipe:
-    """The settings the notebooks run with, and why."""
+    """The settings the notebooks run with, and why (`reasons[0]`: why this dtype)."""
     device: str
     dtype: object
     experts: str                 # experts_implementation
@@ -128,30 +128,38 @@ class Recipe:
     reasons: list = field(default_factory=list)
     layouts: dict = field(default_factory=dict)  # filled by apply_recipe
 
-    def __str__(self) -> str:
+    def describe(self, fit_reason: str | None = None) -> str:
+        """The settings and the reasons, with `fit_reason` (why the experts were replaced) after the dtype's."""
+        reasons = [*self.reasons[:1], *([fit_reason] if fit_reason else []), *self.reasons[1:]]
         lines = [f"fast path on {self.device}: dtype {dtype_name(self.dtype)}, "
                  f"experts {self.experts!r}, column-major re-layout {'probed' if self.relayout else 'off'}"]
-        lines += [f"  - {r}" for r in self.reasons]
+        lines += [f"  - {r}" for r in reasons]
         moved = [k for k, v in self.layouts.items() if v[2] == "column-major"]
         if self.layouts:
             lines.append(f"  - re-laid column-major (faster here): {', '.join(moved) or 'none'}")
         return "\n".join(lines)
 
+    __str__ = describe
 
-def fast_recipe(device: str | None = None, experts: tuple[str, str] | None = None, offloaded: bool = False) -> Recipe:
-    """The fastest configuration that is correct on this hardware, as measured by `make bench`;
-    `experts` = (implementation, why) for a model whose experts were replaced (quantized, cached);
-    `offloaded`: accelerate holds part of the weights elsewhere and copies them in for each forward."""
+
+def fast_recipe(device: str | None = None, dtype=None, experts: str | None = None, offloaded: bool = False) -> Recipe:
+    """The fastest configuration that is correct on this hardware, as measured by `make bench`. Taught in
+    08_performance. `dtype`: the dtype the caller loaded (None: this machine's choice); `experts`: the
+    implementation of experts that a fit replaced ("quantized", "expert_cache"); `offloaded`: accelerate
+    holds part of the weights elsewhere and copies them in for each forward."""
     import torch
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype, why_dtype = pick_dtype()
+    picked, why_dtype = pick_dtype()
+    if dtype is not None and dtype != picked:
+        why_dtype = f"dtype {dtype_name(dtype)}: chosen by the caller ({why_dtype} otherwise)"
+    dtype = picked if dtype is None else dtype
     batching = ("several prompts at once: generate_batch runs them as one padded batch; each step reads the "
                 "shared weights once for all of them, and the union of the experts they chose")
     offload = ["offloaded by accelerate: weights on other devices are copied in for each forward"] if offloaded else []
     if experts:  # the experts are replaced: their own implementation, nothing left to re-lay
-        return Recipe(device, dtype, experts[0], relayout=False, reasons=[why_dtype, experts[1], batching, *offload])
+        return Recipe(device, dtype, experts, relayout=False, reasons=[why_dtype, batching, *offload])
     if device != "cpu":
         return Recipe(device, dtype, "grouped_mm", relayout=False, reasons=[
             why_dtype, "grouped_mm: transformers' default, one grouped GEMM over all experts on the GPU", batching,
@@ -165,14 +173,11 @@ def fast_recipe(device: str | None = None, experts: tuple[str, str] | None = Non
 
 
 def apply_recipe(model, recipe: Recipe) -> Recipe:
-    """Switch a loaded model to the recipe's experts implementation and layouts (in place)."""
-    if model.dtype != recipe.dtype:
-        recipe.reasons[0] = f"dtype {dtype_name(model.dtype)}: chosen by the caller ({recipe.reasons[0]} otherwise)"
-        recipe.dtype = model.dtype
+    """Switch a loaded model to the recipe's experts implementation and layouts (in place); the recipe,
+    its layouts filled in (`load_pipeline` keeps it as `model.load_record.recipe`)."""
     if getattr(model.config, "num_local_experts", None):
         register_experts()
         model.set_experts_implementation(recipe.experts)
     if recipe.relayout:
         recipe.layouts = choose_layouts(model)
-    model.recipe = recipe
     return recipe

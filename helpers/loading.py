@@ -3,7 +3,8 @@
 `model_path()` reads $MIXTRAL_MODEL (a hub id or a local folder); without it, the stand-in.
 `load_local()` is the blog's `pipeline("text-generation", ...)` call, after three checks
 that turn deep library errors into plain ones: are the weights on disk, do they fit in this
-machine's memory, and which tokenizer gives the reference prompt ids.
+machine's memory (or in the way `fit=` says), and which tokenizer gives the reference prompt ids.
+What it loaded is `model.load_record` (fitting.LoadRecord).
 """
 from __future__ import annotations
 
@@ -11,16 +12,16 @@ import json
 import os
 import shutil
 import tempfile
-import weakref
 from pathlib import Path
 
 from .data import DTYPE_BYTES, KNOWN_MODELS, MODEL_ENV, REFERENCE_TOKENIZERS, RESERVED, GiB
 from .fastpath import apply_recipe, fast_recipe
 from .files import cache_root, weight_files
+from .fitting import Budget, CachedExperts, LoadRecord, Quantized, check_fit
 from .hardware import dtype_name, memory_budget, pick_dtype
 from .offload import check_cache_size, offload_experts
 from .prompts import reference_tokenizer
-from .quantize import SCHEMES, check_scheme, quantize_model
+from .quantize import quantize_model
 from .sizing import fits, parameter_count, usable
 from .standin import ensure_standin
 
@@ -128,92 +129,71 @@ def check_fits(path, dtype) -> int:
     return need
 
 
-def load_local(name: str | None = None, dtype=None, device_map="auto", fast: bool = True, quantize: str | None = None,
-               max_memory: dict | None = None, offload_folder=None, expert_cache: int | None = None):
+def load_local(name: str | None = None, dtype=None, fit=None, fast: bool = True, device_map="auto"):
     """The blog's `pipeline("text-generation", model=..., dtype=..., device_map="auto")`, after
     checking that the weights are here and fit, with the reference tokenizer for a Mixtral.
 
     name: a local folder or a downloaded hub id (default: `model_path()`).
-    dtype: None picks bf16 where the hardware computes it natively, or what $MIXTRAL_DTYPE says.
+    dtype: None picks what this machine decodes fastest, or what $MIXTRAL_DTYPE says.
+    fit: None (the weights as they are) or one of `Fit`'s values: `Fit.quantized("int8")`,
+    `Fit.budget({"cpu": "8GiB"})`, `Fit.expert_cache(2)` (fitting.py; 10_quantization, 11_offloading).
     fast: switch the loaded model to this hardware's fastest correct settings (fastpath.fast_recipe,
     shown by `describe`); False keeps the blog's plain pipeline.
-    quantize: None (the blog's weights), "int8" or "int4": weight-only quantization on the CPU
-    (quantize.py; 10_quantization measures its speed and quality).
-    max_memory, offload_folder: accelerate's budgets ({0: "20GiB", "cpu": "1GiB"}) and the folder for what goes
-    past them (default: a temporary one); expert_cache: experts kept per layer (offload.py). 11_offloading."""
+    What was loaded, and how, is `pipe.model.load_record`."""
     import torch
     from transformers import pipeline
 
-    offloading = max_memory is not None or offload_folder is not None
-    if quantize is not None:
-        check_scheme(quantize, "cuda" if torch.cuda.is_available() else "cpu")
-    if sum((quantize is not None, offloading, expert_cache is not None)) > 1:
-        raise ValueError("quantize, max_memory/offload_folder and expert_cache are separate ways to fit a model: "
-                         "use one at a time (11_offloading compares the last two)")
+    check_fit(fit)
+    if isinstance(fit, Quantized) and torch.cuda.is_available():
+        raise ValueError(f"Fit.quantized({fit.scheme!r}) uses torch's CPU kernels, and the model would run on a GPU: "
+                         f"on GPUs load with transformers' quantization_config instead (10_quantization shows how)")
     path = resolve_local(name or model_path())
-    dtype, dtype_reason = pick_dtype() if dtype is None else (dtype, "chosen by the caller")
+    picked, why = pick_dtype()
+    record = LoadRecord(picked, why, fit) if dtype is None else LoadRecord(dtype, "chosen by the caller", fit)
     config = read_config(path)
-    if expert_cache is not None:
-        check_cache_size(expert_cache, config.get("num_local_experts"))
-    extra, temporary = offload_arguments(max_memory, offload_folder, path) if offloading else ({}, False)
-    if not offloading:
-        check_fits(path, dtype)
+    if isinstance(fit, CachedExperts):
+        check_cache_size(fit.per_layer, config.get("num_local_experts"))
+    extra = offload_arguments(fit, path, record) if isinstance(fit, Budget) else {}
+    if not isinstance(fit, Budget):
+        check_fits(path, record.dtype)
     tokenizer = None
     if config.get("model_type") == "mixtral" and config.get("vocab_size") in REFERENCE_TOKENIZERS:
         tokenizer = reference_tokenizer(config["vocab_size"])
     try:
-        pipe = pipeline("text-generation", model=str(path), tokenizer=tokenizer, dtype=dtype, device_map=device_map,
-                        model_kwargs=extra)
+        pipe = pipeline("text-generation", model=str(path), tokenizer=tokenizer, dtype=record.dtype,
+                        device_map=device_map, model_kwargs=extra)
     except BaseException:
-        if temporary:  # nothing left behind by a load that failed
-            shutil.rmtree(extra["offload_folder"], ignore_errors=True)
+        if record.folder is not None:  # nothing left behind by a load that failed
+            record.folder.cleanup()
         raise
-    pipe.model.dtype_reason = dtype_reason
-    experts = None
-    if quantize:
-        report = quantize_model(pipe.model, quantize)
-        experts = ("quantized", f"{quantize}: {SCHEMES[quantize]}, experts and lm_head included "
-                                f"({report['bytes_before'] / GiB:.2f} -> {report['bytes_after'] / GiB:.2f} GiB)")
-    if expert_cache is not None:
-        experts = ("expert_cache", offload_experts(pipe.model, expert_cache)["why"])
-    if temporary:
-        weakref.finalize(pipe.model, shutil.rmtree, extra["offload_folder"], ignore_errors=True)
+    model = pipe.model
+    if isinstance(fit, Quantized):
+        record.quantized = quantize_model(model, fit.scheme)
+    if isinstance(fit, CachedExperts):
+        record.cache = offload_experts(model, fit.per_layer, fit.tier)
     if fast:
-        apply_recipe(pipe.model, fast_recipe(pipe.model.device.type, experts, offloaded=offloading))
+        replaced = "quantized" if isinstance(fit, Quantized) else "expert_cache" if record.cache else None
+        record.recipe = apply_recipe(model, fast_recipe(model.device.type, dtype, replaced, isinstance(fit, Budget)))
+        record.dtype_reason = record.recipe.reasons[0]
+    model.load_record = record
     return pipe
 
 
-def offload_arguments(max_memory, offload_folder, path: Path) -> tuple[dict, bool]:
-    """accelerate's max_memory and offload_folder, checked: a dict of budgets, and a folder on a disk
-    with room for the whole model (a temporary one under the cache if none is given, said by the bool)."""
-    if max_memory is not None and not isinstance(max_memory, dict):
-        raise ValueError(f"max_memory={max_memory!r}: use a dict of budgets per device, e.g. {{'cpu': '1GiB'}} "
-                         f"or {{0: '20GiB', 'cpu': '64GiB'}}")
-    temporary = offload_folder is None
-    folder = cache_root() / "offload" if temporary else Path(offload_folder).expanduser()
+def offload_arguments(budget: Budget, path: Path, record: LoadRecord) -> dict:
+    """accelerate's max_memory and offload_folder for `budget`: its folder, or a temporary one under the cache
+    that `record` (so the model) owns, on a disk with room for the whole model."""
+    temporary = budget.folder is None
+    folder = cache_root() / "offload" if temporary else Path(budget.folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     free, need = shutil.disk_usage(folder).free, weight_bytes(path)
     if not fits(need, free):
-        raise ModelTooLarge(f"offload_folder {folder} has {free / GiB:.1f} GiB free and the model's weights take "
-                            f"{need / GiB:.1f} GiB: choose a folder on a disk with more room")
-    if temporary:
-        for stale in folder.glob("offload-*-*"):  # left by a process that was killed
-            pid = stale.name.split("-")[1]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(stale, ignore_errors=True)
-        folder = Path(tempfile.mkdtemp(prefix=f"offload-{os.getpid()}-", dir=folder))
-    return dict(max_memory=max_memory, offload_folder=str(folder)), temporary
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` still runs (one of another user counts as running)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        raise ModelTooLarge(f"the offload folder {folder} has {free / GiB:.1f} GiB free and the model's weights take "
+                            f"{need / GiB:.1f} GiB: choose a folder on a disk with more room, "
+                            f"Fit.budget(..., folder=...)")
+    if temporary:  # removed when the model goes (a killed process leaves it: the cache's offload/ folder)
+        record.folder = tempfile.TemporaryDirectory(prefix="offload-", dir=folder)
+        folder = Path(record.folder.name)
+    return dict(max_memory=budget.max_memory, offload_folder=str(folder))
 
 
 def placement(model) -> list[dict]:

@@ -1,12 +1,13 @@
 """When the model does not fit: keep part of it in a slower memory, two ways, and count the bytes.
 
-1. accelerate's offloading (`max_memory`, `offload_folder`): what `device_map="auto"` does with a model
+1. accelerate's offloading (`Fit.budget`: budgets per device, a folder for the rest): what `device_map="auto"` does with a model
    larger than the GPUs. Whole modules live in a slower tier (CPU RAM, then disk) and every forward
    copies all of their weights in, all 8 experts of a layer although a token uses 2.
 2. An expert cache: everything but the experts stays resident; each layer keeps `per_layer` experts in
    slots of fast memory and fetches the others from the slow tier when the router picks them, into
    the least recently used slot. On a CPU the slow tier is the safetensors file, memory-mapped; on a
    GPU, CPU RAM. An experts implementation, "expert_cache", like the fast path's "per_token"; resizable.
+   Each experts module's `LayerCache` is kept in a weak table here (`layer_caches`), not on the module.
 
 `OffloadMeter` counts what each tier gives every forward. Fetching ahead is in prefetch.py; the eviction
 policies and their replay over router traces in policies.py. 11_offloading uses them all.
@@ -22,10 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import whole_number
+from .fitting import TIERS
 from .fastpath import register_experts, tokens_by_expert
 from .files import weight_files
 from .planning import map_entry
 from .policies import LRU
+
+
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # experts module -> its LayerCache
 
 
 class LayerCache:
@@ -33,8 +38,8 @@ class LayerCache:
     slow tier, and what it counted: hits, misses, bytes fetched. `prefetch` fetches guessed experts ahead, in
     a background thread; a use waits for the copies still under way."""
 
-    def __init__(self, fetch, capacity: int):
-        self.policy, self.fetch = LRU(capacity), fetch
+    def __init__(self, fetch, capacity: int, tier: str = "disk"):
+        self.policy, self.fetch, self.tier = LRU(capacity), fetch, tier
         self.count, self.pending, self.ahead, self.stream = Counter(), [], set(), None
 
     def _copy(self, experts_module, slot: int, expert: int, stream=None) -> int:
@@ -92,7 +97,7 @@ def cached_experts(self, hidden_states, top_k_index, top_k_weights):
     out = hidden_states.new_zeros(hidden_states.shape)                       # [T, D]
     for expert, token, slot in tokens_by_expert(top_k_index):                # token, slot: [t] each
         token, slot = token.to(out.device), slot.to(out.device)
-        i = self.expert_cache.slot(self, expert)
+        i = _CACHES[self].slot(self, expert)
         gate, up = F.linear(hidden_states[token], self.cached_gate_up[i]).chunk(2, dim=-1)   # [t, I] each
         y = F.linear(self.act_fn(gate) * up, self.cached_down[i]) * top_k_weights[token, slot, None]  # [t, D]
         out.index_add_(0, token, y.to(out.dtype))
@@ -132,8 +137,8 @@ def _rows(gate_up, down, expert: int):
 def check_cache_size(per_layer, experts_total) -> int:
     """The model's number of experts, if `per_layer` of them can be cached; else a ValueError saying why."""
     if not experts_total:
-        raise ValueError("expert_cache needs a mixture-of-experts model, and this one has no experts")
-    whole_number("expert_cache", per_layer, 1, f" (experts kept per layer, of {experts_total})", maximum=experts_total)
+        raise ValueError("Fit.expert_cache needs a mixture-of-experts model, and this one has no experts")
+    whole_number("Fit.expert_cache: per_layer", per_layer, 1, f" (experts kept per layer, of {experts_total})", maximum=experts_total)
     return experts_total
 
 
@@ -144,8 +149,8 @@ def _give_slots(experts, per_layer: int, gate_up, down) -> None:                
 
 @dataclass
 class ExpertCache:
-    """`model.expert_cache`, what `offload_experts` set: `per_layer` of the `experts` of each layer in slots,
-    the others in `tier`. `resize` changes the slots in place (11_offloading: one model, four sizes)."""
+    """What `offload_experts` set (`model.load_record.cache`): `per_layer` of the `experts` of each layer in
+    slots, the others in `tier`. `resize` changes the slots in place (11_offloading: one model, four sizes)."""
     per_layer: int
     experts: int
     tier: str
@@ -153,23 +158,18 @@ class ExpertCache:
     why = property(lambda self: f"expert cache: {self.per_layer} of {self.experts} experts per layer in memory, "
                                 f"the others read from {self.tier} when the router picks them")
 
-    def __getitem__(self, key: str):                                          # read as the dict it was: cache["why"]
-        return getattr(self, key)
-
     def resize(self, per_layer: int) -> ExpertCache:
         """`per_layer` empty slots in each layer, under the same policy (what they held is fetched again when
         used); the counts go on. A bad size is refused before anything changes."""
         check_cache_size(per_layer, self.experts)
-        model, before = self.model(), self.why
-        for m in model.modules():
-            if isinstance(getattr(m, "expert_cache", None), LayerCache):
+        for m in self.model().modules():
+            cache = _CACHES.get(m)
+            if cache is not None:
                 _give_slots(m, per_layer, m.cached_gate_up, m.cached_down)
-                m.expert_cache.settle()
-                m.expert_cache.ahead.clear()
-                m.expert_cache.policy = type(m.expert_cache.policy)(per_layer)
-        self.per_layer, recipe = per_layer, getattr(model, "recipe", None)   # the fast path says why, too
-        if recipe is not None:
-            recipe.reasons = [self.why if r == before else r for r in recipe.reasons]
+                cache.settle()
+                cache.ahead.clear()
+                cache.policy = type(cache.policy)(per_layer)
+        self.per_layer = per_layer  # `describe` reads the size afresh
         return self
 
 
@@ -181,8 +181,8 @@ def offload_experts(model, per_layer: int, tier: str | None = None) -> ExpertCac
 
     experts_total = check_cache_size(per_layer, getattr(model.config, "num_local_experts", None))
     tier = tier or ("disk" if model.device.type == "cpu" else "ram")
-    if tier not in ("disk", "ram"):
-        raise ValueError(f"tier={tier!r}: use 'disk' (memory-mapped safetensors) or 'ram' (CPU RAM)")
+    if tier not in TIERS:
+        raise ValueError(f"tier={tier!r}: use 'disk' ({TIERS['disk']}) or 'ram' ({TIERS['ram']})")
     files = ExpertFiles(model.name_or_path) if tier == "disk" else None
     for i, layer in enumerate(model.model.layers):
         experts = layer.mlp.experts
@@ -196,16 +196,15 @@ def offload_experts(model, per_layer: int, tier: str | None = None) -> ExpertCac
             fetch = functools.partial(_rows, *slow)
         del experts.gate_up_proj, experts.down_proj
         _give_slots(experts, per_layer, gate_up, down)
-        experts.expert_cache = LayerCache(fetch, per_layer)
+        _CACHES[experts] = LayerCache(fetch, per_layer, tier)
     register_experts("expert_cache", cached_experts)
     model.set_experts_implementation("expert_cache")
-    model.expert_cache = ExpertCache(per_layer, experts_total, tier, weakref.ref(model))
-    return model.expert_cache
+    return ExpertCache(per_layer, experts_total, tier, weakref.ref(model))
 
 
 def layer_caches(model) -> list:
     """Each layer's LayerCache, in layer order (none without an expert cache)."""
-    return [m.expert_cache for m in model.modules() if isinstance(getattr(m, "expert_cache", None), LayerCache)]
+    return [_CACHES[m] for m in model.modules() if m in _CACHES]
 
 
 def _loaders(model) -> list:
@@ -302,7 +301,8 @@ class OffloadMeter:
         if mean.get("hits", 0) + mean.get("misses", 0):
             mean["hit_rate"] = mean.get("hits", 0) / (mean.get("hits", 0) + mean.get("misses", 0))
         if "from slow tier" in mean:
-            mean["from " + ("disk" if self.model.expert_cache.tier == "disk" else "RAM")] = mean.pop("from slow tier")
+            tier = next((c.tier for c in layer_caches(self.model)), "disk")
+            mean["from " + ("disk" if tier == "disk" else "RAM")] = mean.pop("from slow tier")
         return mean
 
 

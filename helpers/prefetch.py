@@ -46,12 +46,12 @@ class Prefetch:
     (`NextLayerGuess`'s): layer l + 1's norm and router applied to the residual stream before layer l's experts,
     its `most` best experts. Or `trace`, a RouterTrace of the same generation (same prompt, seed and settings):
     its true experts, the perfect guess no live cache has, the yardstick. `threads=0` makes the same copies in line,
-    when the guess is made: what the thread costs or saves, apart. Needs `expert_cache` (load_pipeline)."""
+    when the guess is made: what the thread costs or saves, apart. Needs an expert cache (`fit=Fit.expert_cache(C)`)."""
 
     def __init__(self, model, most: int = 2, trace=None, threads: int = 1):
         caches = layer_caches(model)
         if not caches:
-            raise ValueError("Prefetch needs a model with an expert cache: load_pipeline(..., expert_cache=C)")
+            raise ValueError("Prefetch needs a model with an expert cache: load_pipeline(..., fit=Fit.expert_cache(C))")
         whole_number("threads", threads, 0, " (0: the copies in line; 1: on a background thread)", maximum=1)
         self.model, self.caches, self.most, self.trace, self.threads, self._hooks = model, caches, most, trace, threads, []
 

@@ -19,11 +19,9 @@ import math
 from pathlib import Path
 
 from .fastpath import register_experts, tokens_by_expert
+from .fitting import GROUP, WEIGHT_SCHEMES
 from .hardware import best_seconds, timing_buffer_bytes
 
-GROUP = 32
-SCHEMES = {"int8": "8-bit weights, a scale per output channel",
-           "int4": f"4-bit weights, a scale and a zero per {GROUP} inputs"}
 # Genesis 1-4 in the King James Version (1611, public domain), as Debian's bible-kjv-text 4.38 prints it
 # (`bible gen1:1-4:26`), verse numbers dropped: the text quality is measured on
 QUALITY_TEXT = Path(__file__).with_name("genesis_kjv.txt")
@@ -42,7 +40,7 @@ def _int4(stack):
     E, N, K = stack.shape
     if K % GROUP or N % 16:
         raise ValueError(f"int4 needs inputs in groups of {GROUP} and outputs in multiples of 16 (torch's kernel), and a "
-                         f"weight is {N} x {K}: use quantize='int8' for this model")
+                         f"weight is {N} x {K}: use Fit.quantized('int8') for this model")
     groups = stack.reshape(E, N, K // GROUP, GROUP)
     low, high = groups.amin(-1), groups.amax(-1)                            # [E, N, K/G]
     scale = ((high - low) / 15).clamp(min=1e-12).bfloat16().float()
@@ -96,23 +94,23 @@ def quantized_experts(self, hidden_states, top_k_index, top_k_weights):
     return out
 
 
-def check_scheme(scheme, device: str, knob: bool = True) -> None:
-    """A ValueError that says what to do, unless `scheme` can run on `device` here. The knob (`knob`)
-    is CPU-only: on GPUs a model that needs quantizing to fit must be quantized while it loads. The
-    GPU check times int8 on a GPU's layers all the same (torch ships the int8 kernel for CUDA too)."""
-    if scheme not in SCHEMES:
-        raise ValueError(f"quantize={scheme!r} is not a scheme here; use None, {' or '.join(map(repr, SCHEMES))}")
-    if device != "cpu" and (knob or scheme == "int4"):
-        raise ValueError(f"quantize={scheme!r} uses torch's CPU kernels, and the model would run on {device}: on GPUs "
-                         f"load with transformers' quantization_config instead (10_quantization shows how)")
+def check_scheme(scheme, device: str) -> None:
+    """A ValueError that says what to do, unless `scheme` has kernels on `device` here: int8 on CPUs and GPUs
+    (torch ships its kernel for CUDA too: the GPU check times it), int4 on CPUs only."""
+    if scheme not in WEIGHT_SCHEMES:
+        raise ValueError(f"scheme={scheme!r} is not a weight scheme here; use {' or '.join(map(repr, WEIGHT_SCHEMES))}")
+    if device != "cpu" and scheme == "int4":
+        raise ValueError(f"int4 uses torch's CPU kernel, and the model is on {device}: on GPUs load with "
+                         f"transformers' quantization_config instead (10_quantization shows how)")
 
 
 def quantize_model(model, scheme: str) -> dict:
     """Quantize `model` in place (a Mixtral or dense Llama on the CPU) and switch its experts to
-    `quantized_experts`. Returns {"scheme", "parameters", "bytes_before", "bytes_after"} for what changed."""
+    `quantized_experts`. Returns {"scheme", "parameters", "bytes_before", "bytes_after"} for what changed
+    (`load_pipeline(fit=Fit.quantized(...))` keeps it as `model.load_record.quantized`)."""
     import torch
 
-    check_scheme(scheme, model.device.type, knob=False)
+    check_scheme(scheme, model.device.type)
     Quantized, report = quantized_linear(), dict(scheme=scheme, parameters=0, bytes_before=0, bytes_after=0)
 
     def swap(owner, attribute, weight, new_name=None):
@@ -138,7 +136,6 @@ def quantize_model(model, scheme: str) -> dict:
     register_experts("quantized", quantized_experts)
     if getattr(model.config, "num_local_experts", None):
         model.set_experts_implementation("quantized")
-    model.quantized = report
     return report
 
 

@@ -40,7 +40,7 @@ def test_apply_recipe_keeps_the_answer(dtype, tolerance):
         before = model(ids).logits
         greedy = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
     recipe = apply_recipe(model, Recipe("cpu", dtype, "per_token", relayout=True, reasons=["test"]))
-    assert model.config._experts_implementation == "per_token" and model.recipe is recipe
+    assert model.config._experts_implementation == "per_token" and not hasattr(model, "recipe")
     assert set(recipe.layouts) >= {"q_proj", "k_proj", "v_proj", "o_proj", "experts.gate_up_proj",
                                    "experts.down_proj", "lm_head"}
     assert all(v[2] in ("row-major", "column-major") and v[3] > 0 for v in recipe.layouts.values())
@@ -62,6 +62,12 @@ def test_the_recipe_says_what_it_chose_and_why():
     gpu = fast_recipe("cuda")
     assert gpu.experts == "grouped_mm" and not gpu.relayout
     assert "per_token" in str(cpu) and "dtype" in str(cpu)
+    caller = fast_recipe("cpu", dtype=torch.float16)  # a dtype the machine would not pick: said so, first
+    assert caller.dtype == torch.float16 and caller.reasons[0].startswith("dtype float16: chosen by the caller (")
+    replaced = fast_recipe("cpu", experts="quantized")
+    assert replaced.experts == "quantized" and not replaced.relayout
+    lines = replaced.describe("why the experts were replaced").splitlines()
+    assert lines[1] == f"  - {replaced.reasons[0]}" and lines[2] == "  - why the experts were replaced"
 
 
 def test_load_pipeline_takes_the_fast_path_unless_told_not_to(tiny_mixtral_dir):

@@ -20,6 +20,7 @@ from hub_folder import CHAT_TEMPLATE, as_transformers_names, stored_tensors
 from helpers import (BLOG_SAMPLING, TASKS, blog_prompt, blog_readings, describe, generate, load_pipeline, model_path,
                      parameter_count)
 from helpers.data import MODEL_ENV
+from helpers.fitting import Fit
 from helpers.loading import check_fits, weight_bytes
 from helpers.offload import ExpertFiles, OffloadMeter, device_map_bytes, layer_caches
 from helpers.prompts import chat_ids, reference_ids
@@ -157,7 +158,7 @@ def test_the_planners_counts_equal_the_model_transformers_builds(hub_mixtral_dir
 
 # ---------------------------------------------------------------- e) the three ways to fit
 def test_int8_weights_load_and_generate(hub_mixtral_dir):
-    pipe = load_pipeline(str(hub_mixtral_dir), dtype=torch.float32, quantize="int8")
+    pipe = load_pipeline(str(hub_mixtral_dir), dtype=torch.float32, fit=Fit.quantized("int8"))
     assert "int8 weights" in describe(pipe)
     assert not any(".experts." in n for n, _ in pipe.model.named_parameters())  # the experts were replaced
     assert 0 < generate(pipe, TASKS["jokes"]["prompt"], max_new_tokens=6, seed=0).new_tokens <= 6
@@ -166,8 +167,8 @@ def test_int8_weights_load_and_generate(hub_mixtral_dir):
 def test_accelerates_budget_puts_part_on_disk_and_generates_the_same(hub_mixtral_dir, tmp_path):
     reference = load_pipeline(str(hub_mixtral_dir), dtype=torch.float32, fast=False)
     # of 19.3 MB in float32: the embeddings and a layer fit, with room kept for the largest module (lm_head)
-    pipe = load_pipeline(str(hub_mixtral_dir), dtype=torch.float32, fast=False, max_memory={"cpu": 18_000_000},
-                         offload_folder=tmp_path / "offload")
+    pipe = load_pipeline(str(hub_mixtral_dir), dtype=torch.float32, fast=False,
+                         fit=Fit.budget({"cpu": 18_000_000}, folder=tmp_path / "offload"))
     rows = device_map_bytes(pipe.model)
     assert {r["device"] for r in rows} == {"cpu", "disk"} and "part offloaded to disk" in describe(pipe)
     ids = torch.tensor([reference_ids(TASKS["jokes"]["prompt"], 32768)])
@@ -194,7 +195,7 @@ def test_the_expert_cache_computes_what_the_model_in_memory_computes(hub_mixtral
 
     reference = AutoModelForCausalLM.from_pretrained(hub_mixtral_dir, dtype=dtype).eval()
     reference.set_experts_implementation("eager")  # the loop the cache follows, product for product
-    pipe = load_pipeline(str(hub_mixtral_dir), dtype=dtype, expert_cache=2)
+    pipe = load_pipeline(str(hub_mixtral_dir), dtype=dtype, fit=Fit.expert_cache(2))
     assert "2 of 8 experts cached per layer" in describe(pipe)
     ids = torch.tensor([reference_ids(TASKS["translation"]["prompt"], 32768)])
     greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=2, output_scores=True, return_dict_in_generate=True)

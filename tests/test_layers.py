@@ -17,6 +17,7 @@ LAYERS = {
     "data": 0,                                              # the blog's facts, known models and GPUs, env names
     "files": 1, "hardware": 1,                              # cache folder, atomic writes; the machine
     "policies": 1,                                          # which expert a cache evicts, replayed over traces
+    "fitting": 1,                                           # how a model fits (fit=), what was loaded (LoadRecord)
     "sizing": 2,                                            # parameters, bytes, ceilings, the fit check
     "prompts": 3, "standin": 3, "fastpath": 3, "planning": 3, "checking": 3,
     "quantize": 4, "offload": 4, "sandbox": 4,              # experts replaced: quantized, or cached; model code run
@@ -29,7 +30,7 @@ LAYERS = {
 }
 # `total` is helpers/' measured size (README, The code), so that it cannot grow unnoticed: a change that adds a
 # capability raises it and says so in the README; one that removes code lowers it. The history is in git log.
-LIMITS = dict(total=4509, file=400, function=60)
+LIMITS = dict(total=4619, file=400, function=60)
 
 
 def helper_imports(path: Path) -> set[str]:

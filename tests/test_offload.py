@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from helpers.backends import describe, load_pipeline
 from helpers.data import ENDPOINT_ENV, GPU_TYPES, GiB
 from helpers.fastpath import tokens_by_expert
+from helpers.fitting import Fit
 from helpers.loading import ModelTooLarge
 from helpers.moe import RouterTrace
 from helpers.offload import ExpertFiles, OffloadMeter, device_map_bytes, layer_caches, offload_experts
@@ -193,7 +194,7 @@ def test_a_bad_size_is_refused_and_changes_nothing(moe_dir):
     reference, cached = load(moe_dir), load(moe_dir)
     cache = offload_experts(cached, 2)
     for bad in (0, 5, "3", True, None, 2.0):
-        with pytest.raises(ValueError, match=r"expert_cache=.* is not allowed: use a whole number from 1 to 4"):
+        with pytest.raises(ValueError, match=r"Fit.expert_cache: per_layer=.* is not allowed: use a whole number from 1 to 4"):
             cache.resize(bad)
     assert cache.per_layer == 2 and all(m.mlp.experts.cached_gate_up.shape[0] == 2 for m in cached.model.layers)
     assert all(c.policy.capacity == 2 for c in layer_caches(cached))
@@ -223,11 +224,11 @@ def test_prefetch_computes_what_memory_computes(moe_dir, per_layer, tier, thread
 
 def test_a_perfect_guess_leaves_no_decode_miss_where_it_guesses(moe_dir):
     model = load(moe_dir)
-    offload_experts(model, 2)
+    cache = offload_experts(model, 2)
     prompt, greedy = torch.tensor([[5, 9, 200, 31, 7]]), dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     with RouterTrace(model) as trace, torch.no_grad():
         model.generate(prompt, **greedy)
-    model.expert_cache.resize(2)  # empty again
+    cache.resize(2)  # empty again
     second = layer_caches(model)[1]
     before = Counter(second.count)
     with Prefetch(model, trace=trace), torch.no_grad():
@@ -240,11 +241,11 @@ def test_a_perfect_guess_leaves_no_decode_miss_where_it_guesses(moe_dir):
 
 def test_prefetch_in_line_makes_the_same_copies_as_the_thread(moe_dir):
     model = load(moe_dir)
-    offload_experts(model, 2)
+    cache = offload_experts(model, 2)
     prompt, greedy = torch.tensor([[5, 9, 200, 31, 7]]), dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
     counted = []
     for threads in (1, 0):
-        model.expert_cache.resize(2)
+        cache.resize(2)
         with Prefetch(model, most=3, threads=threads), OffloadMeter(model) as meter, torch.no_grad():
             model.generate(prompt, **greedy)
         counted.append({k: v for k, v in meter.per_token().items() if k != "storage"})
@@ -293,23 +294,32 @@ def test_the_hub_layout_is_read_expert_by_expert(tmp_path, moe_dir):
 
 # ---------------------------------------------------------------- the knob, and what it refuses
 def test_the_knob_loads_a_cached_model_and_says_so(moe_dir):
-    pipe = load_pipeline(str(moe_dir), dtype=torch.float32, expert_cache=2)
+    pipe = load_pipeline(str(moe_dir), dtype=torch.float32, fit=Fit.expert_cache(2))
     assert pipe.model.config._experts_implementation == "expert_cache"
+    record = pipe.model.load_record
+    assert record.fit == Fit.expert_cache(2) and record.cache.per_layer == 2 and record.recipe.experts == "expert_cache"
+    assert not hasattr(pipe.model, "expert_cache")  # the record is the one thing set on the model
     assert "2 of 4 experts cached per layer" in describe(pipe)
     assert "the others read from disk" in describe(pipe, detail=True)
-    pipe.model.expert_cache.resize(3)  # what it says follows the size, the fast path's reasons included
+    record.cache.resize(3)  # what it says follows the size, the fast path's reasons included
     assert "3 of 4 experts cached per layer" in describe(pipe)
     assert "3 of 4 experts per layer in memory" in describe(pipe, detail=True) and "2 of 4" not in describe(pipe, detail=True)
 
 
 def test_the_knobs_refuse_what_they_cannot_do(moe_dir, tmp_path, monkeypatch):
-    for bad in (0, 5, "2", True):
-        with pytest.raises(ValueError, match=r"expert_cache=.* is not allowed: use a whole number from 1 to 4"):
-            load_pipeline(str(moe_dir), expert_cache=bad)
-    with pytest.raises(ValueError, match="use one at a time"):
-        load_pipeline(str(moe_dir), expert_cache=2, max_memory={"cpu": "1GiB"})
-    with pytest.raises(ValueError, match="a dict of budgets per device"):
-        load_pipeline(str(moe_dir), max_memory="1GiB")
+    for bad in (0, "2", True):
+        with pytest.raises(ValueError, match=r"Fit.expert_cache: per_layer=.* is not allowed: use a whole number >= 1"):
+            Fit.expert_cache(bad)
+    with pytest.raises(ValueError, match=r"Fit.expert_cache: per_layer=5 is not allowed: use a whole number from 1 to 4"):
+        load_pipeline(str(moe_dir), fit=Fit.expert_cache(5))  # the model has 4 experts per layer
+    with pytest.raises(ValueError, match=r"Fit.expert_cache\(tier='ssd'\): use 'disk'"):
+        Fit.expert_cache(2, tier="ssd")
+    for bad in (2, "int8", {"cpu": "1GiB"}, (Fit.expert_cache(2), Fit.budget({"cpu": "1GiB"}))):
+        with pytest.raises(ValueError, match=r"is not a way to fit a model: use None .*Fit.quantized\('int8'\)"):
+            load_pipeline(str(moe_dir), fit=bad)
+    for bad in ("1GiB", {}):
+        with pytest.raises(ValueError, match="give a budget per device"):
+            Fit.budget(bad)
     with pytest.raises(ValueError, match="needs a mixture-of-experts model"):
         offload_experts(type("Dense", (), {"config": type("C", (), {})()})(), 2)
     with pytest.raises(ValueError, match="no experts in the safetensors"):
@@ -319,20 +329,20 @@ def test_the_knobs_refuse_what_they_cannot_do(moe_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MIXTRAL_NOTEBOOKS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("shutil.disk_usage", lambda _: type("U", (), {"free": 10})())
     with pytest.raises(ModelTooLarge, match="has 0.0 GiB free"):
-        load_pipeline(str(moe_dir), max_memory={"cpu": "1GiB"}, offload_folder=tmp_path / "off")
+        load_pipeline(str(moe_dir), fit=Fit.budget({"cpu": "1GiB"}, folder=tmp_path / "off"))
     with pytest.raises(ModelTooLarge, match="has 0.0 GiB free"):  # and no temporary folder is left behind
-        load_pipeline(str(moe_dir), max_memory={"cpu": "1GiB"})
+        load_pipeline(str(moe_dir), fit=Fit.budget({"cpu": "1GiB"}))
     assert not any((tmp_path / "cache" / "offload").iterdir())
     monkeypatch.setenv(ENDPOINT_ENV, "http://127.0.0.1:9/v1")
-    with pytest.raises(ValueError, match="expert_cache change how weights load here"):
-        load_pipeline(expert_cache=2)
+    with pytest.raises(ValueError, match=r"fit=CachedExperts\(per_layer=2, tier=None\) changes how weights load here"):
+        load_pipeline(fit=Fit.expert_cache(2))
 
 
 # ---------------------------------------------------------------- accelerate's offloading, counted
 def test_accelerate_reads_whole_layers_from_disk_every_token(moe_dir, tmp_path):
     reference = load_pipeline(str(moe_dir), dtype=torch.float32, fast=False)
-    pipe = load_pipeline(str(moe_dir), dtype=torch.float32, fast=False, max_memory={"cpu": 8_500_000},
-                         offload_folder=tmp_path / "off")
+    pipe = load_pipeline(str(moe_dir), dtype=torch.float32, fast=False,
+                         fit=Fit.budget({"cpu": 8_500_000}, folder=tmp_path / "off"))
     rows = device_map_bytes(pipe.model)
     on_disk = sum(r["bytes"] for r in rows if r["device"] == "disk")
     assert {r["device"] for r in rows} == {"cpu", "disk"} and on_disk > 0, rows
@@ -347,10 +357,8 @@ def test_accelerate_reads_whole_layers_from_disk_every_token(moe_dir, tmp_path):
 
 def test_a_temporary_offload_folder_goes_with_its_model(moe_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MIXTRAL_NOTEBOOKS_CACHE", str(tmp_path))
-    stale = tmp_path / "offload" / "offload-999999999-x"  # left by a process that no longer runs
-    stale.mkdir(parents=True)
-    pipe = load_pipeline(str(moe_dir), dtype=torch.float32, fast=False, max_memory={"cpu": 8_500_000})
-    assert not stale.exists()
+    pipe = load_pipeline(str(moe_dir), dtype=torch.float32, fast=False, fit=Fit.budget({"cpu": 8_500_000}))
+    assert pipe.model.load_record.folder is not None and pipe.model.load_record.recipe is None
     folders = list((tmp_path / "offload").iterdir())
     assert len(folders) == 1 and any(folders[0].iterdir())
     del pipe
@@ -358,7 +366,8 @@ def test_a_temporary_offload_folder_goes_with_its_model(moe_dir, tmp_path, monke
     gc.collect()
     assert not folders[0].exists()
     with pytest.raises(Exception):  # a load that fails leaves no folder either
-        load_pipeline(str(moe_dir), dtype=torch.float32, fast=False, max_memory={"cpu": 8_500_000}, device_map="nowhere")
+        load_pipeline(str(moe_dir), dtype=torch.float32, fast=False, fit=Fit.budget({"cpu": 8_500_000}),
+                      device_map="nowhere")
     assert not any((tmp_path / "offload").iterdir())
 
 

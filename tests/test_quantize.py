@@ -4,7 +4,7 @@ in 10_quantization, which nbval re-executes."""
 import pytest
 import torch
 
-from helpers import describe, load_pipeline, parameter_count
+from helpers import Fit, describe, load_pipeline, parameter_count
 from helpers.data import ENDPOINT_ENV
 from helpers.quantize import (GROUP, check_scheme, compare_logits, kernel_speeds, quantize_model,
                               quantized_linear)
@@ -42,7 +42,7 @@ def test_a_quantized_matrix_multiplies_like_its_rounded_weights(scheme):
 
 def test_int4_refuses_shapes_its_kernel_cannot_take():
     for shape in ((16, GROUP + 8), (8, GROUP)):  # inputs not in whole groups; outputs not a multiple of 16
-        with pytest.raises(ValueError, match=f"int4 needs inputs in groups of {GROUP}.*quantize='int8'"):
+        with pytest.raises(ValueError, match=f"int4 needs inputs in groups of {GROUP}.*Fit.quantized\\('int8'\\)"):
             quantized_linear()(torch.randn(*shape), "int4")
 
 
@@ -80,7 +80,7 @@ def test_quantize_model_covers_every_matrix_a_token_reads(scheme, agreement, dty
     assert report["parameters"] == counts["attention"] + counts["experts"] + counts["embeddings"]
     left = {n for n, p in model.named_parameters()}
     assert not any("proj" in n or "lm_head" in n for n in left), left
-    assert model.config._experts_implementation == "quantized" and model.quantized is report
+    assert model.config._experts_implementation == "quantized" and not hasattr(model, "quantized")
     assert report["bytes_after"] < report["bytes_before"] * (0.3 if dtype == torch.float32 else 0.6)
     ids = torch.randint(0, 512, (1, 40))
     with torch.no_grad():  # prompt-length and decode-length inputs both go through the quantized experts
@@ -106,21 +106,28 @@ def test_compare_logits_counts_windows_and_is_zero_for_the_same_model():
 
 # ---------------------------------------------------------------- the knob and its refusals
 def test_the_knob_loads_quantized_and_describe_says_so(tiny_mixtral_dir):
-    pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32, quantize="int8")
-    assert pipe.model.quantized["scheme"] == "int8"
+    pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32, fit=Fit.quantized("int8"))
+    record = pipe.model.load_record
+    assert record.quantized["scheme"] == "int8" and record.fit == Fit.quantized("int8")
+    assert record.bytes_per_parameter == record.quantized["bytes_after"] / record.quantized["parameters"] < 1.1
     assert "int8 weights" in describe(pipe)
     assert "int8: 8-bit weights" in describe(pipe, detail=True) and "experts 'quantized'" in describe(pipe, detail=True)
 
 
 def test_the_knob_refuses_what_it_cannot_do(tiny_mixtral_dir, monkeypatch):
-    with pytest.raises(ValueError, match="quantize='int2' is not a scheme here; use None, 'int8' or 'int4'"):
-        load_pipeline(str(tiny_mixtral_dir), quantize="int2")
+    with pytest.raises(ValueError, match=r"Fit.quantized\('int2'\): not a weight scheme here; use "
+                                         r"Fit.quantized\('int8'\) or Fit.quantized\('int4'\)"):
+        Fit.quantized("int2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ValueError, match="on GPUs load with transformers' quantization_config"):
-        check_scheme("int8", "cuda")
-    check_scheme("int8", "cuda", knob=False)  # the GPU check's layer timing may
-    with pytest.raises(ValueError, match="CPU kernels"):
-        check_scheme("int4", "cuda", knob=False)
+        load_pipeline(str(tiny_mixtral_dir), fit=Fit.quantized("int8"))
+    monkeypatch.undo()
+    check_scheme("int8", "cuda")  # the GPU check's layer timing may
+    with pytest.raises(ValueError, match="int4 uses torch's CPU kernel"):
+        check_scheme("int4", "cuda")
+    with pytest.raises(ValueError, match="scheme='int2' is not a weight scheme here"):
+        check_scheme("int2", "cpu")
     monkeypatch.setenv(ENDPOINT_ENV, "http://127.0.0.1:9/v1")
-    with pytest.raises(ValueError, match="set them there .*local=True"):
-        load_pipeline(quantize="int8")
+    with pytest.raises(ValueError, match="set it there .*local=True"):
+        load_pipeline(fit=Fit.quantized("int8"))
 
