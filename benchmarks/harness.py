@@ -220,7 +220,7 @@ def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: in
     wall = time.perf_counter() - wall
 
     context = sum(r["prompt_tokens"] for r in runs) / len(runs) + (1 + warmup + new_tokens) / 2
-    element = torch.tensor([], dtype=model.dtype).element_size()
+    element = model.dtype.itemsize
     record = getattr(model, "load_record", None)  # None: the blog's own pipeline call, or the dense model
     per_weight = record.bytes_per_parameter if record is not None else element  # quantized: as measured
     bytes_ = decode_bytes(model.config, per_weight, int(context), runs[0]["batch"], kv_bytes=element)

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         models[depth] = build(depth, args.scale, dtype, args.device)
         print(f"built {depth} layer(s) in {time.perf_counter() - started:.0f} s", flush=True)
     config = models[deep].config
-    size = torch.tensor([], dtype=dtype).element_size()
+    size = dtype.itemsize
     def layer_bytes(per_weight: float) -> float:  # one layer: attention, router, 2 experts, norms, KV (in `size`)
         full = decode_bytes(config, per_weight, context=32 + 3 + args.tokens // 2, kv_bytes=size)
         return (full["per_step"] - full["parts"]["lm_head"] - full["parts"]["embedding rows"]

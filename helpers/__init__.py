@@ -9,7 +9,7 @@ from .fastpath import fast_recipe
 from .fitting import Fit
 from .generation import (BATCH_MIN_GAIN, candidates_per_step, draw_distribution, generate, generate_batch,
                          generate_many, next_token_distribution, print_stream, steps_before_a_tie)
-from .hardware import (cpu_has_native_bf16, gpus, last_level_cache_bytes, measure_bandwidth, pick_dtype, system_memory,
+from .hardware import (cpu_has_native_bf16, dtype_name, gpus, last_level_cache_bytes, measure_bandwidth, pick_dtype, system_memory,
                        torch_build)
 from .loading import check_fits, model_path, placement, weight_bytes
 from .moe import (NextLayerGuess, busiest_expert, chance_stickiness, cost_experiment, draw_loads, draw_routing, expert_load,
@@ -25,7 +25,7 @@ from .prompts import (blog_prompt, blog_readings, chat_ids, compare_ids, hub_fas
 from .quantize import QUALITY_TEXT, compare_logits, kernel_speeds
 from .sandbox import run_sandboxed
 from .serving import BATCHING_MIN_GAIN, QUEUE_MIN_WAIT_RATIO, room_load, start_local_server
-from .sizing import (ceiling, chance_hit_rate, decode_bytes, expected_distinct_experts, fit_report, kv_bytes_per_token,
+from .sizing import (ceiling, chance_hit_rate, decode_bytes, expected_distinct_experts, expert_bytes, fit_report, kv_bytes_per_token,
                      memory_table, parameter_count)
 from .standin import ensure_standin
 from .widgets import SamplingPanel, distribution_explorer
@@ -35,10 +35,10 @@ __all__ = [
     "GPU_TYPES", "GiB", "KNOWN_MODELS", "LINK_GTS", "LONGFELLOW", "NextLayerGuess", "OffloadMeter", "PEER_LINK_GBS", "POLICIES", "Prefetch", "QUALITY_TEXT",
     "QUEUE_MIN_WAIT_RATIO", "SamplingPanel", "TASKS", "blog_prompt", "blog_readings", "busiest_expert", "candidates_per_step",
     "ceiling", "chance_hit_rate", "chance_stickiness", "chat_ids", "check_fits", "chrf", "compare_ids",
-    "compare_logits", "cost_experiment", "cpu_has_native_bf16", "decode_bytes", "describe", "device_map_bytes",
+    "compare_logits", "cost_experiment", "cpu_has_native_bf16", "decode_bytes", "describe", "dtype_name", "device_map_bytes",
     "distribution_explorer", "diversity", "draw_device_map", "draw_distribution", "draw_loads",
     "draw_offload_plans", "draw_plan", "draw_routing", "edit_distance_cases", "ensure_standin",
-    "expected_distinct_experts", "expert_load", "experts_per_token", "experts_read_per_step", "extract_code",
+    "expected_distinct_experts", "expert_bytes", "expert_load", "experts_per_token", "experts_read_per_step", "extract_code",
     "fast_recipe", "fit_report", "generate", "generate_batch", "generate_many", "gpus", "hit_rates", "hub_fast_tokenizer",
     "kernel_speeds", "kv_bytes_per_token", "last_level_cache_bytes", "link_bandwidth", "load_pipeline",
     "measure_bandwidth", "memory_table", "model_path", "next_token_distribution", "offload_plan", "parallel_step",

@@ -98,11 +98,11 @@ def choose_layouts(model, sample_bytes: int = 128 * 2**20) -> dict:
         for kind, members in _weight_groups(model).items():
             params = [getattr(m, a) for m, a in members]
             rows = [w for p in params for w in (p if p.dim() == 3 else [p])]   # each [out, in]
-            nbytes = sum(w.numel() * w.element_size() for w in rows)
+            nbytes = sum(w.nbytes for w in rows)
             sample, size = [], 0
             for w in rows:
                 sample.append(w)
-                size += w.numel() * w.element_size()
+                size += w.nbytes
                 if size >= sample_bytes:
                     break
             x = torch.randn(1, rows[0].shape[-1], dtype=rows[0].dtype, device=rows[0].device)

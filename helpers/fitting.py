@@ -105,9 +105,7 @@ class LoadRecord:
         """What one weight costs in memory: the dtype's size, or what quantizing measured (scales included)."""
         if self.quantized:
             return self.quantized["bytes_after"] / self.quantized["parameters"]
-        import torch
-
-        return torch.tensor([], dtype=self.dtype).element_size()
+        return self.dtype.itemsize
 
     def weights(self) -> str:
         """A few words on how the weights are held, for `describe`'s line ("" for the blog's weights)."""

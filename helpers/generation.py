@@ -9,7 +9,7 @@ import math
 
 from .backends import Answer, LocalModel, as_backend
 from .data import BLOG_SAMPLING, whole_number
-from .prompts import as_messages, chat_ids
+from .prompts import as_messages, chat_ids, shown_token
 
 # What 08 asserts of generate_batch: four prompts as one batch give at least this many times the tokens per second
 # in all (whole calls) of the same prompts one at a time (1.8x measured on a 2-core Intel Xeon with AMX)
@@ -182,7 +182,7 @@ def draw_distribution(stages: dict, title: str = "Next-token probabilities"):
                              sharey=True)
     top, before = max(p for rows in stages.values() for _, p in rows), None
     for ax, (name, rows) in zip(axes, stages.items()):
-        tokens = [t.replace("Ġ", "␣").replace("▁", "␣").replace("Ċ", "\\n") for t, _ in rows]
+        tokens = [shown_token(t) for t, _ in rows]
         ghost = [b if p == 0 else 0 for (_, p), (_, b) in zip(rows, before or rows)]
         for i, (_, p) in enumerate(rows):
             if p == 0:

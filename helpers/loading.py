@@ -115,10 +115,8 @@ def stored_dtype_bytes(path: Path) -> float:
 def check_fits(path, dtype) -> int:
     """Bytes the weights need in `dtype`; raises ModelTooLarge, with the numbers, if they exceed
     what device_map="auto" can use here (free GPU memory plus available RAM, `RESERVED` kept free)."""
-    import torch
-
     path = Path(path)
-    need = int(weight_bytes(path) / stored_dtype_bytes(path) * torch.tensor([], dtype=dtype).element_size())
+    need = int(weight_bytes(path) / stored_dtype_bytes(path) * dtype.itemsize)
     budget = memory_budget()
     if not fits(need, budget["total"]):
         raise ModelTooLarge(
@@ -202,5 +200,5 @@ def placement(model) -> list[dict]:
     for _, p in model.named_parameters():
         row = rows.setdefault(str(p.device), {"device": str(p.device), "parameters": 0, "bytes": 0})
         row["parameters"] += p.numel()
-        row["bytes"] += p.numel() * p.element_size()
+        row["bytes"] += p.nbytes
     return list(rows.values())

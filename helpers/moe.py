@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from .backends import LocalModel, as_backend, decode_rate
 from .data import whole_number
+from .prompts import shown_token
 from .generation import generate, generate_batch
 from .prefetch import next_layer_guesses
 from .prompts import chat_ids
@@ -223,7 +224,7 @@ def cost_experiment(hidden: int = 512, intermediate: int = 1536, layers: int = 4
     for name, model in models.items():
         answer = LocalModel(model=model.eval()).run([prompt], greedy)[0]  # decode speed after 1 + 4 warm-up tokens
         rows.append({"model": name, "parameters": sum(p.numel() for p in model.parameters()),
-                     "weights_MiB": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+                     "weights_MiB": sum(p.nbytes for p in model.parameters()) / 2**20,
                      "tokens_per_s": decode_rate(answer.token_times, warmup=4)})
     return rows
 
@@ -239,8 +240,7 @@ def draw_routing(experts, tokens, num_experts: int, title: str, ax=None, marks: 
         _, ax = plt.subplots(figsize=(9, 0.18 * len(tokens) + 1))
     cmap = ListedColormap(plt.get_cmap("tab10").colors[:num_experts])
     image = ax.imshow(first, aspect="auto", cmap=cmap, vmin=-0.5, vmax=num_experts - 0.5, interpolation="nearest")
-    readable = [t.replace("Ġ", "␣").replace("▁", "␣").replace("Ċ", "\\n").replace("\n", "\\n") for t in tokens]
-    ax.set_yticks(range(len(tokens)), readable, fontsize=7)
+    ax.set_yticks(range(len(tokens)), [shown_token(t) for t in tokens], fontsize=7)
     ax.set_xlabel("layer")
     ax.set_ylabel("token")
     ax.set_title(title)

@@ -50,7 +50,7 @@ class LayerCache:
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             experts_module.cached_gate_up[slot].copy_(gate_up, non_blocking=True)
             experts_module.cached_down[slot].copy_(down, non_blocking=True)
-        return gate_up.numel() * gate_up.element_size() + down.numel() * down.element_size()
+        return gate_up.nbytes + down.nbytes
 
     def settle(self) -> None:
         """Wait for the prefetches under way (a use must not read a slot being written)."""
@@ -227,7 +227,7 @@ def resident_bytes(model) -> float:
     for name, p in model.named_parameters():                                  # tied weights come once
         if p.device.type == "meta":
             continue                                                          # offloaded: counted as copied in
-        size = p.numel() * p.element_size()
+        size = p.nbytes
         if p.dim() == 3:
             size *= share
         elif name.endswith("embed_tokens.weight") and not c.tie_word_embeddings:
@@ -235,7 +235,7 @@ def resident_bytes(model) -> float:
         total += size
     for m in model.modules():
         if hasattr(m, "cached_gate_up"):
-            total += c.num_experts_per_tok * sum(b[0].numel() * b[0].element_size() for b in (m.cached_gate_up, m.cached_down))
+            total += c.num_experts_per_tok * sum(b[0].nbytes for b in (m.cached_gate_up, m.cached_down))
     return total
 
 
@@ -266,7 +266,7 @@ class OffloadMeter:
             class Counting(base):
                 def __getitem__(self, key, _base=base):
                     tensor = _base.__getitem__(self, key)
-                    count["from RAM" if key in self.state_dict else "from disk"] += tensor.numel() * tensor.element_size()
+                    count["from RAM" if key in self.state_dict else "from disk"] += tensor.nbytes
                     return tensor
             loader.__class__ = Counting
             self._undo.append(lambda loader=loader, base=base: setattr(loader, "__class__", base))
@@ -311,7 +311,7 @@ def device_map_bytes(model) -> list[dict]:
     placement = getattr(model, "hf_device_map", None) or {"": str(model.device)}
     sizes = Counter()
     for name, p in model.named_parameters():
-        sizes[map_entry(placement, name)] += p.numel() * p.element_size()
+        sizes[map_entry(placement, name)] += p.nbytes
     return [dict(module=k or "model", device=str(placement[k]), bytes=sizes[k]) for k in placement if sizes[k]]
 
 

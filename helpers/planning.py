@@ -5,6 +5,7 @@ Counts come from sizing.py; the placement is accelerate's own, run on the meta d
 configs, no weights)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -12,7 +13,8 @@ from dataclasses import dataclass, field
 
 from . import hardware
 from .data import DTYPE_BYTES, GPU_TYPES, LINK_GTS, PEER_LINK_GBS, RESERVED, GiB, whole_number
-from .sizing import (as_config, ceiling, chance_hit_rate, decode_bytes, dtype_bytes, fits, footprint, kv_precision,
+from .sizing import (as_config, ceiling, chance_hit_rate, decode_bytes, dtype_bytes, expert_bytes, fits, footprint,
+                     kv_precision,
                      parameter_count, usable)
 
 @dataclass
@@ -94,34 +96,48 @@ def plan(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", gpu: str = "MI300
     return result
 
 
-def auto_device_map(config, count: int, budget_per_gpu: int, precision: str, cpu: bool = False):
-    """What transformers' device_map="auto" would do on `count` GPUs with `budget_per_gpu` bytes each
-    for the weights: accelerate's own balancing and placement, on the meta device. accelerate sizes
-    per torch dtype, so int4 is planned as int8 with doubled budgets (the same proportions).
-    `cpu=True`: what does not fit goes to CPU RAM; returns (device map, bytes left in CPU RAM) then."""
+@contextlib.contextmanager
+def _meta_mixtral(config, precision: str):
+    """(a Mixtral of `config` on the meta device, the torch dtype accelerate sizes it in, the budgets' scale),
+    accelerate's warning that the planned GPUs are not on this machine silenced. accelerate sizes per torch
+    dtype, so int4 is planned as int8 with doubled budgets (the same proportions)."""
     import torch
-    from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
     from transformers import MixtralForCausalLM
 
-    scale = 2 if precision == "int4" else 1
-    dtype = getattr(torch, "int8" if precision == "int4" else precision)
     with torch.device("meta"):
         net = MixtralForCausalLM(config)
-    no_split = ["MixtralDecoderLayer"]
     quiet = logging.getLogger("accelerate.utils.modeling")
     level = quiet.level
-    quiet.setLevel(logging.ERROR)  # it warns that these GPUs are not on this machine: we know
+    quiet.setLevel(logging.ERROR)
     try:
-        budget = {i: budget_per_gpu * scale for i in range(count)}
-        if cpu:
-            budget["cpu"] = 2**60
-            placed = infer_auto_device_map(net, max_memory=budget, dtype=dtype, no_split_module_classes=no_split)
-            sizes = compute_module_sizes(net, dtype=dtype)
-            return placed, sum(sizes[k] for k, d in placed.items() if d == "cpu") / scale
-        budget = get_balanced_memory(net, max_memory=budget, no_split_module_classes=no_split, dtype=dtype)
-        return infer_auto_device_map(net, max_memory=budget, dtype=dtype, no_split_module_classes=no_split)
+        yield net, getattr(torch, "int8" if precision == "int4" else precision), 2 if precision == "int4" else 1
     finally:
         quiet.setLevel(level)
+
+
+NO_SPLIT = ["MixtralDecoderLayer"]
+
+
+def auto_device_map(config, count: int, budget_per_gpu: int, precision: str) -> dict:
+    """What transformers' device_map="auto" would do on `count` GPUs with `budget_per_gpu` bytes each
+    for the weights: accelerate's own balancing and placement, on the meta device."""
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+    with _meta_mixtral(config, precision) as (net, dtype, scale):
+        budget = {i: budget_per_gpu * scale for i in range(count)}
+        budget = get_balanced_memory(net, max_memory=budget, no_split_module_classes=NO_SPLIT, dtype=dtype)
+        return infer_auto_device_map(net, max_memory=budget, dtype=dtype, no_split_module_classes=NO_SPLIT)
+
+
+def bytes_past_one_gpu(config, budget: int, precision: str) -> float:
+    """The bytes of weights device_map="auto" puts in CPU RAM next to one GPU with `budget` bytes for them."""
+    from accelerate.utils import compute_module_sizes, infer_auto_device_map
+
+    with _meta_mixtral(config, precision) as (net, dtype, scale):
+        placed = infer_auto_device_map(net, max_memory={0: budget * scale, "cpu": 2**60}, dtype=dtype,
+                                       no_split_module_classes=NO_SPLIT)
+        sizes = compute_module_sizes(net, dtype=dtype)
+        return sum(sizes[k] for k, d in placed.items() if d == "cpu") / scale
 
 
 def link_bandwidth(link: str) -> float:
@@ -148,7 +164,7 @@ def offload_plan(model: str, gpu: str, link: str = "PCIe 4.0 x16", precision: st
         raise ValueError(f"unknown GPU {gpu!r}: use one of {', '.join(GPU_TYPES)}")
     gpu_bw, link_bw = GPU_TYPES[gpu]["bandwidth_tbs"] * 1e12, link_bandwidth(link)
     parts, L, E, K = parameter_count(config), config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok
-    expert = parts["experts"] / (L * E) * size                              # one expert of one layer
+    expert = expert_bytes(config, size)                                     # one expert of one layer
     cost, memory = footprint(config, precision, context), GPU_TYPES[gpu]["memory_gib"] * GiB
     weights, kv, read = cost["weights"], cost["kv"], cost["per_token"]      # read: what the GPU reads per token
     budget, resident = usable(memory), weights - parts["experts"] * size + kv  # resident: all but the experts
@@ -236,7 +252,7 @@ def parallel_step(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", gpu: str
 @functools.lru_cache(maxsize=64)
 def _bytes_left_in_ram(model: str, budget: int, precision: str) -> float:
     """What device_map="auto" leaves in CPU RAM with one GPU of `budget` bytes (the same for every link)."""
-    return auto_device_map(as_config(model), 1, budget, precision, cpu=True)[1]
+    return bytes_past_one_gpu(as_config(model), budget, precision)
 
 
 def draw_offload_plans(rows: list, title: str = "One GPU, the model bigger than it: decode speed at batch 1, estimated"):

@@ -134,6 +134,11 @@ def blog_readings(prompt: str) -> dict[str, list[int]]:
     }
 
 
+def shown_token(token: str) -> str:
+    """A token as a picture shows it: its leading space (byte-level "Ġ", SentencePiece "▁") as "␣", a newline as \\n."""
+    return token.replace("Ġ", "␣").replace("▁", "␣").replace("Ċ", "\\n").replace("\n", "\\n")
+
+
 def compare_ids(tokenizer, columns: dict[str, list[int]]) -> str:
     """Id sequences, one line each, then how each differs from the last one (the reference)."""
     def pieces(ids, with_ids=False):

@@ -116,8 +116,8 @@ def quantize_model(model, scheme: str) -> dict:
     def swap(owner, attribute, weight, new_name=None):
         quantized = Quantized(weight, scheme)
         report["parameters"] += weight.numel()
-        report["bytes_before"] += weight.numel() * weight.element_size()
-        report["bytes_after"] += sum(b.numel() * b.element_size() for b in quantized.buffers())
+        report["bytes_before"] += weight.nbytes
+        report["bytes_after"] += sum(b.nbytes for b in quantized.buffers())
         if new_name:
             delattr(owner, attribute)
         setattr(owner, new_name or attribute, quantized)

@@ -60,6 +60,13 @@ def parameter_count(model) -> dict:
     return parts
 
 
+def expert_bytes(model, bytes_per_parameter: float) -> float:
+    """Bytes of one expert of one layer (gate, up and down) at `bytes_per_parameter`: what an expert cache
+    moves per miss. Taught in 11_offloading."""
+    c = as_config(model)
+    return 3 * c.hidden_size * c.intermediate_size * bytes_per_parameter
+
+
 def kv_values_per_token(model) -> int:
     """K and V, every layer, every KV head: the values one token of context adds to the cache."""
     c = as_config(model)

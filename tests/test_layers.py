@@ -30,7 +30,7 @@ LAYERS = {
 }
 # `total` is helpers/' measured size (README, The code), so that it cannot grow unnoticed: a change that adds a
 # capability raises it and says so in the README; one that removes code lowers it. The history is in git log.
-LIMITS = dict(total=4619, file=400, function=60)
+LIMITS = dict(total=4646, file=400, function=60)
 
 
 def helper_imports(path: Path) -> set[str]:

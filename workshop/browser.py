@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from helpers.files import atomic_file
 from helpers.serving import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +115,7 @@ def photograph(page, url: str, name: str, out: Path, seconds: float = 12) -> Pat
     widget.scroll_into_view_if_needed()
     time.sleep(1)  # let the last redraw land
     out.parent.mkdir(parents=True, exist_ok=True)
-    widget.screenshot(path=str(out))
+    widget.screenshot(path=str(out), type="png")
     return out
 
 
@@ -131,9 +132,7 @@ def screenshots(names: list[str] | None = None) -> list[Path]:
         for name in names:
             print(f"== {name}", file=sys.stderr, flush=True)
             final = IMAGES / f"widget-{name}.png"
-            tmp = final.with_suffix(".part.png")
-            photograph(page, url, name, tmp)
-            os.replace(tmp, final)  # a photograph is whole or absent, never half-written
+            atomic_file(final, lambda tmp: photograph(page, url, name, tmp))  # whole or absent, never half-written
             taken.append(final)
             page.evaluate("() => window.jupyterapp.serviceManager.kernels.shutdownAll()")  # one model at a time
     return taken

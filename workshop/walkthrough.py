@@ -54,6 +54,8 @@ def run_notebook(path: Path, inplace: bool = False, timeout: int = 1800, build: 
     from nbclient import NotebookClient
     from nbconvert import HTMLExporter
 
+    from helpers.files import atomic_file
+
     nb = nbformat.read(path, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(PEAK_CELL))
     code_cells = sum(c.cell_type == "code" for c in nb.cells)
@@ -81,12 +83,11 @@ def run_notebook(path: Path, inplace: bool = False, timeout: int = 1800, build: 
         print(file=sys.stderr)
         nb.cells.pop()
         _clean(nb)
-        build.mkdir(parents=True, exist_ok=True)
-        nbformat.write(nb, build / path.name)
+        atomic_file(build / path.name, lambda tmp: nbformat.write(nb, str(tmp)))
         html, _ = HTMLExporter().from_notebook_node(nb)
-        (build / path.with_suffix(".html").name).write_text(html)
-    if inplace:
-        nbformat.write(nb, path)
+        atomic_file(build / path.with_suffix(".html").name, lambda tmp: tmp.write_text(html))
+    if inplace:  # a committed notebook is the old one or the whole new one, never half-written
+        atomic_file(path, lambda tmp: nbformat.write(nb, str(tmp)))
     return nb
 
 
