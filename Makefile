@@ -1,4 +1,4 @@
-# make run | test | test-slow | test-other-dtype | test-all | bench | bench-quick | lab | stop-kernels | screenshots | serve | slides | bundle | notebooks | run-all | setup | standin | clean
+# make run | test | format | test-slow | test-other-dtype | test-all | bench | bench-quick | lab | stop-kernels | screenshots | serve | slides | bundle | notebooks | run-all | setup | standin | clean
 PYTHON ?= python3
 TORCH_INDEX ?=
 VENV   := .venv
@@ -14,7 +14,7 @@ PORT   ?= 8000
 TEST_WORKERS ?= 2
 PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: setup standin run run-all test test-slow test-other-dtype test-all bench bench-quick lab stop-kernels screenshots notebooks serve slides bundle clean
+.PHONY: format setup standin run run-all test test-slow test-other-dtype test-all bench bench-quick lab stop-kernels screenshots notebooks serve slides bundle clean
 
 setup: $(STAMP)
 
@@ -74,6 +74,10 @@ test-other-dtype: standin
 
 # What CI runs: every test, then the dtype-sensitive tests in the other kind's dtype.
 test-all: test test-slow test-other-dtype
+
+# The one formatter of all Python here (ruff.toml); make test checks that nothing is left unformatted.
+format: setup
+	$(PY) -m ruff format .
 
 # Decode speed per configuration against this machine's bandwidth ceiling: build/bench.{json,md,png}.
 bench: standin

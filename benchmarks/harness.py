@@ -5,6 +5,7 @@ more steps), against this machine's bandwidth ceiling (helpers.sizing).
 
     python benchmarks/harness.py JSON   # one load group, in a process of its own (measure() does this)
 """
+
 from __future__ import annotations
 
 import itertools
@@ -29,25 +30,29 @@ from helpers.loading import load_local  # noqa: E402
 from helpers.offload import OffloadMeter  # noqa: E402
 from helpers.prompts import blog_prompt, chat_ids  # noqa: E402
 from helpers.sizing import ceiling, decode_bytes  # noqa: E402
-from helpers.standin import ensure_standin, load_dense_source  # noqa: E402
+from helpers.standin import ensure_standin  # noqa: E402
+from workshop.standin_build import load_dense_source  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Config:
     """One way to run the stand-in; the defaults are fp32, transformers' own experts, a dynamic cache."""
+
     name: str
-    pipeline: bool = False       # the blog's pipeline(...) call, text in, text out
+    pipeline: bool = False  # the blog's pipeline(...) call, text in, text out
     dtype: str | None = "float32"  # None: this machine's choice (hardware.pick_dtype)
-    experts: str | None = None   # an experts_implementation; None: what the loader set
-    fast: bool = False           # load_local(fast=True): the notebooks' fast path
-    cache: str | None = None     # cache_implementation, e.g. "static"
-    compile: bool = False        # torch.compile the decode step
-    prompts: int = 1             # how many of the blog's prompts
-    batch: bool = False          # the prompts as one batch, not one after another
-    dense: bool = False          # the dense SmolLM2 the stand-in was built from
+    experts: str | None = None  # an experts_implementation; None: what the loader set
+    fast: bool = False  # load_local(fast=True): the notebooks' fast path
+    cache: str | None = None  # cache_implementation, e.g. "static"
+    compile: bool = False  # torch.compile the decode step
+    prompts: int = 1  # how many of the blog's prompts
+    batch: bool = False  # the prompts as one batch, not one after another
+    dense: bool = False  # the dense SmolLM2 the stand-in was built from
     quantize: str | None = None  # load_local(fit=Fit.quantized(...)): "int8" or "int4" weights
     ram_gib: float | None = None  # accelerate's offloading: this much CPU RAM for weights, the rest on disk
-    expert_cache: int | None = None  # load_local(fit=Fit.expert_cache(...)): experts kept per layer, the rest on disk
+    expert_cache: int | None = (
+        None  # load_local(fit=Fit.expert_cache(...)): experts kept per layer, the rest on disk
+    )
 
 
 NAIVE = "blog pipeline, fp32"
@@ -68,8 +73,12 @@ CONFIGS = [
     Config("int8 weights, bf16 activations", fast=True, dtype="bfloat16", quantize="int8"),
     Config("int4 weights (fast path)", fast=True, dtype=None, quantize="int4"),
     Config("offloaded by accelerate: 1 GiB in RAM, the rest on disk", ram_gib=1.0),
-    Config("expert cache, 2 of 8 per layer (fast path, the rest on disk)", fast=True, dtype=None, expert_cache=2),
-    Config("expert cache, 4 of 8 per layer (fast path, the rest on disk)", fast=True, dtype=None, expert_cache=4),
+    Config(
+        "expert cache, 2 of 8 per layer (fast path, the rest on disk)", fast=True, dtype=None, expert_cache=2
+    ),
+    Config(
+        "expert cache, 4 of 8 per layer (fast path, the rest on disk)", fast=True, dtype=None, expert_cache=4
+    ),
     Config("4 prompts, one at a time (fast path)", fast=True, dtype=None, prompts=4),
     Config("4 prompts, one batch (fast path)", fast=True, dtype=None, prompts=4, batch=True),
     Config("dense SmolLM2 fp32 (the stand-in's source)", dense=True),
@@ -109,6 +118,7 @@ def by_load(configs: list, resolved: bool = False) -> list[list[Config]]:
 
 def _peak_memory(device: str) -> int:
     import torch
+
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -121,13 +131,21 @@ def _load(config: Config, device: str):
     dtype = pick_dtype()[0] if config.dtype is None else getattr(torch, config.dtype)
     if config.pipeline:  # the blog's call, word for word
         from transformers import pipeline
+
         pipe = pipeline("text-generation", model=str(ensure_standin()), dtype=dtype, device_map="auto")
         return LocalModel(pipe), pipe
     if config.dense:
         model, tokenizer = load_dense_source(dtype)
         return LocalModel(model=model.to(device), tokenizer=tokenizer), None
-    fit = (Fit.budget({"cpu": f"{config.ram_gib}GiB"}) if config.ram_gib else Fit.quantized(config.quantize)
-           if config.quantize else Fit.expert_cache(config.expert_cache) if config.expert_cache else None)
+    fit = (
+        Fit.budget({"cpu": f"{config.ram_gib}GiB"})
+        if config.ram_gib
+        else Fit.quantized(config.quantize)
+        if config.quantize
+        else Fit.expert_cache(config.expert_cache)
+        if config.expert_cache
+        else None
+    )
     return LocalModel(load_local(str(ensure_standin()), dtype=dtype, fit=fit, fast=config.fast)), None
 
 
@@ -146,7 +164,9 @@ def _knobs(config: Config) -> dict:
     return knobs
 
 
-def run_group(configs: list, new_tokens: int = 64, warmup: int = 4, seed: int = 0, warm: bool = True) -> list[dict]:
+def run_group(
+    configs: list, new_tokens: int = 64, warmup: int = 4, seed: int = 0, warm: bool = True
+) -> list[dict]:
     """Load the model a group of `by_load` shares once, then time each configuration on it in turn
     (its experts implementation set, a warm-up, the timed runs). Call it in a fresh process (`measure`
     does): compiled code stays the group's, and each row's peak memory is its process's so far.
@@ -180,7 +200,7 @@ def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: in
     import torch
 
     model, tokenizer = runner.model, runner.tokenizer
-    prompts = [TASKS[n]["prompt"] for n in list(TASKS)[:config.prompts]]
+    prompts = [TASKS[n]["prompt"] for n in list(TASKS)[: config.prompts]]
     if config.pipeline:
         rows = [tokenizer(blog_prompt(p))["input_ids"] for p in prompts]
     else:
@@ -202,9 +222,18 @@ def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: in
     warm_started = time.perf_counter()  # same lengths as the timed runs, stopped after a few tokens
     if warm and config.pipeline:
         from transformers import StoppingCriteriaList
+
         limit = max(map(len, batches[0])) + warmup + 2
-        timed(batches[0], stopping_criteria=StoppingCriteriaList([lambda ids, scores, **_: torch.full(
-            (ids.shape[0],), ids.shape[1] >= limit, dtype=torch.bool)]))
+        timed(
+            batches[0],
+            stopping_criteria=StoppingCriteriaList(
+                [
+                    lambda ids, scores, **_: torch.full(
+                        (ids.shape[0],), ids.shape[1] >= limit, dtype=torch.bool
+                    )
+                ]
+            ),
+        )
     elif warm:
         timed(batches[0], stop_after=warmup + 2)
     warmup_s = time.perf_counter() - warm_started if warm else None
@@ -214,9 +243,17 @@ def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: in
         with meter:
             times = timed(batch, min_new_tokens=new_tokens)
         if len(times) < 2 + warmup:
-            raise ValueError(f"only {len(times)} tokens came back: ask for more than 1 + warmup ({1 + warmup})")
-        runs.append(dict(ttft_s=times[0], decode_tok_s=decode_rate(times, warmup, len(batch)),
-                         prompt_tokens=max(map(len, batch)), batch=len(batch)))
+            raise ValueError(
+                f"only {len(times)} tokens came back: ask for more than 1 + warmup ({1 + warmup})"
+            )
+        runs.append(
+            dict(
+                ttft_s=times[0],
+                decode_tok_s=decode_rate(times, warmup, len(batch)),
+                prompt_tokens=max(map(len, batch)),
+                batch=len(batch),
+            )
+        )
     wall = time.perf_counter() - wall
 
     context = sum(r["prompt_tokens"] for r in runs) / len(runs) + (1 + warmup + new_tokens) / 2
@@ -224,26 +261,43 @@ def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: in
     record = getattr(model, "load_record", None)  # None: the blog's own pipeline call, or the dense model
     per_weight = record.bytes_per_parameter if record is not None else element  # quantized: as measured
     bytes_ = decode_bytes(model.config, per_weight, int(context), runs[0]["batch"], kv_bytes=element)
-    tiers = meter.per_token() if config.ram_gib or config.expert_cache else None  # offloaded: measured per tier
+    tiers = (
+        meter.per_token() if config.ram_gib or config.expert_cache else None
+    )  # offloaded: measured per tier
     if tiers:  # all of it comes through RAM here (the OS caches the files): that is what the ceiling counts
-        bytes_["per_token"] = sum(v for k, v in tiers.items() if k in ("resident", "from RAM", "from disk")) + \
-            bytes_["parts"]["kv_cache"] / runs[0]["batch"]
+        bytes_["per_token"] = (
+            sum(v for k, v in tiers.items() if k in ("resident", "from RAM", "from disk"))
+            + bytes_["parts"]["kv_cache"] / runs[0]["batch"]
+        )
     layouts = record.recipe.layouts if config.fast else {}
     share = model.config.num_experts_per_tok / model.config.num_local_experts if layouts else None
-    return dict(asdict(config), dtype=dtype_name(model.dtype), device=device,
-                experts="dense" if config.dense else getattr(model.config, "_experts_implementation", None),
-                warmup_s=warmup_s, compile_s=warmup_s if config.compile else None,
-                ttft_s=sum(r["ttft_s"] for r in runs) / len(runs),
-                decode_tok_s=sum(r["decode_tok_s"] for r in runs) / len(runs),
-                throughput_tok_s=sum(r["batch"] * new_tokens for r in runs) / wall,
-                prompt_tokens=runs[0]["prompt_tokens"], new_tokens=new_tokens, sequences=len(rows),
-                batch=runs[0]["batch"], bytes_per_token=bytes_["per_token"], peak_memory=_peak_memory(device),
-                layouts=layouts, matvec_ceiling_tok_s=matvec_ceiling(layouts, share) if layouts else None, tiers=tiers)
+    return dict(
+        asdict(config),
+        dtype=dtype_name(model.dtype),
+        device=device,
+        experts="dense" if config.dense else getattr(model.config, "_experts_implementation", None),
+        warmup_s=warmup_s,
+        compile_s=warmup_s if config.compile else None,
+        ttft_s=sum(r["ttft_s"] for r in runs) / len(runs),
+        decode_tok_s=sum(r["decode_tok_s"] for r in runs) / len(runs),
+        throughput_tok_s=sum(r["batch"] * new_tokens for r in runs) / wall,
+        prompt_tokens=runs[0]["prompt_tokens"],
+        new_tokens=new_tokens,
+        sequences=len(rows),
+        batch=runs[0]["batch"],
+        bytes_per_token=bytes_["per_token"],
+        peak_memory=_peak_memory(device),
+        layouts=layouts,
+        matvec_ceiling_tok_s=matvec_ceiling(layouts, share) if layouts else None,
+        tiers=tiers,
+    )
 
 
 def _run_apart(group: list, new_tokens: int, warmup: int, warm: bool = True) -> list[dict]:
     """run_group in a fresh process: a row per configuration, or {"error": the last line it printed} for each."""
-    job = json.dumps(dict(configs=[asdict(c) for c in group], new_tokens=new_tokens, warmup=warmup, warm=warm))
+    job = json.dumps(
+        dict(configs=[asdict(c) for c in group], new_tokens=new_tokens, warmup=warmup, warm=warm)
+    )
     env = dict(os.environ, HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error")
     done = subprocess.run([sys.executable, __file__, job], capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -257,8 +311,10 @@ def _keep(best: dict, config: Config, row: dict, progress) -> None:
         best.setdefault(config.name, dict(asdict(config), **row))
         progress(f"    {config.name}: FAILED: {row['error']}")
         return
-    progress(f"    {config.name}: {row['decode_tok_s']:.1f} tok/s, first token {row['ttft_s']:.2f} s, "
-             f"peak memory {row['peak_memory'] / GiB:.1f} GiB")
+    progress(
+        f"    {config.name}: {row['decode_tok_s']:.1f} tok/s, first token {row['ttft_s']:.2f} s, "
+        f"peak memory {row['peak_memory'] / GiB:.1f} GiB"
+    )
     kept = best.get(config.name, {})
     row["all_tok_s"] = kept.get("all_tok_s", []) + [row["decode_tok_s"]]
     if row["decode_tok_s"] >= kept.get("decode_tok_s", 0):  # a failed round has no decode_tok_s
@@ -267,8 +323,14 @@ def _keep(best: dict, config: Config, row: dict, progress) -> None:
         kept["all_tok_s"] = row["all_tok_s"]
 
 
-def measure(configs: list | None = None, new_tokens: int = 64, warmup: int = 4, rounds: int = 1,
-            progress=print, quick: bool = False) -> dict:
+def measure(
+    configs: list | None = None,
+    new_tokens: int = 64,
+    warmup: int = 4,
+    rounds: int = 1,
+    progress=print,
+    quick: bool = False,
+) -> dict:
     """Run each load group (`by_load`) in a process of its own, side by side, `rounds` times round-robin
     (each configuration keeps its best round: noise only ever slows a run down), with the memory
     bandwidth measured before and after; add each one's ceiling, efficiency and ratio to the blog's path.
@@ -285,8 +347,10 @@ def measure(configs: list | None = None, new_tokens: int = 64, warmup: int = 4, 
     groups = by_load(configs, resolved=quick)
     for round_ in range(1, rounds + 1):
         for i, group in enumerate(groups, 1):
-            progress(f"[{i}/{len(groups)}{f', round {round_}/{rounds}' if rounds > 1 else ''}] "
-                     f"{'; '.join(c.name for c in group)}{' (one load)' if len(group) > 1 else ''} ...")
+            progress(
+                f"[{i}/{len(groups)}{f', round {round_}/{rounds}' if rounds > 1 else ''}] "
+                f"{'; '.join(c.name for c in group)}{' (one load)' if len(group) > 1 else ''} ..."
+            )
             for config, row in zip(group, _run_apart(group, new_tokens, warmup, warm=not quick)):
                 _keep(best, config, row, progress)
     bandwidths.append(measure_bandwidth(device=device))
@@ -298,10 +362,24 @@ def measure(configs: list | None = None, new_tokens: int = 64, warmup: int = 4, 
             row["ceiling_tok_s"] = ceiling(bandwidth, row["bytes_per_token"])
             row["efficiency"] = row["decode_tok_s"] / row["ceiling_tok_s"]
             row["vs_naive"] = row["decode_tok_s"] / naive["decode_tok_s"] if naive else None
-    return dict(bandwidths=bandwidths, bandwidth=bandwidth, device=device, new_tokens=new_tokens,
-                warmup=warmup, rounds=rounds, quick=quick, rows=rows)
+    return dict(
+        bandwidths=bandwidths,
+        bandwidth=bandwidth,
+        device=device,
+        new_tokens=new_tokens,
+        warmup=warmup,
+        rounds=rounds,
+        quick=quick,
+        rows=rows,
+    )
 
 
 if __name__ == "__main__":  # one load group, in a process of its own
     job = json.loads(sys.argv[1])
-    print(json.dumps(run_group([Config(**c) for c in job["configs"]], job["new_tokens"], job["warmup"], warm=job["warm"])))
+    print(
+        json.dumps(
+            run_group(
+                [Config(**c) for c in job["configs"]], job["new_tokens"], job["warmup"], warm=job["warm"]
+            )
+        )
+    )

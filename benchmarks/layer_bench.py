@@ -8,6 +8,7 @@ for each experts implementation, the bandwidth it achieves against the device's,
 Writes benchmarks/results/<date>-<device>.md (or --out). No weights are downloaded: the config is
 the published one (helpers.data.KNOWN_MODELS) and the weights are random.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ def build(layers: int, scale: float, dtype, device):
     from transformers import MixtralForCausalLM
 
     from helpers.sizing import mixtral_config
+
     config = mixtral_config(MODEL)
     config.num_hidden_layers = layers
     if scale != 1:
@@ -71,35 +73,56 @@ def main(argv=None) -> int:
     import torch
 
     from helpers.data import GPU_TYPES
-    from helpers.fastpath import register_experts
+    from helpers.experts import register_experts
+    from helpers.fastpath import per_token_experts
     from helpers.files import atomic_file
     from helpers.hardware import measure_bandwidth, torch_build
     from helpers.quantize import quantize_model
     from helpers.sizing import decode_bytes
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, nargs=2, default=(1, 3), help="two depths; their difference gives the per-layer time")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        nargs=2,
+        default=(1, 3),
+        help="two depths; their difference gives the per-layer time",
+    )
     parser.add_argument("--tokens", type=int, default=32, help="decode steps timed per implementation")
-    parser.add_argument("--scale", type=float, default=1.0, help="shrink every width (a rehearsal on a small machine)")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="shrink every width (a rehearsal on a small machine)"
+    )
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--peak-tbs", type=float, default=None, help="the device's peak memory bandwidth (TB/s), if not known by name")
+    parser.add_argument(
+        "--peak-tbs",
+        type=float,
+        default=None,
+        help="the device's peak memory bandwidth (TB/s), if not known by name",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     shallow, deep = sorted(args.layers)
     if shallow < 1 or deep <= shallow:
         parser.error("--layers takes two different depths >= 1, e.g. 1 3")
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch sees no GPU (torch.cuda.is_available() is False); "
-                     "install the ROCm or CUDA build of torch (README) or pass --device cpu")
+        parser.error(
+            "--device cuda, but torch sees no GPU (torch.cuda.is_available() is False); "
+            "install the ROCm or CUDA build of torch (README) or pass --device cpu"
+        )
 
     dtype = getattr(torch, args.dtype)
-    register_experts()
+    register_experts("per_token", per_token_experts)
     name = torch.cuda.get_device_name(0) if args.device == "cuda" else (platform.processor() or "CPU")
-    peak = args.peak_tbs or next((v["bandwidth_tbs"] for k, v in GPU_TYPES.items() if k in name.replace(" ", "")), None)
+    peak = args.peak_tbs or next(
+        (v["bandwidth_tbs"] for k, v in GPU_TYPES.items() if k in name.replace(" ", "")), None
+    )
     measured_bw = measure_bandwidth(mib=1024, device=args.device)
-    print(f"{name}: torch {torch.__version__}, measured read bandwidth {measured_bw / 1e9:.0f} GB/s"
-          + (f", datasheet {peak:.2f} TB/s" if peak else ""), flush=True)
+    print(
+        f"{name}: torch {torch.__version__}, measured read bandwidth {measured_bw / 1e9:.0f} GB/s"
+        + (f", datasheet {peak:.2f} TB/s" if peak else ""),
+        flush=True,
+    )
 
     rows = []
     models = {}
@@ -109,10 +132,17 @@ def main(argv=None) -> int:
         print(f"built {depth} layer(s) in {time.perf_counter() - started:.0f} s", flush=True)
     config = models[deep].config
     size = dtype.itemsize
-    def layer_bytes(per_weight: float) -> float:  # one layer: attention, router, 2 experts, norms, KV (in `size`)
+
+    def layer_bytes(
+        per_weight: float,
+    ) -> float:  # one layer: attention, router, 2 experts, norms, KV (in `size`)
         full = decode_bytes(config, per_weight, context=32 + 3 + args.tokens // 2, kv_bytes=size)
-        return (full["per_step"] - full["parts"]["lm_head"] - full["parts"]["embedding rows"]
-                - config.hidden_size * per_weight) / deep
+        return (
+            full["per_step"]
+            - full["parts"]["lm_head"]
+            - full["parts"]["embedding rows"]
+            - config.hidden_size * per_weight
+        ) / deep
 
     def timed_row(label: str, experts: str, per_weight=lambda: size) -> None:
         """Time both depths with `experts`; `per_weight()` (bytes per weight) runs first, inside the try."""
@@ -124,12 +154,22 @@ def main(argv=None) -> int:
             print(f"{label}: failed: {rows[-1]['error']}", flush=True)
             return
         per_layer = (t[deep] - t[shallow]) / (deep - shallow)
-        rest = t[shallow] - shallow * per_layer          # embeddings, final norm, lm_head, sampling
+        rest = t[shallow] - shallow * per_layer  # embeddings, final norm, lm_head, sampling
         bandwidth = layer_bytes(weight_bytes) / per_layer
-        rows.append(dict(implementation=label, per_layer_ms=per_layer * 1e3, rest_ms=rest * 1e3,
-                         bandwidth_gbs=bandwidth / 1e9, full_tok_s=1 / (56 * per_layer + rest)))
-        print(f"{label}: {per_layer * 1e3:.3f} ms per layer, {bandwidth / 1e9:.0f} GB/s, "
-              f"full model {rows[-1]['full_tok_s']:.1f} tok/s", flush=True)
+        rows.append(
+            dict(
+                implementation=label,
+                per_layer_ms=per_layer * 1e3,
+                rest_ms=rest * 1e3,
+                bandwidth_gbs=bandwidth / 1e9,
+                full_tok_s=1 / (56 * per_layer + rest),
+            )
+        )
+        print(
+            f"{label}: {per_layer * 1e3:.3f} ms per layer, {bandwidth / 1e9:.0f} GB/s, "
+            f"full model {rows[-1]['full_tok_s']:.1f} tok/s",
+            flush=True,
+        )
 
     for implementation in IMPLEMENTATIONS:
         timed_row(implementation, implementation)
@@ -137,32 +177,43 @@ def main(argv=None) -> int:
     def quantize_int8() -> float:  # int8 weight-only (helpers/quantize.py), the same layers: bytes per weight
         report = [quantize_model(m, "int8") for m in models.values()][0]
         return report["bytes_after"] / report["parameters"]
+
     timed_row("int8 weights (quantized)", "quantized", quantize_int8)  # last: it replaces the weights
 
     date = time.strftime("%Y-%m-%d")
     label = "".join(ch if ch.isalnum() else "-" for ch in name).strip("-").lower()
-    lines = [f"# Mixtral-8x22B layers on {name}, {date}", "",
-             f"torch {torch.__version__} ({torch_build()['backend']}), "
-             f"{args.dtype}, widths x{args.scale}: hidden {config.hidden_size}, FFN {config.intermediate_size}, "
-             f"{config.num_local_experts} experts top-{config.num_experts_per_tok}, "
-             f"{config.num_attention_heads}/{config.num_key_value_heads} heads; random weights; "
-             f"{shallow} and {deep} layers, batch 1, median of {args.tokens} decode steps.", "",
-             f"Measured read bandwidth (torch sum over 1 GiB): {measured_bw / 1e9:.0f} GB/s"
-             + (f"; datasheet peak {peak * 1000:.0f} GB/s." if peak else "."),
-             f"Bytes one layer reads per token: {layer_bytes(size) / 2**20:.1f} MiB (in {args.dtype}).", "",
-             "| experts implementation | ms per layer | achieved GB/s | of measured | of datasheet | full 56 layers, tok/s (one GPU-equivalent) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Mixtral-8x22B layers on {name}, {date}",
+        "",
+        f"torch {torch.__version__} ({torch_build()['backend']}), "
+        f"{args.dtype}, widths x{args.scale}: hidden {config.hidden_size}, FFN {config.intermediate_size}, "
+        f"{config.num_local_experts} experts top-{config.num_experts_per_tok}, "
+        f"{config.num_attention_heads}/{config.num_key_value_heads} heads; random weights; "
+        f"{shallow} and {deep} layers, batch 1, median of {args.tokens} decode steps.",
+        "",
+        f"Measured read bandwidth (torch sum over 1 GiB): {measured_bw / 1e9:.0f} GB/s"
+        + (f"; datasheet peak {peak * 1000:.0f} GB/s." if peak else "."),
+        f"Bytes one layer reads per token: {layer_bytes(size) / 2**20:.1f} MiB (in {args.dtype}).",
+        "",
+        "| experts implementation | ms per layer | achieved GB/s | of measured | of datasheet | full 56 layers, tok/s (one GPU-equivalent) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['implementation']} | failed: {r['error']} | | | | |")
             continue
         of_datasheet = f"{r['bandwidth_gbs'] / (peak * 1000):.0%}" if peak else "n/a"
-        lines.append(f"| {r['implementation']} | {r['per_layer_ms']:.3f} | {r['bandwidth_gbs']:.0f} | "
-                     f"{r['bandwidth_gbs'] * 1e9 / measured_bw:.0%} | {of_datasheet} | {r['full_tok_s']:.1f} |")
-    lines += ["", "The int8 row reads int8 weights (one bf16 scale per output channel; helpers/quantize.py), so its "
-              "achieved GB/s counts int8 bytes. Per-layer time is the difference between the two depths, so embeddings and lm_head cancel out; "
-              "the extrapolation adds them back once. One GPU-equivalent: the whole 262 GiB read by one device "
-              "per token, which is what device_map=\"auto\" does across GPUs (one at a time)."]
+        lines.append(
+            f"| {r['implementation']} | {r['per_layer_ms']:.3f} | {r['bandwidth_gbs']:.0f} | "
+            f"{r['bandwidth_gbs'] * 1e9 / measured_bw:.0%} | {of_datasheet} | {r['full_tok_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "The int8 row reads int8 weights (one bf16 scale per output channel; helpers/quantize.py), so its "
+        "achieved GB/s counts int8 bytes. Per-layer time is the difference between the two depths, so embeddings and lm_head cancel out; "
+        "the extrapolation adds them back once. One GPU-equivalent: the whole 262 GiB read by one device "
+        'per token, which is what device_map="auto" does across GPUs (one at a time).',
+    ]
     path = Path(args.out) / f"{date}-{label}.md"
     atomic_file(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     print(f"wrote {path}")

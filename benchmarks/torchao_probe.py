@@ -7,6 +7,7 @@ torchao is not a dependency of the package; install it into the venv first:
 
 Each configuration loads in a process of its own (python benchmarks/torchao_probe.py --one NAME).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-ROUTES = ("none", "linear layers (TorchAoConfig(Int8WeightOnlyConfig()))",
-          "linear layers and the 3-D experts by name (FqnToConfig)")
+ROUTES = (
+    "none",
+    "linear layers (TorchAoConfig(Int8WeightOnlyConfig()))",
+    "linear layers and the 3-D experts by name (FqnToConfig)",
+)
 
 
 def one(route: str) -> dict:
@@ -38,11 +42,18 @@ def one(route: str) -> dict:
     if route != "none":
         import torchao
         from torchao.quantization import FqnToConfig, Int8WeightOnlyConfig
+
         config = Int8WeightOnlyConfig()
         if "experts" in route:
-            config = FqnToConfig(OrderedDict([(r"re:.*experts\.gate_up_proj", Int8WeightOnlyConfig()),
-                                              (r"re:.*experts\.down_proj", Int8WeightOnlyConfig()),
-                                              ("_default", Int8WeightOnlyConfig())]))
+            config = FqnToConfig(
+                OrderedDict(
+                    [
+                        (r"re:.*experts\.gate_up_proj", Int8WeightOnlyConfig()),
+                        (r"re:.*experts\.down_proj", Int8WeightOnlyConfig()),
+                        ("_default", Int8WeightOnlyConfig()),
+                    ]
+                )
+            )
         kwargs["quantization_config"] = TorchAoConfig(config)
     path = str(ensure_standin())
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
@@ -73,15 +84,23 @@ def main() -> int:
     rows = []
     for route in ROUTES:
         done = subprocess.run([sys.executable, __file__, "--one", route], capture_output=True, text=True)
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else
-                    dict(route=route, error=(done.stderr.strip().splitlines() or ["?"])[-1]))
+        rows.append(
+            json.loads(done.stdout.strip().splitlines()[-1])
+            if done.returncode == 0
+            else dict(route=route, error=(done.stderr.strip().splitlines() or ["?"])[-1])
+        )
         print(rows[-1], flush=True)
     date = time.strftime("%Y-%m-%d")
-    lines = [f"# torchao on the stand-in, {date}", "",
-             "`benchmarks/torchao_probe.py`: the stand-in in float32 on this CPU, int8 weight-only through "
-             "transformers' `TorchAoConfig`; 24 greedy tokens of the poem prompt, decode tok/s after 4 warm-up steps "
-             f"(torch {torch.__version__}, transformers {transformers.__version__}).", "",
-             "| route | torchao | parameters by tensor type | decode tok/s or failure |", "|---|---|---|---|"]
+    lines = [
+        f"# torchao on the stand-in, {date}",
+        "",
+        "`benchmarks/torchao_probe.py`: the stand-in in float32 on this CPU, int8 weight-only through "
+        "transformers' `TorchAoConfig`; 24 greedy tokens of the poem prompt, decode tok/s after 4 warm-up steps "
+        f"(torch {torch.__version__}, transformers {transformers.__version__}).",
+        "",
+        "| route | torchao | parameters by tensor type | decode tok/s or failure |",
+        "|---|---|---|---|",
+    ]
     for r in rows:
         kinds = ", ".join(f"{k} {v / 1e6:,.1f} M" for k, v in r.get("parameters", {}).items())
         result = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else f"failed: {r.get('error', '?')}"

@@ -8,6 +8,7 @@ reaches a server, and `load_pipeline` picks one from the environment ($MIXTRAL_E
 One clock for every answer: `TokenClock` notes when each new token arrives, and tok/s is always
 decode speed after the first token (`decode_rate`): the prompt pass is its own number, time to first token.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,7 +57,9 @@ class TokenClock:
 
     def _show(self, final: bool) -> None:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if (final or not text.endswith("\ufffd")) and text != self._shown:  # half a character: wait for the rest
+        if (
+            final or not text.endswith("\ufffd")
+        ) and text != self._shown:  # half a character: wait for the rest
             self._shown = text
             self.on_text(text)
 
@@ -64,15 +67,18 @@ class TokenClock:
 @dataclass
 class Answer:
     """What one generation produced: the new text only, and when its tokens came."""
+
     text: str
     new_tokens: int
     prompt_tokens: int
-    seconds: float                 # from the call to the last token
+    seconds: float  # from the call to the last token
     settings: dict = field(default_factory=dict)
     token_ids: list = field(default_factory=list)
-    complete: bool = True          # False: a served answer whose stream was cut (the text is what arrived)
+    complete: bool = True  # False: a served answer whose stream was cut (the text is what arrived)
     note: str = ""
-    scores: object = field(default=None, repr=False)      # [new, V] float32, with keep_scores=True: after the knobs
+    scores: object = field(
+        default=None, repr=False
+    )  # [new, V] float32, with keep_scores=True: after the knobs
     token_times: list = field(default_factory=list, repr=False)  # seconds from the call to each step
 
     @property
@@ -87,8 +93,10 @@ class Answer:
 
     def stats(self) -> str:
         prompt = f" after a {self.prompt_tokens}-token prompt" if self.prompt_tokens else ""
-        line = (f"{self.new_tokens} new tokens{prompt} in {self.seconds:.1f} s (first token after "
-                f"{self.first_token_s:.2f} s, then {self.tokens_per_second:.1f} tok/s)")
+        line = (
+            f"{self.new_tokens} new tokens{prompt} in {self.seconds:.1f} s (first token after "
+            f"{self.first_token_s:.2f} s, then {self.tokens_per_second:.1f} tok/s)"
+        )
         if self.settings.get("ignored_by_server"):
             line += f"; ignored by the server: {', '.join(self.settings['ignored_by_server'])}"
         if self.settings.get("capped_at"):
@@ -132,44 +140,77 @@ class LocalModel:
         length = len(chat_ids(self.tokenizer, messages))
         context = getattr(self.model.config, "max_position_embeddings", None)
         if context is not None and length >= context:
-            raise ValueError(f"the prompt is {length} tokens long and the model's context holds {context}: "
-                             f"shorten the prompt (or load a model with a longer context)")
+            raise ValueError(
+                f"the prompt is {length} tokens long and the model's context holds {context}: "
+                f"shorten the prompt (or load a model with a longer context)"
+            )
         return context - length if context is not None else None
 
-    def answer(self, messages, knobs: dict, seed=None, on_text=None, should_stop=None, keep_scores=False) -> Answer:
-        return self.run([chat_ids(self.tokenizer, messages)], knobs, seed, on_text, should_stop, keep_scores)[0]
+    def answer(
+        self, messages, knobs: dict, seed=None, on_text=None, should_stop=None, keep_scores=False
+    ) -> Answer:
+        return self.run([chat_ids(self.tokenizer, messages)], knobs, seed, on_text, should_stop, keep_scores)[
+            0
+        ]
 
     def answer_batch(self, chats: list, knobs: dict, seed=None) -> list[Answer]:
         return self.run([chat_ids(self.tokenizer, m) for m in chats], knobs, seed)
 
-    def run(self, rows: list, knobs: dict, seed=None, on_text=None, should_stop=None, keep_scores=False) -> list[Answer]:
+    def run(
+        self, rows: list, knobs: dict, seed=None, on_text=None, should_stop=None, keep_scores=False
+    ) -> list[Answer]:
         """Encoded prompts in, Answers out: pad, seed, generate (the one call), split the new tokens."""
         import torch
         from transformers import StoppingCriteriaList
 
         pad = self.pad_id()
-        input_ids, mask = left_padded(rows, pad, self.model.device)        # [B, T]
+        input_ids, mask = left_padded(rows, pad, self.model.device)  # [B, T]
         clock = TokenClock(self.tokenizer, on_text if len(rows) == 1 else None)
-        stop = StoppingCriteriaList([lambda ids, scores, **_: torch.full(  # end after this token once should_stop()
-            (ids.shape[0],), bool(should_stop()), dtype=torch.bool, device=ids.device)]) if should_stop else None
+        stop = (
+            StoppingCriteriaList(
+                [
+                    lambda ids, scores, **_: torch.full(  # end after this token once should_stop()
+                        (ids.shape[0],), bool(should_stop()), dtype=torch.bool, device=ids.device
+                    )
+                ]
+            )
+            if should_stop
+            else None
+        )
         if seed is not None:
             torch.manual_seed(seed)
         with torch.no_grad():
-            out = self.model.generate(input_ids=input_ids, attention_mask=mask, pad_token_id=pad, streamer=clock,
-                                      stopping_criteria=stop, return_dict_in_generate=True,
-                                      output_scores=keep_scores, **knobs)
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                pad_token_id=pad,
+                streamer=clock,
+                stopping_criteria=stop,
+                return_dict_in_generate=True,
+                output_scores=keep_scores,
+                **knobs,
+            )
         seconds = time.perf_counter() - clock.started
         times = [t - clock.started for t in clock.times]
-        scores = torch.stack(out.scores, dim=1).float() if keep_scores else None     # [B, new, V]
+        scores = torch.stack(out.scores, dim=1).float() if keep_scores else None  # [B, new, V]
         answers, eos = [], getattr(self.tokenizer, "eos_token_id", None)
         for i, ids in enumerate(rows):
-            new = out.sequences[i, input_ids.shape[1]:].tolist()
+            new = out.sequences[i, input_ids.shape[1] :].tolist()
             if len(rows) > 1 and eos in new:  # finished early: the rest is padding
-                new = new[:new.index(eos) + 1]
+                new = new[: new.index(eos) + 1]
             text = self.tokenizer.decode(new, skip_special_tokens=True).strip() if self.tokenizer else ""
-            answers.append(Answer(text=text, new_tokens=len(new), prompt_tokens=len(ids), seconds=seconds,
-                                  settings=dict(knobs, seed=seed), token_ids=new, token_times=times,
-                                  scores=scores[i] if scores is not None else None))
+            answers.append(
+                Answer(
+                    text=text,
+                    new_tokens=len(new),
+                    prompt_tokens=len(ids),
+                    seconds=seconds,
+                    settings=dict(knobs, seed=seed),
+                    token_ids=new,
+                    token_times=times,
+                    scores=scores[i] if scores is not None else None,
+                )
+            )
         return answers
 
     def describe(self, detail: bool = False) -> str:
@@ -179,8 +220,9 @@ class LocalModel:
         weights = record.weights() if record is not None else ""
         if not weights and any(d == "disk" for d in (getattr(m, "hf_device_map", None) or {}).values()):
             weights = ", part offloaded to disk"
-        line = (f"local: {name} ({type(m).__name__}, {dtype_name(m.dtype)}{weights}, on {m.device}), "
-                + ("the notebooks' fast path" if recipe is not None else "the blog's plain pipeline"))
+        line = f"local: {name} ({type(m).__name__}, {dtype_name(m.dtype)}{weights}, on {m.device}), " + (
+            "the notebooks' fast path" if recipe is not None else "the blog's plain pipeline"
+        )
         if not detail:
             return line + (" (08_performance explains it)" if recipe is not None else "")
         if recipe is not None:
@@ -195,6 +237,7 @@ class EndpointError(RuntimeError):
 @dataclass
 class Endpoint:
     """An OpenAI-compatible server (vLLM, `transformers serve`), answering like a local model."""
+
     base_url: str
     model: str
     api_key: str = "none"
@@ -207,15 +250,19 @@ class Endpoint:
 
     def _client(self, timeout=None):
         import openai
-        return openai.OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=timeout or self.timeout,
-                             max_retries=0)
+
+        return openai.OpenAI(
+            base_url=self.base_url, api_key=self.api_key, timeout=timeout or self.timeout, max_retries=0
+        )
 
     def served_models(self) -> list[str]:
         try:
             models = [m.id for m in self._client(timeout=10).models.list().data]
         except Exception as exc:  # noqa: BLE001 - explained below
-            raise EndpointError(f"could not list the models of {self.base_url} ({_reason(exc, self)}); "
-                                f"set {ENDPOINT_MODEL_ENV} to the model name the server serves") from None
+            raise EndpointError(
+                f"could not list the models of {self.base_url} ({_reason(exc, self)}); "
+                f"set {ENDPOINT_MODEL_ENV} to the model name the server serves"
+            ) from None
         if not models:
             raise EndpointError(f"{self.base_url} serves no model; set {ENDPOINT_MODEL_ENV}")
         return models
@@ -236,18 +283,28 @@ class Endpoint:
     def room(self, messages) -> None:
         return None  # the server counts the prompt
 
-    def answer(self, messages, knobs: dict, seed=None, on_text=None, should_stop=None, keep_scores=False) -> Answer:
+    def answer(
+        self, messages, knobs: dict, seed=None, on_text=None, should_stop=None, keep_scores=False
+    ) -> Answer:
         """Stream an answer; a stream cut mid-answer keeps what arrived (complete=False, and why)."""
         if keep_scores:
             raise ValueError("keep_scores=True needs a local model: a served endpoint sends text, not scores")
-        cap = self.max_new_tokens if self.max_new_tokens and knobs["max_new_tokens"] > self.max_new_tokens else None
+        cap = (
+            self.max_new_tokens
+            if self.max_new_tokens and knobs["max_new_tokens"] > self.max_new_tokens
+            else None
+        )
         body, ignored = self.request(**dict(knobs, max_new_tokens=cap or knobs["max_new_tokens"]), seed=seed)
         started = time.perf_counter()
         try:
-            response = self._client().chat.completions.create(model=self.model, messages=messages, stream=True, **body)
+            response = self._client().chat.completions.create(
+                model=self.model, messages=messages, stream=True, **body
+            )
         except Exception as exc:  # noqa: BLE001
             refused = _refused_fields(exc)
-            if refused & (set(body) | set(body.get("extra_body", {}))):  # knobs it does not take: drop them, retry
+            if refused & (
+                set(body) | set(body.get("extra_body", {}))
+            ):  # knobs it does not take: drop them, retry
                 self.refused |= refused
                 return self.answer(messages, knobs, seed, on_text, should_stop)
             raise EndpointError(_reason(exc, self)) from None
@@ -268,17 +325,28 @@ class Endpoint:
             if not times:
                 raise EndpointError(_reason(exc, self)) from None
             complete, note = False, f"the stream was cut after {len(times)} chunks ({_reason(exc, self)})"
-        return Answer(text=text.strip(), new_tokens=len(times), prompt_tokens=0, seconds=time.perf_counter() - started,
-                      settings=dict(knobs, seed=seed, ignored_by_server=ignored, capped_at=cap), complete=complete,
-                      note=note, token_times=times)
+        return Answer(
+            text=text.strip(),
+            new_tokens=len(times),
+            prompt_tokens=0,
+            seconds=time.perf_counter() - started,
+            settings=dict(knobs, seed=seed, ignored_by_server=ignored, capped_at=cap),
+            complete=complete,
+            note=note,
+            token_times=times,
+        )
 
     def answer_batch(self, chats: list, knobs: dict, seed=None) -> list[Answer]:
         """Concurrent requests, one per chat (the server batches them); request i gets seed + i."""
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(len(chats)) as pool:
-            return list(pool.map(lambda i: self.answer(chats[i], knobs, None if seed is None else seed + i),
-                                 range(len(chats))))
+            return list(
+                pool.map(
+                    lambda i: self.answer(chats[i], knobs, None if seed is None else seed + i),
+                    range(len(chats)),
+                )
+            )
 
     def describe(self, detail: bool = False) -> str:
         return f"served: {self.model} at {self.base_url}"
@@ -293,6 +361,7 @@ def _refused_fields(exc) -> set:
 def _reason(exc, endpoint) -> str:
     """A plain sentence for what went wrong, with what to check."""
     import openai
+
     url = endpoint.base_url
     if isinstance(exc, openai.APITimeoutError):
         return f"no answer from {url} within {endpoint.timeout:g} s: the server is busy or stuck"
@@ -321,26 +390,35 @@ def connect(url: str | None = None, model: str | None = None, api_key: str | Non
     if not url.startswith(("http://", "https://")):
         raise EndpointError(f"{ENDPOINT_ENV}={url!r} is not a URL: use for example http://gpu-node:8000/v1")
     cap = os.environ.get(MAX_TOKENS_ENV, "").strip()
-    endpoint = Endpoint(url, model or os.environ.get(ENDPOINT_MODEL_ENV, "").strip(),
-                        api_key or os.environ.get(API_KEY_ENV, "none") or "none",
-                        max_new_tokens=whole_number(MAX_TOKENS_ENV, int(cap) if cap.isdigit() else cap, 1,
-                                                    " (new tokens per served answer)") if cap else None)
+    endpoint = Endpoint(
+        url,
+        model or os.environ.get(ENDPOINT_MODEL_ENV, "").strip(),
+        api_key or os.environ.get(API_KEY_ENV, "none") or "none",
+        max_new_tokens=whole_number(
+            MAX_TOKENS_ENV, int(cap) if cap.isdigit() else cap, 1, " (new tokens per served answer)"
+        )
+        if cap
+        else None,
+    )
     if not endpoint.model:
         endpoint.model = endpoint.served_models()[0]
     return endpoint
 
 
-def load_pipeline(name: str | None = None, dtype=None, fit=None, fast: bool = True, local: bool = False,
-                  device_map="auto"):
+def load_pipeline(
+    name: str | None = None, dtype=None, fit=None, fast: bool = True, local: bool = False, device_map="auto"
+):
     """What the notebooks call: with $MIXTRAL_ENDPOINT set (and neither `name` nor `local=True`),
     `connect()` to that server; else `load_local(name, dtype, fit, fast, device_map)`, the blog's pipeline
     (`fit`: None, or Fit.quantized / Fit.budget / Fit.expert_cache). `generate`, `describe` and the panel
     take either. Taught in 01_loading."""
     if name is None and not local and os.environ.get(ENDPOINT_ENV, "").strip():
         if fit is not None:
-            raise ValueError(f"fit={fit!r} changes how weights load here, and {ENDPOINT_ENV} points at a server: "
-                             f"set it there (vLLM: --quantization, --cpu-offload-gb), or pass local=True to load the "
-                             f"model here")
+            raise ValueError(
+                f"fit={fit!r} changes how weights load here, and {ENDPOINT_ENV} points at a server: "
+                f"set it there (vLLM: --quantization, --cpu-offload-gb), or pass local=True to load the "
+                f"model here"
+            )
         return connect()
     return load_local(name, dtype=dtype, fit=fit, fast=fast, device_map=device_map)
 

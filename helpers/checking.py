@@ -5,6 +5,7 @@
 - translation: chrF against a public-domain English translation;
 - jokes: distinct-n and duplicates across several samples.
 """
+
 from __future__ import annotations
 
 import random
@@ -51,19 +52,37 @@ def edit_distance(a: str, b: str) -> int:
 
 def edit_distance_cases(random_pairs: int = 20, seed: int = 0) -> list[tuple[str, str, int]]:
     """The classic cases plus seeded random pairs, each with the reference answer."""
-    classic = [("horse", "ros"), ("intention", "execution"), ("", ""), ("", "abc"), ("abc", ""),
-               ("same", "same"), ("kitten", "sitting"), ("flaw", "lawn"), ("a", "b"),
-               ("café", "cafe"), ("naïve", "naive"), ("日本語", "日本"), ("🙂🙃", "🙃🙂")]
+    classic = [
+        ("horse", "ros"),
+        ("intention", "execution"),
+        ("", ""),
+        ("", "abc"),
+        ("abc", ""),
+        ("same", "same"),
+        ("kitten", "sitting"),
+        ("flaw", "lawn"),
+        ("a", "b"),
+        ("café", "cafe"),
+        ("naïve", "naive"),
+        ("日本語", "日本"),
+        ("🙂🙃", "🙃🙂"),
+    ]
     rng = random.Random(seed)
     letters = "abcde"
-    pairs = classic + [("".join(rng.choices(letters, k=rng.randint(0, 8))),
-                        "".join(rng.choices(letters, k=rng.randint(0, 8)))) for _ in range(random_pairs)]
+    pairs = classic + [
+        (
+            "".join(rng.choices(letters, k=rng.randint(0, 8))),
+            "".join(rng.choices(letters, k=rng.randint(0, 8))),
+        )
+        for _ in range(random_pairs)
+    ]
     return [(a, b, edit_distance(a, b)) for a, b in pairs]
 
 
 def chrf(hypothesis: str, reference: str = LONGFELLOW) -> float:
     """chrF (character n-gram F-score, 0-100) of one translation against one reference."""
     import sacrebleu
+
     if not isinstance(hypothesis, str):
         raise TypeError(f"chrF scores text, got {type(hypothesis).__name__}")
     return sacrebleu.sentence_chrf(" ".join(hypothesis.split()), [" ".join(reference.split())]).score
@@ -71,7 +90,7 @@ def chrf(hypothesis: str, reference: str = LONGFELLOW) -> float:
 
 def _ngrams(text: str, n: int) -> list[tuple[str, ...]]:
     words = re.findall(r"\w+|[^\w\s]", text.lower())
-    return [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 def distinct_n(texts: list[str], n: int) -> float:
@@ -87,5 +106,10 @@ def duplicate_lines(texts: list[str]) -> int:
 
 
 def diversity(texts: list[str]) -> dict:
-    return {"samples": len(texts), "distinct-1": distinct_n(texts, 1), "distinct-2": distinct_n(texts, 2),
-            "distinct-3": distinct_n(texts, 3), "duplicate lines": duplicate_lines(texts)}
+    return {
+        "samples": len(texts),
+        "distinct-1": distinct_n(texts, 1),
+        "distinct-2": distinct_n(texts, 2),
+        "distinct-3": distinct_n(texts, 3),
+        "duplicate lines": duplicate_lines(texts),
+    }

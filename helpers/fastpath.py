@@ -8,13 +8,16 @@ weights re-laid column-major where this CPU's matrix-vector product reads them f
 
 Shapes: T = tokens, K = experts per token, D = hidden size, I = expert FFN size.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from .data import GB
+from .experts import register_experts
 from .hardware import best_seconds, dtype_name, pick_dtype
-DECODE_TOKENS = 4   # at most this many tokens in a forward: the "per_token" experts loop; more: grouped_mm
+
+DECODE_TOKENS = 4  # at most this many tokens in a forward: the "per_token" experts loop; more: grouped_mm
 
 
 def per_token_experts(self, hidden_states, top_k_index, top_k_weights):
@@ -25,32 +28,13 @@ def per_token_experts(self, hidden_states, top_k_index, top_k_weights):
 
     if hidden_states.shape[0] > DECODE_TOKENS:
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    out = hidden_states.new_zeros(hidden_states.shape)                      # [T, D]
+    out = hidden_states.new_zeros(hidden_states.shape)  # [T, D]
     for t, (chosen, weights) in enumerate(zip(top_k_index.tolist(), top_k_weights.tolist())):
-        x = hidden_states[t:t + 1]                                          # [1, D]
+        x = hidden_states[t : t + 1]  # [1, D]
         for expert, weight in zip(chosen, weights):
             gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)  # [1, I] each
-            out[t:t + 1] += F.linear(self.act_fn(gate) * up, self.down_proj[expert]) * weight
+            out[t : t + 1] += F.linear(self.act_fn(gate) * up, self.down_proj[expert]) * weight
     return out
-
-
-def tokens_by_expert(top_k_index) -> list:
-    """[(expert, tokens [t], slots [t])] for each chosen expert, ascending, its rows in the order of
-    transformers' eager loop (by slot, then token): the same products, so the same sums."""
-    import torch
-    chosen: dict[int, list] = {}
-    for slot, experts in enumerate(top_k_index.T.tolist()):
-        for token, expert in enumerate(experts):
-            chosen.setdefault(expert, []).append((token, slot))
-    return [(expert, *torch.tensor(chosen[expert]).T) for expert in sorted(chosen)]
-
-
-def register_experts(name: str = "per_token", function=None) -> None:
-    """Make `name` a valid `experts_implementation` for transformers (default: "per_token")."""
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-    if name not in ALL_EXPERTS_FUNCTIONS:
-        ALL_EXPERTS_FUNCTIONS.register(name, function or per_token_experts)
 
 
 def column_major(weight):
@@ -82,6 +66,7 @@ def _gemv_seconds(weights, x) -> float:
     def one_pass():
         for w in weights:
             F.linear(x, w)
+
     return best_seconds(one_pass)
 
 
@@ -97,7 +82,7 @@ def choose_layouts(model, sample_bytes: int = 128 * 2**20) -> dict:
     with torch.no_grad():
         for kind, members in _weight_groups(model).items():
             params = [getattr(m, a) for m, a in members]
-            rows = [w for p in params for w in (p if p.dim() == 3 else [p])]   # each [out, in]
+            rows = [w for p in params for w in (p if p.dim() == 3 else [p])]  # each [out, in]
             nbytes = sum(w.nbytes for w in rows)
             sample, size = [], 0
             for w in rows:
@@ -121,18 +106,21 @@ def choose_layouts(model, sample_bytes: int = 128 * 2**20) -> dict:
 @dataclass
 class Recipe:
     """The settings the notebooks run with, and why (`reasons[0]`: why this dtype)."""
+
     device: str
     dtype: object
-    experts: str                 # experts_implementation
-    relayout: bool               # re-lay weights column-major where measured faster (CPU)
+    experts: str  # experts_implementation
+    relayout: bool  # re-lay weights column-major where measured faster (CPU)
     reasons: list = field(default_factory=list)
     layouts: dict = field(default_factory=dict)  # filled by apply_recipe
 
     def describe(self, fit_reason: str | None = None) -> str:
         """The settings and the reasons, with `fit_reason` (why the experts were replaced) after the dtype's."""
         reasons = [*self.reasons[:1], *([fit_reason] if fit_reason else []), *self.reasons[1:]]
-        lines = [f"fast path on {self.device}: dtype {dtype_name(self.dtype)}, "
-                 f"experts {self.experts!r}, column-major re-layout {'probed' if self.relayout else 'off'}"]
+        lines = [
+            f"fast path on {self.device}: dtype {dtype_name(self.dtype)}, "
+            f"experts {self.experts!r}, column-major re-layout {'probed' if self.relayout else 'off'}"
+        ]
         lines += [f"  - {r}" for r in reasons]
         moved = [k for k, v in self.layouts.items() if v[2] == "column-major"]
         if self.layouts:
@@ -142,7 +130,9 @@ class Recipe:
     __str__ = describe
 
 
-def fast_recipe(device: str | None = None, dtype=None, experts: str | None = None, offloaded: bool = False) -> Recipe:
+def fast_recipe(
+    device: str | None = None, dtype=None, experts: str | None = None, offloaded: bool = False
+) -> Recipe:
     """The fastest configuration that is correct on this hardware, as measured by `make bench`. Taught in
     08_performance. `dtype`: the dtype the caller loaded (None: this machine's choice); `experts`: the
     implementation of experts that a fit replaced ("quantized", "expert_cache"); `offloaded`: accelerate
@@ -155,28 +145,51 @@ def fast_recipe(device: str | None = None, dtype=None, experts: str | None = Non
     if dtype is not None and dtype != picked:
         why_dtype = f"dtype {dtype_name(dtype)}: chosen by the caller ({why_dtype} otherwise)"
     dtype = picked if dtype is None else dtype
-    batching = ("several prompts at once: generate_batch runs them as one padded batch; each step reads the "
-                "shared weights once for all of them, and the union of the experts they chose")
-    offload = ["offloaded by accelerate: weights on other devices are copied in for each forward"] if offloaded else []
+    batching = (
+        "several prompts at once: generate_batch runs them as one padded batch; each step reads the "
+        "shared weights once for all of them, and the union of the experts they chose"
+    )
+    offload = (
+        ["offloaded by accelerate: weights on other devices are copied in for each forward"]
+        if offloaded
+        else []
+    )
     if experts:  # the experts are replaced: their own implementation, nothing left to re-lay
         return Recipe(device, dtype, experts, relayout=False, reasons=[why_dtype, batching, *offload])
     if device != "cpu":
-        return Recipe(device, dtype, "grouped_mm", relayout=False, reasons=[
-            why_dtype, "grouped_mm: transformers' default, one grouped GEMM over all experts on the GPU", batching,
-            *offload])
-    return Recipe(device, dtype, "per_token", relayout=not offloaded, reasons=[  # offloaded: loaded afresh, not re-laid
-        why_dtype,
-        "per_token experts while decoding: reads only the chosen experts' weights, skips the masks "
-        "and index bookkeeping of eager/grouped_mm (prompts still go through grouped_mm)",
-        "weights whose matrix-vector product reads faster column-major on this CPU are re-laid once at load",
-        batching, *offload])
+        return Recipe(
+            device,
+            dtype,
+            "grouped_mm",
+            relayout=False,
+            reasons=[
+                why_dtype,
+                "grouped_mm: transformers' default, one grouped GEMM over all experts on the GPU",
+                batching,
+                *offload,
+            ],
+        )
+    return Recipe(
+        device,
+        dtype,
+        "per_token",
+        relayout=not offloaded,
+        reasons=[  # offloaded: loaded afresh, not re-laid
+            why_dtype,
+            "per_token experts while decoding: reads only the chosen experts' weights, skips the masks "
+            "and index bookkeeping of eager/grouped_mm (prompts still go through grouped_mm)",
+            "weights whose matrix-vector product reads faster column-major on this CPU are re-laid once at load",
+            batching,
+            *offload,
+        ],
+    )
 
 
 def apply_recipe(model, recipe: Recipe) -> Recipe:
     """Switch a loaded model to the recipe's experts implementation and layouts (in place); the recipe,
     its layouts filled in (`load_pipeline` keeps it as `model.load_record.recipe`)."""
     if getattr(model.config, "num_local_experts", None):
-        register_experts()
+        register_experts("per_token", per_token_experts)
         model.set_experts_implementation(recipe.experts)
     if recipe.relayout:
         recipe.layouts = choose_layouts(model)

@@ -1,4 +1,5 @@
 """Where the package keeps what it builds, and writing it so that a failure leaves nothing half-written."""
+
 from __future__ import annotations
 
 import json

@@ -67,7 +67,9 @@ class CachedExperts:
     def __post_init__(self):
         whole_number("Fit.expert_cache: per_layer", self.per_layer, 1)
         if self.tier is not None and self.tier not in TIERS:
-            raise ValueError(f"Fit.expert_cache(tier={self.tier!r}): use 'disk' ({TIERS['disk']}) or 'ram' ({TIERS['ram']})")
+            raise ValueError(
+                f"Fit.expert_cache(tier={self.tier!r}): use 'disk' ({TIERS['disk']}) or 'ram' ({TIERS['ram']})"
+            )
 
 
 class Fit:

@@ -3,6 +3,7 @@
 `generate`, `generate_many` and `generate_batch` validate the prompt, the knobs and the seed,
 and leave the rest to the backend: a model loaded here or a served endpoint, the same call.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,26 +17,44 @@ from .prompts import as_messages, chat_ids, shown_token
 BATCH_MIN_GAIN = 1.2
 
 
-def validate_sampling(max_new_tokens: int = 128, do_sample: bool = True, temperature: float = 1.0,
-                      top_k: int = 0, top_p: float = 1.0, context_left: int | None = None) -> dict:
+def validate_sampling(
+    max_new_tokens: int = 128,
+    do_sample: bool = True,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    context_left: int | None = None,
+) -> dict:
     """Check the knobs and return them as `generate()` keyword arguments.
 
     Raises ValueError naming the knob, the value and the allowed range."""
+
     def bad(knob, value, allowed):
         raise ValueError(f"{knob}={value!r} is not allowed: {allowed}")
 
     whole_number("max_new_tokens", max_new_tokens, 1)
     if context_left is not None and max_new_tokens > context_left:
-        bad("max_new_tokens", max_new_tokens,
-            f"the prompt leaves room for at most {context_left} new tokens in the model's context")
+        bad(
+            "max_new_tokens",
+            max_new_tokens,
+            f"the prompt leaves room for at most {context_left} new tokens in the model's context",
+        )
     if not isinstance(do_sample, bool):
         bad("do_sample", do_sample, "use True (sample) or False (greedy)")
     knobs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample)
     if not do_sample:
         return knobs  # greedy: the other knobs play no part
-    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0
-            or not math.isfinite(temperature)):  # inf would flatten every distribution to uniform noise
-        bad("temperature", temperature, "with do_sample=True use a finite number > 0 (for greedy, set do_sample=False)")
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not temperature > 0
+        or not math.isfinite(temperature)
+    ):  # inf would flatten every distribution to uniform noise
+        bad(
+            "temperature",
+            temperature,
+            "with do_sample=True use a finite number > 0 (for greedy, set do_sample=False)",
+        )
     whole_number("top_k", top_k, 0, " (0 = no limit)")
     if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         bad("top_p", top_p, "use a number in (0, 1] (1 = no limit)")
@@ -44,7 +63,9 @@ def validate_sampling(max_new_tokens: int = 128, do_sample: bool = True, tempera
 
 def validate_seed(seed):
     """None (a run that is not repeatable) or a whole number >= 0; else a ValueError that says so."""
-    return seed if seed is None else whole_number("seed", seed, 0, " (or None for a run that is not repeatable)")
+    return (
+        seed if seed is None else whole_number("seed", seed, 0, " (or None for a run that is not repeatable)")
+    )
 
 
 def sampling(max_new_tokens: int, knobs: dict, room: int | None = None) -> dict:
@@ -52,12 +73,22 @@ def sampling(max_new_tokens: int, knobs: dict, room: int | None = None) -> dict:
     settings = dict(BLOG_SAMPLING, **knobs)
     unknown = set(settings) - set(BLOG_SAMPLING)
     if unknown:
-        raise TypeError(f"unknown sampling knob(s): {', '.join(sorted(unknown))}; use {', '.join(BLOG_SAMPLING)}")
+        raise TypeError(
+            f"unknown sampling knob(s): {', '.join(sorted(unknown))}; use {', '.join(BLOG_SAMPLING)}"
+        )
     return validate_sampling(max_new_tokens, context_left=room, **settings)
 
 
-def generate(pipe, prompt, max_new_tokens: int = 128, seed: int | None = None, system: str | None = None,
-             on_text=None, keep_scores: bool = False, **knobs) -> Answer:
+def generate(
+    pipe,
+    prompt,
+    max_new_tokens: int = 128,
+    seed: int | None = None,
+    system: str | None = None,
+    on_text=None,
+    keep_scores: bool = False,
+    **knobs,
+) -> Answer:
     """An answer to `prompt` from whatever `pipe` is (a loaded pipeline or a served endpoint);
     only the new text. The prompt goes through the tokenizer's own chat template, not the blog's
     hand-written string. `knobs` are do_sample, temperature, top_k, top_p (the blog's when omitted).
@@ -78,10 +109,10 @@ def candidates_per_step(answer: Answer) -> list[int]:
 
     if answer.scores is None:
         raise ValueError("this answer kept no scores: generate it with keep_scores=True")
-    scores = answer.scores                                          # [N, V]
-    best = scores.max(dim=-1, keepdim=True).values                  # [N, 1]
+    scores = answer.scores  # [N, V]
+    best = scores.max(dim=-1, keepdim=True).values  # [N, 1]
     greedy = not answer.settings.get("do_sample", True)
-    left = scores == best if greedy else torch.isfinite(scores)     # [N, V]
+    left = scores == best if greedy else torch.isfinite(scores)  # [N, V]
     return left.sum(dim=-1).tolist()
 
 
@@ -98,12 +129,15 @@ def print_stream():
 
     def show(text: str) -> None:
         nonlocal printed
-        print(text[len(printed):] if text.startswith(printed) else "\n" + text, end="", flush=True)
+        print(text[len(printed) :] if text.startswith(printed) else "\n" + text, end="", flush=True)
         printed = text
+
     return show
 
 
-def generate_many(pipe, prompt, samples: int = 3, max_new_tokens: int = 128, seed: int = 0, **knobs) -> list[str]:
+def generate_many(
+    pipe, prompt, samples: int = 3, max_new_tokens: int = 128, seed: int = 0, **knobs
+) -> list[str]:
     """`samples` sampled answers to one prompt, generated together as one batch (about the cost of
     one answer on a memory-bound machine; a server runs them as concurrent requests); seeded."""
     whole_number("samples", samples, 1)
@@ -115,7 +149,9 @@ def generate_many(pipe, prompt, samples: int = 3, max_new_tokens: int = 128, see
     return [a.text for a in backend.answer_batch([messages] * samples, kwargs, validate_seed(seed))]
 
 
-def generate_batch(pipe, prompts: list, max_new_tokens: int = 128, seed: int | None = None, **knobs) -> list[Answer]:
+def generate_batch(
+    pipe, prompts: list, max_new_tokens: int = 128, seed: int | None = None, **knobs
+) -> list[Answer]:
     """Answers to several prompts generated together as one left-padded batch. A decode step reads
     the shared weights (attention, lm_head) once for all sequences, but for an MoE it reads the union
     of the experts they chose: about E * (1 - (1 - K/E)^B) of E per layer at batch B (5.5 of 8 for
@@ -131,8 +167,15 @@ def generate_batch(pipe, prompts: list, max_new_tokens: int = 128, seed: int | N
     return backend.answer_batch(chats, kwargs, validate_seed(seed))
 
 
-def next_token_distribution(pipe, prompt, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                            show: int = 30, answer_prefix: str = "") -> dict:
+def next_token_distribution(
+    pipe,
+    prompt,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    show: int = 30,
+    answer_prefix: str = "",
+) -> dict:
     """The model's next-token probabilities for `prompt`, and how each knob reshapes them.
 
     Uses transformers' own warpers, in the order `generate()` applies them (temperature, then
@@ -145,7 +188,9 @@ def next_token_distribution(pipe, prompt, temperature: float = 1.0, top_k: int =
 
     local = as_backend(pipe)
     if not isinstance(local, LocalModel):
-        raise TypeError("next_token_distribution reads the model's logits: load one here (load_pipeline(local=True))")
+        raise TypeError(
+            "next_token_distribution reads the model's logits: load one here (load_pipeline(local=True))"
+        )
     validate_sampling(1, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
     prefix = local.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
     ids = torch.tensor([chat_ids(local.tokenizer, prompt) + prefix], device=local.model.device)
@@ -170,6 +215,7 @@ def next_token_distribution(pipe, prompt, temperature: float = 1.0, top_k: int =
 
 class Stages(dict):
     """next_token_distribution's answer: a dict of stages, and `survivors` per stage."""
+
     survivors: dict
 
 
@@ -178,8 +224,9 @@ def draw_distribution(stages: dict, title: str = "Next-token probabilities"):
     its bar at the probability it had before (the stage to its left)."""
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(stages), figsize=(3.3 * len(stages), 0.16 * len(next(iter(stages.values()))) + 2),
-                             sharey=True)
+    fig, axes = plt.subplots(
+        1, len(stages), figsize=(3.3 * len(stages), 0.16 * len(next(iter(stages.values()))) + 2), sharey=True
+    )
     top, before = max(p for rows in stages.values() for _, p in rows), None
     for ax, (name, rows) in zip(axes, stages.items()):
         tokens = [shown_token(t) for t, _ in rows]

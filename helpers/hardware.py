@@ -1,4 +1,5 @@
 """What this machine is: torch build, devices, memory, and which models it can hold."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,12 @@ def torch_build() -> dict:
         backend = f"CUDA {torch.version.cuda}"
     else:
         backend = "CPU only"
-    return {"torch": torch.__version__, "backend": backend, "python": platform.python_version(),
-            "gpus_visible": torch.cuda.device_count() if torch.cuda.is_available() else 0}
+    return {
+        "torch": torch.__version__,
+        "backend": backend,
+        "python": platform.python_version(),
+        "gpus_visible": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+    }
 
 
 def system_memory() -> dict:
@@ -54,7 +59,9 @@ def cpuinfo(field: str) -> str:
     """The value of the first `field` line ("flags", "model name") of Linux's /proc/cpuinfo; "" where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field) and ":" in line), "")
+            return next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith(field) and ":" in line), ""
+            )
     except OSError:
         return ""
 
@@ -70,8 +77,16 @@ def dtype_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-DTYPE_CHOICES = {"": None, "auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-                 "float16": "float16", "fp16": "float16"}
+DTYPE_CHOICES = {
+    "": None,
+    "auto": None,
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 
 
 def hardware_dtype():
@@ -85,8 +100,10 @@ def hardware_dtype():
         return torch.float16, "GPU without bf16: float16 instead"
     if cpu_has_native_bf16():
         return torch.bfloat16, "CPU with native bf16 (AVX512-BF16/AMX): the blog's dtype"
-    return torch.float32, ("CPU without native bf16: float32 (emulated bf16 makes the prompt pass slower "
-                           "and drifts from the float32 reference; 08_performance measures it)")
+    return torch.float32, (
+        "CPU without native bf16: float32 (emulated bf16 makes the prompt pass slower "
+        "and drifts from the float32 reference; 08_performance measures it)"
+    )
 
 
 def pick_dtype():
@@ -97,14 +114,18 @@ def pick_dtype():
 
     chosen = os.environ.get(DTYPE_ENV, "").strip().lower()
     if chosen not in DTYPE_CHOICES:
-        raise ValueError(f"{DTYPE_ENV}={os.environ[DTYPE_ENV]!r} is not a dtype these notebooks load: use one of "
-                         f"float32, bfloat16, float16, or auto (or unset it) for this hardware's choice")
+        raise ValueError(
+            f"{DTYPE_ENV}={os.environ[DTYPE_ENV]!r} is not a dtype these notebooks load: use one of "
+            f"float32, bfloat16, float16, or auto (or unset it) for this hardware's choice"
+        )
     native, reason = hardware_dtype()
     if not DTYPE_CHOICES.get(chosen):
         return native, reason
     dtype = getattr(torch, DTYPE_CHOICES[chosen])
-    return dtype, (f"{DTYPE_ENV}={chosen}: {dtype_name(dtype)} forced "
-                   f"(this hardware alone would pick {dtype_name(native)})")
+    return dtype, (
+        f"{DTYPE_ENV}={chosen}: {dtype_name(dtype)} forced "
+        f"(this hardware alone would pick {dtype_name(native)})"
+    )
 
 
 def memory_budget() -> dict:

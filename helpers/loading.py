@@ -6,6 +6,7 @@ that turn deep library errors into plain ones: are the weights on disk, do they 
 machine's memory (or in the way `fit=` says), and which tokenizer gives the reference prompt ids.
 What it loaded is `model.load_record` (fitting.LoadRecord).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,6 +27,7 @@ from .sizing import fits, parameter_count, usable
 from .standin import ensure_standin
 
 STANDIN = "stand-in"
+
 
 class ModelNotAvailable(RuntimeError):
     """The model's weights are not on this machine."""
@@ -53,15 +55,20 @@ def resolve_local(name: str) -> Path:
         _check_weights_present(path, name)
         return path
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise ModelNotAvailable(f"{MODEL_ENV}={name!r} is neither an existing folder nor a hub id (owner/name).")
+        raise ModelNotAvailable(
+            f"{MODEL_ENV}={name!r} is neither an existing folder nor a hub id (owner/name)."
+        )
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         path = Path(snapshot_download(name, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
-        size = (f"{parameter_count(name)['total'] * 2 / GiB:.0f} GiB in bf16" if name in KNOWN_MODELS
-                else "the size of its safetensors files")
+        size = (
+            f"{parameter_count(name)['total'] * 2 / GiB:.0f} GiB in bf16"
+            if name in KNOWN_MODELS
+            else "the size of its safetensors files"
+        )
         raise ModelNotAvailable(
             f"The weights of {name} are not on this machine (looked in the Hugging Face cache "
             f"{constants.HF_HUB_CACHE}) and these notebooks never download them. On a machine with "
@@ -83,11 +90,15 @@ def read_config(path) -> dict:
     try:
         config = json.loads((path / "config.json").read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ModelNotAvailable(f"{path / 'config.json'} is not valid JSON ({err}): the download is damaged. "
-                                f"Download the model again (`hf download`).") from None
+        raise ModelNotAvailable(
+            f"{path / 'config.json'} is not valid JSON ({err}): the download is damaged. "
+            f"Download the model again (`hf download`)."
+        ) from None
     if not isinstance(config, dict):
-        raise ModelNotAvailable(f"{path / 'config.json'} holds a {type(config).__name__}, not a model config: "
-                                f"the download is damaged. Download the model again (`hf download`).")
+        raise ModelNotAvailable(
+            f"{path / 'config.json'} holds a {type(config).__name__}, not a model config: "
+            f"the download is damaged. Download the model again (`hf download`)."
+        )
     return config
 
 
@@ -99,7 +110,8 @@ def _check_weights_present(path: Path, name: str) -> None:
     if missing:
         raise ModelNotAvailable(
             f"{name}: {len(missing)} of {len(shards)} weight shards are missing in {path} "
-            f"(first: {missing[0]}); the download is incomplete. Finish it with `hf download`.")
+            f"(first: {missing[0]}); the download is incomplete. Finish it with `hf download`."
+        )
 
 
 def weight_bytes(path: Path) -> int:
@@ -123,7 +135,8 @@ def check_fits(path, dtype) -> int:
             f"{path.name} needs about {need / GiB:.1f} GiB in {dtype_name(dtype)}, but this machine "
             f"has {usable(budget['total']) / GiB:.1f} GiB usable ({budget['gpu'] / GiB:.1f} GiB free on GPUs and "
             f"{budget['cpu'] / GiB:.1f} GiB of available RAM, {RESERVED:.0%} kept free). Use a machine with more GPU "
-            f"memory (see 00_setup for what fits where), or leave {MODEL_ENV} unset for the stand-in.")
+            f"memory (see 00_setup for what fits where), or leave {MODEL_ENV} unset for the stand-in."
+        )
     return need
 
 
@@ -143,8 +156,10 @@ def load_local(name: str | None = None, dtype=None, fit=None, fast: bool = True,
 
     check_fit(fit)
     if isinstance(fit, Quantized) and torch.cuda.is_available():
-        raise ValueError(f"Fit.quantized({fit.scheme!r}) uses torch's CPU kernels, and the model would run on a GPU: "
-                         f"on GPUs load with transformers' quantization_config instead (10_quantization shows how)")
+        raise ValueError(
+            f"Fit.quantized({fit.scheme!r}) uses torch's CPU kernels, and the model would run on a GPU: "
+            f"on GPUs load with transformers' quantization_config instead (10_quantization shows how)"
+        )
     path = resolve_local(name or model_path())
     picked, why = pick_dtype()
     record = LoadRecord(picked, why, fit) if dtype is None else LoadRecord(dtype, "chosen by the caller", fit)
@@ -158,8 +173,14 @@ def load_local(name: str | None = None, dtype=None, fit=None, fast: bool = True,
     if config.get("model_type") == "mixtral" and config.get("vocab_size") in REFERENCE_TOKENIZERS:
         tokenizer = reference_tokenizer(config["vocab_size"])
     try:
-        pipe = pipeline("text-generation", model=str(path), tokenizer=tokenizer, dtype=record.dtype,
-                        device_map=device_map, model_kwargs=extra)
+        pipe = pipeline(
+            "text-generation",
+            model=str(path),
+            tokenizer=tokenizer,
+            dtype=record.dtype,
+            device_map=device_map,
+            model_kwargs=extra,
+        )
     except BaseException:
         if record.folder is not None:  # nothing left behind by a load that failed
             record.folder.cleanup()
@@ -171,7 +192,9 @@ def load_local(name: str | None = None, dtype=None, fit=None, fast: bool = True,
         record.cache = offload_experts(model, fit.per_layer, fit.tier)
     if fast:
         replaced = "quantized" if isinstance(fit, Quantized) else "expert_cache" if record.cache else None
-        record.recipe = apply_recipe(model, fast_recipe(model.device.type, dtype, replaced, isinstance(fit, Budget)))
+        record.recipe = apply_recipe(
+            model, fast_recipe(model.device.type, dtype, replaced, isinstance(fit, Budget))
+        )
         record.dtype_reason = record.recipe.reasons[0]
     model.load_record = record
     return pipe
@@ -185,9 +208,11 @@ def offload_arguments(budget: Budget, path: Path, record: LoadRecord) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     free, need = shutil.disk_usage(folder).free, weight_bytes(path)
     if not fits(need, free):
-        raise ModelTooLarge(f"the offload folder {folder} has {free / GiB:.1f} GiB free and the model's weights take "
-                            f"{need / GiB:.1f} GiB: choose a folder on a disk with more room, "
-                            f"Fit.budget(..., folder=...)")
+        raise ModelTooLarge(
+            f"the offload folder {folder} has {free / GiB:.1f} GiB free and the model's weights take "
+            f"{need / GiB:.1f} GiB: choose a folder on a disk with more room, "
+            f"Fit.budget(..., folder=...)"
+        )
     if temporary:  # removed when the model goes (a killed process leaves it: the cache's offload/ folder)
         record.folder = tempfile.TemporaryDirectory(prefix="offload-", dir=folder)
         folder = Path(record.folder.name)

@@ -3,6 +3,7 @@
 Shapes: T = tokens, L = layers, E = experts, K = experts per token (top-k).
 The routing is read from the model itself (forward hooks on each layer's router), never
 re-implemented for display."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -30,8 +31,11 @@ class RouterTrace:
 
     Use as a context manager around `generate()` (batch 1): the prefill call records the prompt's
     tokens, each decode step with the KV cache records one more token."""
+
     model: object
-    calls: list = field(default_factory=list)  # per forward call: L x (indices [t, K], weights [t, K], logits [t, E])
+    calls: list = field(
+        default_factory=list
+    )  # per forward call: L x (indices [t, K], weights [t, K], logits [t, E])
     _hooks: list = field(default_factory=list)
 
     def __enter__(self):
@@ -43,9 +47,14 @@ class RouterTrace:
                 logits, weights, indices = outputs  # [t, E], [t, K], [t, K]
                 if layer_index == 0:
                     self.calls.append([None] * len(layers))
-                self.calls[-1][layer_index] = (indices.detach().cpu(), weights.detach().float().cpu(),
-                                               logits.detach().float().cpu())
+                self.calls[-1][layer_index] = (
+                    indices.detach().cpu(),
+                    weights.detach().float().cpu(),
+                    logits.detach().float().cpu(),
+                )
+
             return hook
+
         self._hooks = [r.register_forward_hook(record(i)) for i, r in enumerate(layers)]
         return self
 
@@ -56,11 +65,14 @@ class RouterTrace:
 
     def _stack(self, part: int):
         import torch
+
         per_call = [torch.stack([layer[part] for layer in call], dim=1) for call in self.calls]  # [t, L, .]
         return torch.cat(per_call) if per_call else torch.empty(0)
 
     experts = property(lambda self: self._stack(0), doc="[T, L, K] expert indices, best first.")
-    weights = property(lambda self: self._stack(1), doc="[T, L, K] the renormalised routing weights (sum 1 over K).")
+    weights = property(
+        lambda self: self._stack(1), doc="[T, L, K] the renormalised routing weights (sum 1 over K)."
+    )
     logits = property(lambda self: self._stack(2), doc="[T, L, E] raw router logits.")
 
 
@@ -71,6 +83,7 @@ class NextLayerGuess:
     layer l+1, made a layer early, in time to fetch them while layer l computes. Use beside RouterTrace, as a
     context manager around `generate()` (batch 1): per forward call, L - 1 entries of [t, `most`] guessed
     experts, best first."""
+
     model: object
     most: int = 4
     calls: list = field(default_factory=list)
@@ -85,6 +98,7 @@ class NextLayerGuess:
                 self.calls.append([None] * (len(layers) - 1))
             logits = guess()
             self.calls[-1][i] = logits.topk(min(self.most, logits.shape[-1]), dim=-1).indices.cpu()
+
         self._hooks = next_layer_guesses(self.model, record)
         return self
 
@@ -99,14 +113,20 @@ def prefetch_recall(pairs, counts=(2, 3, 4)) -> dict:
     RouterTrace) pair from the same generation, the share of a token's true top-k experts among the first G
     guessed a layer before. The prompt pass is left out: a cache prefetches for the tokens it decodes."""
     import torch
+
     found, total = 0, 0
     for guess, trace in pairs:
         if len(guess.calls) != len(trace.calls):
-            raise ValueError(f"{len(guess.calls)} guessed calls against {len(trace.calls)} traced: record both around one generate()")
-        guessed = torch.cat([torch.stack(call, dim=1) for call in guess.calls[1:]])                  # [T, L-1, most]
-        truth = torch.cat([torch.stack([i for i, _, _ in call[1:]], dim=1) for call in trace.calls[1:]])  # [T, L-1, K]
-        found = found + torch.stack([(guessed[..., :g, None] == truth[..., None, :]).any(-2).float().sum((0, 2))
-                                     for g in counts])                                                 # [G, L-1]
+            raise ValueError(
+                f"{len(guess.calls)} guessed calls against {len(trace.calls)} traced: record both around one generate()"
+            )
+        guessed = torch.cat([torch.stack(call, dim=1) for call in guess.calls[1:]])  # [T, L-1, most]
+        truth = torch.cat(
+            [torch.stack([i for i, _, _ in call[1:]], dim=1) for call in trace.calls[1:]]
+        )  # [T, L-1, K]
+        found = found + torch.stack(
+            [(guessed[..., :g, None] == truth[..., None, :]).any(-2).float().sum((0, 2)) for g in counts]
+        )  # [G, L-1]
         total += truth.shape[0] * truth.shape[2]
     return {g: found[i] / total for i, g in enumerate(counts)}
 
@@ -122,7 +142,10 @@ def experts_read_per_step(pipe, prompts: list, max_new_tokens: int = 24, seed: i
 def step_unions(trace):
     """[S, L] distinct experts per layer in each decode call of a trace (every call after the first)."""
     import torch
-    return torch.tensor([[len(set(indices.flatten().tolist())) for indices, _, _ in call] for call in trace.calls[1:]])
+
+    return torch.tensor(
+        [[len(set(indices.flatten().tolist())) for indices, _, _ in call] for call in trace.calls[1:]]
+    )
 
 
 def trace_generation(pipe, prompt, max_new_tokens: int = 32, seed: int = 0, **knobs):
@@ -139,6 +162,7 @@ def trace_generation(pipe, prompt, max_new_tokens: int = 32, seed: int = 0, **kn
 def expert_load(experts, num_experts: int):
     """[L, E] share of routing slots each expert received per layer (rows sum to 1)."""
     import torch
+
     return torch.nn.functional.one_hot(experts, num_experts).float().mean((0, 2))  # [T, L, K, E] -> [L, E]
 
 
@@ -149,11 +173,12 @@ def busiest_expert(experts, batch: int, num_experts: int, draws: int = 200, seed
     1.0 is a perfectly even load. With expert parallelism, where an expert's time grows with its tokens (a prompt
     pass, large batches), the GPU holding the busiest expert sets the pace."""
     import torch
+
     T, L, K = experts.shape
     whole_number("batch", batch, 1, f" (at most the {T} tokens traced)", maximum=T)
     generator = torch.Generator().manual_seed(seed)
     picks = torch.stack([torch.randperm(T, generator=generator)[:batch] for _ in range(draws)])  # [draws, B]
-    chosen = torch.nn.functional.one_hot(experts[picks], num_experts).sum((1, 3))                 # [draws, L, E]
+    chosen = torch.nn.functional.one_hot(experts[picks], num_experts).sum((1, 3))  # [draws, L, E]
     return (chosen.max(-1).values.float() / (batch * K / num_experts)).mean().item()
 
 
@@ -165,12 +190,13 @@ def stickiness(experts):
 
 def chance_stickiness(load):
     """[L] the same rate if tokens picked experts independently with the observed loads."""
-    return (load ** 2).sum(-1)
+    return (load**2).sum(-1)
 
 
 def route_topk_then_softmax(logits, k: int):
     """Mistral's reference moe.py: keep the top-k logits, softmax over just those. -> (weights, indices)"""
     import torch
+
     top, idx = torch.topk(logits, k, dim=-1)  # [T, K]
     return torch.softmax(top.float(), dim=-1), idx
 
@@ -178,6 +204,7 @@ def route_topk_then_softmax(logits, k: int):
 def route_softmax_topk_renorm(logits, k: int):
     """transformers: softmax over all experts, keep the top-k, renormalise to sum 1."""
     import torch
+
     probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
     top, idx = torch.topk(probs, k, dim=-1)  # [T, K]
     return top / top.sum(-1, keepdim=True), idx
@@ -187,7 +214,9 @@ def route_softmax_topk_renorm(logits, k: int):
 def experts_per_token(model, k: int):
     """`with experts_per_token(model, 4): ...` runs the block with each token visiting `k` experts
     (Mixtral was trained with 2), then restores what the model had, even if the block fails."""
-    whole_number("experts per token", k, 1, " (the model was trained with 2)", maximum=routers(model)[0].num_experts)
+    whole_number(
+        "experts per token", k, 1, " (the model was trained with 2)", maximum=routers(model)[0].num_experts
+    )
     old = routers(model)[0].top_k
     _set_top_k(model, k)
     try:
@@ -202,30 +231,57 @@ def _set_top_k(model, k: int) -> None:
         layer.mlp.top_k = layer.mlp.gate.top_k = k
 
 
-def cost_experiment(hidden: int = 512, intermediate: int = 1536, layers: int = 4, experts: int = 8,
-                    top_k: int = 2, new_tokens: int = 32, seed: int = 0) -> list[dict]:
+def cost_experiment(
+    hidden: int = 512,
+    intermediate: int = 1536,
+    layers: int = 4,
+    experts: int = 8,
+    top_k: int = 2,
+    new_tokens: int = 32,
+    seed: int = 0,
+) -> list[dict]:
     """Decode speed and weight memory of three random models on this machine: the MoE, a dense
     model as big as the MoE in total, and a dense model as big as what the MoE uses per token."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    common = dict(vocab_size=1024, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
-                  num_key_value_heads=8, max_position_embeddings=512)
+    common = dict(
+        vocab_size=1024,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(seed)
     models = {
-        f"MoE ({experts} experts, top-{top_k})": MixtralForCausalLM(MixtralConfig(
-            intermediate_size=intermediate, num_local_experts=experts, num_experts_per_tok=top_k, **common)),
-        "dense, MoE's total size": LlamaForCausalLM(LlamaConfig(intermediate_size=experts * intermediate, **common)),
-        "dense, MoE's active size": LlamaForCausalLM(LlamaConfig(intermediate_size=top_k * intermediate, **common)),
+        f"MoE ({experts} experts, top-{top_k})": MixtralForCausalLM(
+            MixtralConfig(
+                intermediate_size=intermediate, num_local_experts=experts, num_experts_per_tok=top_k, **common
+            )
+        ),
+        "dense, MoE's total size": LlamaForCausalLM(
+            LlamaConfig(intermediate_size=experts * intermediate, **common)
+        ),
+        "dense, MoE's active size": LlamaForCausalLM(
+            LlamaConfig(intermediate_size=top_k * intermediate, **common)
+        ),
     }
     prompt = torch.randint(0, 1024, (16,)).tolist()
     greedy = dict(do_sample=False, max_new_tokens=5 + new_tokens, min_new_tokens=5 + new_tokens)
     rows = []
     for name, model in models.items():
-        answer = LocalModel(model=model.eval()).run([prompt], greedy)[0]  # decode speed after 1 + 4 warm-up tokens
-        rows.append({"model": name, "parameters": sum(p.numel() for p in model.parameters()),
-                     "weights_MiB": sum(p.nbytes for p in model.parameters()) / 2**20,
-                     "tokens_per_s": decode_rate(answer.token_times, warmup=4)})
+        answer = LocalModel(model=model.eval()).run([prompt], greedy)[
+            0
+        ]  # decode speed after 1 + 4 warm-up tokens
+        rows.append(
+            {
+                "model": name,
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "weights_MiB": sum(p.nbytes for p in model.parameters()) / 2**20,
+                "tokens_per_s": decode_rate(answer.token_times, warmup=4),
+            }
+        )
     return rows
 
 
@@ -239,7 +295,9 @@ def draw_routing(experts, tokens, num_experts: int, title: str, ax=None, marks: 
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 0.18 * len(tokens) + 1))
     cmap = ListedColormap(plt.get_cmap("tab10").colors[:num_experts])
-    image = ax.imshow(first, aspect="auto", cmap=cmap, vmin=-0.5, vmax=num_experts - 0.5, interpolation="nearest")
+    image = ax.imshow(
+        first, aspect="auto", cmap=cmap, vmin=-0.5, vmax=num_experts - 0.5, interpolation="nearest"
+    )
     ax.set_yticks(range(len(tokens)), [shown_token(t) for t in tokens], fontsize=7)
     ax.set_xlabel("layer")
     ax.set_ylabel("token")
@@ -247,7 +305,15 @@ def draw_routing(experts, tokens, num_experts: int, title: str, ax=None, marks: 
     ax.figure.colorbar(image, ax=ax, ticks=range(num_experts), label="first-choice expert")
     for name, row in (marks or {}).items():
         ax.axhline(row - 0.5, color="black", linewidth=1.5)
-        ax.text(first.shape[1] - 0.5, row - 0.3, f" {name} ", ha="right", va="top", fontsize=8, backgroundcolor="white")
+        ax.text(
+            first.shape[1] - 0.5,
+            row - 0.3,
+            f" {name} ",
+            ha="right",
+            va="top",
+            fontsize=8,
+            backgroundcolor="white",
+        )
     return ax
 
 
@@ -257,7 +323,13 @@ def draw_loads(loads: dict, title: str):
 
     fig, axes = plt.subplots(1, len(loads), figsize=(3.2 * len(loads), 4), sharey=True)
     for ax, (name, load) in zip(axes, loads.items()):
-        image = ax.imshow(load.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=float(max(l.max() for l in loads.values())))
+        image = ax.imshow(
+            load.numpy(),
+            aspect="auto",
+            cmap="viridis",
+            vmin=0,
+            vmax=float(max(l.max() for l in loads.values())),
+        )
         ax.set_title(name)
         ax.set_xlabel("expert")
     axes[0].set_ylabel("layer")

@@ -13,6 +13,7 @@
 policies and their replay over router traces in policies.py. 11_offloading uses them all.
 Shapes: E experts, K experts per token, D hidden, I expert FFN, T tokens, C slots per layer.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from .data import whole_number
 from .fitting import TIERS
-from .fastpath import register_experts, tokens_by_expert
+from .experts import experts_loop, register_experts
 from .files import weight_files
 from .planning import map_entry
 from .policies import LRU
@@ -56,8 +57,9 @@ class LayerCache:
         """Wait for the prefetches under way (a use must not read a slot being written)."""
         for job in self.pending:
             self.count["from slow tier"] += job.result()
-        if self.pending and self.stream is not None:                   # the GPU's compute waits for the copies
+        if self.pending and self.stream is not None:  # the GPU's compute waits for the copies
             import torch
+
             torch.cuda.current_stream().wait_stream(self.stream)
         self.pending = []
 
@@ -65,24 +67,31 @@ class LayerCache:
         """Give each guessed expert that is not resident a slot now (the policy's victim's) and copy it in on
         `pool`'s thread: it is used, or evicted, later. Runs where the guess is made, so the policy is only
         ever touched by one thread."""
-        if stream is not None:  # on a GPU, a slot is overwritten only after the work queued so far has read it
+        if (
+            stream is not None
+        ):  # on a GPU, a slot is overwritten only after the work queued so far has read it
             import torch
+
             stream.wait_stream(torch.cuda.current_stream())
-        experts = sorted(experts, key=lambda e: e not in self.policy.slots)  # the resident first, refreshed: with as
-        for expert in experts:                                                # many slots as guesses, none is evicted
+        experts = sorted(
+            experts, key=lambda e: e not in self.policy.slots
+        )  # the resident first, refreshed: with as
+        for expert in experts:  # many slots as guesses, none is evicted
             hit, slot = self.policy.touch(expert)
             if not hit:
                 self.ahead.add(expert)
                 self.count["prefetched"] += 1
                 self.stream = stream
                 self.pending.append(pool.submit(self._copy, experts_module, slot, expert, stream))
-        self.ahead.intersection_update(self.policy.slots)  # a guess evicted before its use was fetched for nothing
+        self.ahead.intersection_update(
+            self.policy.slots
+        )  # a guess evicted before its use was fetched for nothing
 
     def slot(self, experts_module, expert: int) -> int:
         self.settle()
         hit, slot = self.policy.touch(expert)
         self.count["hits" if hit else "misses"] += 1
-        if expert in self.ahead:                        # used where it was fetched to, unless a miss evicted it since
+        if expert in self.ahead:  # used where it was fetched to, unless a miss evicted it since
             self.ahead.discard(expert)
             self.count["prefetch used"] += hit
         if not hit:
@@ -94,14 +103,14 @@ def cached_experts(self, hidden_states, top_k_index, top_k_weights):
     """transformers' eager experts loop, each expert's weights taken from its cache slot (fetched on a miss)."""
     import torch.nn.functional as F
 
-    out = hidden_states.new_zeros(hidden_states.shape)                       # [T, D]
-    for expert, token, slot in tokens_by_expert(top_k_index):                # token, slot: [t] each
-        token, slot = token.to(out.device), slot.to(out.device)
+    def ffn(expert, x):  # [t, D] -> [t, D]
         i = _CACHES[self].slot(self, expert)
-        gate, up = F.linear(hidden_states[token], self.cached_gate_up[i]).chunk(2, dim=-1)   # [t, I] each
-        y = F.linear(self.act_fn(gate) * up, self.cached_down[i]) * top_k_weights[token, slot, None]  # [t, D]
-        out.index_add_(0, token, y.to(out.dtype))
-    return out
+        gate, up = F.linear(x, self.cached_gate_up[i]).chunk(2, dim=-1)  # [t, I] each
+        return F.linear(self.act_fn(gate) * up, self.cached_down[i])
+
+    return experts_loop(
+        hidden_states, top_k_index, top_k_weights, ffn, hidden_states.new_zeros(hidden_states.shape)
+    )
 
 
 class ExpertFiles:
@@ -111,12 +120,14 @@ class ExpertFiles:
     def __init__(self, folder):
         from safetensors import safe_open
 
-        self.where = {}                                                      # tensor name -> open file
+        self.where = {}  # tensor name -> open file
         for name in weight_files(folder):
             handle = safe_open(str(Path(folder) / name), framework="pt")
             self.where.update(dict.fromkeys(handle.keys(), handle))
         if not any(".experts." in k for k in self.where):
-            raise ValueError(f"no experts in the safetensors of {folder}: expert_cache needs a Mixtral's weights")
+            raise ValueError(
+                f"no experts in the safetensors of {folder}: expert_cache needs a Mixtral's weights"
+            )
 
     def fetch(self, layer: int, expert: int):
         """(gate_up [2I, D], down [D, I]) of one expert of one layer, as stored."""
@@ -124,9 +135,13 @@ class ExpertFiles:
 
         fused = f"model.layers.{layer}.mlp.experts."
         if fused + "gate_up_proj" in self.where:
-            return tuple(self.where[fused + n].get_slice(fused + n)[expert] for n in ("gate_up_proj", "down_proj"))
+            return tuple(
+                self.where[fused + n].get_slice(fused + n)[expert] for n in ("gate_up_proj", "down_proj")
+            )
         old = f"model.layers.{layer}.block_sparse_moe.experts.{expert}."
-        w1, w3, w2 = (self.where[old + n + ".weight"].get_tensor(old + n + ".weight") for n in ("w1", "w3", "w2"))
+        w1, w3, w2 = (
+            self.where[old + n + ".weight"].get_tensor(old + n + ".weight") for n in ("w1", "w3", "w2")
+        )
         return torch.cat([w1, w3]), w2
 
 
@@ -138,11 +153,17 @@ def check_cache_size(per_layer, experts_total) -> int:
     """The model's number of experts, if `per_layer` of them can be cached; else a ValueError saying why."""
     if not experts_total:
         raise ValueError("Fit.expert_cache needs a mixture-of-experts model, and this one has no experts")
-    whole_number("Fit.expert_cache: per_layer", per_layer, 1, f" (experts kept per layer, of {experts_total})", maximum=experts_total)
+    whole_number(
+        "Fit.expert_cache: per_layer",
+        per_layer,
+        1,
+        f" (experts kept per layer, of {experts_total})",
+        maximum=experts_total,
+    )
     return experts_total
 
 
-def _give_slots(experts, per_layer: int, gate_up, down) -> None:                # C slots, empty, like [., 2I, D], [., D, I]
+def _give_slots(experts, per_layer: int, gate_up, down) -> None:  # C slots, empty, like [., 2I, D], [., D, I]
     experts.register_buffer("cached_gate_up", gate_up.new_empty((per_layer, *gate_up.shape[1:])))
     experts.register_buffer("cached_down", down.new_empty((per_layer, *down.shape[1:])))
 
@@ -151,12 +172,17 @@ def _give_slots(experts, per_layer: int, gate_up, down) -> None:                
 class ExpertCache:
     """What `offload_experts` set (`model.load_record.cache`): `per_layer` of the `experts` of each layer in
     slots, the others in `tier`. `resize` changes the slots in place (11_offloading: one model, four sizes)."""
+
     per_layer: int
     experts: int
     tier: str
     model: weakref.ref
-    why = property(lambda self: f"expert cache: {self.per_layer} of {self.experts} experts per layer in memory, "
-                                f"the others read from {self.tier} when the router picks them")
+    why = property(
+        lambda self: (
+            f"expert cache: {self.per_layer} of {self.experts} experts per layer in memory, "
+            f"the others read from {self.tier} when the router picks them"
+        )
+    )
 
     def resize(self, per_layer: int) -> ExpertCache:
         """`per_layer` empty slots in each layer, under the same policy (what they held is fetched again when
@@ -186,13 +212,13 @@ def offload_experts(model, per_layer: int, tier: str | None = None) -> ExpertCac
     files = ExpertFiles(model.name_or_path) if tier == "disk" else None
     for i, layer in enumerate(model.model.layers):
         experts = layer.mlp.experts
-        gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()     # [E, 2I, D], [E, D, I]
+        gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()  # [E, 2I, D], [E, D, I]
         if files is not None:
             fetch = functools.partial(files.fetch, i)
         else:
             slow = [w.to("cpu", copy=True) for w in (gate_up, down)]
             if torch.cuda.is_available() and model.device.type == "cuda":
-                slow = [w.pin_memory() for w in slow]                             # copies to the GPU overlap
+                slow = [w.pin_memory() for w in slow]  # copies to the GPU overlap
             fetch = functools.partial(_rows, *slow)
         del experts.gate_up_proj, experts.down_proj
         _give_slots(experts, per_layer, gate_up, down)
@@ -224,9 +250,9 @@ def resident_bytes(model) -> float:
     c = model.config
     share = c.num_experts_per_tok / c.num_local_experts if getattr(c, "num_local_experts", None) else 1
     total = 0.0
-    for name, p in model.named_parameters():                                  # tied weights come once
+    for name, p in model.named_parameters():  # tied weights come once
         if p.device.type == "meta":
-            continue                                                          # offloaded: counted as copied in
+            continue  # offloaded: counted as copied in
         size = p.nbytes
         if p.dim() == 3:
             size *= share
@@ -260,7 +286,7 @@ class OffloadMeter:
 
     def __enter__(self):
         count = Counter()
-        for loader in _loaders(self.model):                                   # count what accelerate copies in
+        for loader in _loaders(self.model):  # count what accelerate copies in
             base = type(loader)
 
             class Counting(base):
@@ -268,20 +294,26 @@ class OffloadMeter:
                     tensor = _base.__getitem__(self, key)
                     count["from RAM" if key in self.state_dict else "from disk"] += tensor.nbytes
                     return tensor
+
             loader.__class__ = Counting
             self._undo.append(lambda loader=loader, base=base: setattr(loader, "__class__", base))
         caches, resident = layer_caches(self.model), resident_bytes(self.model)
-        state = dict(before=sum((c.count for c in caches), Counter()), storage=storage_read_bytes())  # counted so far
+        state = dict(
+            before=sum((c.count for c in caches), Counter()), storage=storage_read_bytes()
+        )  # counted so far
 
         def after_call(_module, args, kwargs, _output):
             now = count + sum((c.count for c in caches), Counter())
             storage = storage_read_bytes()
             ids = kwargs.get("input_ids", args[0] if args else None)
-            row = dict(now - state["before"], resident=resident, decode=ids is not None and ids.shape[-1] == 1)
+            row = dict(
+                now - state["before"], resident=resident, decode=ids is not None and ids.shape[-1] == 1
+            )
             if storage is not None:
                 row["storage"] = storage - state["storage"]
             self.calls.append(row)
             state.update(before=now, storage=storage)
+
         self._undo.append(self.model.register_forward_hook(after_call, with_kwargs=True).remove)
         return self
 
@@ -312,7 +344,9 @@ def device_map_bytes(model) -> list[dict]:
     sizes = Counter()
     for name, p in model.named_parameters():
         sizes[map_entry(placement, name)] += p.nbytes
-    return [dict(module=k or "model", device=str(placement[k]), bytes=sizes[k]) for k in placement if sizes[k]]
+    return [
+        dict(module=k or "model", device=str(placement[k]), bytes=sizes[k]) for k in placement if sizes[k]
+    ]
 
 
 def draw_device_map(rows: list, title: str = "Where device_map put each module", ax=None):
@@ -322,13 +356,25 @@ def draw_device_map(rows: list, title: str = "Where device_map put each module",
     colours = {"disk": "#c44e52", "cpu": "#4c72b0"}
     if ax is None:
         _, ax = plt.subplots(figsize=(10, 3))
-    names = [r["module"].replace("model.layers.", "").replace("model.", "").replace("embed_tokens", "embed") for r in rows]
-    ax.bar(range(len(rows)), [r["bytes"] / 2**20 for r in rows], color=[colours.get(r["device"], "#55a868") for r in rows])
+    names = [
+        r["module"].replace("model.layers.", "").replace("model.", "").replace("embed_tokens", "embed")
+        for r in rows
+    ]
+    ax.bar(
+        range(len(rows)),
+        [r["bytes"] / 2**20 for r in rows],
+        color=[colours.get(r["device"], "#55a868") for r in rows],
+    )
     ax.set_xticks(range(len(rows)), names, rotation=90, fontsize=7)
     ax.set_ylabel("MiB")
     ax.set_title(title)
     for device in dict.fromkeys(r["device"] for r in rows):
-        ax.bar(0, 0, color=colours.get(device, "#55a868"), label={"cpu": "CPU RAM", "disk": "disk (offload_folder)"}.get(device, f"GPU {device}"))
+        ax.bar(
+            0,
+            0,
+            color=colours.get(device, "#55a868"),
+            label={"cpu": "CPU RAM", "disk": "disk (offload_folder)"}.get(device, f"GPU {device}"),
+        )
     ax.legend()
     ax.set_xlabel("module (decoder layers by number)")
     ax.figure.tight_layout()

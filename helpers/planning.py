@@ -3,6 +3,7 @@ device_map="auto" put its layers, and how fast could it decode there.
 
 Counts come from sizing.py; the placement is accelerate's own, run on the meta device (the real
 configs, no weights)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -13,9 +14,20 @@ from dataclasses import dataclass, field
 
 from . import hardware
 from .data import DTYPE_BYTES, GPU_TYPES, LINK_GTS, PEER_LINK_GBS, RESERVED, GiB, whole_number
-from .sizing import (as_config, ceiling, chance_hit_rate, decode_bytes, dtype_bytes, expert_bytes, fits, footprint,
-                     kv_precision,
-                     parameter_count, usable)
+from .sizing import (
+    as_config,
+    ceiling,
+    chance_hit_rate,
+    decode_bytes,
+    dtype_bytes,
+    expert_bytes,
+    fits,
+    footprint,
+    kv_precision,
+    parameter_count,
+    usable,
+)
+
 
 @dataclass
 class Plan:
@@ -26,39 +38,49 @@ class Plan:
     context: int
     weights_bytes: int
     kv_bytes: int
-    capacity_bytes: int          # usable memory over all GPUs (sizing.usable: RESERVED kept free)
+    capacity_bytes: int  # usable memory over all GPUs (sizing.usable: RESERVED kept free)
     fits: bool
-    device_map: dict = field(default_factory=dict)   # module -> GPU index, from accelerate
+    device_map: dict = field(default_factory=dict)  # module -> GPU index, from accelerate
     layers_per_gpu: list = field(default_factory=list)
-    ceiling_pipeline: float = 0.0   # tok/s at batch 1 with device_map="auto" (one GPU at a time)
+    ceiling_pipeline: float = 0.0  # tok/s at batch 1 with device_map="auto" (one GPU at a time)
     ceiling_tensor_parallel: float = 0.0  # tok/s at batch 1 if all GPUs read at once (vLLM)
     advice: str = ""
 
     @property
     def label(self) -> str:
-        """"8x MI300X"; for a card with two dies, the dies the system shows as GPUs: "8x MI250X GCD"."""
+        """ "8x MI300X"; for a card with two dies, the dies the system shows as GPUs: "8x MI250X GCD"."""
         return f"{self.count}x {gpu_name(self.gpu)}"
 
     def summary(self) -> str:
         need, has = (self.weights_bytes + self.kv_bytes) / GiB, self.capacity_bytes / GiB
-        head = (f"{self.model} in {self.precision}, {self.context} tokens of context, on {self.label}: "
-                f"needs {need:.0f} GiB (weights {self.weights_bytes / GiB:.0f} + KV cache {self.kv_bytes / GiB:.1f}), "
-                f"has {has:.0f} GiB usable ({RESERVED:.0%} of each GPU kept free)")
+        head = (
+            f"{self.model} in {self.precision}, {self.context} tokens of context, on {self.label}: "
+            f"needs {need:.0f} GiB (weights {self.weights_bytes / GiB:.0f} + KV cache {self.kv_bytes / GiB:.1f}), "
+            f"has {has:.0f} GiB usable ({RESERVED:.0%} of each GPU kept free)"
+        )
         if not self.fits:
             return f"{head}. DOES NOT FIT: {need - has:.0f} GiB missing. {self.advice}"
-        return (f"{head}. Fits, {has - need:.0f} GiB to spare: layers per GPU {self.layers_per_gpu}. Decode ceiling "
-                f"at batch 1: {self.ceiling_pipeline:.0f} tok/s with device_map=\"auto\", "
-                f"{self.ceiling_tensor_parallel:.0f} tok/s with tensor parallelism."
-                + (f" {self.advice}" if self.advice else ""))
+        return (
+            f"{head}. Fits, {has - need:.0f} GiB to spare: layers per GPU {self.layers_per_gpu}. Decode ceiling "
+            f'at batch 1: {self.ceiling_pipeline:.0f} tok/s with device_map="auto", '
+            f"{self.ceiling_tensor_parallel:.0f} tok/s with tensor parallelism."
+            + (f" {self.advice}" if self.advice else "")
+        )
 
 
 def gpu_name(gpu: str) -> str:
     return f"{gpu} {GPU_TYPES[gpu]['unit']}" if "unit" in GPU_TYPES.get(gpu, {}) else gpu
 
 
-def plan(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", gpu: str = "MI300X", count: int = 8,
-         precision: str = "bfloat16", context: int = 4096, gpu_memory_gib: float | None = None,
-         bandwidth_tbs: float | None = None) -> Plan:
+def plan(
+    model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1",
+    gpu: str = "MI300X",
+    count: int = 8,
+    precision: str = "bfloat16",
+    context: int = 4096,
+    gpu_memory_gib: float | None = None,
+    bandwidth_tbs: float | None = None,
+) -> Plan:
     """Will `model` fit on `count` GPUs of type `gpu`, and where would device_map="auto" put it?
 
     `gpu` is a key of GPU_TYPES, or any name with `gpu_memory_gib` and `bandwidth_tbs` given
@@ -71,11 +93,15 @@ def plan(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", gpu: str = "MI300
     if bandwidth_tbs is not None:
         spec["bandwidth_tbs"] = bandwidth_tbs
     if "memory_gib" not in spec or "bandwidth_tbs" not in spec:
-        raise ValueError(f"unknown GPU {gpu!r}: use one of {', '.join(GPU_TYPES)}, "
-                         f"or give gpu_memory_gib and bandwidth_tbs")
+        raise ValueError(
+            f"unknown GPU {gpu!r}: use one of {', '.join(GPU_TYPES)}, "
+            f"or give gpu_memory_gib and bandwidth_tbs"
+        )
     if not spec["memory_gib"] > 0 or not spec["bandwidth_tbs"] > 0:
         raise ValueError(f"GPU memory and bandwidth must be > 0, got {spec}")
-    whole_number("context", context, 1, " (the model's maximum, in tokens)", maximum=config.max_position_embeddings)
+    whole_number(
+        "context", context, 1, " (the model's maximum, in tokens)", maximum=config.max_position_embeddings
+    )
     size, cost = dtype_bytes(precision), footprint(config, precision, context)
     weights, kv = cost["weights"], cost["kv"]
     per_gpu = int(usable(spec["memory_gib"] * GiB))
@@ -85,8 +111,11 @@ def plan(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", gpu: str = "MI300
     if not result.fits:
         more = -(-(weights + kv) // per_gpu)
         lower = [p for p, s in DTYPE_BYTES.items() if s < size and weights / size * s + kv <= capacity]
-        result.advice = (f"It would fit on {more}x {gpu_name(gpu)}"
-                         + (f", or in {lower[0]} on these {count}" if lower else "") + ".")
+        result.advice = (
+            f"It would fit on {more}x {gpu_name(gpu)}"
+            + (f", or in {lower[0]} on these {count}" if lower else "")
+            + "."
+        )
         return result
     result.device_map = auto_device_map(config, count, per_gpu - kv // count, precision)
     devices = [layer_device(result.device_map, i) for i in range(config.num_hidden_layers)]
@@ -110,7 +139,11 @@ def _meta_mixtral(config, precision: str):
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        yield net, getattr(torch, "int8" if precision == "int4" else precision), 2 if precision == "int4" else 1
+        yield (
+            net,
+            getattr(torch, "int8" if precision == "int4" else precision),
+            2 if precision == "int4" else 1,
+        )
     finally:
         quiet.setLevel(level)
 
@@ -134,8 +167,9 @@ def bytes_past_one_gpu(config, budget: int, precision: str) -> float:
     from accelerate.utils import compute_module_sizes, infer_auto_device_map
 
     with _meta_mixtral(config, precision) as (net, dtype, scale):
-        placed = infer_auto_device_map(net, max_memory={0: budget * scale, "cpu": 2**60}, dtype=dtype,
-                                       no_split_module_classes=NO_SPLIT)
+        placed = infer_auto_device_map(
+            net, max_memory={0: budget * scale, "cpu": 2**60}, dtype=dtype, no_split_module_classes=NO_SPLIT
+        )
         sizes = compute_module_sizes(net, dtype=dtype)
         return sum(sizes[k] for k, d in placed.items() if d == "cpu") / scale
 
@@ -147,8 +181,14 @@ def link_bandwidth(link: str) -> float:
     return LINK_GTS[link] * 16 * 128 / 130 / 8 * 1e9
 
 
-def offload_plan(model: str, gpu: str, link: str = "PCIe 4.0 x16", precision: str = "bfloat16", context: int = 4096,
-                 hit_rate=None) -> dict:
+def offload_plan(
+    model: str,
+    gpu: str,
+    link: str = "PCIe 4.0 x16",
+    precision: str = "bfloat16",
+    context: int = 4096,
+    hit_rate=None,
+) -> dict:
     """Batch-1 decode speed, estimated from the datasheets, on ONE GPU of GPU_TYPES for a model that may not
     fit on it, two ways:
     device_map="auto" (accelerate puts the layers that do not fit in CPU RAM and copies them in, whole,
@@ -163,34 +203,66 @@ def offload_plan(model: str, gpu: str, link: str = "PCIe 4.0 x16", precision: st
     if gpu not in GPU_TYPES:
         raise ValueError(f"unknown GPU {gpu!r}: use one of {', '.join(GPU_TYPES)}")
     gpu_bw, link_bw = GPU_TYPES[gpu]["bandwidth_tbs"] * 1e12, link_bandwidth(link)
-    parts, L, E, K = parameter_count(config), config.num_hidden_layers, config.num_local_experts, config.num_experts_per_tok
-    expert = expert_bytes(config, size)                                     # one expert of one layer
+    parts, L, E, K = (
+        parameter_count(config),
+        config.num_hidden_layers,
+        config.num_local_experts,
+        config.num_experts_per_tok,
+    )
+    expert = expert_bytes(config, size)  # one expert of one layer
     cost, memory = footprint(config, precision, context), GPU_TYPES[gpu]["memory_gib"] * GiB
-    weights, kv, read = cost["weights"], cost["kv"], cost["per_token"]      # read: what the GPU reads per token
+    weights, kv, read = cost["weights"], cost["kv"], cost["per_token"]  # read: what the GPU reads per token
     budget, resident = usable(memory), weights - parts["experts"] * size + kv  # resident: all but the experts
-    row = dict(model=model.split("/")[-1], gpu=gpu, memory_gib=GPU_TYPES[gpu]["memory_gib"], link=link,
-               precision=precision, weights_gib=weights / GiB, fits=fits(weights + kv, memory), expert_gib=expert / GiB)
+    row = dict(
+        model=model.split("/")[-1],
+        gpu=gpu,
+        memory_gib=GPU_TYPES[gpu]["memory_gib"],
+        link=link,
+        precision=precision,
+        weights_gib=weights / GiB,
+        fits=fits(weights + kv, memory),
+        expert_gib=expert / GiB,
+    )
     if row["fits"]:
-        return dict(row, cached_per_layer=E, hit_rate=1.0, cache_bus_gb=0.0, auto_bus_gb=0.0,
-                    cache_tok_s=ceiling(gpu_bw, read), auto_tok_s=ceiling(gpu_bw, read))
+        return dict(
+            row,
+            cached_per_layer=E,
+            hit_rate=1.0,
+            cache_bus_gb=0.0,
+            auto_bus_gb=0.0,
+            cache_tok_s=ceiling(gpu_bw, read),
+            auto_tok_s=ceiling(gpu_bw, read),
+        )
     in_ram = _bytes_left_in_ram(model, int(budget - kv), precision)
     row.update(auto_bus_gb=in_ram / 1e9, auto_tok_s=1 / (read / gpu_bw + in_ram / link_bw))
     per_layer = min(E, int((budget - resident) // expert // L)) if budget > resident else 0
     if per_layer < 1:  # each layer needs a slot to compute in
         return dict(row, cached_per_layer=0, hit_rate=None, cache_bus_gb=None, cache_tok_s=None)
-    hit = (hit_rate(per_layer) if callable(hit_rate) else chance_hit_rate(per_layer, E, K) if hit_rate is None
-           else hit_rate)
+    hit = (
+        hit_rate(per_layer)
+        if callable(hit_rate)
+        else chance_hit_rate(per_layer, E, K)
+        if hit_rate is None
+        else hit_rate
+    )
     bus = L * K * (1 - hit) * expert
-    return dict(row, cached_per_layer=per_layer, hit_rate=hit, cache_bus_gb=bus / 1e9,
-                cache_tok_s=1 / (read / gpu_bw + bus / link_bw))
+    return dict(
+        row,
+        cached_per_layer=per_layer,
+        hit_rate=hit,
+        cache_bus_gb=bus / 1e9,
+        cache_tok_s=1 / (read / gpu_bw + bus / link_bw),
+    )
 
 
 # Three ways to spread an MoE over the GPUs of one node (08_performance, section 5), as vLLM names them.
-SCHEMES = {"tensor": "tensor parallel: every weight split over all GPUs (vLLM: --tensor-parallel-size N)",
-           "expert": "expert parallel, attention split: whole experts per GPU (vLLM: --tensor-parallel-size N "
-                     "--enable-expert-parallel)",
-           "expert, data": "expert parallel, attention replicated: whole experts per GPU, each GPU its own sequences "
-                           "(vLLM: --data-parallel-size N --enable-expert-parallel)"}
+SCHEMES = {
+    "tensor": "tensor parallel: every weight split over all GPUs (vLLM: --tensor-parallel-size N)",
+    "expert": "expert parallel, attention split: whole experts per GPU (vLLM: --tensor-parallel-size N "
+    "--enable-expert-parallel)",
+    "expert, data": "expert parallel, attention replicated: whole experts per GPU, each GPU its own sequences "
+    "(vLLM: --data-parallel-size N --enable-expert-parallel)",
+}
 
 
 def remote_gpus(experts: int, per_token: int, gpus: int) -> float:
@@ -201,8 +273,15 @@ def remote_gpus(experts: int, per_token: int, gpus: int) -> float:
     return (gpus - 1) * (1 - math.comb(experts - experts // gpus, per_token) / math.comb(experts, per_token))
 
 
-def parallel_step(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", gpu: str = "MI300X", count: int = 8,
-                  batch: int = 1, scheme: str = "tensor", precision: str = "bfloat16", context: int = 2048) -> dict:
+def parallel_step(
+    model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1",
+    gpu: str = "MI300X",
+    count: int = 8,
+    batch: int = 1,
+    scheme: str = "tensor",
+    precision: str = "bfloat16",
+    context: int = 2048,
+) -> dict:
     """One decode step of `batch` sequences (`context` tokens cached each) on `count` GPUs of one node, one of SCHEMES:
     what the GPU that sets the pace reads from its memory and sends over its links (it receives as much), and
     the time of each at the published rates (GPU_TYPES, PEER_LINK_GBS), added with no overlap: a ceiling's kind of
@@ -224,7 +303,9 @@ def parallel_step(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", gpu: str
     if scheme not in SCHEMES:
         raise ValueError(f"scheme={scheme!r}: use one of {', '.join(map(repr, SCHEMES))}")
     if gpu not in PEER_LINK_GBS:
-        raise ValueError(f"gpu={gpu!r}: GPU-to-GPU link rates are known for {', '.join(PEER_LINK_GBS)} (PEER_LINK_GBS)")
+        raise ValueError(
+            f"gpu={gpu!r}: GPU-to-GPU link rates are known for {', '.join(PEER_LINK_GBS)} (PEER_LINK_GBS)"
+        )
     E, K, L, D, N = c.num_local_experts, c.num_experts_per_tok, c.num_hidden_layers, c.hidden_size, count
     if E % N:
         raise ValueError(f"{E} experts do not split evenly over {N} GPUs: use a count that divides {E}")
@@ -240,13 +321,29 @@ def parallel_step(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", gpu: str
         step = decode_bytes(c, size, context, batch, kv_bytes=kv)["parts"]
         experts = every_expert if scheme == "expert" else step["experts"]
         read = (sum(v for k, v in step.items() if k != "experts") + experts) / N
-        sent = L * 2 * (2 * (N - 1) / N * batch * D * size)  # two ring all-reduces of batch x D values per layer
+        sent = (
+            L * 2 * (2 * (N - 1) / N * batch * D * size)
+        )  # two ring all-reduces of batch x D values per layer
         moved = sent * N / L / batch
-    exchanges = 2 * L  # per step: an all-reduce after attention and one after the experts; or dispatch and combine
+    exchanges = (
+        2 * L
+    )  # per step: an all-reduce after attention and one after the experts; or dispatch and combine
     read_s, link_s = read / (GPU_TYPES[gpu]["bandwidth_tbs"] * 1e12), sent / (PEER_LINK_GBS[gpu] * 1e9)
-    return dict(scheme=scheme, how=SCHEMES[scheme], gpu=gpu, count=N, batch=batch, read_bytes=read, link_bytes=sent, read_s=read_s,
-                link_s=link_s, seconds=read_s + link_s, tok_s=batch / (read_s + link_s), moved_per_token_layer=moved,
-                exchanges=exchanges)
+    return dict(
+        scheme=scheme,
+        how=SCHEMES[scheme],
+        gpu=gpu,
+        count=N,
+        batch=batch,
+        read_bytes=read,
+        link_bytes=sent,
+        read_s=read_s,
+        link_s=link_s,
+        seconds=read_s + link_s,
+        tok_s=batch / (read_s + link_s),
+        moved_per_token_layer=moved,
+        exchanges=exchanges,
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -255,7 +352,9 @@ def _bytes_left_in_ram(model: str, budget: int, precision: str) -> float:
     return bytes_past_one_gpu(as_config(model), budget, precision)
 
 
-def draw_offload_plans(rows: list, title: str = "One GPU, the model bigger than it: decode speed at batch 1, estimated"):
+def draw_offload_plans(
+    rows: list, title: str = "One GPU, the model bigger than it: decode speed at batch 1, estimated"
+):
     """Bars per GPU: device_map="auto" against the expert cache, for each link; one panel per model
     and precision; a cross where the route cannot run (not even one expert per layer fits)."""
     import matplotlib.pyplot as plt
@@ -277,13 +376,20 @@ def draw_offload_plans(rows: list, title: str = "One GPU, the model bigger than 
                     ax.scatter(x, 0.05, marker="x", color=colours[j])
                 else:
                     ax.bar(x, speed, 0.2, color=colours[j])
-        ax.set_xticks(range(len(gpus)), [f"{r['gpu']}\n{r['memory_gib']} GB" for r in mine if r["link"] == links[0]])
+        ax.set_xticks(
+            range(len(gpus)), [f"{r['gpu']}\n{r['memory_gib']} GB" for r in mine if r["link"] == links[0]]
+        )
         ax.set_yscale("log")
         ax.set_title(f"{panel[0]}, {panel[1]}", fontsize=9)
     axes[0][0].set_ylabel("decode, tok/s (estimate, log)")
     names = {"auto": 'device_map="auto"', "cache": "expert cache"}
-    fig.legend([Patch(color=c) for c in colours], [f"{names[route]}, {link}" for route, link in bars],
-               loc="lower center", ncol=4, fontsize=8)
+    fig.legend(
+        [Patch(color=c) for c in colours],
+        [f"{names[route]}, {link}" for route, link in bars],
+        loc="lower center",
+        ncol=4,
+        fontsize=8,
+    )
     fig.suptitle(f"{title} (x: not even one expert per layer fits)")
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
@@ -325,8 +431,9 @@ def draw_plan(p: Plan, ax=None):
     return ax
 
 
-def plan_for_this_machine(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", precision: str = "bfloat16",
-                          context: int = 4096) -> Plan | None:
+def plan_for_this_machine(
+    model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", precision: str = "bfloat16", context: int = 4096
+) -> Plan | None:
     """The plan for the GPUs torch sees here (None without GPUs). The bandwidth comes from
     GPU_TYPES when the device name contains a known type, else 2 TB/s is assumed and said."""
     found = hardware.gpus()
@@ -334,9 +441,15 @@ def plan_for_this_machine(model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", 
         return None
     name = found[0]["name"]
     known = next((t for t in GPU_TYPES if t in name.replace(" ", "")), None)
-    result = plan(model, gpu=name, count=len(found), precision=precision, context=context,
-                  gpu_memory_gib=found[0]["total"] / GiB,
-                  bandwidth_tbs=GPU_TYPES[known]["bandwidth_tbs"] if known else 2.0)
+    result = plan(
+        model,
+        gpu=name,
+        count=len(found),
+        precision=precision,
+        context=context,
+        gpu_memory_gib=found[0]["total"] / GiB,
+        bandwidth_tbs=GPU_TYPES[known]["bandwidth_tbs"] if known else 2.0,
+    )
     if not known:
         result.advice += " (bandwidth of this GPU unknown: 2 TB/s assumed for the ceilings)"
     return result

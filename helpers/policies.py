@@ -1,6 +1,7 @@
 """Which expert an expert cache evicts, and how often a policy would have found what the router chose:
 LRU (what offload.py's cache runs live), LFU, and Belady's optimal policy, which needs the future and so only
 runs replayed over a recorded trace (`hit_rates`). 11_offloading compares them."""
+
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
@@ -12,7 +13,7 @@ class LRU:
     Belady's policy reads.)"""
 
     def __init__(self, capacity: int, future=None):
-        self.capacity, self.slots = capacity, OrderedDict()     # expert -> slot
+        self.capacity, self.slots = capacity, OrderedDict()  # expert -> slot
 
     def touch(self, expert: int) -> tuple[bool, int]:
         """(hit, slot): a miss takes a free slot, or the victim's."""
@@ -24,7 +25,7 @@ class LRU:
         return False, slot
 
     def victim(self) -> int:
-        return next(iter(self.slots))                           # the least recently used
+        return next(iter(self.slots))  # the least recently used
 
 
 class LFU(LRU):
@@ -40,7 +41,7 @@ class LFU(LRU):
         return super().touch(expert)
 
     def victim(self) -> int:
-        return min(self.slots, key=self.uses.__getitem__)       # min keeps the first of a tie: the least recent
+        return min(self.slots, key=self.uses.__getitem__)  # min keeps the first of a tie: the least recent
 
 
 class Belady(LRU):
@@ -53,13 +54,18 @@ class Belady(LRU):
 
     def touch(self, expert: int) -> tuple[bool, int]:
         if self.future[self.now] != expert:
-            raise ValueError(f"use {self.now} is expert {self.future[self.now]} in the future given, not {expert}")
+            raise ValueError(
+                f"use {self.now} is expert {self.future[self.now]} in the future given, not {expert}"
+            )
         self.now += 1
         return super().touch(expert)
 
     def victim(self) -> int:
         def next_use(resident):
-            return next((i for i in range(self.now, len(self.future)) if self.future[i] == resident), len(self.future))
+            return next(
+                (i for i in range(self.now, len(self.future)) if self.future[i] == resident), len(self.future)
+            )
+
         return max(self.slots, key=next_use)
 
 

@@ -5,6 +5,7 @@ Mistral's own `mistral-common` package: its `encode_chat_completion` is what the
 trained on. We feed the model `tokenizer.apply_chat_template(...)` of the tokenizer that
 belongs to it, and test that, for the Mixtral models, it equals the reference id for id.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -26,13 +27,17 @@ def as_messages(prompt, system: str | None = None) -> list[dict]:
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, (bytes, bytearray)):
-        raise TypeError(f"prompt is {type(prompt).__name__}, not text: decode it first, "
-                        f"for example prompt.decode('utf-8')")
+        raise TypeError(
+            f"prompt is {type(prompt).__name__}, not text: decode it first, "
+            f"for example prompt.decode('utf-8')"
+        )
     elif isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
         messages = [dict(m) for m in prompt]
     else:
-        raise TypeError(f"prompt={prompt!r:.60}: give the prompt as text (a str), or a chat as a list of "
-                        f"{{'role': ..., 'content': ...}} messages")
+        raise TypeError(
+            f"prompt={prompt!r:.60}: give the prompt as text (a str), or a chat as a list of "
+            f"{{'role': ..., 'content': ...}} messages"
+        )
     if system:
         messages.insert(0, {"role": "system", "content": system})
     for m in messages:
@@ -46,7 +51,9 @@ def as_messages(prompt, system: str | None = None) -> list[dict]:
 def chat_ids(tokenizer, prompt, system: str | None = None) -> list[int]:
     """The ids to feed the model: the loaded tokenizer's own chat template, ready for the answer."""
     messages = as_messages(prompt, system)
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     return list(ids)
 
 
@@ -91,7 +98,9 @@ def reference_tokenizer(vocab_size: int):
 
     source = reference_file(vocab_size)
     version = source.name.rsplit(".", 1)[-1]  # v1, v3
-    return MistralCommonBackend.from_pretrained(str(_cached_copy(source, version, f"tokenizer.model.{version}")))
+    return MistralCommonBackend.from_pretrained(
+        str(_cached_copy(source, version, f"tokenizer.model.{version}"))
+    )
 
 
 @functools.cache
@@ -118,8 +127,12 @@ def hub_fast_tokenizer(*, legacy: bool = False, normalized: bool = False, add_bo
         backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
         backend.pre_tokenizer = None
     if normalized:
-        backend.add_special_tokens([AddedToken(t.content, special=True, normalized=True)
-                                    for t in backend.get_added_tokens_decoder().values()])
+        backend.add_special_tokens(
+            [
+                AddedToken(t.content, special=True, normalized=True)
+                for t in backend.get_added_tokens_decoder().values()
+            ]
+        )
     return tokenizer
 
 
@@ -141,8 +154,11 @@ def shown_token(token: str) -> str:
 
 def compare_ids(tokenizer, columns: dict[str, list[int]]) -> str:
     """Id sequences, one line each, then how each differs from the last one (the reference)."""
+
     def pieces(ids, with_ids=False):
-        return " ".join(f"{t}({i})" if with_ids else t for i, t in zip(ids, tokenizer.convert_ids_to_tokens(ids)))
+        return " ".join(
+            f"{t}({i})" if with_ids else t for i, t in zip(ids, tokenizer.convert_ids_to_tokens(ids))
+        )
 
     *others, reference = columns
     ref, width = columns[reference], max(map(len, columns)) + 1
@@ -150,9 +166,11 @@ def compare_ids(tokenizer, columns: dict[str, list[int]]) -> str:
     for name in others:
         ids, changes = columns[name], []
         for op, i1, i2, j1, j2 in difflib.SequenceMatcher(None, ref, ids, autojunk=False).get_opcodes():
-            where = f"before {pieces(ref[i1:i1 + 1], True)}" if i1 < len(ref) else "at the end"
-            changes += {"delete": [f"drops {pieces(ref[i1:i2], True)}"],
-                        "insert": [f"adds {pieces(ids[j1:j2], True)} {where}"],
-                        "replace": [f"spells {pieces(ref[i1:i2], True)} as {pieces(ids[j1:j2], True)}"]}.get(op, [])
+            where = f"before {pieces(ref[i1 : i1 + 1], True)}" if i1 < len(ref) else "at the end"
+            changes += {
+                "delete": [f"drops {pieces(ref[i1:i2], True)}"],
+                "insert": [f"adds {pieces(ids[j1:j2], True)} {where}"],
+                "replace": [f"spells {pieces(ref[i1:i2], True)} as {pieces(ids[j1:j2], True)}"],
+            }.get(op, [])
         rows.append(f"{name} against {reference}: " + ("; ".join(changes) or "identical"))
     return "\n".join(rows)

@@ -12,13 +12,14 @@ int8 kernel is much slower: 10_quantization times both and asserts more than twi
 
 Shapes: T = tokens, N = outputs, K = inputs, E = experts, G = GROUP.
 """
+
 from __future__ import annotations
 
 import functools
 import math
 from pathlib import Path
 
-from .fastpath import register_experts, tokens_by_expert
+from .experts import experts_loop, register_experts
 from .fitting import GROUP, WEIGHT_SCHEMES
 from .hardware import best_seconds, timing_buffer_bytes
 
@@ -30,22 +31,32 @@ QUALITY_TEXT = Path(__file__).with_name("genesis_kjv.txt")
 def _int8(stack):
     """[E, N, K] float -> (int8 [E, N, K], bf16 scales [E, N]); rounded with the scales as stored."""
     import torch
-    scale = (stack.abs().amax(-1).clamp(min=1e-12) / 127).bfloat16()         # [E, N]
+
+    scale = (stack.abs().amax(-1).clamp(min=1e-12) / 127).bfloat16()  # [E, N]
     return (stack / scale.float()[..., None]).round().clamp(-127, 127).to(torch.int8), scale
 
 
 def _int4(stack):
     """[E, N, K] float -> (packed [E, N, K/2] uint8, bf16 scales and zeros [E, K/G, N, 2])."""
     import torch
+
     E, N, K = stack.shape
     if K % GROUP or N % 16:
-        raise ValueError(f"int4 needs inputs in groups of {GROUP} and outputs in multiples of 16 (torch's kernel), and a "
-                         f"weight is {N} x {K}: use Fit.quantized('int8') for this model")
+        raise ValueError(
+            f"int4 needs inputs in groups of {GROUP} and outputs in multiples of 16 (torch's kernel), and a "
+            f"weight is {N} x {K}: use Fit.quantized('int8') for this model"
+        )
     groups = stack.reshape(E, N, K // GROUP, GROUP)
-    low, high = groups.amin(-1), groups.amax(-1)                            # [E, N, K/G]
+    low, high = groups.amin(-1), groups.amax(-1)  # [E, N, K/G]
     scale = ((high - low) / 15).clamp(min=1e-12).bfloat16().float()
-    zero = (low + 8 * scale).bfloat16().float()                             # the kernel computes (q - 8) * scale + zero
-    q = ((groups - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15).to(torch.int32).reshape(E, N, K)
+    zero = (low + 8 * scale).bfloat16().float()  # the kernel computes (q - 8) * scale + zero
+    q = (
+        ((groups - zero[..., None]) / scale[..., None] + 8)
+        .round()
+        .clamp(0, 15)
+        .to(torch.int32)
+        .reshape(E, N, K)
+    )
     packed = torch.stack([torch.ops.aten._convert_weight_to_int4pack_for_cpu(m, 2) for m in q])
     return packed, torch.stack([scale, zero], -1).transpose(1, 2).contiguous().bfloat16()
 
@@ -57,10 +68,11 @@ def quantized_linear():
 
     class QuantizedLinear(torch.nn.Module):
         """x @ W.T for a quantized W [N, K], or for one expert of a stack [E, N, K]."""
+
         def __init__(self, weight, scheme: str):
             super().__init__()
             self.scheme, self.shape = scheme, tuple(weight.shape)
-            stack = weight.detach().float().reshape(-1, *weight.shape[-2:]).contiguous()   # [E, N, K]
+            stack = weight.detach().float().reshape(-1, *weight.shape[-2:]).contiguous()  # [E, N, K]
             packed, scales = (_int8 if scheme == "int8" else _int4)(stack)
             one = weight.dim() == 2
             self.register_buffer("packed", packed[0] if one else packed)
@@ -69,39 +81,43 @@ def quantized_linear():
         def forward(self, x, expert: int | None = None):
             packed = self.packed if expert is None else self.packed[expert]
             scales = self.scales if expert is None else self.scales[expert]
-            flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)                # [T, K] (no copy if bf16)
+            flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [T, K] (no copy if bf16)
             if self.scheme == "int8":
                 y = torch.ops.aten._weight_int8pack_mm(flat, packed, scales)
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scales)
-            return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])         # [.., N]
+            return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])  # [.., N]
 
         def extra_repr(self) -> str:
             return f"{self.scheme}, weight {list(self.shape)}"
+
     return QuantizedLinear
 
 
 def quantized_experts(self, hidden_states, top_k_index, top_k_weights):
-    """The experts of a quantized model: each chosen expert once, over the tokens that chose it
-    (grouped in Python: at decode time a tensor unique/where costs more than the two products)."""
+    """The experts of a quantized model: `experts_loop`, each expert's products by the quantized kernels."""
     import torch
-    x = hidden_states.to(torch.bfloat16)                                      # [T, D], the kernels' input
-    out = torch.zeros_like(hidden_states)                                     # [T, D]
-    for expert, token, slot in tokens_by_expert(top_k_index):                 # token, slot: [t] each
-        gate, up = self.gate_up_q(x[token], expert).chunk(2, dim=-1)          # [t, I] each
-        y = self.down_q(self.act_fn(gate) * up, expert)                       # [t, D]
-        out.index_add_(0, token, y.to(out.dtype) * top_k_weights[token, slot, None].to(out.dtype))
-    return out
+
+    def ffn(expert, x):  # [t, D] -> [t, D]
+        gate, up = self.gate_up_q(x, expert).chunk(2, dim=-1)  # [t, I] each
+        return self.down_q(self.act_fn(gate) * up, expert)
+
+    x = hidden_states.to(torch.bfloat16)  # [T, D], the kernels' input
+    return experts_loop(x, top_k_index, top_k_weights, ffn, torch.zeros_like(hidden_states))
 
 
 def check_scheme(scheme, device: str) -> None:
     """A ValueError that says what to do, unless `scheme` has kernels on `device` here: int8 on CPUs and GPUs
     (torch ships its kernel for CUDA too: the GPU check times it), int4 on CPUs only."""
     if scheme not in WEIGHT_SCHEMES:
-        raise ValueError(f"scheme={scheme!r} is not a weight scheme here; use {' or '.join(map(repr, WEIGHT_SCHEMES))}")
+        raise ValueError(
+            f"scheme={scheme!r} is not a weight scheme here; use {' or '.join(map(repr, WEIGHT_SCHEMES))}"
+        )
     if device != "cpu" and scheme == "int4":
-        raise ValueError(f"int4 uses torch's CPU kernel, and the model is on {device}: on GPUs load with "
-                         f"transformers' quantization_config instead (10_quantization shows how)")
+        raise ValueError(
+            f"int4 uses torch's CPU kernel, and the model is on {device}: on GPUs load with "
+            f"transformers' quantization_config instead (10_quantization shows how)"
+        )
 
 
 def quantize_model(model, scheme: str) -> dict:
@@ -124,8 +140,15 @@ def quantize_model(model, scheme: str) -> dict:
 
     with torch.no_grad():
         for name, module in list(model.named_modules()):
-            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "o_proj",
-                                                                               "gate_proj", "up_proj", "down_proj"):
+            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in (
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ):
                 swap(model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1], module.weight)
             elif hasattr(module, "gate_up_proj") and getattr(module.gate_up_proj, "dim", lambda: 0)() == 3:
                 swap(module, "gate_up_proj", module.gate_up_proj, "gate_up_q")
@@ -145,22 +168,34 @@ def compare_logits(reference, candidates: dict, ids: list, window: int = 512) ->
     and both perplexities. The reference runs once per window, however many candidates there are."""
     import torch
 
-    sums = {name: dict(tokens=0, agree=0, kl=0.0, nll_reference=0.0, nll_candidate=0.0) for name in candidates}
+    sums = {
+        name: dict(tokens=0, agree=0, kl=0.0, nll_reference=0.0, nll_candidate=0.0) for name in candidates
+    }
     with torch.no_grad():
         for start in range(0, len(ids) - 1, window):
-            chunk = torch.tensor([ids[start:start + window + 1]])                  # [1, W + 1]
+            chunk = torch.tensor([ids[start : start + window + 1]])  # [1, W + 1]
             inputs, targets = chunk[:, :-1], chunk[0, 1:]
-            ref = torch.log_softmax(reference(input_ids=inputs).logits[0].float(), -1)   # [W, V]
+            ref = torch.log_softmax(reference(input_ids=inputs).logits[0].float(), -1)  # [W, V]
             for name, model in candidates.items():
-                cand, s = torch.log_softmax(model(input_ids=inputs).logits[0].float(), -1), sums[name]  # [W, V]
+                cand, s = (
+                    torch.log_softmax(model(input_ids=inputs).logits[0].float(), -1),
+                    sums[name],
+                )  # [W, V]
                 s["tokens"] += len(targets)
                 s["agree"] += int((ref.argmax(-1) == cand.argmax(-1)).sum())
                 s["kl"] += float((ref.exp() * (ref - cand)).sum())
                 s["nll_reference"] -= float(ref.gather(1, targets[:, None]).sum())
                 s["nll_candidate"] -= float(cand.gather(1, targets[:, None]).sum())
-    return {name: dict(tokens=s["tokens"], top1_agreement=s["agree"] / s["tokens"], mean_kl=s["kl"] / s["tokens"],
-                       perplexity_reference=math.exp(s["nll_reference"] / s["tokens"]),
-                       perplexity_candidate=math.exp(s["nll_candidate"] / s["tokens"])) for name, s in sums.items()}
+    return {
+        name: dict(
+            tokens=s["tokens"],
+            top1_agreement=s["agree"] / s["tokens"],
+            mean_kl=s["kl"] / s["tokens"],
+            perplexity_reference=math.exp(s["nll_reference"] / s["tokens"]),
+            perplexity_candidate=math.exp(s["nll_candidate"] / s["tokens"]),
+        )
+        for name, s in sums.items()
+    }
 
 
 def kernel_speeds(n: int = 3072, k: int = 576, repeats: int = 3, total: int | None = None) -> dict:
@@ -177,13 +212,19 @@ def kernel_speeds(n: int = 3072, k: int = 576, repeats: int = 3, total: int | No
     def int8_fp32_activations(w):  # the fp32 kernel wants fp32 scales: converted once, not timed
         m = linear(w, "int8")
         return m.packed, m.scales.float()
-    kinds = {"fp32 F.linear": (4, lambda w: w, lambda m: F.linear(x, m)),
-             "bf16 F.linear": (2, lambda w: w.bfloat16(), lambda m: F.linear(x16, m)),
-             # bytes per weight count the scales the kernel reads too: int8 one per row of k (fp32 or bf16),
-             # int4 a bf16 scale and zero per GROUP inputs
-             "int8, fp32 activations": (1 + 4 / k, int8_fp32_activations,
-                                        lambda m: torch.ops.aten._weight_int8pack_mm(x, *m)),
-             "int8, bf16 activations": (1 + 2 / k, lambda w: linear(w, "int8"), lambda m: m(x16))}
+
+    kinds = {
+        "fp32 F.linear": (4, lambda w: w, lambda m: F.linear(x, m)),
+        "bf16 F.linear": (2, lambda w: w.bfloat16(), lambda m: F.linear(x16, m)),
+        # bytes per weight count the scales the kernel reads too: int8 one per row of k (fp32 or bf16),
+        # int4 a bf16 scale and zero per GROUP inputs
+        "int8, fp32 activations": (
+            1 + 4 / k,
+            int8_fp32_activations,
+            lambda m: torch.ops.aten._weight_int8pack_mm(x, *m),
+        ),
+        "int8, bf16 activations": (1 + 2 / k, lambda w: linear(w, "int8"), lambda m: m(x16)),
+    }
     if k % GROUP == 0 == n % 16:
         kinds["int4, bf16 activations"] = (0.5 + 4 / GROUP, lambda w: linear(w, "int4"), lambda m: m(x16))
     speeds = {}
@@ -191,7 +232,11 @@ def kernel_speeds(n: int = 3072, k: int = 576, repeats: int = 3, total: int | No
         count = max(1, math.ceil(total / (n * k * size)))
         matrices = [build(torch.randn(n, k)) for _ in range(count)]
         best = best_seconds(lambda ms=matrices: [run(m) for m in ms], repeats=repeats) / count
-        speeds[name] = dict(microseconds=best * 1e6, gb_s=n * k * size / best / 1e9, matrices=count,
-                            mib=count * n * k * size / 2**20)
+        speeds[name] = dict(
+            microseconds=best * 1e6,
+            gb_s=n * k * size / best / 1e9,
+            matrices=count,
+            mib=count * n * k * size / 2**20,
+        )
         del matrices
     return speeds

@@ -8,6 +8,7 @@ signals and abstract unix sockets kept inside); then it installs an audit hook t
 pure function needs. Rlimits bound CPU time, memory, file size and processes, a wall clock stops it,
 and its output is capped. `SandboxResult.protections` says what held on this machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,22 +39,25 @@ LANDLOCK_ABI = {2: "no rename or link out of it", 3: "no truncation outside it",
 @dataclass(frozen=True)
 class Protections:
     """What held in the sandbox's process, as it reported before it read the candidate's code."""
-    landlock: int = 0                # Landlock ABI in force; 0: none
-    namespace: bool = False          # a network namespace of its own: no interface but a loopback that is down
-    seccomp: str = ""                # what the seccomp filter refuses; "": no filter
+
+    landlock: int = 0  # Landlock ABI in force; 0: none
+    namespace: bool = False  # a network namespace of its own: no interface but a loopback that is down
+    seccomp: str = ""  # what the seccomp filter refuses; "": no filter
     no_new_privs: bool = False
     uid: int = -1
-    limits: dict = field(default_factory=dict)   # rlimit name -> soft limit (-1: none)
+    limits: dict = field(default_factory=dict)  # rlimit name -> soft limit (-1: none)
     audit_hook: bool = False
-    missing: tuple = ()              # what the kernel refused, and why
+    missing: tuple = ()  # what the kernel refused, and why
 
     def lines(self) -> list[str]:
         if self.uid < 0:
             return ["(the sandbox reported nothing: it ended before it could)"]
         abi, lines = f"Landlock ABI {self.landlock}", []
         if self.landlock:
-            lines.append(f"{abi}: files writable only in its folder, nothing executable"
-                         + "".join(f", {text}" for version, text in LANDLOCK_ABI.items() if self.landlock >= version))
+            lines.append(
+                f"{abi}: files writable only in its folder, nothing executable"
+                + "".join(f", {text}" for version, text in LANDLOCK_ABI.items() if self.landlock >= version)
+            )
         if self.landlock >= 4:
             lines.append(f"{abi}: no TCP bind or connect")
         if self.landlock >= 6:
@@ -66,11 +70,16 @@ class Protections:
         name = {0: "root", NOBODY: "nobody"}.get(self.uid, "an ordinary user")
         lines.append(f"user: {name} (uid {self.uid})" + (", no new privileges" if self.no_new_privs else ""))
         limits = self.limits
-        lines.append(f"rlimits: CPU {limits['CPU']} s, memory {limits['AS'] >> 20} MiB, "
-                     f"files {limits['FSIZE'] >> 20} MiB, processes {limits['NPROC']}")
+        lines.append(
+            f"rlimits: CPU {limits['CPU']} s, memory {limits['AS'] >> 20} MiB, "
+            f"files {limits['FSIZE'] >> 20} MiB, processes {limits['NPROC']}"
+        )
         alone = self.audit_hook and not (self.landlock or self.namespace or self.seccomp)
-        lines.append("audit hook: " + ("deny by default" if self.audit_hook else "off")
-                     + (" (alone: the kernel's layers were not asked for)" if alone else ""))
+        lines.append(
+            "audit hook: "
+            + ("deny by default" if self.audit_hook else "off")
+            + (" (alone: the kernel's layers were not asked for)" if alone else "")
+        )
         return lines
 
     def __str__(self) -> str:
@@ -81,8 +90,8 @@ class Protections:
 class SandboxResult:
     status: str  # passed, wrong answer, exception, timeout, killed by a limit, no function found
     detail: str = ""
-    cases: list = field(default_factory=list)   # [a, b, expected, got]
-    output: str = ""            # what the code printed (capped)
+    cases: list = field(default_factory=list)  # [a, b, expected, got]
+    output: str = ""  # what the code printed (capped)
     seconds: float = 0.0
     protections: Protections = field(default_factory=Protections)
     refused: list = field(default_factory=list)  # what the audit hook refused, caught by the code or not
@@ -96,7 +105,9 @@ class SandboxResult:
             return "(no test case ran)"
         rows = [f"{'word1':<12} {'word2':<12} {'expected':>8} {'got':>8}  result"]
         for a, b, expected, got in self.cases:
-            rows.append(f"{a!r:<12} {b!r:<12} {expected!r:>8} {got!r:>8}  {'pass' if got == expected else 'FAIL'}")
+            rows.append(
+                f"{a!r:<12} {b!r:<12} {expected!r:>8} {got!r:>8}  {'pass' if got == expected else 'FAIL'}"
+            )
         return "\n".join(rows)
 
     def verdict(self) -> str:
@@ -112,14 +123,25 @@ def _limits(cpu_s: int, memory_mb: int, file_mb: int):
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))  # SIGXCPU first, SIGKILL a second later
         resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_mb << 20, file_mb << 20))
-        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # no new processes (root ignores it: the child drops to nobody)
+        resource.setrlimit(
+            resource.RLIMIT_NPROC, (0, 0)
+        )  # no new processes (root ignores it: the child drops to nobody)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
     return apply
 
 
-def run_sandboxed(code: str, cases=None, names=("minDistance", "min_distance", "edit_distance"),
-                  timeout_s: float = 10.0, cpu_s: int = 10, memory_mb: int = 512, file_mb: int = 1,
-                  output_kib: int = 64, layers: str = "both") -> SandboxResult:
+def run_sandboxed(
+    code: str,
+    cases=None,
+    names=("minDistance", "min_distance", "edit_distance"),
+    timeout_s: float = 10.0,
+    cpu_s: int = 10,
+    memory_mb: int = 512,
+    file_mb: int = 1,
+    output_kib: int = 64,
+    layers: str = "both",
+) -> SandboxResult:
     """Run `code`'s two-argument function on `cases` in a separate, limited Python process (03_code).
 
     The child: `python -I -S`, a fresh temporary folder, an empty environment, rlimits on CPU time,
@@ -131,22 +153,32 @@ def run_sandboxed(code: str, cases=None, names=("minDistance", "min_distance", "
     offers neither Landlock nor namespaces, where the other two refuse to run. The result's `protections`
     says what held."""
     if sys.platform != "linux":
-        raise OSError(f"run_sandboxed runs model code on Linux only (this is {sys.platform}): its layers (Landlock, "
-                      f"namespaces, seccomp, rlimits) are Linux's. Use Linux or WSL 2 (README, Platforms).")
+        raise OSError(
+            f"run_sandboxed runs model code on Linux only (this is {sys.platform}): its layers (Landlock, "
+            f"namespaces, seccomp, rlimits) are Linux's. Use Linux or WSL 2 (README, Platforms)."
+        )
     if layers not in LAYERS:
         raise ValueError(f"layers must be one of {', '.join(map(repr, LAYERS))}, not {layers!r}")
     cases = edit_distance_cases() if cases is None else cases
     if not all(isinstance(case, (tuple, list)) and len(case) == 3 for case in cases):
-        raise ValueError("cases are (word1, word2, expected distance) triples, as edit_distance_cases() makes them")
+        raise ValueError(
+            "cases are (word1, word2, expected distance) triples, as edit_distance_cases() makes them"
+        )
     if code is None or not code.strip():
         return SandboxResult("no function found", "the answer contains no code")
-    spec = {"inputs": [[a, b] for a, b, _ in cases], "names": list(names), "audit_hook": layers != "kernel",
-            "kernel": list(_KERNEL) if layers != "audit hook" else []}
+    spec = {
+        "inputs": [[a, b] for a, b, _ in cases],
+        "names": list(names),
+        "audit_hook": layers != "kernel",
+        "kernel": list(_KERNEL) if layers != "audit hook" else [],
+    }
     workdir = Path(tempfile.mkdtemp(prefix="sandbox-"))
     started = time.perf_counter()
     try:
         proc, read_end = _start_child(workdir, code, spec, cpu_s, memory_mb, file_mb)
-        output, flooded = _reader(lambda: proc.stdout.read1(1 << 16), output_kib << 10, lambda: _kill_group(proc))
+        output, flooded = _reader(
+            lambda: proc.stdout.read1(1 << 16), output_kib << 10, lambda: _kill_group(proc)
+        )
         raw, _ = _reader(lambda: os.read(read_end, 1 << 16), 1 << 20)
         result = None
         try:
@@ -164,18 +196,25 @@ def run_sandboxed(code: str, cases=None, names=("minDistance", "min_distance", "
         result.output, result.seconds, result.protections = output(), time.perf_counter() - started, held
         if result.status == "refused" and not (held.landlock or held.namespace):
             raise OSError(_NO_KERNEL.format(result.detail))
-        if result.status == "refused":  # the child says so only before the code runs, on a kernel without both
-            result.status, result.detail = "exception", "the result was garbled: a refusal the kernel did not make"
+        if (
+            result.status == "refused"
+        ):  # the child says so only before the code runs, on a kernel without both
+            result.status, result.detail = (
+                "exception",
+                "the result was garbled: a refusal the kernel did not make",
+            )
         return result
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-_NO_KERNEL = ("run_sandboxed did not run the code: this kernel offers neither Landlock nor a network namespace "
-              "({}). Use Linux 5.13 or later with Landlock on (its name in the lsm= boot parameter), or allow "
-              "unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1; on Ubuntu "
-              "kernel.apparmor_restrict_unprivileged_userns=0); or pass layers='audit hook' to run it with the "
-              "audit hook alone, which code that finds a way around Python's hooks gets past.")
+_NO_KERNEL = (
+    "run_sandboxed did not run the code: this kernel offers neither Landlock nor a network namespace "
+    "({}). Use Linux 5.13 or later with Landlock on (its name in the lsm= boot parameter), or allow "
+    "unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1; on Ubuntu "
+    "kernel.apparmor_restrict_unprivileged_userns=0); or pass layers='audit hook' to run it with the "
+    "audit hook alone, which code that finds a way around Python's hooks gets past."
+)
 
 
 def _start_child(workdir: Path, code: str, spec: dict, cpu_s: int, memory_mb: int, file_mb: int):
@@ -190,10 +229,16 @@ def _start_child(workdir: Path, code: str, spec: dict, cpu_s: int, memory_mb: in
         for path in (workdir, *workdir.iterdir()):
             os.chown(path, drop_to, drop_to)
     proc = subprocess.Popen(
-        [python, "-I", "-S", "-B", "runner.py"], cwd=workdir, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(write_end,),
+        [python, "-I", "-S", "-B", "runner.py"],
+        cwd=workdir,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        pass_fds=(write_end,),
         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(workdir)},
-        start_new_session=True, preexec_fn=_limits(cpu_s, memory_mb, file_mb))
+        start_new_session=True,
+        preexec_fn=_limits(cpu_s, memory_mb, file_mb),
+    )
     os.close(write_end)
     return proc, read_end
 
@@ -203,16 +248,27 @@ def _child_report(raw: str) -> tuple[Protections, dict | None]:
     lines = raw.splitlines()
     try:
         held = json.loads(lines[0]) if lines else {}
-        protections = Protections(held["landlock"], held["namespace"], held["seccomp"], held["no_new_privs"],
-                                  held["uid"], held["limits"], held["audit_hook"], tuple(held["missing"]))
+        protections = Protections(
+            held["landlock"],
+            held["namespace"],
+            held["seccomp"],
+            held["no_new_privs"],
+            held["uid"],
+            held["limits"],
+            held["audit_hook"],
+            tuple(held["missing"]),
+        )
     except (ValueError, KeyError, TypeError):
         protections = Protections()
     try:  # the code could have written to the pipe too: take nothing on trust
         report = json.loads(lines[-1]) if len(lines) > 1 else None
-        if report is not None and not (isinstance(report, dict) and report.get("status") in REPORTED
-                                       and isinstance(report.get("detail"), str)
-                                       and isinstance(report.get("returned"), list)
-                                       and isinstance(report.get("refused"), list)):
+        if report is not None and not (
+            isinstance(report, dict)
+            and report.get("status") in REPORTED
+            and isinstance(report.get("detail"), str)
+            and isinstance(report.get("returned"), list)
+            and isinstance(report.get("refused"), list)
+        ):
             raise ValueError(report)
     except ValueError:
         report = {"status": "exception", "detail": "the result was garbled", "refused": []}
@@ -224,16 +280,24 @@ def _child_result(data: dict | None, returncode: int, cases) -> SandboxResult:
     if data and data["status"] == "ran":
         returned = data["returned"]
         if len(returned) != len(cases):
-            return SandboxResult("exception", f"the result was garbled: {len(returned)} answers for {len(cases)} cases")
+            return SandboxResult(
+                "exception", f"the result was garbled: {len(returned)} answers for {len(cases)} cases"
+            )
         rows = [[a, b, expected, got] for (a, b, expected), got in zip(cases, returned)]
         passed = all(got == expected for _, _, expected, got in rows)
-        return SandboxResult("passed" if passed else "wrong answer", data["detail"], rows, refused=data["refused"])
+        return SandboxResult(
+            "passed" if passed else "wrong answer", data["detail"], rows, refused=data["refused"]
+        )
     if data:
         return SandboxResult(data["status"], data["detail"], refused=data["refused"])
     if returncode < 0:
         name = signal.Signals(-returncode).name
-        reason = {"SIGXCPU": "CPU time limit", "SIGXFSZ": "file size limit",
-                  "SIGKILL": "killed", "SIGSEGV": "crashed"}.get(name, name)
+        reason = {
+            "SIGXCPU": "CPU time limit",
+            "SIGXFSZ": "file size limit",
+            "SIGKILL": "killed",
+            "SIGSEGV": "crashed",
+        }.get(name, name)
         return SandboxResult("killed by a limit", f"{reason} ({name})")
     return SandboxResult("exception", f"the process ended (exit {returncode}) without a result")
 
@@ -250,11 +314,16 @@ def _sandbox_python() -> tuple[str, int | None]:
     (a virtual environment can point into a home folder that others cannot enter)."""
     root = os.geteuid() == 0
     for candidate in (sys.executable, sys._base_executable, "/usr/bin/python3"):
-        if candidate and os.path.exists(candidate) and (
-                _world_executable(candidate) if root else os.access(candidate, os.X_OK)):
+        if (
+            candidate
+            and os.path.exists(candidate)
+            and (_world_executable(candidate) if root else os.access(candidate, os.X_OK))
+        ):
             return candidate, (NOBODY if root else None)
-    raise RuntimeError(f"the sandbox needs a Python that the user {'nobody' if root else os.getuid()} may run "
-                       f"(for example /usr/bin/python3); none was found")
+    raise RuntimeError(
+        f"the sandbox needs a Python that the user {'nobody' if root else os.getuid()} may run "
+        f"(for example /usr/bin/python3); none was found"
+    )
 
 
 def _kill_group(proc) -> None:
@@ -273,14 +342,16 @@ def _reader(read, cap: int, on_overflow=None):
     def pump():
         while chunk := read():
             room = cap - len(kept)
-            kept.extend(chunk[:max(room, 0)])
+            kept.extend(chunk[: max(room, 0)])
             if len(chunk) > room and on_overflow:
                 state["overflow"] = True
                 return on_overflow()
+
     thread = threading.Thread(target=pump, daemon=True)
     thread.start()
 
     def text() -> str:
         thread.join(timeout=2)
         return kept.decode("utf-8", "replace")
+
     return text, lambda: state["overflow"]

@@ -3,6 +3,7 @@
 Notebooks reach it (or a vLLM server with the real model) through `backends.Endpoint`: set
 MIXTRAL_ENDPOINT (for example http://gpu-node:8000/v1), optionally MIXTRAL_API_KEY and
 MIXTRAL_ENDPOINT_MODEL, and `load_pipeline()` connects instead of loading weights."""
+
 from __future__ import annotations
 
 import atexit
@@ -17,8 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .backends import Endpoint, EndpointError
-from .data import (API_KEY_ENV, ENDPOINT_ENV, ENDPOINT_MODEL_ENV, KNOWN_MODELS, MAX_TOKENS_ENV, TASKS,
-                   whole_number)
+from .data import (
+    API_KEY_ENV,
+    ENDPOINT_ENV,
+    ENDPOINT_MODEL_ENV,
+    KNOWN_MODELS,
+    MAX_TOKENS_ENV,
+    TASKS,
+    whole_number,
+)
 from .files import cache_root
 from .generation import generate, generate_batch
 from .hardware import dtype_name, pick_dtype
@@ -32,6 +40,7 @@ BATCHING_MIN_GAIN = 1.5
 # and a queue makes the last user wait at least this many times as long for a first token (the last of 4 queued
 QUEUE_MIN_WAIT_RATIO = 2.0  # against batched; the last of the largest room against one user alone)
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,7 +51,7 @@ def free_port() -> int:
 class LocalServer:
     process: subprocess.Popen
     url: str
-    model: str                       # the name clients use: mixtral-standin, or the hub id
+    model: str  # the name clients use: mixtral-standin, or the hub id
     log: str
     api_key: str | None = field(default=None, repr=False)
     max_new_tokens: int | None = None  # the room's cap: the server cuts longer requests to it
@@ -69,16 +78,21 @@ class LocalServer:
         Unlike the wall clock, it barely moves when other programs share the machine's cores."""
         try:
             with open(f"/proc/{self.process.pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()  # after the name: state, ppid, ... utime, stime
+                fields = (
+                    stat.read().rsplit(")", 1)[1].split()
+                )  # after the name: state, ppid, ... utime, stime
             return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         except (OSError, IndexError, ValueError):
             return None
 
     def env(self) -> dict:
         """What a notebook sets to use this server: its address, its model's name, its key and cap if any."""
-        return {ENDPOINT_ENV: self.url, ENDPOINT_MODEL_ENV: self.model,
-                **({API_KEY_ENV: self.api_key} if self.api_key else {}),
-                **({MAX_TOKENS_ENV: str(self.max_new_tokens)} if self.max_new_tokens else {})}
+        return {
+            ENDPOINT_ENV: self.url,
+            ENDPOINT_MODEL_ENV: self.model,
+            **({API_KEY_ENV: self.api_key} if self.api_key else {}),
+            **({MAX_TOKENS_ENV: str(self.max_new_tokens)} if self.max_new_tokens else {}),
+        }
 
 
 def served_name(model: str) -> str:
@@ -94,10 +108,17 @@ def served_name(model: str) -> str:
     return known.get(folder.name, re.sub(r"[^A-Za-z0-9._-]", "-", folder.name))
 
 
-def start_local_server(model: str | None = None, port: int | None = None, dtype: str | None = None,
-                       wait_s: float = 180, host: str = "127.0.0.1", batching: bool = True,
-                       cb_blocks: int = 64, max_new_tokens: int | None = None,
-                       api_key: str | None = None) -> LocalServer:
+def start_local_server(
+    model: str | None = None,
+    port: int | None = None,
+    dtype: str | None = None,
+    wait_s: float = 180,
+    host: str = "127.0.0.1",
+    batching: bool = True,
+    cb_blocks: int = 64,
+    max_new_tokens: int | None = None,
+    api_key: str | None = None,
+) -> LocalServer:
     """transformers' OpenAI-compatible server (room_server.py) on `host` (loopback by default) with the
     stand-in (or `model`), ready when this returns; clients ask for `server.model` (`served_name`).
     For a room, host="0.0.0.0" lets other machines connect. `batching`: continuous batching (paged
@@ -106,12 +127,16 @@ def start_local_server(model: str | None = None, port: int | None = None, dtype:
     machine's RAM. `max_new_tokens`: the room's cap, longer requests are cut to it. `api_key`: the
     server answers only requests that carry it (Authorization: Bearer <key>)."""
     model = model or model_path()
-    model = os.path.abspath(model) if os.path.isdir(model) else model  # the server runs in a folder of its own
+    model = (
+        os.path.abspath(model) if os.path.isdir(model) else model
+    )  # the server runs in a folder of its own
     port = port or free_port()
     dtype = dtype or dtype_name(pick_dtype()[0])
     if max_new_tokens is not None:
         whole_number("max_new_tokens", max_new_tokens, 1, " (the room's cap on new tokens per answer)")
-    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip() or api_key.strip() != api_key):
+    if api_key is not None and (
+        not isinstance(api_key, str) or not api_key.strip() or api_key.strip() != api_key
+    ):
         raise ValueError("api_key must be a non-empty string without spaces around it (or None for no key)")
     cache_root().mkdir(parents=True, exist_ok=True)
     log = str(cache_root() / f"serve-{port}.log")
@@ -120,15 +145,41 @@ def start_local_server(model: str | None = None, port: int | None = None, dtype:
     if api_key:
         env[API_KEY_ENV] = api_key  # the environment, not argv: every user can read argv with `ps`
     name = served_name(model)
-    process = subprocess.Popen([sys.executable, "-m", "helpers.room_server", model, "--name", name, "--host", host,
-                                "--port", str(port), "--dtype", dtype, "--cb-blocks", str(cb_blocks),
-                                "--parent-pid", str(os.getpid())]  # it exits when this process does
-                               + ([] if batching else ["--one-at-a-time"])
-                               + (["--max-new-tokens", str(max_new_tokens)] if max_new_tokens else []),
-                               stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                               cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    server = LocalServer(process, f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/v1", name, log,
-                         api_key, max_new_tokens)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "helpers.room_server",
+            model,
+            "--name",
+            name,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--dtype",
+            dtype,
+            "--cb-blocks",
+            str(cb_blocks),
+            "--parent-pid",
+            str(os.getpid()),
+        ]  # it exits when this process does
+        + ([] if batching else ["--one-at-a-time"])
+        + (["--max-new-tokens", str(max_new_tokens)] if max_new_tokens else []),
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
+    server = LocalServer(
+        process,
+        f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}/v1",
+        name,
+        log,
+        api_key,
+        max_new_tokens,
+    )
     atexit.register(server.stop)  # a kernel that exits takes its server with it
     deadline = time.time() + wait_s
     while time.time() < deadline:
@@ -137,8 +188,9 @@ def start_local_server(model: str | None = None, port: int | None = None, dtype:
         try:
             urllib.request.urlopen(server.url.replace("/v1", "/health"), timeout=2)
             # the first request starts the batching worker: make one now so the room does not wait
-            Endpoint(server.url, name, api_key or "none").answer([{"role": "user", "content": "Hi"}],
-                                                                 dict(max_new_tokens=1))
+            Endpoint(server.url, name, api_key or "none").answer(
+                [{"role": "user", "content": "Hi"}], dict(max_new_tokens=1)
+            )
             return server
         except OSError:
             time.sleep(0.5)
@@ -158,28 +210,43 @@ def _send(endpoint, prompts: list, max_new_tokens: int, one_at_a_time: bool) -> 
     return answers, sent
 
 
-def room_load(endpoint, users=(1, 4, 16, 30), max_new_tokens: int = 24, one_at_a_time: bool = False,
-              server: LocalServer | None = None) -> list[dict]:
+def room_load(
+    endpoint,
+    users=(1, 4, 16, 30),
+    max_new_tokens: int = 24,
+    one_at_a_time: bool = False,
+    server: LocalServer | None = None,
+) -> list[dict]:
     """For each room size n: n users send the blog's prompts (request i: prompt i mod 4) at once, or with
     `one_at_a_time` one after another, each user waiting for the previous user's answer: the queue a server
     without batching makes, measured on the same server. What the server gives in all (tok/s), and what
     each user waits from the moment the room sends: first token, whole answer. With `server` (the
     LocalServer behind `endpoint`), also the CPU seconds it spent on the room (`cpu_s`) and `tokens_per_cpu_s`."""
     if server is not None and not isinstance(server, LocalServer):
-        raise TypeError(f"server: give the LocalServer behind the endpoint (start_local_server), not {server!r}")
+        raise TypeError(
+            f"server: give the LocalServer behind the endpoint (start_local_server), not {server!r}"
+        )
     prompts = [task["prompt"] for task in TASKS.values()]
     rows = []
     for n in users:
         whole_number("users", n, 1)
         cpu = server.cpu_s() if server else None
         started = time.perf_counter()
-        answers, sent = _send(endpoint, [prompts[i % len(prompts)] for i in range(n)], max_new_tokens, one_at_a_time)
+        answers, sent = _send(
+            endpoint, [prompts[i % len(prompts)] for i in range(n)], max_new_tokens, one_at_a_time
+        )
         seconds, tokens = time.perf_counter() - started, sum(a.new_tokens for a in answers)
         first = [s + a.first_token_s for s, a in zip(sent, answers)]
-        row = dict(users=n, seconds=seconds, tokens=tokens, tokens_per_s=tokens / seconds,
-                   first_token_mean_s=sum(first) / n, first_token_max_s=max(first),
-                   answer_max_s=max(s + a.seconds for s, a in zip(sent, answers)),
-                   complete=all(a.complete for a in answers))
+        row = dict(
+            users=n,
+            seconds=seconds,
+            tokens=tokens,
+            tokens_per_s=tokens / seconds,
+            first_token_mean_s=sum(first) / n,
+            first_token_max_s=max(first),
+            answer_max_s=max(s + a.seconds for s, a in zip(sent, answers)),
+            complete=all(a.complete for a in answers),
+        )
         if cpu is not None:
             spent = server.cpu_s() - cpu
             row.update(cpu_s=spent, tokens_per_cpu_s=tokens / spent if spent > 0 else float("nan"))

@@ -4,6 +4,7 @@ memory-bandwidth ceiling; and the one check of whether something fits (one margi
 The planner (00, 07), the fast path's report, the benchmark and the notebooks all count with
 `parameter_count` and `decode_bytes`; a test holds them equal to a count of a model's own tensors.
 Shapes: D = hidden size, I = expert FFN size, L = layers, E = experts, K = experts per token."""
+
 from __future__ import annotations
 
 from . import hardware
@@ -43,9 +44,11 @@ def parameter_count(model) -> dict:
     D, L = c.hidden_size, c.num_hidden_layers
     head_dim = getattr(c, "head_dim", None) or D // c.num_attention_heads
     experts = getattr(c, "num_local_experts", None)
-    parts = {"embeddings": c.vocab_size * D,
-             "attention": L * D * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)}  # q, o; k, v
-    ffn = L * 3 * D * c.intermediate_size                   # gate, up, down
+    parts = {
+        "embeddings": c.vocab_size * D,
+        "attention": L * D * head_dim * (2 * c.num_attention_heads + 2 * c.num_key_value_heads),
+    }  # q, o; k, v
+    ffn = L * 3 * D * c.intermediate_size  # gate, up, down
     if experts:
         parts.update(experts=experts * ffn, router=L * experts * D)
     else:
@@ -54,7 +57,9 @@ def parameter_count(model) -> dict:
     parts["lm_head"] = 0 if c.tie_word_embeddings else c.vocab_size * D
     parts["total"] = sum(parts.values())
     if experts:  # a token reads K of the E experts
-        parts["active"] = parts["total"] - parts["experts"] + parts["experts"] * c.num_experts_per_tok // experts
+        parts["active"] = (
+            parts["total"] - parts["experts"] + parts["experts"] * c.num_experts_per_tok // experts
+        )
     else:
         parts["active"] = parts["total"]
     return parts
@@ -93,8 +98,14 @@ def chance_hit_rate(cached: int, experts: int, per_token: int) -> float:
     return sum(max(cached - j, 0) / (experts - j) for j in range(per_token)) / per_token
 
 
-def decode_bytes(model, dtype_bytes: float, context: int = 0, batch: int = 1, experts_read: float | None = None,
-                 kv_bytes: float | None = None) -> dict:
+def decode_bytes(
+    model,
+    dtype_bytes: float,
+    context: int = 0,
+    batch: int = 1,
+    experts_read: float | None = None,
+    kv_bytes: float | None = None,
+) -> dict:
     """Bytes read from memory by one decode step of `batch` sequences, by component, and per token.
 
     `context`: tokens already in each sequence's KV cache, `kv_bytes` bytes per cached value (default
@@ -106,8 +117,12 @@ def decode_bytes(model, dtype_bytes: float, context: int = 0, batch: int = 1, ex
     whole_number("context", context, 0, " tokens")
     c = as_config(model)
     params = parameter_count(c)
-    reads = {"attention": params["attention"], "norms": params["norms"],
-             "lm_head": params["lm_head"] or params["embeddings"], "embedding rows": batch * c.hidden_size}
+    reads = {
+        "attention": params["attention"],
+        "norms": params["norms"],
+        "lm_head": params["lm_head"] or params["embeddings"],
+        "embedding rows": batch * c.hidden_size,
+    }
     experts = getattr(c, "num_local_experts", None)
     if experts:  # MoE: the router, and only the experts the step's tokens picked
         if experts_read is None:
@@ -130,8 +145,11 @@ def footprint(model, precision: str, context: int) -> dict:
     """Serving `model` in `precision` with `context` tokens of context: bytes of weights, of the full
     KV cache, and read by one decode token at batch 1 with the cache half full (a generation's average)."""
     c, size, kv = as_config(model), dtype_bytes(precision), kv_precision(precision)
-    return dict(weights=int(parameter_count(c)["total"] * size), kv=kv_bytes_per_token(c, kv) * context,
-                per_token=decode_bytes(c, size, context // 2, kv_bytes=dtype_bytes(kv))["per_token"])
+    return dict(
+        weights=int(parameter_count(c)["total"] * size),
+        kv=kv_bytes_per_token(c, kv) * context,
+        per_token=decode_bytes(c, size, context // 2, kv_bytes=dtype_bytes(kv))["per_token"],
+    )
 
 
 def ceiling(bandwidth: float, bytes_per_token: float) -> float:
@@ -157,8 +175,10 @@ def fit_verdict(need: float, gpu_total: float, ram: float) -> str:
         return "fits on the GPUs"
     if fits(need, gpu_total + ram):
         return "fits only with CPU offload (slow)" if gpu_total else "fits in RAM (CPU only)"
-    return (f"does not fit: needs {need / GiB:.0f} GiB, has {usable(gpu_total + ram) / GiB:.0f} GiB usable "
-            f"({RESERVED:.0%} of {(gpu_total + ram) / GiB:.0f} GiB kept free)")
+    return (
+        f"does not fit: needs {need / GiB:.0f} GiB, has {usable(gpu_total + ram) / GiB:.0f} GiB usable "
+        f"({RESERVED:.0%} of {(gpu_total + ram) / GiB:.0f} GiB kept free)"
+    )
 
 
 def memory_table(model, context: int = 4096, batch: int = 1) -> list[dict]:
@@ -166,9 +186,14 @@ def memory_table(model, context: int = 4096, batch: int = 1) -> list[dict]:
     parts = parameter_count(model)
     rows = []
     for precision, size in DTYPE_BYTES.items():
-        rows.append({"precision": precision, "weights_GiB": parts["total"] * size / GiB,
-                     "active_GiB_per_token": parts["active"] * size / GiB,
-                     "kv_cache_GiB": kv_bytes_per_token(model, kv_precision(precision)) * context * batch / GiB})
+        rows.append(
+            {
+                "precision": precision,
+                "weights_GiB": parts["total"] * size / GiB,
+                "active_GiB_per_token": parts["active"] * size / GiB,
+                "kv_cache_GiB": kv_bytes_per_token(model, kv_precision(precision)) * context * batch / GiB,
+            }
+        )
     return rows
 
 
@@ -176,5 +201,7 @@ def fit_report(models: dict[str, int]) -> list[dict]:
     """For {name: bytes of weights}, whether they fit on this machine's GPUs alone, with CPU offload, or not."""
     gpu_total = sum(g["total"] for g in hardware.gpus())
     ram = hardware.system_memory()["total"]
-    return [{"model": name, "weights_GiB": round(need / GiB, 1), "verdict": fit_verdict(need, gpu_total, ram)}
-            for name, need in models.items()]
+    return [
+        {"model": name, "weights_GiB": round(need / GiB, 1), "verdict": fit_verdict(need, gpu_total, ram)}
+        for name, need in models.items()
+    ]

@@ -3,6 +3,7 @@
 Layout apart from logic: `SamplingPanel` builds the controls, `generate()` (a method, also
 what the Generate button calls) does the work on one worker thread, and `stop()` asks it to
 end at the next token. Unit tests drive it by setting values and calling the handlers."""
+
 from __future__ import annotations
 
 import html
@@ -21,7 +22,9 @@ class SamplingPanel:
     """Sliders for temperature, top_k, top_p and max_new_tokens, a do_sample toggle, a seed, an
     editable prompt, Generate and Stop; the answer streams in; earlier runs stay below."""
 
-    def __init__(self, pipe, prompt: str, max_new_tokens: int = 128, seed: int = 0, history: int = 4, **knobs):
+    def __init__(
+        self, pipe, prompt: str, max_new_tokens: int = 128, seed: int = 0, history: int = 4, **knobs
+    ):
         import ipywidgets as w
 
         for old in list(_PANELS):  # a re-run cell replaces its panel: end the old one's work
@@ -31,21 +34,40 @@ class SamplingPanel:
         self.pipe, self.backend, self.history_size, self.runs = pipe, as_backend(pipe), history, []
         self._thread, self._stop = None, threading.Event()
         settings = dict(BLOG_SAMPLING, **knobs)
-        slider = dict(continuous_update=False, style={"description_width": "125px"}, layout=w.Layout(width="440px"))
+        slider = dict(
+            continuous_update=False, style={"description_width": "125px"}, layout=w.Layout(width="440px")
+        )
         self.prompt = w.Textarea(value=prompt, description="prompt", rows=3, layout=w.Layout(width="95%"))
-        self.temperature = w.FloatSlider(value=settings["temperature"], min=0.0, max=2.0, step=0.05,
-                                         description="temperature", readout_format=".2f", **slider)
+        self.temperature = w.FloatSlider(
+            value=settings["temperature"],
+            min=0.0,
+            max=2.0,
+            step=0.05,
+            description="temperature",
+            readout_format=".2f",
+            **slider,
+        )
         self.top_k = w.IntSlider(value=settings["top_k"], min=0, max=200, description="top_k", **slider)
-        self.top_p = w.FloatSlider(value=settings["top_p"], min=0.0, max=1.0, step=0.01,
-                                   description="top_p", readout_format=".2f", **slider)
-        self.max_new_tokens = w.IntSlider(value=max_new_tokens, min=1, max=1024, description="max_new_tokens", **slider)
+        self.top_p = w.FloatSlider(
+            value=settings["top_p"],
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            description="top_p",
+            readout_format=".2f",
+            **slider,
+        )
+        self.max_new_tokens = w.IntSlider(
+            value=max_new_tokens, min=1, max=1024, description="max_new_tokens", **slider
+        )
         self.do_sample = w.Checkbox(value=settings["do_sample"], description="do_sample (off = greedy)")
         self.seed = w.IntText(value=seed, description="seed", layout=w.Layout(width="200px"))
         self.generate_button = w.Button(description="Generate", button_style="primary", icon="play")
         self.stop_button = w.Button(description="Stop", button_style="warning", icon="stop", disabled=True)
         self.message = w.HTML(value="")
-        self.output = w.Textarea(value="", placeholder="the answer streams in here",
-                                 layout=w.Layout(width="95%", height="220px"))
+        self.output = w.Textarea(
+            value="", placeholder="the answer streams in here", layout=w.Layout(width="95%", height="220px")
+        )
         self.output.add_class("sampling-panel-output")
         self.stats = w.HTML(value="")
         self.history = w.GridBox(layout=w.Layout(grid_template_columns="1fr 1fr", width="95%"))
@@ -53,8 +75,17 @@ class SamplingPanel:
         self.stop_button.on_click(self.stop)
         knobs_box = w.VBox([self.temperature, self.top_k, self.top_p, self.max_new_tokens])
         side = w.VBox([self.do_sample, self.seed, w.HBox([self.generate_button, self.stop_button])])
-        self.ui = w.VBox([self.prompt, w.HBox([knobs_box, side]), self.message, self.output, self.stats,
-                          w.HTML("<b>Earlier runs</b>"), self.history])
+        self.ui = w.VBox(
+            [
+                self.prompt,
+                w.HBox([knobs_box, side]),
+                self.message,
+                self.output,
+                self.stats,
+                w.HTML("<b>Earlier runs</b>"),
+                self.history,
+            ]
+        )
         self.ui.add_class("sampling-panel")
 
     def _repr_mimebundle_(self, **kwargs):
@@ -65,8 +96,13 @@ class SamplingPanel:
         return self._thread is not None and self._thread.is_alive()
 
     def settings(self) -> dict:
-        return dict(max_new_tokens=self.max_new_tokens.value, do_sample=self.do_sample.value,
-                    temperature=self.temperature.value, top_k=self.top_k.value, top_p=self.top_p.value)
+        return dict(
+            max_new_tokens=self.max_new_tokens.value,
+            do_sample=self.do_sample.value,
+            temperature=self.temperature.value,
+            top_k=self.top_k.value,
+            top_p=self.top_p.value,
+        )
 
     def generate(self, _button=None) -> bool:
         """Start a generation with the current settings; False (and a message) if it cannot."""
@@ -85,15 +121,22 @@ class SamplingPanel:
         self.stats.value = "<i>generating...</i>"
         self._stop.clear()
         self.generate_button.disabled, self.stop_button.disabled = True, False
-        self._thread = threading.Thread(target=self._work, args=(messages, kwargs, self.seed.value), daemon=True)
+        self._thread = threading.Thread(
+            target=self._work, args=(messages, kwargs, self.seed.value), daemon=True
+        )
         self._thread.start()
         return True
 
     def _work(self, messages, kwargs, seed):
         answer, error = None, None
         try:
-            answer = self.backend.answer(messages, kwargs, seed, should_stop=self._stop.is_set,
-                                         on_text=lambda text: setattr(self.output, "value", text))
+            answer = self.backend.answer(
+                messages,
+                kwargs,
+                seed,
+                should_stop=self._stop.is_set,
+                on_text=lambda text: setattr(self.output, "value", text),
+            )
             if not answer.complete:
                 error = f"INCOMPLETE: {answer.note}; the text above is what arrived"
         except Exception as exc:  # noqa: BLE001 - shown in the panel, never as a traceback
@@ -106,29 +149,55 @@ class SamplingPanel:
         n = answer.new_tokens if answer else 0
         ttft = answer.first_token_s if answer else float("nan")
         rate = answer.tokens_per_second if answer else float("nan")
-        settings = dict(kwargs, ignored_by_server=answer.settings["ignored_by_server"]) if (
-            answer and answer.settings.get("ignored_by_server")) else kwargs
+        settings = (
+            dict(kwargs, ignored_by_server=answer.settings["ignored_by_server"])
+            if (answer and answer.settings.get("ignored_by_server"))
+            else kwargs
+        )
         knobs = ", ".join(f"{k}={v}" for k, v in settings.items()) + f", seed={seed}"
-        ending = ("stopped" if self._stop.is_set() else "incomplete" if answer and not answer.complete
-                  else "failed" if error else "done")
-        stats = f"{ending}: {n} tokens · time to first token {ttft:.2f} s · {rate:.1f} tok/s after it · {knobs}"
+        ending = (
+            "stopped"
+            if self._stop.is_set()
+            else "incomplete"
+            if answer and not answer.complete
+            else "failed"
+            if error
+            else "done"
+        )
+        stats = (
+            f"{ending}: {n} tokens · time to first token {ttft:.2f} s · {rate:.1f} tok/s after it · {knobs}"
+        )
         if error:
             self.message.value = f"<span style='color:#b00'>&#9888; {html.escape(error)}</span>"
         self.stats.value = html.escape(stats)
-        self.runs.append({"text": self.output.value, "stats": stats, "tokens": n, "ttft_s": ttft,
-                          "tokens_per_s": rate, "settings": dict(settings, seed=seed), "ending": ending})
-        self.runs = self.runs[-self.history_size:]
+        self.runs.append(
+            {
+                "text": self.output.value,
+                "stats": stats,
+                "tokens": n,
+                "ttft_s": ttft,
+                "tokens_per_s": rate,
+                "settings": dict(settings, seed=seed),
+                "ending": ending,
+            }
+        )
+        self.runs = self.runs[-self.history_size :]
         self._show_history()
         self.generate_button.disabled, self.stop_button.disabled = False, True
 
     def _show_history(self):
         import ipywidgets as w
+
         cards = []
         for i, run in enumerate(reversed(self.runs)):
             text = html.escape(run["text"][:1500])
-            cards.append(w.HTML(f"<div style='border:1px solid #ccc;padding:4px;margin:2px'>"
-                                f"<small>{'latest' if i == 0 else f'{i} run(s) before'} · {html.escape(run['stats'])}</small>"
-                                f"<pre style='white-space:pre-wrap;font-size:85%'>{text}</pre></div>"))
+            cards.append(
+                w.HTML(
+                    f"<div style='border:1px solid #ccc;padding:4px;margin:2px'>"
+                    f"<small>{'latest' if i == 0 else f'{i} run(s) before'} · {html.escape(run['stats'])}</small>"
+                    f"<pre style='white-space:pre-wrap;font-size:85%'>{text}</pre></div>"
+                )
+            )
         self.history.children = cards
 
     def stop(self, _button=None) -> None:
@@ -155,13 +224,18 @@ def distribution_explorer(pipe, prompt: str, answer_prefix: str = "", show: int 
     import matplotlib.pyplot as plt
 
     slider = dict(continuous_update=False, style={"description_width": "90px"})
-    temperature = w.FloatSlider(value=BLOG_SAMPLING["temperature"], min=0.05, max=2.0, step=0.05,
-                                description="temperature", **slider)
+    temperature = w.FloatSlider(
+        value=BLOG_SAMPLING["temperature"], min=0.05, max=2.0, step=0.05, description="temperature", **slider
+    )
     top_k = w.IntSlider(value=BLOG_SAMPLING["top_k"], min=0, max=50, description="top_k (0=off)", **slider)
-    top_p = w.FloatSlider(value=BLOG_SAMPLING["top_p"], min=0.05, max=1.0, step=0.01, description="top_p", **slider)
+    top_p = w.FloatSlider(
+        value=BLOG_SAMPLING["top_p"], min=0.05, max=1.0, step=0.01, description="top_p", **slider
+    )
 
     def redraw(temperature, top_k, top_p):
-        stages = next_token_distribution(pipe, prompt, temperature, top_k, top_p, show=show, answer_prefix=answer_prefix)
+        stages = next_token_distribution(
+            pipe, prompt, temperature, top_k, top_p, show=show, answer_prefix=answer_prefix
+        )
         draw_distribution(stages, f"Next token after: …{answer_prefix[-40:]!r}")
         plt.show()
 

@@ -3,7 +3,10 @@ import torch
 
 # Notebooks whose results depend on the dtype models load in: CI runs them again in the other
 # CPU kind's dtype (MIXTRAL_DTYPE), with the tests marked `numerics`.
-NUMERICS_NOTEBOOKS = {"06_sampling_lab.ipynb", "07_inside_the_moe.ipynb"}  # 07: its MoE layer by hand, to the dtype's rounding
+NUMERICS_NOTEBOOKS = {
+    "06_sampling_lab.ipynb",
+    "07_inside_the_moe.ipynb",
+}  # 07: its MoE layer by hand, to the dtype's rounding
 
 
 # `make test` and `make test-slow` run in two workers, each taking a file at a time (nbval runs a notebook's cells
@@ -13,13 +16,23 @@ NUMERICS_NOTEBOOKS = {"06_sampling_lab.ipynb", "07_inside_the_moe.ipynb"}  # 07:
 # file only where that test is selected. The order changes when tests finish, never what they check.
 LONGEST_FIRST = [
     # make test-slow
-    "tests/test_bench.py::test_bench_quick_runs_every_configuration", "notebooks/10_quantization.ipynb",
-    "tests/test_workshop.py::test_bundle_installs_offline_and_runs_a_notebook", "notebooks/11_offloading.ipynb",
-    "notebooks/08_performance.ipynb", "notebooks/09_serving.ipynb", "notebooks/06_sampling_lab.ipynb",
+    "tests/test_bench.py::test_bench_quick_runs_every_configuration",
+    "notebooks/10_quantization.ipynb",
+    "tests/test_workshop.py::test_bundle_installs_offline_and_runs_a_notebook",
+    "notebooks/11_offloading.ipynb",
+    "notebooks/08_performance.ipynb",
+    "notebooks/09_serving.ipynb",
+    "notebooks/06_sampling_lab.ipynb",
     "tests/test_solutions.py",
     # make test
-    "tests/test_hub_checkpoint.py", "tests/test_serving.py", "notebooks/02_poem.ipynb", "notebooks/04_jokes.ipynb",
-    "tests/test_standin.py", "notebooks/03_code.ipynb", "tests/test_browser.py"]
+    "tests/test_hub_checkpoint.py",
+    "tests/test_serving.py",
+    "notebooks/02_poem.ipynb",
+    "notebooks/04_jokes.ipynb",
+    "tests/test_standin.py",
+    "notebooks/03_code.ipynb",
+    "tests/test_browser.py",
+]
 EACH_ITEM_APART = {"tests/test_solutions.py"}
 
 
@@ -39,14 +52,20 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.path.name in NUMERICS_NOTEBOOKS:
             item.add_marker(pytest.mark.numerics)
-        stem = item.path.stem if item.path.suffix == ".ipynb" else \
-            item.callspec.id if item.path.name == "test_solutions.py" and hasattr(item, "callspec") else ""
+        stem = (
+            item.path.stem
+            if item.path.suffix == ".ipynb"
+            else item.callspec.id
+            if item.path.name == "test_solutions.py" and hasattr(item, "callspec")
+            else ""
+        )
         if is_slow_notebook(stem):  # a notebook of ours, or one of its exercise answers
             item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
 
     def first(item):
         return rank.get(item.nodeid, rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
     items.sort(key=first)  # stable: cells keep their order
 
 
@@ -62,7 +81,9 @@ def pytest_xdist_make_scheduler(config, log):
             file = nodeid.split("::", 1)[0]
             return nodeid if file in EACH_ITEM_APART else file
 
-    config.option.loadscopereorder = False  # the order of pytest_collection_modifyitems, not the count of items
+    config.option.loadscopereorder = (
+        False  # the order of pytest_collection_modifyitems, not the count of items
+    )
     return FilesAndApartItems(config, log)
 
 
@@ -71,6 +92,7 @@ def standin_tokenizer():
     from transformers import AutoTokenizer
 
     from helpers import ensure_standin
+
     return AutoTokenizer.from_pretrained(str(ensure_standin()))
 
 
@@ -79,9 +101,20 @@ def tiny_llama(vocab_size=49152, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -90,9 +123,18 @@ def tiny_moe(seed=0, experts=4, k=2):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
-    config = MixtralConfig(vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=experts,
-                           num_experts_per_tok=k, max_position_embeddings=128, tie_word_embeddings=False)
+    config = MixtralConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=experts,
+        num_experts_per_tok=k,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     return MixtralForCausalLM(config).eval()
 
 
@@ -107,9 +149,17 @@ def tiny_mixtral_dir(tmp_path_factory):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
-    config = MixtralConfig(vocab_size=32768, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                           num_experts_per_tok=2, max_position_embeddings=256)
+    config = MixtralConfig(
+        vocab_size=32768,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+    )
     path = tmp_path_factory.mktemp("tiny-mixtral")
     MixtralForCausalLM(config).save_pretrained(path)
     return path
@@ -128,8 +178,20 @@ def meta_count(model):
     """Every parameter of a model built on the meta device, by component name."""
     parts = {}
     for name, p in model.named_parameters():
-        kind = ("embeddings" if "embed_tokens" in name else "attention" if "self_attn" in name else
-                "experts" if ".experts." in name else "router" if ".mlp.gate." in name else
-                "mlp" if ".mlp." in name else "norms" if "norm" in name else "lm_head")
+        kind = (
+            "embeddings"
+            if "embed_tokens" in name
+            else "attention"
+            if "self_attn" in name
+            else "experts"
+            if ".experts." in name
+            else "router"
+            if ".mlp.gate." in name
+            else "mlp"
+            if ".mlp." in name
+            else "norms"
+            if "norm" in name
+            else "lm_head"
+        )
         parts[kind] = parts.get(kind, 0) + p.numel()
     return parts

@@ -7,6 +7,7 @@ holds (tokenizer.json, tokenizer_config.json with its chat template, special_tok
 Nothing here goes through transformers' `save_pretrained`: the weights are written with safetensors,
 the JSON by hand, so the loaders meet the hub's layout, not transformers 5's own (fused experts, one file).
 """
+
 import json
 from pathlib import Path
 
@@ -14,7 +15,9 @@ import torch
 from safetensors.torch import save_file
 
 # The published 8x22B-Instruct config (helpers.data.KNOWN_MODELS holds its numbers) with tiny dimensions.
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+TINY = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2
+)
 SHARD_BYTES = 600_000  # the hub cuts its shards at 5 GB; at this size the tiny model's layers straddle shards
 
 # The hub's v3 chat template (Mixtral-8x22B-Instruct-v0.1, Mistral-7B-Instruct-v0.3) without its tool-use
@@ -32,7 +35,8 @@ CHAT_TEMPLATE = (
     "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
     "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content']|trim + eos_token }}"
     "{%- else %}{{- raise_exception('Only user and assistant roles are supported, with the exception of an "
-    "initial optional system message!') }}{%- endif %}{%- endfor %}")
+    "initial optional system message!') }}{%- endif %}{%- endfor %}"
+)
 
 
 def hub_config() -> dict:
@@ -40,9 +44,18 @@ def hub_config() -> dict:
     from helpers.data import KNOWN_MODELS
 
     published = dict(KNOWN_MODELS["mistralai/Mixtral-8x22B-Instruct-v0.1"])
-    return dict(architectures=["MixtralForCausalLM"], attention_dropout=0.0, hidden_act="silu",
-                initializer_range=0.02, model_type="mixtral", output_router_logits=False, torch_dtype="bfloat16",
-                transformers_version="4.38.0", use_cache=True, **dict(published, **TINY))
+    return dict(
+        architectures=["MixtralForCausalLM"],
+        attention_dropout=0.0,
+        hidden_act="silu",
+        initializer_range=0.02,
+        model_type="mixtral",
+        output_router_logits=False,
+        torch_dtype="bfloat16",
+        transformers_version="4.38.0",
+        use_cache=True,
+        **dict(published, **TINY),
+    )
 
 
 def hub_tensors(config: dict, seed: int = 0) -> dict:
@@ -66,8 +79,13 @@ def hub_tensors(config: dict, seed: int = 0) -> dict:
         tensors[layer + "block_sparse_moe.gate.weight"] = normal(config["num_local_experts"], D)
         for e in range(config["num_local_experts"]):
             expert = f"{layer}block_sparse_moe.experts.{e}."
-            tensors.update({expert + "w1.weight": normal(I, D), expert + "w2.weight": normal(D, I),
-                            expert + "w3.weight": normal(I, D)})
+            tensors.update(
+                {
+                    expert + "w1.weight": normal(I, D),
+                    expert + "w2.weight": normal(D, I),
+                    expert + "w3.weight": normal(I, D),
+                }
+            )
     tensors["model.norm.weight"] = torch.ones(D, dtype=torch.bfloat16)
     # A trained model's next-token distribution is peaked; at initializer_range a random lm_head gives logits so flat
     # that every temperature samples alike, and 04_jokes's claim (lower temperature, more repetition) would not hold.
@@ -93,8 +111,10 @@ def write_shards(folder: Path, tensors: dict, shard_bytes: int = SHARD_BYTES) ->
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file({n: tensors[n].contiguous() for n in names}, folder / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(names, file))
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-             "weight_map": dict(sorted(weight_map.items()))}
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return index
 
@@ -105,17 +125,38 @@ def write_tokenizer(folder: Path) -> None:
 
     fast = hub_fast_tokenizer()
     fast.backend_tokenizer.save(str(folder / "tokenizer.json"))
-    added = {str(i): dict(content=t.content, lstrip=t.lstrip, normalized=t.normalized, rstrip=t.rstrip,
-                          single_word=t.single_word, special=t.special)
-             for i, t in sorted(fast.added_tokens_decoder.items())}
-    config = dict(add_bos_token=True, add_eos_token=False, added_tokens_decoder=added, bos_token="<s>",
-                  chat_template=CHAT_TEMPLATE, clean_up_tokenization_spaces=False, eos_token="</s>", legacy=False,
-                  model_max_length=1000000000000000019884624838656, pad_token=None, sp_model_kwargs={},
-                  spaces_between_special_tokens=False, tokenizer_class="LlamaTokenizer", unk_token="<unk>",
-                  use_default_system_prompt=False)
+    added = {
+        str(i): dict(
+            content=t.content,
+            lstrip=t.lstrip,
+            normalized=t.normalized,
+            rstrip=t.rstrip,
+            single_word=t.single_word,
+            special=t.special,
+        )
+        for i, t in sorted(fast.added_tokens_decoder.items())
+    }
+    config = dict(
+        add_bos_token=True,
+        add_eos_token=False,
+        added_tokens_decoder=added,
+        bos_token="<s>",
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        eos_token="</s>",
+        legacy=False,
+        model_max_length=1000000000000000019884624838656,
+        pad_token=None,
+        sp_model_kwargs={},
+        spaces_between_special_tokens=False,
+        tokenizer_class="LlamaTokenizer",
+        unk_token="<unk>",
+        use_default_system_prompt=False,
+    )
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"), indent=2))
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps(dict(bos_token="<s>", eos_token="</s>", unk_token="<unk>"), indent=2)
+    )
 
 
 def build_hub_folder(folder: Path, seed: int = 0) -> Path:
@@ -123,8 +164,12 @@ def build_hub_folder(folder: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = hub_config()
     (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "generation_config.json").write_text(json.dumps(dict(
-        _from_model_config=True, bos_token_id=1, eos_token_id=2, transformers_version="4.38.0"), indent=2))
+    (folder / "generation_config.json").write_text(
+        json.dumps(
+            dict(_from_model_config=True, bos_token_id=1, eos_token_id=2, transformers_version="4.38.0"),
+            indent=2,
+        )
+    )
     write_shards(folder, hub_tensors(config, seed))
     write_tokenizer(folder)
     return folder
@@ -152,6 +197,9 @@ def as_transformers_names(stored: dict, experts: int) -> dict:
     for layer in sorted({n.split(".")[2] for n in stored if ".experts." in n}, key=int):
         expert = f"model.layers.{layer}.block_sparse_moe.experts.{{}}.{{}}.weight".format
         out[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat([stored[expert(e, "w1")], stored[expert(e, "w3")]]) for e in range(experts)])
-        out[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack([stored[expert(e, "w2")] for e in range(experts)])
+            [torch.cat([stored[expert(e, "w1")], stored[expert(e, "w3")]]) for e in range(experts)]
+        )
+        out[f"model.layers.{layer}.mlp.experts.down_proj"] = torch.stack(
+            [stored[expert(e, "w2")] for e in range(experts)]
+        )
     return out

@@ -1,4 +1,5 @@
 """One clock, one tok/s, one generate call: the local model and a served endpoint answer the same call."""
+
 import pytest
 import torch
 from conftest import tiny_moe
@@ -11,7 +12,9 @@ def test_tok_s_is_decode_after_the_first_token_and_the_warmup():
     times = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]  # first token at 0.5 s, then one every 0.1 s
     assert decode_rate(times) == pytest.approx(5 / 0.5)
     assert decode_rate(times, warmup=2) == pytest.approx(3 / 0.3)
-    assert decode_rate(times, warmup=2, batch=4) == pytest.approx(4 * 3 / 0.3)  # a step of a batch brings 4 tokens
+    assert decode_rate(times, warmup=2, batch=4) == pytest.approx(
+        4 * 3 / 0.3
+    )  # a step of a batch brings 4 tokens
     assert decode_rate(times[:1]) != decode_rate(times[:1])  # one token: no decode speed (nan)
     answer = Answer("x", 6, 10, 1.2, token_times=times)
     assert answer.first_token_s == 0.5 and answer.tokens_per_second == pytest.approx(10)
@@ -22,6 +25,7 @@ def test_the_clock_skips_the_prompt_and_shows_whole_characters():
     class Pieces:
         def decode(self, ids, skip_special_tokens):
             return "".join({1: "a", 2: "\ufffd", 3: "é"}.get(i, "") for i in ids).replace("\ufffdé", "é")
+
     shown = []
     clock = TokenClock(Pieces(), shown.append)
     clock.put(torch.tensor([[7, 7, 7]]))  # the prompt
@@ -33,7 +37,9 @@ def test_the_clock_skips_the_prompt_and_shows_whole_characters():
 def test_run_makes_exactly_the_tokens_asked_for():
     model = tiny_moe()
     model.generation_config.eos_token_id = list(range(256))  # half the vocabulary would end it early
-    answer = LocalModel(model=model).run([[5, 6, 7, 8, 9]], dict(do_sample=False, max_new_tokens=7, min_new_tokens=7))[0]
+    answer = LocalModel(model=model).run(
+        [[5, 6, 7, 8, 9]], dict(do_sample=False, max_new_tokens=7, min_new_tokens=7)
+    )[0]
     assert answer.new_tokens == 7 and len(answer.token_times) == 7 and answer.tokens_per_second > 0
 
 
@@ -48,8 +54,11 @@ def test_a_pipeline_becomes_a_local_model_and_anything_else_is_refused(tiny_mixt
 def test_should_stop_ends_the_answer_after_the_current_token(tiny_mixtral_dir):
     backend = as_backend(load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32))
     steps = []
-    answer = backend.answer([{"role": "user", "content": "Hi"}], dict(do_sample=False, max_new_tokens=50, min_new_tokens=50),
-                            should_stop=lambda: steps.append(1) or len(steps) >= 3)
+    answer = backend.answer(
+        [{"role": "user", "content": "Hi"}],
+        dict(do_sample=False, max_new_tokens=50, min_new_tokens=50),
+        should_stop=lambda: steps.append(1) or len(steps) >= 3,
+    )
     assert answer.new_tokens == 3
 
 
@@ -70,6 +79,12 @@ def test_one_model_generate_call_in_helpers():
     """Every answer goes through LocalModel.run: no other `.generate(` call in helpers/."""
     from pathlib import Path
     import re
-    calls = [(f.name, n) for f in Path("helpers").resolve().glob("*.py") if f.name != "__init__.py"
-             for n, line in enumerate(f.read_text().splitlines(), 1) if re.search(r"\.generate\(", line)]
+
+    calls = [
+        (f.name, n)
+        for f in Path("helpers").resolve().glob("*.py")
+        if f.name != "__init__.py"
+        for n, line in enumerate(f.read_text().splitlines(), 1)
+        if re.search(r"\.generate\(", line)
+    ]
     assert [name for name, _ in calls] == ["backends.py"], calls

@@ -1,5 +1,6 @@
 """The benchmark (benchmarks/, outside helpers): the harness's configurations, the quick run end to
 end (no timing assertions), and the GPU check rehearsed on the CPU."""
+
 import json
 import subprocess
 import sys
@@ -28,21 +29,35 @@ def test_configurations_that_load_the_same_model_share_a_process():
     assert sorted(c.name for g in groups for c in g) == sorted(c.name for c in CONFIGS)  # each once
     names = [[c.name for c in g] for g in groups]
     assert ["fp32 eager", "fp32 grouped_mm", "fp32 batched_mm", "fp32 static cache"] in names
-    assert ["fast path (this machine's choice)", "4 prompts, one at a time (fast path)",
-            "4 prompts, one batch (fast path)"] in names
-    assert [NAIVE] in names and ["fp32 static cache + compile"] in names  # the pipeline and compiled code: alone
-    assert ["int8 weights (fast path)"] in names and ["int8 weights, bf16 activations"] in names  # other loads
+    assert [
+        "fast path (this machine's choice)",
+        "4 prompts, one at a time (fast path)",
+        "4 prompts, one batch (fast path)",
+    ] in names
+    assert [NAIVE] in names and [
+        "fp32 static cache + compile"
+    ] in names  # the pipeline and compiled code: alone
+    assert ["int8 weights (fast path)"] in names and [
+        "int8 weights, bf16 activations"
+    ] in names  # other loads
     assert len(groups) == 14  # of 21 configurations
 
 
 def test_the_quick_run_loads_once_what_this_machine_loads_the_same():
     from helpers.hardware import dtype_name, pick_dtype
+
     machine = dtype_name(pick_dtype()[0])
     quick = [[c.name for c in g] for g in by_load(CONFIGS, resolved=True)]
     named = "fp32" if machine == "float32" else "bf16"
-    assert ["fast path (this machine's choice)", f"fast path in {named}", "4 prompts, one at a time (fast path)",
-            "4 prompts, one batch (fast path)"] in quick
-    assert len(quick) == len(by_load(CONFIGS)) - (2 if machine == "bfloat16" else 1)  # int8's two loads are one in bf16
+    assert [
+        "fast path (this machine's choice)",
+        f"fast path in {named}",
+        "4 prompts, one at a time (fast path)",
+        "4 prompts, one batch (fast path)",
+    ] in quick
+    assert len(quick) == len(by_load(CONFIGS)) - (
+        2 if machine == "bfloat16" else 1
+    )  # int8's two loads are one in bf16
 
 
 def test_the_results_name_the_machine():
@@ -50,8 +65,12 @@ def test_the_results_name_the_machine():
 
     from bench import machine_name
     from helpers.hardware import cpu_has_native_bf16
+
     name = machine_name()
-    assert f"({platform.machine()}, " in name and f"native bf16: {'yes' if cpu_has_native_bf16() else 'no'})" in name
+    assert (
+        f"({platform.machine()}, " in name
+        and f"native bf16: {'yes' if cpu_has_native_bf16() else 'no'})" in name
+    )
     assert ("GPU 0:" in name) == torch.cuda.is_available()
 
 
@@ -76,35 +95,68 @@ def test_measure_refuses_zero_rounds():
 # ---------------------------------------------------------------- the benchmark, quick mode, every configuration
 @pytest.mark.slow  # every configuration, a fresh process per load group, minutes: make test-slow runs it first
 def test_bench_quick_runs_every_configuration(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads((tmp_path / "bench.json").read_text())
     assert [r["name"] for r in result["rows"]] == [c.name for c in CONFIGS]
     for row in result["rows"]:
         assert row["decode_tok_s"] > 0 and 0 < row["efficiency"] < 1.5, row
         assert row["bytes_per_token"] > 0 and row["peak_memory"] > 0
-    for row in (r for r in result["rows"] if r["ram_gib"] or r["expert_cache"]):  # offloaded: bytes from disk counted
+    for row in (
+        r for r in result["rows"] if r["ram_gib"] or r["expert_cache"]
+    ):  # offloaded: bytes from disk counted
         assert row["tiers"]["from disk"] > 0 and row["tiers"]["resident"] > 0, row
         assert ("hit_rate" in row["tiers"]) == bool(row["expert_cache"]), row
-    groups = by_load(CONFIGS, resolved=True)  # the quick run: one load where this machine's dtype is also named
-    assert [r["loaded_with"] for r in result["rows"]] == [[c.name for c in g] for c in CONFIGS for g in groups if c in g]
-    assert all((r["warmup_s"] is None) != r["compile"] for r in result["rows"]), "a warm-up run only where code compiles"
+    groups = by_load(
+        CONFIGS, resolved=True
+    )  # the quick run: one load where this machine's dtype is also named
+    assert [r["loaded_with"] for r in result["rows"]] == [
+        [c.name for c in g] for c in CONFIGS for g in groups if c in g
+    ]
+    assert all((r["warmup_s"] is None) != r["compile"] for r in result["rows"]), (
+        "a warm-up run only where code compiles"
+    )
     for group in groups:  # one load each: the same load time on every row of a group
         assert len({r["load_s"] for r in result["rows"] if r["name"] in {c.name for c in group}}) == 1, group
     naive = next(r for r in result["rows"] if r["name"] == NAIVE)
     assert naive["vs_naive"] == 1 and naive["experts"] == "grouped_mm" and naive["dtype"] == "float32"
     md = (tmp_path / "bench.md").read_text()
-    assert "| configuration |" in md and "bandwidth" in md and "quick run: it proves" in md and result["machine"] in md
+    assert (
+        "| configuration |" in md
+        and "bandwidth" in md
+        and "quick run: it proves" in md
+        and result["machine"] in md
+    )
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert not list(tmp_path.glob("*.tmp"))
 
 
 # ---------------------------------------------------------------- the GPU check, rehearsed on the CPU
 def test_layer_bench_rehearsal_writes_its_report(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "layer_bench.py"), "--device", "cpu",
-                           "--scale", "0.03", "--dtype", "float32", "--tokens", "4", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "layer_bench.py"),
+            "--device",
+            "cpu",
+            "--scale",
+            "0.03",
+            "--dtype",
+            "float32",
+            "--tokens",
+            "4",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = next(tmp_path.glob("*.md")).read_text()
     for implementation in ("eager", "grouped_mm", "batched_mm", "per_token", "int8 weights (quantized)"):
@@ -115,13 +167,20 @@ def test_layer_bench_rehearsal_writes_its_report(tmp_path):
 def test_gpu_check_refuses_clearly_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: run benchmarks/gpu_check.sh itself")
-    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
-                          env={**__import__("os").environ, "PY": sys.executable})
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PY": sys.executable},
+    )
     assert done.returncode == 2 and "torch sees no GPU" in done.stderr
 
 
 def test_matvec_ceiling_adds_the_time_of_each_kind():
-    layouts = {"q_proj": (10.0, 5.0, "row-major", 1e9), "experts.gate_up_proj": (5.0, 20.0, "column-major", 4e9)}
+    layouts = {
+        "q_proj": (10.0, 5.0, "row-major", 1e9),
+        "experts.gate_up_proj": (5.0, 20.0, "column-major", 4e9),
+    }
     # 1 GB at 10 GB/s + a quarter of 4 GB at 20 GB/s = 0.15 s per token
     assert matvec_ceiling(layouts, experts_share=0.25) == pytest.approx(1 / 0.15)
 
@@ -130,19 +189,32 @@ def test_matvec_ceiling_adds_the_time_of_each_kind():
 def test_the_notebooks_run_names_what_08_and_10_read():
     from bench import notebook_configs
     from helpers.hardware import pick_dtype
+
     names = [c.name for c in notebook_configs()]
     other = "fast path in " + ("fp32" if pick_dtype()[0] == torch.bfloat16 else "bf16")
-    assert names == [NAIVE, "fast path (this machine's choice)", other, "int8 weights (fast path)",
-                     "int4 weights (fast path)", "4 prompts, one at a time (fast path)", "4 prompts, one batch (fast path)"]
+    assert names == [
+        NAIVE,
+        "fast path (this machine's choice)",
+        other,
+        "int8 weights (fast path)",
+        "int4 weights (fast path)",
+        "4 prompts, one at a time (fast path)",
+        "4 prompts, one batch (fast path)",
+    ]
 
 
 def test_a_run_is_reused_only_when_the_same_fresh_and_whole(tmp_path):
     import time
 
     from bench import REUSE_S, reusable, run_key
+
     configs = CONFIGS[:2]
     key = run_key(configs, 24, 2, 1)
-    assert key == run_key(configs, 24, 2, 1) and key != run_key(configs, 32, 2, 1) and key != run_key(CONFIGS[:3], 24, 2, 1)
+    assert (
+        key == run_key(configs, 24, 2, 1)
+        and key != run_key(configs, 32, 2, 1)
+        and key != run_key(CONFIGS[:3], 24, 2, 1)
+    )
     threads = torch.get_num_threads()
     try:  # torch's threads are part of the key: a run on 1 thread is not shown again for 2
         torch.set_num_threads(threads + 1)
@@ -162,6 +234,9 @@ def test_a_run_is_reused_only_when_the_same_fresh_and_whole(tmp_path):
 
 
 def test_the_notebooks_run_refuses_a_subset():
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--notebooks", "--only", "blog"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--notebooks", "--only", "blog"],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2 and "--notebooks names its own configurations" in done.stderr

@@ -3,6 +3,7 @@
 Opens 02_poem, runs it, moves the temperature slider, presses Generate, and checks that text
 streams into the panel. Skipped, with the reason, where Chromium or Playwright is missing; in CI a
 missing one is a failure."""
+
 import importlib.util
 import os
 import time
@@ -15,10 +16,20 @@ from workshop.browser import CHROMIUM, ROOT, chromium_page, jupyter_lab, run_all
 SCREENSHOT = ROOT / "build" / "browser-02_poem.png"
 
 # CI installs both (.ci/run), so there a missing one is a broken install, not a reason to skip.
-MISSING = [why for why, gone in (("Chromium is not installed (apt-get install chromium; .ci/run does this)",
-                                  not Path(CHROMIUM).exists()),
-                                 ("Playwright is not installed (pip install -r requirements.txt)",
-                                  importlib.util.find_spec("playwright") is None)) if gone]
+MISSING = [
+    why
+    for why, gone in (
+        (
+            "Chromium is not installed (apt-get install chromium; .ci/run does this)",
+            not Path(CHROMIUM).exists(),
+        ),
+        (
+            "Playwright is not installed (pip install -r requirements.txt)",
+            importlib.util.find_spec("playwright") is None,
+        ),
+    )
+    if gone
+]
 if MISSING and os.environ.get("CI"):
     raise RuntimeError(f"the browser test cannot run in CI: {'; '.join(MISSING)}")
 if MISSING:
@@ -59,9 +70,11 @@ def test_panel_streams_text_in_a_real_browser(lab):
             slider.locator(".noUi-handle").click()
             for _ in range(4):
                 page.keyboard.press("ArrowLeft")
-            page.wait_for_function("""() => document.querySelector(
+            page.wait_for_function(
+                """() => document.querySelector(
                 '.jp-OutputArea-output .sampling-panel .widget-slider .widget-readout').textContent.trim() === '0.60'""",
-                timeout=10_000)
+                timeout=10_000,
+            )
             panel.locator("button.jupyter-button", has_text="Generate").click()
             output = panel.locator(".sampling-panel-output textarea")
             deadline = time.time() + 120

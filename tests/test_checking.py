@@ -6,8 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers.checking import (chrf, distinct_n, diversity, duplicate_lines, edit_distance, edit_distance_cases,
-                              extract_code)
+from helpers.checking import (
+    chrf,
+    distinct_n,
+    diversity,
+    duplicate_lines,
+    edit_distance,
+    edit_distance_cases,
+    extract_code,
+)
 from helpers.data import BLOG_TRANSLATION, LONGFELLOW
 from helpers.sandbox import run_sandboxed
 
@@ -36,8 +43,11 @@ def test_fenced_python_block():
 
 
 def test_unfenced_function_as_in_the_blog():
-    answer = ("The problem you're describing is a classic dynamic programming problem.\n\n" + DP +
-              "\nThis function works by creating a 2D table.")
+    answer = (
+        "The problem you're describing is a classic dynamic programming problem.\n\n"
+        + DP
+        + "\nThis function works by creating a 2D table."
+    )
     assert extract_code(answer).strip() == DP.strip()
 
 
@@ -59,9 +69,20 @@ def test_prose_only_and_other_languages_have_no_code():
 # ---------------------------------------------------------------- the reference
 
 
-@pytest.mark.parametrize("a, b, d", [("horse", "ros", 3), ("intention", "execution", 5), ("", "", 0),
-                                     ("", "abc", 3), ("abc", "", 3), ("same", "same", 0), ("kitten", "sitting", 3),
-                                     ("café", "cafe", 1), ("🙂🙃", "🙃🙂", 2)])
+@pytest.mark.parametrize(
+    "a, b, d",
+    [
+        ("horse", "ros", 3),
+        ("intention", "execution", 5),
+        ("", "", 0),
+        ("", "abc", 3),
+        ("abc", "", 3),
+        ("same", "same", 0),
+        ("kitten", "sitting", 3),
+        ("café", "cafe", 1),
+        ("🙂🙃", "🙃🙂", 2),
+    ],
+)
 def test_reference_edit_distance(a, b, d):
     assert edit_distance(a, b) == d == edit_distance(b, a)
 
@@ -84,7 +105,10 @@ def test_correct_code_passes():
 
 
 def test_leetcode_style_class_is_found():
-    code = "class Solution:\n" + "\n".join("    " + line for line in DP.replace("def minDistance(word1", "def minDistance(self, word1").splitlines())
+    code = "class Solution:\n" + "\n".join(
+        "    " + line
+        for line in DP.replace("def minDistance(word1", "def minDistance(self, word1").splitlines()
+    )
     result = run_sandboxed(code)
     assert result.status == "passed" and result.detail == "tested Solution().minDistance"
 
@@ -140,12 +164,15 @@ def test_fork_bomb_is_stopped():
     assert result.status == "exception" and "os.fork" in result.detail
 
 
-@pytest.mark.parametrize("code, blocked", [
-    ("import subprocess\ndef f(a, b):\n    return 0\n", "import subprocess"),
-    ("import os\ndef f(a, b):\n    os.system('touch /tmp/sandbox-escape')\n    return 0\n", "os.system"),
-    ("import ctypes\ndef f(a, b):\n    return 0\n", "ctypes"),
-    ("import socket\ndef f(a, b):\n    socket.create_connection(('127.0.0.1', 9))\n", "import socket"),
-])
+@pytest.mark.parametrize(
+    "code, blocked",
+    [
+        ("import subprocess\ndef f(a, b):\n    return 0\n", "import subprocess"),
+        ("import os\ndef f(a, b):\n    os.system('touch /tmp/sandbox-escape')\n    return 0\n", "os.system"),
+        ("import ctypes\ndef f(a, b):\n    return 0\n", "ctypes"),
+        ("import socket\ndef f(a, b):\n    socket.create_connection(('127.0.0.1', 9))\n", "import socket"),
+    ],
+)
 def test_processes_sockets_and_ctypes_are_blocked(code, blocked):
     result = run_sandboxed(code)
     assert result.status == "exception" and blocked in result.detail
@@ -155,14 +182,19 @@ def test_processes_sockets_and_ctypes_are_blocked(code, blocked):
 def test_writing_outside_its_directory_is_blocked(tmp_path):
     target = tmp_path / "escaped.txt"
     result = run_sandboxed(f"def f(a, b):\n    open({str(target)!r}, 'w').write('x')\n    return 0\n")
-    assert result.status == "exception" and f"blocked by the audit hook: open {target} for writing" in result.detail
+    assert (
+        result.status == "exception"
+        and f"blocked by the audit hook: open {target} for writing" in result.detail
+    )
     assert not target.exists()
 
 
 def test_writing_inside_its_directory_is_allowed_but_capped():
     ok = run_sandboxed("def f(a, b):\n    open('scratch.txt', 'w').write('x')\n    return 0\n")
     assert ok.status == "wrong answer"  # it ran (and returned 0)
-    big = run_sandboxed("def f(a, b):\n    open('big.txt', 'w').write('x' * (4 << 20))\n    return 0\n", file_mb=1)
+    big = run_sandboxed(
+        "def f(a, b):\n    open('big.txt', 'w').write('x' * (4 << 20))\n    return 0\n", file_mb=1
+    )
     assert big.status == "killed by a limit" and "file size" in big.detail
 
 
@@ -186,8 +218,10 @@ def test_the_notebook_process_is_unharmed(monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(own))
     try:
         before = (os.getcwd(), dict(os.environ))
-        for code in ["import os\ndef f(a, b):\n    os.chdir('/')\n    os.environ['X'] = '1'\n    return 0\n",
-                     "import sys\ndef f(a, b):\n    sys.exit(3)\n"]:
+        for code in [
+            "import os\ndef f(a, b):\n    os.chdir('/')\n    os.environ['X'] = '1'\n    return 0\n",
+            "import sys\ndef f(a, b):\n    sys.exit(3)\n",
+        ]:
             assert run_sandboxed(code).status in ("wrong answer", "exception")  # it ran there
         assert (os.getcwd(), dict(os.environ)) == before
         assert os.listdir(own) == []  # its temporary folders removed

@@ -10,6 +10,7 @@ number inside one of its strings), a results file's Markdown twin or a notebook'
 printed). Any line that
 states a speed (tok/s, GB/s) must sit in such a quote.
 """
+
 import json
 import re
 from pathlib import Path
@@ -36,8 +37,12 @@ def quotes(text: str):
             i += 1
             continue
         start, i = i + 1, i + 1
-        while i < len(lines) and lines[i].strip() and not MARKER.search(lines[i]) and (
-                i == start or not re.match(r"\s*- ", lines[i])):
+        while (
+            i < len(lines)
+            and lines[i].strip()
+            and not MARKER.search(lines[i])
+            and (i == start or not re.match(r"\s*- ", lines[i]))
+        ):
             i += 1
         found.append(([s.strip() for s in m.group(1).split(",")], lines[start:i], start + 1))
     return found, bare
@@ -79,7 +84,9 @@ def source_check(path: str):
         printed = [file.read_text()] if path.endswith(".md") else []
         for cell in json.loads(file.read_text())["cells"] if path.endswith(".ipynb") else []:
             for out in cell.get("outputs", []):
-                printed.append("".join(out.get("text", "")) + "".join(out.get("data", {}).get("text/plain", "")))
+                printed.append(
+                    "".join(out.get("text", "")) + "".join(out.get("data", {}).get("text/plain", ""))
+                )
         held = {(v, d) for text in printed for line in text.splitlines() for v, d, _ in numbers_in(line)}
         return lambda value, decimals, unit: (value, decimals) in held
     values = list(leaves(json.loads(file.read_text())))
@@ -87,6 +94,7 @@ def source_check(path: str):
     def check(value, decimals, unit):
         scales = SCALES.get(unit, (1,))
         return any(abs(round(v * s, decimals) - value) < 1e-9 for v in values for s in scales)
+
     return check
 
 
@@ -99,7 +107,9 @@ def test_every_quoted_figure_is_in_the_run_it_cites(doc):
         for offset, line in enumerate(lines):
             for value, decimals, unit in numbers_in(line):
                 if not any(c(value, decimals, unit) for c in checks):
-                    missing.append(f"{doc}:{lineno + offset}: {value:.{decimals}f}{unit.strip()} not in {', '.join(sources)}")
+                    missing.append(
+                        f"{doc}:{lineno + offset}: {value:.{decimals}f}{unit.strip()} not in {', '.join(sources)}"
+                    )
     assert not missing, "\n".join(missing)
 
 
@@ -125,16 +135,26 @@ def speeds(bare: list):
 def test_every_speed_sits_in_a_quote(doc):
     _, bare = quotes((ROOT / doc).read_text())
     unquoted = [f"{doc}:{n}: {line.strip()[:100]}" for n, line in speeds(bare)]
-    assert not unquoted, "a measured speed needs a <!-- figures: ... --> marker naming its run:\n" + "\n".join(unquoted)
+    assert not unquoted, (
+        "a measured speed needs a <!-- figures: ... --> marker naming its run:\n" + "\n".join(unquoted)
+    )
 
 
 def test_the_check_catches_a_figure_that_is_not_in_its_source(tmp_path):
-    found, bare = quotes("intro 5 tok/s\n<!-- figures: x.json -->\n| a | 9.4 tok/s | 27% | 821 MiB |\n\nafter")
+    found, bare = quotes(
+        "intro 5 tok/s\n<!-- figures: x.json -->\n| a | 9.4 tok/s | 27% | 821 MiB |\n\nafter"
+    )
     assert found == [(["x.json"], ["| a | 9.4 tok/s | 27% | 821 MiB |"], 3)] and bare[0][1] == "intro 5 tok/s"
     assert numbers_in("| a | 9.4 tok/s | 27% | 821 MiB | 1,565 s | int8 | 8x22B | 2026-12-03 |") == [
-        (9.4, 1, " "), (27.0, 0, "%"), (821.0, 0, "MiB"), (1565.0, 0, " ")]
+        (9.4, 1, " "),
+        (27.0, 0, "%"),
+        (821.0, 0, "MiB"),
+        (1565.0, 0, " "),
+    ]
     results = tmp_path / "r.json"
-    results.write_text(json.dumps({"rows": [{"tok": 9.43, "eff": 0.271, "bytes": 821 * 2**20}], "note": "1.46x"}))
+    results.write_text(
+        json.dumps({"rows": [{"tok": 9.43, "eff": 0.271, "bytes": 821 * 2**20}], "note": "1.46x"})
+    )
     check = source_check(str(results))
     assert check(9.4, 1, " ") and check(27, 0, "%") and check(821, 0, "MiB") and check(1.46, 2, "x")
     assert not check(9.5, 1, " ") and not check(28, 0, "%")

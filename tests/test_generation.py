@@ -5,6 +5,7 @@ from helpers import BLOG_SAMPLING, candidates_per_step, generate, load_pipeline,
 from helpers.backends import Answer
 from helpers.generation import validate_sampling
 
+
 def test_blog_defaults_live_in_one_place():
     assert BLOG_SAMPLING == dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.95)
 
@@ -14,21 +15,26 @@ def test_valid_knobs_pass_through():
 
 
 def test_greedy_drops_the_sampling_knobs():
-    assert validate_sampling(8, do_sample=False, temperature=0.0, top_k=-3) == dict(max_new_tokens=8, do_sample=False)
+    assert validate_sampling(8, do_sample=False, temperature=0.0, top_k=-3) == dict(
+        max_new_tokens=8, do_sample=False
+    )
 
 
-@pytest.mark.parametrize("knobs, knob, hint", [
-    (dict(temperature=0.0), "temperature", "> 0"),
-    (dict(temperature=-1), "temperature", "do_sample=False"),
-    (dict(top_p=0.0), "top_p", "(0, 1]"),
-    (dict(top_p=1.5), "top_p", "(0, 1]"),
-    (dict(top_k=-1), "top_k", ">= 0"),
-    (dict(top_k=2.5), "top_k", "whole number"),
-    (dict(max_new_tokens=0), "max_new_tokens", "whole number >= 1"),
-    (dict(max_new_tokens=10.0), "max_new_tokens", "whole number"),
-    (dict(max_new_tokens=300, context_left=200), "max_new_tokens", "at most 200"),
-    (dict(do_sample="yes"), "do_sample", "True"),
-])
+@pytest.mark.parametrize(
+    "knobs, knob, hint",
+    [
+        (dict(temperature=0.0), "temperature", "> 0"),
+        (dict(temperature=-1), "temperature", "do_sample=False"),
+        (dict(top_p=0.0), "top_p", "(0, 1]"),
+        (dict(top_p=1.5), "top_p", "(0, 1]"),
+        (dict(top_k=-1), "top_k", ">= 0"),
+        (dict(top_k=2.5), "top_k", "whole number"),
+        (dict(max_new_tokens=0), "max_new_tokens", "whole number >= 1"),
+        (dict(max_new_tokens=10.0), "max_new_tokens", "whole number"),
+        (dict(max_new_tokens=300, context_left=200), "max_new_tokens", "at most 200"),
+        (dict(do_sample="yes"), "do_sample", "True"),
+    ],
+)
 def test_bad_knobs_name_knob_value_and_range(knobs, knob, hint):
     with pytest.raises(ValueError) as err:
         validate_sampling(**{"max_new_tokens": 16, **BLOG_SAMPLING, **knobs})
@@ -51,8 +57,10 @@ def test_generate_returns_only_new_text_and_counts(tiny_pipe):
 
 
 def test_seed_makes_sampling_repeatable(tiny_pipe):
-    runs = [generate(tiny_pipe, "Hello", max_new_tokens=16, seed=seed, temperature=1.5, top_k=0)
-            for seed in (7, 7, 8)]
+    runs = [
+        generate(tiny_pipe, "Hello", max_new_tokens=16, seed=seed, temperature=1.5, top_k=0)
+        for seed in (7, 7, 8)
+    ]
     assert runs[0].text == runs[1].text
     assert runs[0].text != runs[2].text
 
@@ -95,12 +103,15 @@ def test_top_k_1_is_greedy_up_to_ties(tiny_mixtral_dir, dtype):
 
 
 # ---------------------------------------------------------------- bad input, refused at the door with what to do
-@pytest.mark.parametrize("prompt, message", [
-    (None, "give the prompt as text"),
-    (b"Tell me a joke", "prompt is bytes, not text: decode it first"),
-    (42, "give the prompt as text"),
-    ([{"role": "user", "content": "hi"}, "hello"], "give the prompt as text"),
-])
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        (None, "give the prompt as text"),
+        (b"Tell me a joke", "prompt is bytes, not text: decode it first"),
+        (42, "give the prompt as text"),
+        ([{"role": "user", "content": "hi"}, "hello"], "give the prompt as text"),
+    ],
+)
 def test_a_prompt_that_is_not_text_says_so(tiny_pipe, prompt, message):
     with pytest.raises(TypeError, match=message):
         generate(tiny_pipe, prompt, max_new_tokens=2)
@@ -110,9 +121,12 @@ def test_a_prompt_that_is_not_text_says_so(tiny_pipe, prompt, message):
 def test_a_seed_must_be_a_whole_number_from_zero(tiny_pipe, seed):
     from helpers import generate_many
     from helpers.generation import generate_batch
-    for call in (lambda: generate(tiny_pipe, "Hello", max_new_tokens=2, seed=seed),
-                 lambda: generate_many(tiny_pipe, "Hello", samples=2, max_new_tokens=2, seed=seed),
-                 lambda: generate_batch(tiny_pipe, ["Hello"], max_new_tokens=2, seed=seed)):
+
+    for call in (
+        lambda: generate(tiny_pipe, "Hello", max_new_tokens=2, seed=seed),
+        lambda: generate_many(tiny_pipe, "Hello", samples=2, max_new_tokens=2, seed=seed),
+        lambda: generate_batch(tiny_pipe, ["Hello"], max_new_tokens=2, seed=seed),
+    ):
         with pytest.raises(ValueError, match=r"seed=.* is not allowed: use a whole number >= 0"):
             call()
 
@@ -125,7 +139,9 @@ def test_temperature_must_be_finite(temperature):
 
 def test_a_prompt_longer_than_the_context_says_how_long_each_is(tiny_pipe):
     long_prompt = "word " * 400  # the tiny model's context holds 256 tokens
-    with pytest.raises(ValueError, match=r"the prompt is \d+ tokens long and the model's context holds 256: shorten"):
+    with pytest.raises(
+        ValueError, match=r"the prompt is \d+ tokens long and the model's context holds 256: shorten"
+    ):
         generate(tiny_pipe, long_prompt, max_new_tokens=2)
 
 
@@ -142,5 +158,7 @@ def test_the_distribution_counts_what_each_warper_leaves(standin_tokenizer):
     assert len(raw) == 30 and [t for t, _ in raw] == [t for t, _ in top_p]
     assert list(stages.survivors.values())[:3] == [49152, 49152, 20]
     assert 1 <= stages.survivors["+ top_p 0.5"] <= 20
-    assert sum(p > 0 for _, p in top_k) == 20 and sum(p > 0 for _, p in top_p) == stages.survivors["+ top_p 0.5"]
+    assert (
+        sum(p > 0 for _, p in top_k) == 20 and sum(p > 0 for _, p in top_p) == stages.survivors["+ top_p 0.5"]
+    )
     assert len(draw_distribution(stages).axes) == 4  # one panel per stage

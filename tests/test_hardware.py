@@ -22,7 +22,9 @@ def test_system_memory_is_sane():
     assert 0 < ram["available"] <= ram["total"]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: models load in bf16 there, whatever the CPU")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a GPU is present: models load in bf16 there, whatever the CPU"
+)
 def test_dtype_follows_the_cpu(monkeypatch):
     monkeypatch.delenv("MIXTRAL_DTYPE", raising=False)
     monkeypatch.setattr(hw, "cpu_has_native_bf16", lambda: True)
@@ -34,8 +36,12 @@ def test_dtype_follows_the_cpu(monkeypatch):
 def test_the_dtype_can_be_forced_either_way(monkeypatch):
     monkeypatch.setattr(hw, "cpu_has_native_bf16", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for value, dtype in (("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16), (" Float32 ", torch.float32),
-                         ("float16", torch.float16)):
+    for value, dtype in (
+        ("bfloat16", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        (" Float32 ", torch.float32),
+        ("float16", torch.float16),
+    ):
         monkeypatch.setenv("MIXTRAL_DTYPE", value)
         chosen, reason = pick_dtype()
         assert chosen == dtype and "MIXTRAL_DTYPE" in reason and "would pick float32" in reason

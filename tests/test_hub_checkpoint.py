@@ -3,6 +3,7 @@ mistralai/Mixtral-8x22B-Instruct-v0.1 (tests/hub_folder.py: the hub's config, bf
 per-expert names in shards with their index, the tokenizer files), named by $MIXTRAL_MODEL. The blog's call
 and load_pipeline load it, the walkthrough runs on it, the ids it is fed are mistral-common's, the planner
 counts its parameters, and quantized, offloaded and expert-cached loading read its layout."""
+
 import json
 import os
 import shutil
@@ -17,8 +18,17 @@ import torch
 from conftest import meta_count
 from hub_folder import CHAT_TEMPLATE, as_transformers_names, stored_tensors
 
-from helpers import (BLOG_SAMPLING, TASKS, blog_prompt, blog_readings, describe, generate, load_pipeline, model_path,
-                     parameter_count)
+from helpers import (
+    BLOG_SAMPLING,
+    TASKS,
+    blog_prompt,
+    blog_readings,
+    describe,
+    generate,
+    load_pipeline,
+    model_path,
+    parameter_count,
+)
 from helpers.data import MODEL_ENV
 from helpers.fitting import Fit
 from helpers.loading import check_fits, weight_bytes
@@ -79,8 +89,15 @@ def test_the_folder_is_laid_out_as_the_hub_ships_it(hub_mixtral_dir, stored):
     assert {t.dtype for t in stored.values()} == {torch.bfloat16}
     assert {n.split(".")[-2] for n in stored if ".experts." in n} == {"w1", "w2", "w3"}
     assert not any(n.endswith(("gate_up_proj", "down_proj")) for n in stored)  # no fused experts
-    assert straddling_layer(hub_mixtral_dir) in range(config["num_hidden_layers"])  # the cache test crosses a shard
-    for name in ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+    assert straddling_layer(hub_mixtral_dir) in range(
+        config["num_hidden_layers"]
+    )  # the cache test crosses a shard
+    for name in (
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ):
         assert (hub_mixtral_dir / name).is_file(), name
 
 
@@ -98,7 +115,9 @@ def test_the_blogs_call_loads_every_stored_tensor_where_it_belongs(hub_mixtral_d
     assert pipe.model.dtype == torch.bfloat16 and pipe.tokenizer.chat_template == CHAT_TEMPLATE
     prompt_template = blog_prompt(TASKS["jokes"]["prompt"])  # the blog's cell, with fewer tokens
     fed = pipe.preprocess(prompt_template)["input_ids"][0].tolist()
-    assert fed == blog_readings(TASKS["jokes"]["prompt"])["(b) today's pipeline"]  # the folder's files, as 01 shows them
+    assert (
+        fed == blog_readings(TASKS["jokes"]["prompt"])["(b) today's pipeline"]
+    )  # the folder's files, as 01 shows them
     torch.manual_seed(0)
     outputs = pipe(prompt_template, max_new_tokens=8, **BLOG_SAMPLING)
     text = outputs[0]["generated_text"]
@@ -121,7 +140,9 @@ def test_the_ids_fed_to_the_model_are_mistral_commons(loaded, hub_mixtral_dir, t
 
     prompt, fed = TASKS[task]["prompt"], []
     hook = loaded.model.register_forward_pre_hook(
-        lambda _m, args, kwargs: fed.append(kwargs.get("input_ids", args[0] if args else None)), with_kwargs=True)
+        lambda _m, args, kwargs: fed.append(kwargs.get("input_ids", args[0] if args else None)),
+        with_kwargs=True,
+    )
     try:
         generate(loaded, prompt, max_new_tokens=1, seed=0)
     finally:
@@ -135,9 +156,11 @@ def test_the_folders_chat_template_matches_the_reference_on_longer_chats(hub_mix
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hub_mixtral_dir)
-    chat = [{"role": "user", "content": "Write a poem about silicon."},
-            {"role": "assistant", "content": "Silicon dreams in crystal light."},
-            {"role": "user", "content": "Now make it rhyme."}]
+    chat = [
+        {"role": "user", "content": "Write a poem about silicon."},
+        {"role": "assistant", "content": "Silicon dreams in crystal light."},
+        {"role": "user", "content": "Now make it rhyme."},
+    ]
     for system in (None, "Be brief."):
         assert chat_ids(tokenizer, chat, system) == reference_ids(chat, 32768, system)
 
@@ -151,7 +174,11 @@ def test_the_planners_counts_equal_the_model_transformers_builds(hub_mixtral_dir
         model = AutoModelForCausalLM.from_config(config)
     counted = parameter_count(config)
     assert {k: v for k, v in counted.items() if k not in ("total", "active")} == meta_count(model)
-    assert counted["total"] == sum(p.numel() for p in model.parameters()) == sum(t.numel() for t in stored.values())
+    assert (
+        counted["total"]
+        == sum(p.numel() for p in model.parameters())
+        == sum(t.numel() for t in stored.values())
+    )
     index = json.loads((hub_mixtral_dir / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == counted["total"] * 2  # bf16
 
@@ -167,8 +194,12 @@ def test_int8_weights_load_and_generate(hub_mixtral_dir):
 def test_accelerates_budget_puts_part_on_disk_and_generates_the_same(hub_mixtral_dir, tmp_path):
     reference = load_pipeline(str(hub_mixtral_dir), dtype=torch.float32, fast=False)
     # of 19.3 MB in float32: the embeddings and a layer fit, with room kept for the largest module (lm_head)
-    pipe = load_pipeline(str(hub_mixtral_dir), dtype=torch.float32, fast=False,
-                         fit=Fit.budget({"cpu": 18_000_000}, folder=tmp_path / "offload"))
+    pipe = load_pipeline(
+        str(hub_mixtral_dir),
+        dtype=torch.float32,
+        fast=False,
+        fit=Fit.budget({"cpu": 18_000_000}, folder=tmp_path / "offload"),
+    )
     rows = device_map_bytes(pipe.model)
     assert {r["device"] for r in rows} == {"cpu", "disk"} and "part offloaded to disk" in describe(pipe)
     ids = torch.tensor([reference_ids(TASKS["jokes"]["prompt"], 32768)])
@@ -198,7 +229,9 @@ def test_the_expert_cache_computes_what_the_model_in_memory_computes(hub_mixtral
     pipe = load_pipeline(str(hub_mixtral_dir), dtype=dtype, fit=Fit.expert_cache(2))
     assert "2 of 8 experts cached per layer" in describe(pipe)
     ids = torch.tensor([reference_ids(TASKS["translation"]["prompt"], 32768)])
-    greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=2, output_scores=True, return_dict_in_generate=True)
+    greedy = dict(
+        max_new_tokens=8, do_sample=False, pad_token_id=2, output_scores=True, return_dict_in_generate=True
+    )
     with OffloadMeter(pipe.model) as meter, torch.no_grad():
         assert torch.equal(pipe.model(ids).logits, reference(ids).logits)  # a prompt pass, with evictions
         got, expected = pipe.model.generate(ids, **greedy), reference.generate(ids, **greedy)
@@ -235,19 +268,40 @@ def test_the_walkthrough_runs_on_the_hub_layout(hub_mixtral_dir, tmp_path, monke
     models and sizes the stand-in): nbval runs it, and it is left out here to save a kernel's start."""
     setup = nbformat.read(ROOT / "notebooks" / "00_setup.ipynb", as_version=4)
     code = "".join(c.source for c in setup.cells if c.cell_type == "code")
-    assert not any(word in code for word in ("model_path(", "load_pipeline(", "pipeline(", MODEL_ENV, "environ"))
+    assert not any(
+        word in code for word in ("model_path(", "load_pipeline(", "pipeline(", MODEL_ENV, "environ")
+    )
     monkeypatch.setenv(MODEL_ENV, str(hub_mixtral_dir))
     build = tmp_path / "build"
-    done = subprocess.run([sys.executable, "-m", "workshop", "walkthrough", f"--build={build}", "01", "02", "03", "04",
-                           "05"], cwd=ROOT, env=os.environ, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "workshop", "walkthrough", f"--build={build}", "01", "02", "03", "04", "05"],
+        cwd=ROOT,
+        env=os.environ,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    outputs = {name: [o for c in nbformat.read(build / f"{name}.ipynb", as_version=4).cells if c.cell_type == "code"
-                      for o in c.outputs] for name in ("01_loading", "02_poem", "03_code", "04_jokes", "05_translation")}
+    outputs = {
+        name: [
+            o
+            for c in nbformat.read(build / f"{name}.ipynb", as_version=4).cells
+            if c.cell_type == "code"
+            for o in c.outputs
+        ]
+        for name in ("01_loading", "02_poem", "03_code", "04_jokes", "05_translation")
+    }
     failed = [name for name, out in outputs.items() if any(o.output_type == "error" for o in out)]
     assert not failed, failed
     assert str(hub_mixtral_dir) in json.dumps(outputs["01_loading"])  # model_path(): this folder
     for task in ("02_poem", "03_code", "04_jokes", "05_translation"):
         printed = "".join(o.get("text", "") for o in outputs[task] if o.output_type == "stream")
-        assert f"local: {hub_mixtral_dir.name} (MixtralForCausalLM, " in printed, task  # describe(pipe): this model
-        text, stats = done.stdout.split(f"===== {task} =====\n", 1)[1].split("\n===== ", 1)[0].rsplit("\n--- ", 1)
-        assert text.strip() and int(stats.split()[0]) > 0, task  # the answer's text, then its count of new tokens
+        assert f"local: {hub_mixtral_dir.name} (MixtralForCausalLM, " in printed, (
+            task
+        )  # describe(pipe): this model
+        text, stats = (
+            done.stdout.split(f"===== {task} =====\n", 1)[1].split("\n===== ", 1)[0].rsplit("\n--- ", 1)
+        )
+        assert text.strip() and int(stats.split()[0]) > 0, (
+            task
+        )  # the answer's text, then its count of new tokens

@@ -48,8 +48,11 @@ def test_local_folders_are_checked(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ModelNotAvailable, match="no \\*.safetensors"):
         resolve_local(str(tmp_path))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+        )
+    )
     (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"")
     with pytest.raises(ModelNotAvailable, match="1 of 2 weight shards are missing"):
         resolve_local(str(tmp_path))
@@ -77,13 +80,19 @@ def test_pipeline_uses_the_reference_tokenizer_for_a_mixtral_vocab(tiny_mixtral_
     pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32)
     assert type(pipe.tokenizer).__name__ == "MistralCommonBackend"
     rows = placement(pipe.model)
-    assert rows == [{"device": "cpu", "parameters": sum(p.numel() for p in pipe.model.parameters()),
-                     "bytes": 4 * sum(p.numel() for p in pipe.model.parameters())}]
+    assert rows == [
+        {
+            "device": "cpu",
+            "parameters": sum(p.numel() for p in pipe.model.parameters()),
+            "bytes": 4 * sum(p.numel() for p in pipe.model.parameters()),
+        }
+    ]
 
 
 @pytest.mark.parametrize("forced, dtype", [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
 def test_the_dtype_override_loads_and_is_shown(tiny_mixtral_dir, monkeypatch, forced, dtype):
     from helpers import describe
+
     monkeypatch.setenv("MIXTRAL_DTYPE", forced)
     for fast in (True, False):
         pipe = load_pipeline(str(tiny_mixtral_dir), fast=fast)

@@ -2,9 +2,20 @@ import pytest
 import torch
 
 from helpers import load_pipeline
-from helpers.moe import (NextLayerGuess, RouterTrace, chance_stickiness, cost_experiment, expert_load, experts_read_per_step,
-                         prefetch_recall, route_softmax_topk_renorm, route_topk_then_softmax,
-                         stickiness, step_unions, trace_generation)
+from helpers.moe import (
+    NextLayerGuess,
+    RouterTrace,
+    chance_stickiness,
+    cost_experiment,
+    expert_load,
+    experts_read_per_step,
+    prefetch_recall,
+    route_softmax_topk_renorm,
+    route_topk_then_softmax,
+    stickiness,
+    step_unions,
+    trace_generation,
+)
 
 
 @pytest.fixture(scope="module")
@@ -13,8 +24,9 @@ def tiny_pipe(tiny_mixtral_dir):
 
 
 def test_trace_records_every_token_at_every_layer(tiny_pipe):
-    answer, trace, tokens = trace_generation(tiny_pipe, "Tell me some jokes.", max_new_tokens=6, seed=0,
-                                             do_sample=False)
+    answer, trace, tokens = trace_generation(
+        tiny_pipe, "Tell me some jokes.", max_new_tokens=6, seed=0, do_sample=False
+    )
     config = tiny_pipe.model.config
     T = answer.prompt_tokens + answer.new_tokens - 1  # the last new token is never fed back
     assert trace.experts.shape == (T, config.num_hidden_layers, config.num_experts_per_tok)
@@ -43,7 +55,8 @@ def test_routing_on_a_fixed_input_is_the_routers_argmax(tiny_pipe):
     # layer 0's router sees the post-attention-norm input: check it by hand with a second hook
     seen = {}
     handle = tiny_pipe.model.model.layers[0].mlp.gate.register_forward_hook(
-        lambda m, inp, out: seen.update(x=inp[0]))  # returns None: the output is left alone
+        lambda m, inp, out: seen.update(x=inp[0])
+    )  # returns None: the output is left alone
     try:
         tiny_pipe.model(ids)
     finally:
@@ -57,7 +70,7 @@ def test_loads_and_stickiness():
     load = expert_load(experts, 4)
     assert torch.allclose(load, torch.tensor([[3.0, 3.0, 1.0, 1.0]]) / 8)
     assert stickiness(experts).tolist() == [pytest.approx(2 / 3)]  # first choices 0, 0, 1, 1
-    assert torch.allclose(chance_stickiness(load), (load ** 2).sum(-1))
+    assert torch.allclose(chance_stickiness(load), (load**2).sum(-1))
 
 
 def test_two_ways_to_route_give_the_same_weights():
@@ -81,6 +94,7 @@ def test_experts_per_token_knob(tiny_pipe):
     model = tiny_pipe.model
     ids = torch.tensor([[1, 3, 100, 200, 4]])
     from helpers import experts_per_token
+
     for k in (1, 2, 4):
         with experts_per_token(model, k), RouterTrace(model) as trace:
             model(ids)
@@ -94,10 +108,15 @@ def test_experts_per_token_knob(tiny_pipe):
 
 def test_experts_per_token_restores_the_model_even_on_an_error(tiny_pipe):
     from helpers import experts_per_token
+
     model = tiny_pipe.model
     with experts_per_token(model, 4):
-        assert model.config.num_experts_per_tok == 4 and all(layer.mlp.top_k == 4 for layer in model.model.layers)
-    assert model.config.num_experts_per_tok == 2 and all(layer.mlp.gate.top_k == 2 for layer in model.model.layers)
+        assert model.config.num_experts_per_tok == 4 and all(
+            layer.mlp.top_k == 4 for layer in model.model.layers
+        )
+    assert model.config.num_experts_per_tok == 2 and all(
+        layer.mlp.gate.top_k == 2 for layer in model.model.layers
+    )
     with pytest.raises(RuntimeError, match="inside"):
         with experts_per_token(model, 1):
             raise RuntimeError("inside the block")
@@ -108,14 +127,19 @@ def test_a_batch_step_reads_the_union_of_its_tokens_experts(tiny_pipe):
     prompts = ["Tell me a joke.", "Hi", "Translate: buongiorno a tutti.", "Write a poem."]
     with RouterTrace(tiny_pipe.model) as trace:
         from helpers import generate_batch
+
         generate_batch(tiny_pipe, prompts, max_new_tokens=5, do_sample=False)
-    read = step_unions(trace)                                       # [S, L]
-    prompt_rows = trace.calls[0][0][0].shape[0]                     # the prompt pass: 4 x padded length
+    read = step_unions(trace)  # [S, L]
+    prompt_rows = trace.calls[0][0][0].shape[0]  # the prompt pass: 4 x padded length
     steps = trace.experts[prompt_rows:].reshape(-1, 4, *trace.experts.shape[1:])  # [S, B, L, K]
     for s in range(steps.shape[0]):
         for layer in range(steps.shape[2]):
-            assert read[s, layer] == len(set(steps[s, :, layer].flatten().tolist()))  # the union, counted again
-    assert read.shape == (4, 2) and (read >= 2).all() and (read <= 4).all()  # K <= union <= E (4 experts here)
+            assert read[s, layer] == len(
+                set(steps[s, :, layer].flatten().tolist())
+            )  # the union, counted again
+    assert (
+        read.shape == (4, 2) and (read >= 2).all() and (read <= 4).all()
+    )  # K <= union <= E (4 experts here)
     alone = experts_read_per_step(tiny_pipe, prompts[:1], max_new_tokens=5)
     assert (alone == 2).all()  # one sequence reads exactly its K experts per layer
 
@@ -136,10 +160,16 @@ class Recorded:
 
 def test_prefetch_recall_counts_the_true_experts_among_the_first_guesses():
     # 2 layers, 2 experts a token; a prompt call (left out) and two decode steps; guesses are for layer 1
-    trace = Recorded([[(torch.tensor([[0, 1]]), None, None), (torch.tensor([[7, 7]]), None, None)],
-                      [(torch.tensor([[0, 1]]), None, None), (torch.tensor([[2, 3]]), None, None)],
-                      [(torch.tensor([[0, 1]]), None, None), (torch.tensor([[4, 5]]), None, None)]])
-    guess = Recorded([[torch.tensor([[7, 6, 5, 4]])], [torch.tensor([[3, 0, 2, 1]])], [torch.tensor([[1, 2, 6, 4]])]])
+    trace = Recorded(
+        [
+            [(torch.tensor([[0, 1]]), None, None), (torch.tensor([[7, 7]]), None, None)],
+            [(torch.tensor([[0, 1]]), None, None), (torch.tensor([[2, 3]]), None, None)],
+            [(torch.tensor([[0, 1]]), None, None), (torch.tensor([[4, 5]]), None, None)],
+        ]
+    )
+    guess = Recorded(
+        [[torch.tensor([[7, 6, 5, 4]])], [torch.tensor([[3, 0, 2, 1]])], [torch.tensor([[1, 2, 6, 4]])]]
+    )
     recall = prefetch_recall([(guess, trace)], counts=(1, 2, 3, 4))
     # step 1 finds 3 among 1 guess, 2 and 3 among 3; step 2 finds nothing among 3, 4 among 4
     assert {g: r.tolist() for g, r in recall.items()} == {1: [0.25], 2: [0.25], 3: [0.5], 4: [0.75]}
@@ -167,26 +197,43 @@ def test_the_guess_is_the_next_router_when_a_layer_changes_nothing(tiny_mixtral_
 
 def test_every_layer_but_the_last_guesses_once_per_call():
     from transformers import MixtralConfig, MixtralForCausalLM
+
     torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=5,
-                                             num_attention_heads=2, num_key_value_heads=1, num_local_experts=6)).eval()
+    model = MixtralForCausalLM(
+        MixtralConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=5,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_local_experts=6,
+        )
+    ).eval()
     with torch.no_grad(), NextLayerGuess(model, most=3) as guess, RouterTrace(model) as trace:
         model(torch.tensor([[1, 5, 9]]))
         model(torch.tensor([[1, 5, 9, 11]]))
     assert len(guess.calls) == len(trace.calls) == 2 and [len(call) for call in guess.calls] == [4, 4]
-    assert [tuple(g.shape) for g in guess.calls[1]] == [(4, 3)] * 4  # layers 2-5 guessed, 4 tokens, 3 guesses each
+    assert [tuple(g.shape) for g in guess.calls[1]] == [
+        (4, 3)
+    ] * 4  # layers 2-5 guessed, 4 tokens, 3 guesses each
 
 
 def test_recall_grows_with_the_guesses_and_is_whole_with_all_experts(tiny_pipe):
     with NextLayerGuess(tiny_pipe.model) as guess:
-        _, trace, _ = trace_generation(tiny_pipe, "Tell me some jokes.", max_new_tokens=8, seed=0, do_sample=False)
+        _, trace, _ = trace_generation(
+            tiny_pipe, "Tell me some jokes.", max_new_tokens=8, seed=0, do_sample=False
+        )
     recall = prefetch_recall([(guess, trace)], counts=(1, 2, 3, 4))
     assert all(((0 <= r) & (r <= 1)).all() for r in recall.values())
-    assert all((recall[g] <= recall[g + 1]).all() for g in (1, 2, 3)) and (recall[4] == 1).all()  # 4 experts in all
+    assert (
+        all((recall[g] <= recall[g + 1]).all() for g in (1, 2, 3)) and (recall[4] == 1).all()
+    )  # 4 experts in all
 
 
 def test_busiest_expert_on_a_hand_built_trace():
     from helpers.moe import busiest_expert
+
     trace = torch.tensor([[[0, 1]], [[0, 2]], [[0, 3]], [[1, 2]]])  # 4 tokens, 1 layer, top-2 of 4 experts
     assert busiest_expert(trace, batch=4, num_experts=4) == pytest.approx(3 / 2)  # expert 0: 3 tokens, mean 2
     assert busiest_expert(trace, batch=1, num_experts=4) == pytest.approx(1 / 0.5)  # one token: 1 against 0.5

@@ -1,4 +1,5 @@
 """The notebooks' shape (nbval re-executes them; this checks what they promise to a reader)."""
+
 import json
 import re
 from pathlib import Path
@@ -7,8 +8,18 @@ import nbformat
 import pytest
 
 from helpers import TASKS
-from workshop.walkthrough import (ANSWER_TAG, BLOG_WALKTHROUGH, BUILD, MEASURED, answers, build_folder, main, notebook_paths,
-                                  selected, stamp)
+from workshop.walkthrough import (
+    ANSWER_TAG,
+    BLOG_WALKTHROUGH,
+    BUILD,
+    MEASURED,
+    answers,
+    build_folder,
+    main,
+    notebook_paths,
+    selected,
+    stamp,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = {p.stem: p for p in notebook_paths()}
@@ -25,10 +36,14 @@ def test_notebook_opens_and_closes_the_same_way(name):
     assert nb["metadata"]["kernelspec"]["name"] == "python3"  # no "Select Kernel" dialog
     first, last = nb["cells"][0], nb["cells"][-1]
     assert first["cell_type"] == "markdown" and "".join(first["source"]).startswith("# ")
-    assert "What you will learn" in "".join(first["source"]) and "Hardware and time" in "".join(first["source"])
+    assert "What you will learn" in "".join(first["source"]) and "Hardware and time" in "".join(
+        first["source"]
+    )
     assert "## Summary" in "".join(last["source"]) and "## Exercises" in "".join(last["source"])
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    assert any(c.get("outputs") for c in code), "commit notebooks with the stand-in's outputs (make notebooks)"
+    assert any(c.get("outputs") for c in code), (
+        "commit notebooks with the stand-in's outputs (make notebooks)"
+    )
     assert not any(o.get("output_type") == "error" for c in code for o in c["outputs"])
 
 
@@ -48,18 +63,28 @@ def test_header_time_is_the_measured_one(name):
 def test_readme_run_times_are_the_notebooks_measured_ones():
     """README's opening compares the two halves of the package by the times `make notebooks` recorded."""
     readme = (ROOT / "README.md").read_text()
-    seconds = {name: json.loads(path.read_text())["metadata"]["measured"]["seconds"] for name, path in NOTEBOOKS.items()}
+    seconds = {
+        name: json.loads(path.read_text())["metadata"]["measured"]["seconds"]
+        for name, path in NOTEBOOKS.items()
+    }
     walkthrough = sum(s for name, s in seconds.items() if name[:2] <= "05")
     ours = sum(s for name, s in seconds.items() if name[:2] > "05")
-    said = re.search(r"00-05 took ([\d,]+) s .*?06-11 took ([\d,]+) s, ([\d.]+) times as long", readme, flags=re.S)
+    said = re.search(
+        r"00-05 took ([\d,]+) s .*?06-11 took ([\d,]+) s, ([\d.]+) times as long", readme, flags=re.S
+    )
     assert said, "README states both halves' run times"
     assert [int(said.group(1).replace(",", "")), int(said.group(2).replace(",", ""))] == [walkthrough, ours]
     assert float(said.group(3)) == round(ours / walkthrough, 1)
 
 
 def test_stamp_records_the_run_and_rewrites_the_header():
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
-        "x: about 0 s with the stand-in on a 2-core CPU (measured by `make notebooks`).")])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_markdown_cell(
+                "x: about 0 s with the stand-in on a 2-core CPU (measured by `make notebooks`)."
+            )
+        ]
+    )
     stamp(nb, 143.0, 2100, 900)
     assert nb.metadata["measured"]["seconds"] == 143 and nb.metadata["measured"]["kernel_peak_mib"] == 2100
     assert nb.cells[0].source.startswith("x: about 2 min with the stand-in on a ")
@@ -104,10 +129,16 @@ def test_task_notebooks_keep_the_blog_prompt_and_budget(name, task):
 
 
 def test_answers_are_read_from_tagged_cells_only():
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell("x", outputs=[nbformat.v4.new_output("stream", text="noise")]),
-        nbformat.v4.new_code_cell("y", metadata={"tags": [ANSWER_TAG]},
-                                  outputs=[nbformat.v4.new_output("stream", text="the answer")])])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("x", outputs=[nbformat.v4.new_output("stream", text="noise")]),
+            nbformat.v4.new_code_cell(
+                "y",
+                metadata={"tags": [ANSWER_TAG]},
+                outputs=[nbformat.v4.new_output("stream", text="the answer")],
+            ),
+        ]
+    )
     assert answers(nb) == ["the answer"]
 
 
@@ -136,9 +167,29 @@ def test_help_and_unknown_options_run_nothing(capsys):
 
 def test_glossary_defines_the_terms_and_points_to_real_notebooks():
     text = (NOTEBOOKS["00_setup"].parent.parent / "docs" / "glossary.md").read_text()
-    for term in ("Active parameters", "Ceiling", "chrF", "Control token", "Decode", "Expert", "Expert cache",
-                 "Expert parallelism", "GCD", "Hit rate", "KL divergence", "Load balancing", "MoE", "Offloading",
-                 "Perplexity", "Quantization", "Tensor parallelism", "Top-k", "Top-p", "TTFT", "Upcycling"):
+    for term in (
+        "Active parameters",
+        "Ceiling",
+        "chrF",
+        "Control token",
+        "Decode",
+        "Expert",
+        "Expert cache",
+        "Expert parallelism",
+        "GCD",
+        "Hit rate",
+        "KL divergence",
+        "Load balancing",
+        "MoE",
+        "Offloading",
+        "Perplexity",
+        "Quantization",
+        "Tensor parallelism",
+        "Top-k",
+        "Top-p",
+        "TTFT",
+        "Upcycling",
+    ):
         assert f"**{term}" in text, term
     named = re.findall(r"`(\d\d_\w+)`", text)
     assert named and set(named) <= set(NOTEBOOKS)
@@ -155,7 +206,11 @@ def test_each_widget_is_followed_by_its_photograph(name):
     shots = [i for i, c in enumerate(cells) if SHOT_TAG in c.metadata.get("tags", [])]
     assert len(shots) == 1 and cells[shots[0]].cell_type == "markdown"
     widget = cells[shots[0] - 1]
-    assert widget.cell_type == "code" and ("SamplingPanel(" in widget.source or "distribution_explorer(" in widget.source)
+    assert widget.cell_type == "code" and (
+        "SamplingPanel(" in widget.source or "distribution_explorer(" in widget.source
+    )
     image = IMAGES / f"widget-{name}.png"
     assert f"(../docs/images/{image.name})" in cells[shots[0]].source
-    assert image.is_file() and image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 10_000
+    assert (
+        image.is_file() and image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 10_000
+    )

@@ -12,14 +12,17 @@ SMALL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
 GiB = 2**30
 
 
-@pytest.mark.parametrize("gpu, count, precision, fits, layers", [
-    ("MI300X", 8, "bfloat16", True, [7, 8, 8, 8, 8, 8, 8, 1]),
-    ("MI300X", 2, "bfloat16", True, [28, 28]),
-    ("MI300X", 1, "bfloat16", False, None),
-    ("H100", 4, "bfloat16", True, None),
-    ("H100", 2, "int4", True, [28, 28]),
-    ("A100", 2, "bfloat16", False, None),
-])
+@pytest.mark.parametrize(
+    "gpu, count, precision, fits, layers",
+    [
+        ("MI300X", 8, "bfloat16", True, [7, 8, 8, 8, 8, 8, 8, 1]),
+        ("MI300X", 2, "bfloat16", True, [28, 28]),
+        ("MI300X", 1, "bfloat16", False, None),
+        ("H100", 4, "bfloat16", True, None),
+        ("H100", 2, "int4", True, [28, 28]),
+        ("A100", 2, "bfloat16", False, None),
+    ],
+)
 def test_fit_decisions_and_device_maps(gpu, count, precision, fits, layers):
     p = plan(BIG, gpu=gpu, count=count, precision=precision)
     assert p.fits is fits
@@ -49,7 +52,9 @@ def test_decode_ceiling_is_bandwidth_over_the_bytes_a_token_reads():
     active = parameter_count(BIG)["active"] - parameter_count(BIG)["embeddings"] + 6144
     assert read == pytest.approx(2 * active + decode_bytes(BIG, 2, context=1)["parts"]["kv_cache"], rel=1e-12)
     int4 = plan(BIG, gpu="MI300X", count=2, context=2, precision="int4")
-    assert int4.ceiling_pipeline == pytest.approx(5.3e12 / decode_bytes(BIG, 0.5, context=1, kv_bytes=2)["per_token"])
+    assert int4.ceiling_pipeline == pytest.approx(
+        5.3e12 / decode_bytes(BIG, 0.5, context=1, kv_bytes=2)["per_token"]
+    )
 
 
 def test_layer_device_reads_the_most_specific_entry():
@@ -57,15 +62,18 @@ def test_layer_device_reads_the_most_specific_entry():
     assert [layer_device(device_map, i) for i in (0, 1, 10, 11)] == [0, 1, 2, 0]
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(model="mistralai/Mixtral-8x99B"), "unknown model"),
-    (dict(count=0), "whole number >= 1"),
-    (dict(count=-2), "whole number >= 1"),
-    (dict(gpu="RTX9090"), "unknown GPU"),
-    (dict(gpu="mine", gpu_memory_gib=0, bandwidth_tbs=1.0), "must be > 0"),
-    (dict(context=65537), "from 1 to 65536 .the model.s maximum"),
-    (dict(precision="fp8"), "precision='fp8' is not known"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(model="mistralai/Mixtral-8x99B"), "unknown model"),
+        (dict(count=0), "whole number >= 1"),
+        (dict(count=-2), "whole number >= 1"),
+        (dict(gpu="RTX9090"), "unknown GPU"),
+        (dict(gpu="mine", gpu_memory_gib=0, bandwidth_tbs=1.0), "must be > 0"),
+        (dict(context=65537), "from 1 to 65536 .the model.s maximum"),
+        (dict(precision="fp8"), "precision='fp8' is not known"),
+    ],
+)
 def test_bad_plans_are_refused(kwargs, message):
     with pytest.raises((ValueError, KeyError), match=message):
         plan(**{"model": BIG, **kwargs})
@@ -96,9 +104,13 @@ def test_remote_gpus_is_the_enumerated_mean(experts, per_token, gpus):
     from itertools import combinations
 
     from helpers.planning import remote_gpus
+
     per_gpu = experts // gpus
-    counts = [len({e // per_gpu for e in chosen} - {home})
-              for home in range(gpus) for chosen in combinations(range(experts), per_token)]
+    counts = [
+        len({e // per_gpu for e in chosen} - {home})
+        for home in range(gpus)
+        for chosen in combinations(range(experts), per_token)
+    ]
     assert remote_gpus(experts, per_token, gpus) == pytest.approx(sum(counts) / len(counts))
 
 
@@ -118,16 +130,21 @@ def ring_allreduce(vectors: list) -> tuple[list, int]:
                 moves.append(((gpu + 1) % n, chunk, data[gpu][lo:hi]))
             for to, chunk, values in moves:
                 lo, hi = bounds[chunk]
-                data[to][lo:hi] = [a + b for a, b in zip(data[to][lo:hi], values)] if phase == "reduce" else values
+                data[to][lo:hi] = (
+                    [a + b for a, b in zip(data[to][lo:hi], values)] if phase == "reduce" else values
+                )
             sent += bounds[0][1] - bounds[0][0]
     return data, sent
 
 
 def test_tensor_parallel_links_carry_two_ring_all_reduces_per_layer():
     from helpers.planning import parallel_step
+
     gpus, values = 8, 64
     results, sent = ring_allreduce([[gpu * 100 + i for i in range(values)] for gpu in range(gpus)])
-    assert all(r == [sum(g * 100 + i for g in range(gpus)) for i in range(values)] for r in results)  # it is one
+    assert all(
+        r == [sum(g * 100 + i for g in range(gpus)) for i in range(values)] for r in results
+    )  # it is one
     assert sent == 2 * (gpus - 1) * values // gpus
     config = as_config(SMALL)
     for batch in (1, 4):
@@ -139,29 +156,44 @@ def test_tensor_parallel_links_carry_two_ring_all_reduces_per_layer():
 
 def test_expert_parallel_reads_and_sends():
     from helpers.planning import parallel_step, remote_gpus
+
     config = as_config(BIG)
     L, D = config.num_hidden_layers, config.hidden_size
     one_expert_all_layers = parameter_count(BIG)["experts"] * 2 / 8
-    tensor, expert, data = (parallel_step(BIG, batch=1, scheme=s) for s in ("tensor", "expert", "expert, data"))
-    assert tensor["read_bytes"] * 8 == pytest.approx(decode_bytes(BIG, 2, context=2048)["per_step"])  # all split
+    tensor, expert, data = (
+        parallel_step(BIG, batch=1, scheme=s) for s in ("tensor", "expert", "expert, data")
+    )
+    assert tensor["read_bytes"] * 8 == pytest.approx(
+        decode_bytes(BIG, 2, context=2048)["per_step"]
+    )  # all split
     assert expert["read_bytes"] - tensor["read_bytes"] == pytest.approx(one_expert_all_layers * (1 - 2 / 8))
     assert expert["link_bytes"] == tensor["link_bytes"]
-    assert data["link_bytes"] == pytest.approx(L * 2 * remote_gpus(8, 2, 8) * D * 2)  # one sequence, its two experts
-    assert tensor["moved_per_token_layer"] / data["moved_per_token_layer"] == pytest.approx(4 * 7 / (2 * 1.75))
+    assert data["link_bytes"] == pytest.approx(
+        L * 2 * remote_gpus(8, 2, 8) * D * 2
+    )  # one sequence, its two experts
+    assert tensor["moved_per_token_layer"] / data["moved_per_token_layer"] == pytest.approx(
+        4 * 7 / (2 * 1.75)
+    )
     assert tensor["seconds"] < expert["seconds"] < data["seconds"]  # at batch 1
     wide = [parallel_step(BIG, batch=64, scheme=s) for s in ("tensor", "expert")]
-    assert wide[1]["read_bytes"] / wide[0]["read_bytes"] == pytest.approx(1, abs=1e-3)  # nearly every expert chosen
+    assert wide[1]["read_bytes"] / wide[0]["read_bytes"] == pytest.approx(
+        1, abs=1e-3
+    )  # nearly every expert chosen
     ninth = parallel_step(BIG, batch=9, scheme="expert, data")
     assert ninth["link_bytes"] == 2 * data["link_bytes"]  # the busiest GPU: ceil(9 / 8) = 2 sequences
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(count=3), "do not split evenly over 3 GPUs"),
-    (dict(gpu="A100"), "link rates are known for MI300X, H100"),
-    (dict(scheme="pipeline"), "use one of 'tensor', 'expert', 'expert, data'"),
-    (dict(batch=0), "batch"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(count=3), "do not split evenly over 3 GPUs"),
+        (dict(gpu="A100"), "link rates are known for MI300X, H100"),
+        (dict(scheme="pipeline"), "use one of 'tensor', 'expert', 'expert, data'"),
+        (dict(batch=0), "batch"),
+    ],
+)
 def test_parallel_step_refuses_what_it_cannot_work_out(kwargs, message):
     from helpers.planning import parallel_step
+
     with pytest.raises(ValueError, match=re.escape(message)):
         parallel_step(BIG, **kwargs)

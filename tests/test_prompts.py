@@ -3,8 +3,17 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (TASKS, blog_prompt, blog_readings, chat_ids, compare_ids, hub_fast_tokenizer, reference_ids,
-                     reference_tokenizer, turn_starts)
+from helpers import (
+    TASKS,
+    blog_prompt,
+    blog_readings,
+    chat_ids,
+    compare_ids,
+    hub_fast_tokenizer,
+    reference_ids,
+    reference_tokenizer,
+    turn_starts,
+)
 from helpers import BLOG_SAMPLING
 
 BLOG = Path(__file__).resolve().parents[2] / "shared" / "source" / "rocm-blog-mixtral-8x22b.md"
@@ -12,12 +21,22 @@ BLOG = Path(__file__).resolve().parents[2] / "shared" / "source" / "rocm-blog-mi
 CONVERSATIONS = {
     "single-turn": ("Tell me some jokes about semiconductors.", None),
     "system": ("Tell me some jokes about semiconductors.", "Answer in French."),
-    "multi-turn": ([{"role": "user", "content": "Write a poem about silicon."},
-                    {"role": "assistant", "content": "Silicon dreams in crystal light."},
-                    {"role": "user", "content": "Now make it rhyme."}], None),
-    "multi-turn + system": ([{"role": "user", "content": "Hi"},
-                             {"role": "assistant", "content": "Hello! How can I help?"},
-                             {"role": "user", "content": "Translate 'selva oscura'."}], "Be brief."),
+    "multi-turn": (
+        [
+            {"role": "user", "content": "Write a poem about silicon."},
+            {"role": "assistant", "content": "Silicon dreams in crystal light."},
+            {"role": "user", "content": "Now make it rhyme."},
+        ],
+        None,
+    ),
+    "multi-turn + system": (
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "Translate 'selva oscura'."},
+        ],
+        "Be brief.",
+    ),
 }
 
 
@@ -98,11 +117,15 @@ def test_compare_ids_names_each_difference_from_the_reference():
     assert same.splitlines()[-1] == "x against ref: identical"
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("", "empty"), ("  \n", "empty"),
-    ([{"role": "robot", "content": "hi"}], "role"),
-    ([{"role": "user", "content": None}], "role"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("", "empty"),
+        ("  \n", "empty"),
+        ([{"role": "robot", "content": "hi"}], "role"),
+        ([{"role": "user", "content": None}], "role"),
+    ],
+)
 def test_bad_prompts_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         chat_ids(reference_tokenizer(32768), bad)
@@ -137,13 +160,20 @@ def test_turn_starts_finds_the_users_first_word(task, standin_tokenizer):
 
 def test_the_hub_file_variants_of_reading_a():
     """Notebook 01's variants: what the reconstruction's assumptions change, for the jokes prompt."""
-    text, a = blog_prompt(TASKS["jokes"]["prompt"]), blog_readings(TASKS["jokes"]["prompt"])["(a) May 2024 pipeline"]
-    assert hub_fast_tokenizer(add_bos_token=False)(text)["input_ids"] == a  # April 2024's add_bos_token: false
+    text, a = (
+        blog_prompt(TASKS["jokes"]["prompt"]),
+        blog_readings(TASKS["jokes"]["prompt"])["(a) May 2024 pipeline"],
+    )
+    assert (
+        hub_fast_tokenizer(add_bos_token=False)(text)["input_ids"] == a
+    )  # April 2024's add_bos_token: false
     legacy = hub_fast_tokenizer(legacy=True)(text, add_special_tokens=False)["input_ids"]
     assert legacy == [INST, 1027, 23235, *a[2:]]  # ▁Tell becomes ▁▁ Tell
     swallowed = hub_fast_tokenizer(legacy=True, normalized=True)(text, add_special_tokens=False)["input_ids"]
     assert swallowed == [INST, *a[1:-2], END]  # the blog's space goes into the match for [/INST]
-    assert hub_fast_tokenizer()(text, add_special_tokens=False)["input_ids"] == a  # the cached default is untouched
+    assert (
+        hub_fast_tokenizer()(text, add_special_tokens=False)["input_ids"] == a
+    )  # the cached default is untouched
 
 
 def test_the_legacy_variant_is_transformers_own_legacy_normalizer():

@@ -1,13 +1,20 @@
 """Weight-only int8 and int4 (helpers/quantize.py): what is quantized, how close it stays, the knob and
 its refusals. int8's quality on the stand-in over the shipped text is asserted where it is measured,
 in 10_quantization, which nbval re-executes."""
+
 import pytest
 import torch
 
 from helpers import Fit, describe, load_pipeline, parameter_count
 from helpers.data import ENDPOINT_ENV
-from helpers.quantize import (GROUP, check_scheme, compare_logits, kernel_speeds, quantize_model,
-                              quantized_linear)
+from helpers.quantize import (
+    GROUP,
+    check_scheme,
+    compare_logits,
+    kernel_speeds,
+    quantize_model,
+    quantized_linear,
+)
 
 
 def small_mixtral(seed=0):
@@ -15,9 +22,18 @@ def small_mixtral(seed=0):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
-    config = MixtralConfig(vocab_size=512, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-                           max_position_embeddings=128, tie_word_embeddings=True)
+    config = MixtralConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     return MixtralForCausalLM(config).eval()
 
 
@@ -32,9 +48,11 @@ def test_a_quantized_matrix_multiplies_like_its_rounded_weights(scheme):
         step = w.abs().amax(1, keepdim=True) / 127
     else:  # int4 is packed for the kernel: rebuild it by multiplying the identity
         rebuilt = layer(torch.eye(192)).T.float()
-        step = (w.reshape(256, -1, GROUP).amax(-1) - w.reshape(256, -1, GROUP).amin(-1)).repeat_interleave(GROUP, 1) / 15
+        step = (w.reshape(256, -1, GROUP).amax(-1) - w.reshape(256, -1, GROUP).amin(-1)).repeat_interleave(
+            GROUP, 1
+        ) / 15
     # each weight lands within half a step of itself, give or take bf16's rounding (scales, the kernel's output)
-    assert ((rebuilt - w).abs() <= step * (0.5 + 2 ** -8) + rebuilt.abs() * 2 ** -8).all()
+    assert ((rebuilt - w).abs() <= step * (0.5 + 2**-8) + rebuilt.abs() * 2**-8).all()
     expected = x.bfloat16().float() @ rebuilt.T
     torch.testing.assert_close(layer(x), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
     assert layer(x).dtype == torch.float32 and layer(x.bfloat16()).dtype == torch.bfloat16
@@ -42,29 +60,41 @@ def test_a_quantized_matrix_multiplies_like_its_rounded_weights(scheme):
 
 def test_int4_refuses_shapes_its_kernel_cannot_take():
     for shape in ((16, GROUP + 8), (8, GROUP)):  # inputs not in whole groups; outputs not a multiple of 16
-        with pytest.raises(ValueError, match=f"int4 needs inputs in groups of {GROUP}.*Fit.quantized\\('int8'\\)"):
+        with pytest.raises(
+            ValueError, match=f"int4 needs inputs in groups of {GROUP}.*Fit.quantized\\('int8'\\)"
+        ):
             quantized_linear()(torch.randn(*shape), "int4")
 
 
 def test_kernel_speeds_times_each_kernel_and_skips_int4_where_groups_do_not_fit():
     speeds = kernel_speeds(n=256, k=128, repeats=2, total=2**20)
-    assert list(speeds) == ["fp32 F.linear", "bf16 F.linear", "int8, fp32 activations", "int8, bf16 activations",
-                            "int4, bf16 activations"]
+    assert list(speeds) == [
+        "fp32 F.linear",
+        "bf16 F.linear",
+        "int8, fp32 activations",
+        "int8, bf16 activations",
+        "int4, bf16 activations",
+    ]
     assert all(s["microseconds"] > 0 and s["gb_s"] > 0 for s in speeds.values())
     # each kind cycles over enough distinct matrices to fill the buffer: 1 MiB of 128 KiB fp32 matrices is 8 of them;
     # the bytes count the scales (int8: one fp32 or bf16 per row of 128, 1.031 or 1.016 bytes a weight; int4: 0.625
     # with a scale and a zero per 32), so int4 needs 52 matrices of 20 KiB, not 64 of 16 KiB
     assert [s["matrices"] for s in speeds.values()] == [8, 16, 32, 32, 52]
-    assert [s["mib"] for s in speeds.values()][:2] == [1, 1] and all(1 < s["mib"] < 1.04 for s in list(speeds.values())[2:])
+    assert [s["mib"] for s in speeds.values()][:2] == [1, 1] and all(
+        1 < s["mib"] < 1.04 for s in list(speeds.values())[2:]
+    )
     assert "int4, bf16 activations" not in kernel_speeds(n=64, k=48, repeats=1, total=2**16)
 
 
 def test_kernel_speeds_reads_more_than_the_last_level_cache_by_default(monkeypatch):
     from helpers import quantize
     from helpers.hardware import last_level_cache_bytes
+
     assert last_level_cache_bytes() >= 2**20  # this machine reports one, or the 32 MiB default
     assert quantize.timing_buffer_bytes() >= max(2 * last_level_cache_bytes(), 256 * 2**20)
-    monkeypatch.setattr(quantize, "timing_buffer_bytes", lambda: 2**18)  # the default is used when none is given
+    monkeypatch.setattr(
+        quantize, "timing_buffer_bytes", lambda: 2**18
+    )  # the default is used when none is given
     assert all(0.25 <= s["mib"] < 0.26 for s in kernel_speeds(n=64, k=64, repeats=1).values())
 
 
@@ -100,8 +130,13 @@ def test_compare_logits_counts_windows_and_is_zero_for_the_same_model():
     same = result["same"]
     assert same["tokens"] == 300 and same["top1_agreement"] == 1.0 and abs(same["mean_kl"]) < 1e-6
     assert same["perplexity_reference"] == same["perplexity_candidate"] > 1
-    assert result["other"]["mean_kl"] > 1e-3 and result["other"]["perplexity_reference"] == same["perplexity_reference"]
-    assert compare_logits(model, {"other": other}, ids, window=128)["other"] == result["other"]  # one pass, same sums
+    assert (
+        result["other"]["mean_kl"] > 1e-3
+        and result["other"]["perplexity_reference"] == same["perplexity_reference"]
+    )
+    assert (
+        compare_logits(model, {"other": other}, ids, window=128)["other"] == result["other"]
+    )  # one pass, same sums
 
 
 # ---------------------------------------------------------------- the knob and its refusals
@@ -109,14 +144,21 @@ def test_the_knob_loads_quantized_and_describe_says_so(tiny_mixtral_dir):
     pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32, fit=Fit.quantized("int8"))
     record = pipe.model.load_record
     assert record.quantized["scheme"] == "int8" and record.fit == Fit.quantized("int8")
-    assert record.bytes_per_parameter == record.quantized["bytes_after"] / record.quantized["parameters"] < 1.1
+    assert (
+        record.bytes_per_parameter == record.quantized["bytes_after"] / record.quantized["parameters"] < 1.1
+    )
     assert "int8 weights" in describe(pipe)
-    assert "int8: 8-bit weights" in describe(pipe, detail=True) and "experts 'quantized'" in describe(pipe, detail=True)
+    assert "int8: 8-bit weights" in describe(pipe, detail=True) and "experts 'quantized'" in describe(
+        pipe, detail=True
+    )
 
 
 def test_the_knob_refuses_what_it_cannot_do(tiny_mixtral_dir, monkeypatch):
-    with pytest.raises(ValueError, match=r"Fit.quantized\('int2'\): not a weight scheme here; use "
-                                         r"Fit.quantized\('int8'\) or Fit.quantized\('int4'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"Fit.quantized\('int2'\): not a weight scheme here; use "
+        r"Fit.quantized\('int8'\) or Fit.quantized\('int4'\)",
+    ):
         Fit.quantized("int2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(ValueError, match="on GPUs load with transformers' quantization_config"):
@@ -130,4 +172,3 @@ def test_the_knob_refuses_what_it_cannot_do(tiny_mixtral_dir, monkeypatch):
     monkeypatch.setenv(ENDPOINT_ENV, "http://127.0.0.1:9/v1")
     with pytest.raises(ValueError, match="set it there .*local=True"):
         load_pipeline(fit=Fit.quantized("int8"))
-

@@ -2,6 +2,7 @@
 (the audit hook off), by root and by an ordinary user, against a host that must stay unharmed: a
 world-writable folder outside the sandbox holding a file its user owns, listening sockets, and a process
 of its user. Each route is first shown to harm that host when nothing guards it."""
+
 import json
 import os
 import pickle
@@ -35,12 +36,12 @@ FILES = {
     "os.chmod": "os.chmod('{keep}', 0o600)",
     "os.remove": "os.remove('{keep}')",
     "os.open with dir_fd": "d = os.open('{folder}', os.O_RDONLY | os.O_DIRECTORY)\n"
-                           "os.write(os.open('keep.txt', os.O_WRONLY | os.O_TRUNC, dir_fd=d), b'x')",
+    "os.write(os.open('keep.txt', os.O_WRONLY | os.O_TRUNC, dir_fd=d), b'x')",
     "os.unlink with dir_fd": "os.unlink('keep.txt', dir_fd=os.open('{folder}', os.O_RDONLY | os.O_DIRECTORY))",
     "rebind what a hook might use, then write": "import builtins\nos.path.realpath = lambda p: '.'\nos.fsdecode = str\n"
-                                                "builtins.PermissionError = None\nopen('{keep}', 'a').write('x')",
+    "builtins.PermissionError = None\nopen('{keep}', 'a').write('x')",
     "native code (ctypes)": "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-                            "if libc.unlink(b'{keep}'):\n    raise OSError(ctypes.get_errno(), 'unlink')",
+    "if libc.unlink(b'{keep}'):\n    raise OSError(ctypes.get_errno(), 'unlink')",
 }
 PROCESSES = {  # each would leave {marker} behind
     "os.fork": "if os.fork() == 0:\n    open('{marker}', 'w')\n    os._exit(0)\nos.wait()",
@@ -57,13 +58,13 @@ SOCKETS = {
     "unix datagram": "import socket\nsocket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b'x', '{unix_dgram}')",
     "abstract unix socket": "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('\\0{abstract}')\ns.sendall(b'x')",
     "widen the hook's allow list, then send": "import sys\ng = sys._getframe(1).f_globals\n"
-                                              "g.get('MODULES', set()).add('socket')\ng.get('EVENTS', set()).add('socket.sendto')\n"
-                                              "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', {udp}))",
+    "g.get('MODULES', set()).add('socket')\ng.get('EVENTS', set()).add('socket.sendto')\n"
+    "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', {udp}))",
     "raw IP packet": "import socket, struct\n"  # a whole IPv4 + UDP packet, to the UDP listener
-                     "udp = struct.pack('!HHHH', 40000, {udp}, 9, 0) + b'x'\n"
-                     "ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 29, 0, 0, 64, 17, 0, bytes([127, 0, 0, 1]), bytes([127, 0, 0, 1]))\n"
-                     "s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)\n"
-                     "s.sendto(ip + udp, ('127.0.0.1', 0))",
+    "udp = struct.pack('!HHHH', 40000, {udp}, 9, 0) + b'x'\n"
+    "ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 29, 0, 0, 64, 17, 0, bytes([127, 0, 0, 1]), bytes([127, 0, 0, 1]))\n"
+    "s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)\n"
+    "s.sendto(ip + udp, ('127.0.0.1', 0))",
 }
 SIGNALS = {
     "os.kill a process of its user": "os.kill({victim}, 9)",
@@ -76,39 +77,72 @@ ROUTES = {**FILES, **PROCESSES, **SOCKETS, **SIGNALS, **READS}
 CONTROL_AS_ROOT = {"raw IP packet"}  # needs CAP_NET_RAW to harm at all
 
 # What stops each route with both layers on: the audit hook, naming the event, except for reading (Landlock).
-BOTH = {route: "blocked by the audit hook: import " + body.split()[1].split(",")[0]
-        for route, body in ROUTES.items() if body.startswith("import ")}
-BOTH.update({route: f"blocked by the audit hook: {event}" for route, event in {
-    "rebind what a hook might use, then write": "open", "widen the hook's allow list, then send": "import socket",
-    "create a file": "open", "append to a file": "open", "os.rename a file out": "os.rename",
-    "os.replace a file over it": "os.rename", "hard link, then write": "os.link", "symlink, then write": "os.symlink",
-    "os.truncate by path": "os.truncate", "os.chmod": "os.chmod", "os.remove": "os.remove",
-    "os.open with dir_fd": "open keep.txt for writing", "os.unlink with dir_fd": "os.remove", "os.fork": "os.fork",
-    "os.posix_spawn": "os.posix_spawn", "os.system": "os.system", "os.execv": "os.exec",
-    "os.kill a process of its user": "os.kill", "kill(-1): every process it may signal": "os.kill"}.items()})
-BOTH["read a process's environment through /proc"] = "[Errno 13]"  # the hook allows reading; Landlock does not
+BOTH = {
+    route: "blocked by the audit hook: import " + body.split()[1].split(",")[0]
+    for route, body in ROUTES.items()
+    if body.startswith("import ")
+}
+BOTH.update(
+    {
+        route: f"blocked by the audit hook: {event}"
+        for route, event in {
+            "rebind what a hook might use, then write": "open",
+            "widen the hook's allow list, then send": "import socket",
+            "create a file": "open",
+            "append to a file": "open",
+            "os.rename a file out": "os.rename",
+            "os.replace a file over it": "os.rename",
+            "hard link, then write": "os.link",
+            "symlink, then write": "os.symlink",
+            "os.truncate by path": "os.truncate",
+            "os.chmod": "os.chmod",
+            "os.remove": "os.remove",
+            "os.open with dir_fd": "open keep.txt for writing",
+            "os.unlink with dir_fd": "os.remove",
+            "os.fork": "os.fork",
+            "os.posix_spawn": "os.posix_spawn",
+            "os.system": "os.system",
+            "os.execv": "os.exec",
+            "os.kill a process of its user": "os.kill",
+            "kill(-1): every process it may signal": "os.kill",
+        }.items()
+    }
+)
+BOTH["read a process's environment through /proc"] = (
+    "[Errno 13]"  # the hook allows reading; Landlock does not
+)
 
 
 def kernel_stop(route: str, uid: int) -> tuple[str, str | None]:
     """(the layer, the error it gives) that stops `route` with the audit hook off, on a kernel with Landlock
     ABI 6 or later and network namespaces; None: no error at all, and still no harm."""
     if route in FILES and route not in ("os.chmod", "shutil.move a file out"):
-        return "Landlock", "[Errno 18]" if route == "hard link, then write" else "[Errno 13]"  # EXDEV: no REFER
+        return (
+            "Landlock",
+            "[Errno 18]" if route == "hard link, then write" else "[Errno 13]",
+        )  # EXDEV: no REFER
     return {
         "os.chmod": ("seccomp", "[Errno 1]"),
         # the rename refused by Landlock, shutil's fallback copy then stops at the timestamps (seccomp)
         "shutil.move a file out": ("Landlock, then seccomp", "[Errno 1]"),
-        "os.system": ("rlimit (no processes)", "os.system returned"),  # glibc: a spawn that failed is exit 127
+        "os.system": (
+            "rlimit (no processes)",
+            "os.system returned",
+        ),  # glibc: a spawn that failed is exit 127
         # after the drop from root the kernel marks the process as over its process limit, and exec fails
-        "os.execv": ("rlimit (no processes)", "[Errno 11]") if uid == NOBODY else ("Landlock (nothing executable)", "[Errno 13]"),
+        "os.execv": ("rlimit (no processes)", "[Errno 11]")
+        if uid == NOBODY
+        else ("Landlock (nothing executable)", "[Errno 13]"),
         "pty.fork": ("Landlock (/dev/ptmx not writable)", "out of pty devices"),
         "TCP connect": ("Landlock (no TCP connect)", "[Errno 13]"),
         "UDP datagram": ("network namespace", "[Errno 101]"),
         "widen the hook's allow list, then send": ("network namespace", "[Errno 101]"),
-        "unix stream socket": ("seccomp", "[Errno 1]"), "unix datagram": ("seccomp", "[Errno 1]"),
+        "unix stream socket": ("seccomp", "[Errno 1]"),
+        "unix datagram": ("seccomp", "[Errno 1]"),
         "abstract unix socket": ("seccomp", "[Errno 1]"),
-        "raw IP packet": ("user nobody (no CAP_NET_RAW)", "[Errno 1]") if uid == NOBODY else
-        ("network namespace", "[Errno 101]"),
+        "raw IP packet": ("user nobody (no CAP_NET_RAW)", "[Errno 1]")
+        if uid == NOBODY
+        else ("network namespace", "[Errno 101]"),
         "os.kill a process of its user": ("Landlock (signals scoped)", "[Errno 1]"),
         "read a process's environment through /proc": ("Landlock (no ptrace outside)", "[Errno 13]"),
         # kill(-1) reports success when every process it tried refused it (EPERM is not counted)
@@ -119,6 +153,7 @@ def kernel_stop(route: str, uid: int) -> tuple[str, str | None]:
 @dataclass
 class Host:
     """What the sandbox must leave as it was: a folder, a file its user owns, listeners, a process."""
+
     folder: Path
     uid: int
 
@@ -129,10 +164,13 @@ class Host:
         self.keep.chmod(0o666)
         if ROOT:
             os.chown(self.keep, self.uid, self.uid)
-        self.sockets = {"tcp": socket.create_server(("127.0.0.1", 0)),
-                        "udp": socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
-                        "unix": socket.socket(socket.AF_UNIX), "unix_dgram": socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM),
-                        "abstract": socket.socket(socket.AF_UNIX)}
+        self.sockets = {
+            "tcp": socket.create_server(("127.0.0.1", 0)),
+            "udp": socket.socket(socket.AF_INET, socket.SOCK_DGRAM),
+            "unix": socket.socket(socket.AF_UNIX),
+            "unix_dgram": socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM),
+            "abstract": socket.socket(socket.AF_UNIX),
+        }
         self.sockets["udp"].bind(("127.0.0.1", 0))
         self.abstract = f"sandbox-host-{uuid.uuid4().hex}"
         for name, address in (("unix", "unix.sock"), ("unix_dgram", "dgram.sock")):
@@ -144,24 +182,42 @@ class Host:
         for s in self.sockets.values():
             s.setblocking(False)
         self.secret = f"secret-{uuid.uuid4().hex}"  # in the environment of a process of the sandbox's user
-        self.victim = subprocess.Popen(["sleep", "120"], user=self.uid if ROOT else None,
-                                       env={"PATH": "/usr/bin:/bin", "HOST_SECRET": self.secret})
+        self.victim = subprocess.Popen(
+            ["sleep", "120"],
+            user=self.uid if ROOT else None,
+            env={"PATH": "/usr/bin:/bin", "HOST_SECRET": self.secret},
+        )
         self.before = self.state()
 
     def names(self) -> dict:
-        return dict(folder=self.folder, keep=self.keep, marker=self.folder / "spawned", victim=self.victim.pid,
-                    tcp=self.sockets["tcp"].getsockname()[1], udp=self.sockets["udp"].getsockname()[1],
-                    unix=self.folder / "unix.sock", unix_dgram=self.folder / "dgram.sock", abstract=self.abstract)
+        return dict(
+            folder=self.folder,
+            keep=self.keep,
+            marker=self.folder / "spawned",
+            victim=self.victim.pid,
+            tcp=self.sockets["tcp"].getsockname()[1],
+            udp=self.sockets["udp"].getsockname()[1],
+            unix=self.folder / "unix.sock",
+            unix_dgram=self.folder / "dgram.sock",
+            abstract=self.abstract,
+        )
 
     def state(self) -> dict:
         found = {}
         for path in sorted(self.folder.iterdir()):
             st = path.lstat()
-            found[path.name] = (st.st_mode, st.st_uid, st.st_nlink, path.read_bytes() if path.is_file() else None)
+            found[path.name] = (
+                st.st_mode,
+                st.st_uid,
+                st.st_nlink,
+                path.read_bytes() if path.is_file() else None,
+            )
         return found
 
     def harms(self, printed: str = "") -> list[str]:
-        harms = [] if self.state() == self.before else [f"the folder changed: {self.before} -> {self.state()}"]
+        harms = (
+            [] if self.state() == self.before else [f"the folder changed: {self.before} -> {self.state()}"]
+        )
         if self.secret in printed:
             harms.append("the secret in another process's environment was read")
         for name in ("tcp", "unix", "abstract"):
@@ -189,7 +245,11 @@ class Host:
 
 def candidate(route: str, host: Host) -> str:
     body = ROUTES[route].format(**host.names())
-    return "import os\n\ndef f(a, b):\n" + "".join(f"    {line}\n" for line in body.splitlines()) + "    return 0\n"
+    return (
+        "import os\n\ndef f(a, b):\n"
+        + "".join(f"    {line}\n" for line in body.splitlines())
+        + "    return 0\n"
+    )
 
 
 def as_user(uid: int, function, *args, **kwargs):
@@ -224,6 +284,7 @@ def as_user(uid: int, function, *args, **kwargs):
 @dataclass
 class Caller:
     """Who calls run_sandboxed: root (the child drops to nobody) or an ordinary user (it stays that user)."""
+
     name: str
     uid: int  # the user the sandboxed code runs as
     held: object = None  # what held in a first run
@@ -244,9 +305,13 @@ HELD = {}  # caller -> what held in its first run, or why it could not run
 @pytest.fixture(params=["root", "user"])
 def caller(request):
     if request.param == "root" and not ROOT:
-        pytest.skip(f"pytest runs as uid {os.getuid()}, not root: the root path runs where the suite runs as root (CI)")
+        pytest.skip(
+            f"pytest runs as uid {os.getuid()}, not root: the root path runs where the suite runs as root (CI)"
+        )
     if request.param == "user" and ROOT and not _readable_by_others(sandbox.CHILD):
-        pytest.skip(f"the ordinary user's path needs {sandbox.CHILD} readable by uid {USER} (every folder above it too)")
+        pytest.skip(
+            f"the ordinary user's path needs {sandbox.CHILD} readable by uid {USER} (every folder above it too)"
+        )
     made = Caller(request.param, NOBODY if request.param == "root" else (USER if ROOT else os.getuid()))
     if request.param not in HELD:
         try:
@@ -275,7 +340,9 @@ def host(caller):
 
 def skip_unless_own_user(route: str, caller: Caller):
     if route.startswith("kill(-1)") and caller.uid != USER:
-        pytest.skip("kill(-1) runs only as the tests' own user, who has nothing else to lose (pytest as root)")
+        pytest.skip(
+            "kill(-1) runs only as the tests' own user, who has nothing else to lose (pytest as root)"
+        )
 
 
 # ---------------------------------------------------------------- every route harms an unguarded host
@@ -298,9 +365,17 @@ def test_the_route_harms_a_host_that_nothing_guards(route):
         (scratch / "candidate.py").write_text(candidate(route, made))
         if ROOT:
             shutil.chown(scratch, uid, uid)
-        done = subprocess.run([python, "-I", "-c", "exec(open('candidate.py').read()); f('a', 'b')"], cwd=scratch,
-                              user=uid if ROOT else None, capture_output=True, text=True, timeout=20)
-        assert made.harms(done.stdout), f"{route}: did no harm unguarded, so the sandbox's test of it proves nothing"
+        done = subprocess.run(
+            [python, "-I", "-c", "exec(open('candidate.py').read()); f('a', 'b')"],
+            cwd=scratch,
+            user=uid if ROOT else None,
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert made.harms(done.stdout), (
+            f"{route}: did no harm unguarded, so the sandbox's test of it proves nothing"
+        )
     finally:
         made.close()
         shutil.rmtree(scratch, ignore_errors=True)
@@ -323,14 +398,18 @@ def test_the_kernel_alone_keeps_the_host_unharmed(route, caller, host):
     """The audit hook off: what the kernel's layers stop by themselves."""
     skip_unless_own_user(route, caller)
     if caller.held.landlock < 6 or not caller.held.namespace:
-        pytest.skip(f"written for Landlock ABI 6+ and a network namespace; here: {'; '.join(caller.held.lines())}")
+        pytest.skip(
+            f"written for Landlock ABI 6+ and a network namespace; here: {'; '.join(caller.held.lines())}"
+        )
     result = caller.run(candidate(route, host), layers="kernel")
     assert host.harms(result.output) == []
     layer, error = kernel_stop(route, caller.uid)
     if error is None:
         assert result.status == "wrong answer", f"{route}: expected {layer}, silently: {result.detail}"
     else:
-        assert result.status == "exception" and error in result.detail, f"{route}: expected {layer}: {result.detail}"
+        assert result.status == "exception" and error in result.detail, (
+            f"{route}: expected {layer}: {result.detail}"
+        )
     assert not result.protections.audit_hook and not result.refused
 
 
@@ -361,7 +440,9 @@ def test_the_result_says_what_held(caller):
     assert (f"Landlock ABI {held.landlock}" in text) == bool(held.landlock)
 
 
-def test_a_kernel_without_landlock_or_namespaces_is_refused_unless_the_hook_alone_is_asked_for(monkeypatch, caller):
+def test_a_kernel_without_landlock_or_namespaces_is_refused_unless_the_hook_alone_is_asked_for(
+    monkeypatch, caller
+):
     monkeypatch.setattr(sandbox, "_KERNEL", ("seccomp",))  # stands for a kernel that offers neither
     for layers in ("both", "kernel"):
         with pytest.raises(OSError, match=r"neither Landlock nor a network namespace.*layers='audit hook'"):
@@ -424,6 +505,7 @@ def test_the_seccomp_program_answers_what_it_should(arch):
 
 def _child_module():
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("sandbox_child", sandbox.CHILD)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # defines functions only; main() runs as a program
@@ -440,8 +522,10 @@ def test_the_expected_answers_never_reach_the_sandbox():
 
 
 def test_a_forged_report_cannot_claim_a_pass_or_a_refusal():
-    forge = ("import json, os\ndef f(a, b):\n    fd = json.load(open('spec.json'))['fd']\n"
-             "    os.write(fd, json.dumps({report}).encode() + b'\\n')\n    os._exit(0)\n")
+    forge = (
+        "import json, os\ndef f(a, b):\n    fd = json.load(open('spec.json'))['fd']\n"
+        "    os.write(fd, json.dumps({report}).encode() + b'\\n')\n    os._exit(0)\n"
+    )
     claims = {"status": "ran", "detail": "tested f", "returned": [0], "refused": []}
     assert run_sandboxed(forge.format(report=claims), cases=[("abc", "", 3)]).status == "wrong answer"
     garbled = run_sandboxed(forge.format(report={"status": "passed", "cases": []}), cases=[("abc", "", 3)])

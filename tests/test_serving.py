@@ -1,5 +1,6 @@
 """Against the room's real server (transformers' app behind helpers/room_server.py) on a free loopback
 port, with the stand-in: through our Endpoint, the official `openai` client and plain HTTP."""
+
 import http.client
 import http.server
 import json
@@ -15,8 +16,17 @@ from types import SimpleNamespace
 import openai
 import pytest
 
-from helpers import (Endpoint, EndpointError, SamplingPanel, generate, generate_batch, generate_many, load_pipeline,
-                     room_load, start_local_server)
+from helpers import (
+    Endpoint,
+    EndpointError,
+    SamplingPanel,
+    generate,
+    generate_batch,
+    generate_many,
+    load_pipeline,
+    room_load,
+    start_local_server,
+)
 from helpers.room_server import Refused, RoomLayer, check_chat, parse
 from helpers.serving import served_name
 
@@ -50,8 +60,12 @@ def test_load_pipeline_returns_the_endpoint_from_the_environment(server, monkeyp
         monkeypatch.setenv(key, value)
     pipe = load_pipeline()
     assert isinstance(pipe, Endpoint) and pipe.base_url == server.url and pipe.model == server.model
-    assert pipe.api_key == ROOM_KEY and pipe.max_new_tokens == ROOM_CAP  # the server's key and cap travel in env()
-    monkeypatch.setenv("MIXTRAL_MODEL", str(tiny_mixtral_dir))  # any local model will do: not the stand-in's 2.6 GiB
+    assert (
+        pipe.api_key == ROOM_KEY and pipe.max_new_tokens == ROOM_CAP
+    )  # the server's key and cap travel in env()
+    monkeypatch.setenv(
+        "MIXTRAL_MODEL", str(tiny_mixtral_dir)
+    )  # any local model will do: not the stand-in's 2.6 GiB
     local = load_pipeline(local=True)  # notebooks that look inside a model
     assert not isinstance(local, Endpoint) and local.model.config.hidden_size == 32
 
@@ -86,9 +100,27 @@ def test_streaming_into_the_panel(endpoint):
 
 
 def test_sixteen_concurrent_requests_all_complete_unmixed(endpoint):
-    prompts = [f"Repeat this word exactly: {word}" for word in
-               ["apple", "river", "silicon", "violet", "thunder", "marble", "falcon", "copper",
-                "lantern", "meadow", "quartz", "saffron", "harbor", "ember", "glacier", "tulip"]]
+    prompts = [
+        f"Repeat this word exactly: {word}"
+        for word in [
+            "apple",
+            "river",
+            "silicon",
+            "violet",
+            "thunder",
+            "marble",
+            "falcon",
+            "copper",
+            "lantern",
+            "meadow",
+            "quartz",
+            "saffron",
+            "harbor",
+            "ember",
+            "glacier",
+            "tulip",
+        ]
+    ]
     alone = [generate(endpoint, p, max_new_tokens=10, do_sample=False).text for p in prompts]
     together = generate_batch(endpoint, prompts, max_new_tokens=10, do_sample=False)  # 16 concurrent requests
     assert len(together) == 16 and all(a.complete and a.text for a in together)
@@ -112,7 +144,9 @@ def test_unreachable_server(free_port):
 
 def test_wrong_url(server):
     with pytest.raises(EndpointError, match="no chat endpoint .* ends in /v1"):
-        generate(Endpoint(server.url.replace("/v1", "/v2"), server.model, server.api_key), "Hi", max_new_tokens=3)
+        generate(
+            Endpoint(server.url.replace("/v1", "/v2"), server.model, server.api_key), "Hi", max_new_tokens=3
+        )
 
 
 def test_unknown_model(server):
@@ -123,6 +157,7 @@ def test_unknown_model(server):
 @pytest.fixture
 def free_port():
     from helpers.serving import free_port as pick
+
     return pick()
 
 
@@ -138,7 +173,9 @@ def stub(free_port):
                 return
             if behaviour["mode"] == "cut":
                 return self.cut()
-            body = json.dumps({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+            body = json.dumps(
+                {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}
+            )
             self.send_response(401)
             self.send_header("content-type", "application/json")
             self.end_headers()
@@ -152,8 +189,13 @@ def stub(free_port):
             self.send_header("transfer-encoding", "chunked")
             self.end_headers()
             for word in ("The", " sea", " is"):
-                chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
-                         "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+                chunk = {
+                    "id": "c",
+                    "object": "chat.completion.chunk",
+                    "created": 0,
+                    "model": "m",
+                    "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}],
+                }
                 data = f"data: {json.dumps(chunk)}\n\n".encode()
                 self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
                 self.wfile.flush()
@@ -161,6 +203,7 @@ def stub(free_port):
 
         def log_message(self, *args):
             pass
+
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{free_port}/v1", behaviour
@@ -196,9 +239,18 @@ def test_stream_cut_mid_answer_keeps_the_partial_text(stub):
     url, behaviour = stub
     behaviour["mode"] = "cut"  # three chunks, then the connection closes mid-answer, as when a server dies
     arrived = []
-    answer = generate(Endpoint(url, "m"), "Write a long poem about the sea.", max_new_tokens=200, do_sample=False,
-                      on_text=arrived.append)
-    assert not answer.complete and "stream was cut after 3 chunks" in answer.note and "INCOMPLETE" in answer.stats()
+    answer = generate(
+        Endpoint(url, "m"),
+        "Write a long poem about the sea.",
+        max_new_tokens=200,
+        do_sample=False,
+        on_text=arrived.append,
+    )
+    assert (
+        not answer.complete
+        and "stream was cut after 3 chunks" in answer.note
+        and "INCOMPLETE" in answer.stats()
+    )
     assert answer.text == arrived[-1].strip() == "The sea is" and answer.new_tokens == len(arrived) == 3
 
 
@@ -221,7 +273,9 @@ def test_room_load_measures_each_room_size(endpoint, server):
     queued = room_load(endpoint, users=(3,), max_new_tokens=4, one_at_a_time=True, server=server)
     assert [r["users"] for r in rows + queued] == [1, 3, 3] and all(r["complete"] for r in rows + queued)
     for r in rows + queued:
-        assert r["tokens"] <= 4 * r["users"] and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"])
+        assert r["tokens"] <= 4 * r["users"] and r["tokens_per_s"] == pytest.approx(
+            r["tokens"] / r["seconds"]
+        )
         assert 0 < r["first_token_mean_s"] <= r["first_token_max_s"] <= r["answer_max_s"] <= r["seconds"]
         assert 0 < r["cpu_s"] and r["tokens_per_cpu_s"] == pytest.approx(r["tokens"] / r["cpu_s"])
     # queued, the last user's first token waits for the two whole answers before it: later than one alone's
@@ -251,12 +305,18 @@ def running(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_a_server_exits_with_the_process_that_started_it(hub_mixtral_dir):
     """A kernel killed outright (no atexit) leaves no server behind: the server watches its parent."""
-    starter = subprocess.Popen([sys.executable, "-c", STARTER, str(hub_mixtral_dir)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)  # a tiny model, served one request at a time
+    starter = subprocess.Popen(
+        [sys.executable, "-c", STARTER, str(hub_mixtral_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # a tiny model, served one request at a time
     pid = None
     try:
         line = starter.stdout.readline()
-        assert line.strip().isdigit(), f"the starter did not start a server:\n{starter.communicate()[1][-3000:]}"
+        assert line.strip().isdigit(), (
+            f"the starter did not start a server:\n{starter.communicate()[1][-3000:]}"
+        )
         pid = int(line)
         assert running(pid)
         starter.kill()  # SIGKILL: its atexit never runs
@@ -271,10 +331,19 @@ def test_a_server_exits_with_the_process_that_started_it(hub_mixtral_dir):
             os.killpg(pid, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["some/hub-model", "--name", "mixtral-standin"], "a hub model is served under its hub id: --name some/hub-model"),
-    (["some/hub-model", "--name", "some/hub-model", "--parent-pid", "0"], "--parent-pid 0: give the process id"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["some/hub-model", "--name", "mixtral-standin"],
+            "a hub model is served under its hub id: --name some/hub-model",
+        ),
+        (
+            ["some/hub-model", "--name", "some/hub-model", "--parent-pid", "0"],
+            "--parent-pid 0: give the process id",
+        ),
+    ],
+)
 def test_the_server_command_line_says_what_is_wrong(argv, message, capsys):
     with pytest.raises(SystemExit):
         parse(argv)
@@ -282,8 +351,18 @@ def test_the_server_command_line_says_what_is_wrong(argv, message, capsys):
 
 
 def test_the_server_command_line_reads_its_options():
-    args = parse(["some/hub-model", "--name", "some/hub-model", "--one-at-a-time", "--parent-pid", "42",
-                  "--max-new-tokens", "64"])
+    args = parse(
+        [
+            "some/hub-model",
+            "--name",
+            "some/hub-model",
+            "--one-at-a-time",
+            "--parent-pid",
+            "42",
+            "--max-new-tokens",
+            "64",
+        ]
+    )
     assert args.one_at_a_time and args.parent_pid == 42 and args.max_new_tokens == 64 and args.cb_blocks == 64
     assert not parse(["some/hub-model", "--name", "some/hub-model"]).one_at_a_time  # batching unless asked
 
@@ -311,23 +390,48 @@ def test_openai_client_chats_by_the_short_name_streamed_and_not(server, client):
     text = reply.choices[0].message.content
     assert text and 1 <= reply.usage.completion_tokens <= 6
     assert reply.model.split("@")[0] == server.model and os.sep not in reply.model  # no facilitator's folder
-    chunks = list(client.chat.completions.create(model=server.model, messages=HI, max_tokens=6, temperature=0,
-                                                 stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text  # greedy: the same text
+    chunks = list(
+        client.chat.completions.create(
+            model=server.model, messages=HI, max_tokens=6, temperature=0, stream=True
+        )
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    )  # greedy: the same text
     assert chunks[-1].choices[0].finish_reason in ("length", "stop")
 
 
-@pytest.mark.parametrize("change, error, message", [
-    (dict(max_tokens=-5), openai.BadRequestError, r"max_tokens=-5 is not allowed: use a whole number from 1 to 8192"),
-    (dict(max_tokens=10**6), openai.BadRequestError, r"max_tokens=1000000 is not allowed: .* \(the model's context\)"),
-    (dict(max_completion_tokens=0), openai.BadRequestError, r"max_completion_tokens=0 is not allowed"),
-    (dict(temperature=2.5), openai.BadRequestError, r"temperature=2.5 is not allowed: use a number from 0 to 2"),
-    (dict(temperature=-0.1), openai.BadRequestError, r"temperature=-0.1 is not allowed"),
-    (dict(top_p=0), openai.BadRequestError, r"top_p=0 is not allowed: use a number in \(0, 1\]"),
-    (dict(top_p=1.5), openai.BadRequestError, r"top_p=1.5 is not allowed"),
-    (dict(messages=[]), openai.BadRequestError, r"messages=\[\] is not allowed: send a non-empty list"),
-    (dict(model="gpt-4o"), openai.NotFoundError, r"model 'gpt-4o' is not served here: this server serves 'mixtral-"),
-], ids=lambda v: str(v)[:24] if isinstance(v, dict) else None)
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (
+            dict(max_tokens=-5),
+            openai.BadRequestError,
+            r"max_tokens=-5 is not allowed: use a whole number from 1 to 8192",
+        ),
+        (
+            dict(max_tokens=10**6),
+            openai.BadRequestError,
+            r"max_tokens=1000000 is not allowed: .* \(the model's context\)",
+        ),
+        (dict(max_completion_tokens=0), openai.BadRequestError, r"max_completion_tokens=0 is not allowed"),
+        (
+            dict(temperature=2.5),
+            openai.BadRequestError,
+            r"temperature=2.5 is not allowed: use a number from 0 to 2",
+        ),
+        (dict(temperature=-0.1), openai.BadRequestError, r"temperature=-0.1 is not allowed"),
+        (dict(top_p=0), openai.BadRequestError, r"top_p=0 is not allowed: use a number in \(0, 1\]"),
+        (dict(top_p=1.5), openai.BadRequestError, r"top_p=1.5 is not allowed"),
+        (dict(messages=[]), openai.BadRequestError, r"messages=\[\] is not allowed: send a non-empty list"),
+        (
+            dict(model="gpt-4o"),
+            openai.NotFoundError,
+            r"model 'gpt-4o' is not served here: this server serves 'mixtral-",
+        ),
+    ],
+    ids=lambda v: str(v)[:24] if isinstance(v, dict) else None,
+)
 def test_bad_requests_are_refused_with_what_to_send(server, client, change, error, message):
     request = dict(dict(model=server.model, messages=HI, max_tokens=4), **change)
     with pytest.raises(error, match=message) as refused:
@@ -341,8 +445,12 @@ def test_the_key_is_required(server):
 
 
 def test_the_server_cuts_a_request_over_the_rooms_cap(server, client):
-    reply = client.chat.completions.create(model=server.model, messages=[
-        {"role": "user", "content": "Write a long story about the sea."}], max_tokens=100, temperature=0)
+    reply = client.chat.completions.create(
+        model=server.model,
+        messages=[{"role": "user", "content": "Write a long story about the sea."}],
+        max_tokens=100,
+        temperature=0,
+    )
     assert reply.usage.completion_tokens == ROOM_CAP and reply.choices[0].finish_reason == "length"
 
 
@@ -353,27 +461,49 @@ def test_plain_http(server):
     def call(method, path, body=None, key=server.api_key):
         connection = http.client.HTTPConnection(address.hostname, address.port, timeout=120)
         data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
-        connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(
-            {"Authorization": f"Bearer {key}"} if key else {})})
+        connection.request(
+            method,
+            path,
+            body=data,
+            headers={
+                "Content-Type": "application/json",
+                **({"Authorization": f"Bearer {key}"} if key else {}),
+            },
+        )
         response = connection.getresponse()
         payload = response.read()
         connection.close()
         return response.status, response.msg, json.loads(payload)
+
     chat = {"model": server.model, "messages": HI, "max_tokens": 3}
     status, _, models = call("GET", "/v1/models")
-    assert status == 200 and [m["id"] for m in models["data"]] == [server.model] and models["object"] == "list"
+    assert (
+        status == 200 and [m["id"] for m in models["data"]] == [server.model] and models["object"] == "list"
+    )
     status, _, reply = call("POST", "/v1/chat/completions", chat)
     assert status == 200 and reply["choices"][0]["message"]["content"]
     status, headers, refused = call("GET", "/v1/models", key=None)
-    assert status == 401 and headers["WWW-Authenticate"] == "Bearer" and refused["error"]["code"] == "invalid_api_key"
+    assert (
+        status == 401
+        and headers["WWW-Authenticate"] == "Bearer"
+        and refused["error"]["code"] == "invalid_api_key"
+    )
     assert call("GET", "/health", key=None)[:1] == (200,)  # the readiness check needs no key
     status, _, refused = call("POST", "/v1/chat/completions", b'{"model": "mixtral-standin", "messages": [')
     assert status == 400 and "not valid JSON" in refused["error"]["message"]
-    for method, path in [("POST", "/reset"), ("POST", "/load_model"), ("POST", "/v1/completions"),
-                         ("POST", "/v1/responses"), ("GET", "/v1/chat/completions")]:
+    for method, path in [
+        ("POST", "/reset"),
+        ("POST", "/load_model"),
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/responses"),
+        ("GET", "/v1/chat/completions"),
+    ]:
         status, _, refused = call(method, path, {"model": "/etc"} if method == "POST" else None)
-        assert status == 404 and "answers GET /v1/models, POST /v1/chat/completions and GET /health" in (
-            refused["error"]["message"]), path
+        assert (
+            status == 404
+            and "answers GET /v1/models, POST /v1/chat/completions and GET /health"
+            in (refused["error"]["message"])
+        ), path
     assert call("POST", "/v1/chat/completions", chat)[0] == 200  # /reset never reached the model
 
 
@@ -388,17 +518,27 @@ def test_check_chat_cuts_to_the_cap_as_the_notebooks_do():
     assert "max_tokens" not in check_chat({"messages": HI}, "m", 8192)  # no cap: transformers' own default
 
 
-@pytest.mark.parametrize("change, param", [
-    (dict(max_tokens=True), "max_tokens"), (dict(max_tokens=2.0), "max_tokens"), (dict(n=2), "n"),
-    (dict(seed=-1), "seed"), (dict(seed=1.5), "seed"), (dict(temperature=float("nan")), "temperature"),
-    (dict(stream="yes"), "stream"), (dict(generation_config='{"max_new_tokens": 99999}'), "generation_config"),
-    (dict(messages=[{"content": "Hi"}]), "messages"),
-    (dict(messages=[{"role": "user", "content": [{"text": "Hi"}]}]), "messages"),
-])
+@pytest.mark.parametrize(
+    "change, param",
+    [
+        (dict(max_tokens=True), "max_tokens"),
+        (dict(max_tokens=2.0), "max_tokens"),
+        (dict(n=2), "n"),
+        (dict(seed=-1), "seed"),
+        (dict(seed=1.5), "seed"),
+        (dict(temperature=float("nan")), "temperature"),
+        (dict(stream="yes"), "stream"),
+        (dict(generation_config='{"max_new_tokens": 99999}'), "generation_config"),
+        (dict(messages=[{"content": "Hi"}]), "messages"),
+        (dict(messages=[{"role": "user", "content": [{"text": "Hi"}]}]), "messages"),
+    ],
+)
 def test_check_chat_refuses_what_transformers_would_take(change, param):
     with pytest.raises(Refused) as refused:
         check_chat(dict({"messages": HI}, **change), "m", 8192)
-    assert refused.value.status == 400 and refused.value.param == param and f"{param}" in refused.value.message
+    assert (
+        refused.value.status == 400 and refused.value.param == param and f"{param}" in refused.value.message
+    )
 
 
 def test_the_layer_without_a_key_passes_the_checked_request_on():
@@ -411,9 +551,15 @@ def test_the_layer_without_a_key_passes_the_checked_request_on():
         seen.append((scope["path"], dict(scope["headers"]).get(b"content-length"), body))
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"from transformers"})
+
     client = TestClient(RoomLayer(transformers_app, "mixtral-standin", 8192, cap=8))
-    assert client.get("/v1/models").json()["data"][0]["id"] == "mixtral-standin"  # answered by the layer, no key
-    assert client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 100}).text == "from transformers"
+    assert (
+        client.get("/v1/models").json()["data"][0]["id"] == "mixtral-standin"
+    )  # answered by the layer, no key
+    assert (
+        client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 100}).text
+        == "from transformers"
+    )
     path, length, body = seen[-1]
     assert path == "/v1/chat/completions"
     assert json.loads(body) == {"messages": HI, "max_tokens": 8, "model": "mixtral-standin"}  # cut to the cap
@@ -425,9 +571,13 @@ def test_served_names(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXTRAL_NOTEBOOKS_CACHE", str(tmp_path))
     (tmp_path / "standin-v1").mkdir()
     assert served_name(str(tmp_path / "standin-v1")) == "mixtral-standin"
-    assert served_name("mistralai/Mixtral-8x22B-Instruct-v0.1") == "mistralai/Mixtral-8x22B-Instruct-v0.1"  # a hub id
+    assert (
+        served_name("mistralai/Mixtral-8x22B-Instruct-v0.1") == "mistralai/Mixtral-8x22B-Instruct-v0.1"
+    )  # a hub id
     (tmp_path / "Mixtral-8x22B-Instruct-v0.1").mkdir()  # a download of it answers by its hub id, as on vLLM
-    assert served_name(str(tmp_path / "Mixtral-8x22B-Instruct-v0.1")) == "mistralai/Mixtral-8x22B-Instruct-v0.1"
+    assert (
+        served_name(str(tmp_path / "Mixtral-8x22B-Instruct-v0.1")) == "mistralai/Mixtral-8x22B-Instruct-v0.1"
+    )
     (tmp_path / "my model@2").mkdir()
     assert served_name(str(tmp_path / "my model@2")) == "my-model-2"
 
@@ -435,12 +585,21 @@ def test_served_names(tmp_path, monkeypatch):
 def test_make_serve_says_what_to_give_the_room():
     from workshop.room import lan_addresses, room_message
 
-    room = SimpleNamespace(model="mixtral-standin", url="http://127.0.0.1:8000/v1", log="serve.log", api_key=None,
-                           max_new_tokens=256)
+    room = SimpleNamespace(
+        model="mixtral-standin",
+        url="http://127.0.0.1:8000/v1",
+        log="serve.log",
+        api_key=None,
+        max_new_tokens=256,
+    )
     text = room_message(room, "0.0.0.0", 8000, [("wlan0", "192.168.1.23")])
     assert "    http://192.168.1.23:8000/v1   (wlan0)" in text and "can use the model, without a key" in text
-    for line in ("export MIXTRAL_ENDPOINT=http://192.168.1.23:8000/v1", "export MIXTRAL_ENDPOINT_MODEL=mixtral-standin",
-                 "export MIXTRAL_MAX_NEW_TOKENS=256", "curl http://192.168.1.23:8000/v1/models"):
+    for line in (
+        "export MIXTRAL_ENDPOINT=http://192.168.1.23:8000/v1",
+        "export MIXTRAL_ENDPOINT_MODEL=mixtral-standin",
+        "export MIXTRAL_MAX_NEW_TOKENS=256",
+        "curl http://192.168.1.23:8000/v1/models",
+    ):
         assert line in text
     assert "MIXTRAL_API_KEY=<a secret>" in text and "firewall" in text and "HOST=<its address>" in text
     keyed = room_message(SimpleNamespace(**dict(vars(room), api_key="s3cret")), "192.168.1.23", 8000, [])

@@ -1,5 +1,6 @@
 """The one account of parameters and bytes (helpers.sizing), held equal to the models' own tensors:
 counted on the meta device, in a real KV cache, and by hand; and the one fit check."""
+
 import itertools
 
 import pytest
@@ -7,8 +8,18 @@ import torch
 from conftest import meta_count, tiny_moe
 
 import helpers.hardware as hw
-from helpers.sizing import (ceiling, decode_bytes, expected_distinct_experts, fit_report, fits, kv_bytes_per_token,
-                            memory_table, mixtral_config, parameter_count, usable)
+from helpers.sizing import (
+    ceiling,
+    decode_bytes,
+    expected_distinct_experts,
+    fit_report,
+    fits,
+    kv_bytes_per_token,
+    memory_table,
+    mixtral_config,
+    parameter_count,
+    usable,
+)
 
 BIG = "mistralai/Mixtral-8x22B-Instruct-v0.1"
 SMALL = "mistralai/Mixtral-8x7B-Instruct-v0.1"
@@ -32,8 +43,13 @@ def test_parameter_count_matches_the_arithmetic():
         assert (parts["total"], parts["active"]) == by_hand(*args)
         assert parts["embeddings"] == parts["lm_head"] == args[5] * args[0]
         assert parts["router"] == args[2] * 8 * args[0]
-    assert parameter_count(BIG)["total"] == 140_630_071_296 and parameter_count(BIG)["active"] == 39_161_468_928
-    assert parameter_count(SMALL)["total"] == 46_702_792_704 and parameter_count(SMALL)["active"] == 12_879_925_248
+    assert (
+        parameter_count(BIG)["total"] == 140_630_071_296 and parameter_count(BIG)["active"] == 39_161_468_928
+    )
+    assert (
+        parameter_count(SMALL)["total"] == 46_702_792_704
+        and parameter_count(SMALL)["active"] == 12_879_925_248
+    )
 
 
 def test_kv_cache_per_token():
@@ -49,28 +65,34 @@ def test_memory_table_precisions():
     assert rows["int8"]["kv_cache_GiB"] == rows["bfloat16"]["kv_cache_GiB"]
 
 
-
 def independent_count(config):
     """Count by instantiating the model on the meta device: no memory, no weights."""
     from transformers import MixtralForCausalLM
+
     with torch.device("meta"):
         model = MixtralForCausalLM(config)
     total = sum(p.numel() for p in model.parameters())
-    expert = sum(p.numel() for p in model.model.layers[0].mlp.experts.parameters()) // config.num_local_experts
-    active = total - config.num_hidden_layers * (config.num_local_experts - config.num_experts_per_tok) * expert
+    expert = (
+        sum(p.numel() for p in model.model.layers[0].mlp.experts.parameters()) // config.num_local_experts
+    )
+    active = (
+        total - config.num_hidden_layers * (config.num_local_experts - config.num_experts_per_tok) * expert
+    )
     return total, active
 
 
-@pytest.mark.parametrize("name, total_b, active_b", [
-    ("mistralai/Mixtral-8x22B-Instruct-v0.1", 140.6, 39.2),
-    ("mistralai/Mixtral-8x7B-Instruct-v0.1", 46.7, 12.9),
-])
+@pytest.mark.parametrize(
+    "name, total_b, active_b",
+    [
+        ("mistralai/Mixtral-8x22B-Instruct-v0.1", 140.6, 39.2),
+        ("mistralai/Mixtral-8x7B-Instruct-v0.1", 46.7, 12.9),
+    ],
+)
 def test_parameter_counts_from_the_real_configs(name, total_b, active_b):
     config = mixtral_config(name)
     counts = parameter_count(config)
     assert (counts["total"], counts["active"]) == independent_count(config)
     assert round(counts["total"] / 1e9, 1) == total_b and round(counts["active"] / 1e9, 1) == active_b
-
 
 
 def numel(model, pick) -> int:
@@ -83,7 +105,10 @@ def test_decode_bytes_match_the_models_own_tensors():
     parts = decode_bytes(c, dtype_bytes=4)["parts"]
     assert parts["attention"] == 4 * numel(model, lambda n: "self_attn" in n)
     assert parts["router"] == 4 * numel(model, lambda n: ".mlp.gate." in n)
-    assert parts["experts"] == 4 * numel(model, lambda n: ".experts." in n) * c.num_experts_per_tok / c.num_local_experts
+    assert (
+        parts["experts"]
+        == 4 * numel(model, lambda n: ".experts." in n) * c.num_experts_per_tok / c.num_local_experts
+    )
     assert parts["lm_head"] == 4 * numel(model, lambda n: "lm_head" in n)
     assert parts["norms"] == 4 * numel(model, lambda n: "norm" in n)
     assert parts["embedding rows"] == 4 * c.hidden_size
@@ -140,12 +165,12 @@ def test_ceiling_arithmetic():
         decode_bytes(tiny_moe().config, 2, context=-1)
 
 
-
 def test_fit_report_verdicts(monkeypatch):
     monkeypatch.setattr(hw, "gpus", lambda: [{"total": 80 * GiB, "free": 80 * GiB}] * 4)
     monkeypatch.setattr(hw, "system_memory", lambda: {"total": 64 * GiB, "available": 60 * GiB})
-    rows = {r["model"]: r["verdict"] for r in fit_report(
-        {"small": 87 * GiB, "big": 262 * GiB, "huge": 400 * GiB})}
+    rows = {
+        r["model"]: r["verdict"] for r in fit_report({"small": 87 * GiB, "big": 262 * GiB, "huge": 400 * GiB})
+    }
     assert rows["small"] == "fits on the GPUs"
     assert rows["big"] == "fits on the GPUs"  # 262 * 1.1 = 288 <= 320
     assert rows["huge"] == "does not fit: needs 400 GiB, has 346 GiB usable (10% of 384 GiB kept free)"
@@ -166,8 +191,11 @@ def test_every_component_equals_a_meta_device_count(which, tiny_dense):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from helpers import ensure_standin
-    config = {"stand-in": lambda: AutoConfig.from_pretrained(ensure_standin()),
-              "tiny dense": lambda: tiny_dense.config}.get(which, lambda: mixtral_config(which))()
+
+    config = {
+        "stand-in": lambda: AutoConfig.from_pretrained(ensure_standin()),
+        "tiny dense": lambda: tiny_dense.config,
+    }.get(which, lambda: mixtral_config(which))()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     counted = parameter_count(config)
@@ -188,6 +216,7 @@ def test_the_guides_batching_numbers_are_computed():
     from pathlib import Path
 
     from helpers.data import GPU_TYPES
+
     guide = (Path(__file__).resolve().parent.parent / "docs" / "workshop.md").read_text()
     each, alone = map(int, re.search(r"about (\d+) tok/s at the ceiling, not (\d+)", guide).groups())
     bandwidth = 8 * GPU_TYPES["MI300X"]["bandwidth_tbs"] * 1e12

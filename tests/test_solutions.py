@@ -1,4 +1,5 @@
 """The exercise answers in solutions/: every python block runs, in order, in a fresh process."""
+
 import re
 import subprocess
 import sys
@@ -21,29 +22,41 @@ def test_every_notebook_with_exercises_has_answers():
         if "## Exercises" in nb.read_text():
             number = nb.stem[:2]
             assert number in covered or any(
-                int(a) <= int(number) <= int(b) for a, b in re.findall(r"(\d\d)-(\d\d)", covered)), nb.name
+                int(a) <= int(number) <= int(b) for a, b in re.findall(r"(\d\d)-(\d\d)", covered)
+            ), nb.name
 
 
 def loads_in_the_machines_dtype(code: str) -> bool:
     """Does the code load a model without naming its dtype (so in the one this CPU kind picks)?"""
-    return any("dtype=" not in args for args in re.findall(r"(?:load_pipeline|start_local_server)\(([^)]*)\)", code))
+    return any(
+        "dtype=" not in args for args in re.findall(r"(?:load_pipeline|start_local_server)\(([^)]*)\)", code)
+    )
 
 
 def test_the_dtype_reading_sees_which_loads_name_a_dtype():
     assert loads_in_the_machines_dtype("pipe = load_pipeline(local=True)")
-    assert loads_in_the_machines_dtype("a = load_pipeline(dtype=torch.float32)\nserver = start_local_server()")
+    assert loads_in_the_machines_dtype(
+        "a = load_pipeline(dtype=torch.float32)\nserver = start_local_server()"
+    )
     assert not loads_in_the_machines_dtype("a = load_pipeline(local=True, dtype=torch.float32)\nconfig = 1")
 
 
 # An answer that loads in the machine's dtype runs again in the other CPU kind's (`make test-other-dtype`);
 # one that names its dtype computes the same on both kinds, so it runs once.
-ANSWERS = [pytest.param(p, id=p.stem, marks=[pytest.mark.numerics] if loads_in_the_machines_dtype(python_blocks(p)) else [])
-           for p in FILES if python_blocks(p)]
+ANSWERS = [
+    pytest.param(
+        p, id=p.stem, marks=[pytest.mark.numerics] if loads_in_the_machines_dtype(python_blocks(p)) else []
+    )
+    for p in FILES
+    if python_blocks(p)
+]
 
 
 @pytest.mark.parametrize("path", ANSWERS)
 def test_answer_code_runs(path, tmp_path):
     script = tmp_path / f"{path.stem}.py"
     script.write_text(python_blocks(path))
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=900, cwd=tmp_path
+    )
     assert done.returncode == 0, f"{path.name}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"

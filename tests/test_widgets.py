@@ -20,7 +20,12 @@ def panel(tiny_pipe):
 
 
 def test_initial_values_are_the_blogs(panel):
-    assert (panel.temperature.value, panel.top_k.value, panel.top_p.value, panel.do_sample.value) == (0.8, 20, 0.95, True)
+    assert (panel.temperature.value, panel.top_k.value, panel.top_p.value, panel.do_sample.value) == (
+        0.8,
+        20,
+        0.95,
+        True,
+    )
     assert panel.max_new_tokens.value == 12 and panel.seed.value == 3
     assert panel.stop_button.disabled and not panel.generate_button.disabled
 
@@ -50,11 +55,17 @@ def test_moving_a_slider_changes_the_next_run(panel):
     assert len(panel.history.children) == 2
 
 
-@pytest.mark.parametrize("change, knob", [
-    (dict(temperature=0.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(prompt="  "), "empty"),
-    (dict(max_new_tokens=1000), "max_new_tokens"),  # beyond the tiny model's 256-token context
-    (dict(seed=-1), "seed=-1"), (dict(prompt="word " * 400), "shorten the prompt"),
-])
+@pytest.mark.parametrize(
+    "change, knob",
+    [
+        (dict(temperature=0.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(prompt="  "), "empty"),
+        (dict(max_new_tokens=1000), "max_new_tokens"),  # beyond the tiny model's 256-token context
+        (dict(seed=-1), "seed=-1"),
+        (dict(prompt="word " * 400), "shorten the prompt"),
+    ],
+)
 def test_invalid_settings_show_a_message_not_a_traceback(panel, change, knob):
     for name, value in change.items():
         getattr(panel, name).value = value
@@ -71,6 +82,7 @@ def slow_pipe(tiny_pipe, monkeypatch):
     def slow(*args, **kwargs):
         time.sleep(0.05)
         return forward(*args, **kwargs)
+
     monkeypatch.setattr(tiny_pipe.model, "forward", slow)
     return tiny_pipe
 
@@ -127,6 +139,7 @@ def test_close_leaves_no_thread(slow_pipe):
 def test_errors_during_generation_are_shown(panel, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
+
     monkeypatch.setattr(panel.pipe.model, "generate", broken)
     panel.generate()
     panel.wait(10)

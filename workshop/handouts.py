@@ -2,6 +2,7 @@
 
 `python -m workshop slides` is `make slides`; `python -m workshop bundle` is `make bundle`.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,12 @@ BUILD = ROOT / "build"
 SLIDE_NOTEBOOKS = ("02_poem", "03_code", "04_jokes", "05_translation")
 # What a deck loads, fetched with npm: (package, (path in the package, path beside the decks)).
 # reveal.js 4.0.2 is the version nbconvert's template is written for; require.js loads it.
-WEB_ASSETS = (("reveal.js@4.0.2", ("", "reveal.js")), ("requirejs@2.1.10", ("require.js", "require.js")),
-              ("jquery@2.2.4", ("dist/jquery.min.js", "jquery.min.js")))
-HIDE_INPUT = "hide-input"           # cell tag: the deck shows the output, not the code
+WEB_ASSETS = (
+    ("reveal.js@4.0.2", ("", "reveal.js")),
+    ("requirejs@2.1.10", ("require.js", "require.js")),
+    ("jquery@2.2.4", ("dist/jquery.min.js", "jquery.min.js")),
+)
+HIDE_INPUT = "hide-input"  # cell tag: the deck shows the output, not the code
 
 
 def slide_assets() -> Path | None:
@@ -34,8 +38,13 @@ def slide_assets() -> Path | None:
     try:
         with atomic_folder(final) as work:  # all of them, or none
             for package, keep in WEB_ASSETS:
-                done = subprocess.run(["npm", "pack", package, "--silent"], cwd=work, capture_output=True, text=True,
-                                      timeout=300)
+                done = subprocess.run(
+                    ["npm", "pack", package, "--silent"],
+                    cwd=work,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
                 tarballs = sorted(work.glob(package.split("@")[0] + "-*.tgz"))
                 if done.returncode != 0 or not tarballs:
                     raise LookupError(package)
@@ -86,12 +95,16 @@ def build_slides(out: Path | None = None, assets: Path | None = None, names=SLID
             nb = nbformat.read(path, as_version=4)
             missing = [c.id for c in nb.cells if "slide_type" not in c.metadata.get("slideshow", {})]
             if missing:
-                raise ValueError(f"{path.name}: cells {', '.join(missing)} have no slide metadata "
-                                 f"(View > Cell Toolbar > Slideshow in Jupyter, or metadata.slideshow.slide_type)")
+                raise ValueError(
+                    f"{path.name}: cells {', '.join(missing)} have no slide metadata "
+                    f"(View > Cell Toolbar > Slideshow in Jupyter, or metadata.slideshow.slide_type)"
+                )
             (work / f"{name}.slides.html").write_text(exporter.from_notebook_node(nb)[0])
     decks = [out / f"{name}.slides.html" for name in names]
-    print(f"{len(decks)} decks in {out} ("
-          f"{'reveal.js beside them: they present offline' if assets else 'reveal.js from its CDN: presenting needs a network'})")
+    print(
+        f"{len(decks)} decks in {out} ("
+        f"{'reveal.js beside them: they present offline' if assets else 'reveal.js from its CDN: presenting needs a network'})"
+    )
     return decks
 
 
@@ -133,7 +146,9 @@ def project_files() -> list[Path]:
     """The files a checkout holds (git's list), relative to the repository root."""
     done = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"make bundle needs a git checkout to know the project's files: {done.stderr.strip()}")
+        raise RuntimeError(
+            f"make bundle needs a git checkout to know the project's files: {done.stderr.strip()}"
+        )
     return [Path(line) for line in done.stdout.splitlines() if (ROOT / line).is_file()]
 
 
@@ -144,13 +159,28 @@ def build_bundle(out: Path | None = None) -> Path:
     out = Path(out or BUILD / "bundle")
     with atomic_folder(out) as work:
         wheels = work / "wheels"
-        pip = [sys.executable, "-m", "pip", "download", "--progress-bar", "off", "--dest", str(wheels),
-               "--only-binary", ":all:"]
+        pip = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--progress-bar",
+            "off",
+            "--dest",
+            str(wheels),
+            "--only-binary",
+            ":all:",
+        ]
         print("== downloading wheels for this platform (pip download)", flush=True)
-        for extra in (["-r", str(ROOT / "requirements.txt")], ["--no-deps", "-r", str(ROOT / "requirements-standin.txt")]):
+        for extra in (
+            ["-r", str(ROOT / "requirements.txt")],
+            ["--no-deps", "-r", str(ROOT / "requirements-standin.txt")],
+        ):
             if subprocess.run(pip + extra, text=True).returncode != 0:
-                raise RuntimeError(f"pip download {' '.join(extra)} failed (see above): the bundle needs PyPI "
-                                   f"while it is built; nothing was written to {out}")
+                raise RuntimeError(
+                    f"pip download {' '.join(extra)} failed (see above): the bundle needs PyPI "
+                    f"while it is built; nothing was written to {out}"
+                )
         print("== copying the project", flush=True)
         for rel in project_files():
             target = work / "mixtral-notebooks" / rel
@@ -166,6 +196,9 @@ def build_bundle(out: Path | None = None) -> Path:
         (work / "README.txt").write_text(
             f"Mixtral notebooks, offline bundle for Python {sys.version_info[0]}.{sys.version_info[1]} on "
             f"{sys.platform} {os.uname().machine}.\n\n  bash install.sh      # no network needed\n\n"
-            f"wheels/  {count} wheels\nmixtral-notebooks/  the project\nslides/  reveal.js decks of the task notebooks\n")
-    print(f"bundle: {out} ({size / 2**20:.0f} MiB, {count} wheels). Copy the folder, then run: bash install.sh")
+            f"wheels/  {count} wheels\nmixtral-notebooks/  the project\nslides/  reveal.js decks of the task notebooks\n"
+        )
+    print(
+        f"bundle: {out} ({size / 2**20:.0f} MiB, {count} wheels). Copy the folder, then run: bash install.sh"
+    )
     return out

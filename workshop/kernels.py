@@ -3,6 +3,7 @@
 Each open notebook keeps its own kernel, and each kernel keeps its own copy of the model (one to three
 GiB with the stand-in, see docs/workshop.md). `python -m workshop stop-kernels` (`make stop-kernels`)
 does what JupyterLab's Kernel > Shut Down All Kernels does, from a terminal, for every server."""
+
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ import urllib.request
 def running_servers() -> list[dict]:
     """The Jupyter servers this user runs on this machine (their url and token), as jupyter lists them."""
     from jupyter_server.serverapp import list_running_servers
+
     return list(list_running_servers())
 
 
@@ -34,9 +36,13 @@ def stop_kernels(servers: list[dict] | None = None) -> list[str]:
 def main() -> int:
     try:
         stopped = stop_kernels()
-    except urllib.error.HTTPError as exc:  # a server without a token refuses API calls from outside the browser
-        print(f"stop-kernels: a Jupyter server refused ({exc.code} {exc.reason}); use JupyterLab's "
-              f"Kernel > Shut Down All Kernels there")
+    except (
+        urllib.error.HTTPError
+    ) as exc:  # a server without a token refuses API calls from outside the browser
+        print(
+            f"stop-kernels: a Jupyter server refused ({exc.code} {exc.reason}); use JupyterLab's "
+            f"Kernel > Shut Down All Kernels there"
+        )
         return 1
     except OSError as exc:
         print(f"stop-kernels: could not reach a Jupyter server ({exc}); is `make lab` running?")

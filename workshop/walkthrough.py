@@ -4,6 +4,7 @@
 `--all` runs every notebook (`make run-all`), names pick some; `--inplace` stores the outputs back
 into notebooks/ (what `make notebooks` calls, before a commit); `--build=DIR` writes the executed
 copies into DIR instead of build/ (the tests run the walkthrough on other models there)."""
+
 from __future__ import annotations
 
 import os
@@ -21,10 +22,14 @@ BLOG_WALKTHROUGH = ("00_setup", "01_loading", "02_poem", "03_code", "04_jokes", 
 
 
 # Appended to each run, then removed: the kernel's peak memory, and its subprocesses' (servers, benchmarks).
-PEAK_CELL = ("import resource as _r\n"
-             "print(_r.getrusage(_r.RUSAGE_SELF).ru_maxrss, _r.getrusage(_r.RUSAGE_CHILDREN).ru_maxrss)")
+PEAK_CELL = (
+    "import resource as _r\n"
+    "print(_r.getrusage(_r.RUSAGE_SELF).ru_maxrss, _r.getrusage(_r.RUSAGE_CHILDREN).ru_maxrss)"
+)
 # The header's time, rewritten from the measured run by --inplace (tests/test_notebooks.py keeps it within 2x).
-MEASURED = re.compile(r"about [\d,]+ (?:s|min) with the stand-in on a \d+-core CPU \(measured by `make notebooks`\)")
+MEASURED = re.compile(
+    r"about [\d,]+ (?:s|min) with the stand-in on a \d+-core CPU \(measured by `make notebooks`\)"
+)
 
 
 def notebook_paths() -> list[Path]:
@@ -40,8 +45,12 @@ def _clean(nb) -> None:
         merged = []
         for out in cell.get("outputs", []):
             last = merged[-1] if merged else None
-            if (out.output_type == "stream" and last is not None and last.output_type == "stream"
-                    and last.name == out.name):
+            if (
+                out.output_type == "stream"
+                and last is not None
+                and last.output_type == "stream"
+                and last.name == out.name
+            ):
                 last.text += out.text
             else:
                 merged.append(out)
@@ -65,19 +74,29 @@ def run_notebook(path: Path, inplace: bool = False, timeout: int = 1800, build: 
     def progress(cell, **_):
         if cell.cell_type == "code":
             done["n"] += 1
-            print(f"\r    cell {done['n']}/{code_cells}  {time.perf_counter() - started:5.0f} s",
-                  end="", file=sys.stderr, flush=True)
+            print(
+                f"\r    cell {done['n']}/{code_cells}  {time.perf_counter() - started:5.0f} s",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
 
     # Progress bars drawn headless would be stored as a frozen "0%": switch them off here only.
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                            extra_arguments=["--IPKernelApp.log_level=ERROR"],  # no transport notice per notebook
-                            resources={"metadata": {"path": str(path.parent)}},
-                            on_cell_execute=progress)
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name="python3",
+        extra_arguments=["--IPKernelApp.log_level=ERROR"],  # no transport notice per notebook
+        resources={"metadata": {"path": str(path.parent)}},
+        on_cell_execute=progress,
+    )
     try:
         client.execute()
         printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs if o.get("name") == "stdout")
-        peaks = [int(k) // 1024 for k in printed.split()]  # KiB -> MiB; a busy kernel may send them in two pieces
+        peaks = [
+            int(k) // 1024 for k in printed.split()
+        ]  # KiB -> MiB; a busy kernel may send them in two pieces
         stamp(nb, time.perf_counter() - started, *peaks)
     finally:
         print(file=sys.stderr)
@@ -94,19 +113,29 @@ def run_notebook(path: Path, inplace: bool = False, timeout: int = 1800, build: 
 def stamp(nb, seconds: float, kernel_mib: int, subprocess_mib: int) -> None:
     """Record a run in the notebook's metadata, and put its time in the header's "about N s" phrase."""
     cores = os.cpu_count()
-    nb.metadata["measured"] = dict(seconds=round(seconds), kernel_peak_mib=kernel_mib,
-                                   subprocess_peak_mib=subprocess_mib, cpu_cores=cores)
-    about = f"about {max(5, round(seconds / 5) * 5)} s" if seconds < 90 else f"about {round(seconds / 60)} min"
-    nb.cells[0].source = MEASURED.sub(f"{about} with the stand-in on a {cores}-core CPU (measured by `make notebooks`)",
-                                      nb.cells[0].source)
+    nb.metadata["measured"] = dict(
+        seconds=round(seconds),
+        kernel_peak_mib=kernel_mib,
+        subprocess_peak_mib=subprocess_mib,
+        cpu_cores=cores,
+    )
+    about = (
+        f"about {max(5, round(seconds / 5) * 5)} s" if seconds < 90 else f"about {round(seconds / 60)} min"
+    )
+    nb.cells[0].source = MEASURED.sub(
+        f"{about} with the stand-in on a {cores}-core CPU (measured by `make notebooks`)", nb.cells[0].source
+    )
 
 
 def answers(nb) -> list[str]:
     texts = []
     for cell in nb.cells:
         if ANSWER_TAG in cell.get("metadata", {}).get("tags", []):
-            texts.append("".join(o.get("text", "") for o in cell.get("outputs", [])
-                                 if o.get("output_type") == "stream"))
+            texts.append(
+                "".join(
+                    o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream"
+                )
+            )
     return texts
 
 
@@ -115,8 +144,10 @@ def selected(argv: list[str]) -> list[Path]:
     only = [a for a in argv if not a.startswith("--")] or ([] if "--all" in argv else list(BLOG_WALKTHROUGH))
     paths = [p for p in notebook_paths() if not only or any(o in p.name for o in only)]
     if not paths:
-        raise ValueError(f"no notebook matches {' '.join(only)!r}: name parts of "
-                         f"{', '.join(p.stem for p in notebook_paths())}, or use --all")
+        raise ValueError(
+            f"no notebook matches {' '.join(only)!r}: name parts of "
+            f"{', '.join(p.stem for p in notebook_paths())}, or use --all"
+        )
     return paths
 
 
@@ -138,7 +169,11 @@ def main(argv: list[str]) -> int:
     if "-h" in argv or "--help" in argv:
         print(USAGE)
         return 0
-    unknown = [a for a in argv if a.startswith("-") and a not in ("--all", "--inplace") and not a.startswith("--build=")]
+    unknown = [
+        a
+        for a in argv
+        if a.startswith("-") and a not in ("--all", "--inplace") and not a.startswith("--build=")
+    ]
     if unknown:
         print(f"walkthrough: unknown option {' '.join(unknown)}\n{USAGE}", file=sys.stderr)
         return 2
@@ -149,8 +184,13 @@ def main(argv: list[str]) -> int:
         print(f"walkthrough: {exc}", file=sys.stderr)
         return 2
     from helpers.fastpath import fast_recipe
-    print(f"the notebooks load models with the {fast_recipe()}\n(load_pipeline(fast=False) is the blog's plain "
-          f"call; 08_performance measures both)", file=sys.stderr, flush=True)
+
+    print(
+        f"the notebooks load models with the {fast_recipe()}\n(load_pipeline(fast=False) is the blog's plain "
+        f"call; 08_performance measures both)",
+        file=sys.stderr,
+        flush=True,
+    )
     total = time.perf_counter()
     for i, path in enumerate(paths, 1):
         print(f"[{i}/{len(paths)}] {path.name}", file=sys.stderr, flush=True)
@@ -158,14 +198,20 @@ def main(argv: list[str]) -> int:
         try:
             nb = run_notebook(path, inplace=inplace, build=build)
         except Exception as exc:  # noqa: BLE001 - report which notebook failed, keep its partial copy
-            print(f"    FAILED after {time.perf_counter() - t:.0f} s: {type(exc).__name__}: "
-                  f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}\n"
-                  f"    the partly executed notebook is in {build / path.name}", file=sys.stderr)
+            print(
+                f"    FAILED after {time.perf_counter() - t:.0f} s: {type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}\n"
+                f"    the partly executed notebook is in {build / path.name}",
+                file=sys.stderr,
+            )
             return 1
-        print(f"    done in {time.perf_counter() - t:.0f} s -> {build / path.stem}.ipynb, .html",
-              file=sys.stderr)
+        print(
+            f"    done in {time.perf_counter() - t:.0f} s -> {build / path.stem}.ipynb, .html",
+            file=sys.stderr,
+        )
         for text in answers(nb):
             print(f"\n===== {path.stem} =====\n{text.rstrip()}\n", flush=True)
-    print(f"walkthrough finished in {time.perf_counter() - total:.0f} s; open {build}/*.html",
-          file=sys.stderr)
+    print(
+        f"walkthrough finished in {time.perf_counter() - total:.0f} s; open {build}/*.html", file=sys.stderr
+    )
     return 0
