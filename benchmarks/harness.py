@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from helpers.backends import LocalModel, TokenClock, decode_rate  # noqa: E402
+from helpers.answers import TokenClock, decode_rate  # noqa: E402
+from helpers.backends import LocalModel  # noqa: E402
 from helpers.data import BLOG_SAMPLING, GB, GiB, TASKS, whole_number  # noqa: E402
 from helpers.hardware import dtype_name, measure_bandwidth, pick_dtype  # noqa: E402
 from helpers.fitting import Fit  # noqa: E402

@@ -33,7 +33,8 @@ def one(route: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
 
-    from helpers.backends import LocalModel, decode_rate
+    from helpers.answers import decode_rate
+    from helpers.backends import LocalModel
     from helpers.data import TASKS
     from helpers.prompts import chat_ids
     from helpers.standin import ensure_standin

@@ -3,6 +3,7 @@ Its files form layers that import downward only: README's "The code" shows them,
 holds the table."""
 
 from .backends import Endpoint, EndpointError, describe, load_pipeline
+from .benchmark import notebook_bench
 from .checking import chrf, diversity, edit_distance_cases, extract_code
 from .data import (
     BLOG_SAMPLING,
@@ -25,6 +26,7 @@ from .generation import (
     generate,
     generate_batch,
     generate_many,
+    generate_scored,
     next_token_distribution,
     print_stream,
     steps_before_a_tie,
@@ -93,6 +95,7 @@ from .sizing import (
     parameter_count,
 )
 from .standin import ensure_standin
+from .tiers import TierRuns
 from .widgets import SamplingPanel, distribution_explorer
 
 __all__ = [
@@ -118,6 +121,7 @@ __all__ = [
     "QUEUE_MIN_WAIT_RATIO",
     "SamplingPanel",
     "TASKS",
+    "TierRuns",
     "blog_prompt",
     "blog_readings",
     "busiest_expert",
@@ -157,6 +161,7 @@ __all__ = [
     "generate",
     "generate_batch",
     "generate_many",
+    "generate_scored",
     "gpus",
     "hit_rates",
     "hub_fast_tokenizer",
@@ -169,6 +174,7 @@ __all__ = [
     "memory_table",
     "model_path",
     "next_token_distribution",
+    "notebook_bench",
     "offload_plan",
     "parallel_step",
     "parameter_count",

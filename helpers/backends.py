@@ -4,9 +4,7 @@ Both answer `backend.answer(messages, knobs, seed, on_text, should_stop) -> Answ
 `backend.answer_batch(chats, knobs, seed) -> [Answer]`, so `generate`, the panel and the
 notebooks never ask which one they hold. `load_local` loads weights (loading.py), `connect`
 reaches a server, and `load_pipeline` picks one from the environment ($MIXTRAL_ENDPOINT).
-
-One clock for every answer: `TokenClock` notes when each new token arrives, and tok/s is always
-decode speed after the first token (`decode_rate`): the prompt pass is its own number, time to first token.
+What they answer, and its one clock, is in answers.py.
 """
 
 from __future__ import annotations
@@ -16,95 +14,12 @@ import re
 import time
 from dataclasses import dataclass, field
 
+from .answers import Answer, TokenClock
+
 from .data import API_KEY_ENV, ENDPOINT_ENV, ENDPOINT_MODEL_ENV, MAX_TOKENS_ENV, whole_number
 from .hardware import dtype_name
 from .loading import load_local
 from .prompts import chat_ids
-
-
-def decode_rate(times: list, warmup: int = 0, batch: int = 1) -> float:
-    """Tokens/s after the first token (and `warmup` more steps): the one definition of tok/s.
-    `times` are the arrival times of each step's tokens; a step of a batch brings `batch` tokens."""
-    steps = len(times) - 1 - warmup
-    if steps < 1:
-        return float("nan")
-    return batch * steps / (times[-1] - times[warmup])
-
-
-class TokenClock:
-    """A generate() streamer: when each new token arrives (its first put is the prompt), and, with
-    `on_text`, the answer's text so far after each token (batch 1)."""
-
-    def __init__(self, tokenizer=None, on_text=None):
-        self.started = time.perf_counter()
-        self.times: list[float] = []
-        self.ids: list[int] = []
-        self.tokenizer, self.on_text = tokenizer, on_text
-        self._prompt_seen, self._shown = False, None
-
-    def put(self, value) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self.times.append(time.perf_counter())
-        if self.on_text is not None:
-            self.ids.extend(value.reshape(-1).tolist())
-            self._show(final=False)
-
-    def end(self) -> None:
-        if self.on_text is not None and self.ids:
-            self._show(final=True)
-
-    def _show(self, final: bool) -> None:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if (
-            final or not text.endswith("\ufffd")
-        ) and text != self._shown:  # half a character: wait for the rest
-            self._shown = text
-            self.on_text(text)
-
-
-@dataclass
-class Answer:
-    """What one generation produced: the new text only, and when its tokens came."""
-
-    text: str
-    new_tokens: int
-    prompt_tokens: int
-    seconds: float  # from the call to the last token
-    settings: dict = field(default_factory=dict)
-    token_ids: list = field(default_factory=list)
-    complete: bool = True  # False: a served answer whose stream was cut (the text is what arrived)
-    note: str = ""
-    scores: object = field(
-        default=None, repr=False
-    )  # [new, V] float32, with keep_scores=True: after the knobs
-    token_times: list = field(default_factory=list, repr=False)  # seconds from the call to each step
-
-    @property
-    def first_token_s(self) -> float:
-        """Time to first token: the prompt pass (and, served, the trip to the server)."""
-        return self.token_times[0] if self.token_times else float("nan")
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Decode speed after the first token (`decode_rate`)."""
-        return decode_rate(self.token_times)
-
-    def stats(self) -> str:
-        prompt = f" after a {self.prompt_tokens}-token prompt" if self.prompt_tokens else ""
-        line = (
-            f"{self.new_tokens} new tokens{prompt} in {self.seconds:.1f} s (first token after "
-            f"{self.first_token_s:.2f} s, then {self.tokens_per_second:.1f} tok/s)"
-        )
-        if self.settings.get("ignored_by_server"):
-            line += f"; ignored by the server: {', '.join(self.settings['ignored_by_server'])}"
-        if self.settings.get("capped_at"):
-            line += f"; capped at {self.settings['capped_at']} new tokens ({MAX_TOKENS_ENV})"
-        return line if self.complete else f"INCOMPLETE ({self.note}): {line}"
-
-    def __str__(self) -> str:
-        return self.text
 
 
 def left_padded(rows: list, pad: int, device="cpu"):
@@ -146,12 +61,8 @@ class LocalModel:
             )
         return context - length if context is not None else None
 
-    def answer(
-        self, messages, knobs: dict, seed=None, on_text=None, should_stop=None, keep_scores=False
-    ) -> Answer:
-        return self.run([chat_ids(self.tokenizer, messages)], knobs, seed, on_text, should_stop, keep_scores)[
-            0
-        ]
+    def answer(self, messages, knobs: dict, seed=None, on_text=None, should_stop=None) -> Answer:
+        return self.run([chat_ids(self.tokenizer, messages)], knobs, seed, on_text, should_stop)[0]
 
     def answer_batch(self, chats: list, knobs: dict, seed=None) -> list[Answer]:
         return self.run([chat_ids(self.tokenizer, m) for m in chats], knobs, seed)
@@ -231,12 +142,13 @@ class LocalModel:
 
 
 class EndpointError(RuntimeError):
-    """The server could not answer; the message says why and what to check."""
+    """The server could not answer; the message says why and what to check. Taught in 09_serving."""
 
 
 @dataclass
 class Endpoint:
-    """An OpenAI-compatible server (vLLM, `transformers serve`), answering like a local model."""
+    """An OpenAI-compatible server (vLLM, `transformers serve`), answering like a local model.
+    Taught in 09_serving."""
 
     base_url: str
     model: str
@@ -283,12 +195,8 @@ class Endpoint:
     def room(self, messages) -> None:
         return None  # the server counts the prompt
 
-    def answer(
-        self, messages, knobs: dict, seed=None, on_text=None, should_stop=None, keep_scores=False
-    ) -> Answer:
+    def answer(self, messages, knobs: dict, seed=None, on_text=None, should_stop=None) -> Answer:
         """Stream an answer; a stream cut mid-answer keeps what arrived (complete=False, and why)."""
-        if keep_scores:
-            raise ValueError("keep_scores=True needs a local model: a served endpoint sends text, not scores")
         cap = (
             self.max_new_tokens
             if self.max_new_tokens and knobs["max_new_tokens"] > self.max_new_tokens
@@ -411,7 +319,7 @@ def load_pipeline(
     """What the notebooks call: with $MIXTRAL_ENDPOINT set (and neither `name` nor `local=True`),
     `connect()` to that server; else `load_local(name, dtype, fit, fast, device_map)`, the blog's pipeline
     (`fit`: None, or Fit.quantized / Fit.budget / Fit.expert_cache). `generate`, `describe` and the panel
-    take either. Taught in 01_loading."""
+    take either. Taught in 02_poem; 01_loading shows the blog's own call that it wraps."""
     if name is None and not local and os.environ.get(ENDPOINT_ENV, "").strip():
         if fit is not None:
             raise ValueError(
@@ -434,5 +342,5 @@ def as_backend(pipe):
 
 def describe(pipe, detail: bool = False) -> str:
     """One line on what answers: a served endpoint, or the local model, its dtype and device;
-    `detail=True` adds the fast path's settings and why this machine gets them."""
+    `detail=True` adds the fast path's settings and why this machine gets them. Taught in 02_poem."""
     return as_backend(pipe).describe(detail)

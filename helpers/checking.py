@@ -18,7 +18,7 @@ FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 
 def extract_code(answer: str) -> str | None:
     """The Python code in a model's answer: fenced blocks (python first), else an unfenced
-    `def` with its indented body. None if there is no code."""
+    `def` with its indented body. None if there is no code. Taught in 03_code."""
     blocks = [(lang.lower(), body) for lang, body in FENCE.findall(answer)]
     python = [body for lang, body in blocks if lang in ("python", "py", "python3")]
     untagged = [body for lang, body in blocks if lang == ""]
@@ -51,7 +51,7 @@ def edit_distance(a: str, b: str) -> int:
 
 
 def edit_distance_cases(random_pairs: int = 20, seed: int = 0) -> list[tuple[str, str, int]]:
-    """The classic cases plus seeded random pairs, each with the reference answer."""
+    """The classic cases plus seeded random pairs, each with the reference answer. Taught in 03_code."""
     classic = [
         ("horse", "ros"),
         ("intention", "execution"),
@@ -80,7 +80,8 @@ def edit_distance_cases(random_pairs: int = 20, seed: int = 0) -> list[tuple[str
 
 
 def chrf(hypothesis: str, reference: str = LONGFELLOW) -> float:
-    """chrF (character n-gram F-score, 0-100) of one translation against one reference."""
+    """chrF (character n-gram F-score, 0-100) of one translation against one reference.
+    Taught in 05_translation."""
     import sacrebleu
 
     if not isinstance(hypothesis, str):
@@ -106,6 +107,8 @@ def duplicate_lines(texts: list[str]) -> int:
 
 
 def diversity(texts: list[str]) -> dict:
+    """How varied several sampled answers are: distinct 1-, 2- and 3-grams, and repeated lines.
+    Taught in 04_jokes."""
     return {
         "samples": len(texts),
         "distinct-1": distinct_n(texts, 1),

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 
-from .backends import Answer, LocalModel, as_backend
+from .answers import Answer
+from .backends import LocalModel, as_backend
 from .data import BLOG_SAMPLING, whole_number
 from .prompts import as_messages, chat_ids, shown_token
 
@@ -86,29 +87,41 @@ def generate(
     seed: int | None = None,
     system: str | None = None,
     on_text=None,
-    keep_scores: bool = False,
     **knobs,
 ) -> Answer:
     """An answer to `prompt` from whatever `pipe` is (a loaded pipeline or a served endpoint);
     only the new text. The prompt goes through the tokenizer's own chat template, not the blog's
     hand-written string. `knobs` are do_sample, temperature, top_k, top_p (the blog's when omitted).
     on_text(text so far): called as the answer grows (`print_stream()` prints it).
-    keep_scores: keep each step's scores after the knobs (`Answer.scores`, for `candidates_per_step`)."""
+    Taught in 02_poem."""
     backend = as_backend(pipe)
     messages = as_messages(prompt, system)
     kwargs = sampling(max_new_tokens, knobs, backend.room(messages))
-    return backend.answer(messages, kwargs, validate_seed(seed), on_text=on_text, keep_scores=keep_scores)
+    return backend.answer(messages, kwargs, validate_seed(seed), on_text=on_text)
+
+
+def generate_scored(pipe, prompt, max_new_tokens: int = 128, seed: int | None = None, **knobs) -> Answer:
+    """`generate` on a model loaded here, keeping each step's scores after the knobs (`Answer.scores`,
+    [new, V] float32), for `candidates_per_step` and `steps_before_a_tie`. Taught in 06_sampling_lab."""
+    backend = as_backend(pipe)
+    if not isinstance(backend, LocalModel):
+        raise TypeError("generate_scored reads the model's scores: load one here (load_pipeline(local=True))")
+    messages = as_messages(prompt)
+    kwargs = sampling(max_new_tokens, knobs, backend.room(messages))
+    return backend.run(
+        [chat_ids(backend.tokenizer, messages)], kwargs, validate_seed(seed), keep_scores=True
+    )[0]
 
 
 def candidates_per_step(answer: Answer) -> list[int]:
     """How many tokens the knobs left to choose from at each step of an answer generated with
-    `keep_scores=True`. With top_k=1 that is 1, except where several tokens share the best score:
+    `generate_scored`. With top_k=1 that is 1, except where several tokens share the best score:
     transformers' top-k keeps every token tied with the k-th best. Greedy (do_sample=False)
-    applies no knobs: there it counts the tokens tied for the highest logit."""
+    applies no knobs: there it counts the tokens tied for the highest logit. Taught in 06_sampling_lab."""
     import torch
 
     if answer.scores is None:
-        raise ValueError("this answer kept no scores: generate it with keep_scores=True")
+        raise ValueError("this answer kept no scores: generate it with generate_scored(...)")
     scores = answer.scores  # [N, V]
     best = scores.max(dim=-1, keepdim=True).values  # [N, 1]
     greedy = not answer.settings.get("do_sample", True)
@@ -118,13 +131,15 @@ def candidates_per_step(answer: Answer) -> list[int]:
 
 def steps_before_a_tie(answer: Answer) -> int:
     """The steps of an answer before the first one where the knobs left more than one candidate
-    (all of them if none did). Sampling with top_k=1 is greedy decoding up to that step."""
+    (all of them if none did). Sampling with top_k=1 is greedy decoding up to that step.
+    Taught in 06_sampling_lab."""
     left = candidates_per_step(answer)
     return next((i for i, n in enumerate(left) if n > 1), len(left))
 
 
 def print_stream():
-    """An `on_text` that prints the answer as it is written (only what is new each time)."""
+    """An `on_text` that prints the answer as it is written (only what is new each time).
+    Taught in 02_poem."""
     printed = ""
 
     def show(text: str) -> None:
@@ -139,7 +154,8 @@ def generate_many(
     pipe, prompt, samples: int = 3, max_new_tokens: int = 128, seed: int = 0, **knobs
 ) -> list[str]:
     """`samples` sampled answers to one prompt, generated together as one batch (about the cost of
-    one answer on a memory-bound machine; a server runs them as concurrent requests); seeded."""
+    one answer on a memory-bound machine; a server runs them as concurrent requests); seeded.
+    Taught in 04_jokes."""
     whole_number("samples", samples, 1)
     backend = as_backend(pipe)
     messages = as_messages(prompt)
@@ -157,7 +173,7 @@ def generate_batch(
     of the experts they chose: about E * (1 - (1 - K/E)^B) of E per layer at batch B (5.5 of 8 for
     Mixtral at batch 4; sizing.expected_distinct_experts), so a batch costs more bytes per step than
     one sequence, and fewer per token. Each Answer's `seconds` is the batch's time. A server gets
-    them as concurrent requests."""
+    them as concurrent requests. Taught in 08_performance."""
     if not prompts or isinstance(prompts, str):
         raise ValueError("prompts: give a list of one or more prompts (for a single prompt use generate)")
     backend = as_backend(pipe)
@@ -182,7 +198,8 @@ def next_token_distribution(
     top-k, then top-p). `answer_prefix` is the start of the answer, already written.
     Returns {stage: [(token, probability), ...]} over the `show` most likely tokens of the raw
     distribution, so every stage is drawn on the same tokens (0 where a warper removed one), with
-    `.survivors`: {stage: how many tokens of the whole vocabulary can still be drawn}."""
+    `.survivors`: {stage: how many tokens of the whole vocabulary can still be drawn}.
+    Taught in 06_sampling_lab."""
     import torch
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -221,7 +238,7 @@ class Stages(dict):
 
 def draw_distribution(stages: dict, title: str = "Next-token probabilities"):
     """One bar chart per stage, the same tokens on every row; a token a warper removed is greyed out,
-    its bar at the probability it had before (the stage to its left)."""
+    its bar at the probability it had before (the stage to its left). Taught in 06_sampling_lab."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(

@@ -11,7 +11,7 @@ from .data import DTYPE_ENV, whole_number
 
 
 def torch_build() -> dict:
-    """Which torch this is: ROCm (torch.version.hip), CUDA, or CPU only."""
+    """Which torch this is: ROCm (torch.version.hip), CUDA, or CPU only. Taught in 00_setup."""
     import torch
 
     if getattr(torch.version, "hip", None):
@@ -29,7 +29,8 @@ def torch_build() -> dict:
 
 
 def system_memory() -> dict:
-    """Total and available RAM in bytes (Linux /proc/meminfo; a sysconf fallback elsewhere)."""
+    """Total and available RAM in bytes (Linux /proc/meminfo; a sysconf fallback elsewhere).
+    Taught in 00_setup."""
     try:
         info = {}
         with open("/proc/meminfo") as f:
@@ -43,7 +44,8 @@ def system_memory() -> dict:
 
 
 def gpus() -> list[dict]:
-    """Each visible GPU (ROCm GPUs appear through torch.cuda too) with its memory in bytes."""
+    """Each visible GPU (ROCm GPUs appear through torch.cuda too) with its memory in bytes.
+    Taught in 00_setup."""
     import torch
 
     if not torch.cuda.is_available():
@@ -73,7 +75,8 @@ def cpu_has_native_bf16() -> bool:
 
 
 def dtype_name(dtype) -> str:
-    """A torch dtype as the notebooks and $MIXTRAL_DTYPE write it: "bfloat16" for torch.bfloat16."""
+    """A torch dtype as the notebooks and $MIXTRAL_DTYPE write it: "bfloat16" for torch.bfloat16.
+    Taught in 00_setup."""
     return str(dtype).replace("torch.", "")
 
 
@@ -109,7 +112,7 @@ def hardware_dtype():
 def pick_dtype():
     """The dtype models load in: $MIXTRAL_DTYPE when set (float32, bfloat16, float16 or auto),
     else `hardware_dtype()`. Returns (torch dtype, reason). The override lets one machine run
-    what another kind of machine would pick (a CPU with or without native bf16)."""
+    what another kind of machine would pick (a CPU with or without native bf16). Taught in 00_setup."""
     import torch
 
     chosen = os.environ.get(DTYPE_ENV, "").strip().lower()
@@ -136,7 +139,7 @@ def memory_budget() -> dict:
 
 def last_level_cache_bytes() -> int:
     """The largest CPU cache this machine reports (Linux sysfs), or 32 MiB where it reports none: a buffer
-    that is to be read from memory, not from a cache, must be larger than this."""
+    that is to be read from memory, not from a cache, must be larger than this. Taught in 10_quantization."""
     units = {"K": 2**10, "M": 2**20, "G": 2**30}
     sizes = []
     for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
@@ -168,7 +171,7 @@ def best_seconds(run, rounds: int = 3, repeats: int = 1, sync=None) -> float:
 
 def measure_bandwidth(mib: int = 512, repeats: int = 5, device: str = "cpu") -> float:
     """Memory read bandwidth in bytes/s as torch sees it (all its threads): the best of `repeats`
-    sums over a float32 buffer far larger than the caches."""
+    sums over a float32 buffer far larger than the caches. Taught in 08_performance."""
     import torch
 
     whole_number("mib", mib, 64, " (MiB), so the buffer does not fit in the caches")

@@ -38,7 +38,8 @@ class ModelTooLarge(MemoryError):
 
 
 def model_path() -> str:
-    """The blog's `model_path`: $MIXTRAL_MODEL if set, else the stand-in's local folder."""
+    """The blog's `model_path`: $MIXTRAL_MODEL if set, else the stand-in's local folder.
+    Taught in 01_loading."""
     chosen = os.environ.get(MODEL_ENV, "").strip()
     if chosen and chosen != STANDIN:
         return chosen
@@ -115,7 +116,8 @@ def _check_weights_present(path: Path, name: str) -> None:
 
 
 def weight_bytes(path: Path) -> int:
-    """Bytes of the weights a model folder loads: the files its index names (`weight_files`), no stray file beside them."""
+    """Bytes of the weights a model folder loads: the files its index names (`weight_files`), no stray file beside them.
+    Taught in 00_setup."""
     return sum((Path(path) / name).stat().st_size for name in weight_files(path))
 
 
@@ -126,7 +128,8 @@ def stored_dtype_bytes(path: Path) -> float:
 
 def check_fits(path, dtype) -> int:
     """Bytes the weights need in `dtype`; raises ModelTooLarge, with the numbers, if they exceed
-    what device_map="auto" can use here (free GPU memory plus available RAM, `RESERVED` kept free)."""
+    what device_map="auto" can use here (free GPU memory plus available RAM, `RESERVED` kept free).
+    Taught in 01_loading."""
     path = Path(path)
     need = int(weight_bytes(path) / stored_dtype_bytes(path) * dtype.itemsize)
     budget = memory_budget()
@@ -220,7 +223,7 @@ def offload_arguments(budget: Budget, path: Path, record: LoadRecord) -> dict:
 
 
 def placement(model) -> list[dict]:
-    """Where device_map put the weights: parameters and bytes on each device."""
+    """Where device_map put the weights: parameters and bytes on each device. Taught in 01_loading."""
     rows: dict[str, dict] = {}
     for _, p in model.named_parameters():
         row = rows.setdefault(str(p.device), {"device": str(p.device), "parameters": 0, "bytes": 0})

@@ -9,7 +9,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .backends import LocalModel, as_backend, decode_rate
+from .answers import decode_rate
+from .backends import LocalModel, as_backend
 from .data import whole_number
 from .prompts import shown_token
 from .generation import generate, generate_batch
@@ -82,7 +83,7 @@ class NextLayerGuess:
     stream after layer l's attention, apply layer l+1's norm and router to it; its top experts are the guess for
     layer l+1, made a layer early, in time to fetch them while layer l computes. Use beside RouterTrace, as a
     context manager around `generate()` (batch 1): per forward call, L - 1 entries of [t, `most`] guessed
-    experts, best first."""
+    experts, best first. Taught in 11_offloading."""
 
     model: object
     most: int = 4
@@ -111,7 +112,8 @@ class NextLayerGuess:
 def prefetch_recall(pairs, counts=(2, 3, 4)) -> dict:
     """{G: [L - 1] recall per layer from the second on}: over the decode steps of each (NextLayerGuess,
     RouterTrace) pair from the same generation, the share of a token's true top-k experts among the first G
-    guessed a layer before. The prompt pass is left out: a cache prefetches for the tokens it decodes."""
+    guessed a layer before. The prompt pass is left out: a cache prefetches for the tokens it decodes.
+    Taught in 11_offloading."""
     import torch
 
     found, total = 0, 0
@@ -133,7 +135,8 @@ def prefetch_recall(pairs, counts=(2, 3, 4)) -> dict:
 
 def experts_read_per_step(pipe, prompts: list, max_new_tokens: int = 24, seed: int = 0):
     """Answer `prompts` as one batch (generate_batch) with the routers traced: [S, L], the distinct
-    experts each layer read at each decode step, the union over the batch's tokens (prompt pass left out)."""
+    experts each layer read at each decode step, the union over the batch's tokens (prompt pass left out).
+    Taught in 08_performance."""
     with RouterTrace(as_backend(pipe).model) as trace:
         generate_batch(pipe, prompts, max_new_tokens=max_new_tokens, seed=seed)
     return step_unions(trace)
@@ -149,7 +152,8 @@ def step_unions(trace):
 
 
 def trace_generation(pipe, prompt, max_new_tokens: int = 32, seed: int = 0, **knobs):
-    """Generate with the router traced: (answer, trace, token strings for every traced position)."""
+    """Generate with the router traced: (answer, trace, token strings for every traced position).
+    Taught in 07_inside_the_moe."""
     ids = chat_ids(pipe.tokenizer, prompt)
     with RouterTrace(pipe.model) as trace:
         answer = generate(pipe, prompt, max_new_tokens=max_new_tokens, seed=seed, **knobs)
@@ -160,7 +164,8 @@ def trace_generation(pipe, prompt, max_new_tokens: int = 32, seed: int = 0, **kn
 
 
 def expert_load(experts, num_experts: int):
-    """[L, E] share of routing slots each expert received per layer (rows sum to 1)."""
+    """[L, E] share of routing slots each expert received per layer (rows sum to 1).
+    Taught in 07_inside_the_moe."""
     import torch
 
     return torch.nn.functional.one_hot(experts, num_experts).float().mean((0, 2))  # [T, L, K, E] -> [L, E]
@@ -171,7 +176,7 @@ def busiest_expert(experts, batch: int, num_experts: int, draws: int = 200, seed
     from a [T, L, K] trace, `draws` batches of `batch` distinct tokens drawn at random (a fixed seed), in each
     layer the most tokens any expert received over the mean (batch x K / E); the average over draws and layers.
     1.0 is a perfectly even load. With expert parallelism, where an expert's time grows with its tokens (a prompt
-    pass, large batches), the GPU holding the busiest expert sets the pace."""
+    pass, large batches), the GPU holding the busiest expert sets the pace. Taught in 08_performance."""
     import torch
 
     T, L, K = experts.shape
@@ -183,18 +188,21 @@ def busiest_expert(experts, batch: int, num_experts: int, draws: int = 200, seed
 
 
 def stickiness(experts):
-    """[L] how often consecutive tokens keep the same first-choice expert, per layer."""
+    """[L] how often consecutive tokens keep the same first-choice expert, per layer.
+    Taught in 07_inside_the_moe."""
     first = experts[:, :, 0]  # [T, L]
     return (first[1:] == first[:-1]).float().mean(0)
 
 
 def chance_stickiness(load):
-    """[L] the same rate if tokens picked experts independently with the observed loads."""
+    """[L] the same rate if tokens picked experts independently with the observed loads.
+    Taught in 07_inside_the_moe."""
     return (load**2).sum(-1)
 
 
 def route_topk_then_softmax(logits, k: int):
-    """Mistral's reference moe.py: keep the top-k logits, softmax over just those. -> (weights, indices)"""
+    """Mistral's reference moe.py: keep the top-k logits, softmax over just those. -> (weights, indices)
+    Taught in 07_inside_the_moe."""
     import torch
 
     top, idx = torch.topk(logits, k, dim=-1)  # [T, K]
@@ -202,7 +210,8 @@ def route_topk_then_softmax(logits, k: int):
 
 
 def route_softmax_topk_renorm(logits, k: int):
-    """transformers: softmax over all experts, keep the top-k, renormalise to sum 1."""
+    """transformers: softmax over all experts, keep the top-k, renormalise to sum 1.
+    Taught in 07_inside_the_moe."""
     import torch
 
     probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
@@ -213,7 +222,8 @@ def route_softmax_topk_renorm(logits, k: int):
 @contextmanager
 def experts_per_token(model, k: int):
     """`with experts_per_token(model, 4): ...` runs the block with each token visiting `k` experts
-    (Mixtral was trained with 2), then restores what the model had, even if the block fails."""
+    (Mixtral was trained with 2), then restores what the model had, even if the block fails.
+    Taught in 07_inside_the_moe."""
     whole_number(
         "experts per token", k, 1, " (the model was trained with 2)", maximum=routers(model)[0].num_experts
     )
@@ -241,7 +251,8 @@ def cost_experiment(
     seed: int = 0,
 ) -> list[dict]:
     """Decode speed and weight memory of three random models on this machine: the MoE, a dense
-    model as big as the MoE in total, and a dense model as big as what the MoE uses per token."""
+    model as big as the MoE in total, and a dense model as big as what the MoE uses per token.
+    Taught in 07_inside_the_moe."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
@@ -287,7 +298,8 @@ def cost_experiment(
 
 def draw_routing(experts, tokens, num_experts: int, title: str, ax=None, marks: dict | None = None):
     """Heatmap: tokens (rows) x layers (columns), coloured by each token's first-choice expert;
-    `marks` (name: first row, as from `turn_starts`) draws a line and a label where each part begins."""
+    `marks` (name: first row, as from `turn_starts`) draws a line and a label where each part begins.
+    Taught in 07_inside_the_moe."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
 
@@ -318,7 +330,8 @@ def draw_routing(experts, tokens, num_experts: int, title: str, ax=None, marks: 
 
 
 def draw_loads(loads: dict, title: str):
-    """One heatmap per task: layers x experts, the share of routing slots each expert took."""
+    """One heatmap per task: layers x experts, the share of routing slots each expert took.
+    Taught in 07_inside_the_moe."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(loads), figsize=(3.2 * len(loads), 4), sharey=True)

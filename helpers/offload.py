@@ -279,7 +279,8 @@ def storage_read_bytes() -> int | None:
 
 class OffloadMeter:
     """`with OffloadMeter(model) as meter: generate(...)`, then `meter.per_token()`: bytes each tier
-    gave each forward call (the prompt's, then one per new token), counted where they are read."""
+    gave each forward call (the prompt's, then one per new token), counted where they are read.
+    Taught in 11_offloading."""
 
     def __init__(self, model):
         self.model, self.calls, self._undo = model, [], []
@@ -339,7 +340,8 @@ class OffloadMeter:
 
 
 def device_map_bytes(model) -> list[dict]:
-    """accelerate's placement of a loaded model, in model order: [{"module", "device", "bytes"}]."""
+    """accelerate's placement of a loaded model, in model order: [{"module", "device", "bytes"}].
+    Taught in 11_offloading."""
     placement = getattr(model, "hf_device_map", None) or {"": str(model.device)}
     sizes = Counter()
     for name, p in model.named_parameters():
@@ -350,7 +352,8 @@ def device_map_bytes(model) -> list[dict]:
 
 
 def draw_device_map(rows: list, title: str = "Where device_map put each module", ax=None):
-    """One bar per module, its height the bytes it holds, coloured by where it lives."""
+    """One bar per module, its height the bytes it holds, coloured by where it lives.
+    Taught in 11_offloading."""
     import matplotlib.pyplot as plt
 
     colours = {"disk": "#c44e52", "cpu": "#4c72b0"}

@@ -84,7 +84,7 @@ def plan(
     """Will `model` fit on `count` GPUs of type `gpu`, and where would device_map="auto" put it?
 
     `gpu` is a key of GPU_TYPES, or any name with `gpu_memory_gib` and `bandwidth_tbs` given
-    (for example the GPUs this machine has)."""
+    (for example the GPUs this machine has). Taught in 00_setup."""
     config = as_config(model)
     whole_number("count", count, 1, " (the number of GPUs)")
     spec = dict(GPU_TYPES.get(gpu, {}))
@@ -175,7 +175,8 @@ def bytes_past_one_gpu(config, budget: int, precision: str) -> float:
 
 
 def link_bandwidth(link: str) -> float:
-    """Bytes/s one way over a host link of LINK_GTS (PCIe x16: GT/s x 16 lanes x 128/130 / 8 bits)."""
+    """Bytes/s one way over a host link of LINK_GTS (PCIe x16: GT/s x 16 lanes x 128/130 / 8 bits).
+    Taught in 11_offloading."""
     if link not in LINK_GTS:
         raise ValueError(f"link={link!r}: use one of {', '.join(LINK_GTS)}")
     return LINK_GTS[link] * 16 * 128 / 130 / 8 * 1e9
@@ -296,7 +297,8 @@ def parallel_step(
       token's hidden state to the GPUs that hold its experts and the results back (all-to-all): 2 x remote_gpus
       hidden states per token per layer.
     `moved_per_token_layer`: bytes over all links, all GPUs together, per token per layer; `exchanges`: the link
-    exchanges in one step (two per layer, each with a start-up latency that is not counted)."""
+    exchanges in one step (two per layer, each with a start-up latency that is not counted).
+    Taught in 08_performance."""
     c, size = as_config(model), dtype_bytes(precision)
     whole_number("count", count, 1, " (the number of GPUs)")
     whole_number("batch", batch, 1, " (sequences decoded together)")
@@ -356,7 +358,8 @@ def draw_offload_plans(
     rows: list, title: str = "One GPU, the model bigger than it: decode speed at batch 1, estimated"
 ):
     """Bars per GPU: device_map="auto" against the expert cache, for each link; one panel per model
-    and precision; a cross where the route cannot run (not even one expert per layer fits)."""
+    and precision; a cross where the route cannot run (not even one expert per layer fits).
+    Taught in 11_offloading."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
@@ -406,7 +409,7 @@ def layer_device(device_map: dict, layer: int):
 
 
 def draw_plan(p: Plan, ax=None):
-    """The GPUs as bars, filled by the layers device_map="auto" gave each one."""
+    """The GPUs as bars, filled by the layers device_map="auto" gave each one. Taught in 00_setup."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -435,7 +438,8 @@ def plan_for_this_machine(
     model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1", precision: str = "bfloat16", context: int = 4096
 ) -> Plan | None:
     """The plan for the GPUs torch sees here (None without GPUs). The bandwidth comes from
-    GPU_TYPES when the device name contains a known type, else 2 TB/s is assumed and said."""
+    GPU_TYPES when the device name contains a known type, else 2 TB/s is assumed and said.
+    Taught in 00_setup."""
     found = hardware.gpus()
     if not found:
         return None

@@ -57,7 +57,8 @@ class Prefetch:
     (`NextLayerGuess`'s): layer l + 1's norm and router applied to the residual stream before layer l's experts,
     its `most` best experts. Or `trace`, a RouterTrace of the same generation (same prompt, seed and settings):
     its true experts, the perfect guess no live cache has, the yardstick. `threads=0` makes the same copies in line,
-    when the guess is made: what the thread costs or saves, apart. Needs an expert cache (`fit=Fit.expert_cache(C)`)."""
+    when the guess is made: what the thread costs or saves, apart. Needs an expert cache (`fit=Fit.expert_cache(C)`).
+    Taught in 11_offloading."""
 
     def __init__(self, model, most: int = 2, trace=None, threads: int = 1):
         caches = layer_caches(model)

@@ -18,7 +18,7 @@ from .files import atomic_file, cache_root
 
 
 def blog_prompt(prompt: str) -> str:
-    """The blog's literal prompt string, exactly as its cells build it."""
+    """The blog's literal prompt string, exactly as its cells build it. Taught in 01_loading."""
     return BLOG_TEMPLATE.format(prompt=prompt)
 
 
@@ -49,7 +49,8 @@ def as_messages(prompt, system: str | None = None) -> list[dict]:
 
 
 def chat_ids(tokenizer, prompt, system: str | None = None) -> list[int]:
-    """The ids to feed the model: the loaded tokenizer's own chat template, ready for the answer."""
+    """The ids to feed the model: the loaded tokenizer's own chat template, ready for the answer.
+    Taught in 01_loading."""
     messages = as_messages(prompt, system)
     ids = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=False
@@ -59,7 +60,8 @@ def chat_ids(tokenizer, prompt, system: str | None = None) -> list[int]:
 
 def turn_starts(tokenizer, prompt: str) -> dict[str, int]:
     """Where each part of a one-turn chat starts, in ids: the template's own text (for some models a
-    default system prompt), the user's words, the answer. The user's words start where two one-letter prompts differ."""
+    default system prompt), the user's words, the answer. The user's words start where two one-letter prompts differ.
+    Taught in 07_inside_the_moe."""
     one, other = chat_ids(tokenizer, "a"), chat_ids(tokenizer, "Z")
     user = next(i for i, (a, b) in enumerate(zip(one, other)) if a != b)
     return {"chat template": 0, "user's words": user, "answer": len(chat_ids(tokenizer, prompt))}
@@ -75,7 +77,8 @@ def reference_file(vocab_size: int) -> Path:
 
 
 def reference_ids(prompt, vocab_size: int, system: str | None = None) -> list[int]:
-    """mistral-common's `encode_chat_completion`: the ids Mistral's own stack would feed."""
+    """mistral-common's `encode_chat_completion`: the ids Mistral's own stack would feed.
+    Taught in 01_loading."""
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
     from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
@@ -93,7 +96,8 @@ def _cached_copy(source: Path, folder: str, name: str) -> Path:
 
 
 def reference_tokenizer(vocab_size: int):
-    """transformers' mistral-common backend over the shipped file (offline), for the pipeline."""
+    """transformers' mistral-common backend over the shipped file (offline), for the pipeline.
+    Taught in 01_loading."""
     from transformers import MistralCommonBackend
 
     source = reference_file(vocab_size)
@@ -137,7 +141,8 @@ def hub_fast_tokenizer(*, legacy: bool = False, normalized: bool = False, add_bo
 
 
 def blog_readings(prompt: str) -> dict[str, list[int]]:
-    """What the blog's string `[INST] {prompt} [/INST]` becomes for 8x22B, in four stacks, (a) to (d)."""
+    """What the blog's string `[INST] {prompt} [/INST]` becomes for 8x22B, in four stacks, (a) to (d).
+    Taught in 01_loading."""
     text = blog_prompt(prompt)
     return {
         "(a) May 2024 pipeline": hub_fast_tokenizer()(text, add_special_tokens=False)["input_ids"],
@@ -153,7 +158,8 @@ def shown_token(token: str) -> str:
 
 
 def compare_ids(tokenizer, columns: dict[str, list[int]]) -> str:
-    """Id sequences, one line each, then how each differs from the last one (the reference)."""
+    """Id sequences, one line each, then how each differs from the last one (the reference).
+    Taught in 01_loading."""
 
     def pieces(ids, with_ids=False):
         return " ".join(

@@ -165,7 +165,8 @@ def quantize_model(model, scheme: str) -> dict:
 def compare_logits(reference, candidates: dict, ids: list, window: int = 512) -> dict:
     """For each of `candidates` ({name: model}), teacher-forced over `ids` in windows of `window` tokens:
     how often its top-1 next token is the reference's, the mean KL(reference || candidate) per token,
-    and both perplexities. The reference runs once per window, however many candidates there are."""
+    and both perplexities. The reference runs once per window, however many candidates there are.
+    Taught in 10_quantization."""
     import torch
 
     sums = {
@@ -202,7 +203,8 @@ def kernel_speeds(n: int = 3072, k: int = 576, repeats: int = 3, total: int | No
     """GB/s of weights that matrix-vector products [1, K] x [N, K].T read on this machine: F.linear in fp32
     and bf16, the int8 kernel fed fp32 or bf16 activations, int4. Each kind cycles over as many distinct
     [N, K] matrices as fill `total` bytes (default: twice the last-level cache, at least 256 MiB), so the
-    weights come from memory, as a decode step's do, not from a cache; best of 3 x `repeats` passes."""
+    weights come from memory, as a decode step's do, not from a cache; best of 3 x `repeats` passes.
+    Taught in 10_quantization."""
     import torch
     import torch.nn.functional as F
 

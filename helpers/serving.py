@@ -125,7 +125,7 @@ def start_local_server(
     attention), so that concurrent requests share each decode step; False serves one request at a time.
     Its KV cache holds `cb_blocks` x 256 tokens: left to itself, transformers sizes it at 60% of a CPU
     machine's RAM. `max_new_tokens`: the room's cap, longer requests are cut to it. `api_key`: the
-    server answers only requests that carry it (Authorization: Bearer <key>)."""
+    server answers only requests that carry it (Authorization: Bearer <key>). Taught in 09_serving."""
     model = model or model_path()
     model = (
         os.path.abspath(model) if os.path.isdir(model) else model
@@ -221,7 +221,8 @@ def room_load(
     `one_at_a_time` one after another, each user waiting for the previous user's answer: the queue a server
     without batching makes, measured on the same server. What the server gives in all (tok/s), and what
     each user waits from the moment the room sends: first token, whole answer. With `server` (the
-    LocalServer behind `endpoint`), also the CPU seconds it spent on the room (`cpu_s`) and `tokens_per_cpu_s`."""
+    LocalServer behind `endpoint`), also the CPU seconds it spent on the room (`cpu_s`) and `tokens_per_cpu_s`.
+    Taught in 09_serving."""
     if server is not None and not isinstance(server, LocalServer):
         raise TypeError(
             f"server: give the LocalServer behind the endpoint (start_local_server), not {server!r}"

@@ -39,7 +39,7 @@ def dtype_bytes(precision: str) -> float:
 def parameter_count(model) -> dict:
     """Parameters per component of a Mixtral (or dense Llama) config, by arithmetic, then the
     total and the active count (what one token reads: K of E experts). Attention, embeddings and
-    norms are shared by all experts; only the feed-forward is multiplied."""
+    norms are shared by all experts; only the feed-forward is multiplied. Taught in 00_setup."""
     c = as_config(model)
     D, L = c.hidden_size, c.num_hidden_layers
     head_dim = getattr(c, "head_dim", None) or D // c.num_attention_heads
@@ -80,13 +80,13 @@ def kv_values_per_token(model) -> int:
 
 
 def kv_bytes_per_token(model, precision: str = "bfloat16") -> int:
-    """What one token of context costs in the KV cache, in `precision`."""
+    """What one token of context costs in the KV cache, in `precision`. Taught in 07_inside_the_moe."""
     return int(kv_values_per_token(model) * dtype_bytes(precision))
 
 
 def expected_distinct_experts(experts: int, per_token: int, batch: int) -> float:
     """Experts one layer reads in a decode step of `batch` tokens, if each token picks `per_token`
-    of `experts` uniformly at random: E * (1 - (1 - K/E)^batch)."""
+    of `experts` uniformly at random: E * (1 - (1 - K/E)^batch). Taught in 08_performance."""
     return experts * (1 - (1 - per_token / experts) ** batch)
 
 
@@ -94,7 +94,8 @@ def chance_hit_rate(cached: int, experts: int, per_token: int) -> float:
     """The share of expert uses an LRU cache of `cached` experts per layer finds, if each token picks
     `per_token` distinct experts of `experts` uniformly at random: the cache then holds any expert with
     chance cached / experts, and the j-th pick of a token finds (cached - j) of the (experts - j) left.
-    With fewer slots than picks, a token's own picks evict each other and the LRU finds less."""
+    With fewer slots than picks, a token's own picks evict each other and the LRU finds less.
+    Taught in 11_offloading."""
     return sum(max(cached - j, 0) / (experts - j) for j in range(per_token)) / per_token
 
 
@@ -110,7 +111,8 @@ def decode_bytes(
 
     `context`: tokens already in each sequence's KV cache, `kv_bytes` bytes per cached value (default
     `dtype_bytes`); `experts_read`: distinct experts per layer the step reads (default: the expected
-    union under uniform routing, `expected_distinct_experts`: exactly K at batch 1, nearly all E from 16)."""
+    union under uniform routing, `expected_distinct_experts`: exactly K at batch 1, nearly all E from 16).
+    Taught in 08_performance."""
     if isinstance(dtype_bytes, bool) or not dtype_bytes > 0:
         raise ValueError(f"dtype_bytes={dtype_bytes!r}: use a positive number")
     whole_number("batch", batch, 1)
@@ -153,7 +155,8 @@ def footprint(model, precision: str, context: int) -> dict:
 
 
 def ceiling(bandwidth: float, bytes_per_token: float) -> float:
-    """The most tokens/s that memory can feed: every byte read once, at the measured bandwidth."""
+    """The most tokens/s that memory can feed: every byte read once, at the measured bandwidth.
+    Taught in 08_performance."""
     if not bandwidth > 0 or not bytes_per_token > 0:
         raise ValueError("bandwidth and bytes_per_token must be positive")
     return bandwidth / bytes_per_token
@@ -182,7 +185,8 @@ def fit_verdict(need: float, gpu_total: float, ram: float) -> str:
 
 
 def memory_table(model, context: int = 4096, batch: int = 1) -> list[dict]:
-    """Weights and KV cache in GiB for each precision (KV cache kept in bf16 for the int types)."""
+    """Weights and KV cache in GiB for each precision (KV cache kept in bf16 for the int types).
+    Taught in 07_inside_the_moe."""
     parts = parameter_count(model)
     rows = []
     for precision, size in DTYPE_BYTES.items():
@@ -198,7 +202,8 @@ def memory_table(model, context: int = 4096, batch: int = 1) -> list[dict]:
 
 
 def fit_report(models: dict[str, int]) -> list[dict]:
-    """For {name: bytes of weights}, whether they fit on this machine's GPUs alone, with CPU offload, or not."""
+    """For {name: bytes of weights}, whether they fit on this machine's GPUs alone, with CPU offload, or not.
+    Taught in 00_setup."""
     gpu_total = sum(g["total"] for g in hardware.gpus())
     ram = hardware.system_memory()["total"]
     return [

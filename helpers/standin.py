@@ -100,7 +100,7 @@ def ensure_standin(full_check: bool = False) -> Path:
     """The stand-in's folder, building it (or rebuilding a broken one) when needed.
 
     A lock file keeps two processes from building at once; folders left by a build that was
-    killed (`.*.building-*`) are removed before a new build starts."""
+    killed (`.*.building-*`) are removed before a new build starts. Taught in 00_setup."""
     path = standin_dir()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / ".lock", "w") as lock:

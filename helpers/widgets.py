@@ -20,7 +20,7 @@ _PANELS: "weakref.WeakSet[SamplingPanel]" = weakref.WeakSet()  # to stop old pan
 
 class SamplingPanel:
     """Sliders for temperature, top_k, top_p and max_new_tokens, a do_sample toggle, a seed, an
-    editable prompt, Generate and Stop; the answer streams in; earlier runs stay below."""
+    editable prompt, Generate and Stop; the answer streams in; earlier runs stay below. Taught in 02_poem."""
 
     def __init__(
         self, pipe, prompt: str, max_new_tokens: int = 128, seed: int = 0, history: int = 4, **knobs
@@ -219,7 +219,7 @@ class SamplingPanel:
 
 def distribution_explorer(pipe, prompt: str, answer_prefix: str = "", show: int = 30):
     """Sliders for temperature, top_k and top_p over a plot of the next-token distribution,
-    redrawn when a slider is released (continuous_update=False)."""
+    redrawn when a slider is released (continuous_update=False). Taught in 06_sampling_lab."""
     import ipywidgets as w
     import matplotlib.pyplot as plt
 

@@ -5,7 +5,8 @@ import torch
 from conftest import tiny_moe
 
 from helpers import generate, generate_batch, load_pipeline
-from helpers.backends import Answer, LocalModel, TokenClock, as_backend, decode_rate
+from helpers.answers import Answer, TokenClock, decode_rate
+from helpers.backends import LocalModel, as_backend
 
 
 def test_tok_s_is_decode_after_the_first_token_and_the_warmup():

@@ -240,3 +240,35 @@ def test_the_notebooks_run_refuses_a_subset():
         text=True,
     )
     assert done.returncode == 2 and "--notebooks names its own configurations" in done.stderr
+
+
+def test_notebook_bench_returns_typed_rows_by_name(tmp_path, monkeypatch):
+    from helpers import benchmark
+
+    row = dict(
+        name="blog pipeline, fp32",
+        decode_tok_s=18.0,
+        throughput_tok_s=17.0,
+        bytes_per_token=8e8,
+        ceiling_tok_s=30.0,
+        efficiency=0.6,
+        ttft_s=0.2,
+        dtype="float32",
+        device="cpu",
+        batch=1,
+        layouts={},
+        matvec_ceiling_tok_s=None,
+        extra="not read",
+    )
+    (tmp_path / "bench.json").write_text(json.dumps(dict(rows=[row], machine="a test", bandwidth=2.4e10)))
+    monkeypatch.setattr(benchmark, "NOTEBOOK_RUN", tmp_path)
+    monkeypatch.setattr(
+        benchmark.sys, "executable", "/bin/true"
+    )  # the run "succeeds" and leaves the file above
+    run = benchmark.notebook_bench(tokens=4)
+    got = run.rows["blog pipeline, fp32"]
+    assert isinstance(got, benchmark.BenchRow) and got.decode_tok_s == 18.0 and got.efficiency == 0.6
+    assert run.bandwidth == 2.4e10 and run.picture == tmp_path / "bench.png"
+    monkeypatch.setattr(benchmark.sys, "executable", "/bin/false")
+    with pytest.raises(RuntimeError, match=r"the benchmark run failed \(exit 1"):
+        benchmark.notebook_bench(tokens=4)

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from helpers import BLOG_SAMPLING, candidates_per_step, generate, load_pipeline, steps_before_a_tie
-from helpers.backends import Answer
+from helpers import (
+    BLOG_SAMPLING,
+    candidates_per_step,
+    generate,
+    generate_scored,
+    load_pipeline,
+    steps_before_a_tie,
+)
+from helpers.answers import Answer
 from helpers.generation import validate_sampling
 
 
@@ -82,18 +89,20 @@ def test_candidates_count_ties_after_the_knobs():
     raw = torch.tensor([[3.0, 1.0, 0.0], [2.0, 2.0, 1.0], [5.0, 4.0, 0.0]])  # greedy: ties for the best logit
     greedy = Answer("", 3, 1, 1.0, settings=dict(do_sample=False), token_ids=[0, 0, 0], scores=raw)
     assert candidates_per_step(greedy) == [1, 2, 1] and steps_before_a_tie(greedy) == 1
-    with pytest.raises(ValueError, match="keep_scores=True"):
+    with pytest.raises(ValueError, match=r"generate_scored\(...\)"):
         candidates_per_step(Answer("", 1, 1, 1.0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_top_k_1_is_greedy_up_to_ties(tiny_mixtral_dir, dtype):
     pipe = load_pipeline(str(tiny_mixtral_dir), dtype=dtype)
-    greedy = generate(pipe, "Hello there", max_new_tokens=24, do_sample=False, keep_scores=True)
+    greedy = generate_scored(pipe, "Hello there", max_new_tokens=24, do_sample=False)
+    plain = generate(pipe, "Hello there", max_new_tokens=24, do_sample=False)
+    assert plain.scores is None and plain.token_ids == greedy.token_ids  # the same answer, without the scores
     assert greedy.scores.shape == (greedy.new_tokens, pipe.model.config.vocab_size)
     assert greedy.token_ids == greedy.scores.argmax(-1).tolist()  # greedy takes the first best token
     for seed in (1, 2, 3):
-        sampled = generate(pipe, "Hello there", max_new_tokens=24, seed=seed, top_k=1, keep_scores=True)
+        sampled = generate_scored(pipe, "Hello there", max_new_tokens=24, seed=seed, top_k=1)
         left = candidates_per_step(sampled)
         same = steps_before_a_tie(sampled)
         assert all(n == 1 for n in left[:same]) and (same == len(left) or left[same] > 1)  # the first tie

@@ -1,0 +1,83 @@
+"""The benchmark run that 08_performance and 10_quantization share, as typed rows.
+
+`notebook_bench(tokens)` runs `benchmarks/bench.py --notebooks` in a process of its own (the harness is
+tooling, not the package), its progress shown as it comes; the run measures the seven configurations the
+two notebooks show once, and the other notebook, within the hour, reads the same run again (bench.py says
+when it reuses one). What comes back is one `BenchRow` per configuration, by name, and where the table and
+the picture were written.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_RUN = ROOT / "build" / "bench-notebooks"  # bench.json, bench.md, bench.png
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One configuration's figures from one run (decode speeds after the first token, bytes read per token)."""
+
+    name: str
+    decode_tok_s: float  # one sequence's tokens per second after the first token
+    throughput_tok_s: float  # all sequences' new tokens per second of wall time
+    bytes_per_token: float  # what one decode step reads per sequence
+    ceiling_tok_s: float  # this machine's measured bandwidth / bytes_per_token
+    efficiency: float  # decode_tok_s / ceiling_tok_s
+    ttft_s: float  # time to first token: the prompt pass
+    dtype: str
+    device: str
+    batch: int
+    layouts: (
+        dict  # the fast path's weight layouts: {kind: (row-major GB/s, column-major GB/s, chosen, bytes)}
+    )
+    matvec_ceiling_tok_s: float | None  # the decode speed each kind of weight at its best kernel speed allows
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """A finished run: its rows by configuration name, the machine, and the files it wrote."""
+
+    rows: dict
+    machine: str
+    bandwidth: float  # bytes/s, this machine's measured memory bandwidth
+    folder: Path
+
+    def markdown(self) -> str:
+        """The run's table and summary, as bench.md holds them."""
+        return (self.folder / "bench.md").read_text()
+
+    @property
+    def picture(self) -> Path:
+        return self.folder / "bench.png"
+
+
+def notebook_bench(tokens: int = 24, warmup: int = 2) -> BenchRun:
+    """Run (or reuse, within the hour) the benchmark run 08 and 10 share, `tokens` new tokens per
+    configuration; a RuntimeError that says what failed if a configuration did. Taught in 08_performance."""
+    command = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "bench.py"),
+        "--tokens",
+        str(tokens),
+        "--warmup",
+        str(warmup),
+    ]
+    command += ["--out", str(NOTEBOOK_RUN), "--notebooks"]
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in child.stdout:  # shown as it comes: the run takes minutes
+        print(line, end="", flush=True)
+    if child.wait() != 0:
+        raise RuntimeError(
+            f"the benchmark run failed (exit {child.returncode}; its output is above): "
+            f"run `python benchmarks/bench.py --notebooks --tokens {tokens}` to see it again"
+        )
+    result = json.loads((NOTEBOOK_RUN / "bench.json").read_text())
+    names = [f.name for f in fields(BenchRow)]
+    rows = {r["name"]: BenchRow(**{k: r[k] for k in names}) for r in result["rows"]}
+    return BenchRun(rows=rows, machine=result["machine"], bandwidth=result["bandwidth"], folder=NOTEBOOK_RUN)
