@@ -10,6 +10,7 @@ the picture were written.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, fields
@@ -60,16 +61,19 @@ class BenchRun:
 def notebook_bench(tokens: int = 24, warmup: int = 2) -> BenchRun:
     """Run (or reuse, within the hour) the benchmark run 08 and 10 share, `tokens` new tokens per
     configuration; a RuntimeError that says what failed if a configuration did. Taught in 08_performance."""
-    command = [
-        sys.executable,
-        str(ROOT / "benchmarks" / "bench.py"),
-        "--tokens",
-        str(tokens),
-        "--warmup",
-        str(warmup),
-    ]
-    command += ["--out", str(NOTEBOOK_RUN), "--notebooks"]
-    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = os.path.relpath(NOTEBOOK_RUN, ROOT)  # run from ROOT: what the run prints names no machine's path
+    command = [sys.executable, "benchmarks/bench.py", "--notebooks", "--out", out]
+    command += ["--tokens", str(tokens), "--warmup", str(warmup)]
+    # preexec_fn makes Python fork rather than vfork: a vfork'd child takes this kernel's peak memory as its own
+    # starting peak, and the peak `make notebooks` records for the notebook's subprocesses would be the kernel's
+    child = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: None,
+    )
     for line in child.stdout:  # shown as it comes: the run takes minutes
         print(line, end="", flush=True)
     if child.wait() != 0:

@@ -183,19 +183,15 @@ def generate_batch(
     return backend.answer_batch(chats, kwargs, validate_seed(seed))
 
 
-def next_token_distribution(
-    pipe,
-    prompt,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    show: int = 30,
-    answer_prefix: str = "",
-) -> dict:
+WARPERS = dict(temperature=1.0, top_k=0, top_p=1.0)  # the knobs that reshape a distribution, and "no change"
+
+
+def next_token_distribution(pipe, prompt, show: int = 30, answer_prefix: str = "", **knobs) -> dict:
     """The model's next-token probabilities for `prompt`, and how each knob reshapes them.
 
     Uses transformers' own warpers, in the order `generate()` applies them (temperature, then
-    top-k, then top-p). `answer_prefix` is the start of the answer, already written.
+    top-k, then top-p); `knobs` are those three (no change where omitted). `answer_prefix` is the start
+    of the answer, already written.
     Returns {stage: [(token, probability), ...]} over the `show` most likely tokens of the raw
     distribution, so every stage is drawn on the same tokens (0 where a warper removed one), with
     `.survivors`: {stage: how many tokens of the whole vocabulary can still be drawn}.
@@ -208,6 +204,12 @@ def next_token_distribution(
         raise TypeError(
             "next_token_distribution reads the model's logits: load one here (load_pipeline(local=True))"
         )
+    unknown = sorted(set(knobs) - set(WARPERS))
+    if unknown:
+        raise ValueError(
+            f"next_token_distribution takes {', '.join(WARPERS)} as knobs, not {', '.join(unknown)}"
+        )
+    temperature, top_k, top_p = (knobs.get(k, v) for k, v in WARPERS.items())
     validate_sampling(1, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
     prefix = local.tokenizer(answer_prefix, add_special_tokens=False)["input_ids"] if answer_prefix else []
     ids = torch.tensor([chat_ids(local.tokenizer, prompt) + prefix], device=local.model.device)

@@ -74,28 +74,23 @@ def gpu_name(gpu: str) -> str:
 
 def plan(
     model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1",
-    gpu: str = "MI300X",
+    gpu: str | dict = "MI300X",
     count: int = 8,
     precision: str = "bfloat16",
     context: int = 4096,
-    gpu_memory_gib: float | None = None,
-    bandwidth_tbs: float | None = None,
 ) -> Plan:
     """Will `model` fit on `count` GPUs of type `gpu`, and where would device_map="auto" put it?
 
-    `gpu` is a key of GPU_TYPES, or any name with `gpu_memory_gib` and `bandwidth_tbs` given
-    (for example the GPUs this machine has). Taught in 00_setup."""
+    `gpu` is a key of GPU_TYPES, or any GPU as a dict in GPU_TYPES' form with a name, e.g.
+    {"name": "my GPU", "memory_gib": 141, "bandwidth_tbs": 4.8} (the GPUs this machine has). Taught in 00_setup."""
     config = as_config(model)
     whole_number("count", count, 1, " (the number of GPUs)")
-    spec = dict(GPU_TYPES.get(gpu, {}))
-    if gpu_memory_gib is not None:
-        spec["memory_gib"] = gpu_memory_gib
-    if bandwidth_tbs is not None:
-        spec["bandwidth_tbs"] = bandwidth_tbs
+    spec = dict(gpu) if isinstance(gpu, dict) else dict(GPU_TYPES.get(gpu, {}))
+    gpu = spec.pop("name", "a GPU") if isinstance(gpu, dict) else gpu
     if "memory_gib" not in spec or "bandwidth_tbs" not in spec:
         raise ValueError(
-            f"unknown GPU {gpu!r}: use one of {', '.join(GPU_TYPES)}, "
-            f"or give gpu_memory_gib and bandwidth_tbs"
+            f"unknown GPU {gpu!r}: use one of {', '.join(GPU_TYPES)}, or a dict such as "
+            f"{{'name': 'my GPU', 'memory_gib': 141, 'bandwidth_tbs': 4.8}}"
         )
     if not spec["memory_gib"] > 0 or not spec["bandwidth_tbs"] > 0:
         raise ValueError(f"GPU memory and bandwidth must be > 0, got {spec}")
@@ -447,12 +442,14 @@ def plan_for_this_machine(
     known = next((t for t in GPU_TYPES if t in name.replace(" ", "")), None)
     result = plan(
         model,
-        gpu=name,
+        gpu=dict(
+            name=name,
+            memory_gib=found[0]["total"] / GiB,
+            bandwidth_tbs=GPU_TYPES[known]["bandwidth_tbs"] if known else 2.0,
+        ),
         count=len(found),
         precision=precision,
         context=context,
-        gpu_memory_gib=found[0]["total"] / GiB,
-        bandwidth_tbs=GPU_TYPES[known]["bandwidth_tbs"] if known else 2.0,
     )
     if not known:
         result.advice += " (bandwidth of this GPU unknown: 2 TB/s assumed for the ceilings)"

@@ -171,3 +171,5 @@ def test_the_distribution_counts_what_each_warper_leaves(standin_tokenizer):
         sum(p > 0 for _, p in top_k) == 20 and sum(p > 0 for _, p in top_p) == stages.survivors["+ top_p 0.5"]
     )
     assert len(draw_distribution(stages).axes) == 4  # one panel per stage
+    with pytest.raises(ValueError, match="takes temperature, top_k, top_p as knobs, not seed"):
+        next_token_distribution(pipe, "Tell me a joke.", seed=3)

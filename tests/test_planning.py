@@ -69,7 +69,8 @@ def test_layer_device_reads_the_most_specific_entry():
         (dict(count=0), "whole number >= 1"),
         (dict(count=-2), "whole number >= 1"),
         (dict(gpu="RTX9090"), "unknown GPU"),
-        (dict(gpu="mine", gpu_memory_gib=0, bandwidth_tbs=1.0), "must be > 0"),
+        (dict(gpu=dict(name="mine", memory_gib=0, bandwidth_tbs=1.0)), "must be > 0"),
+        (dict(gpu=dict(name="mine", memory_gib=80)), "unknown GPU 'mine'.* or a dict such as"),
         (dict(context=65537), "from 1 to 65536 .the model.s maximum"),
         (dict(precision="fp8"), "precision='fp8' is not known"),
     ],
@@ -80,7 +81,8 @@ def test_bad_plans_are_refused(kwargs, message):
 
 
 def test_custom_gpu():
-    p = plan(SMALL, gpu="my GPU", count=1, gpu_memory_gib=141, bandwidth_tbs=4.8)
+    p = plan(SMALL, gpu=dict(name="my GPU", memory_gib=141, bandwidth_tbs=4.8), count=1)
+    assert p.gpu == "my GPU"
     assert p.fits and p.ceiling_pipeline == pytest.approx(plan(SMALL, gpu="H200", count=1).ceiling_pipeline)
     assert set(GPU_TYPES) >= {"MI300X", "MI250X", "MI250", "H100", "H200", "A100"}
 
