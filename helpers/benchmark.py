@@ -64,8 +64,8 @@ def notebook_bench(tokens: int = 24, warmup: int = 2) -> BenchRun:
     out = os.path.relpath(NOTEBOOK_RUN, ROOT)  # run from ROOT: what the run prints names no machine's path
     command = [sys.executable, "benchmarks/bench.py", "--notebooks", "--out", out]
     command += ["--tokens", str(tokens), "--warmup", str(warmup)]
-    # preexec_fn makes Python fork rather than vfork: a vfork'd child takes this kernel's peak memory as its own
-    # starting peak, and the peak `make notebooks` records for the notebook's subprocesses would be the kernel's
+    # preexec_fn makes Python fork rather than vfork: a vfork'd child starts its recorded peak memory at this
+    # kernel's peak so far, a forked one at the kernel's memory now (what `make notebooks` records as subprocesses')
     child = subprocess.Popen(
         command,
         cwd=ROOT,

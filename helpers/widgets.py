@@ -234,7 +234,13 @@ def distribution_explorer(pipe, prompt: str, answer_prefix: str = "", show: int 
 
     def redraw(temperature, top_k, top_p):
         stages = next_token_distribution(
-            pipe, prompt, temperature, top_k, top_p, show=show, answer_prefix=answer_prefix
+            pipe,
+            prompt,
+            show=show,
+            answer_prefix=answer_prefix,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
         )
         draw_distribution(stages, f"Next token after: …{answer_prefix[-40:]!r}")
         plt.show()

@@ -145,3 +145,27 @@ def test_errors_during_generation_are_shown(panel, monkeypatch):
     panel.wait(10)
     assert "out of memory (simulated)" in panel.message.value and panel.runs[-1]["ending"] == "failed"
     assert not panel.generate_button.disabled
+
+
+def test_the_distribution_explorer_draws_with_its_sliders(standin_tokenizer, monkeypatch):
+    """The explorer's redraw runs once as it is built: an error there (a call the helpers no longer take) fails here,
+    where in a notebook the widget would only show it inside itself."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from conftest import tiny_llama
+
+    from helpers import distribution_explorer, generation
+    from helpers.backends import LocalModel
+
+    drawn = []
+    real = generation.next_token_distribution
+    monkeypatch.setattr(
+        "helpers.widgets.next_token_distribution", lambda *a, **k: drawn.append(k) or real(*a, **k)
+    )
+    box = distribution_explorer(
+        LocalModel(model=tiny_llama(), tokenizer=standin_tokenizer), "Tell me a joke.", show=5
+    )
+    assert drawn and {"temperature", "top_k", "top_p"} <= set(drawn[0]), drawn
+    errors = [o for o in box.children[1].outputs if o.get("output_type") == "error"]
+    assert not errors, errors
