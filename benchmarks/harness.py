@@ -138,15 +138,13 @@ def _load(config: Config, device: str):
     if config.dense:
         model, tokenizer = load_dense_source(dtype)
         return LocalModel(model=model.to(device), tokenizer=tokenizer), None
-    fit = (
-        Fit.budget({"cpu": f"{config.ram_gib}GiB"})
-        if config.ram_gib
-        else Fit.quantized(config.quantize)
-        if config.quantize
-        else Fit.expert_cache(config.expert_cache)
-        if config.expert_cache
-        else None
-    )
+    fit = None  # a configuration names at most one way to fit
+    if config.ram_gib:
+        fit = Fit.budget({"cpu": f"{config.ram_gib}GiB"})
+    elif config.quantize:
+        fit = Fit.quantized(config.quantize)
+    elif config.expert_cache:
+        fit = Fit.expert_cache(config.expert_cache)
     return LocalModel(load_local(str(ensure_standin()), dtype=dtype, fit=fit, fast=config.fast)), None
 
 

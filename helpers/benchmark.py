@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from .files import ROOT, run_shown
+
 NOTEBOOK_RUN = ROOT / "build" / "bench-notebooks"  # bench.json, bench.md, bench.png
 
 
@@ -64,21 +64,10 @@ def notebook_bench(tokens: int = 24, warmup: int = 2) -> BenchRun:
     out = os.path.relpath(NOTEBOOK_RUN, ROOT)  # run from ROOT: what the run prints names no machine's path
     command = [sys.executable, "benchmarks/bench.py", "--notebooks", "--out", out]
     command += ["--tokens", str(tokens), "--warmup", str(warmup)]
-    # preexec_fn makes Python fork rather than vfork: a vfork'd child starts its recorded peak memory at this
-    # kernel's peak so far, a forked one at the kernel's memory now (what `make notebooks` records as subprocesses')
-    child = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=lambda: None,
-    )
-    for line in child.stdout:  # shown as it comes: the run takes minutes
-        print(line, end="", flush=True)
-    if child.wait() != 0:
+    status, _ = run_shown(command, sys.stdout)  # shown as it comes: the run takes minutes
+    if status != 0:
         raise RuntimeError(
-            f"the benchmark run failed (exit {child.returncode}; its output is above): "
+            f"the benchmark run failed (exit {status}; its output is above): "
             f"run `python benchmarks/bench.py --notebooks --tokens {tokens}` to see it again"
         )
     result = json.loads((NOTEBOOK_RUN / "bench.json").read_text())

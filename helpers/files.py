@@ -1,15 +1,20 @@
-"""Where the package keeps what it builds, and writing it so that a failure leaves nothing half-written."""
+"""Where the package keeps what it builds, writing it so that a failure leaves nothing half-written, and running
+the tooling beside it (the stand-in's builder, the benchmark) in a child process, its output shown here."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import shutil
+import subprocess
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 from .data import CACHE_ENV
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository: helpers/ and the tooling beside it
 
 
 def cache_root() -> Path:
@@ -62,3 +67,20 @@ def atomic_folder(path):
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def run_shown(command: list, stream) -> tuple[int, str]:
+    """Run `command` from the repository root in a child process, its output (stdout and stderr) written to
+    `stream` as it comes, progress bars' carriage returns included: (exit status, the last 400 characters).
+    preexec_fn makes Python fork rather than vfork: a vfork'd child starts its recorded peak memory at this
+    process's peak so far, a forked one at its memory now (what `make notebooks` records as subprocesses')."""
+    child = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=lambda: None
+    )
+    decode, said = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
+    while chunk := child.stdout.read1(4096):
+        text = decode.decode(chunk)
+        said = (said + text)[-400:]
+        stream.write(text)
+        stream.flush()
+    return child.wait(), said

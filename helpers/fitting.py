@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import whole_number
+from .data import GiB, whole_number
 
 GROUP = 32  # int4: one scale and one zero per GROUP inputs
 WEIGHT_SCHEMES = {
@@ -123,6 +123,6 @@ class LoadRecord:
             q = self.quantized
             return (
                 f"{q['scheme']}: {WEIGHT_SCHEMES[q['scheme']]}, experts and lm_head included "
-                f"({q['bytes_before'] / 2**30:.2f} -> {q['bytes_after'] / 2**30:.2f} GiB)"
+                f"({q['bytes_before'] / GiB:.2f} -> {q['bytes_after'] / GiB:.2f} GiB)"
             )
         return self.cache.why if self.cache is not None else None

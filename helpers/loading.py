@@ -170,7 +170,7 @@ def load_local(name: str | None = None, dtype=None, fit=None, fast: bool = True,
     if isinstance(fit, CachedExperts):
         check_cache_size(fit.per_layer, config.get("num_local_experts"))
     extra = offload_arguments(fit, path, record) if isinstance(fit, Budget) else {}
-    if not isinstance(fit, Budget):
+    if not isinstance(fit, Budget):  # what passes a budget goes to disk: nothing to check
         check_fits(path, record.dtype)
     tokenizer = None
     if config.get("model_type") == "mixtral" and config.get("vocab_size") in REFERENCE_TOKENIZERS:

@@ -6,20 +6,17 @@ under a lock, and shows that process's progress here.
 
 from __future__ import annotations
 
-import codecs
 import fcntl
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from .files import cache_root
+from .files import cache_root, run_shown
 
 RECIPE_VERSION = 1  # bump when the build changes; old caches are then rebuilt
 MANIFEST = "standin.json"
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class StandInError(RuntimeError):
@@ -79,20 +76,9 @@ def say(msg: str) -> None:
 def build(path: Path) -> Path:
     """Build the stand-in into `path` in a child process (the builder is tooling, not the package), its
     progress shown here; a StandInError if it fails (the folder is then left as it was)."""
-    child = subprocess.Popen(
-        [sys.executable, "-m", "workshop", "build-standin", str(path)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    decode, said = codecs.getincrementaldecoder("utf-8")(errors="replace"), ""
-    while chunk := child.stderr.read1(4096):  # as it comes, progress bars' carriage returns included
-        text = decode.decode(chunk)
-        said = (said + text)[-400:]
-        sys.stderr.write(text)
-        sys.stderr.flush()
-    if child.wait() != 0:
-        raise StandInError(f"building the stand-in failed (exit {child.returncode}): {said.strip()}")
+    status, said = run_shown([sys.executable, "-m", "workshop", "build-standin", str(path)], sys.stderr)
+    if status != 0:
+        raise StandInError(f"building the stand-in failed (exit {status}): {said.strip()}")
     return path
 
 

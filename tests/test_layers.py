@@ -21,7 +21,7 @@ LAYERS = {
     "files": 1,
     "hardware": 1,  # cache folder, atomic writes; the machine
     "answers": 1,  # what one generation produced, and its one clock
-    "benchmark": 1,  # the benchmark run 08 and 10 share, as typed rows
+    "benchmark": 2,  # the benchmark run 08 and 10 share, as typed rows
     "policies": 1,  # which expert a cache evicts, replayed over traces
     "fitting": 1,  # how a model fits (fit=), what was loaded (LoadRecord)
     "sizing": 2,  # parameters, bytes, ceilings, the fit check
@@ -48,7 +48,7 @@ LAYERS = {
 # The measures README's "The code" states, each with its target. One not yet at its target is held where it stands:
 # its ceiling may fall with any change, and rises only with a change that says so in the README.
 TARGETS = dict(helpers_lines=3400, core_lines=900, public_names=70, parameters=6)
-CEILINGS = dict(helpers_lines=5906, core_lines=1028, public_names=99)
+CEILINGS = dict(helpers_lines=5903, core_lines=1028, public_names=99)
 CORE = (
     "backends.py",
     "loading.py",
