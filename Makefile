@@ -1,4 +1,4 @@
-# make run | test | format | test-slow | test-other-dtype | test-all | bench | bench-quick | lab | stop-kernels | screenshots | serve | slides | bundle | notebooks | run-all | setup | standin | clean
+# make run | test | format | test-slow | test-other-dtype | test-all | bench | bench-quick | bench-kernels | bench-peer | lab | stop-kernels | screenshots | serve | slides | bundle | notebooks | run-all | setup | standin | clean
 PYTHON ?= python3
 TORCH_INDEX ?=
 VENV   := .venv
@@ -14,7 +14,7 @@ PORT   ?= 8000
 TEST_WORKERS ?= 2
 PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
-.PHONY: format setup standin run run-all test test-slow test-other-dtype test-all bench bench-quick lab stop-kernels screenshots notebooks serve slides bundle clean
+.PHONY: format setup standin run run-all test test-slow test-other-dtype test-all bench bench-quick bench-kernels bench-peer lab stop-kernels screenshots notebooks serve slides bundle clean
 
 setup: $(STAMP)
 
@@ -59,20 +59,20 @@ run-all: standin
 # hub-shaped checkpoint and the exercise answers of 00-05. make test-slow: everything marked `slow`: nbval over our
 # notebooks (06-11), their exercise answers, the offline bundle installed with the network cut and the bench's quick
 # run (benchmarks/bench.py --quick).
-# CI runs both, then the dtype-sensitive tests in the other kind's dtype (make test-all). Times: README.md.
+# CI runs both, then the dtype-sensitive tests in the dtype this machine did not pick (make test-all). Times: README.md.
 test: standin
 	$(PYTEST) -m "not slow"
 
 test-slow: standin
 	$(PYTEST) -m slow
 
-# The dtype-sensitive tests again, in the dtype the other kind of CPU picks (bf16 with or without
-# native bf16 support), so no machine kind hides a failure: MIXTRAL_DTYPE=float32 or bfloat16.
+# The dtype-sensitive tests again, in the CPU dtype this machine did not pick (it measures which decodes faster, with
+# the tests' one thread), so that neither choice hides a failure: MIXTRAL_DTYPE=float32 or bfloat16.
 test-other-dtype: standin
-	@echo "== models load in $$($(PY) -m workshop dtype) here; the numerics tests again in $$($(PY) -m workshop dtype --other)"
-	MIXTRAL_DTYPE=$$($(PY) -m workshop dtype --other) $(PYTEST) -m numerics
+	@echo "== models load in $$(OMP_NUM_THREADS=1 $(PY) -m workshop dtype) here; the numerics tests again in $$(OMP_NUM_THREADS=1 $(PY) -m workshop dtype --other)"
+	MIXTRAL_DTYPE=$$(OMP_NUM_THREADS=1 $(PY) -m workshop dtype --other) $(PYTEST) -m numerics
 
-# What CI runs: every test, then the dtype-sensitive tests in the other kind's dtype.
+# What CI runs: every test, then the dtype-sensitive tests in the dtype this machine did not pick.
 test-all: test test-slow test-other-dtype
 
 # The one formatter of all Python here (ruff.toml); make test checks that nothing is left unformatted.
@@ -85,6 +85,18 @@ bench: standin
 
 bench-quick: standin
 	$(PY) benchmarks/bench.py --quick
+
+# Every candidate kernel at decode shapes, on buffers larger than the caches: benchmarks/results/<date>-kernels-<cpu>.md
+# (about 10 minutes on 2 cores: the compiled candidates compile for minutes each, in processes of their own).
+bench-kernels: setup
+	$(PY) benchmarks/kernel_bench.py
+
+# The peer, not in CI: llama.cpp built from PyPI's llama-cpp-python source (about 20 minutes on 2 cores, once), the
+# stand-in written as GGUF at F32, BF16, Q8_0 and Q4_0, and llama.cpp's decode speed beside the bytes each token reads.
+bench-peer: standin
+	bash benchmarks/peer/build.sh
+	$(PY) benchmarks/peer/peer_bench.py --check
+	$(PY) benchmarks/peer/peer_bench.py
 
 lab: standin
 	$(VENV)/bin/jupyter lab notebooks

@@ -29,7 +29,8 @@ from harness import CONFIGS, NAIVE, measure  # noqa: E402
 
 from helpers.data import GB, GiB  # noqa: E402
 from helpers.files import atomic_file  # noqa: E402
-from helpers.hardware import cpu_has_native_bf16, cpuinfo, dtype_name, gpus, pick_dtype  # noqa: E402
+from helpers.hardware import cpu_has_native_bf16, cpuinfo, dtype_name, gpus  # noqa: E402
+from helpers.loading import pick_dtype  # noqa: E402
 
 REUSE_S = 3600  # --notebooks reuses a run with the same key that finished less than an hour ago
 

@@ -25,9 +25,9 @@ sys.path.insert(0, str(ROOT))
 from helpers.answers import TokenClock, decode_rate  # noqa: E402
 from helpers.backends import LocalModel  # noqa: E402
 from helpers.data import BLOG_SAMPLING, GB, GiB, TASKS, whole_number  # noqa: E402
-from helpers.hardware import dtype_name, measure_bandwidth, pick_dtype  # noqa: E402
+from helpers.hardware import dtype_name, measure_bandwidth  # noqa: E402
 from helpers.fitting import Fit  # noqa: E402
-from helpers.loading import load_local  # noqa: E402
+from helpers.loading import load_local, pick_dtype  # noqa: E402
 from helpers.offload import OffloadMeter  # noqa: E402
 from helpers.prompts import blog_prompt, chat_ids  # noqa: E402
 from helpers.sizing import ceiling, decode_bytes  # noqa: E402
@@ -41,7 +41,7 @@ class Config:
 
     name: str
     pipeline: bool = False  # the blog's pipeline(...) call, text in, text out
-    dtype: str | None = "float32"  # None: this machine's choice (hardware.pick_dtype)
+    dtype: str | None = "float32"  # None: this machine's choice (loading.pick_dtype)
     experts: str | None = None  # an experts_implementation; None: what the loader set
     fast: bool = False  # load_local(fast=True): the notebooks' fast path
     cache: str | None = None  # cache_implementation, e.g. "static"
@@ -57,6 +57,7 @@ class Config:
 
 
 NAIVE = "blog pipeline, fp32"
+PROFILED_STEPS = 8  # decode steps step_profile runs under the profiler, after the timed runs
 CONFIGS = [
     Config(NAIVE, pipeline=True),
     Config("fp32 eager", experts="eager"),
@@ -86,14 +87,15 @@ CONFIGS = [
 ]
 
 
-def matvec_ceiling(layouts: dict, experts_share: float) -> float:
+def matvec_ceiling(kernels: dict, experts_share: float) -> float:
     """Tokens/s if a decode step did nothing but its matrix-vector products, each kind of weight at
-    the best speed `choose_layouts` measured for it: what the kernels allow, below the memory's
-    ceiling. `experts_share` = K / E, the part of each expert tensor a token reads."""
+    the best speed `choose_kernels` measured for it: what the kernels allow, below the memory's
+    ceiling. `kernels`: {kind: {"gb_s": {kernel: GB/s}, "nbytes": bytes}}; `experts_share` = K / E, the part
+    of each expert tensor a token reads."""
     seconds = 0.0
-    for kind, (row_gbs, col_gbs, _, nbytes) in layouts.items():
+    for kind, measured in kernels.items():
         share = experts_share if kind.startswith("experts.") else 1.0
-        seconds += nbytes * share / (max(row_gbs, col_gbs) * GB)
+        seconds += measured["nbytes"] * share / (max(measured["gb_s"].values()) * GB)
     return 1 / seconds
 
 
@@ -161,6 +163,68 @@ def _knobs(config: Config) -> dict:
     elif config.cache == "static":
         knobs["disable_compile"] = True
     return knobs
+
+
+MATRIX_PRODUCTS = {
+    "aten::mm", "aten::addmm", "aten::mv", "aten::addmv_", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm",
+    "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu", "aten::_int_mm",
+}  # fmt: skip
+
+
+def step_profile(runner, ids: list, steps: int = 8) -> dict:
+    """Where one decode step's time goes, in ms per step: `steps` greedy steps after the prompt `ids`, run as a
+    plain loop of forwards under torch.profiler, operators' own time split into matrix products, attention and
+    the other operators; what the step spends outside any operator (Python in the model's code), from the loop
+    timed without the profiler; and what `generate` adds around the same forwards (its logits processors,
+    stopping checks and cache bookkeeping), from the same steps through the package's generate path timed token by
+    token. Also the operators, dtype conversions and concatenations per step. 08_performance draws it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    model = runner.model
+    prompt = torch.tensor([ids], device=model.device)
+
+    def loop():
+        out = model(prompt, use_cache=True)  # the prompt pass: timed apart, below
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        started = time.perf_counter()
+        for _ in range(steps):
+            out = model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+        return time.perf_counter() - started
+
+    def generate_decode():  # seconds from the first new token to the last, over `steps` steps
+        knobs = dict(do_sample=False, max_new_tokens=steps + 1, min_new_tokens=steps + 1)
+        times = runner.run([ids], knobs)[0].token_times
+        return times[-1] - times[0]
+
+    with torch.no_grad():
+        loop()  # warm-up
+        plain = min(loop() for _ in range(3))
+        generated = min(generate_decode() for _ in range(3))
+        out = model(prompt, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                out = model(token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+    ms = {"matrix products": 0.0, "attention": 0.0, "other operators": 0.0}
+    counts = {"operators": 0, "conversions": 0, "concatenations": 0}
+    for e in prof.key_averages():
+        part = (
+            "matrix products"
+            if e.key in MATRIX_PRODUCTS
+            else "attention"
+            if "dot_product" in e.key
+            else "other operators"
+        )
+        ms[part] += e.self_cpu_time_total / 1000 / steps
+        counts["operators"] += e.count / steps
+        counts["conversions"] += e.count / steps if e.key == "aten::_to_copy" else 0
+        counts["concatenations"] += e.count / steps if e.key == "aten::cat" else 0
+    ms["outside operators"] = max(0.0, 1000 * plain / steps - sum(ms.values()))
+    ms["generate's loop"] = max(0.0, 1000 * (generated - plain) / steps)
+    return dict(ms=ms, per_step=counts)
 
 
 def run_group(
@@ -254,6 +318,11 @@ def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: in
             )
         )
     wall = time.perf_counter() - wall
+    # where one step's time goes: one sequence in memory, each step its own (no compiled graph, no copies in)
+    profiled = config.prompts == 1 and not (
+        config.ram_gib or config.expert_cache or config.compile or config.cache
+    )
+    step = step_profile(runner, rows[0], steps=PROFILED_STEPS) if profiled else None
 
     context = sum(r["prompt_tokens"] for r in runs) / len(runs) + (1 + warmup + new_tokens) / 2
     element = model.dtype.itemsize
@@ -268,8 +337,8 @@ def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: in
             sum(v for k, v in tiers.items() if k in ("resident", "from RAM", "from disk"))
             + bytes_["parts"]["kv_cache"] / runs[0]["batch"]
         )
-    layouts = record.recipe.layouts if config.fast else {}
-    share = model.config.num_experts_per_tok / model.config.num_local_experts if layouts else None
+    kernels = {kind: asdict(k) for kind, k in record.recipe.kernels.items()} if config.fast else {}
+    share = model.config.num_experts_per_tok / model.config.num_local_experts if kernels else None
     return dict(
         asdict(config),
         dtype=dtype_name(model.dtype),
@@ -286,8 +355,9 @@ def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: in
         batch=runs[0]["batch"],
         bytes_per_token=bytes_["per_token"],
         peak_memory=_peak_memory(device),
-        layouts=layouts,
-        matvec_ceiling_tok_s=matvec_ceiling(layouts, share) if layouts else None,
+        kernels=kernels,
+        matvec_ceiling_tok_s=matvec_ceiling(kernels, share) if kernels else None,
+        step=step,
         tiers=tiers,
     )
 

@@ -37,11 +37,10 @@ from .hardware import (
     gpus,
     last_level_cache_bytes,
     measure_bandwidth,
-    pick_dtype,
     system_memory,
     torch_build,
 )
-from .loading import check_fits, model_path, placement, weight_bytes
+from .loading import check_fits, model_path, pick_dtype, placement, weight_bytes
 from .moe import (
     NextLayerGuess,
     busiest_expert,

@@ -34,10 +34,9 @@ class BenchRow:
     dtype: str
     device: str
     batch: int
-    layouts: (
-        dict  # the fast path's weight layouts: {kind: (row-major GB/s, column-major GB/s, chosen, bytes)}
-    )
+    kernels: dict  # what the fast path measured at load: {kind: {"gb_s": {kernel: GB/s}, "chosen", "nbytes"}}
     matvec_ceiling_tok_s: float | None  # the decode speed each kind of weight at its best kernel speed allows
+    step: dict | None  # fastpath.step_profile: where one decode step's time goes (one sequence in memory)
 
 
 @dataclass(frozen=True)

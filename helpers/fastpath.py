@@ -1,39 +1,77 @@
-"""The fast path: the fastest correct settings for this hardware, applied once at load.
+"""The fast path: the fastest correct settings for this hardware, chosen by measuring them at load.
 
 Decoding one token reads every weight it uses once, so its speed is bounded by memory bandwidth
-/ bytes read per token (sizing.ceiling). On a CPU two things get closer to it: experts that read
-only the chosen experts' weights (`per_token`, plugged into transformers' experts registry), and
-weights re-laid column-major where this CPU's matrix-vector product reads them faster.
-`fast_recipe` says what this machine gets; `load_pipeline` applies it (08_performance measures it).
+/ bytes read per token (sizing.ceiling). What gets a CPU closer to it is measured here, on this machine,
+never assumed: which dtype decodes faster (`measure_dtypes`, once per machine), which kernel reads each
+kind of weight fastest for one token (`choose_kernels`: torch.mv, F.linear, or F.linear on weights
+re-laid column-major), and which experts implementation runs a decode step fastest while giving
+transformers' eager answer (`choose_experts`: the package's `per_token` loop, which reads only the
+chosen experts' weights, or transformers' own). `fast_recipe` says what this machine gets;
+`load_pipeline` applies it (08_performance measures it).
 
 Shapes: T = tokens, K = experts per token, D = hidden size, I = expert FFN size.
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
+import hashlib
+import json
+import math
+import platform
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .data import GB
 from .experts import register_experts
-from .hardware import best_seconds, dtype_name, pick_dtype
+from .files import atomic_file, cache_root
+from .hardware import best_seconds, cpuinfo, dtype_name, timing_buffer_bytes
 
 DECODE_TOKENS = 4  # at most this many tokens in a forward: the "per_token" experts loop; more: grouped_mm
+MARGIN = 0.9  # a kernel replaces F.linear, or float32 replaces bf16, only in under 90% of its time
+DTYPES = ("float32", "bfloat16")  # the CPU's candidates: float16 has no fast CPU kernels
+
+
+def _mv(x, w):  # [1, K] x [N, K] -> [1, N]
+    import torch
+
+    return torch.mv(w, x[0])[None]
+
+
+def _linear(x, w):
+    import torch.nn.functional as F
+
+    return F.linear(x, w)
+
+
+# kernel -> (the layout it reads, the product of one token [1, K] with a weight [N, K])
+KERNELS = {
+    "F.linear": (None, _linear),
+    "torch.mv": (None, _mv),
+    "F.linear, column-major": ("column-major", _linear),
+}
+_EXPERT_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # experts -> {attribute: kernel}
 
 
 def per_token_experts(self, hidden_states, top_k_index, top_k_weights):
     """Experts for decoding: a few tokens, each through its K chosen experts, reading only those
-    experts' weights (views, no copies, no masks). Longer inputs (a prompt) go to grouped_mm."""
-    import torch.nn.functional as F
+    experts' weights (views, no copies, no masks), each product by the kernel `choose_kernels` measured
+    fastest for it. Longer inputs (a prompt) go to grouped_mm."""
     from transformers.integrations.moe import grouped_mm_experts_forward
 
     if hidden_states.shape[0] > DECODE_TOKENS:
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    kernels = _EXPERT_KERNELS.get(self, {})
+    gate_up_product = KERNELS[kernels.get("gate_up_proj", "F.linear")][1]
+    down_product = KERNELS[kernels.get("down_proj", "F.linear")][1]
     out = hidden_states.new_zeros(hidden_states.shape)  # [T, D]
     for t, (chosen, weights) in enumerate(zip(top_k_index.tolist(), top_k_weights.tolist())):
         x = hidden_states[t : t + 1]  # [1, D]
         for expert, weight in zip(chosen, weights):
-            gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)  # [1, I] each
-            out[t : t + 1] += F.linear(self.act_fn(gate) * up, self.down_proj[expert]) * weight
+            gate, up = gate_up_product(x, self.gate_up_proj[expert]).chunk(2, dim=-1)  # [1, I] each
+            out[t : t + 1] += down_product(self.act_fn(gate) * up, self.down_proj[expert]) * weight
     return out
 
 
@@ -42,9 +80,32 @@ def column_major(weight):
     return weight.transpose(-1, -2).contiguous().transpose(-1, -2)
 
 
+@functools.cache
+def matvec_linear():
+    """The module class, built on first use so that importing helpers does not import torch."""
+    import torch
+
+    class MatVecLinear(torch.nn.Linear):
+        """An nn.Linear whose one-token products go through torch.mv (measured faster here); more
+        tokens through F.linear. It holds the very same weight (tied weights stay tied)."""
+
+        def __init__(self, linear):
+            torch.nn.Module.__init__(self)
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            self.weight, self.bias = linear.weight, linear.bias
+
+        def forward(self, x):
+            if x.numel() != x.shape[-1]:  # more than one token
+                return super().forward(x)
+            y = torch.mv(self.weight, x.reshape(-1))
+            return (y if self.bias is None else y + self.bias).reshape(*x.shape[:-1], -1)
+
+    return MatVecLinear
+
+
 def _weight_groups(model) -> dict:
     """The weights a decode step reads with a matrix-vector product, grouped by kind:
-    {kind: [(module, attribute, expert-or-None)]}. Tied weights appear once."""
+    {kind: [(module name, module, attribute)]}. Tied weights appear once."""
     groups, seen = {}, set()
     for name, module in model.named_modules():
         for attribute in ("weight", "gate_up_proj", "down_proj"):
@@ -55,35 +116,42 @@ def _weight_groups(model) -> dict:
                 continue  # embeddings and routers: a row lookup, or too small to matter
             seen.add(id(p))
             kind = name.split(".")[-1] + ("." + attribute if p.dim() == 3 else "")
-            groups.setdefault(kind, []).append((module, attribute))
+            groups.setdefault(kind, []).append((name, module, attribute))
     return groups
 
 
-def _gemv_seconds(weights, x) -> float:
-    """Best-of-3 time of one F.linear(x, w) pass over all `weights` (a pass reads them once)."""
-    import torch.nn.functional as F
+@dataclass
+class KindKernels:
+    """What `choose_kernels` measured for one kind of weight."""
 
-    def one_pass():
-        for w in weights:
-            F.linear(x, w)
-
-    return best_seconds(one_pass)
+    gb_s: dict  # {kernel: GB/s of weights it read, one token at a time}
+    chosen: str
+    nbytes: int  # bytes of this kind in the model
 
 
-def choose_layouts(model, sample_bytes: int = 128 * 2**20) -> dict:
-    """For each kind of weight, time a decode step's matrix-vector products with the weights as
-    stored (row-major) and column-major, on this machine, and re-lay the kinds that read faster.
-    Each kind is timed on up to `sample_bytes` of its matrices (more than the caches hold), then
-    re-laid one tensor at a time, so memory grows by one tensor at most.
-    Returns {kind: (row-major GB/s, column-major GB/s, chosen, bytes of that kind)}."""
+def _kernel_speeds(matrices, x) -> dict:
+    """{kernel: GB/s} over `matrices` (each [N, K]), one pass each, best of 3; laid out as each kernel reads."""
+    speeds = {}
+    size = sum(w.nbytes for w in matrices)
+    for kernel, (layout, product) in KERNELS.items():
+        laid = [column_major(w) for w in matrices] if layout else matrices
+        speeds[kernel] = size / best_seconds(lambda: [product(x, w) for w in laid]) / GB
+        del laid
+    return speeds
+
+
+def choose_kernels(model, sample_bytes: int = 128 * 2**20) -> dict:
+    """For each kind of weight, time a decode step's one-token products with each of KERNELS on this machine
+    and use the fastest: the weights' own F.linear unless another takes under MARGIN of its time. Each kind is
+    timed on up to `sample_bytes` of its matrices (more than the caches hold); a re-layout goes one tensor at a
+    time, so memory grows by one tensor at most. Returns {kind: KindKernels}."""
     import torch
 
     report = {}
     with torch.no_grad():
         for kind, members in _weight_groups(model).items():
-            params = [getattr(m, a) for m, a in members]
+            params = [getattr(m, a) for _, m, a in members]
             rows = [w for p in params for w in (p if p.dim() == 3 else [p])]  # each [out, in]
-            nbytes = sum(w.nbytes for w in rows)
             sample, size = [], 0
             for w in rows:
                 sample.append(w)
@@ -91,106 +159,232 @@ def choose_layouts(model, sample_bytes: int = 128 * 2**20) -> dict:
                 if size >= sample_bytes:
                     break
             x = torch.randn(1, rows[0].shape[-1], dtype=rows[0].dtype, device=rows[0].device)
-            row_s = _gemv_seconds(sample, x)
-            columns = [column_major(w) for w in sample]
-            col_s = _gemv_seconds(columns, x)
-            del columns
-            chosen = "column-major" if col_s < 0.9 * row_s else "row-major"
-            if chosen == "column-major":
-                for p in params:
+            speeds = _kernel_speeds(sample, x)
+            best = max(speeds, key=speeds.get)
+            chosen = best if speeds["F.linear"] < MARGIN * speeds[best] else "F.linear"
+            for name, module, attribute in members:
+                p = getattr(module, attribute)
+                if KERNELS[chosen][0] == "column-major":
                     p.data = column_major(p.data)
-            report[kind] = (size / row_s / GB, size / col_s / GB, chosen, nbytes)
+                if p.dim() == 3:
+                    _EXPERT_KERNELS.setdefault(module, {})[attribute] = chosen
+                elif chosen == "torch.mv":
+                    model.set_submodule(name, matvec_linear()(module))
+            report[kind] = KindKernels(speeds, chosen, sum(p.nbytes for p in params))
     return report
+
+
+def choose_experts(model, candidates: tuple, rounds: int = 3) -> dict:
+    """Time one decode-shaped forward (one token) with each experts implementation in `candidates`, round by
+    round, and switch the model to the fastest whose logits match transformers' eager loop. Returns
+    {implementation: best seconds per forward, or None where its answer differed from eager's}."""
+    import torch
+
+    if "per_token" in candidates:
+        register_experts("per_token", per_token_experts)
+    ids = torch.tensor([[model.config.bos_token_id or 1]], device=model.device)
+    tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2  # of the largest logit
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else None
+    times = {}
+    with torch.no_grad():
+        model.set_experts_implementation("eager")
+        reference = model(ids).logits.float()
+        for name in candidates:
+            model.set_experts_implementation(name)
+            error = (model(ids).logits.float() - reference).abs().max() / reference.abs().max()
+            if error <= tolerance:
+                times[name] = []
+        for _ in range(rounds):
+            for name, taken in times.items():
+                model.set_experts_implementation(name)
+                taken.append(best_seconds(lambda: model(ids), rounds=1, sync=sync))
+    seconds = {name: min(times[name]) if name in times else None for name in candidates}
+    model.set_experts_implementation(min(times, key=lambda n: min(times[n])))
+    return seconds
+
+
+def _dtype_probe_config(config: dict):
+    """A config with `config`'s shapes, deep enough that one token's weights outgrow the caches (at most the
+    model's own depth): the model a dtype is measured on."""
+    from transformers import AutoConfig
+
+    settings = {
+        k: v for k, v in config.items() if k not in ("architectures", "dtype", "torch_dtype", "model_type")
+    }
+    probe = AutoConfig.for_model(config["model_type"], **settings)
+    D, I, E = probe.hidden_size, probe.intermediate_size, getattr(probe, "num_local_experts", 1)
+    layer = 4 * (4 * D * D + E * 3 * D * I)  # float32 bytes of one layer, a bound on its attention
+    probe.num_hidden_layers = max(
+        1, min(probe.num_hidden_layers, math.ceil(2 * timing_buffer_bytes() / layer))
+    )
+    return probe
+
+
+def _time_decode(model, rounds: int = 5) -> float:
+    """Best seconds of a one-token forward, a different token each time (so different experts)."""
+    import torch
+
+    tokens = torch.randint(0, model.config.vocab_size, (rounds, 1, 1))
+    with torch.no_grad():
+        return min(best_seconds(lambda t=t: model(t), rounds=1) for t in tokens)
+
+
+def measure_dtypes(config: dict) -> dict:
+    """Which dtype decodes faster on this machine: for each of DTYPES, a model with `config`'s shapes and random
+    weights (`_dtype_probe_config`), switched to the fast path as `load_pipeline` would (kernels and experts
+    measured), timed over one-token forwards. Measured once per machine, torch build, thread count and shapes,
+    then read from the cache folder. Returns {dtype: {"ms": per token, "experts": chosen, "layers": timed}}."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    probe = _dtype_probe_config(config)
+    key = json.dumps(
+        [
+            cpuinfo("model name") or platform.processor(),
+            torch.__version__,
+            transformers.__version__,
+            torch.get_num_threads(),
+            probe.to_dict(),
+            hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12],
+        ],
+        sort_keys=True,
+        default=str,
+    )
+    path = cache_root() / "measured" / f"dtypes-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process measures; the others wait for its figures
+        if path.is_file():
+            return json.loads(path.read_text())
+        figures = {}
+        torch.manual_seed(0)
+        for name in DTYPES:
+            model = AutoModelForCausalLM.from_config(probe, dtype=getattr(torch, name)).eval()
+            choose_kernels(model)
+            moe = bool(getattr(probe, "num_local_experts", None))
+            experts = choose_experts(model, EXPERTS_CANDIDATES) if moe else {}
+            chosen = model.config._experts_implementation if moe else "dense"
+            figures[name] = dict(
+                ms=1000 * _time_decode(model),
+                experts=chosen,
+                layers=probe.num_hidden_layers,
+                experts_ms={k: v and 1000 * v for k, v in experts.items()},
+            )
+            del model
+        atomic_file(path, lambda tmp: tmp.write_text(json.dumps(figures, indent=1)))
+    return figures
+
+
+def measured_dtype(config: dict) -> tuple:
+    """On a CPU, the dtype to decode a model with `config` in, measured here (`measure_dtypes`), and why: float32
+    where it decodes a token in under MARGIN of bf16's time, else the blog's bf16 (a near tie is within the noise,
+    and bf16 holds the model in half the memory). Returns (torch dtype, reason with the figures)."""
+    import torch
+
+    f = measure_dtypes(config)
+    f32, b16 = f["float32"]["ms"], f["bfloat16"]["ms"]
+    chosen = "float32" if f32 < MARGIN * b16 else "bfloat16"
+    why = (
+        "more than 10% faster"
+        if chosen == "float32"
+        else "the blog's dtype, not more than 10% slower than float32"
+    )
+    return getattr(torch, chosen), (
+        f"{chosen}: {why} here, measured: bfloat16 {b16:.1f} ms, float32 {f32:.1f} ms for one token through "
+        f"{f[chosen]['layers']} layers of this model's shapes (random weights, the fast path on)"
+    )
+
+
+EXPERTS_CANDIDATES = ("per_token", "grouped_mm", "eager")
 
 
 @dataclass
 class Recipe:
-    """The settings the notebooks run with, and why (`reasons[0]`: why this dtype)."""
+    """The settings the notebooks run with, and why (`reasons[0]`: why this dtype). What is measured at load
+    (`probe`) fills `kernels` and `experts_ms`, and `experts` becomes the implementation that won."""
 
     device: str
     dtype: object
-    experts: str  # experts_implementation
-    relayout: bool  # re-lay weights column-major where measured faster (CPU)
+    experts: str  # experts_implementation: the fit's own, or the candidates' winner once applied ("" before)
+    probe: bool  # measure the kernels (CPU) and the experts implementations at load
     reasons: list = field(default_factory=list)
-    layouts: dict = field(default_factory=dict)  # filled by apply_recipe
+    kernels: dict = field(default_factory=dict)  # {kind: KindKernels}, filled by apply_recipe
+    experts_ms: dict = field(default_factory=dict)  # {implementation: ms per one-token forward, None: wrong}
 
     def describe(self, fit_reason: str | None = None) -> str:
-        """The settings and the reasons, with `fit_reason` (why the experts were replaced) after the dtype's."""
+        """The settings, the reasons and what was measured, with `fit_reason` (why the experts were replaced)
+        after the dtype's."""
         reasons = [*self.reasons[:1], *([fit_reason] if fit_reason else []), *self.reasons[1:]]
-        lines = [
-            f"fast path on {self.device}: dtype {dtype_name(self.dtype)}, "
-            f"experts {self.experts!r}, column-major re-layout {'probed' if self.relayout else 'off'}"
-        ]
+        experts = (
+            repr(self.experts) if self.experts else f"chosen at load among {', '.join(EXPERTS_CANDIDATES)}"
+        )
+        lines = [f"fast path on {self.device}: dtype {dtype_name(self.dtype)}, experts {experts}"]
         lines += [f"  - {r}" for r in reasons]
-        moved = [k for k, v in self.layouts.items() if v[2] == "column-major"]
-        if self.layouts:
-            lines.append(f"  - re-laid column-major (faster here): {', '.join(moved) or 'none'}")
+        if self.experts_ms:
+            timed = ", ".join(
+                f"{k} {'answer differs from eager' if v is None else f'{v:.1f} ms'}"
+                for k, v in self.experts_ms.items()
+            )
+            lines.append(
+                f"  - experts measured at load, one token through the model: {timed} -> {self.experts}"
+            )
+        if self.kernels:
+            lines.append("  - kernels measured at load, one token, GB/s read (chosen first):")
+            for kind, k in self.kernels.items():
+                rest = "  ".join(f"{n} {v:.1f}" for n, v in k.gb_s.items() if n != k.chosen)
+                lines.append(f"      {kind:<22} {k.chosen} {k.gb_s[k.chosen]:.1f}   ({rest})")
         return "\n".join(lines)
 
     __str__ = describe
 
 
 def fast_recipe(
-    device: str | None = None, dtype=None, experts: str | None = None, offloaded: bool = False
+    dtype, dtype_reason: str, device: str | None = None, experts: str | None = None, offloaded: bool = False
 ) -> Recipe:
-    """The fastest configuration that is correct on this hardware, as measured by `make bench`. Taught in
-    08_performance. `dtype`: the dtype the caller loaded (None: this machine's choice); `experts`: the
-    implementation of experts that a fit replaced ("quantized", "expert_cache"); `offloaded`: accelerate
-    holds part of the weights elsewhere and copies them in for each forward."""
+    """What the fast path will do with a model loaded in `dtype` (for `dtype_reason`), before measuring. Taught
+    in 08_performance. `experts`: the implementation that a fit put in ("quantized", "expert_cache"), kept;
+    `offloaded`: accelerate holds part of the weights elsewhere and copies them in for each forward (nothing
+    is timed then: each forward would time the copies)."""
     import torch
 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    picked, why_dtype = pick_dtype()
-    if dtype is not None and dtype != picked:
-        why_dtype = f"dtype {dtype_name(dtype)}: chosen by the caller ({why_dtype} otherwise)"
-    dtype = picked if dtype is None else dtype
-    batching = (
+    reasons = [
+        dtype_reason,
         "several prompts at once: generate_batch runs them as one padded batch; each step reads the "
-        "shared weights once for all of them, and the union of the experts they chose"
-    )
-    offload = (
-        ["offloaded by accelerate: weights on other devices are copied in for each forward"]
-        if offloaded
-        else []
-    )
-    if experts:  # the experts are replaced: their own implementation, nothing left to re-lay
-        return Recipe(device, dtype, experts, relayout=False, reasons=[why_dtype, batching, *offload])
-    if device != "cpu":
-        return Recipe(
-            device,
-            dtype,
-            "grouped_mm",
-            relayout=False,
-            reasons=[
-                why_dtype,
-                "grouped_mm: transformers' default, one grouped GEMM over all experts on the GPU",
-                batching,
-                *offload,
-            ],
-        )
-    return Recipe(
-        device,
-        dtype,
-        "per_token",
-        relayout=not offloaded,
-        reasons=[  # offloaded: loaded afresh, not re-laid
-            why_dtype,
-            "per_token experts while decoding: reads only the chosen experts' weights, skips the masks "
-            "and index bookkeeping of eager/grouped_mm (prompts still go through grouped_mm)",
-            "weights whose matrix-vector product reads faster column-major on this CPU are re-laid once at load",
-            batching,
-            *offload,
-        ],
-    )
+        "shared weights once for all of them, and the union of the experts they chose",
+    ]
+    if offloaded:
+        reasons.append("offloaded by accelerate: weights on other devices are copied in for each forward")
+    if experts:  # the experts are replaced: their own implementation, nothing left to choose
+        return Recipe(device, dtype, experts, probe=False, reasons=reasons)
+    if offloaded:
+        return Recipe(device, dtype, "per_token", probe=False, reasons=[*reasons, PER_TOKEN])
+    return Recipe(device, dtype, "", probe=True, reasons=[*reasons, MEASURED])  # experts: the winner, at load
+
+
+PER_TOKEN = (
+    "per_token experts while decoding: reads only the chosen experts' weights, skips the masks and index "
+    "bookkeeping of eager/grouped_mm (prompts still go through grouped_mm)"
+)
+MEASURED = (
+    "measured at load: the kernel that reads each kind of weight fastest for one token, and the experts "
+    "implementation that runs one token fastest with eager's answer"
+)
 
 
 def apply_recipe(model, recipe: Recipe) -> Recipe:
-    """Switch a loaded model to the recipe's experts implementation and layouts (in place); the recipe,
-    its layouts filled in (`load_pipeline` keeps it as `model.load_record.recipe`)."""
-    if getattr(model.config, "num_local_experts", None):
+    """Switch a loaded model to the recipe (in place), measuring what it says to measure; the recipe, its
+    figures filled in (`load_pipeline` keeps it as `model.load_record.recipe`)."""
+    moe = bool(getattr(model.config, "num_local_experts", None))
+    if recipe.probe and recipe.device == "cpu":
+        recipe.kernels = choose_kernels(model)
+    if moe and recipe.probe:
+        seconds = choose_experts(model, EXPERTS_CANDIDATES)
+        recipe.experts_ms = {k: v and 1000 * v for k, v in seconds.items()}
+        recipe.experts = model.config._experts_implementation
+    elif moe:
         register_experts("per_token", per_token_experts)
         model.set_experts_implementation(recipe.experts)
-    if recipe.relayout:
-        recipe.layouts = choose_layouts(model)
     return recipe

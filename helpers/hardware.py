@@ -92,27 +92,21 @@ DTYPE_CHOICES = {
 }
 
 
-def hardware_dtype():
-    """The dtype this hardware computes best: the blog's bfloat16 where it is native, else float32
-    (or fp16 on an old GPU). Returns (torch dtype, reason)."""
+def gpu_dtype():
+    """On a GPU, the dtype it computes best: the blog's bfloat16, or float16 on a GPU without bf16. Returns
+    (torch dtype, reason), or None on a CPU (where fastpath.pick_dtype measures instead)."""
     import torch
 
-    if torch.cuda.is_available():
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, "GPU with bf16 support: the blog's dtype"
-        return torch.float16, "GPU without bf16: float16 instead"
-    if cpu_has_native_bf16():
-        return torch.bfloat16, "CPU with native bf16 (AVX512-BF16/AMX): the blog's dtype"
-    return torch.float32, (
-        "CPU without native bf16: float32 (emulated bf16 makes the prompt pass slower "
-        "and drifts from the float32 reference; 08_performance measures it)"
-    )
+    if not torch.cuda.is_available():
+        return None
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, "GPU with bf16 support: the blog's dtype"
+    return torch.float16, "GPU without bf16: float16 instead"
 
 
-def pick_dtype():
-    """The dtype models load in: $MIXTRAL_DTYPE when set (float32, bfloat16, float16 or auto),
-    else `hardware_dtype()`. Returns (torch dtype, reason). The override lets one machine run
-    what another kind of machine would pick (a CPU with or without native bf16). Taught in 00_setup."""
+def forced_dtype():
+    """$MIXTRAL_DTYPE as (torch dtype, reason), or None when it is unset or "auto". It lets one machine run what
+    another kind of machine would pick."""
     import torch
 
     chosen = os.environ.get(DTYPE_ENV, "").strip().lower()
@@ -121,14 +115,10 @@ def pick_dtype():
             f"{DTYPE_ENV}={os.environ[DTYPE_ENV]!r} is not a dtype these notebooks load: use one of "
             f"float32, bfloat16, float16, or auto (or unset it) for this hardware's choice"
         )
-    native, reason = hardware_dtype()
-    if not DTYPE_CHOICES.get(chosen):
-        return native, reason
+    if not DTYPE_CHOICES[chosen]:
+        return None
     dtype = getattr(torch, DTYPE_CHOICES[chosen])
-    return dtype, (
-        f"{DTYPE_ENV}={chosen}: {dtype_name(dtype)} forced "
-        f"(this hardware alone would pick {dtype_name(native)})"
-    )
+    return dtype, f"{DTYPE_ENV}={chosen}: {dtype_name(dtype)} forced"
 
 
 def memory_budget() -> dict:

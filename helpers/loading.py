@@ -16,10 +16,10 @@ import tempfile
 from pathlib import Path
 
 from .data import DTYPE_BYTES, KNOWN_MODELS, MODEL_ENV, REFERENCE_TOKENIZERS, RESERVED, GiB
-from .fastpath import apply_recipe, fast_recipe
+from .fastpath import apply_recipe, fast_recipe, measured_dtype
 from .files import cache_root, weight_files
 from .fitting import Budget, CachedExperts, LoadRecord, Quantized, check_fit
-from .hardware import dtype_name, memory_budget, pick_dtype
+from .hardware import dtype_name, forced_dtype, gpu_dtype, memory_budget
 from .offload import check_cache_size, offload_experts
 from .prompts import reference_tokenizer
 from .quantize import quantize_model
@@ -80,6 +80,16 @@ def resolve_local(name: str) -> Path:
     read_config(path)
     _check_weights_present(path, name)
     return path
+
+
+def pick_dtype(name: str | None = None) -> tuple:
+    """The dtype the model `name` (default: `model_path()`) loads in, and why: $MIXTRAL_DTYPE when set; on a GPU,
+    the GPU's (bf16, or float16 without it); on a CPU, the one measured to decode this model's shapes fastest
+    here (fastpath.measured_dtype, once per machine). Returns (torch dtype, reason). Taught in 00_setup."""
+    forced = forced_dtype() or gpu_dtype()
+    if forced is not None:
+        return forced
+    return measured_dtype(read_config(resolve_local(name or model_path())))
 
 
 def read_config(path) -> dict:
@@ -164,9 +174,12 @@ def load_local(name: str | None = None, dtype=None, fit=None, fast: bool = True,
             f"on GPUs load with transformers' quantization_config instead (10_quantization shows how)"
         )
     path = resolve_local(name or model_path())
-    picked, why = pick_dtype()
-    record = LoadRecord(picked, why, fit) if dtype is None else LoadRecord(dtype, "chosen by the caller", fit)
     config = read_config(path)
+    record = (
+        LoadRecord(*pick_dtype(path), fit)
+        if dtype is None
+        else LoadRecord(dtype, "chosen by the caller", fit)
+    )
     if isinstance(fit, CachedExperts):
         check_cache_size(fit.per_layer, config.get("num_local_experts"))
     extra = offload_arguments(fit, path, record) if isinstance(fit, Budget) else {}
@@ -195,10 +208,10 @@ def load_local(name: str | None = None, dtype=None, fit=None, fast: bool = True,
         record.cache = offload_experts(model, fit.per_layer, fit.tier)
     if fast:
         replaced = "quantized" if isinstance(fit, Quantized) else "expert_cache" if record.cache else None
-        record.recipe = apply_recipe(
-            model, fast_recipe(model.device.type, dtype, replaced, isinstance(fit, Budget))
+        recipe = fast_recipe(
+            record.dtype, record.dtype_reason, model.device.type, replaced, isinstance(fit, Budget)
         )
-        record.dtype_reason = record.recipe.reasons[0]
+        record.recipe = apply_recipe(model, recipe)
     model.load_record = record
     return pipe
 

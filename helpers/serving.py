@@ -29,8 +29,8 @@ from .data import (
 )
 from .files import cache_root
 from .generation import generate, generate_batch
-from .hardware import dtype_name, pick_dtype
-from .loading import model_path
+from .hardware import dtype_name
+from .loading import model_path, pick_dtype
 from .standin import standin_dir
 
 STANDIN_NAME = "mixtral-standin"  # what clients call the stand-in: short, and no facilitator's folder in it

@@ -44,7 +44,8 @@ def test_configurations_that_load_the_same_model_share_a_process():
 
 
 def test_the_quick_run_loads_once_what_this_machine_loads_the_same():
-    from helpers.hardware import dtype_name, pick_dtype
+    from helpers.hardware import dtype_name
+    from helpers.loading import pick_dtype
 
     machine = dtype_name(pick_dtype()[0])
     quick = [[c.name for c in g] for g in by_load(CONFIGS, resolved=True)]
@@ -177,18 +178,18 @@ def test_gpu_check_refuses_clearly_without_a_gpu():
 
 
 def test_matvec_ceiling_adds_the_time_of_each_kind():
-    layouts = {
-        "q_proj": (10.0, 5.0, "row-major", 1e9),
-        "experts.gate_up_proj": (5.0, 20.0, "column-major", 4e9),
+    kernels = {
+        "q_proj": dict(gb_s={"F.linear": 10.0, "torch.mv": 5.0}, chosen="F.linear", nbytes=1e9),
+        "experts.gate_up_proj": dict(gb_s={"F.linear": 5.0, "torch.mv": 20.0}, chosen="torch.mv", nbytes=4e9),
     }
     # 1 GB at 10 GB/s + a quarter of 4 GB at 20 GB/s = 0.15 s per token
-    assert matvec_ceiling(layouts, experts_share=0.25) == pytest.approx(1 / 0.15)
+    assert matvec_ceiling(kernels, experts_share=0.25) == pytest.approx(1 / 0.15)
 
 
 # ---------------------------------------------------------------- the run 08 and 10 share (bench.py --notebooks)
 def test_the_notebooks_run_names_what_08_and_10_read():
     from bench import notebook_configs
-    from helpers.hardware import pick_dtype
+    from helpers.loading import pick_dtype
 
     names = [c.name for c in notebook_configs()]
     other = "fast path in " + ("fp32" if pick_dtype()[0] == torch.bfloat16 else "bf16")
@@ -256,8 +257,9 @@ def test_notebook_bench_returns_typed_rows_by_name(tmp_path, monkeypatch):
         dtype="float32",
         device="cpu",
         batch=1,
-        layouts={},
+        kernels={},
         matvec_ceiling_tok_s=None,
+        step=None,
         extra="not read",
     )
     (tmp_path / "bench.json").write_text(json.dumps(dict(rows=[row], machine="a test", bandwidth=2.4e10)))
@@ -272,3 +274,49 @@ def test_notebook_bench_returns_typed_rows_by_name(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark.sys, "executable", "/bin/false")
     with pytest.raises(RuntimeError, match=r"the benchmark run failed \(exit 1"):
         benchmark.notebook_bench(tokens=4)
+
+
+# ---------------------------------------------------------------- the targets, read off committed runs
+def _row(name, tok_s, dtype="float32", quantize=None, fast=True, prompts=1, step=None):
+    return dict(name=name, decode_tok_s=tok_s, vs_naive=tok_s / 10.0, dtype=dtype, quantize=quantize, fast=fast,
+                prompts=prompts, efficiency=tok_s / 40.0, ceiling_tok_s=40.0, bytes_per_token=8e8 / (tok_s / 10),
+                matvec_ceiling_tok_s=30.0, step=step)  # fmt: skip
+
+
+def test_the_targets_say_met_or_missed_from_the_figures_alone():
+    from targets import report
+
+    step = dict(ms={"matrix products": 30.0, "attention": 1.0, "other operators": 10.0, "outside operators": 5.0,
+                    "generate's loop": 4.0}, per_step=dict(operators=8000, conversions=300, concatenations=120))  # fmt: skip
+    bench = dict(machine="m", date="d", rounds=1, new_tokens=8, bandwidth=25e9, rows=[
+        _row("blog pipeline, fp32", 10.0, fast=False, step=step),
+        _row("fast path (this machine's choice)", 16.0, "bfloat16", step=step),
+        _row("int4 weights (fast path)", 31.0, "bfloat16", quantize="int4"),
+        _row("4 prompts, one batch (fast path)", 90.0, "bfloat16", prompts=4),  # throughput: not a single sequence
+    ])  # fmt: skip
+    kernels = dict(rows=[dict(kernel="bf16 torch.mv", share_of_bandwidth=s) for s in (0.8, 0.75, 0.72, 0.69)]
+                   + [dict(kernel="fp32 F.linear", share_of_bandwidth=s) for s in (0.9, 0.8, 0.71, 0.7)])  # fmt: skip
+    text = report(bench, kernels, None, ("bench.json", "kernels.json"))
+    assert "| 1.60x (16.0 against 10.0 tok/s, bfloat16) | met |" in text
+    assert "| 3.10x (int4 weights (fast path)) | met |" in text  # the batch of four is left out
+    assert "| 40% of 40.0 tok/s | **missed** |" in text
+    assert "fp32 F.linear: 70% at its worst shape and token count | met |" in text
+    assert "matrix products 30.0 ms, everything else 20.0 ms (40%;" in text
+    peer = dict(rows=[dict(type="Q4_0", bytes_per_token=8e8 / 3.1, decode_tok_s=70.0)])
+    assert "| worst: llama.cpp Q4_0 2.26x ours (int4 weights (fast path)) | **missed** |" in report(
+        bench, kernels, peer, ("b", "k", "p")
+    )
+
+
+def test_every_candidate_kernel_computes_the_same_product():
+    """kernel_bench times only kernels that compute x @ W.T, each to its precision's rounding."""
+    from kernel_bench import candidates
+
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 64), torch.randn(2, 64)
+    expected = x @ w.T
+    tolerance = {4: 1e-4, 2: 3e-2, 1: 6e-2, 0.5: 0.25}  # of the largest |product|, by bytes per weight
+    for name, (size, build, run) in candidates().items():
+        got = run(build(w), x).float().reshape(expected.shape)
+        error = (got - expected).abs().max() / expected.abs().max()
+        assert error < tolerance[size], (name, float(error))

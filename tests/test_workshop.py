@@ -311,12 +311,15 @@ def test_stop_kernels_shuts_down_every_kernel_of_every_server():
     assert stop_kernels([]) == []
 
 
-def test_the_other_cpu_kind(monkeypatch):
-    """`python -m workshop dtype --other`, which CI's second numerics run uses, names the other kind's dtype."""
-    from helpers import hardware
-    from workshop.__main__ import other_cpu_dtype
+def test_the_other_dtype(monkeypatch):
+    """`python -m workshop dtype --other`, which CI's second numerics run uses, names the CPU dtype this machine
+    did not pick, so that the other one is exercised on purpose."""
+    import torch
 
-    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
-    assert other_cpu_dtype() == "float32"
-    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
-    assert other_cpu_dtype() == "bfloat16"
+    from helpers import loading
+    from workshop.__main__ import other_dtype
+
+    monkeypatch.setattr(loading, "pick_dtype", lambda: (torch.bfloat16, "measured"))
+    assert other_dtype() == "float32"
+    monkeypatch.setattr(loading, "pick_dtype", lambda: (torch.float32, "measured"))
+    assert other_dtype() == "bfloat16"

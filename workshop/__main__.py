@@ -6,12 +6,13 @@ import sys
 from pathlib import Path
 
 
-def other_cpu_dtype() -> str:
-    """The dtype the *other* kind of CPU picks: bfloat16 here if this CPU has no native bf16, and
-    float32 if it has. CI runs the numerics-sensitive tests again under it."""
-    from helpers import hardware
+def other_dtype() -> str:
+    """The CPU dtype this machine did not pick (float32 or bfloat16): CI runs the numerics-sensitive tests
+    again under it, so that the other kind of CPU's choice is exercised on purpose."""
+    from helpers.hardware import dtype_name
+    from helpers.loading import pick_dtype
 
-    return "float32" if hardware.cpu_has_native_bf16() else "bfloat16"
+    return "float32" if dtype_name(pick_dtype()[0]) == "bfloat16" else "bfloat16"
 
 
 def main() -> int:
@@ -26,10 +27,11 @@ def main() -> int:
 
         build_standin(Path(rest[0]))
         return 0
-    if command == "dtype":  # the dtype models load in here, or (--other) the one the other CPU kind picks
-        from helpers.hardware import dtype_name, pick_dtype
+    if command == "dtype":  # the dtype models load in here, or (--other) the CPU dtype it did not pick
+        from helpers.hardware import dtype_name
+        from helpers.loading import pick_dtype
 
-        print(other_cpu_dtype() if "--other" in rest else dtype_name(pick_dtype()[0]))
+        print(other_dtype() if "--other" in rest else dtype_name(pick_dtype()[0]))
         return 0
     if command == "serve":
         from helpers.backends import EndpointError

@@ -184,9 +184,10 @@ def main(argv: list[str]) -> int:
         print(f"walkthrough: {exc}", file=sys.stderr)
         return 2
     from helpers.fastpath import fast_recipe
+    from helpers.loading import pick_dtype
 
     print(
-        f"the notebooks load models with the {fast_recipe()}\n(load_pipeline(fast=False) is the blog's plain "
+        f"the notebooks load models with the {fast_recipe(*pick_dtype())}\n(load_pipeline(fast=False) is the blog's plain "
         f"call; 08_performance measures both)",
         file=sys.stderr,
         flush=True,

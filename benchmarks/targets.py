@@ -1,0 +1,120 @@
+"""The speed targets, read off committed runs: which are met on the machine those runs measured, by how much, and
+what bounds the ones that are missed (the profile of a decode step, the kernels' rates). Every figure it prints
+comes from the files it is given; nothing is measured here.
+
+    python benchmarks/targets.py BENCH.json KERNELS.json [PEER.json] > benchmarks/results/<date>-targets-<cpu>.md
+
+BENCH.json: `python benchmarks/bench.py` (build/bench.json); KERNELS.json: `python benchmarks/kernel_bench.py`;
+PEER.json: `python benchmarks/peer/peer_bench.py` (llama.cpp on the same stand-in), when it was run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DEFAULT = "fast path (this machine's choice)"
+BLOG = "blog pipeline, fp32"
+TARGETS = dict(default=1.5, low_precision=3.0, own_ceiling=0.7, peer=2.0, kernel_share=0.7)
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def step_line(row: dict) -> str:
+    ms = row["step"]["ms"]
+    loop = ms["generate's loop"]
+    total = sum(ms.values())
+    rest = total - ms["matrix products"]
+    return (
+        f"{row['name']}: {total:.1f} ms per step, matrix products {ms['matrix products']:.1f} ms, everything else "
+        f"{rest:.1f} ms ({rest / total:.0%}; attention {ms['attention']:.1f}, other operators "
+        f"{ms['other operators']:.1f}, outside operators {ms['outside operators']:.1f}, generate's loop "
+        f"{loop:.1f}); {row['step']['per_step']['operators']:.0f} operators and "
+        f"{row['step']['per_step']['conversions']:.0f} dtype conversions per step"
+    )
+
+
+def report(bench: dict, kernels: dict, peer: dict | None, sources: tuple) -> str:
+    rows = {r["name"]: r for r in bench["rows"] if "error" not in r}
+    default, blog = rows[DEFAULT], rows[BLOG]
+    single = [r for r in rows.values() if r["prompts"] == 1]
+    low = [r for r in single if r["quantize"] or (r["dtype"] == "bfloat16" and r["fast"])]
+    best_low = max(low, key=lambda r: r["vs_naive"])
+    lines = [
+        f"# Speed targets on {bench['machine']}, {bench['date']}",
+        "",
+        f"Read off `{sources[0]}` ({bench['rounds']} round(s), {bench['new_tokens']} new tokens per configuration, memory read "
+        f"bandwidth {bench['bandwidth'] / 1e9:.1f} GB/s) and `{sources[1]}` by `benchmarks/targets.py`.",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+        f"| the notebooks' default at least {TARGETS['default']}x the blog's path | {default['vs_naive']:.2f}x "
+        f"({default['decode_tok_s']:.1f} against {blog['decode_tok_s']:.1f} tok/s, {default['dtype']}) | "
+        f"{verdict(default['vs_naive'] >= TARGETS['default'])} |",
+        f"| the best low-precision configuration at least {TARGETS['low_precision']}x the blog's path | "
+        f"{best_low['vs_naive']:.2f}x ({best_low['name']}) | {verdict(best_low['vs_naive'] >= TARGETS['low_precision'])} |",
+        f"| the fast path at least {TARGETS['own_ceiling']:.0%} of its own ceiling | {default['efficiency']:.0%} of "
+        f"{default['ceiling_tok_s']:.1f} tok/s | {verdict(default['efficiency'] >= TARGETS['own_ceiling'])} |",
+    ]
+    shares = {}
+    for k in kernels["rows"]:
+        if "failed" not in k:
+            shares.setdefault(k["kernel"], []).append(k["share_of_bandwidth"])
+    whole = {name: min(s) for name, s in shares.items() if len(s) == 4}  # both shapes, 1 and 4 tokens
+    best_kernel = max(whole, key=whole.get)
+    lines.append(
+        f"| a weight scheme read at {TARGETS['kernel_share']:.0%} or more of the bandwidth at 1-4 tokens | "
+        f"{best_kernel}: {whole[best_kernel]:.0%} at its worst shape and token count | "
+        f"{verdict(whole[best_kernel] >= TARGETS['kernel_share'])} |"
+    )
+    if peer:
+        pairs = []
+        for p in peer["rows"]:
+            gap = min(abs(r["bytes_per_token"] - p["bytes_per_token"]) for r in single)
+            close = [
+                r
+                for r in single
+                if abs(r["bytes_per_token"] - p["bytes_per_token"]) <= gap + 0.05 * p["bytes_per_token"]
+            ]
+            ours = max(close, key=lambda r: r["decode_tok_s"])  # our fastest at about the same bytes
+            pairs.append((p, ours, p["decode_tok_s"] / ours["decode_tok_s"]))
+        worst = max(pairs, key=lambda t: t[2])
+        lines.append(
+            f"| ours within {TARGETS['peer']}x of llama.cpp at the same bytes per token | worst: llama.cpp "
+            f"{worst[0]['type']} {worst[2]:.2f}x ours ({worst[1]['name']}) | {verdict(worst[2] <= TARGETS['peer'])} |"
+        )
+    else:
+        lines.append(
+            f"| ours within {TARGETS['peer']}x of llama.cpp at the same bytes per token | not run here | |"
+        )
+    lines += ["", "## What bounds them", ""]
+    lines.append(
+        f"- The fast path's matrix products alone, each kind of weight at the best speed its kernels were measured "
+        f"at when it loaded, allow {default['matvec_ceiling_tok_s']:.1f} tok/s, "
+        f"{default['matvec_ceiling_tok_s'] / default['ceiling_tok_s']:.0%} of its bandwidth ceiling."
+    )
+    lines += [f"- {step_line(r)}." for r in single if r.get("step")]
+    lines += ["", "## Each kernel's worst share of the bandwidth (both expert shapes, 1 and 4 tokens)", ""]
+    lines += [f"- {name}: {share:.0%}" for name, share in sorted(whole.items(), key=lambda t: -t[1])]
+    once = {name: max(s) for name, s in shares.items() if len(s) < 4}
+    lines += [f"- {name} (one shape, one token only): {share:.0%}" for name, share in once.items()]
+    if peer:
+        lines += ["", "## llama.cpp against ours at about the same bytes per token", ""]
+        lines += [
+            f"- llama.cpp {p['type']} ({p['bytes_per_token'] / 2**20:.0f} MiB per token): {p['decode_tok_s']:.1f} tok/s; "
+            f"{ours['name']} ({ours['bytes_per_token'] / 2**20:.0f} MiB): {ours['decode_tok_s']:.1f} tok/s; "
+            f"llama.cpp {ratio:.2f}x"
+            for p, ours, ratio in pairs
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (3, 4):
+        sys.exit(__doc__)
+    bench, kernels = (json.loads(Path(a).read_text()) for a in sys.argv[1:3])
+    peer = json.loads(Path(sys.argv[3]).read_text()) if len(sys.argv) == 4 else None
+    print(report(bench, kernels, peer, tuple(sys.argv[1:])), end="")
