@@ -91,7 +91,7 @@ bench-quick: standin
 bench-kernels: setup
 	$(PY) benchmarks/kernel_bench.py
 
-# The peer, not in CI: llama.cpp built from PyPI's llama-cpp-python source (about 20 minutes on 2 cores, once), the
+# The peer, not in CI: llama.cpp built from PyPI's llama-cpp-python source (about 6 minutes on 2 cores, once), the
 # stand-in written as GGUF at F32, BF16, Q8_0 and Q4_0, and llama.cpp's decode speed beside the bytes each token reads.
 bench-peer: standin
 	bash benchmarks/peer/build.sh

@@ -143,8 +143,9 @@ def _kernel_speeds(matrices, x) -> dict:
 def choose_kernels(model, sample_bytes: int = 128 * 2**20) -> dict:
     """For each kind of weight, time a decode step's one-token products with each of KERNELS on this machine
     and use the fastest: the weights' own F.linear unless another takes under MARGIN of its time. Each kind is
-    timed on up to `sample_bytes` of its matrices (more than the caches hold); a re-layout goes one tensor at a
-    time, so memory grows by one tensor at most. Returns {kind: KindKernels}."""
+    timed on up to `sample_bytes` of its matrices (a last-level cache larger than that, or than the whole kind, holds
+    part of them, and a speed can then exceed the memory's bandwidth); a re-layout goes one tensor at a time, so
+    memory grows by one tensor at most. Returns {kind: KindKernels}."""
     import torch
 
     report = {}
@@ -204,8 +205,8 @@ def choose_experts(model, candidates: tuple, rounds: int = 3) -> dict:
 
 
 def _dtype_probe_config(config: dict):
-    """A config with `config`'s shapes, deep enough that one token's weights outgrow the caches (at most the
-    model's own depth): the model a dtype is measured on."""
+    """A config with `config`'s shapes and enough layers (at most the model's own) that their float32 weights fill
+    twice the last-level cache; one token reads its K experts' share of them: the model a dtype is measured on."""
     from transformers import AutoConfig
 
     settings = {
@@ -232,8 +233,9 @@ def _time_decode(model, rounds: int = 5) -> float:
 def measure_dtypes(config: dict) -> dict:
     """Which dtype decodes faster on this machine: for each of DTYPES, a model with `config`'s shapes and random
     weights (`_dtype_probe_config`), switched to the fast path as `load_pipeline` would (kernels and experts
-    measured), timed over one-token forwards. Measured once per machine, torch build, thread count and shapes,
-    then read from the cache folder. Returns {dtype: {"ms": per token, "experts": chosen, "layers": timed}}."""
+    measured), timed over one-token forwards. Measured once per CPU model, torch and transformers version, thread count,
+    shapes and version of this file, then read from the cache folder. Returns {dtype: {"ms": per token, "experts":
+    chosen, "experts_ms": each candidate's, "layers": timed}}."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM

@@ -8,7 +8,7 @@ from pathlib import Path
 
 def other_dtype() -> str:
     """The CPU dtype this machine did not pick (float32 or bfloat16): CI runs the numerics-sensitive tests
-    again under it, so that the other kind of CPU's choice is exercised on purpose."""
+    again under it, so that the other dtype is exercised on purpose."""
     from helpers.hardware import dtype_name
     from helpers.loading import pick_dtype
 
