@@ -171,7 +171,7 @@ MATRIX_PRODUCTS = {
 }  # fmt: skip
 
 
-def step_profile(runner, ids: list, steps: int = 8) -> dict:
+def step_profile(runner, ids: list, steps: int = 8, repeats: int = 3) -> dict:
     """Where one decode step's time goes, in ms per step: `steps` greedy steps after the prompt `ids`, run as a
     plain loop of forwards under torch.profiler, operators' own time split into matrix products, attention and
     the other operators; what the step spends outside any operator (Python in the model's code), from the loop
@@ -200,8 +200,8 @@ def step_profile(runner, ids: list, steps: int = 8) -> dict:
 
     with torch.no_grad():
         loop()  # warm-up
-        plain = min(loop() for _ in range(3))
-        generated = min(generate_decode() for _ in range(3))
+        plain = min(loop() for _ in range(repeats))  # the least disturbed of `repeats` timings
+        generated = min(generate_decode() for _ in range(repeats))
         out = model(prompt, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -322,7 +322,8 @@ def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: in
     profiled = config.prompts == 1 and not (
         config.ram_gib or config.expert_cache or config.compile or config.cache
     )
-    step = step_profile(runner, rows[0], steps=PROFILED_STEPS) if profiled else None
+    steps, repeats = (PROFILED_STEPS, 3) if warm else (1, 1)  # the quick run proves the profile runs, no more
+    step = step_profile(runner, rows[0], steps, repeats) if profiled else None
 
     context = sum(r["prompt_tokens"] for r in runs) / len(runs) + (1 + warmup + new_tokens) / 2
     element = model.dtype.itemsize

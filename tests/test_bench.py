@@ -126,6 +126,11 @@ def test_bench_quick_runs_every_configuration(tmp_path):
         assert len({r["load_s"] for r in result["rows"] if r["name"] in {c.name for c in group}}) == 1, group
     naive = next(r for r in result["rows"] if r["name"] == NAIVE)
     assert naive["vs_naive"] == 1 and naive["experts"] == "grouped_mm" and naive["dtype"] == "float32"
+    profiled = [r for r in result["rows"] if r["step"]]  # one sequence, in memory, not compiled
+    assert naive in profiled and all(r["prompts"] == 1 and not r["compile"] for r in profiled)
+    assert all(
+        r["step"]["ms"]["matrix products"] > 0 and min(r["step"]["ms"].values()) >= 0 for r in profiled
+    )
     md = (tmp_path / "bench.md").read_text()
     assert (
         "| configuration |" in md
