@@ -8,6 +8,7 @@ more steps), against this machine's bandwidth ceiling (helpers.sizing).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -184,14 +185,16 @@ def step_profile(runner, ids: list, steps: int = 8, repeats: int = 3) -> dict:
     model = runner.model
     prompt = torch.tensor([ids], device=model.device)
 
-    def loop():
-        out = model(prompt, use_cache=True)  # the prompt pass: timed apart, below
+    def decode(profiler=None):
+        """The prompt pass (not timed), then `steps` greedy steps: their seconds, under `profiler` if given."""
+        out = model(prompt, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        started = time.perf_counter()
-        for _ in range(steps):
-            out = model(token, past_key_values=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-        return time.perf_counter() - started
+        with profiler or contextlib.nullcontext():
+            started = time.perf_counter()
+            for _ in range(steps):
+                out = model(token, past_key_values=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+            return time.perf_counter() - started
 
     def generate_decode():  # seconds from the first new token to the last, over `steps` steps
         knobs = dict(do_sample=False, max_new_tokens=steps + 1, min_new_tokens=steps + 1)
@@ -199,25 +202,16 @@ def step_profile(runner, ids: list, steps: int = 8, repeats: int = 3) -> dict:
         return times[-1] - times[0]
 
     with torch.no_grad():
-        loop()  # warm-up
-        plain = min(loop() for _ in range(repeats))  # the least disturbed of `repeats` timings
+        decode()  # warm-up
+        plain = min(decode() for _ in range(repeats))  # the least disturbed of `repeats` timings
         generated = min(generate_decode() for _ in range(repeats))
-        out = model(prompt, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                out = model(token, past_key_values=cache, use_cache=True)
-                token = out.logits[:, -1:].argmax(-1)
+        prof = profile(activities=[ProfilerActivity.CPU])
+        decode(prof)
+    part_of = {key: "matrix products" for key in MATRIX_PRODUCTS}
     ms = {"matrix products": 0.0, "attention": 0.0, "other operators": 0.0}
     counts = {"operators": 0, "conversions": 0, "concatenations": 0}
     for e in prof.key_averages():
-        part = (
-            "matrix products"
-            if e.key in MATRIX_PRODUCTS
-            else "attention"
-            if "dot_product" in e.key
-            else "other operators"
-        )
+        part = part_of.get(e.key, "attention" if "dot_product" in e.key else "other operators")
         ms[part] += e.self_cpu_time_total / 1000 / steps
         counts["operators"] += e.count / steps
         counts["conversions"] += e.count / steps if e.key == "aten::_to_copy" else 0

@@ -31,18 +31,16 @@ sys.path.insert(0, str(ROOT))
 
 from helpers.files import atomic_file  # noqa: E402
 from helpers.hardware import best_seconds, cpuinfo, measure_bandwidth, timing_buffer_bytes  # noqa: E402
-from helpers.quantize import quantized_linear  # noqa: E402
+from helpers.quantize import _int8, quantized_linear  # noqa: E402
 
 SHAPES = {"gate_up": (3072, 576), "down": (576, 1536)}  # the stand-in's experts: [2I, D] and [D, I]
 TOKENS = (1, 4)
 
 
 def _int8_rows(w):
-    """Symmetric int8 per output row: (q [N, K] int8, scale [N] float32)."""
-    import torch
-
-    scale = w.abs().amax(-1).clamp(min=1e-12) / 127
-    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+    """Symmetric int8 per output row, rounded as the package rounds: (q [N, K] int8, scale [N] float32)."""
+    q, scale = _int8(w[None])
+    return q[0], scale[0].float()
 
 
 def candidates() -> dict:

@@ -19,6 +19,13 @@ BLOG = "blog pipeline, fp32"
 TARGETS = dict(default=1.5, low_precision=3.0, own_ceiling=0.7, peer=2.0, kernel_share=0.7)
 
 
+def nearest(ours: list, per_token: float) -> dict:
+    """Our fastest configuration among those that read about `per_token` bytes per token (within 5% of the nearest)."""
+    gap = min(abs(r["bytes_per_token"] - per_token) for r in ours)
+    close = [r for r in ours if abs(r["bytes_per_token"] - per_token) <= gap + 0.05 * per_token]
+    return max(close, key=lambda r: r["decode_tok_s"])
+
+
 def verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
@@ -73,13 +80,7 @@ def report(bench: dict, kernels: dict, peer: dict | None, sources: tuple) -> str
     if peer:
         pairs = []
         for p in peer["rows"]:
-            gap = min(abs(r["bytes_per_token"] - p["bytes_per_token"]) for r in single)
-            close = [
-                r
-                for r in single
-                if abs(r["bytes_per_token"] - p["bytes_per_token"]) <= gap + 0.05 * p["bytes_per_token"]
-            ]
-            ours = max(close, key=lambda r: r["decode_tok_s"])  # our fastest at about the same bytes
+            ours = nearest(single, p["bytes_per_token"])
             pairs.append((p, ours, p["decode_tok_s"] / ours["decode_tok_s"]))
         worst = max(pairs, key=lambda t: t[2])
         lines.append(

@@ -234,8 +234,8 @@ def measure_dtypes(config: dict) -> dict:
     """Which dtype decodes faster on this machine: for each of DTYPES, a model with `config`'s shapes and random
     weights (`_dtype_probe_config`), switched to the fast path as `load_pipeline` would (kernels and experts
     measured), timed over one-token forwards. Measured once per CPU model, torch and transformers version, thread count,
-    shapes and version of this file, then read from the cache folder. Returns {dtype: {"ms": per token, "experts":
-    chosen, "experts_ms": each candidate's, "layers": timed}}."""
+    shapes and version of this file, then read from the cache folder. Returns {dtype: {"ms": per token, "layers":
+    timed}}."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -263,16 +263,8 @@ def measure_dtypes(config: dict) -> dict:
         torch.manual_seed(0)
         for name in DTYPES:
             model = AutoModelForCausalLM.from_config(probe, dtype=getattr(torch, name)).eval()
-            choose_kernels(model)
-            moe = bool(getattr(probe, "num_local_experts", None))
-            experts = choose_experts(model, EXPERTS_CANDIDATES) if moe else {}
-            chosen = model.config._experts_implementation if moe else "dense"
-            figures[name] = dict(
-                ms=1000 * _time_decode(model),
-                experts=chosen,
-                layers=probe.num_hidden_layers,
-                experts_ms={k: v and 1000 * v for k, v in experts.items()},
-            )
+            apply_recipe(model, fast_recipe(model.dtype, "measured", "cpu"))
+            figures[name] = dict(ms=1000 * _time_decode(model), layers=probe.num_hidden_layers)
             del model
         atomic_file(path, lambda tmp: tmp.write_text(json.dumps(figures, indent=1)))
     return figures
@@ -287,10 +279,11 @@ def measured_dtype(config: dict) -> tuple:
     f = measure_dtypes(config)
     f32, b16 = f["float32"]["ms"], f["bfloat16"]["ms"]
     chosen = "float32" if f32 < MARGIN * b16 else "bfloat16"
+    margin = f"{1 - MARGIN:.0%}"
     why = (
-        "more than 10% faster"
+        f"more than {margin} faster"
         if chosen == "float32"
-        else "the blog's dtype, not more than 10% slower than float32"
+        else f"the blog's dtype, not more than {margin} slower than float32"
     )
     return getattr(torch, chosen), (
         f"{chosen}: {why} here, measured: bfloat16 {b16:.1f} ms, float32 {f32:.1f} ms for one token through "

@@ -86,10 +86,12 @@ def pick_dtype(name: str | None = None) -> tuple:
     """The dtype the model `name` (default: `model_path()`) loads in, and why: $MIXTRAL_DTYPE when set; on a GPU,
     the GPU's (bf16, or float16 without it); on a CPU, the one measured to decode this model's shapes fastest
     here (fastpath.measured_dtype, once per machine). Returns (torch dtype, reason). Taught in 00_setup."""
-    forced = forced_dtype() or gpu_dtype()
-    if forced is not None:
-        return forced
-    return measured_dtype(read_config(resolve_local(name or model_path())))
+    return _dtype(lambda: read_config(resolve_local(name or model_path())))
+
+
+def _dtype(config) -> tuple:
+    """pick_dtype's rule; `config()` is read only where the dtype is measured (a CPU, nothing forced)."""
+    return forced_dtype() or gpu_dtype() or measured_dtype(config())
 
 
 def read_config(path) -> dict:
@@ -176,7 +178,7 @@ def load_local(name: str | None = None, dtype=None, fit=None, fast: bool = True,
     path = resolve_local(name or model_path())
     config = read_config(path)
     record = (
-        LoadRecord(*pick_dtype(path), fit)
+        LoadRecord(*_dtype(lambda: config), fit)  # the config read above, not read again
         if dtype is None
         else LoadRecord(dtype, "chosen by the caller", fit)
     )

@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from targets import nearest  # noqa: E402  (the one rule for "ours at about the same bytes")
+
 PEER = ROOT / "build" / "peer"
 BIN = PEER / "llama.cpp-build" / "bin"
 TYPES = ["f32", "bf16", "q8_0", "q4_0"]
@@ -208,13 +211,6 @@ def check(folder: Path, prompt: str, n: int, threads: int) -> bool:
         "OK" if ok else "MISMATCH: the conversion is wrong (Q/K permutation? expert order? tokenizer?)",
     )
     return ok
-
-
-def nearest(ours: list, per_token: float) -> dict:
-    """Our fastest configuration among those that read about `per_token` bytes per token (within 5% of the nearest)."""
-    gap = min(abs(r["bytes_per_token"] - per_token) for r in ours)
-    close = [r for r in ours if abs(r["bytes_per_token"] - per_token) <= gap + 0.05 * per_token]
-    return max(close, key=lambda r: r["decode_tok_s"])
 
 
 def main() -> int:
