@@ -90,8 +90,8 @@ CONFIGS = [
 
 def matvec_ceiling(kernels: dict, experts_share: float) -> float:
     """Tokens/s if a decode step did nothing but its matrix-vector products, each kind of weight at
-    the best speed `choose_kernels` measured for it: what the kernels allow (above the memory's
-    ceiling where the kernels were timed partly from the cache). `kernels`: {kind: {"gb_s": {kernel: GB/s}, "nbytes": bytes}}; `experts_share` = K / E, the part
+    the best speed `choose_kernels` measured for its shape (from memory, not a cache): what the kernels
+    allow. `kernels`: {kind: {"gb_s": {kernel: GB/s}, "nbytes": bytes}}; `experts_share` = K / E, the part
     of each expert tensor a token reads."""
     seconds = 0.0
     for kind, measured in kernels.items():

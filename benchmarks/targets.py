@@ -93,8 +93,8 @@ def report(bench: dict, kernels: dict, peer: dict | None, sources: tuple) -> str
         )
     lines += ["", "## What bounds them", ""]
     lines.append(
-        f"- The fast path's matrix products alone, each kind of weight at the best speed its kernels were measured "
-        f"at when it loaded, allow {default['matvec_ceiling_tok_s']:.1f} tok/s, "
+        f"- The fast path's matrix products alone, each kind of weight at the best speed measured for its shape "
+        f"on this machine, allow {default['matvec_ceiling_tok_s']:.1f} tok/s, "
         f"{default['matvec_ceiling_tok_s'] / default['ceiling_tok_s']:.0%} of its bandwidth ceiling."
     )
     lines += [f"- {step_line(r)}." for r in single if r.get("step")]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import GB
+from .decode import use_lean_step
 from .experts import register_experts
 from .files import atomic_file, cache_root
 from .hardware import best_seconds, cpuinfo, dtype_name, timing_buffer_bytes
@@ -58,21 +59,25 @@ _EXPERT_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # expe
 def per_token_experts(self, hidden_states, top_k_index, top_k_weights):
     """Experts for decoding: a few tokens, each through its K chosen experts, reading only those
     experts' weights (views, no copies, no masks), each product by the kernel `choose_kernels` measured
-    fastest for it. Longer inputs (a prompt) go to grouped_mm."""
-    from transformers.integrations.moe import grouped_mm_experts_forward
+    fastest for it; a token's K outputs summed in eager's order. Longer inputs (a prompt) go to grouped_mm."""
+    import torch
 
     if hidden_states.shape[0] > DECODE_TOKENS:
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     kernels = _EXPERT_KERNELS.get(self, {})
     gate_up_product = KERNELS[kernels.get("gate_up_proj", "F.linear")][1]
     down_product = KERNELS[kernels.get("down_proj", "F.linear")][1]
-    out = hidden_states.new_zeros(hidden_states.shape)  # [T, D]
-    for t, (chosen, weights) in enumerate(zip(top_k_index.tolist(), top_k_weights.tolist())):
-        x = hidden_states[t : t + 1]  # [1, D]
+    rows = []
+    for x, chosen, weights in zip(hidden_states.split(1), top_k_index.tolist(), top_k_weights.tolist()):
+        y = None  # [1, D]: eager adds each expert's output to zeros, and 0 + a is a
         for expert, weight in zip(chosen, weights):
             gate, up = gate_up_product(x, self.gate_up_proj[expert]).chunk(2, dim=-1)  # [1, I] each
-            out[t : t + 1] += down_product(self.act_fn(gate) * up, self.down_proj[expert]) * weight
-    return out
+            out = down_product(self.act_fn(gate) * up, self.down_proj[expert]) * weight
+            y = out if y is None else y + out
+        rows.append(y)
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 
 def column_major(weight):
@@ -129,49 +134,74 @@ class KindKernels:
     nbytes: int  # bytes of this kind in the model
 
 
-def _kernel_speeds(matrices, x) -> dict:
-    """{kernel: GB/s} over `matrices` (each [N, K]), one pass each, best of 3; laid out as each kernel reads."""
-    speeds = {}
-    size = sum(w.nbytes for w in matrices)
-    for kernel, (layout, product) in KERNELS.items():
-        laid = [column_major(w) for w in matrices] if layout else matrices
-        speeds[kernel] = size / best_seconds(lambda: [product(x, w) for w in laid]) / GB
-        del laid
-    return speeds
-
-
-def choose_kernels(model, sample_bytes: int = 128 * 2**20) -> dict:
-    """For each kind of weight, time a decode step's one-token products with each of KERNELS on this machine
-    and use the fastest: the weights' own F.linear unless another takes under MARGIN of its time. Each kind is
-    timed on up to `sample_bytes` of its matrices (a last-level cache larger than that, or than the whole kind, holds
-    part of them, and a speed can then exceed the memory's bandwidth); a re-layout goes one tensor at a time, so
-    memory grows by one tensor at most. Returns {kind: KindKernels}."""
+def _kernel_speeds(shape: tuple, dtype) -> dict:
+    """{kernel: GB/s} of one-token products with [N, K] = `shape` matrices of `dtype` on this CPU: as many
+    distinct ones (at most 8,192) as fill `timing_buffer_bytes()`, more than the last-level cache holds, so
+    they come from memory as a decode step's weights do; best of 3 passes. Measured once per machine
+    (`_once_per_machine`)."""
     import torch
 
+    def measure():
+        n, k = shape
+        size = n * k * torch.empty(0, dtype=dtype).element_size()
+        count = max(1, min(8192, math.ceil(timing_buffer_bytes() / size)))
+        flat = torch.full((count * n * k,), 0.01, dtype=dtype)  # the values do not change a product's time
+        layouts = {None: flat.view(count, n, k), "column-major": flat.view(count, k, n).transpose(-1, -2)}
+        x = torch.randn(1, k, dtype=dtype)
+        return {
+            kernel: count * size / best_seconds(lambda m=layouts[layout]: [product(x, w) for w in m]) / GB
+            for kernel, (layout, product) in KERNELS.items()
+        }
+
+    return _once_per_machine("kernels", [list(shape), dtype_name(dtype), list(KERNELS)], measure)
+
+
+def _once_per_machine(name: str, key: list, measure) -> dict:
+    """`measure()`'s figures, measured once per CPU model, torch and transformers version, thread count,
+    version of this file and `key`, then read from the cache folder (`measured/`); under a lock, so one
+    process measures and the others wait for its figures."""
+    import torch
+    import transformers
+
+    machine = [
+        cpuinfo("model name") or platform.processor(),
+        torch.__version__,
+        transformers.__version__,
+        torch.get_num_threads(),
+        hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12],
+    ]
+    digest = hashlib.sha256(json.dumps([machine, key], sort_keys=True, default=str).encode()).hexdigest()
+    path = cache_root() / "measured" / f"{name}-{digest[:16]}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return json.loads(path.read_text())
+        figures = measure()
+        atomic_file(path, lambda tmp: tmp.write_text(json.dumps(figures, indent=1)))
+    return figures
+
+
+def choose_kernels(model) -> dict:
+    """For each kind of weight, the one-token product each of KERNELS makes with matrices of its shape and
+    dtype on this CPU (`_kernel_speeds`: from memory, not a cache; once per machine), and that kind switched to
+    the fastest: the weights' own F.linear unless another takes under MARGIN of its time. A re-layout goes
+    one tensor at a time, so memory grows by one tensor at most. Returns {kind: KindKernels}."""
     report = {}
-    with torch.no_grad():
-        for kind, members in _weight_groups(model).items():
-            params = [getattr(m, a) for _, m, a in members]
-            rows = [w for p in params for w in (p if p.dim() == 3 else [p])]  # each [out, in]
-            sample, size = [], 0
-            for w in rows:
-                sample.append(w)
-                size += w.nbytes
-                if size >= sample_bytes:
-                    break
-            x = torch.randn(1, rows[0].shape[-1], dtype=rows[0].dtype, device=rows[0].device)
-            speeds = _kernel_speeds(sample, x)
-            best = max(speeds, key=speeds.get)
-            chosen = best if speeds["F.linear"] < MARGIN * speeds[best] else "F.linear"
-            for name, module, attribute in members:
-                p = getattr(module, attribute)
-                if KERNELS[chosen][0] == "column-major":
-                    p.data = column_major(p.data)
-                if p.dim() == 3:
-                    _EXPERT_KERNELS.setdefault(module, {})[attribute] = chosen
-                elif chosen == "torch.mv":
-                    model.set_submodule(name, matvec_linear()(module))
-            report[kind] = KindKernels(speeds, chosen, sum(p.nbytes for p in params))
+    for kind, members in _weight_groups(model).items():
+        params = [getattr(m, a) for _, m, a in members]
+        speeds = _kernel_speeds(tuple(params[0].shape[-2:]), params[0].dtype)
+        best = max(speeds, key=speeds.get)
+        chosen = best if speeds["F.linear"] < MARGIN * speeds[best] else "F.linear"
+        for name, module, attribute in members:
+            p = getattr(module, attribute)
+            if KERNELS[chosen][0] == "column-major":
+                p.data = column_major(p.data)
+            if p.dim() == 3:
+                _EXPERT_KERNELS.setdefault(module, {})[attribute] = chosen
+            elif chosen == "torch.mv":
+                model.set_submodule(name, matvec_linear()(module))
+        report[kind] = KindKernels(speeds, chosen, sum(p.nbytes for p in params))
     return report
 
 
@@ -233,32 +263,14 @@ def _time_decode(model, rounds: int = 5) -> float:
 def measure_dtypes(config: dict) -> dict:
     """Which dtype decodes faster on this machine: for each of DTYPES, a model with `config`'s shapes and random
     weights (`_dtype_probe_config`), switched to the fast path as `load_pipeline` would (kernels and experts
-    measured), timed over one-token forwards. Measured once per CPU model, torch and transformers version, thread count,
-    shapes and version of this file, then read from the cache folder. Returns {dtype: {"ms": per token, "layers":
-    timed}}."""
+    measured), timed over one-token forwards. Measured once per machine and shapes (`_once_per_machine`).
+    Returns {dtype: {"ms": per token, "layers": timed}}."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM
 
     probe = _dtype_probe_config(config)
-    key = json.dumps(
-        [
-            cpuinfo("model name") or platform.processor(),
-            torch.__version__,
-            transformers.__version__,
-            torch.get_num_threads(),
-            probe.to_dict(),
-            hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12],
-        ],
-        sort_keys=True,
-        default=str,
-    )
-    path = cache_root() / "measured" / f"dtypes-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one process measures; the others wait for its figures
-        if path.is_file():
-            return json.loads(path.read_text())
+
+    def measure():
         figures = {}
         torch.manual_seed(0)
         for name in DTYPES:
@@ -266,8 +278,9 @@ def measure_dtypes(config: dict) -> dict:
             apply_recipe(model, fast_recipe(model.dtype, "measured", "cpu"))
             figures[name] = dict(ms=1000 * _time_decode(model), layers=probe.num_hidden_layers)
             del model
-        atomic_file(path, lambda tmp: tmp.write_text(json.dumps(figures, indent=1)))
-    return figures
+        return figures
+
+    return _once_per_machine("dtypes", [probe.to_dict()], measure)
 
 
 def measured_dtype(config: dict) -> tuple:
@@ -368,11 +381,20 @@ MEASURED = (
     "implementation that runs one token fastest with eager's answer"
 )
 
+LEAN = (
+    "one-token steps through decode.lean_forward: the same modules and arithmetic as transformers' forward "
+    "(the same logits, bit for bit) with fewer calls around them; prompts, padding and hooks on a layer go "
+    "through transformers' own"
+)
+
 
 def apply_recipe(model, recipe: Recipe) -> Recipe:
-    """Switch a loaded model to the recipe (in place), measuring what it says to measure; the recipe, its
-    figures filled in (`load_pipeline` keeps it as `model.load_record.recipe`)."""
+    """Switch a loaded model to the recipe (in place), measuring what it says to measure, and its one-token
+    steps to decode.lean_forward where it applies; the recipe, its figures filled in (`load_pipeline` keeps it
+    as `model.load_record.recipe`)."""
     moe = bool(getattr(model.config, "num_local_experts", None))
+    if use_lean_step(model):
+        recipe.reasons.append(LEAN)
     if recipe.probe and recipe.device == "cpu":
         recipe.kernels = choose_kernels(model)
     if moe and recipe.probe:

@@ -5,9 +5,11 @@ import pytest
 import torch
 from conftest import tiny_moe
 
+import helpers.decode as decode
 import helpers.fastpath as fastpath
 
 from helpers import describe, load_pipeline
+from helpers.decode import use_lean_step
 from helpers.experts import register_experts
 from helpers.fastpath import (
     DECODE_TOKENS,
@@ -81,7 +83,7 @@ def test_every_kernel_gives_the_eager_answer(monkeypatch, kernel, tokens):
         expected = model(ids).logits
         # every kind measured fastest with `kernel`
         monkeypatch.setattr(
-            fastpath, "_kernel_speeds", lambda m, x: {k: 2.0 if k == kernel else 1.0 for k in KERNELS}
+            fastpath, "_kernel_speeds", lambda shape, dtype: {k: 2.0 if k == kernel else 1.0 for k in KERNELS}
         )
         report = choose_kernels(model)
         register_experts("per_token", per_token_experts)
@@ -95,7 +97,7 @@ def test_a_kernel_must_be_clearly_faster_to_replace_f_linear(monkeypatch, tiny_d
     monkeypatch.setattr(
         fastpath,
         "_kernel_speeds",
-        lambda m, x: {"F.linear": 1.0, "torch.mv": 1.05, "F.linear, column-major": 0.5},
+        lambda shape, dtype: {"F.linear": 1.0, "torch.mv": 1.05, "F.linear, column-major": 0.5},
     )
     assert {k.chosen for k in choose_kernels(tiny_dense).values()} == {"F.linear"}
 
@@ -104,6 +106,30 @@ def test_choose_kernels_reports_every_kind_once_with_tied_weights(tiny_dense):
     report = choose_kernels(tiny_dense)  # lm_head shares its tensor with the embeddings
     assert "lm_head" in report and "embed_tokens" not in report
     assert tiny_dense.lm_head.weight is tiny_dense.model.embed_tokens.weight
+
+
+def test_kernels_are_timed_from_memory_once_per_machine(monkeypatch, tmp_path):
+    """Each kind's kernels are timed on more distinct matrices than the last-level cache holds, once: a second
+    model of the same shapes reads the figures the first one measured."""
+    monkeypatch.setenv("MIXTRAL_NOTEBOOKS_CACHE", str(tmp_path))
+    monkeypatch.setattr(fastpath, "timing_buffer_bytes", lambda: 2**20)
+    timed = []
+    monkeypatch.setattr(fastpath, "best_seconds", lambda run: timed.append(len(run())) or 1e-3)
+    first = choose_kernels(tiny_moe(seed=6))
+    assert timed and all(n == 2**20 // (first["q_proj"].nbytes // 2) for n in timed[:3])  # 1 MiB of q_proj's
+    count = len(timed)
+    second = choose_kernels(tiny_moe(seed=7))
+    assert len(timed) == count and {k: v.gb_s for k, v in second.items()} == {
+        k: v.gb_s for k, v in first.items()
+    }
+    shapes = {
+        tuple(getattr(m, a).shape[-2:])
+        for kind in fastpath._weight_groups(tiny_moe()).values()
+        for _, m, a in kind
+    }
+    assert (
+        len(list((tmp_path / "measured").glob("kernels-*.json"))) == len(shapes) < len(first)
+    )  # q and o share one
 
 
 def test_an_experts_implementation_with_another_answer_is_never_chosen(monkeypatch):
@@ -141,3 +167,85 @@ def test_load_pipeline_takes_the_fast_path_unless_told_not_to(tiny_mixtral_dir):
     assert "fast path on cpu" in describe(fast, detail=True) and "blog's plain pipeline" in describe(plain)
     assert len(describe(fast).splitlines()) == 1 and "fast path" in describe(fast)
     assert not hasattr(plain.model, "recipe")
+
+
+# ---------------------------------------------------------------- the lean decode step
+def greedy_logits(model, ids, steps, **extra):
+    """The logits of `steps` greedy one-token forwards after the prompt `ids`, through a DynamicCache."""
+    with torch.no_grad():
+        out = model(ids, use_cache=True, **extra)
+        cache, token, logits = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+        for _ in range(steps):
+            out = model(token, past_key_values=cache, use_cache=True, **extra)
+            token = out.logits[:, -1:].argmax(-1)
+            logits.append(out.logits)
+    return torch.cat(logits, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_lean_step_gives_transformers_logits_bit_for_bit(dtype, batch):
+    model = tiny_moe(seed=8).to(dtype)
+    register_experts("per_token", per_token_experts)
+    model.set_experts_implementation("per_token")
+    ids = torch.randint(0, 512, (batch, 7))
+    expected = greedy_logits(model, ids, 6)
+    calls = []
+    model.model.register_forward_hook(lambda *_: calls.append(1))
+    assert use_lean_step(model)
+    spy = []
+    original = decode._plain
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode, "_plain", lambda *a: spy.append(original(*a)) or spy[-1])
+        got = greedy_logits(model, ids, 6)
+    assert (
+        spy == [True] + [False] * 6
+    )  # the prompt through transformers' forward, every step through lean_forward
+    assert torch.equal(got, expected)
+
+
+def test_the_lean_step_steps_aside_for_what_it_does_not_do():
+    """Padding, outputs asked for, a hook on a layer: transformers' own forward, and the same answer."""
+    model = tiny_moe(seed=9)
+    assert use_lean_step(model)
+    ids = torch.randint(0, 512, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[0, :2] = 0
+    seen = []
+    original = decode._plain
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decode, "_plain", lambda *a: seen.append(original(*a)) or seen[-1])
+        with torch.no_grad():
+            out = model(ids, attention_mask=mask, use_cache=True)
+            model(
+                ids[:, :1],
+                attention_mask=torch.cat([mask, mask[:, :1]], 1),
+                past_key_values=out.past_key_values,
+            )
+        assert seen[-1] is True  # padding
+        greedy_logits(model, ids, 1, output_router_logits=True)
+        assert seen[-1] is True
+        handle = model.model.layers[1].register_forward_hook(lambda *_: None)
+        greedy_logits(model, ids, 1)
+        assert seen[-1] is True
+        handle.remove()
+        greedy_logits(model, ids, 1)
+        assert seen[-1] is False
+
+
+def test_hooks_on_the_modules_the_lean_step_calls_still_fire():
+    """Routing records (moe.py) and prefetch hook the routers and norms: the lean step calls those modules."""
+    model = tiny_moe(seed=10)
+    use_lean_step(model)
+    routed, normed = [], []
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(lambda m, i, o: routed.append(o[2].tolist()))
+        layer.post_attention_layernorm.register_forward_pre_hook(lambda m, i: normed.append(1))
+    greedy_logits(model, torch.randint(0, 512, (1, 4)), 3)
+    assert len(routed) == len(normed) == 2 * 4  # 2 layers, the prompt and 3 steps
+
+
+def test_the_lean_step_is_not_used_across_devices():
+    model = tiny_moe(seed=11)
+    model.hf_device_map = {"model.layers.0": 0, "model.layers.1": "cpu"}
+    assert not use_lean_step(model) and "forward" not in vars(model.model)

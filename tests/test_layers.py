@@ -26,6 +26,7 @@ LAYERS = {
     "fitting": 1,  # how a model fits (fit=), what was loaded (LoadRecord)
     "sizing": 2,  # parameters, bytes, ceilings, the fit check
     "experts": 2,  # the experts' one loop; transformers' experts registry
+    "decode": 2,  # one decode step without transformers' machinery around it
     "prompts": 3,
     "standin": 3,
     "fastpath": 3,
@@ -48,7 +49,7 @@ LAYERS = {
 # The measures README's "The code" states, each with its target. One not yet at its target is held where it stands:
 # its ceiling may fall with any change, and rises only with a change that says so in the README.
 TARGETS = dict(helpers_lines=3400, core_lines=900, public_names=70, parameters=6)
-CEILINGS = dict(helpers_lines=6095, core_lines=1043, public_names=99)
+CEILINGS = dict(helpers_lines=6221, core_lines=1043, public_names=99)
 CORE = (
     "backends.py",
     "loading.py",
