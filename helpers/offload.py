@@ -20,6 +20,7 @@ import contextlib
 import functools
 import weakref
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,15 +234,30 @@ def layer_caches(model) -> list:
     return [_CACHES[m] for m in model.modules() if m in _CACHES]
 
 
-def _loaders(model) -> list:
-    """accelerate's offloaded-weights loaders of a dispatched model (one, shared by its hooks)."""
-    found = {}
-    for module in model.modules():
-        weights = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
-        loader = getattr(weights, "dataset", weights)
-        if loader is not None and hasattr(loader, "index"):
-            found[id(loader)] = loader
-    return list(found.values())
+class _Counted(Mapping):
+    """An accelerate hook's weights map that counts the bytes it hands out, by where the loader kept them:
+    its `state_dict` (RAM) or its memory-mapped files (disk). Everything else is the map's own."""
+
+    def __init__(self, inner, count: Counter):
+        self.inner, self.count = inner, count
+        self.loader = getattr(inner, "dataset", inner)  # a PrefixedDataset over accelerate's loader
+
+    def __getitem__(self, key):
+        tensor = self.inner[key]
+        where = (
+            "from RAM" if getattr(self.inner, "prefix", "") + key in self.loader.state_dict else "from disk"
+        )
+        self.count[where] += tensor.nbytes
+        return tensor
+
+    def __contains__(self, key):  # a look, not a load
+        return key in self.inner
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def __len__(self):
+        return len(self.inner)
 
 
 def resident_bytes(model) -> float:
@@ -287,17 +303,12 @@ class OffloadMeter:
 
     def __enter__(self):
         count = Counter()
-        for loader in _loaders(self.model):  # count what accelerate copies in
-            base = type(loader)
-
-            class Counting(base):
-                def __getitem__(self, key, _base=base):
-                    tensor = _base.__getitem__(self, key)
-                    count["from RAM" if key in self.state_dict else "from disk"] += tensor.nbytes
-                    return tensor
-
-            loader.__class__ = Counting
-            self._undo.append(lambda loader=loader, base=base: setattr(loader, "__class__", base))
+        for module in self.model.modules():  # count what accelerate's hooks copy in, where they read it
+            hook = getattr(module, "_hf_hook", None)
+            weights = getattr(hook, "weights_map", None)
+            if hasattr(getattr(weights, "dataset", weights), "index"):  # an offloaded-weights loader
+                hook.weights_map = _Counted(weights, count)
+                self._undo.append(lambda hook=hook, weights=weights: setattr(hook, "weights_map", weights))
         caches, resident = layer_caches(self.model), resident_bytes(self.model)
         state = dict(
             before=sum((c.count for c in caches), Counter()), storage=storage_read_bytes()

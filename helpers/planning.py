@@ -10,6 +10,7 @@ import contextlib
 import functools
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 
 from . import hardware
@@ -271,14 +272,14 @@ def remote_gpus(experts: int, per_token: int, gpus: int) -> float:
 
 def parallel_step(
     model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1",
-    gpu: str = "MI300X",
-    count: int = 8,
+    gpus: str = "8x MI300X",
     batch: int = 1,
     scheme: str = "tensor",
     precision: str = "bfloat16",
     context: int = 2048,
 ) -> dict:
-    """One decode step of `batch` sequences (`context` tokens cached each) on `count` GPUs of one node, one of SCHEMES:
+    """One decode step of `batch` sequences (`context` tokens cached each) on the `gpus` of one node ("8x MI300X",
+    as a Plan's label says it), one of SCHEMES:
     what the GPU that sets the pace reads from its memory and sends over its links (it receives as much), and
     the time of each at the published rates (GPU_TYPES, PEER_LINK_GBS), added with no overlap: a ceiling's kind of
     estimate, with no per-exchange latency. PEER_LINK_GBS is all of a GPU's links at once; a GPU that sends to few
@@ -295,13 +296,16 @@ def parallel_step(
     exchanges in one step (two per layer, each with a start-up latency that is not counted).
     Taught in 08_performance."""
     c, size = as_config(model), dtype_bytes(precision)
-    whole_number("count", count, 1, " (the number of GPUs)")
+    parsed = re.fullmatch(r"\s*(\d+)\s*x\s*(\S+)\s*", gpus) if isinstance(gpus, str) else None
+    if not parsed or int(parsed[1]) < 1:
+        raise ValueError(f'gpus={gpus!r}: say how many of which GPU, as "8x MI300X" or "4x H100"')
+    count, gpu = int(parsed[1]), parsed[2]
     whole_number("batch", batch, 1, " (sequences decoded together)")
     if scheme not in SCHEMES:
         raise ValueError(f"scheme={scheme!r}: use one of {', '.join(map(repr, SCHEMES))}")
     if gpu not in PEER_LINK_GBS:
         raise ValueError(
-            f"gpu={gpu!r}: GPU-to-GPU link rates are known for {', '.join(PEER_LINK_GBS)} (PEER_LINK_GBS)"
+            f"gpus={gpus!r}: GPU-to-GPU link rates are known for {', '.join(PEER_LINK_GBS)} (PEER_LINK_GBS)"
         )
     E, K, L, D, N = c.num_local_experts, c.num_experts_per_tok, c.num_hidden_layers, c.hidden_size, count
     if E % N:

@@ -118,11 +118,24 @@ class SandboxResult:
         return f"{self.status.upper()}: {self.detail}"
 
 
-def _limits(cpu_s: int, memory_mb: int, file_mb: int):
+@dataclass(frozen=True)
+class Limits:
+    """What the sandboxed child may spend: wall-clock seconds (then its process group is killed), CPU seconds,
+    address space, bytes written to one file, and output read back."""
+
+    timeout_s: float = 10.0
+    cpu_s: int = 10
+    memory_mb: int = 512
+    file_mb: int = 1
+    output_kib: int = 64
+
+
+def _rlimits(limits: Limits):
     def apply():
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s + 1))  # SIGXCPU first, SIGKILL a second later
-        resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_mb << 20, file_mb << 20))
+        cpu, memory, file = limits.cpu_s, limits.memory_mb << 20, limits.file_mb << 20
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU first, SIGKILL a second later
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file, file))
         resource.setrlimit(
             resource.RLIMIT_NPROC, (0, 0)
         )  # no new processes (root ignores it: the child drops to nobody)
@@ -135,18 +148,14 @@ def run_sandboxed(
     code: str,
     cases=None,
     names=("minDistance", "min_distance", "edit_distance"),
-    timeout_s: float = 10.0,
-    cpu_s: int = 10,
-    memory_mb: int = 512,
-    file_mb: int = 1,
-    output_kib: int = 64,
+    limits: Limits = Limits(),
     layers: str = "both",
 ) -> SandboxResult:
     """Run `code`'s two-argument function on `cases` in a separate, limited Python process (03_code).
 
     The child: `python -I -S`, a fresh temporary folder, an empty environment, rlimits on CPU time,
     memory, file size and processes, a wall-clock timeout that kills its whole process group, output
-    capped at `output_kib`; as root it runs as nobody. It gets the inputs only: the expected answers stay
+    capped (all of them `limits`); as root it runs as nobody. It gets the inputs only: the expected answers stay
     here, where what it returned is checked. `layers`: "both" (default) puts the kernel's layers
     (network namespace, seccomp, Landlock) and the deny-by-default audit hook in place; "kernel" leaves the
     hook out (to see what the kernel alone stops); "audit hook" runs with the hook alone, for a kernel that
@@ -175,21 +184,21 @@ def run_sandboxed(
     workdir = Path(tempfile.mkdtemp(prefix="sandbox-"))
     started = time.perf_counter()
     try:
-        proc, read_end = _start_child(workdir, code, spec, cpu_s, memory_mb, file_mb)
+        proc, read_end = _start_child(workdir, code, spec, limits)
         output, flooded = _reader(
-            lambda: proc.stdout.read1(1 << 16), output_kib << 10, lambda: _kill_group(proc)
+            lambda: proc.stdout.read1(1 << 16), limits.output_kib << 10, lambda: _kill_group(proc)
         )
         raw, _ = _reader(lambda: os.read(read_end, 1 << 16), 1 << 20)
         result = None
         try:
-            proc.wait(timeout=timeout_s)
+            proc.wait(timeout=limits.timeout_s)
         except subprocess.TimeoutExpired:
-            result = SandboxResult("timeout", f"still running after {timeout_s:.0f} s: stopped")
+            result = SandboxResult("timeout", f"still running after {limits.timeout_s:.0f} s: stopped")
         finally:
             _kill_group(proc)
             proc.wait()
         if result is None and flooded():
-            result = SandboxResult("killed by a limit", f"printed more than {output_kib} KiB")
+            result = SandboxResult("killed by a limit", f"printed more than {limits.output_kib} KiB")
         held, report = _child_report(raw())
         result = result or _child_result(report, proc.returncode, cases)
         os.close(read_end)
@@ -217,7 +226,7 @@ _NO_KERNEL = (
 )
 
 
-def _start_child(workdir: Path, code: str, spec: dict, cpu_s: int, memory_mb: int, file_mb: int):
+def _start_child(workdir: Path, code: str, spec: dict, limits: Limits):
     """The child program, the candidate and its spec in `workdir`, started under the limits:
     (process, read end of the pipe it writes its report to)."""
     python, drop_to = _sandbox_python()
@@ -237,7 +246,7 @@ def _start_child(workdir: Path, code: str, spec: dict, cpu_s: int, memory_mb: in
         pass_fds=(write_end,),
         env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(workdir)},
         start_new_session=True,
-        preexec_fn=_limits(cpu_s, memory_mb, file_mb),
+        preexec_fn=_rlimits(limits),
     )
     os.close(write_end)
     return proc, read_end

@@ -108,36 +108,52 @@ def served_name(model: str) -> str:
     return known.get(folder.name, re.sub(r"[^A-Za-z0-9._-]", "-", folder.name))
 
 
+SERVER_WAIT_S = 180  # how long start_local_server waits for the server's first answer
+CB_BLOCKS = 64  # the server's KV cache, in blocks of 256 tokens: left to itself, transformers takes 60% of a CPU's RAM
+
+
+@dataclass(frozen=True)
+class Room:
+    """Who can reach a served model and what it allows: the address it listens on (`host`: loopback by default;
+    "0.0.0.0" lets other machines connect; `port`: a free one by default), the room's cap on new tokens per
+    answer (longer requests are cut to it) and its key (the server answers only requests that carry it,
+    Authorization: Bearer <key>). Checked when made."""
+
+    host: str = "127.0.0.1"
+    port: int | None = None
+    max_new_tokens: int | None = None
+    api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.max_new_tokens is not None:
+            whole_number(
+                "max_new_tokens", self.max_new_tokens, 1, " (the room's cap on new tokens per answer)"
+            )
+        key = self.api_key
+        if key is not None and (not isinstance(key, str) or not key.strip() or key.strip() != key):
+            raise ValueError(
+                "api_key must be a non-empty string without spaces around it (or None for no key)"
+            )
+
+
 def start_local_server(
-    model: str | None = None,
-    port: int | None = None,
-    dtype: str | None = None,
-    wait_s: float = 180,
-    host: str = "127.0.0.1",
-    batching: bool = True,
-    cb_blocks: int = 64,
-    max_new_tokens: int | None = None,
-    api_key: str | None = None,
+    model: str | None = None, dtype: str | None = None, batching: bool = True, room: Room = Room()
 ) -> LocalServer:
-    """transformers' OpenAI-compatible server (room_server.py) on `host` (loopback by default) with the
-    stand-in (or `model`), ready when this returns; clients ask for `server.model` (`served_name`).
-    For a room, host="0.0.0.0" lets other machines connect. `batching`: continuous batching (paged
-    attention), so that concurrent requests share each decode step; False serves one request at a time.
-    Its KV cache holds `cb_blocks` x 256 tokens: left to itself, transformers sizes it at 60% of a CPU
-    machine's RAM. `max_new_tokens`: the room's cap, longer requests are cut to it. `api_key`: the
-    server answers only requests that carry it (Authorization: Bearer <key>). Taught in 09_serving."""
+    """transformers' OpenAI-compatible server (room_server.py) with the stand-in (or `model`), reachable and
+    limited as `room` says, ready when this returns; clients ask for `server.model` (`served_name`).
+    `batching`: continuous batching (paged attention), so that concurrent requests share each decode step;
+    False serves one request at a time. Taught in 09_serving."""
     model = model or model_path()
     model = (
         os.path.abspath(model) if os.path.isdir(model) else model
     )  # the server runs in a folder of its own
-    port = port or free_port()
+    host, port, max_new_tokens, api_key = (
+        room.host,
+        room.port or free_port(),
+        room.max_new_tokens,
+        room.api_key,
+    )
     dtype = dtype or dtype_name(pick_dtype()[0])
-    if max_new_tokens is not None:
-        whole_number("max_new_tokens", max_new_tokens, 1, " (the room's cap on new tokens per answer)")
-    if api_key is not None and (
-        not isinstance(api_key, str) or not api_key.strip() or api_key.strip() != api_key
-    ):
-        raise ValueError("api_key must be a non-empty string without spaces around it (or None for no key)")
     cache_root().mkdir(parents=True, exist_ok=True)
     log = str(cache_root() / f"serve-{port}.log")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
@@ -160,7 +176,7 @@ def start_local_server(
             "--dtype",
             dtype,
             "--cb-blocks",
-            str(cb_blocks),
+            str(CB_BLOCKS),
             "--parent-pid",
             str(os.getpid()),
         ]  # it exits when this process does
@@ -181,7 +197,7 @@ def start_local_server(
         max_new_tokens,
     )
     atexit.register(server.stop)  # a kernel that exits takes its server with it
-    deadline = time.time() + wait_s
+    deadline = time.time() + SERVER_WAIT_S
     while time.time() < deadline:
         if process.poll() is not None:
             raise EndpointError(f"the server exited ({process.returncode}); see {log}")
@@ -195,7 +211,7 @@ def start_local_server(
         except OSError:
             time.sleep(0.5)
     server.stop()
-    raise EndpointError(f"the server did not answer within {wait_s:.0f} s; see {log}")
+    raise EndpointError(f"the server did not answer within {SERVER_WAIT_S} s; see {log}")
 
 
 def _send(endpoint, prompts: list, max_new_tokens: int, one_at_a_time: bool) -> tuple[list, list]:

@@ -16,7 +16,7 @@ from helpers.checking import (
     extract_code,
 )
 from helpers.data import BLOG_TRANSLATION, LONGFELLOW
-from helpers.sandbox import run_sandboxed
+from helpers.sandbox import Limits, run_sandboxed
 
 DP = """def minDistance(word1, word2):
     m, n = len(word1), len(word2)
@@ -139,23 +139,25 @@ def test_no_two_argument_function():
 
 
 def test_infinite_loop_times_out():
-    result = run_sandboxed("def f(a, b):\n    while True:\n        pass\n", timeout_s=2)
+    result = run_sandboxed("def f(a, b):\n    while True:\n        pass\n", limits=Limits(timeout_s=2))
     assert result.status == "timeout" and 2 <= result.seconds < 5
 
 
 def test_sleeping_code_times_out():
-    result = run_sandboxed("import time\ndef f(a, b):\n    time.sleep(60)\n", timeout_s=1)
+    result = run_sandboxed("import time\ndef f(a, b):\n    time.sleep(60)\n", limits=Limits(timeout_s=1))
     assert result.status == "timeout" and result.seconds < 4
 
 
 def test_unbounded_allocation_hits_the_memory_limit():
     code = "def f(a, b):\n    hoard = []\n    while True:\n        hoard.append(bytearray(10**7))\n"
-    result = run_sandboxed(code, memory_mb=256)
+    result = run_sandboxed(code, limits=Limits(memory_mb=256))
     assert result.status == "killed by a limit" and "memory" in result.detail
 
 
 def test_cpu_limit_kills_a_busy_loop_before_the_wall_clock():
-    result = run_sandboxed("def f(a, b):\n    while True:\n        pass\n", timeout_s=20, cpu_s=1)
+    result = run_sandboxed(
+        "def f(a, b):\n    while True:\n        pass\n", limits=Limits(timeout_s=20, cpu_s=1)
+    )
     assert result.status == "killed by a limit" and "CPU" in result.detail and result.seconds < 10
 
 
@@ -193,7 +195,8 @@ def test_writing_inside_its_directory_is_allowed_but_capped():
     ok = run_sandboxed("def f(a, b):\n    open('scratch.txt', 'w').write('x')\n    return 0\n")
     assert ok.status == "wrong answer"  # it ran (and returned 0)
     big = run_sandboxed(
-        "def f(a, b):\n    open('big.txt', 'w').write('x' * (4 << 20))\n    return 0\n", file_mb=1
+        "def f(a, b):\n    open('big.txt', 'w').write('x' * (4 << 20))\n    return 0\n",
+        limits=Limits(file_mb=1),
     )
     assert big.status == "killed by a limit" and "file size" in big.detail
 
@@ -206,7 +209,9 @@ def test_environment_secrets_are_not_inherited(monkeypatch):
 
 
 def test_megabytes_of_output_are_capped():
-    result = run_sandboxed("def f(a, b):\n    print('x' * 10_000_000)\n    return 0\n", output_kib=64)
+    result = run_sandboxed(
+        "def f(a, b):\n    print('x' * 10_000_000)\n    return 0\n", limits=Limits(output_kib=64)
+    )
     assert result.status == "killed by a limit" and len(result.output) == 64 * 1024
 
 

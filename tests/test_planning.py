@@ -150,7 +150,7 @@ def test_tensor_parallel_links_carry_two_ring_all_reduces_per_layer():
     assert sent == 2 * (gpus - 1) * values // gpus
     config = as_config(SMALL)
     for batch in (1, 4):
-        step = parallel_step(SMALL, gpu="H100", count=gpus, batch=batch)
+        step = parallel_step(SMALL, gpus=f"{gpus}x H100", batch=batch)
         message = batch * config.hidden_size  # values per all-reduce; bf16: 2 bytes each
         assert step["link_bytes"] == pytest.approx(config.num_hidden_layers * 2 * 2 * sent / values * message)
         assert step["link_s"] == pytest.approx(step["link_bytes"] / 450e9)
@@ -188,8 +188,10 @@ def test_expert_parallel_reads_and_sends():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(count=3), "do not split evenly over 3 GPUs"),
-        (dict(gpu="A100"), "link rates are known for MI300X, H100"),
+        (dict(gpus="3x MI300X"), "do not split evenly over 3 GPUs"),
+        (dict(gpus="8x A100"), "link rates are known for MI300X, H100"),
+        (dict(gpus="MI300X"), 'say how many of which GPU, as "8x MI300X"'),
+        (dict(gpus="0x MI300X"), "say how many"),
         (dict(scheme="pipeline"), "use one of 'tensor', 'expert', 'expert, data'"),
         (dict(batch=0), "batch"),
     ],

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from helpers import sandbox
-from helpers.sandbox import NOBODY, run_sandboxed
+from helpers.sandbox import NOBODY, Limits, run_sandboxed
 
 ROOT = os.geteuid() == 0
 USER = 54321  # an ordinary user made for these tests: no name, no files, no other processes
@@ -420,9 +420,9 @@ def test_a_fork_bomb_memory_and_floods_meet_the_limits(caller, host):
     hoard = "def f(a, b):\n    hoard = []\n    while True:\n        hoard.append(bytearray(10**7))\n"
     flood = "def f(a, b):\n    print('x' * 10_000_000)\n    return 0\n"
     for layers in ("both", "kernel"):
-        memory = caller.run(hoard, memory_mb=256, layers=layers)
+        memory = caller.run(hoard, limits=Limits(memory_mb=256), layers=layers)
         assert memory.status == "killed by a limit" and "memory" in memory.detail
-        output = caller.run(flood, output_kib=64, layers=layers)
+        output = caller.run(flood, limits=Limits(output_kib=64), layers=layers)
         assert output.status == "killed by a limit" and len(output.output) == 64 * 1024
     assert host.harms() == []
 

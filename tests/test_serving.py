@@ -28,7 +28,7 @@ from helpers import (
     start_local_server,
 )
 from helpers.room_server import Refused, RoomLayer, check_chat, parse
-from helpers.serving import served_name
+from helpers.serving import Room, served_name
 
 ROOM_KEY = "room-secret"
 ROOM_CAP = 16  # the server's cap: above every budget the tests ask for, but the cap's own test
@@ -45,7 +45,7 @@ def server(empty_hf_cache):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("HF_HOME", str(empty_hf_cache))
         env.setenv("HF_HUB_CACHE", str(empty_hf_cache / "hub"))
-        s = start_local_server(dtype="float32", max_new_tokens=ROOM_CAP, api_key=ROOM_KEY)
+        s = start_local_server(dtype="float32", room=Room(max_new_tokens=ROOM_CAP, api_key=ROOM_KEY))
     yield s
     s.stop()
 

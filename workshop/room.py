@@ -7,7 +7,7 @@ import os
 import signal
 
 from helpers.data import API_KEY_ENV, ENDPOINT_ENV, ENDPOINT_MODEL_ENV, MAX_TOKENS_ENV, whole_number
-from helpers.serving import start_local_server
+from helpers.serving import Room, start_local_server
 
 EVERYWHERE = ("0.0.0.0", "::")
 
@@ -106,7 +106,9 @@ def serve_forever(host: str = "127.0.0.1", port: int = 8000, batching: bool = Tr
     signal.signal(signal.SIGTERM, interrupt)  # `kill` stops the server too, not only Ctrl-C
     cap, key = room_cap(), os.environ.get(API_KEY_ENV, "").strip() or None
     print(f"starting the room's server on {host}:{port} (the model loads first)...", flush=True)
-    server = start_local_server(port=port, host=host, batching=batching, max_new_tokens=cap, api_key=key)
+    server = start_local_server(
+        batching=batching, room=Room(host=host, port=port, max_new_tokens=cap, api_key=key)
+    )
     print(room_message(server, host, port, lan_addresses() if host in EVERYWHERE else []), flush=True)
     try:
         server.process.wait()
