@@ -34,7 +34,7 @@ class BenchRow:
     dtype: str
     device: str
     batch: int
-    kernels: dict  # what the fast path measured at load: {kind: {"gb_s": {kernel: GB/s}, "chosen", "nbytes"}}
+    kernels: dict  # what the fast path measured for each kind: {kind: {"gb_s": {kernel: GB/s}, "chosen", "nbytes"}}
     matvec_ceiling_tok_s: float | None  # the decode speed each kind of weight at its best kernel speed allows
     step: dict | None  # fastpath.step_profile: where one decode step's time goes (one sequence in memory)
 

@@ -91,14 +91,13 @@ def lean_forward(
 
 def use_lean_step(model) -> bool:
     """Switch `model` (a loaded MixtralForCausalLM) to `lean_forward` for its one-token steps, in place; False
-    (nothing changed) for a model of another shape or one spread over devices by accelerate."""
+    (nothing changed) for another architecture (its layers may hold more than this step calls: q/k norms, biases,
+    sliding windows) or a model that accelerate spreads over devices."""
     decoder = getattr(model, "model", None)
-    layers = getattr(decoder, "layers", None)
-    needed = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
-    if layers is None or not all(hasattr(layer, n) for layer in layers for n in needed):
+    if getattr(model.config, "model_type", None) != "mixtral" or decoder is None:
         return False
     if len(set(getattr(model, "hf_device_map", {"": None}).values())) > 1:
         return False  # accelerate moves activations between devices in hooks on each layer
-    decoder._lean_wrapped = [m for layer in layers for m in (layer, layer.self_attn)]
+    decoder._lean_wrapped = [m for layer in decoder.layers for m in (layer, layer.self_attn)]
     decoder.forward = types.MethodType(lean_forward, decoder)
     return True

@@ -1,4 +1,4 @@
-"""The fast path: the fastest correct settings for this hardware, chosen by measuring them at load.
+"""The fast path: the fastest correct settings for this hardware, chosen by measuring them on it.
 
 Decoding one token reads every weight it uses once, so its speed is bounded by memory bandwidth
 / bytes read per token (sizing.ceiling). What gets a CPU closer to it is measured here, on this machine,
@@ -309,13 +309,13 @@ EXPERTS_CANDIDATES = ("per_token", "grouped_mm", "eager")
 
 @dataclass
 class Recipe:
-    """The settings the notebooks run with, and why (`reasons[0]`: why this dtype). What is measured at load
+    """The settings the notebooks run with, and why (`reasons[0]`: why this dtype). What is measured
     (`probe`) fills `kernels` and `experts_ms`, and `experts` becomes the implementation that won."""
 
     device: str
     dtype: object
     experts: str  # experts_implementation: the fit's own, or the candidates' winner once applied ("" before)
-    probe: bool  # measure the kernels (CPU) and the experts implementations at load
+    probe: bool  # measure the kernels (CPU, once per machine) and the experts implementations (at load)
     reasons: list = field(default_factory=list)
     kernels: dict = field(default_factory=dict)  # {kind: KindKernels}, filled by apply_recipe
     experts_ms: dict = field(default_factory=dict)  # {implementation: ms per one-token forward, None: wrong}
@@ -338,7 +338,7 @@ class Recipe:
                 f"  - experts measured at load, one token through the model: {timed} -> {self.experts}"
             )
         if self.kernels:
-            lines.append("  - kernels measured at load, one token, GB/s read (chosen first):")
+            lines.append("  - kernels measured once per machine, one token, GB/s read (chosen first):")
             for kind, k in self.kernels.items():
                 rest = "  ".join(f"{n} {v:.1f}" for n, v in k.gb_s.items() if n != k.chosen)
                 lines.append(f"      {kind:<22} {k.chosen} {k.gb_s[k.chosen]:.1f}   ({rest})")
@@ -377,8 +377,9 @@ PER_TOKEN = (
     "bookkeeping of eager/grouped_mm (prompts still go through grouped_mm)"
 )
 MEASURED = (
-    "measured at load: the kernel that reads each kind of weight fastest for one token, and the experts "
-    "implementation that runs one token fastest with eager's answer"
+    "measured here: the kernel that reads each kind of weight fastest for one token (once per machine, kept in "
+    "the cache folder's measured/), and at load the experts implementation that runs one token fastest with "
+    "eager's answer"
 )
 
 LEAN = (
