@@ -48,7 +48,6 @@ def _plain(decoder, input_ids, attention_mask, past_key_values, kwargs) -> bool:
         or not past_key_values.get_seq_length()
         or any(kwargs.get(k, getattr(decoder.config, k, False)) for k in _ASKED)
         or decoder.training
-        or decoder.config.sliding_window is not None
         or decoder.config._attn_implementation != "sdpa"
         or (attention_mask is not None and not bool(attention_mask.all()))
         or any(_hooked(m) for m in decoder._lean_wrapped)
@@ -91,11 +90,13 @@ def lean_forward(
 
 def use_lean_step(model) -> bool:
     """Switch `model` (a loaded MixtralForCausalLM) to `lean_forward` for its one-token steps, in place; False
-    (nothing changed) for another architecture (its layers may hold more than this step calls: q/k norms, biases,
-    sliding windows) or a model that accelerate spreads over devices."""
+    (nothing changed) for another architecture (its layers may hold more than this step calls: q/k norms, biases),
+    a sliding window, or a model that accelerate spreads over devices."""
     decoder = getattr(model, "model", None)
     if getattr(model.config, "model_type", None) != "mixtral" or decoder is None:
         return False
+    if model.config.sliding_window is not None:
+        return False  # its steps need a mask once the cache is longer than the window
     if len(set(getattr(model, "hf_device_map", {"": None}).values())) > 1:
         return False  # accelerate moves activations between devices in hooks on each layer
     decoder._lean_wrapped = [m for layer in decoder.layers for m in (layer, layer.self_attn)]

@@ -278,8 +278,8 @@ def parallel_step(
     precision: str = "bfloat16",
     context: int = 2048,
 ) -> dict:
-    """One decode step of `batch` sequences (`context` tokens cached each) on the `gpus` of one node ("8x MI300X",
-    as a Plan's label says it), one of SCHEMES:
+    """One decode step of `batch` sequences (`context` tokens cached each) on the `gpus` of one node ("8x MI300X":
+    how many, of a GPU in PEER_LINK_GBS), one of SCHEMES:
     what the GPU that sets the pace reads from its memory and sends over its links (it receives as much), and
     the time of each at the published rates (GPU_TYPES, PEER_LINK_GBS), added with no overlap: a ceiling's kind of
     estimate, with no per-exchange latency. PEER_LINK_GBS is all of a GPU's links at once; a GPU that sends to few

@@ -147,12 +147,8 @@ def start_local_server(
     model = (
         os.path.abspath(model) if os.path.isdir(model) else model
     )  # the server runs in a folder of its own
-    host, port, max_new_tokens, api_key = (
-        room.host,
-        room.port or free_port(),
-        room.max_new_tokens,
-        room.api_key,
-    )
+    host, port = room.host, room.port or free_port()
+    max_new_tokens, api_key = room.max_new_tokens, room.api_key
     dtype = dtype or dtype_name(pick_dtype()[0])
     cache_root().mkdir(parents=True, exist_ok=True)
     log = str(cache_root() / f"serve-{port}.log")
