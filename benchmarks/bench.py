@@ -173,6 +173,19 @@ def bench_summary(result: dict) -> str:
                 f"allow {fast['matvec_ceiling_tok_s']:.1f} tok/s "
                 f"({fast['matvec_ceiling_tok_s'] / fast['ceiling_tok_s']:.0%} of the bandwidth ceiling)"
             )
+    for part, name in (
+        ("the lean step", "fast path without the lean step"),
+        ("inference_mode", "fast path under no_grad, not inference_mode"),
+    ):
+        off = rows.get(name)
+        if fast and off and off.get("step") and fast.get("step"):
+            lines.append(
+                f"{part}: the fast path decodes at {fast['decode_tok_s'] / off['decode_tok_s']:.2f}x its speed "
+                f"without it ({fast['decode_tok_s']:.1f} against {off['decode_tok_s']:.1f} tok/s; "
+                f"{sum(fast['step']['ms'].values()):.1f} against {sum(off['step']['ms'].values()):.1f} ms per profiled step, "
+                f"{fast['step']['per_step']['operators']:.0f} against {off['step']['per_step']['operators']:.0f} "
+                f"operators)"
+            )
     for scheme in ("int8", "int4"):
         quantized = rows.get(f"{scheme} weights (fast path)")
         if quantized and naive:

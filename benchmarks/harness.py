@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import traceback
+import unittest.mock
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,6 +56,7 @@ class Config:
     expert_cache: int | None = (
         None  # load_local(fit=Fit.expert_cache(...)): experts kept per layer, the rest on disk
     )
+    without: str | None = None  # one of WITHOUT: that part of the fast path switched off
 
 
 NAIVE = "blog pipeline, fp32"
@@ -70,6 +72,8 @@ CONFIGS = [
     Config("fp32 static cache", cache="static"),
     Config("fp32 static cache + compile", cache="static", compile=True),
     Config("fast path (this machine's choice)", fast=True, dtype=None),
+    Config("fast path without the lean step", fast=True, dtype=None, without="lean step"),
+    Config("fast path under no_grad, not inference_mode", fast=True, dtype=None, without="inference mode"),
     Config("fast path in bf16", fast=True, dtype="bfloat16"),
     Config("fast path in fp32", fast=True, dtype="float32"),
     Config("int8 weights (fast path)", fast=True, dtype=None, quantize="int8"),
@@ -201,7 +205,7 @@ def step_profile(runner, ids: list, steps: int = 8, repeats: int = 3) -> dict:
         times = runner.run([ids], knobs)[0].token_times
         return times[-1] - times[0]
 
-    with torch.no_grad():
+    with torch.inference_mode():  # as the package's generate path runs
         decode()  # warm-up
         plain = min(decode() for _ in range(repeats))  # the least disturbed of `repeats` timings
         generated = min(generate_decode() for _ in range(repeats))
@@ -219,6 +223,30 @@ def step_profile(runner, ids: list, steps: int = 8, repeats: int = 3) -> dict:
     ms["outside operators"] = max(0.0, 1000 * plain / steps - sum(ms.values()))
     ms["generate's loop"] = max(0.0, 1000 * (generated - plain) / steps)
     return dict(ms=ms, per_step=counts)
+
+
+WITHOUT = ("lean step", "inference mode")  # the parts of the fast path a row can switch off
+
+
+@contextlib.contextmanager
+def switched_off(part: str | None, model):
+    """The package's fast path with one part of it switched off for a row (see WITHOUT), back on after."""
+    import torch
+
+    if part is None:
+        yield
+    elif part == "lean step":  # transformers' forward for every step (use_lean_step binds the lean one)
+        decoder = model.model
+        lean = vars(decoder).pop("forward")
+        try:
+            yield
+        finally:
+            decoder.forward = lean
+    elif part == "inference mode":  # LocalModel.run and step_profile under no_grad, as the blog's pipeline
+        with unittest.mock.patch.object(torch, "inference_mode", torch.no_grad):
+            yield
+    else:
+        raise ValueError(f"without={part!r}: one of {WITHOUT}")
 
 
 def run_group(
@@ -244,7 +272,8 @@ def run_group(
             runner.model.set_experts_implementation(wanted)
         torch.manual_seed(seed)
         try:
-            row = _time(config, runner, pipe, device, new_tokens, warmup, warm=warm or config.compile)
+            with switched_off(config.without, runner.model):
+                row = _time(config, runner, pipe, device, new_tokens, warmup, warm=warm or config.compile)
         except Exception as err:  # the group's other configurations still run; the traceback goes to stderr
             traceback.print_exc()
             row = {"error": f"{type(err).__name__}: {err}"}

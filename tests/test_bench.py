@@ -31,6 +31,8 @@ def test_configurations_that_load_the_same_model_share_a_process():
     assert ["fp32 eager", "fp32 grouped_mm", "fp32 batched_mm", "fp32 static cache"] in names
     assert [
         "fast path (this machine's choice)",
+        "fast path without the lean step",
+        "fast path under no_grad, not inference_mode",
         "4 prompts, one at a time (fast path)",
         "4 prompts, one batch (fast path)",
     ] in names
@@ -40,7 +42,7 @@ def test_configurations_that_load_the_same_model_share_a_process():
     assert ["int8 weights (fast path)"] in names and [
         "int8 weights, bf16 activations"
     ] in names  # other loads
-    assert len(groups) == 14  # of 21 configurations
+    assert len(groups) == 14  # of 23 configurations
 
 
 def test_the_quick_run_loads_once_what_this_machine_loads_the_same():
@@ -52,6 +54,8 @@ def test_the_quick_run_loads_once_what_this_machine_loads_the_same():
     named = "fp32" if machine == "float32" else "bf16"
     assert [
         "fast path (this machine's choice)",
+        "fast path without the lean step",
+        "fast path under no_grad, not inference_mode",
         f"fast path in {named}",
         "4 prompts, one at a time (fast path)",
         "4 prompts, one batch (fast path)",
@@ -81,6 +85,33 @@ def test_the_prose_counts_the_configurations_and_processes_there_are():
     assert f"times {counts[0]} of the stand-in side by side, in {counts[1]}" in readme, counts
     header = json.loads((ROOT / "notebooks" / "08_performance.ipynb").read_text())["cells"][0]["source"]
     assert f"({len(CONFIGS)} of them, in {len(by_load(CONFIGS))} processes)" in "".join(header)
+
+
+def test_a_row_switches_one_part_of_the_fast_path_off_and_back_on(tiny_mixtral_dir):
+    from harness import switched_off
+
+    from helpers import load_pipeline
+    from helpers.backends import LocalModel
+
+    model = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32).model
+    runner, modes = LocalModel(model=model), []
+    model.lm_head.register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+
+    def tokens():
+        knobs = dict(do_sample=False, max_new_tokens=4, min_new_tokens=4)
+        return runner.run([[5, 6, 7]], knobs)[0].token_ids
+
+    lean = vars(model.model)["forward"]  # the lean step, bound by the fast path
+    on = tokens()
+    with switched_off("lean step", model):
+        assert "forward" not in vars(model.model)  # transformers' own forward for every step
+        assert tokens() == on
+    assert vars(model.model)["forward"] == lean
+    with switched_off("inference mode", model):
+        assert tokens() == on
+    assert modes == [True] * 8 + [False] * 4  # on, without the lean step, then under no_grad
+    with pytest.raises(ValueError, match="lean step"), switched_off("compile", model):
+        pass
 
 
 def test_a_group_is_one_load():
