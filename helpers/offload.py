@@ -351,15 +351,19 @@ class OffloadMeter:
 
 
 def device_map_bytes(model) -> list[dict]:
-    """accelerate's placement of a loaded model, in model order: [{"module", "device", "bytes"}].
-    Taught in 11_offloading."""
+    """accelerate's placement of a loaded model, in model order: [{"module", "device", "parameters", "bytes"}]; the
+    device as torch names it ("cuda:0" for accelerate's 0), or "disk"; tied weights once. The one count of a loaded
+    model's weights by where they live (loading.placement sums it by device). Taught in 11_offloading."""
     placement = getattr(model, "hf_device_map", None) or {"": str(model.device)}
-    sizes = Counter()
+    sizes, counts = Counter(), Counter()
     for name, p in model.named_parameters():
         sizes[map_entry(placement, name)] += p.nbytes
-    return [
-        dict(module=k or "model", device=str(placement[k]), bytes=sizes[k]) for k in placement if sizes[k]
+        counts[map_entry(placement, name)] += p.numel()
+    devices = {k: f"cuda:{d}" if isinstance(d, int) else str(d) for k, d in placement.items()}
+    rows = [
+        dict(module=k or "model", device=devices[k], parameters=counts[k], bytes=sizes[k]) for k in placement
     ]
+    return [row for row in rows if row["bytes"]]
 
 
 def draw_device_map(rows: list, title: str = "Where device_map put each module", ax=None):

@@ -10,7 +10,6 @@ import contextlib
 import functools
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 
 from . import hardware
@@ -46,6 +45,7 @@ class Plan:
     ceiling_pipeline: float = 0.0  # tok/s at batch 1 with device_map="auto" (one GPU at a time)
     ceiling_tensor_parallel: float = 0.0  # tok/s at batch 1 if all GPUs read at once (vLLM)
     advice: str = ""
+    config: object = field(default=None, repr=False, compare=False)  # the model's config, for parallel_step
 
     @property
     def label(self) -> str:
@@ -103,7 +103,8 @@ def plan(
     per_gpu = int(usable(spec["memory_gib"] * GiB))
     capacity = per_gpu * count
     name = model if isinstance(model, str) else "model"
-    result = Plan(name, gpu, count, precision, context, weights, kv, capacity, fits=weights + kv <= capacity)
+    fits = weights + kv <= capacity
+    result = Plan(name, gpu, count, precision, context, weights, kv, capacity, fits, config=config)
     if not result.fits:
         more = -(-(weights + kv) // per_gpu)
         lower = [p for p, s in DTYPE_BYTES.items() if s < size and weights / size * s + kv <= capacity]
@@ -270,16 +271,9 @@ def remote_gpus(experts: int, per_token: int, gpus: int) -> float:
     return (gpus - 1) * (1 - math.comb(experts - experts // gpus, per_token) / math.comb(experts, per_token))
 
 
-def parallel_step(
-    model: str = "mistralai/Mixtral-8x22B-Instruct-v0.1",
-    gpus: str = "8x MI300X",
-    batch: int = 1,
-    scheme: str = "tensor",
-    precision: str = "bfloat16",
-    context: int = 2048,
-) -> dict:
-    """One decode step of `batch` sequences (`context` tokens cached each) on the `gpus` of one node ("8x MI300X":
-    how many, of a GPU in PEER_LINK_GBS), one of SCHEMES:
+def parallel_step(setup: Plan, batch: int = 1, scheme: str = "tensor") -> dict:
+    """One decode step of `batch` sequences on the GPUs of `setup`, a `plan(model, gpu, count, precision, context)`
+    (each sequence holds `context` tokens in its KV cache; the GPU one of PEER_LINK_GBS), one of SCHEMES:
     what the GPU that sets the pace reads from its memory and sends over its links (it receives as much), and
     the time of each at the published rates (GPU_TYPES, PEER_LINK_GBS), added with no overlap: a ceiling's kind of
     estimate, with no per-exchange latency. PEER_LINK_GBS is all of a GPU's links at once; a GPU that sends to few
@@ -295,17 +289,19 @@ def parallel_step(
     `moved_per_token_layer`: bytes over all links, all GPUs together, per token per layer; `exchanges`: the link
     exchanges in one step (two per layer, each with a start-up latency that is not counted).
     Taught in 08_performance."""
-    c, size = as_config(model), dtype_bytes(precision)
-    parsed = re.fullmatch(r"\s*(\d+)\s*x\s*(\S+)\s*", gpus) if isinstance(gpus, str) else None
-    if not parsed or int(parsed[1]) < 1:
-        raise ValueError(f'gpus={gpus!r}: say how many of which GPU, as "8x MI300X" or "4x H100"')
-    count, gpu = int(parsed[1]), parsed[2]
+    if not isinstance(setup, Plan):
+        raise TypeError(
+            f"parallel_step takes a plan of the GPUs, not a {type(setup).__name__}: "
+            'parallel_step(plan("mistralai/Mixtral-8x22B-Instruct-v0.1", gpu="MI300X", count=8, context=2048))'
+        )
+    c, precision, context = setup.config, setup.precision, setup.context
+    size, count, gpu = dtype_bytes(precision), setup.count, setup.gpu
     whole_number("batch", batch, 1, " (sequences decoded together)")
     if scheme not in SCHEMES:
         raise ValueError(f"scheme={scheme!r}: use one of {', '.join(map(repr, SCHEMES))}")
     if gpu not in PEER_LINK_GBS:
         raise ValueError(
-            f"gpus={gpus!r}: GPU-to-GPU link rates are known for {', '.join(PEER_LINK_GBS)} (PEER_LINK_GBS)"
+            f"{setup.label}: GPU-to-GPU link rates are known for {', '.join(PEER_LINK_GBS)} (PEER_LINK_GBS)"
         )
     E, K, L, D, N = c.num_local_experts, c.num_experts_per_tok, c.num_hidden_layers, c.hidden_size, count
     if E % N:

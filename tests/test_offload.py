@@ -12,7 +12,7 @@ from helpers.backends import describe, load_pipeline
 from helpers.data import ENDPOINT_ENV, GPU_TYPES, GiB
 from helpers.experts import tokens_by_expert
 from helpers.fitting import Fit
-from helpers.loading import ModelTooLarge
+from helpers.loading import ModelTooLarge, placement
 from helpers.moe import RouterTrace
 from helpers.offload import ExpertFiles, OffloadMeter, device_map_bytes, layer_caches, offload_experts
 from helpers.planning import link_bandwidth, offload_plan, plan
@@ -461,6 +461,10 @@ def test_accelerate_reads_whole_layers_from_disk_every_token(moe_dir, tmp_path):
     rows = device_map_bytes(pipe.model)
     on_disk = sum(r["bytes"] for r in rows if r["device"] == "disk")
     assert {r["device"] for r in rows} == {"cpu", "disk"} and on_disk > 0, rows
+    by_device = {r["device"]: r for r in placement(pipe.model)}  # the same count, summed by device
+    assert by_device["disk"]["bytes"] == on_disk and sum(r["parameters"] for r in rows) == sum(
+        p.numel() for p in pipe.model.parameters()
+    )
     assert "part offloaded to disk" in describe(pipe)
     ids = torch.tensor([[5, 9, 200, 31, 7]])
     greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)

@@ -150,7 +150,7 @@ def test_tensor_parallel_links_carry_two_ring_all_reduces_per_layer():
     assert sent == 2 * (gpus - 1) * values // gpus
     config = as_config(SMALL)
     for batch in (1, 4):
-        step = parallel_step(SMALL, gpus=f"{gpus}x H100", batch=batch)
+        step = parallel_step(plan(SMALL, gpu="H100", count=gpus, context=2048), batch=batch)
         message = batch * config.hidden_size  # values per all-reduce; bf16: 2 bytes each
         assert step["link_bytes"] == pytest.approx(config.num_hidden_layers * 2 * 2 * sent / values * message)
         assert step["link_s"] == pytest.approx(step["link_bytes"] / 450e9)
@@ -162,8 +162,9 @@ def test_expert_parallel_reads_and_sends():
     config = as_config(BIG)
     L, D = config.num_hidden_layers, config.hidden_size
     one_expert_all_layers = parameter_count(BIG)["experts"] * 2 / 8
+    node = plan(BIG, gpu="MI300X", count=8, context=2048)
     tensor, expert, data = (
-        parallel_step(BIG, batch=1, scheme=s) for s in ("tensor", "expert", "expert, data")
+        parallel_step(node, batch=1, scheme=s) for s in ("tensor", "expert", "expert, data")
     )
     assert tensor["read_bytes"] * 8 == pytest.approx(
         decode_bytes(BIG, 2, context=2048)["per_step"]
@@ -177,27 +178,29 @@ def test_expert_parallel_reads_and_sends():
         4 * 7 / (2 * 1.75)
     )
     assert tensor["seconds"] < expert["seconds"] < data["seconds"]  # at batch 1
-    wide = [parallel_step(BIG, batch=64, scheme=s) for s in ("tensor", "expert")]
+    wide = [parallel_step(node, batch=64, scheme=s) for s in ("tensor", "expert")]
     assert wide[1]["read_bytes"] / wide[0]["read_bytes"] == pytest.approx(
         1, abs=1e-3
     )  # nearly every expert chosen
-    ninth = parallel_step(BIG, batch=9, scheme="expert, data")
+    ninth = parallel_step(node, batch=9, scheme="expert, data")
     assert ninth["link_bytes"] == 2 * data["link_bytes"]  # the busiest GPU: ceil(9 / 8) = 2 sequences
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "gpus, kwargs, message",
     [
-        (dict(gpus="3x MI300X"), "do not split evenly over 3 GPUs"),
-        (dict(gpus="8x A100"), "link rates are known for MI300X, H100"),
-        (dict(gpus="MI300X"), 'say how many of which GPU, as "8x MI300X"'),
-        (dict(gpus="0x MI300X"), "say how many"),
-        (dict(scheme="pipeline"), "use one of 'tensor', 'expert', 'expert, data'"),
-        (dict(batch=0), "batch"),
+        (("MI300X", 3), {}, "do not split evenly over 3 GPUs"),
+        (("A100", 8), {}, "8x A100: GPU-to-GPU link rates are known for MI300X, H100"),
+        (("MI300X", 8), dict(scheme="pipeline"), "use one of 'tensor', 'expert', 'expert, data'"),
+        (("MI300X", 8), dict(batch=0), "batch"),
     ],
 )
-def test_parallel_step_refuses_what_it_cannot_work_out(kwargs, message):
+def test_parallel_step_refuses_what_it_cannot_work_out(gpus, kwargs, message):
     from helpers.planning import parallel_step
 
     with pytest.raises(ValueError, match=re.escape(message)):
-        parallel_step(BIG, **kwargs)
+        parallel_step(plan(BIG, gpu=gpus[0], count=gpus[1], context=2048), **kwargs)
+    with pytest.raises(
+        TypeError, match=re.escape('parallel_step(plan("mistralai/Mixtral-8x22B-Instruct-v0.1", gpu=')
+    ):
+        parallel_step(BIG)  # a model's name, not a plan of the GPUs
