@@ -217,7 +217,7 @@ def choose_experts(model, candidates: tuple, rounds: int = 3) -> dict:
     tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2  # of the largest logit
     sync = torch.cuda.synchronize if model.device.type == "cuda" else None
     times = {}
-    with torch.no_grad():
+    with torch.inference_mode():  # as the package's generate call runs
         model.set_experts_implementation("eager")
         reference = model(ids).logits.float()
         for name in candidates:
@@ -256,7 +256,7 @@ def _time_decode(model, rounds: int = 5) -> float:
     import torch
 
     tokens = torch.randint(0, model.config.vocab_size, (rounds, 1, 1))
-    with torch.no_grad():
+    with torch.inference_mode():  # as the package's generate call runs
         return min(best_seconds(lambda t=t: model(t), rounds=1) for t in tokens)
 
 
@@ -292,11 +292,11 @@ def measured_dtype(config: dict) -> tuple:
     f = measure_dtypes(config)
     f32, b16 = f["float32"]["ms"], f["bfloat16"]["ms"]
     chosen = "float32" if f32 < MARGIN * b16 else "bfloat16"
-    margin = f"{1 - MARGIN:.0%}"
+    share = f"{MARGIN:.0%}"
     why = (
-        f"more than {margin} faster"
+        f"a token takes under {share} of bfloat16's time"
         if chosen == "float32"
-        else f"the blog's dtype, not more than {margin} slower than float32"
+        else f"the blog's dtype; float32 takes at least {share} of its time"
     )
     return getattr(torch, chosen), (
         f"{chosen}: {why} here, measured: bfloat16 {b16:.1f} ms, float32 {f32:.1f} ms for one token through "
