@@ -313,19 +313,17 @@ def connect(url: str | None = None, model: str | None = None, api_key: str | Non
     return endpoint
 
 
-def load_pipeline(
-    name: str | None = None, dtype=None, fit=None, fast: bool = True, local: bool = False, device_map="auto"
-):
-    """What the notebooks call: with $MIXTRAL_ENDPOINT set (and neither `name` nor `local=True`),
-    `connect()` to that server; else `load_local(name, dtype, fit, fast, device_map)`, the blog's pipeline
-    (`fit`: None, or Fit.quantized / Fit.budget / Fit.expert_cache). `generate`, `describe` and the panel
-    take either. Taught in 02_poem; 01_loading shows the blog's own call that it wraps."""
-    if name is None and not local and os.environ.get(ENDPOINT_ENV, "").strip():
+def load_pipeline(name: str | None = None, dtype=None, fit=None, fast: bool = True, device_map="auto"):
+    """What the notebooks call: with $MIXTRAL_ENDPOINT set and no `name`, `connect()` to that server; else
+    `load_local(name, dtype, fit, fast, device_map)`, the blog's pipeline (`fit`: None, or Fit.quantized / Fit.budget /
+    Fit.expert_cache). `generate`, `describe` and the panel take either; a notebook that looks inside the model names
+    it, `load_pipeline(model_path())`. Taught in 02_poem; 01_loading shows the blog's own call that it wraps."""
+    if name is None and os.environ.get(ENDPOINT_ENV, "").strip():
         if fit is not None:
             raise ValueError(
                 f"fit={fit!r} changes how weights load here, and {ENDPOINT_ENV} points at a server: "
-                f"set it there (vLLM: --quantization, --cpu-offload-gb), or pass local=True to load the "
-                f"model here"
+                f"set it there (vLLM: --quantization, --cpu-offload-gb), or name the model to load it here: "
+                f"load_pipeline(model_path(), fit=...)"
             )
         return connect()
     return load_local(name, dtype=dtype, fit=fit, fast=fast, device_map=device_map)

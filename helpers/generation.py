@@ -105,7 +105,9 @@ def generate_scored(pipe, prompt, max_new_tokens: int = 128, seed: int | None = 
     [new, V] float32), for `candidates_per_step` and `steps_before_a_tie`. Taught in 06_sampling_lab."""
     backend = as_backend(pipe)
     if not isinstance(backend, LocalModel):
-        raise TypeError("generate_scored reads the model's scores: load one here (load_pipeline(local=True))")
+        raise TypeError(
+            "generate_scored reads the model's scores: load one here (load_pipeline(model_path()))"
+        )
     messages = as_messages(prompt)
     kwargs = sampling(max_new_tokens, knobs, backend.room(messages))
     return backend.run(
@@ -202,7 +204,7 @@ def next_token_distribution(pipe, prompt, show: int = 30, answer_prefix: str = "
     local = as_backend(pipe)
     if not isinstance(local, LocalModel):
         raise TypeError(
-            "next_token_distribution reads the model's logits: load one here (load_pipeline(local=True))"
+            "next_token_distribution reads the model's logits: load one here (load_pipeline(model_path()))"
         )
     unknown = sorted(set(knobs) - set(WARPERS))
     if unknown:

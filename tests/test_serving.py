@@ -24,6 +24,7 @@ from helpers import (
     generate_batch,
     generate_many,
     load_pipeline,
+    model_path,
     room_load,
     start_local_server,
 )
@@ -66,7 +67,7 @@ def test_load_pipeline_returns_the_endpoint_from_the_environment(server, monkeyp
     monkeypatch.setenv(
         "MIXTRAL_MODEL", str(tiny_mixtral_dir)
     )  # any local model will do: not the stand-in's 2.6 GiB
-    local = load_pipeline(local=True)  # notebooks that look inside a model
+    local = load_pipeline(model_path())  # a notebook that looks inside a model names it: loaded here
     assert not isinstance(local, Endpoint) and local.model.config.hidden_size == 32
 
 

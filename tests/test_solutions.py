@@ -29,16 +29,17 @@ def test_every_notebook_with_exercises_has_answers():
 def loads_in_the_machines_dtype(code: str) -> bool:
     """Does the code load a model without naming its dtype (so in the one this CPU kind picks)?"""
     return any(
-        "dtype=" not in args for args in re.findall(r"(?:load_pipeline|start_local_server)\(([^)]*)\)", code)
+        "dtype=" not in args
+        for args in re.findall(r"(?:load_pipeline|start_local_server)\(((?:[^()]|\([^()]*\))*)\)", code)
     )
 
 
 def test_the_dtype_reading_sees_which_loads_name_a_dtype():
-    assert loads_in_the_machines_dtype("pipe = load_pipeline(local=True)")
+    assert loads_in_the_machines_dtype("pipe = load_pipeline(model_path())")
     assert loads_in_the_machines_dtype(
         "a = load_pipeline(dtype=torch.float32)\nserver = start_local_server()"
     )
-    assert not loads_in_the_machines_dtype("a = load_pipeline(local=True, dtype=torch.float32)\nconfig = 1")
+    assert not loads_in_the_machines_dtype("a = load_pipeline(model_path(), dtype=torch.float32)\nconfig = 1")
 
 
 # An answer that loads in the machine's dtype runs again in the other CPU kind's (`make test-other-dtype`);
