@@ -237,6 +237,8 @@ def switched_off(part: str | None, model):
         yield
     elif part == "lean step":  # transformers' forward for every step (use_lean_step binds the lean one)
         decoder = model.model
+        if "forward" not in vars(decoder):
+            raise ValueError("no lean step to switch off: decode.use_lean_step left this model as it was")
         lean = vars(decoder).pop("forward")
         try:
             yield

@@ -314,16 +314,16 @@ def connect(url: str | None = None, model: str | None = None, api_key: str | Non
 
 
 def load_pipeline(name: str | None = None, dtype=None, fit=None, fast: bool = True, device_map="auto"):
-    """What the notebooks call: with $MIXTRAL_ENDPOINT set and no `name`, `connect()` to that server; else
-    `load_local(name, dtype, fit, fast, device_map)`, the blog's pipeline (`fit`: None, or Fit.quantized / Fit.budget /
-    Fit.expert_cache). `generate`, `describe` and the panel take either; a notebook that looks inside the model names
-    it, `load_pipeline(model_path())`. Taught in 02_poem; 01_loading shows the blog's own call that it wraps."""
+    """What the notebooks call: with $MIXTRAL_ENDPOINT set and no `name`, `connect()` to that server (settings of
+    how weights load here refused); else `load_local(name, dtype, fit, fast, device_map)`, the blog's pipeline (`fit`:
+    None, Fit.quantized / .budget / .expert_cache). `generate`, `describe` and the panel take either. To look inside
+    the model, name it: `load_pipeline(model_path())`. Taught in 02_poem; 01_loading shows the blog's own call."""
     if name is None and os.environ.get(ENDPOINT_ENV, "").strip():
-        if fit is not None:
+        here = dict(fit=(fit, None), dtype=(dtype, None), fast=(fast, True), device_map=(device_map, "auto"))
+        if asked := ", ".join(f"{k}={v!r}" for k, (v, plain) in here.items() if v != plain):
             raise ValueError(
-                f"fit={fit!r} changes how weights load here, and {ENDPOINT_ENV} points at a server: "
-                f"set it there (vLLM: --quantization, --cpu-offload-gb), or name the model to load it here: "
-                f"load_pipeline(model_path(), fit=...)"
+                f"{asked}: how weights load here, and {ENDPOINT_ENV} names a server. Set it there (vLLM: --dtype, "
+                f"--quantization, --cpu-offload-gb), or load it here: load_pipeline(model_path(), {asked})"
             )
         return connect()
     return load_local(name, dtype=dtype, fit=fit, fast=fast, device_map=device_map)

@@ -296,10 +296,10 @@ def measured_dtype(config: dict) -> tuple:
     why = (
         f"a token takes under {share} of bfloat16's time"
         if chosen == "float32"
-        else f"the blog's dtype; float32 takes at least {share} of its time"
+        else f"the blog's dtype, kept unless float32 takes under {share} of its time"
     )
     return getattr(torch, chosen), (
-        f"{chosen}: {why} here, measured: bfloat16 {b16:.1f} ms, float32 {f32:.1f} ms for one token through "
+        f"{chosen}: {why}; measured here: bfloat16 {b16:.1f} ms, float32 {f32:.1f} ms for one token through "
         f"{f[chosen]['layers']} layers of this model's shapes (random weights, the fast path on)"
     )
 

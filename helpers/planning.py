@@ -273,7 +273,7 @@ def remote_gpus(experts: int, per_token: int, gpus: int) -> float:
 
 def parallel_step(setup: Plan, batch: int = 1, scheme: str = "tensor") -> dict:
     """One decode step of `batch` sequences on the GPUs of `setup`, a `plan(model, gpu, count, precision, context)`
-    (each sequence holds `context` tokens in its KV cache; the GPU one of PEER_LINK_GBS), one of SCHEMES:
+    (each KV cache half full, context // 2 tokens, as the plan counts; a GPU of PEER_LINK_GBS), one of SCHEMES:
     what the GPU that sets the pace reads from its memory and sends over its links (it receives as much), and
     the time of each at the published rates (GPU_TYPES, PEER_LINK_GBS), added with no overlap: a ceiling's kind of
     estimate, with no per-exchange latency. PEER_LINK_GBS is all of a GPU's links at once; a GPU that sends to few
@@ -292,9 +292,9 @@ def parallel_step(setup: Plan, batch: int = 1, scheme: str = "tensor") -> dict:
     if not isinstance(setup, Plan):
         raise TypeError(
             f"parallel_step takes a plan of the GPUs, not a {type(setup).__name__}: "
-            'parallel_step(plan("mistralai/Mixtral-8x22B-Instruct-v0.1", gpu="MI300X", count=8, context=2048))'
+            'parallel_step(plan("mistralai/Mixtral-8x22B-Instruct-v0.1", gpu="MI300X", count=8))'
         )
-    c, precision, context = setup.config, setup.precision, setup.context
+    c, precision, context = setup.config, setup.precision, setup.context // 2  # a generation's average
     size, count, gpu = dtype_bytes(precision), setup.count, setup.gpu
     whole_number("batch", batch, 1, " (sequences decoded together)")
     if scheme not in SCHEMES:

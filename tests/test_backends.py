@@ -44,6 +44,18 @@ def test_run_makes_exactly_the_tokens_asked_for():
     assert answer.new_tokens == 7 and len(answer.token_times) == 7 and answer.tokens_per_second > 0
 
 
+def test_with_a_server_set_settings_of_how_weights_load_here_are_refused(monkeypatch):
+    from helpers.data import ENDPOINT_ENV
+
+    monkeypatch.setenv(ENDPOINT_ENV, "http://127.0.0.1:9/v1")  # refused before any connection is tried
+    with pytest.raises(
+        ValueError, match=r"dtype=torch.float32: .*load_pipeline\(model_path\(\), dtype=torch.float32\)"
+    ):
+        load_pipeline(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"^fast=False, device_map='cpu': how weights load here"):
+        load_pipeline(fast=False, device_map="cpu")
+
+
 def test_a_pipeline_becomes_a_local_model_and_anything_else_is_refused(tiny_mixtral_dir):
     pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32)
     backend = as_backend(pipe)

@@ -112,6 +112,9 @@ def test_a_row_switches_one_part_of_the_fast_path_off_and_back_on(tiny_mixtral_d
     assert modes == [True] * 8 + [False] * 4  # on, without the lean step, then under no_grad
     with pytest.raises(ValueError, match="lean step"), switched_off("compile", model):
         pass
+    plain = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32, fast=False).model
+    with pytest.raises(ValueError, match="no lean step to switch off"), switched_off("lean step", plain):
+        pass
 
 
 def test_a_group_is_one_load():

@@ -59,7 +59,7 @@ def test_the_dtype_can_be_forced_either_way(monkeypatch):
         assert chosen == dtype and reason.startswith("MIXTRAL_DTYPE=")
     for value in ("auto", ""):
         monkeypatch.setenv("MIXTRAL_DTYPE", value)
-        assert pick_dtype()[0] == torch.float32 and "measured: bfloat16 2.0 ms" in pick_dtype()[1]
+        assert pick_dtype()[0] == torch.float32 and "measured here: bfloat16 2.0 ms" in pick_dtype()[1]
 
 
 def test_a_bad_dtype_override_says_what_to_use(monkeypatch):

@@ -444,7 +444,7 @@ def test_the_knobs_refuse_what_they_cannot_do(moe_dir, tmp_path, monkeypatch):
     assert not any((tmp_path / "cache" / "offload").iterdir())
     monkeypatch.setenv(ENDPOINT_ENV, "http://127.0.0.1:9/v1")
     with pytest.raises(
-        ValueError, match=r"fit=CachedExperts\(per_layer=2, tier=None\) changes how weights load here"
+        ValueError, match=r"fit=CachedExperts\(per_layer=2, tier=None\): how weights load here"
     ):
         load_pipeline(fit=Fit.expert_cache(2))
 

@@ -150,7 +150,7 @@ def test_tensor_parallel_links_carry_two_ring_all_reduces_per_layer():
     assert sent == 2 * (gpus - 1) * values // gpus
     config = as_config(SMALL)
     for batch in (1, 4):
-        step = parallel_step(plan(SMALL, gpu="H100", count=gpus, context=2048), batch=batch)
+        step = parallel_step(plan(SMALL, gpu="H100", count=gpus), batch=batch)
         message = batch * config.hidden_size  # values per all-reduce; bf16: 2 bytes each
         assert step["link_bytes"] == pytest.approx(config.num_hidden_layers * 2 * 2 * sent / values * message)
         assert step["link_s"] == pytest.approx(step["link_bytes"] / 450e9)
@@ -162,7 +162,9 @@ def test_expert_parallel_reads_and_sends():
     config = as_config(BIG)
     L, D = config.num_hidden_layers, config.hidden_size
     one_expert_all_layers = parameter_count(BIG)["experts"] * 2 / 8
-    node = plan(BIG, gpu="MI300X", count=8, context=2048)
+    node = plan(
+        BIG, gpu="MI300X", count=8
+    )  # 4,096 tokens of context: each cache half full, as the plan counts
     tensor, expert, data = (
         parallel_step(node, batch=1, scheme=s) for s in ("tensor", "expert", "expert, data")
     )
@@ -199,7 +201,7 @@ def test_parallel_step_refuses_what_it_cannot_work_out(gpus, kwargs, message):
     from helpers.planning import parallel_step
 
     with pytest.raises(ValueError, match=re.escape(message)):
-        parallel_step(plan(BIG, gpu=gpus[0], count=gpus[1], context=2048), **kwargs)
+        parallel_step(plan(BIG, gpu=gpus[0], count=gpus[1]), **kwargs)
     with pytest.raises(
         TypeError, match=re.escape('parallel_step(plan("mistralai/Mixtral-8x22B-Instruct-v0.1", gpu=')
     ):
