@@ -90,7 +90,7 @@ class LocalModel:
         )
         if seed is not None:
             torch.manual_seed(seed)
-        with torch.inference_mode():  # no autograd bookkeeping at all (make bench times it against no_grad)
+        with torch.inference_mode():  # no version counters or view tracking (make bench: against no_grad)
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
@@ -315,15 +315,15 @@ def connect(url: str | None = None, model: str | None = None, api_key: str | Non
 
 def load_pipeline(name: str | None = None, dtype=None, fit=None, fast: bool = True, device_map="auto"):
     """What the notebooks call: with $MIXTRAL_ENDPOINT set and no `name`, `connect()` to that server (settings of
-    how weights load here refused); else `load_local(name, dtype, fit, fast, device_map)`, the blog's pipeline (`fit`:
+    how weights load here refused); else `load_local(name, dtype, fit, fast, device_map)`, the blog's pipeline call (`fit`:
     None, Fit.quantized / .budget / .expert_cache). `generate`, `describe` and the panel take either. To look inside
     the model, name it: `load_pipeline(model_path())`. Taught in 02_poem; 01_loading shows the blog's own call."""
     if name is None and os.environ.get(ENDPOINT_ENV, "").strip():
         here = dict(fit=(fit, None), dtype=(dtype, None), fast=(fast, True), device_map=(device_map, "auto"))
-        if asked := ", ".join(f"{k}={v!r}" for k, (v, plain) in here.items() if v != plain):
+        if asked := [k for k, (v, plain) in here.items() if v != plain]:
             raise ValueError(
-                f"{asked}: how weights load here, and {ENDPOINT_ENV} names a server. Set it there (vLLM: --dtype, "
-                f"--quantization, --cpu-offload-gb), or load it here: load_pipeline(model_path(), {asked})"
+                f"{', '.join(f'{k}={here[k][0]!r}' for k in asked)}: how weights load here, and {ENDPOINT_ENV} names "
+                f"a server. Set that on the server, or load here: load_pipeline(model_path(), {'=..., '.join(asked)}=...)"
             )
         return connect()
     return load_local(name, dtype=dtype, fit=fit, fast=fast, device_map=device_map)

@@ -236,7 +236,7 @@ def choose_experts(model, candidates: tuple, rounds: int = 3) -> dict:
 
 def _dtype_probe_config(config: dict):
     """A config with `config`'s shapes and enough layers (at most the model's own) that their float32 weights fill
-    twice the last-level cache; one token reads its K experts' share of them: the model a dtype is measured on."""
+    twice `timing_buffer_bytes()` (four times the last-level cache); one token reads its K experts' share of them."""
     from transformers import AutoConfig
 
     settings = {

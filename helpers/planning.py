@@ -280,9 +280,9 @@ def parallel_step(setup: Plan, batch: int = 1, scheme: str = "tensor") -> dict:
     peers uses few of them, so its link time is understated.
     - tensor: each GPU reads 1/N of everything the step reads; two ring all-reduces per layer (after attention
       and after the experts) of the step's hidden states, each GPU sending 2 (N-1)/N of them.
-    - expert: attention split as in tensor; whole experts, E/N per GPU: the busiest GPU reads its E/N experts in
-      every layer (exact where E = N: some token chose its one expert; an upper bound otherwise). The experts'
-      all-gather and reduce-scatter move an all-reduce's bytes, so the links carry what tensor's do.
+    - expert: attention split as in tensor; whole experts, E/N per GPU: the busiest GPU reads its E/N experts in every
+      layer (exact where E = N, one expert per GPU, since some token chose it; an upper bound otherwise). The
+      experts' all-gather and reduce-scatter move an all-reduce's bytes, so the links carry what tensor's do.
     - expert, data: each GPU holds every shared weight and its ceil(B/N) sequences (their KV cache), and sends each
       token's hidden state to the GPUs that hold its experts and the results back (all-to-all): 2 x remote_gpus
       hidden states per token per layer.

@@ -49,7 +49,7 @@ def test_with_a_server_set_settings_of_how_weights_load_here_are_refused(monkeyp
 
     monkeypatch.setenv(ENDPOINT_ENV, "http://127.0.0.1:9/v1")  # refused before any connection is tried
     with pytest.raises(
-        ValueError, match=r"dtype=torch.float32: .*load_pipeline\(model_path\(\), dtype=torch.float32\)"
+        ValueError, match=r"dtype=torch.float32: .*load_pipeline\(model_path\(\), dtype=\.\.\.\)"
     ):
         load_pipeline(dtype=torch.float32)
     with pytest.raises(ValueError, match=r"^fast=False, device_map='cpu': how weights load here"):

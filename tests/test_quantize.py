@@ -170,5 +170,7 @@ def test_the_knob_refuses_what_it_cannot_do(tiny_mixtral_dir, monkeypatch):
     with pytest.raises(ValueError, match="scheme='int2' is not a weight scheme here"):
         check_scheme("int2", "cpu")
     monkeypatch.setenv(ENDPOINT_ENV, "http://127.0.0.1:9/v1")
-    with pytest.raises(ValueError, match=r"Set it there .*load_pipeline\(model_path\(\), fit="):
+    with pytest.raises(
+        ValueError, match=r"Set that on the server.*load_pipeline\(model_path\(\), fit=\.\.\.\)"
+    ):
         load_pipeline(fit=Fit.quantized("int8"))
