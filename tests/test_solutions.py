@@ -28,10 +28,17 @@ def test_every_notebook_with_exercises_has_answers():
 
 def loads_in_the_machines_dtype(code: str) -> bool:
     """Does the code load a model without naming its dtype (so in the one this CPU kind picks)?"""
-    return any(
-        "dtype=" not in args
-        for args in re.findall(r"(?:load_pipeline|start_local_server)\(((?:[^()]|\([^()]*\))*)\)", code)
-    )
+    return any("dtype=" not in args for args in load_arguments(code))
+
+
+def load_arguments(code: str):
+    """The arguments of each load_pipeline(...) and start_local_server(...) call in `code`, nested calls included."""
+    for call in re.finditer(r"\b(?:load_pipeline|start_local_server)\(", code):
+        depth, end = 1, call.end()
+        while depth and end < len(code):
+            depth += {"(": 1, ")": -1}.get(code[end], 0)
+            end += 1
+        yield code[call.end() : end - 1]
 
 
 def test_the_dtype_reading_sees_which_loads_name_a_dtype():
@@ -40,6 +47,9 @@ def test_the_dtype_reading_sees_which_loads_name_a_dtype():
         "a = load_pipeline(dtype=torch.float32)\nserver = start_local_server()"
     )
     assert not loads_in_the_machines_dtype("a = load_pipeline(model_path(), dtype=torch.float32)\nconfig = 1")
+    assert loads_in_the_machines_dtype(  # a call inside a call inside the load: still no dtype named
+        'pipe = load_pipeline(model_path(), fit=Fit.budget({"cpu": int(w / 3)}))\nb = load_pipeline(dtype=torch.float32)'
+    )
 
 
 # An answer that loads in the machine's dtype runs again in the other CPU kind's (`make test-other-dtype`);
