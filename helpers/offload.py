@@ -356,9 +356,9 @@ def device_map_bytes(model) -> list[dict]:
     model's weights by where they live (loading.placement sums it by device). Taught in 11_offloading."""
     placement = getattr(model, "hf_device_map", None) or {"": str(model.device)}
     sizes, counts = Counter(), Counter()
-    for name, p in model.named_parameters():
-        sizes[map_entry(placement, name)] += p.nbytes
-        counts[map_entry(placement, name)] += p.numel()
+    for entry, p in ((map_entry(placement, name), p) for name, p in model.named_parameters()):
+        sizes[entry] += p.nbytes
+        counts[entry] += p.numel()
     devices = {k: f"cuda:{d}" if isinstance(d, int) else str(d) for k, d in placement.items()}
     rows = [
         dict(module=k or "model", device=devices[k], parameters=counts[k], bytes=sizes[k]) for k in placement
