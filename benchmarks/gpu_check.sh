@@ -15,7 +15,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     echo "           or run benchmarks/layer_bench.py --device cpu --scale 0.0625 for a rehearsal." >&2
     exit 2
 fi
-"$PY" -c "from helpers.hardware import torch_build, gpus; print(torch_build()); [print(g) for g in gpus()]"
+"$PY" -c "from helpers import this_machine; print(this_machine())"
 
 log=$(mktemp)
 "$PY" -m workshop standin --verify

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     from helpers.experts import register_experts
     from helpers.fastpath import per_token_experts
     from helpers.files import atomic_file
-    from helpers.hardware import measure_bandwidth, torch_build
+    from helpers.hardware import measure_bandwidth, this_machine
     from helpers.quantize import quantize_model
     from helpers.sizing import decode_bytes
 
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     lines = [
         f"# Mixtral-8x22B layers on {name}, {date}",
         "",
-        f"torch {torch.__version__} ({torch_build()['backend']}), "
+        f"torch {torch.__version__} ({this_machine().backend}), "
         f"{args.dtype}, widths x{args.scale}: hidden {config.hidden_size}, FFN {config.intermediate_size}, "
         f"{config.num_local_experts} experts top-{config.num_experts_per_tok}, "
         f"{config.num_attention_heads}/{config.num_key_value_heads} heads; random weights; "

@@ -17,29 +17,16 @@ from .data import (
     TASKS,
     GiB,
 )
-from .fastpath import fast_recipe
-from .fitting import Fit
-from .generation import (
-    BATCH_MIN_GAIN,
+from .distribution import (
     candidates_per_step,
-    draw_distribution,
-    generate,
-    generate_batch,
-    generate_many,
     generate_scored,
     next_token_distribution,
-    print_stream,
     steps_before_a_tie,
 )
-from .hardware import (
-    cpu_has_native_bf16,
-    dtype_name,
-    gpus,
-    last_level_cache_bytes,
-    measure_bandwidth,
-    system_memory,
-    torch_build,
-)
+from .fastpath import fast_recipe
+from .fitting import Fit
+from .generation import BATCH_MIN_GAIN, generate, generate_batch, generate_many, print_stream
+from .hardware import dtype_name, measure_bandwidth, this_machine
 from .loading import check_fits, model_path, pick_dtype, placement, weight_bytes
 from .moe import (
     NextLayerGuess,
@@ -60,7 +47,6 @@ from .moe import (
 from .offload import OffloadMeter, device_map_bytes, draw_device_map
 from .planning import (
     draw_offload_plans,
-    draw_plan,
     link_bandwidth,
     offload_plan,
     parallel_step,
@@ -69,17 +55,9 @@ from .planning import (
 )
 from .policies import POLICIES, hit_rates
 from .prefetch import Prefetch
-from .prompts import (
-    blog_prompt,
-    blog_readings,
-    chat_ids,
-    compare_ids,
-    hub_fast_tokenizer,
-    reference_ids,
-    reference_tokenizer,
-    turn_starts,
-)
+from .prompts import blog_prompt, chat_ids, reference_ids, reference_tokenizer, turn_starts
 from .quantize import QUALITY_TEXT, compare_logits, kernel_speeds
+from .readings import blog_readings, compare_ids, hub_fast_tokenizer
 from .sandbox import run_sandboxed
 from .serving import BATCHING_MIN_GAIN, QUEUE_MIN_WAIT_RATIO, room_load, start_local_server
 from .sizing import (
@@ -134,7 +112,6 @@ __all__ = [
     "compare_ids",
     "compare_logits",
     "cost_experiment",
-    "cpu_has_native_bf16",
     "decode_bytes",
     "describe",
     "dtype_name",
@@ -142,10 +119,8 @@ __all__ = [
     "distribution_explorer",
     "diversity",
     "draw_device_map",
-    "draw_distribution",
     "draw_loads",
     "draw_offload_plans",
-    "draw_plan",
     "draw_routing",
     "edit_distance_cases",
     "ensure_standin",
@@ -161,12 +136,10 @@ __all__ = [
     "generate_batch",
     "generate_many",
     "generate_scored",
-    "gpus",
     "hit_rates",
     "hub_fast_tokenizer",
     "kernel_speeds",
     "kv_bytes_per_token",
-    "last_level_cache_bytes",
     "link_bandwidth",
     "load_pipeline",
     "measure_bandwidth",
@@ -192,8 +165,7 @@ __all__ = [
     "start_local_server",
     "steps_before_a_tie",
     "stickiness",
-    "system_memory",
-    "torch_build",
+    "this_machine",
     "trace_generation",
     "turn_starts",
     "weight_bytes",

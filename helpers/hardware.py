@@ -5,32 +5,14 @@ from __future__ import annotations
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from .data import DTYPE_ENV, whole_number
-
-
-def torch_build() -> dict:
-    """Which torch this is: ROCm (torch.version.hip), CUDA, or CPU only. Taught in 00_setup."""
-    import torch
-
-    if getattr(torch.version, "hip", None):
-        backend = f"ROCm {torch.version.hip}"
-    elif torch.version.cuda:
-        backend = f"CUDA {torch.version.cuda}"
-    else:
-        backend = "CPU only"
-    return {
-        "torch": torch.__version__,
-        "backend": backend,
-        "python": platform.python_version(),
-        "gpus_visible": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-    }
+from .data import DTYPE_ENV, GiB, whole_number
 
 
 def system_memory() -> dict:
-    """Total and available RAM in bytes (Linux /proc/meminfo; a sysconf fallback elsewhere).
-    Taught in 00_setup."""
+    """Total and available RAM in bytes (Linux /proc/meminfo; a sysconf fallback elsewhere)."""
     try:
         info = {}
         with open("/proc/meminfo") as f:
@@ -44,8 +26,7 @@ def system_memory() -> dict:
 
 
 def gpus() -> list[dict]:
-    """Each visible GPU (ROCm GPUs appear through torch.cuda too) with its memory in bytes.
-    Taught in 00_setup."""
+    """Each visible GPU (ROCm GPUs appear through torch.cuda too) with its memory in bytes."""
     import torch
 
     if not torch.cuda.is_available():
@@ -72,6 +53,58 @@ def cpu_has_native_bf16() -> bool:
     """True where the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated:
     arithmetic-bound work (the prompt pass) gets slower than in fp32 (08_performance measures by how much)."""
     return any(flag in cpuinfo("flags").split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What this machine is, read once by `this_machine()`: the torch build (ROCm builds set
+    torch.version.hip, CUDA builds torch.version.cuda), the GPUs torch sees, the RAM, and two facts about
+    the CPU that later notebooks use. Bytes throughout; `print` shows it in GiB."""
+
+    torch: str
+    backend: str  # "ROCm 6.4", "CUDA 12.8" or "CPU only"
+    python: str
+    gpus: tuple  # each visible GPU: {"index", "name", "total", "free"}
+    memory_total: int
+    memory_available: int
+    native_bf16: bool  # AVX512-BF16 or AMX: see cpu_has_native_bf16
+    last_level_cache: int  # bytes: a buffer timed as read from memory must be larger
+
+    def __str__(self) -> str:
+        lines = [
+            f"torch {self.torch} ({self.backend}), Python {self.python}",
+            f"RAM: {self.memory_total / GiB:.1f} GiB total, {self.memory_available / GiB:.1f} GiB available",
+            f"CPU: native bf16 {'yes' if self.native_bf16 else 'no'}, "
+            f"last-level cache {self.last_level_cache / 2**20:.0f} MiB",
+        ]
+        lines += [
+            f"GPU {g['index']}: {g['name']}, {g['total'] / GiB:.1f} GiB ({g['free'] / GiB:.1f} GiB free)"
+            for g in self.gpus
+        ] or ["No GPU visible: the notebooks will run the stand-in on the CPU."]
+        return "\n".join(lines)
+
+
+def this_machine() -> Machine:
+    """This machine as torch sees it: build, GPUs, memory, CPU. Taught in 00_setup."""
+    import torch
+
+    if getattr(torch.version, "hip", None):
+        backend = f"ROCm {torch.version.hip}"
+    elif torch.version.cuda:
+        backend = f"CUDA {torch.version.cuda}"
+    else:
+        backend = "CPU only"
+    memory = system_memory()
+    return Machine(
+        torch=torch.__version__,
+        backend=backend,
+        python=platform.python_version(),
+        gpus=tuple(gpus()),
+        memory_total=memory["total"],
+        memory_available=memory["available"],
+        native_bf16=cpu_has_native_bf16(),
+        last_level_cache=last_level_cache_bytes(),
+    )
 
 
 def dtype_name(dtype) -> str:
@@ -129,7 +162,7 @@ def memory_budget() -> dict:
 
 def last_level_cache_bytes() -> int:
     """The largest CPU cache this machine reports (Linux sysfs), or 32 MiB where it reports none: a buffer
-    that is to be read from memory, not from a cache, must be larger than this. Taught in 10_quantization."""
+    that is to be read from memory, not from a cache, must be larger than this."""
     units = {"K": 2**10, "M": 2**20, "G": 2**30}
     sizes = []
     for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):

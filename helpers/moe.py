@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from .answers import decode_rate
 from .backends import LocalModel, as_backend
 from .data import whole_number
-from .prompts import shown_token
 from .generation import generate, generate_batch
 from .prefetch import next_layer_guesses
 from .prompts import chat_ids
+from .readings import shown_token
 
 
 def routers(model) -> list:

@@ -68,6 +68,35 @@ class Plan:
             + (f" {self.advice}" if self.advice else "")
         )
 
+    def draw(self, ax=None):
+        """The GPUs as bars, filled by the layers device_map="auto" gave each one. Taught in 00_setup."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * self.count))
+        per_gpu = self.capacity_bytes / self.count / GiB
+        layer = (self.weights_bytes / GiB) / max(1, sum(self.layers_per_gpu)) if self.layers_per_gpu else 0
+        need_each = (self.weights_bytes + self.kv_bytes) / self.count / GiB
+        for i in range(self.count):
+            n = self.layers_per_gpu[i] if self.layers_per_gpu else 0
+            if not self.fits:  # what each GPU would have to hold, spilling past its memory
+                ax.barh(i, need_each, color="#c44e52", alpha=0.5, hatch="//")
+            ax.barh(i, per_gpu, color="#eeeeee", edgecolor="#999999", alpha=0.8 if not self.fits else 1)
+            ax.barh(i, n * layer, color="#4c72b0")
+            ax.barh(i, self.kv_bytes / self.count / GiB, left=n * layer, color="#dd8452")
+            label = f"{n} layers" if self.fits else f"needs {need_each:.0f} GiB"
+            ax.text(max(per_gpu, need_each if not self.fits else 0) * 1.01, i, label, va="center", fontsize=8)
+        ax.set_yticks(range(self.count), [f"{self.gpu} {i}" for i in range(self.count)])
+        ax.invert_yaxis()
+        ax.set_xlabel(
+            "GiB (grey: usable memory, blue: decoder layers, orange: KV cache, red: what does not fit)"
+        )
+        verdict = "fits" if self.fits else "does not fit"
+        ax.set_title(
+            f"{self.model.split('/')[-1]}, {self.precision}, {self.context} ctx: {verdict} on {self.label}"
+        )
+        return ax
+
 
 def gpu_name(gpu: str) -> str:
     return f"{gpu} {GPU_TYPES[gpu]['unit']}" if "unit" in GPU_TYPES.get(gpu, {}) else gpu
@@ -401,32 +430,6 @@ def map_entry(device_map: dict, name: str) -> str:
 def layer_device(device_map: dict, layer: int):
     """The device of decoder layer `layer`."""
     return device_map[map_entry(device_map, f"model.layers.{layer}")]
-
-
-def draw_plan(p: Plan, ax=None):
-    """The GPUs as bars, filled by the layers device_map="auto" gave each one. Taught in 00_setup."""
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * p.count))
-    per_gpu = p.capacity_bytes / p.count / GiB
-    layer = (p.weights_bytes / GiB) / max(1, sum(p.layers_per_gpu)) if p.layers_per_gpu else 0
-    need_each = (p.weights_bytes + p.kv_bytes) / p.count / GiB
-    for i in range(p.count):
-        n = p.layers_per_gpu[i] if p.layers_per_gpu else 0
-        if not p.fits:  # what each GPU would have to hold, spilling past its memory
-            ax.barh(i, need_each, color="#c44e52", alpha=0.5, hatch="//")
-        ax.barh(i, per_gpu, color="#eeeeee", edgecolor="#999999", alpha=0.8 if not p.fits else 1)
-        ax.barh(i, n * layer, color="#4c72b0")
-        ax.barh(i, p.kv_bytes / p.count / GiB, left=n * layer, color="#dd8452")
-        label = f"{n} layers" if p.fits else f"needs {need_each:.0f} GiB"
-        ax.text(max(per_gpu, need_each if not p.fits else 0) * 1.01, i, label, va="center", fontsize=8)
-    ax.set_yticks(range(p.count), [f"{p.gpu} {i}" for i in range(p.count)])
-    ax.invert_yaxis()
-    ax.set_xlabel("GiB (grey: usable memory, blue: decoder layers, orange: KV cache, red: what does not fit)")
-    verdict = "fits" if p.fits else "does not fit"
-    ax.set_title(f"{p.model.split('/')[-1]}, {p.precision}, {p.context} ctx: {verdict} on {p.label}")
-    return ax
 
 
 def plan_for_this_machine(

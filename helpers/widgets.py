@@ -12,7 +12,8 @@ import weakref
 
 from .backends import as_backend
 from .data import BLOG_SAMPLING
-from .generation import draw_distribution, next_token_distribution, sampling, validate_seed
+from .distribution import next_token_distribution
+from .generation import sampling, validate_seed
 from .prompts import as_messages
 
 _PANELS: "weakref.WeakSet[SamplingPanel]" = weakref.WeakSet()  # to stop old panels when a cell re-runs
@@ -242,7 +243,7 @@ def distribution_explorer(pipe, prompt: str, answer_prefix: str = "", show: int 
             top_k=top_k,
             top_p=top_p,
         )
-        draw_distribution(stages, f"Next token after: …{answer_prefix[-40:]!r}")
+        stages.draw(f"Next token after: …{answer_prefix[-40:]!r}")
         plt.show()
 
     out = w.interactive_output(redraw, {"temperature": temperature, "top_k": top_k, "top_p": top_p})

@@ -121,7 +121,7 @@ def write_shards(folder: Path, tensors: dict, shard_bytes: int = SHARD_BYTES) ->
 
 def write_tokenizer(folder: Path) -> None:
     """The hub's tokenizer files, from the fast tokenizer the project rebuilds offline from mistral-common's v3 file."""
-    from helpers.prompts import hub_fast_tokenizer
+    from helpers.readings import hub_fast_tokenizer
 
     fast = hub_fast_tokenizer()
     fast.backend_tokenizer.save(str(folder / "tokenizer.json"))

@@ -158,7 +158,8 @@ def test_the_distribution_counts_what_each_warper_leaves(standin_tokenizer):
     """06's plots: every stage on the same tokens, 0 where a warper removed one, and the survivors counted
     over the whole vocabulary (top-k leaves k, top-p at most that)."""
     from conftest import tiny_llama
-    from helpers import draw_distribution, next_token_distribution
+
+    from helpers import next_token_distribution
     from helpers.backends import LocalModel
 
     pipe = LocalModel(model=tiny_llama(), tokenizer=standin_tokenizer)
@@ -170,6 +171,6 @@ def test_the_distribution_counts_what_each_warper_leaves(standin_tokenizer):
     assert (
         sum(p > 0 for _, p in top_k) == 20 and sum(p > 0 for _, p in top_p) == stages.survivors["+ top_p 0.5"]
     )
-    assert len(draw_distribution(stages).axes) == 4  # one panel per stage
+    assert len(stages.draw().axes) == 4  # one panel per stage
     with pytest.raises(ValueError, match="takes temperature, top_k, top_p as knobs, not seed"):
         next_token_distribution(pipe, "Tell me a joke.", seed=3)

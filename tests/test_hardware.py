@@ -3,19 +3,33 @@ import torch
 
 import helpers.fastpath as fastpath
 import helpers.hardware as hw
-from helpers import pick_dtype, torch_build
+from helpers import pick_dtype, this_machine
 
 GiB = 2**30
 
 
-def test_torch_build_names_the_backend():
-    build = torch_build()
+def test_this_machine_names_the_backend_and_shows_what_it_read():
+    machine = this_machine()
     if getattr(torch.version, "hip", None):
-        assert build["backend"].startswith("ROCm")
+        assert machine.backend.startswith("ROCm")
     elif torch.version.cuda:
-        assert build["backend"].startswith("CUDA")
+        assert machine.backend.startswith("CUDA")
     else:
-        assert build["backend"] == "CPU only" and build["gpus_visible"] == 0
+        assert machine.backend == "CPU only" and machine.gpus == ()
+    assert 0 < machine.memory_available <= machine.memory_total and machine.last_level_cache >= 2**20
+    shown = str(machine).splitlines()
+    assert shown[0] == f"torch {torch.__version__} ({machine.backend}), Python {machine.python}"
+    assert shown[1].startswith(f"RAM: {machine.memory_total / GiB:.1f} GiB total")
+    assert len(shown) == 3 + max(len(machine.gpus), 1)  # one line per GPU, or one saying there is none
+
+
+def test_a_machine_with_gpus_lists_each_one():
+    gpu = {"index": 0, "name": "AMD Instinct MI300X", "total": 192 * GiB, "free": 190 * GiB}
+    machine = hw.Machine("2.13.0", "ROCm 7.0", "3.11", (gpu,), 64 * GiB, 60 * GiB, False, 32 * 2**20)
+    assert str(machine).splitlines()[2:] == [
+        "CPU: native bf16 no, last-level cache 32 MiB",
+        "GPU 0: AMD Instinct MI300X, 192.0 GiB (190.0 GiB free)",
+    ]
 
 
 def test_system_memory_is_sane():

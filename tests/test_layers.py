@@ -28,6 +28,7 @@ LAYERS = {
     "experts": 2,  # the experts' one loop; transformers' experts registry
     "decode": 2,  # one decode step without transformers' machinery around it
     "prompts": 3,
+    "readings": 4,  # the blog's string in each tokenizer stack (01)
     "standin": 3,
     "fastpath": 3,
     "planning": 3,
@@ -39,17 +40,18 @@ LAYERS = {
     "prefetch": 5,  # model path, the blog's pipeline call; experts fetched ahead
     "backends": 6,  # LocalModel / Endpoint: what answers
     "generation": 7,  # knobs checked once; generate*
-    "widgets": 8,
+    "distribution": 8,  # what the knobs do to one distribution (06)
+    "widgets": 9,
     "serving": 8,
     "moe": 8,
     "tiers": 8,  # what notebooks touch
     "room_server": 8,  # the server program that serving.py runs
-    "__init__": 9,  # the front door
+    "__init__": 10,  # the front door
 }
 # The measures README's "The code" states, each with its target. One not yet at its target is held where it stands:
 # its ceiling may fall with any change, and rises only with a change that says so in the README.
 TARGETS = dict(helpers_lines=3400, core_lines=900, public_names=70, parameters=6)
-CEILINGS = dict(helpers_lines=6257, core_lines=1043, public_names=99)
+CEILINGS = dict(helpers_lines=6283, core_lines=900, public_names=93)  # core_lines: at its target
 CORE = (
     "backends.py",
     "loading.py",

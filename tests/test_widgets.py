@@ -155,11 +155,11 @@ def test_the_distribution_explorer_draws_with_its_sliders(standin_tokenizer, mon
     matplotlib.use("Agg")
     from conftest import tiny_llama
 
-    from helpers import distribution_explorer, generation
+    from helpers import distribution, distribution_explorer
     from helpers.backends import LocalModel
 
     drawn = []
-    real = generation.next_token_distribution
+    real = distribution.next_token_distribution
     monkeypatch.setattr(
         "helpers.widgets.next_token_distribution", lambda *a, **k: drawn.append(k) or real(*a, **k)
     )
