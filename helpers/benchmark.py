@@ -36,7 +36,7 @@ class BenchRow:
     batch: int
     kernels: dict  # what the fast path measured for each kind: {kind: {"gb_s": {kernel: GB/s}, "chosen", "nbytes"}}
     matvec_ceiling_tok_s: float | None  # the decode speed each kind of weight at its best kernel speed allows
-    step: dict | None  # fastpath.step_profile: where one decode step's time goes (one sequence in memory)
+    step: dict | None  # the bench harness's step_profile: where one decode step's time goes (one sequence)
 
 
 @dataclass(frozen=True)

@@ -57,9 +57,9 @@ def cpu_has_native_bf16() -> bool:
 
 @dataclass(frozen=True)
 class Machine:
-    """What this machine is, read once by `this_machine()`: the torch build (ROCm builds set
-    torch.version.hip, CUDA builds torch.version.cuda), the GPUs torch sees, the RAM, and two facts about
-    the CPU that later notebooks use. Bytes throughout; `print` shows it in GiB."""
+    """What this machine is, as `this_machine()` reads it (afresh on each call): the torch build (ROCm builds
+    set torch.version.hip, CUDA builds torch.version.cuda), the GPUs torch sees, the RAM, and two facts about
+    the CPU that later notebooks use. Bytes throughout; `print` shows them in GiB (the cache in MiB)."""
 
     torch: str
     backend: str  # "ROCm 6.4", "CUDA 12.8" or "CPU only"
@@ -67,20 +67,20 @@ class Machine:
     gpus: tuple  # each visible GPU: {"index", "name", "total", "free"}
     memory_total: int
     memory_available: int
-    native_bf16: bool  # AVX512-BF16 or AMX: see cpu_has_native_bf16
-    last_level_cache: int  # bytes: a buffer timed as read from memory must be larger
+    native_bf16: bool  # bf16 instructions (AVX512-BF16 or AMX); the dtype is measured all the same
+    last_level_cache: int  # the largest CPU cache the OS reports: timed buffers must be larger
 
     def __str__(self) -> str:
         lines = [
             f"torch {self.torch} ({self.backend}), Python {self.python}",
             f"RAM: {self.memory_total / GiB:.1f} GiB total, {self.memory_available / GiB:.1f} GiB available",
-            f"CPU: native bf16 {'yes' if self.native_bf16 else 'no'}, "
-            f"last-level cache {self.last_level_cache / 2**20:.0f} MiB",
+            f"CPU: bf16 instructions {'yes' if self.native_bf16 else 'no'}, "
+            f"largest cache it reports {self.last_level_cache / 2**20:.0f} MiB",
         ]
         lines += [
             f"GPU {g['index']}: {g['name']}, {g['total'] / GiB:.1f} GiB ({g['free'] / GiB:.1f} GiB free)"
             for g in self.gpus
-        ] or ["No GPU visible: the notebooks will run the stand-in on the CPU."]
+        ] or ["No GPU visible: models run on the CPU."]
         return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """What the blog's hand-written string `[INST] {prompt} [/INST]` became, stack by stack: the hub's fast
-tokenizer as it was in 2024 (a reconstruction) and today, mistral-common's backend and its reference; ids
-compared, tokens shown. Taught in 01_loading."""
+tokenizer (a reconstruction) as the May 2024 pipeline called it and as today's does, mistral-common's backend
+and its reference; ids compared, tokens shown. Taught in 01_loading."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ def test_a_machine_with_gpus_lists_each_one():
     gpu = {"index": 0, "name": "AMD Instinct MI300X", "total": 192 * GiB, "free": 190 * GiB}
     machine = hw.Machine("2.13.0", "ROCm 7.0", "3.11", (gpu,), 64 * GiB, 60 * GiB, False, 32 * 2**20)
     assert str(machine).splitlines()[2:] == [
-        "CPU: native bf16 no, last-level cache 32 MiB",
+        "CPU: bf16 instructions no, largest cache it reports 32 MiB",
         "GPU 0: AMD Instinct MI300X, 192.0 GiB (190.0 GiB free)",
     ]
 
