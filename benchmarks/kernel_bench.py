@@ -205,12 +205,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", default=[], help="candidates whose name contains this")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--compiled", help=argparse.SUPPRESS)  # one compiled candidate, in a child process
+    parser.add_argument("--compiled", help=argparse.SUPPRESS)  # one compiled candidate, in a child process,
+    parser.add_argument("--shape", default="gate_up", help=argparse.SUPPRESS)  # at this shape
+    parser.add_argument("--tokens", type=int, default=1, help=argparse.SUPPRESS)  # and this many tokens
     args = parser.parse_args()
     if args.compiled:
-        shape = SHAPES["gate_up"]
+        shape = SHAPES[args.shape]
         size, build = compiled_candidates(shape, timing_buffer_bytes())[args.compiled]
-        print(json.dumps(time_module(size, build, shape, 1, timing_buffer_bytes())))
+        print(json.dumps(time_module(size, build, shape, args.tokens, timing_buffer_bytes())))
         return 0
     total = timing_buffer_bytes()
     bandwidth = measure_bandwidth()
@@ -241,10 +243,7 @@ def main() -> int:
                         lambda: time_one(size, build, run, shape, tokens, total),
                     )
                 )
-            # whole-module candidates compile for minutes and keep their frozen weights: each in a process of its
-            # own, on the larger shape and one token only
-            if shape_name != "gate_up" or tokens != 1:
-                continue
+            # whole-module candidates compile for minutes and keep their frozen weights: each in a process of its own
             for name in compiled_candidates(shape, total):
                 if args.only and not any(o in name for o in args.only):
                     continue
@@ -274,7 +273,10 @@ def _apart(name, shape_name, shape, tokens, bandwidth) -> dict:
 
     def timing():
         done = subprocess.run(
-            [sys.executable, __file__, "--compiled", name], capture_output=True, text=True, timeout=1800
+            [sys.executable, __file__, "--compiled", name, "--shape", shape_name, "--tokens", str(tokens)],
+            capture_output=True,
+            text=True,
+            timeout=1800,
         )
         if done.returncode != 0:
             raise RuntimeError(
