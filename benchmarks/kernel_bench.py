@@ -1,4 +1,4 @@
-"""How fast each candidate kernel reads a decode step's weights on this machine: one to four tokens through
+"""How fast each candidate kernel reads a decode step's weights on this machine: one and four tokens through
 matrices of the stand-in's expert shapes, cycling over more distinct matrices than the caches hold (twice the
 last-level cache, at least 256 MiB), so the weights come from memory as a decode step's do. Winners and losers
 both go into the results file, with the share of this machine's measured memory bandwidth each one reads at.
