@@ -22,7 +22,7 @@ def markdown(f: dict) -> str:
     return (
         f"# bf16 against float32 on the stand-in, {f['date']}\n\n"
         f"`python benchmarks/bf16_quality.py`: torch {f['torch']}, {f['machine']}. Teacher-forced over "
-        f"`{f['text']}` ({q['tokens']:,} tokens, windows of 512), both models the blog's plain pipeline "
+        f"`{f['text']}` ({q['tokens']:,} tokens, windows of {f['window']}), both models the blog's plain pipeline "
         f"(`fast=False`).\n\n"
         "| candidate | top-1 agreement | mean KL | perplexity | float32's |\n|---|---|---|---|---|\n"
         f"| bf16 | {q['top1_agreement']:.1%} | {q['mean_kl']:.4f} | {q['perplexity_candidate']:.3f} | "
@@ -42,12 +42,14 @@ def main() -> int:
     reference = load_pipeline(model_path(), dtype=torch.float32, fast=False)
     in_bf16 = load_pipeline(model_path(), dtype=torch.bfloat16, fast=False)
     ids = reference.tokenizer(QUALITY_TEXT.read_text())["input_ids"]
+    window = 512  # tokens per teacher-forced pass, as 10_quantization reads the text
     figures = dict(
         date=datetime.date.today().isoformat(),
         machine=cpuinfo("model name") or platform.machine(),
         torch=torch.__version__,
         text=QUALITY_TEXT.name,
-        quality=compare_logits(reference.model, {"bf16": in_bf16.model}, ids)["bf16"],
+        window=window,
+        quality=compare_logits(reference.model, {"bf16": in_bf16.model}, ids, window)["bf16"],
     )
     out = ROOT / "benchmarks" / "results" / f"{figures['date']}-bf16-quality"
     atomic_file(out.with_suffix(".json"), lambda p: p.write_text(json.dumps(figures, indent=1)))

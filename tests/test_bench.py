@@ -375,5 +375,7 @@ def test_the_bf16_quality_file_shows_what_compare_logits_measured():
 
     quality = dict(tokens=3452, top1_agreement=0.9786, mean_kl=0.00179, perplexity_candidate=7.1246,
                    perplexity_reference=7.1198)  # fmt: skip
-    text = markdown(dict(date="d", torch="t", machine="m", text="genesis_kjv.txt", quality=quality))
+    text = markdown(
+        dict(date="d", torch="t", machine="m", text="genesis_kjv.txt", window=512, quality=quality)
+    )
     assert "| bf16 | 97.9% | 0.0018 | 7.125 | 7.120 |" in text and "(3,452 tokens, windows of 512)" in text
