@@ -45,28 +45,75 @@ def build(layers: int, scale: float, dtype, device):
     return model
 
 
-def step_seconds(model, implementation: str, tokens: int, prompt: int = 32) -> float:
-    """Median seconds of one decode step (batch 1, KV cache), after 3 warm-up steps."""
+def decoder(model, implementation: str, prompt: int = 32):
+    """One decode step at a time (batch 1, KV cache), after a prefill of `prompt` random tokens."""
     import torch
     from transformers import DynamicCache
 
     model.set_experts_implementation(implementation)
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), device=model.device)
-    times = []
+    cache = DynamicCache()
     with torch.no_grad():
-        cache = DynamicCache()
-        out = model(ids, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        for step in range(3 + tokens):
-            sync()
-            started = time.perf_counter()
-            out = model(nxt, past_key_values=cache, use_cache=True)
-            nxt = out.logits[:, -1:].argmax(-1)
-            sync()
-            if step >= 3:
-                times.append(time.perf_counter() - started)
+        state = [model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)]
+
+    def step() -> None:
+        with torch.no_grad():
+            out = model(state[0], past_key_values=cache, use_cache=True)
+            state[0] = out.logits[:, -1:].argmax(-1)
+
+    return step
+
+
+def sync_for(model):
+    import torch
+
+    return torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
+
+
+def warm(model, seconds: float = 3.0) -> None:
+    """Decode steps for `seconds` before any timing. On the H200 the first tens of steps of a fresh process
+    ran several times slower than later ones, past a few warm-up steps
+    (benchmarks/results/2026-12-04-nvidia-h200.md)."""
+    step, sync = decoder(model, "eager"), sync_for(model)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        step()
+        sync()
+
+
+def step_seconds(model, implementation: str, tokens: int) -> float:
+    """Median seconds of one decode step, after 3 warm-up steps."""
+    step, sync = decoder(model, implementation), sync_for(model)
+    times = []
+    for i in range(3 + tokens):
+        sync()
+        started = time.perf_counter()
+        step()
+        sync()
+        if i >= 3:
+            times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]
+
+
+def gpu_busy(model, implementation: str, steps: int = 8) -> dict:
+    """Where one decode step's time goes on a GPU (torch.profiler): the wall time, the time the GPU spent in
+    kernels, and the kernels launched. Busy well under the wall time means the step waits on the CPU."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    step, sync = decoder(model, implementation), sync_for(model)
+    for _ in range(3):
+        step()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall = (time.perf_counter() - started) / steps
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / steps
+    return dict(wall_ms=wall * 1e3, busy_ms=busy * 1e3, kernels=len(kernels) / steps)
 
 
 def main(argv=None) -> int:
@@ -130,6 +177,8 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         models[depth] = build(depth, args.scale, dtype, args.device)
         print(f"built {depth} layer(s) in {time.perf_counter() - started:.0f} s", flush=True)
+    for model in models.values():
+        warm(model)
     config = models[deep].config
     size = dtype.itemsize
 
@@ -154,6 +203,11 @@ def main(argv=None) -> int:
             print(f"{label}: failed: {rows[-1]['error']}", flush=True)
             return
         per_layer = (t[deep] - t[shallow]) / (deep - shallow)
+        if per_layer <= 0:
+            ms = ", ".join(f"{t[d] * 1e3:.2f} ms at {d}" for d in (shallow, deep))
+            rows.append(dict(implementation=label, error=f"the deeper model was not slower ({ms}): rerun"))
+            print(f"{label}: failed: {rows[-1]['error']}", flush=True)
+            return
         rest = t[shallow] - shallow * per_layer  # embeddings, final norm, lm_head, sampling
         bandwidth = layer_bytes(weight_bytes) / per_layer
         rows.append(
@@ -165,6 +219,8 @@ def main(argv=None) -> int:
                 full_tok_s=1 / (56 * per_layer + rest),
             )
         )
+        if args.device == "cuda":
+            rows[-1]["profile"] = gpu_busy(models[deep], experts)
         print(
             f"{label}: {per_layer * 1e3:.3f} ms per layer, {bandwidth / 1e9:.0f} GB/s, "
             f"full model {rows[-1]['full_tok_s']:.1f} tok/s",
@@ -207,6 +263,23 @@ def main(argv=None) -> int:
             f"| {r['implementation']} | {r['per_layer_ms']:.3f} | {r['bandwidth_gbs']:.0f} | "
             f"{r['bandwidth_gbs'] * 1e9 / measured_bw:.0%} | {of_datasheet} | {r['full_tok_s']:.1f} |"
         )
+    profiled = [r for r in rows if "profile" in r]
+    if profiled:
+        lines += [
+            "",
+            f"Where one decode step of the {deep}-layer model goes (torch.profiler, mean of 8 steps): the time the "
+            "GPU spent in kernels against the wall time. Busy well under the wall time means the GPU waits "
+            "for the CPU to launch the next kernel.",
+            "",
+            "| experts implementation | wall ms per step | GPU busy ms | busy share | kernels per step |",
+            "|---|---|---|---|---|",
+        ]
+        for r in profiled:
+            p = r["profile"]
+            lines.append(
+                f"| {r['implementation']} | {p['wall_ms']:.2f} | {p['busy_ms']:.2f} | "
+                f"{p['busy_ms'] / p['wall_ms']:.0%} | {p['kernels']:.0f} |"
+            )
     lines += [
         "",
         "The int8 row reads int8 weights (one bf16 scale per output channel; helpers/quantize.py), so its "
