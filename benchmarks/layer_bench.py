@@ -71,9 +71,9 @@ def sync_for(model):
 
 
 def warm(model, seconds: float = 3.0) -> None:
-    """Decode steps for `seconds` before any timing. On the H200 the first tens of steps of a fresh process
-    ran several times slower than later ones, past a few warm-up steps
-    (benchmarks/results/2026-12-04-nvidia-h200.md)."""
+    """Eager decode steps for `seconds` before any timing (each implementation then has 3 warm-up steps of
+    its own). On the H200 the first tens of steps of a fresh process ran several times slower than later
+    ones, past a few warm-up steps (benchmarks/results/2026-12-04-nvidia-h200.md)."""
     step, sync = decoder(model, "eager"), sync_for(model)
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
@@ -96,8 +96,9 @@ def step_seconds(model, implementation: str, tokens: int) -> float:
 
 
 def gpu_busy(model, implementation: str, steps: int = 8) -> dict:
-    """Where one decode step's time goes on a GPU (torch.profiler): the wall time, the time the GPU spent in
-    kernels, and the kernels launched. Busy well under the wall time means the step waits on the CPU."""
+    """Where one decode step's time goes on a GPU (torch.profiler, GPU activity only, mean of `steps`): the
+    time the GPU spent running kernels and copies, and how many it ran. The caller sets it against the step's
+    time measured without the profiler; busy well under that means the GPU sits idle between them."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -105,15 +106,17 @@ def gpu_busy(model, implementation: str, steps: int = 8) -> dict:
     for _ in range(3):
         step()
     sync()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         sync()
-        wall = (time.perf_counter() - started) / steps
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / steps
-    return dict(wall_ms=wall * 1e3, busy_ms=busy * 1e3, kernels=len(kernels) / steps)
+    ran = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+    ]
+    busy = sum(e.time_range.elapsed_us() for e in ran) / 1e6 / steps
+    return dict(busy_ms=busy * 1e3, kernels=len(ran) / steps)
 
 
 def main(argv=None) -> int:
@@ -220,7 +223,10 @@ def main(argv=None) -> int:
             )
         )
         if args.device == "cuda":
-            rows[-1]["profile"] = gpu_busy(models[deep], experts)
+            try:
+                rows[-1]["profile"] = dict(gpu_busy(models[deep], experts), step_ms=t[deep] * 1e3)
+            except Exception as exc:  # noqa: BLE001 - a failing profiler (CUPTI, ROCm) must not cost the rows
+                rows[-1]["profile_error"] = f"{type(exc).__name__}: {exc}"[:160]
         print(
             f"{label}: {per_layer * 1e3:.3f} ms per layer, {bandwidth / 1e9:.0f} GB/s, "
             f"full model {rows[-1]['full_tok_s']:.1f} tok/s",
@@ -263,29 +269,33 @@ def main(argv=None) -> int:
             f"| {r['implementation']} | {r['per_layer_ms']:.3f} | {r['bandwidth_gbs']:.0f} | "
             f"{r['bandwidth_gbs'] * 1e9 / measured_bw:.0%} | {of_datasheet} | {r['full_tok_s']:.1f} |"
         )
-    profiled = [r for r in rows if "profile" in r]
+    profiled = [r for r in rows if "profile" in r or "profile_error" in r]
     if profiled:
         lines += [
             "",
-            f"Where one decode step of the {deep}-layer model goes (torch.profiler, mean of 8 steps): the time the "
-            "GPU spent in kernels against the wall time. Busy well under the wall time means the GPU waits "
-            "for the CPU to launch the next kernel.",
+            f"One decode step of the {deep}-layer model (embeddings and lm_head included): its median time "
+            "without the profiler (timed as above), and the time the GPU spent running kernels and copies "
+            "in it (torch.profiler, GPU activity only, mean of 8 steps). Busy well under the step's time "
+            "means the GPU sits idle between kernels, waiting for the next one to be launched.",
             "",
-            "| experts implementation | wall ms per step | GPU busy ms | busy share | kernels per step |",
+            "| experts implementation | step ms | GPU busy ms | busy share | kernels and copies per step |",
             "|---|---|---|---|---|",
         ]
         for r in profiled:
+            if "profile_error" in r:
+                lines.append(f"| {r['implementation']} | profiler failed: {r['profile_error']} | | | |")
+                continue
             p = r["profile"]
             lines.append(
-                f"| {r['implementation']} | {p['wall_ms']:.2f} | {p['busy_ms']:.2f} | "
-                f"{p['busy_ms'] / p['wall_ms']:.0%} | {p['kernels']:.0f} |"
+                f"| {r['implementation']} | {p['step_ms']:.2f} | {p['busy_ms']:.2f} | "
+                f"{p['busy_ms'] / p['step_ms']:.0%} | {p['kernels']:.0f} |"
             )
     lines += [
         "",
         "The int8 row reads int8 weights (one bf16 scale per output channel; helpers/quantize.py), so its "
         "achieved GB/s counts int8 bytes. Per-layer time is the difference between the two depths, so embeddings and lm_head cancel out; "
-        "the extrapolation adds them back once. One GPU-equivalent: the whole 262 GiB read by one device "
-        'per token, which is what device_map="auto" does across GPUs (one at a time).',
+        "the extrapolation adds them back once. One GPU-equivalent: all 56 layers' reads per token done by "
+        'one device, which is what device_map="auto" does across GPUs (one at a time).',
     ]
     path = Path(args.out) / f"{date}-{label}.md"
     atomic_file(path, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
