@@ -1,6 +1,7 @@
 """Mixtral-8x22B's real layer dimensions, a few layers deep, random weights: decode time per layer
 for each experts implementation, the bandwidth it achieves against the device's, and the full
-56-layer model's tokens/s extrapolated to one GPU-equivalent (all weights read by one device).
+56-layer model's tokens/s extrapolated to one GPU-equivalent (all 56 layers' reads per token done by one
+device), and on a GPU how much of a step it spends running kernels and copies.
 
     python benchmarks/layer_bench.py                       # on a GPU: bf16, 1 and 3 layers
     python benchmarks/layer_bench.py --scale 0.0625 --device cpu --dtype float32   # a small rehearsal
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 MODEL = "mistralai/Mixtral-8x22B-Instruct-v0.1"
 IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "per_token")  # per_token: the CPU fast path's loop
+PROFILED_STEPS = 8  # decode steps under torch.profiler per row (on a GPU)
 
 
 def build(layers: int, scale: float, dtype, device):
@@ -70,32 +73,36 @@ def sync_for(model):
     return torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
 
 
-def warm(model, seconds: float = 3.0) -> None:
-    """Eager decode steps for `seconds` before any timing (each implementation then has 3 warm-up steps of
-    its own). On the H200 the first tens of steps of a fresh process ran several times slower than later
-    ones, past a few warm-up steps (benchmarks/results/2026-12-04-nvidia-h200.md)."""
-    step, sync = decoder(model, "eager"), sync_for(model)
+def warm(model, implementation: str = "eager", seconds: float = 3.0) -> None:
+    """Decode steps for `seconds` before timing: by default 3 s in eager on each model before anything, then
+    1 s with each implementation before its row. On the H200 the first tens of steps of a fresh process ran
+    several times slower than later ones, past a few warm-up steps
+    (benchmarks/results/2026-12-04-nvidia-h200.md)."""
+    step, sync = decoder(model, implementation), sync_for(model)
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         step()
         sync()
 
 
-def step_seconds(model, implementation: str, tokens: int) -> float:
-    """Median seconds of one decode step, after 3 warm-up steps."""
-    step, sync = decoder(model, implementation), sync_for(model)
-    times = []
+def step_seconds(models: dict, implementation: str, tokens: int) -> dict:
+    """Median seconds of one decode step for each model (depth -> model), after 3 warm-up steps each. The
+    models take turns step by step, so that a slow spell of the machine falls on all of them alike."""
+    steps = {depth: decoder(model, implementation) for depth, model in models.items()}
+    sync = sync_for(next(iter(models.values())))
+    times = {depth: [] for depth in models}
     for i in range(3 + tokens):
-        sync()
-        started = time.perf_counter()
-        step()
-        sync()
-        if i >= 3:
-            times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
+        for depth, step in steps.items():
+            sync()
+            started = time.perf_counter()
+            step()
+            sync()
+            if i >= 3:
+                times[depth].append(time.perf_counter() - started)
+    return {depth: statistics.median(ts) for depth, ts in times.items()}
 
 
-def gpu_busy(model, implementation: str, steps: int = 8) -> dict:
+def gpu_busy(model, implementation: str, steps: int = PROFILED_STEPS) -> dict:
     """Where one decode step's time goes on a GPU (torch.profiler, GPU activity only, mean of `steps`): the
     time the GPU spent running kernels and copies, and how many it ran. The caller sets it against the step's
     time measured without the profiler; busy well under that means the GPU sits idle between them."""
@@ -116,7 +123,7 @@ def gpu_busy(model, implementation: str, steps: int = 8) -> dict:
         if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
     ]
     busy = sum(e.time_range.elapsed_us() for e in ran) / 1e6 / steps
-    return dict(busy_ms=busy * 1e3, kernels=len(ran) / steps)
+    return dict(busy_ms=busy * 1e3, kernels_and_copies=len(ran) / steps)
 
 
 def main(argv=None) -> int:
@@ -140,6 +147,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--tokens", type=int, default=32, help="decode steps timed per implementation")
     parser.add_argument(
+        "--warm",
+        type=float,
+        default=3.0,
+        help="seconds of eager decode steps on each model first; each row then warms for a third of it",
+    )
+    parser.add_argument(
         "--scale", type=float, default=1.0, help="shrink every width (a rehearsal on a small machine)"
     )
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
@@ -155,6 +168,8 @@ def main(argv=None) -> int:
     shallow, deep = sorted(args.layers)
     if shallow < 1 or deep <= shallow:
         parser.error("--layers takes two different depths >= 1, e.g. 1 3")
+    if args.tokens < 1:
+        parser.error(f"--tokens takes the number of decode steps to time, at least 1 (got {args.tokens})")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(
             "--device cuda, but torch sees no GPU (torch.cuda.is_available() is False); "
@@ -181,7 +196,7 @@ def main(argv=None) -> int:
         models[depth] = build(depth, args.scale, dtype, args.device)
         print(f"built {depth} layer(s) in {time.perf_counter() - started:.0f} s", flush=True)
     for model in models.values():
-        warm(model)
+        warm(model, seconds=args.warm)
     config = models[deep].config
     size = dtype.itemsize
 
@@ -200,18 +215,20 @@ def main(argv=None) -> int:
         """Time both depths with `experts`; `per_weight()` (bytes per weight) runs first, inside the try."""
         try:
             weight_bytes = per_weight()
-            t = {d: step_seconds(m, experts, args.tokens) for d, m in models.items()}
+            for model in models.values():
+                warm(model, experts, seconds=args.warm / 3)
+            t = step_seconds(models, experts, args.tokens)
         except Exception as exc:  # noqa: BLE001 - one failing (a ROCm build without a kernel) must not hide the others
             rows.append(dict(implementation=label, error=f"{type(exc).__name__}: {exc}"[:160]))
             print(f"{label}: failed: {rows[-1]['error']}", flush=True)
             return
         per_layer = (t[deep] - t[shallow]) / (deep - shallow)
-        if per_layer <= 0:
+        rest = t[shallow] - shallow * per_layer  # embeddings, final norm, lm_head, sampling
+        if per_layer <= 0:  # noise larger than a layer
             ms = ", ".join(f"{t[d] * 1e3:.2f} ms at {d}" for d in (shallow, deep))
             rows.append(dict(implementation=label, error=f"the deeper model was not slower ({ms}): rerun"))
             print(f"{label}: failed: {rows[-1]['error']}", flush=True)
             return
-        rest = t[shallow] - shallow * per_layer  # embeddings, final norm, lm_head, sampling
         bandwidth = layer_bytes(weight_bytes) / per_layer
         rows.append(
             dict(
@@ -219,7 +236,8 @@ def main(argv=None) -> int:
                 per_layer_ms=per_layer * 1e3,
                 rest_ms=rest * 1e3,
                 bandwidth_gbs=bandwidth / 1e9,
-                full_tok_s=1 / (56 * per_layer + rest),
+                # the fixed part (rest) comes out negative when noise outweighs it: no extrapolation then
+                full_tok_s=1 / (56 * per_layer + rest) if rest > 0 else None,
             )
         )
         if args.device == "cuda":
@@ -228,8 +246,8 @@ def main(argv=None) -> int:
             except Exception as exc:  # noqa: BLE001 - a failing profiler (CUPTI, ROCm) must not cost the rows
                 rows[-1]["profile_error"] = f"{type(exc).__name__}: {exc}"[:160]
         print(
-            f"{label}: {per_layer * 1e3:.3f} ms per layer, {bandwidth / 1e9:.0f} GB/s, "
-            f"full model {rows[-1]['full_tok_s']:.1f} tok/s",
+            f"{label}: {per_layer * 1e3:.3f} ms per layer, {bandwidth / 1e9:.0f} GB/s, full model "
+            + (f"{rows[-1]['full_tok_s']:.1f} tok/s" if rest > 0 else "not extrapolated (noise)"),
             flush=True,
         )
 
@@ -265,9 +283,14 @@ def main(argv=None) -> int:
             lines.append(f"| {r['implementation']} | failed: {r['error']} | | | | |")
             continue
         of_datasheet = f"{r['bandwidth_gbs'] / (peak * 1000):.0%}" if peak else "n/a"
+        full = (
+            "n/a: its fixed part came out negative (noise)"
+            if r["full_tok_s"] is None
+            else f"{r['full_tok_s']:.1f}"
+        )
         lines.append(
             f"| {r['implementation']} | {r['per_layer_ms']:.3f} | {r['bandwidth_gbs']:.0f} | "
-            f"{r['bandwidth_gbs'] * 1e9 / measured_bw:.0%} | {of_datasheet} | {r['full_tok_s']:.1f} |"
+            f"{r['bandwidth_gbs'] * 1e9 / measured_bw:.0%} | {of_datasheet} | {full} |"
         )
     profiled = [r for r in rows if "profile" in r or "profile_error" in r]
     if profiled:
@@ -275,8 +298,9 @@ def main(argv=None) -> int:
             "",
             f"One decode step of the {deep}-layer model (embeddings and lm_head included): its median time "
             "without the profiler (timed as above), and the time the GPU spent running kernels and copies "
-            "in it (torch.profiler, GPU activity only, mean of 8 steps). Busy well under the step's time "
-            "means the GPU sits idle between kernels, waiting for the next one to be launched.",
+            f"per step over {PROFILED_STEPS} further steps under torch.profiler (GPU activity only). Busy "
+            "well under the step's time means the GPU sat idle between them; the profile does not show the "
+            "CPU, so that it was launching the next one is a reading, not a measurement.",
             "",
             "| experts implementation | step ms | GPU busy ms | busy share | kernels and copies per step |",
             "|---|---|---|---|---|",
@@ -288,7 +312,7 @@ def main(argv=None) -> int:
             p = r["profile"]
             lines.append(
                 f"| {r['implementation']} | {p['step_ms']:.2f} | {p['busy_ms']:.2f} | "
-                f"{p['busy_ms'] / p['step_ms']:.0%} | {p['kernels']:.0f} |"
+                f"{p['busy_ms'] / p['step_ms']:.0%} | {p['kernels_and_copies']:.0f} |"
             )
     lines += [
         "",
