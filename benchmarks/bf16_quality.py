@@ -31,13 +31,11 @@ def markdown(f: dict) -> str:
 
 
 def main() -> int:
-    import platform
-
     import torch
+    from bench import machine_name
 
     from helpers import QUALITY_TEXT, compare_logits, load_pipeline, model_path
     from helpers.files import atomic_file
-    from helpers.hardware import cpuinfo
 
     reference = load_pipeline(model_path(), dtype=torch.float32, fast=False)
     in_bf16 = load_pipeline(model_path(), dtype=torch.bfloat16, fast=False)
@@ -45,7 +43,7 @@ def main() -> int:
     window = 512  # tokens per teacher-forced pass, as 10_quantization reads the text
     figures = dict(
         date=datetime.date.today().isoformat(),
-        machine=cpuinfo("model name") or platform.machine(),
+        machine=machine_name(),
         torch=torch.__version__,
         text=QUALITY_TEXT.name,
         window=window,

@@ -211,6 +211,10 @@ def main(argv=None) -> int:
             - config.hidden_size * per_weight
         ) / deep
 
+    def failed(label: str, error: str) -> None:
+        rows.append(dict(implementation=label, error=error[:160]))
+        print(f"{label}: failed: {rows[-1]['error']}", flush=True)
+
     def timed_row(label: str, experts: str, per_weight=lambda: size) -> None:
         """Time both depths with `experts`; `per_weight()` (bytes per weight) runs first, inside the try."""
         try:
@@ -219,25 +223,22 @@ def main(argv=None) -> int:
                 warm(model, experts, seconds=args.warm / 3)
             t = step_seconds(models, experts, args.tokens)
         except Exception as exc:  # noqa: BLE001 - one failing (a ROCm build without a kernel) must not hide the others
-            rows.append(dict(implementation=label, error=f"{type(exc).__name__}: {exc}"[:160]))
-            print(f"{label}: failed: {rows[-1]['error']}", flush=True)
-            return
+            return failed(label, f"{type(exc).__name__}: {exc}")
         per_layer = (t[deep] - t[shallow]) / (deep - shallow)
         rest = t[shallow] - shallow * per_layer  # embeddings, final norm, lm_head, sampling
         if per_layer <= 0:  # noise larger than a layer
             ms = ", ".join(f"{t[d] * 1e3:.2f} ms at {d}" for d in (shallow, deep))
-            rows.append(dict(implementation=label, error=f"the deeper model was not slower ({ms}): rerun"))
-            print(f"{label}: failed: {rows[-1]['error']}", flush=True)
-            return
+            return failed(label, f"the deeper model was not slower ({ms}): rerun")
         bandwidth = layer_bytes(weight_bytes) / per_layer
+        # the fixed part (rest) comes out negative when noise outweighs it: no extrapolation then
+        full_tok_s = 1 / (56 * per_layer + rest) if rest > 0 else None
         rows.append(
             dict(
                 implementation=label,
                 per_layer_ms=per_layer * 1e3,
                 rest_ms=rest * 1e3,
                 bandwidth_gbs=bandwidth / 1e9,
-                # the fixed part (rest) comes out negative when noise outweighs it: no extrapolation then
-                full_tok_s=1 / (56 * per_layer + rest) if rest > 0 else None,
+                full_tok_s=full_tok_s,
             )
         )
         if args.device == "cuda":
@@ -247,7 +248,7 @@ def main(argv=None) -> int:
                 rows[-1]["profile_error"] = f"{type(exc).__name__}: {exc}"[:160]
         print(
             f"{label}: {per_layer * 1e3:.3f} ms per layer, {bandwidth / 1e9:.0f} GB/s, full model "
-            + (f"{rows[-1]['full_tok_s']:.1f} tok/s" if rest > 0 else "not extrapolated (noise)"),
+            + (f"{full_tok_s:.1f} tok/s" if full_tok_s else "not extrapolated (noise)"),
             flush=True,
         )
 
