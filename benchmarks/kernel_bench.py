@@ -6,8 +6,8 @@ both go into the results file, with the share of this machine's measured memory 
     python benchmarks/kernel_bench.py                 # writes benchmarks/results/<date>-kernels-<cpu>.md and .json
     python benchmarks/kernel_bench.py --only int8     # the candidates whose name contains a word
 
-The candidates: float32 and bf16 through F.linear and torch.mv (bf16 also re-laid column-major); int8 weights
-through torch's weight-only kernel (bf16 activations) and, with int8 activations quantized per token, through
+The candidates: float32 and bf16 through F.linear and torch.mv (bf16 also re-laid column-major), or packed once into
+oneDNN's layout (float32 also into MKL's); int8 weights through torch's weight-only kernel (bf16 activations) and, with int8 activations quantized per token, through
 torch._int_mm (which wants more than 16 rows: the tokens are padded to 17); int8 and bf16 as a reduction that
 torch.compile generates; int4 through torch's weight-only CPU kernel; inductor's CPU GEMM templates
 (torch.compile with max-autotune and frozen weights) on bf16 and weight-only int8 linears; and torchao's CPU
@@ -86,7 +86,25 @@ def candidates() -> dict:
             lambda w: linear(w, "int4"),
             lambda m, x: m(x.bfloat16()),
         ),
+        # the weight re-laid once by the library for its own kernel, as inductor's frozen linears do, but called
+        # eagerly: oneDNN's blocked bf16 layout, and MKL's packed float32 GEMM (which also takes the weight itself)
+        "float32 oneDNN packed (mkldnn._linear_pointwise)": (
+            4,
+            lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1),
+            lambda h, x: torch.ops.mkldnn._linear_pointwise(x, h, None, "none", [], ""),
+        ),
+        "bf16 oneDNN packed (mkldnn._linear_pointwise)": (
+            2,
+            lambda w: torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), 1),
+            lambda h, x: torch.ops.mkldnn._linear_pointwise(x.bfloat16(), h, None, "none", [], ""),
+        ),
     }
+    if torch._C.has_mkl:
+        found["float32 MKL packed (mkl._mkl_linear)"] = (
+            4,
+            lambda w: (torch.ops.mkl._mkl_reorder_linear_weight(w, 1), w),
+            lambda h, x: torch.ops.mkl._mkl_linear(x, h[0], h[1], None, len(x)),
+        )
     return found
 
 
