@@ -74,6 +74,7 @@ CONFIGS = [
     Config("fast path (this machine's choice)", fast=True, dtype=None),
     Config("fast path without the lean step", fast=True, dtype=None, without="lean step"),
     Config("fast path under no_grad, not inference_mode", fast=True, dtype=None, without="inference mode"),
+    Config("fast path without the packed copies", fast=True, dtype=None, without="packed copies"),
     Config("fast path in bf16", fast=True, dtype="bfloat16"),
     Config("fast path in fp32", fast=True, dtype="float32"),
     Config("int8 weights (fast path)", fast=True, dtype=None, quantize="int8"),
@@ -225,7 +226,7 @@ def step_profile(runner, ids: list, steps: int = 8, repeats: int = 3) -> dict:
     return dict(ms=ms, per_step=counts)
 
 
-WITHOUT = ("lean step", "inference mode")  # the parts of the fast path a row can switch off
+WITHOUT = ("lean step", "inference mode", "packed copies")  # the parts of the fast path a row can switch off
 
 
 @contextlib.contextmanager
@@ -247,6 +248,25 @@ def switched_off(part: str | None, model):
     elif part == "inference mode":  # LocalModel.run and step_profile under no_grad, as the blog's pipeline
         with unittest.mock.patch.object(torch, "inference_mode", torch.no_grad):
             yield
+    elif part == "packed copies":  # the weights' own F.linear where a packed copy was chosen
+        from helpers.fastpath import _EXPERT_KERNELS, kernel_linear
+
+        modules = list(model.modules())
+        linears = [m for m in modules if isinstance(m, kernel_linear()) and m.packed is not None]
+        copies = [m.packed for m in linears]
+        experts = {m: dict(_EXPERT_KERNELS[m]) for m in modules if m in _EXPERT_KERNELS}
+        for m in linears:
+            m.packed = None
+        for m, kernels in experts.items():
+            _EXPERT_KERNELS[m] = {
+                a: (n, None, s) if c is None else ("F.linear", None, None) for a, (n, c, s) in kernels.items()
+            }
+        try:
+            yield
+        finally:
+            for m, copy in zip(linears, copies):
+                m.packed = copy
+            _EXPERT_KERNELS.update(experts)
     else:
         raise ValueError(f"without={part!r}: one of {WITHOUT}")
 

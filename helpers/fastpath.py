@@ -3,11 +3,11 @@
 Decoding one token reads every weight it uses once, so its speed is bounded by memory bandwidth
 / bytes read per token (sizing.ceiling). What gets a CPU closer to it is measured here, on this machine,
 never assumed: which dtype decodes faster (`measure_dtypes`, once per machine), which kernel reads each
-kind of weight fastest for one token (`choose_kernels`: torch.mv, F.linear, or F.linear on weights
-re-laid column-major), and which experts implementation runs a decode step fastest while giving
-transformers' eager answer (`choose_experts`: the package's `per_token` loop, which reads only the
-chosen experts' weights, or transformers' own). `fast_recipe` says what this machine gets;
-`load_pipeline` applies it (08_performance measures it).
+kind of weight fastest for one token (`choose_kernels`: torch.mv, F.linear, F.linear on weights
+re-laid column-major, or oneDNN's product on a copy packed into its blocked layout), and which experts
+implementation runs a decode step fastest while giving transformers' eager answer (`choose_experts`: the
+package's `per_token` loop, which reads only the chosen experts' weights, or transformers' own). `fast_recipe`
+says what this machine gets; `load_pipeline` applies it (08_performance measures it).
 
 Shapes: T = tokens, K = experts per token, D = hidden size, I = expert FFN size.
 """
@@ -28,7 +28,8 @@ from .data import GB
 from .decode import use_lean_step
 from .experts import register_experts
 from .files import atomic_file, cache_root
-from .hardware import best_seconds, cpuinfo, dtype_name, timing_buffer_bytes
+from .hardware import best_seconds, cpuinfo, dtype_name, system_memory, timing_buffer_bytes
+from .sizing import fits
 
 DECODE_TOKENS = 4  # at most this many tokens in a forward: the "per_token" experts loop; more: grouped_mm
 MARGIN = 0.9  # a kernel replaces F.linear, or float32 replaces bf16, only in under 90% of its time
@@ -47,34 +48,63 @@ def _linear(x, w):
     return F.linear(x, w)
 
 
+def _packed(x, w):  # [T, K] x a weight [N, K] packed by `packed_copy` -> [T, N]
+    import torch
+
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def packed_copy(weight):
+    """A copy of `weight` [N, K] in oneDNN's blocked layout for `_packed`, as inductor's frozen linears hold it."""
+    import torch
+
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
+def _stamp(weight) -> tuple:  # what a packed copy was made from: once any of it changes, the copy is stale
+    return weight.dtype, weight.device, weight._version
+
+
 # kernel -> (the layout it reads, the product of one token [1, K] with a weight [N, K])
 KERNELS = {
     "F.linear": (None, _linear),
     "torch.mv": (None, _mv),
     "F.linear, column-major": ("column-major", _linear),
+    "oneDNN packed": ("packed", _packed),  # a copy beside the weight: its memory twice
 }
-_EXPERT_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # experts -> {attribute: kernel}
+# {experts module: {attribute: (kernel, a packed copy per expert or None, the weight's _stamp)}}
+_EXPERT_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _expert_weights(experts, attribute: str) -> tuple:
+    """(product, weights by expert) for one kind of `experts`' weights: the kernel `choose_kernels` measured
+    fastest for it, or F.linear on the parameter once its packed copies are stale."""
+    kernel, copies, stamp = _EXPERT_KERNELS.get(experts, {}).get(attribute, ("F.linear", None, None))
+    weight = getattr(experts, attribute)
+    if copies is not None and _stamp(weight) != stamp:
+        kernel, copies = "F.linear", None
+    return KERNELS[kernel][1], weight if copies is None else copies
 
 
 def per_token_experts(self, hidden_states, top_k_index, top_k_weights):
     """Experts for decoding: a few tokens, each through its K chosen experts, reading only those
-    experts' weights (views, no copies, no masks), each product by the kernel `choose_kernels` measured
-    fastest for it; a token's K outputs summed in eager's order. Longer inputs (a prompt) go to grouped_mm."""
+    experts' weights (views of the parameter or its packed copies, no masks), each product by the kernel
+    `choose_kernels` measured fastest for it; a token's K outputs summed in eager's order. Longer inputs (a
+    prompt) go to grouped_mm."""
     import torch
 
     if hidden_states.shape[0] > DECODE_TOKENS:
         from transformers.integrations.moe import grouped_mm_experts_forward
 
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    kernels = _EXPERT_KERNELS.get(self, {})
-    gate_up_product = KERNELS[kernels.get("gate_up_proj", "F.linear")][1]
-    down_product = KERNELS[kernels.get("down_proj", "F.linear")][1]
+    gate_up_product, gate_up_weights = _expert_weights(self, "gate_up_proj")
+    down_product, down_weights = _expert_weights(self, "down_proj")
     rows = []
     for x, chosen, weights in zip(hidden_states.split(1), top_k_index.tolist(), top_k_weights.tolist()):
         y = None  # [1, D]: eager adds each expert's output to zeros, and 0 + a is a
         for expert, weight in zip(chosen, weights):
-            gate, up = gate_up_product(x, self.gate_up_proj[expert]).chunk(2, dim=-1)  # [1, I] each
-            out = down_product(self.act_fn(gate) * up, self.down_proj[expert]) * weight
+            gate, up = gate_up_product(x, gate_up_weights[expert]).chunk(2, dim=-1)  # [1, I] each
+            out = down_product(self.act_fn(gate) * up, down_weights[expert]) * weight
             y = out if y is None else y + out
         rows.append(y)
     return rows[0] if len(rows) == 1 else torch.cat(rows)
@@ -86,26 +116,38 @@ def column_major(weight):
 
 
 @functools.cache
-def matvec_linear():
+def kernel_linear():
     """The module class, built on first use so that importing helpers does not import torch."""
     import torch
 
-    class MatVecLinear(torch.nn.Linear):
-        """An nn.Linear whose one-token products go through torch.mv (measured faster here); more
-        tokens through F.linear. It holds the very same weight (tied weights stay tied)."""
+    class KernelLinear(torch.nn.Linear):
+        """An nn.Linear whose decode-sized products go through the kernel measured faster here: torch.mv for
+        one token, or oneDNN's on a packed copy of the weight for up to DECODE_TOKENS; the rest through F.linear.
+        It holds the very same weight (tied weights stay tied, the state dict is unchanged); once the weight's
+        dtype, device or contents change, a packed copy is stale and F.linear answers. No gradient reaches the
+        weight through a copy: the package only decodes."""
 
-        def __init__(self, linear):
+        def __init__(self, linear, kernel: str):
             torch.nn.Module.__init__(self)
             self.in_features, self.out_features = linear.in_features, linear.out_features
-            self.weight, self.bias = linear.weight, linear.bias
+            self.weight, self.bias, self.kernel = linear.weight, linear.bias, kernel
+            self.packed = packed_copy(self.weight) if KERNELS[kernel][0] == "packed" else None
+            self.made_for = _stamp(self.weight)
 
         def forward(self, x):
-            if x.numel() != x.shape[-1]:  # more than one token
+            flat = x.reshape(-1, self.in_features)
+            packed = (
+                self.packed is not None
+                and _stamp(self.weight) == self.made_for
+                and x.dtype == self.weight.dtype
+            )
+            if not (packed and len(flat) <= DECODE_TOKENS or self.kernel == "torch.mv" and len(flat) == 1):
                 return super().forward(x)
-            y = torch.mv(self.weight, x.reshape(-1))
-            return (y if self.bias is None else y + self.bias).reshape(*x.shape[:-1], -1)
+            y = KERNELS[self.kernel][1](flat, self.packed if packed else self.weight)
+            y = y if self.bias is None else y + self.bias
+            return y.reshape(*x.shape[:-1], self.out_features)
 
-    return MatVecLinear
+    return KernelLinear
 
 
 def _weight_groups(model) -> dict:
@@ -132,6 +174,7 @@ class KindKernels:
     gb_s: dict  # {kernel: GB/s of weights it read, one token at a time}
     chosen: str
     nbytes: int  # bytes of this kind in the model
+    note: str = ""  # what the choice costs, or why the fastest was not chosen
 
 
 def _kernel_speeds(shape: tuple, dtype) -> dict:
@@ -147,10 +190,15 @@ def _kernel_speeds(shape: tuple, dtype) -> dict:
         count = max(1, min(8192, math.ceil(timing_buffer_bytes() / size)))
         flat = torch.full((count * n * k,), 0.01, dtype=dtype)  # the values do not change a product's time
         layouts = {None: flat.view(count, n, k), "column-major": flat.view(count, k, n).transpose(-1, -2)}
+        try:  # oneDNN packs bf16 only where the CPU computes it (AVX-512 or AMX); elsewhere the others are measured
+            layouts["packed"] = [packed_copy(w) for w in layouts[None]]
+        except RuntimeError:
+            pass
         x = torch.randn(1, k, dtype=dtype)
         return {
             kernel: count * size / best_seconds(lambda m=layouts[layout]: [product(x, w) for w in m]) / GB
             for kernel, (layout, product) in KERNELS.items()
+            if layout in layouts
         }
 
     return _once_per_machine("kernels", [list(shape), dtype_name(dtype), list(KERNELS)], measure)
@@ -186,22 +234,37 @@ def choose_kernels(model) -> dict:
     """For each kind of weight, the one-token product each of KERNELS makes with matrices of its shape and
     dtype on this CPU (`_kernel_speeds`: from memory, not a cache; once per machine), and that kind switched to
     the fastest: the weights' own F.linear unless another takes under MARGIN of its time. A re-layout goes
-    one tensor at a time, so memory grows by one tensor at most. Returns {kind: KindKernels}."""
+    one tensor at a time, so memory grows by one tensor at most; a packed copy is kept beside the weight (prompts
+    and the other experts implementations read the weight), so that kind's memory doubles, and is chosen only
+    where the available RAM holds it (`sizing.fits`). Returns {kind: KindKernels}."""
     report = {}
     for kind, members in _weight_groups(model).items():
         params = [getattr(m, a) for _, m, a in members]
+        nbytes = sum(p.nbytes for p in params)
         speeds = _kernel_speeds(tuple(params[0].shape[-2:]), params[0].dtype)
-        best = max(speeds, key=speeds.get)
+        room = fits(nbytes, system_memory()["available"])  # a packed copy: the kind's bytes again
+        allowed = {k: v for k, v in speeds.items() if room or KERNELS[k][0] != "packed"}
+        best = max(allowed, key=allowed.get)
         chosen = best if speeds["F.linear"] < MARGIN * speeds[best] else "F.linear"
+        layout = KERNELS[chosen][0]
         for name, module, attribute in members:
             p = getattr(module, attribute)
-            if KERNELS[chosen][0] == "column-major":
+            if layout == "column-major":
                 p.data = column_major(p.data)
             if p.dim() == 3:
-                _EXPERT_KERNELS.setdefault(module, {})[attribute] = chosen
-            elif chosen == "torch.mv":
-                model.set_submodule(name, matvec_linear()(module))
-        report[kind] = KindKernels(speeds, chosen, sum(p.nbytes for p in params))
+                copies = [packed_copy(w) for w in p] if layout == "packed" else None
+                _EXPERT_KERNELS.setdefault(module, {})[attribute] = (chosen, copies, _stamp(p))
+            elif chosen == "torch.mv" or layout == "packed":
+                model.set_submodule(name, kernel_linear()(module, chosen))
+        fastest = max(speeds, key=speeds.get)
+        note = (
+            f"a packed copy of {nbytes / 2**20:.0f} MiB"
+            if layout == "packed"
+            else "no room in RAM for a packed copy"
+            if KERNELS[fastest][0] == "packed" and not room
+            else ""
+        )
+        report[kind] = KindKernels(speeds, chosen, nbytes, note)
     return report
 
 
@@ -341,7 +404,8 @@ class Recipe:
             lines.append("  - kernels measured once per machine, one token, GB/s read (chosen first):")
             for kind, k in self.kernels.items():
                 rest = "  ".join(f"{n} {v:.1f}" for n, v in k.gb_s.items() if n != k.chosen)
-                lines.append(f"      {kind:<22} {k.chosen} {k.gb_s[k.chosen]:.1f}   ({rest})")
+                note = f"; {k.note}" if k.note else ""
+                lines.append(f"      {kind:<22} {k.chosen} {k.gb_s[k.chosen]:.1f}   ({rest}{note})")
         return "\n".join(lines)
 
     __str__ = describe

@@ -33,6 +33,7 @@ def test_configurations_that_load_the_same_model_share_a_process():
         "fast path (this machine's choice)",
         "fast path without the lean step",
         "fast path under no_grad, not inference_mode",
+        "fast path without the packed copies",
         "4 prompts, one at a time (fast path)",
         "4 prompts, one batch (fast path)",
     ] in names
@@ -42,7 +43,7 @@ def test_configurations_that_load_the_same_model_share_a_process():
     assert ["int8 weights (fast path)"] in names and [
         "int8 weights, bf16 activations"
     ] in names  # other loads
-    assert len(groups) == 14  # of 23 configurations
+    assert len(groups) == 14  # of 24 configurations
 
 
 def test_the_quick_run_loads_once_what_this_machine_loads_the_same():
@@ -56,6 +57,7 @@ def test_the_quick_run_loads_once_what_this_machine_loads_the_same():
         "fast path (this machine's choice)",
         "fast path without the lean step",
         "fast path under no_grad, not inference_mode",
+        "fast path without the packed copies",
         f"fast path in {named}",
         "4 prompts, one at a time (fast path)",
         "4 prompts, one batch (fast path)",
@@ -115,6 +117,40 @@ def test_a_row_switches_one_part_of_the_fast_path_off_and_back_on(tiny_mixtral_d
     plain = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32, fast=False).model
     with pytest.raises(ValueError, match="no lean step to switch off"), switched_off("lean step", plain):
         pass
+
+
+def test_a_row_switches_the_packed_copies_off_and_back_on(monkeypatch):
+    """Where the measurement chose oneDNN's packed copies, the row without them multiplies the weights themselves
+    (F.linear) and leaves every other kernel as chosen; after the row, the copies answer again."""
+    from conftest import tiny_moe
+    from harness import switched_off
+
+    import helpers.fastpath as fastpath
+
+    model = tiny_moe(seed=4)
+    experts, attention = model.model.layers[0].mlp.experts, model.model.layers[0].self_attn
+    square, down = (32, 32), tuple(experts.down_proj.shape[-2:])  # the attention's kinds, and down_proj's
+    fastest = {square: "torch.mv", down: "F.linear, column-major"}
+    monkeypatch.setattr(
+        fastpath,
+        "_kernel_speeds",
+        lambda shape, dtype: {k: 1.0 for k in fastpath.KERNELS} | {fastest.get(shape, "oneDNN packed"): 2.0},
+    )
+    fastpath.choose_kernels(model)
+
+    def kernels():
+        chosen = {a: (n, c is not None) for a, (n, c, _) in fastpath._EXPERT_KERNELS[experts].items()}
+        return chosen, model.lm_head.packed is not None, attention.q_proj.kernel
+
+    packed = ({"gate_up_proj": ("oneDNN packed", True), "down_proj": ("F.linear, column-major", False)}, True)
+    assert kernels() == (*packed, "torch.mv")
+    with switched_off("packed copies", model):
+        assert kernels() == (
+            {"gate_up_proj": ("F.linear", False), "down_proj": ("F.linear, column-major", False)},
+            False,
+            "torch.mv",
+        )
+    assert kernels() == (*packed, "torch.mv")
 
 
 def test_a_group_is_one_load():

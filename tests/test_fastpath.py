@@ -20,7 +20,7 @@ from helpers.fastpath import (
     choose_kernels,
     column_major,
     fast_recipe,
-    matvec_linear,
+    kernel_linear,
     per_token_experts,
 )
 
@@ -63,7 +63,8 @@ def test_apply_recipe_keeps_the_answer(dtype, tolerance):
     assert set(recipe.experts_ms) == {"per_token", "grouped_mm", "eager"}
     assert set(recipe.kernels) >= {"q_proj", "k_proj", "v_proj", "o_proj", "experts.gate_up_proj", "lm_head"}
     assert all(
-        k.chosen in KERNELS and set(k.gb_s) == set(KERNELS) and k.nbytes > 0 for k in recipe.kernels.values()
+        k.chosen in KERNELS and "F.linear" in k.gb_s and set(k.gb_s) <= set(KERNELS) and k.nbytes > 0
+        for k in recipe.kernels.values()
     )
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, rtol=tolerance, atol=tolerance)
@@ -89,8 +90,59 @@ def test_every_kernel_gives_the_eager_answer(monkeypatch, kernel, tokens):
         register_experts("per_token", per_token_experts)
         model.set_experts_implementation("per_token")
         assert {k.chosen for k in report.values()} == {kernel}
-        assert isinstance(model.model.layers[0].self_attn.q_proj, matvec_linear()) == (kernel == "torch.mv")
+        swapped = kernel in ("torch.mv", "oneDNN packed")  # the others: the weight's data in an nn.Linear
+        for module in (model.model.layers[0].self_attn.q_proj, model.lm_head):
+            assert isinstance(module, kernel_linear()) == swapped and (not swapped or module.kernel == kernel)
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_packed_linear_keeps_its_weight_and_leaves_a_stale_copy_alone():
+    """The packed copy sits beside the weight: the state dict is as before, bf16 products agree with F.linear's to
+    bf16's rounding, and once the weight's dtype or contents change F.linear answers again."""
+    linear = torch.nn.Linear(64, 96).bfloat16()
+    packed = kernel_linear()(linear, "oneDNN packed")
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert packed.weight is linear.weight and set(packed.state_dict()) == {"weight", "bias"}
+    torch.testing.assert_close(packed(x), linear(x), rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        packed.weight.mul_(2)  # in place: the copy no longer holds the weight
+    assert torch.equal(packed(x), torch.nn.functional.linear(x, packed.weight, packed.bias))
+    packed.float()  # the copy is bf16, the weight now float32
+    assert torch.equal(packed(x.float()), torch.nn.functional.linear(x.float(), packed.weight, packed.bias))
+
+
+def test_packed_experts_go_stale_with_their_weights_and_need_room(monkeypatch, tiny_dense):
+    """The experts' packed copies answer until their weights change (F.linear on the weights then), a packed
+    lm_head stays tied to the embeddings, and where the available RAM would not hold a copy, none is made."""
+    monkeypatch.setattr(
+        fastpath,
+        "_kernel_speeds",
+        lambda shape, dtype: {k: 2.0 if k == "oneDNN packed" else 1.0 for k in KERNELS},
+    )
+    model = tiny_moe(seed=4)
+    choose_kernels(model)
+    register_experts("per_token", per_token_experts)
+    ids = torch.randint(0, 512, (1, 1))
+    experts = model.model.layers[0].mlp.experts
+    with torch.no_grad():
+        experts.gate_up_proj.mul_(1.5)  # after packing: the copies are stale
+        got = model.set_experts_implementation("per_token") or model(ids).logits
+        model.set_experts_implementation("eager")
+        torch.testing.assert_close(got, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert fastpath._EXPERT_KERNELS[experts]["gate_up_proj"][1] is not None  # the copies were made
+    report = choose_kernels(tiny_dense)
+    assert isinstance(tiny_dense.lm_head, kernel_linear()) and report["lm_head"].note.startswith(
+        "a packed copy"
+    )
+    assert tiny_dense.lm_head.weight is tiny_dense.model.embed_tokens.weight
+    monkeypatch.setattr(fastpath, "system_memory", lambda: {"total": 2**30, "available": 2**10})
+    crowded = tiny_moe(seed=5)
+    report = choose_kernels(crowded)
+    assert {k.chosen for k in report.values()} == {"F.linear"}
+    assert {k.note for k in report.values()} == {"no room in RAM for a packed copy"}
+    assert all(
+        c is None for _, c, _ in fastpath._EXPERT_KERNELS[crowded.model.layers[0].mlp.experts].values()
+    )
 
 
 def test_a_kernel_must_be_clearly_faster_to_replace_f_linear(monkeypatch, tiny_dense):
