@@ -174,6 +174,7 @@ def _knobs(config: Config) -> dict:
 MATRIX_PRODUCTS = {
     "aten::mm", "aten::addmm", "aten::mv", "aten::addmv_", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm",
     "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu", "aten::_int_mm",
+    "mkldnn::_linear_pointwise",  # the fast path's packed copies
 }  # fmt: skip
 
 

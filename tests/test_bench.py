@@ -153,6 +153,22 @@ def test_a_row_switches_the_packed_copies_off_and_back_on(monkeypatch):
     assert kernels() == (*packed, "torch.mv")
 
 
+def test_the_step_profile_counts_every_fast_path_kernel_as_a_matrix_product():
+    """Each kernel the fast path can choose runs an operator the profile files under matrix products (a packed
+    copy's oneDNN call was once counted as "other operators")."""
+    from harness import MATRIX_PRODUCTS
+    from torch.profiler import ProfilerActivity, profile
+
+    import helpers.fastpath as fastpath
+
+    w, x = torch.randn(64, 32), torch.randn(1, 32)
+    prepared = {None: w, "column-major": fastpath.column_major(w), "packed": fastpath.packed_copy(w)}
+    for kernel, (layout, product) in fastpath.KERNELS.items():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            product(x, prepared[layout])
+        assert {e.key for e in prof.key_averages()} & MATRIX_PRODUCTS, kernel
+
+
 def test_a_group_is_one_load():
     with pytest.raises(ValueError, match="load different models"):
         run_group([CONFIGS[1], Config("bf16", dtype="bfloat16")])
