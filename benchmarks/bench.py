@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from harness import CONFIGS, NAIVE, measure  # noqa: E402
 
 from helpers.data import GB, GiB  # noqa: E402
+from helpers.fastpath import KERNELS  # noqa: E402
 from helpers.files import atomic_file  # noqa: E402
 from helpers.hardware import cpu_has_native_bf16, cpuinfo, dtype_name, gpus  # noqa: E402
 from helpers.loading import pick_dtype  # noqa: E402
@@ -180,9 +181,10 @@ def bench_summary(result: dict) -> str:
     ):
         off = rows.get(name)
         if (
-            name.endswith("copies")
+            off
             and fast
-            and not any(k["note"].startswith("a packed") for k in fast["kernels"].values())
+            and name.endswith("packed copies")
+            and not any(KERNELS[k["chosen"]][0] == "packed" for k in fast["kernels"].values())
         ):
             lines.append(
                 f"{part}: none chosen on this machine, so the row without them is the fast path again"

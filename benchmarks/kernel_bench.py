@@ -6,10 +6,10 @@ both go into the results file, with the share of this machine's measured memory 
     python benchmarks/kernel_bench.py                 # writes benchmarks/results/<date>-kernels-<cpu>.md and .json
     python benchmarks/kernel_bench.py --only int8     # the candidates whose name contains a word
 
-The candidates: float32 and bf16 through F.linear and torch.mv (bf16 also re-laid column-major), or packed once into
-oneDNN's layout (float32 also into MKL's); int8 weights through torch's weight-only kernel (bf16 activations) and, with int8 activations quantized per token, through
-torch._int_mm (which wants more than 16 rows: the tokens are padded to 17); int8 and bf16 as a reduction that
-torch.compile generates; int4 through torch's weight-only CPU kernel; inductor's CPU GEMM templates
+The candidates: float32 and bf16 through F.linear and torch.mv (bf16 also re-laid column-major), or packed once
+into oneDNN's layout (float32 also into MKL's); int8 weights through torch's weight-only kernel (bf16 activations)
+and, with int8 activations quantized per token, through torch._int_mm (which wants more than 16 rows: the tokens
+are padded to 17); int8 and bf16 as a reduction that torch.compile generates; int4 through torch's weight-only CPU kernel; inductor's CPU GEMM templates
 (torch.compile with max-autotune and frozen weights) on bf16 and weight-only int8 linears; and torchao's CPU
 layouts when torchao is installed (it is not a dependency: `.venv/bin/pip install torchao==0.18.0`). A candidate
 that fails is recorded with its error.
@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from helpers.fastpath import KERNELS, packed_copy  # noqa: E402
 from helpers.files import atomic_file  # noqa: E402
 from helpers.hardware import best_seconds, cpuinfo, measure_bandwidth, timing_buffer_bytes  # noqa: E402
 from helpers.quantize import _int8, quantized_linear  # noqa: E402
@@ -49,6 +50,7 @@ def candidates() -> dict:
     import torch.nn.functional as F
 
     linear = quantized_linear()
+    packed = KERNELS["oneDNN packed"][1]
 
     def int_mm(held, x):  # int8 activations, one scale per token; _int_mm needs more than 16 rows
         q, scale = held
@@ -87,16 +89,13 @@ def candidates() -> dict:
             lambda m, x: m(x.bfloat16()),
         ),
         # the weight re-laid once by the library for its own kernel, as inductor's frozen linears do, but called
-        # eagerly: oneDNN's blocked bf16 layout, and MKL's packed float32 GEMM (which also takes the weight itself)
-        "float32 oneDNN packed (mkldnn._linear_pointwise)": (
-            4,
-            lambda w: torch.ops.mkldnn._reorder_linear_weight(w, 1),
-            lambda h, x: torch.ops.mkldnn._linear_pointwise(x, h, None, "none", [], ""),
-        ),
+        # eagerly: oneDNN's blocked layout (the fast path's own packing and product, helpers.fastpath), and MKL's
+        # packed float32 GEMM (which also takes the weight itself)
+        "float32 oneDNN packed (mkldnn._linear_pointwise)": (4, packed_copy, lambda h, x: packed(x, h)),
         "bf16 oneDNN packed (mkldnn._linear_pointwise)": (
             2,
-            lambda w: torch.ops.mkldnn._reorder_linear_weight(w.bfloat16(), 1),
-            lambda h, x: torch.ops.mkldnn._linear_pointwise(x.bfloat16(), h, None, "none", [], ""),
+            lambda w: packed_copy(w.bfloat16()),
+            lambda h, x: packed(x.bfloat16(), h),
         ),
     }
     if torch._C.has_mkl:

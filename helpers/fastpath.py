@@ -256,14 +256,11 @@ def choose_kernels(model) -> dict:
                 _EXPERT_KERNELS.setdefault(module, {})[attribute] = (chosen, copies, _stamp(p))
             elif chosen == "torch.mv" or layout == "packed":
                 model.set_submodule(name, kernel_linear()(module, chosen))
-        fastest = max(speeds, key=speeds.get)
-        note = (
-            f"a packed copy of {nbytes / 2**20:.0f} MiB"
-            if layout == "packed"
-            else "no room in RAM for a packed copy"
-            if KERNELS[fastest][0] == "packed" and not room
-            else ""
-        )
+        note = ""
+        if layout == "packed":
+            note = f"a packed copy of {nbytes / 2**20:.0f} MiB"
+        elif not room and KERNELS[max(speeds, key=speeds.get)][0] == "packed":
+            note = "no room in RAM for a packed copy"
         report[kind] = KindKernels(speeds, chosen, nbytes, note)
     return report
 
