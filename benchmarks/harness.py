@@ -249,24 +249,29 @@ def switched_off(part: str | None, model):
     elif part == "inference mode":  # LocalModel.run and step_profile under no_grad, as the blog's pipeline
         with unittest.mock.patch.object(torch, "inference_mode", torch.no_grad):
             yield
-    elif part == "packed copies":  # the weights' own F.linear where a packed copy was chosen
-        from helpers.fastpath import _EXPERT_KERNELS, kernel_linear
+    elif part == "packed copies":  # the weights' own product where a packed copy was chosen
+        from helpers.fastpath import _EXPERT_KERNELS, KERNELS
 
         modules = list(model.modules())
-        linears = [m for m in modules if isinstance(m, kernel_linear()) and m.packed is not None]
-        copies = [m.packed for m in linears]
+        holders = [
+            m
+            for m in modules
+            if getattr(m, "weight_copy", None) is not None and KERNELS[m.kernel][0] == "packed"
+        ]
+        copies = [m.weight_copy for m in holders]
         experts = {m: dict(_EXPERT_KERNELS[m]) for m in modules if m in _EXPERT_KERNELS}
-        for m in linears:
-            m.packed = None
+        for m in holders:
+            m.weight_copy = None
         for m, kernels in experts.items():
             _EXPERT_KERNELS[m] = {
-                a: (n, None, s) if c is None else ("F.linear", None, None) for a, (n, c, s) in kernels.items()
+                a: (n, c, s) if KERNELS[n][0] != "packed" else ("F.linear", None, None)
+                for a, (n, c, s) in kernels.items()
             }
         try:
             yield
         finally:
-            for m, copy in zip(linears, copies):
-                m.packed = copy
+            for m, copy in zip(holders, copies):
+                m.weight_copy = copy
             _EXPERT_KERNELS.update(experts)
     else:
         raise ValueError(f"without={part!r}: one of {WITHOUT}")

@@ -4,7 +4,8 @@ Decoding one token reads every weight it uses once, so its speed is bounded by m
 / bytes read per token (sizing.ceiling). What gets a CPU closer to it is measured here, on this machine,
 never assumed: which dtype decodes faster (`measure_dtypes`, once per machine), which kernel reads each
 kind of weight fastest for one token (`choose_kernels`: torch.mv, F.linear, F.linear on weights
-re-laid column-major, or oneDNN's product on a copy packed into its blocked layout), and which experts
+re-laid column-major, oneDNN's product on a copy packed into its blocked layout, or F.linear on a float32
+copy, which wins where a bf16 product's fixed cost outweighs reading a tiny matrix: the routers), and which experts
 implementation runs a decode step fastest while giving transformers' eager answer (`choose_experts`: the
 package's `per_token` loop, which reads only the chosen experts' weights, or transformers' own). `fast_recipe`
 says what this machine gets; `load_pipeline` applies it (08_performance measures it).
@@ -26,12 +27,11 @@ from pathlib import Path
 
 from .data import GB
 from .decode import use_lean_step
-from .experts import register_experts
+from .experts import DECODE_TOKENS, register_experts, token_loop
 from .files import atomic_file, cache_root
 from .hardware import best_seconds, cpuinfo, dtype_name, system_memory, timing_buffer_bytes
 from .sizing import fits
 
-DECODE_TOKENS = 4  # at most this many tokens in a forward: the "per_token" experts loop; more: grouped_mm
 MARGIN = 0.9  # a kernel replaces F.linear, or float32 replaces bf16, only in under 90% of its time
 DTYPES = ("float32", "bfloat16")  # the CPU's candidates: float16 has no fast CPU kernels
 
@@ -54,6 +54,12 @@ def _packed(x, w):  # [T, K] x a weight [N, K] packed by `packed_copy` -> [T, N]
     return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
 
 
+def _float32(x, w):  # [T, K] x a float32 copy of a weight [N, K] -> [T, N] in x's dtype (its rounding)
+    import torch.nn.functional as F
+
+    return F.linear(x.float(), w).to(x.dtype)
+
+
 def packed_copy(weight):
     """A copy of `weight` [N, K] in oneDNN's blocked layout for `_packed`, as inductor's frozen linears hold it."""
     import torch
@@ -71,7 +77,12 @@ KERNELS = {
     "torch.mv": (None, _mv),
     "F.linear, column-major": ("column-major", _linear),
     "oneDNN packed": ("packed", _packed),  # a copy beside the weight: its memory twice
+    "float32 copy": ("float32", _float32),  # a copy beside a bf16 weight: its memory three times
 }
+COPIES = {
+    "packed": packed_copy,
+    "float32": lambda w: w.detach().float(),
+}  # layouts held as a copy beside the weight
 # {experts module: {attribute: (kernel, a packed copy per expert or None, the weight's _stamp)}}
 _EXPERT_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -86,28 +97,40 @@ def _expert_weights(experts, attribute: str) -> tuple:
     return KERNELS[kernel][1], weight if copies is None else copies
 
 
-def per_token_experts(self, hidden_states, top_k_index, top_k_weights):
-    """Experts for decoding: a few tokens, each through its K chosen experts, reading only those
-    experts' weights (views of the parameter or its packed copies, no masks), each product by the kernel
-    `choose_kernels` measured fastest for it; a token's K outputs summed in eager's order. Longer inputs (a
-    prompt) go to grouped_mm."""
-    import torch
+def _kernel_product(module, flat):
+    """`flat` [T, K] times `module.weight` by `module.kernel` where it applies (one token for torch.mv; up to
+    DECODE_TOKENS for a copy, fresh and of the input's dtype); None where the module's own product must answer."""
+    copy = module.weight_copy
+    if copy is not None and _stamp(module.weight) == module.made_for and flat.dtype == module.weight.dtype:
+        return KERNELS[module.kernel][1](flat, copy) if len(flat) <= DECODE_TOKENS else None
+    return _mv(flat, module.weight) if module.kernel == "torch.mv" and len(flat) == 1 else None
 
+
+def _take_weight(module, source, kernel: str) -> None:
+    """`module` multiplies `source`'s very weight (tied weights stay tied, the state dict is unchanged) by `kernel`,
+    holding the copy its layout needs beside it, unregistered."""
+    module.weight, module.kernel = source.weight, kernel
+    layout = KERNELS[kernel][0]
+    module.weight_copy = COPIES[layout](module.weight) if layout in COPIES else None
+    module.made_for = _stamp(module.weight)
+
+
+def per_token_experts(self, hidden_states, top_k_index, top_k_weights):
+    """Experts for decoding: `token_loop`, each of a few tokens through its K chosen experts, reading only
+    those experts' weights (views of the parameter or its packed copies, no masks), each product by the
+    kernel `choose_kernels` measured fastest for it. Longer inputs (a prompt) go to grouped_mm."""
     if hidden_states.shape[0] > DECODE_TOKENS:
         from transformers.integrations.moe import grouped_mm_experts_forward
 
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     gate_up_product, gate_up_weights = _expert_weights(self, "gate_up_proj")
     down_product, down_weights = _expert_weights(self, "down_proj")
-    rows = []
-    for x, chosen, weights in zip(hidden_states.split(1), top_k_index.tolist(), top_k_weights.tolist()):
-        y = None  # [1, D]: eager adds each expert's output to zeros, and 0 + a is a
-        for expert, weight in zip(chosen, weights):
-            gate, up = gate_up_product(x, gate_up_weights[expert]).chunk(2, dim=-1)  # [1, I] each
-            out = down_product(self.act_fn(gate) * up, down_weights[expert]) * weight
-            y = out if y is None else y + out
-        rows.append(y)
-    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+    def ffn(expert, x):  # [1, D] -> [1, D]
+        gate, up = gate_up_product(x, gate_up_weights[expert]).chunk(2, dim=-1)  # [1, I] each
+        return down_product(self.act_fn(gate) * up, down_weights[expert])
+
+    return token_loop(hidden_states, top_k_index, top_k_weights, ffn, hidden_states.dtype)
 
 
 def column_major(weight):
@@ -121,33 +144,59 @@ def kernel_linear():
     import torch
 
     class KernelLinear(torch.nn.Linear):
-        """An nn.Linear whose decode-sized products go through the kernel measured faster here: torch.mv for
-        one token, or oneDNN's on a packed copy of the weight for up to DECODE_TOKENS; the rest through F.linear.
-        It holds the very same weight (tied weights stay tied, the state dict is unchanged); once the weight's
-        dtype, device or contents change, a packed copy is stale and F.linear answers. No gradient reaches the
-        weight through a copy: the package only decodes."""
+        """An nn.Linear whose decode-sized products go through the kernel measured faster here (`_kernel_product`):
+        torch.mv for one token, or a product on a copy of the weight (packed, float32) for up to DECODE_TOKENS; the
+        rest through F.linear. Once the weight's dtype, device or contents change, a copy is stale and F.linear
+        answers. No gradient reaches the weight through a copy: the package only decodes."""
 
         def __init__(self, linear, kernel: str):
             torch.nn.Module.__init__(self)
             self.in_features, self.out_features = linear.in_features, linear.out_features
-            self.weight, self.bias, self.kernel = linear.weight, linear.bias, kernel
-            self.packed = packed_copy(self.weight) if KERNELS[kernel][0] == "packed" else None
-            self.made_for = _stamp(self.weight)
+            self.bias = linear.bias
+            _take_weight(self, linear, kernel)
 
         def forward(self, x):
-            flat = x.reshape(-1, self.in_features)
-            packed = (
-                self.packed is not None
-                and _stamp(self.weight) == self.made_for
-                and x.dtype == self.weight.dtype
-            )
-            if not (packed and len(flat) <= DECODE_TOKENS or self.kernel == "torch.mv" and len(flat) == 1):
+            y = _kernel_product(self, x.reshape(-1, self.in_features))
+            if y is None:
                 return super().forward(x)
-            y = KERNELS[self.kernel][1](flat, self.packed if packed else self.weight)
             y = y if self.bias is None else y + self.bias
             return y.reshape(*x.shape[:-1], self.out_features)
 
     return KernelLinear
+
+
+@functools.cache
+def kernel_router():
+    """The router's module class with its logits by a measured kernel, built on first use (imports torch)."""
+    import torch
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    class KernelRouter(MixtralTopKRouter):
+        """A Mixtral router whose decode-sized logits go through the kernel measured faster here (`_kernel_product`),
+        then its own arithmetic: softmax in float32 over the logits, the top_k, their weights summing to 1. Anything
+        else goes through transformers' forward. Holds the very same weight, as KernelLinear does."""
+
+        def __init__(self, router, kernel: str):
+            torch.nn.Module.__init__(self)
+            self.top_k, self.num_experts = router.top_k, router.num_experts
+            self.hidden_dim = router.hidden_dim
+            _take_weight(self, router, kernel)
+
+        def forward(self, hidden_states):
+            x = hidden_states.reshape(-1, self.hidden_dim)  # [T, D]
+            logits = _kernel_product(self, x)  # [T, E]
+            if logits is None:
+                return super().forward(hidden_states)
+            top, index = torch.softmax(logits.float(), dim=-1).topk(self.top_k, dim=-1)  # [T, top_k] each
+            return logits, top / top.sum(dim=-1, keepdim=True), index
+
+    return KernelRouter
+
+
+def _is_router(module) -> bool:
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    return isinstance(module, MixtralTopKRouter)
 
 
 def _weight_groups(model) -> dict:
@@ -159,8 +208,8 @@ def _weight_groups(model) -> dict:
             p = getattr(module, attribute, None)
             if p is None or not hasattr(p, "dim") or p.dim() not in (2, 3) or id(p) in seen:
                 continue
-            if p.dim() == 2 and not (name.endswith("_proj") or name.endswith("lm_head")):
-                continue  # embeddings and routers: a row lookup, or too small to matter
+            if p.dim() == 2 and not (name.endswith(("_proj", "lm_head")) or _is_router(module)):
+                continue  # embeddings: a row lookup
             seen.add(id(p))
             kind = name.split(".")[-1] + ("." + attribute if p.dim() == 3 else "")
             groups.setdefault(kind, []).append((name, module, attribute))
@@ -171,7 +220,7 @@ def _weight_groups(model) -> dict:
 class KindKernels:
     """What `choose_kernels` measured for one kind of weight."""
 
-    gb_s: dict  # {kernel: GB/s of weights it read, one token at a time}
+    gb_s: dict  # {kernel: the kind's weight bytes over a one-token product's time, GB/s}
     chosen: str
     nbytes: int  # bytes of this kind in the model
     note: str = ""  # what the choice costs, or why the fastest was not chosen
@@ -190,6 +239,8 @@ def _kernel_speeds(shape: tuple, dtype) -> dict:
         count = max(1, min(8192, math.ceil(timing_buffer_bytes() / size)))
         flat = torch.full((count * n * k,), 0.01, dtype=dtype)  # the values do not change a product's time
         layouts = {None: flat.view(count, n, k), "column-major": flat.view(count, k, n).transpose(-1, -2)}
+        if dtype != torch.float32:  # a float32 weight is its own float32 copy: F.linear's figure
+            layouts["float32"] = flat.float().view(count, n, k)
         try:  # oneDNN packs bf16 only where the CPU computes it (AVX-512 or AMX); elsewhere the others are measured
             layouts["packed"] = [packed_copy(w) for w in layouts[None]]
         except RuntimeError:
@@ -234,16 +285,17 @@ def choose_kernels(model) -> dict:
     """For each kind of weight, the one-token product each of KERNELS makes with matrices of its shape and
     dtype on this CPU (`_kernel_speeds`: from memory, not a cache; once per machine), and that kind switched to
     the fastest: the weights' own F.linear unless another takes under MARGIN of its time. A re-layout goes
-    one tensor at a time, so memory grows by one tensor at most; a packed copy is kept beside the weight (prompts
-    and the other experts implementations read the weight), so that kind's memory doubles, and is chosen only
-    where the available RAM holds it (`sizing.fits`). Returns {kind: KindKernels}."""
+    one tensor at a time, so memory grows by one tensor at most; a copy (packed, float32) is kept beside the
+    weight (prompts and the other experts implementations read the weight), so that kind's memory grows by the
+    copy's bytes, and is chosen only where the available RAM holds it (`sizing.fits`). Returns {kind: KindKernels}."""
     report = {}
     for kind, members in _weight_groups(model).items():
         params = [getattr(m, a) for _, m, a in members]
         nbytes = sum(p.nbytes for p in params)
+        copy_bytes = {"packed": nbytes, "float32": nbytes * 4 // params[0].element_size()}
+        room = {layout: fits(b, system_memory()["available"]) for layout, b in copy_bytes.items()}
         speeds = _kernel_speeds(tuple(params[0].shape[-2:]), params[0].dtype)
-        room = fits(nbytes, system_memory()["available"])  # a packed copy: the kind's bytes again
-        allowed = {k: v for k, v in speeds.items() if room or KERNELS[k][0] != "packed"}
+        allowed = {k: v for k, v in speeds.items() if room.get(KERNELS[k][0], True)}
         best = max(allowed, key=allowed.get)
         chosen = best if speeds["F.linear"] < MARGIN * speeds[best] else "F.linear"
         layout = KERNELS[chosen][0]
@@ -252,15 +304,17 @@ def choose_kernels(model) -> dict:
             if layout == "column-major":
                 p.data = column_major(p.data)
             if p.dim() == 3:
-                copies = [packed_copy(w) for w in p] if layout == "packed" else None
+                copies = [COPIES[layout](w) for w in p] if layout in COPIES else None
                 _EXPERT_KERNELS.setdefault(module, {})[attribute] = (chosen, copies, _stamp(p))
-            elif chosen == "torch.mv" or layout == "packed":
-                model.set_submodule(name, kernel_linear()(module, chosen))
+            elif chosen == "torch.mv" or layout in COPIES:
+                swapped = (kernel_router() if _is_router(module) else kernel_linear())(module, chosen)
+                model.set_submodule(name, swapped)
         note = ""
-        if layout == "packed":
-            note = f"a packed copy of {nbytes / 2**20:.0f} MiB"
-        elif not room and KERNELS[max(speeds, key=speeds.get)][0] == "packed":
-            note = "no room in RAM for a packed copy"
+        fastest = KERNELS[max(speeds, key=speeds.get)][0]
+        if layout in COPIES:
+            note = f"a {layout} copy of {copy_bytes[layout] / 2**20:.1f} MiB"
+        elif not room.get(fastest, True):
+            note = f"no room in RAM for a {fastest} copy"
         report[kind] = KindKernels(speeds, chosen, nbytes, note)
     return report
 
@@ -375,7 +429,7 @@ class Recipe:
     device: str
     dtype: object
     experts: str  # experts_implementation: the fit's own, or the candidates' winner once applied ("" before)
-    probe: bool  # measure the kernels (CPU, once per machine) and the experts implementations (at load)
+    probe: tuple  # what to measure: "kernels" (CPU, once per machine), "experts" (implementations, at load)
     reasons: list = field(default_factory=list)
     kernels: dict = field(default_factory=dict)  # {kind: KindKernels}, filled by apply_recipe
     experts_ms: dict = field(default_factory=dict)  # {implementation: ms per one-token forward, None: wrong}
@@ -398,7 +452,7 @@ class Recipe:
                 f"  - experts measured at load, one token through the model: {timed} -> {self.experts}"
             )
         if self.kernels:
-            lines.append("  - kernels measured once per machine, one token, GB/s read (chosen first):")
+            lines.append("  - kernels measured once per machine, one token, GB/s of weights (chosen first):")
             for kind, k in self.kernels.items():
                 rest = "  ".join(f"{n} {v:.1f}" for n, v in k.gb_s.items() if n != k.chosen)
                 note = f"; {k.note}" if k.note else ""
@@ -426,11 +480,13 @@ def fast_recipe(
     ]
     if offloaded:
         reasons.append("offloaded by accelerate: weights on other devices are copied in for each forward")
+    if experts == "quantized":  # the experts are replaced; the weights left in the model's dtype: the routers
+        return Recipe(device, dtype, experts, probe=("kernels",), reasons=[*reasons, MEASURED_LEFT])
     if experts:  # the experts are replaced: their own implementation, nothing left to choose
-        return Recipe(device, dtype, experts, probe=False, reasons=reasons)
+        return Recipe(device, dtype, experts, probe=(), reasons=reasons)
     if offloaded:
-        return Recipe(device, dtype, "per_token", probe=False, reasons=[*reasons, PER_TOKEN])
-    return Recipe(device, dtype, "", probe=True, reasons=[*reasons, MEASURED])  # experts: the winner, at load
+        return Recipe(device, dtype, "per_token", probe=(), reasons=[*reasons, PER_TOKEN])
+    return Recipe(device, dtype, "", ("kernels", "experts"), [*reasons, MEASURED])  # experts: chosen at load
 
 
 PER_TOKEN = (
@@ -441,6 +497,10 @@ MEASURED = (
     "measured here: the kernel that reads each kind of weight fastest for one token (once per machine, kept in "
     "the cache folder's measured/), and at load the experts implementation that runs one token fastest with "
     "eager's answer"
+)
+MEASURED_LEFT = (
+    "measured here: the kernel that reads each kind of weight left unquantized fastest for one token (once per "
+    "machine, kept in the cache folder's measured/)"
 )
 
 LEAN = (
@@ -457,9 +517,9 @@ def apply_recipe(model, recipe: Recipe) -> Recipe:
     moe = bool(getattr(model.config, "num_local_experts", None))
     if use_lean_step(model):
         recipe.reasons.append(LEAN)
-    if recipe.probe and recipe.device == "cpu":
+    if "kernels" in recipe.probe and recipe.device == "cpu":
         recipe.kernels = choose_kernels(model)
-    if moe and recipe.probe:
+    if moe and "experts" in recipe.probe:
         seconds = choose_experts(model, EXPERTS_CANDIDATES)
         recipe.experts_ms = {k: v and 1000 * v for k, v in seconds.items()}
         recipe.experts = model.config._experts_implementation

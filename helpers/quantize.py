@@ -19,7 +19,7 @@ import functools
 import math
 from pathlib import Path
 
-from .experts import experts_loop, register_experts
+from .experts import DECODE_TOKENS, experts_loop, register_experts, token_loop
 from .fitting import GROUP, WEIGHT_SCHEMES
 from .hardware import best_seconds, timing_buffer_bytes
 
@@ -81,12 +81,14 @@ def quantized_linear():
         def forward(self, x, expert: int | None = None):
             packed = self.packed if expert is None else self.packed[expert]
             scales = self.scales if expert is None else self.scales[expert]
-            flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [T, K] (no copy if bf16)
+            flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [T, K]; a decode step calls
+            flat = flat if flat.dtype == torch.bfloat16 else flat.to(torch.bfloat16)  # nothing it need not
             if self.scheme == "int8":
                 y = torch.ops.aten._weight_int8pack_mm(flat, packed, scales)
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scales)
-            return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])  # [.., N]
+            y = y if y.dtype == x.dtype else y.to(x.dtype)
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])  # [.., N]
 
         def extra_repr(self) -> str:
             return f"{self.scheme}, weight {list(self.shape)}"
@@ -95,7 +97,8 @@ def quantized_linear():
 
 
 def quantized_experts(self, hidden_states, top_k_index, top_k_weights):
-    """The experts of a quantized model: `experts_loop`, each expert's products by the quantized kernels."""
+    """The experts of a quantized model, each expert's products by the quantized kernels: `token_loop` for
+    a few tokens (decoding), `experts_loop` for more; the same sums either way."""
     import torch
 
     def ffn(expert, x):  # [t, D] -> [t, D]
@@ -103,6 +106,8 @@ def quantized_experts(self, hidden_states, top_k_index, top_k_weights):
         return self.down_q(self.act_fn(gate) * up, expert)
 
     x = hidden_states.to(torch.bfloat16)  # [T, D], the kernels' input
+    if len(x) <= DECODE_TOKENS:
+        return token_loop(x, top_k_index, top_k_weights, ffn, hidden_states.dtype)
     return experts_loop(x, top_k_index, top_k_weights, ffn, torch.zeros_like(hidden_states))
 
 

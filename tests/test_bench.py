@@ -140,7 +140,7 @@ def test_a_row_switches_the_packed_copies_off_and_back_on(monkeypatch):
 
     def kernels():
         chosen = {a: (n, c is not None) for a, (n, c, _) in fastpath._EXPERT_KERNELS[experts].items()}
-        return chosen, model.lm_head.packed is not None, attention.q_proj.kernel
+        return chosen, model.lm_head.weight_copy is not None, attention.q_proj.kernel
 
     packed = ({"gate_up_proj": ("oneDNN packed", True), "down_proj": ("F.linear, column-major", False)}, True)
     assert kernels() == (*packed, "torch.mv")
@@ -162,7 +162,9 @@ def test_the_step_profile_counts_every_fast_path_kernel_as_a_matrix_product():
     import helpers.fastpath as fastpath
 
     w, x = torch.randn(64, 32), torch.randn(1, 32)
-    prepared = {None: w, "column-major": fastpath.column_major(w), "packed": fastpath.packed_copy(w)}
+    prepared = {None: w, "column-major": fastpath.column_major(w)} | {
+        layout: copy(w) for layout, copy in fastpath.COPIES.items()
+    }
     for kernel, (layout, product) in fastpath.KERNELS.items():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             product(x, prepared[layout])

@@ -21,6 +21,7 @@ from helpers.fastpath import (
     column_major,
     fast_recipe,
     kernel_linear,
+    kernel_router,
     per_token_experts,
 )
 
@@ -90,9 +91,15 @@ def test_every_kernel_gives_the_eager_answer(monkeypatch, kernel, tokens):
         register_experts("per_token", per_token_experts)
         model.set_experts_implementation("per_token")
         assert {k.chosen for k in report.values()} == {kernel}
-        swapped = kernel in ("torch.mv", "oneDNN packed")  # the others: the weight's data in an nn.Linear
+        swapped = kernel in (
+            "torch.mv",
+            "oneDNN packed",
+            "float32 copy",
+        )  # the others: the weight's data, in place
         for module in (model.model.layers[0].self_attn.q_proj, model.lm_head):
             assert isinstance(module, kernel_linear()) == swapped and (not swapped or module.kernel == kernel)
+        router = model.model.layers[0].mlp.gate
+        assert isinstance(router, kernel_router()) == swapped and (not swapped or router.kernel == kernel)
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -109,6 +116,33 @@ def test_a_packed_linear_keeps_its_weight_and_leaves_a_stale_copy_alone():
     assert torch.equal(packed(x), torch.nn.functional.linear(x, packed.weight, packed.bias))
     packed.float()  # the copy is bf16, the weight now float32
     assert torch.equal(packed(x.float()), torch.nn.functional.linear(x.float(), packed.weight, packed.bias))
+
+
+@pytest.mark.parametrize("kernel", ["float32 copy", "oneDNN packed", "torch.mv"])
+def test_a_router_with_a_kernel_routes_as_transformers_does(kernel):
+    """A router switched to another kernel gives transformers' router outputs: its logits to bf16's rounding, the
+    same experts and weights; past DECODE_TOKENS tokens, or once its weight changes, transformers' own forward, bit
+    for bit. It stays the same kind of module, so what hooks or sets a router (07's records, top_k) still works."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+
+    own = tiny_moe(seed=8).bfloat16().model.layers[0].mlp.gate
+    router = kernel_router()(own, kernel)
+    assert isinstance(router, MixtralTopKRouter) and router.weight is own.weight
+    assert set(router.state_dict()) == {"weight"}
+    torch.manual_seed(0)
+    for tokens in (1, 3, DECODE_TOKENS + 2):
+        x = torch.randn(tokens, own.hidden_dim, dtype=torch.bfloat16)
+        (logits, weights, index), (logits0, weights0, index0) = router(x), own(x)
+        torch.testing.assert_close(logits, logits0, rtol=1e-2, atol=1e-2)
+        assert torch.equal(index, index0) and torch.allclose(weights, weights0, atol=1e-2)
+        if kernel == "torch.mv" and tokens > 1 or tokens > DECODE_TOKENS:
+            assert all(map(torch.equal, router(x), own(x)))
+    with torch.no_grad():
+        own.weight.mul_(2)  # the copy is stale: transformers' forward answers
+    if kernel != "torch.mv":
+        assert all(map(torch.equal, router(x[:1]), own(x[:1])))
+    router.top_k = 1
+    assert router(x[:1])[2].shape == (1, 1)
 
 
 def test_packed_experts_go_stale_with_their_weights_and_need_room(monkeypatch, tiny_dense):
@@ -204,7 +238,9 @@ def test_the_recipe_says_what_it_chose_and_why():
     offloaded = fast_recipe(torch.float32, "why", "cpu", offloaded=True)
     assert offloaded.experts == "per_token" and not offloaded.probe and "offloaded" in str(offloaded)
     replaced = fast_recipe(torch.bfloat16, "why", "cpu", experts="quantized")
-    assert replaced.experts == "quantized" and not replaced.probe
+    assert replaced.experts == "quantized" and replaced.probe == ("kernels",)  # what quantizing left: routers
+    cached = fast_recipe(torch.bfloat16, "why", "cpu", experts="expert_cache")
+    assert cached.experts == "expert_cache" and not cached.probe
     lines = replaced.describe("why the experts were replaced").splitlines()
     assert lines[1] == "  - why" and lines[2] == "  - why the experts were replaced"
 

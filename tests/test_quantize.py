@@ -7,12 +7,14 @@ import torch
 
 from helpers import Fit, describe, load_pipeline, parameter_count
 from helpers.data import ENDPOINT_ENV
+from helpers.experts import token_loop
 from helpers.quantize import (
     GROUP,
     check_scheme,
     compare_logits,
     kernel_speeds,
     quantize_model,
+    quantized_experts,
     quantized_linear,
 )
 
@@ -119,6 +121,26 @@ def test_quantize_model_covers_every_matrix_a_token_reads(scheme, agreement, dty
         out = model.generate(ids[:, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert same >= agreement, f"{scheme}: top-1 agreement {same:.2f} with the unquantized model"
     assert out.shape == (1, 11)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_decoding_takes_the_token_loop_with_the_expert_loops_sums(scheme, dtype, monkeypatch):
+    from helpers import quantize
+
+    model = small_mixtral(seed=3).to(dtype)
+    quantize_model(model, scheme)
+    experts = model.model.layers[1].mlp.experts
+    x = torch.randn(2, 128, dtype=dtype)
+    index = torch.tensor([[3, 1], [0, 2]])  # each expert one token: the same products in both loops
+    weights = torch.tensor([[0.7, 0.3], [0.6, 0.4]])
+    called = []
+    monkeypatch.setattr(quantize, "token_loop", lambda *a: called.append(1) or token_loop(*a))
+    with torch.no_grad():
+        got = quantized_experts(experts, x, index, weights)
+        monkeypatch.setattr(quantize, "DECODE_TOKENS", 1)  # 2 tokens now take experts_loop
+        expected = quantized_experts(experts, x, index, weights)
+    assert called == [1] and got.dtype == dtype and torch.equal(got, expected)
 
 
 def test_compare_logits_counts_windows_and_is_zero_for_the_same_model():
