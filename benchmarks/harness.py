@@ -259,9 +259,14 @@ def switched_off(part: str | None, model):
             if getattr(m, "weight_copy", None) is not None and KERNELS[m.kernel][0] == "packed"
         ]
         copies = [m.weight_copy for m in holders]
+        joined = {
+            m: m.qkv for m in modules if getattr(m, "qkv", None) and any(m.q_proj is h for h in holders)
+        }
         experts = {m: dict(_EXPERT_KERNELS[m]) for m in modules if m in _EXPERT_KERNELS}
         for m in holders:
             m.weight_copy = None
+        for m in joined:  # q, k and v's packed copy joined (fastpath.join_projections)
+            m.qkv = None
         for m, kernels in experts.items():
             _EXPERT_KERNELS[m] = {
                 a: (n, c, s) if KERNELS[n][0] != "packed" else ("F.linear", None, None)
@@ -272,6 +277,8 @@ def switched_off(part: str | None, model):
         finally:
             for m, copy in zip(holders, copies):
                 m.weight_copy = copy
+            for m, fused in joined.items():
+                m.qkv = fused
             _EXPERT_KERNELS.update(experts)
     else:
         raise ValueError(f"without={part!r}: one of {WITHOUT}")

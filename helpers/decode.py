@@ -6,8 +6,10 @@ four levels, for every layer of every token. When the fast path decodes one toke
 nothing to mask, `lean_forward` does the same arithmetic with fewer calls: it calls the same modules
 (norms, projections, the MoE block with its router and experts, so hooks on them still fire: routing
 records, prefetch, quantized or cached experts), in the same order and dtype, and gives transformers'
-logits bit for bit (tests/test_fastpath.py). Anything else (a prompt, padding, hooks on a layer,
-outputs asked for, a sliding window, training) goes through transformers' own forward, unchanged.
+logits bit for bit (tests/test_fastpath.py). Where the fast path or quantization has joined an attention's
+q, k and v weights into one copy (`Fused`), one product gives all three unless one of them is hooked. Anything
+else (a prompt, padding, hooks on a layer, outputs asked for, a sliding window, training) goes through
+transformers' own forward, unchanged.
 
 Shapes: B sequences, d head size.
 """
@@ -24,6 +26,17 @@ def _hooked(module) -> bool:
     """Whether anything but transformers' output recorders hooks `module` (accelerate's too)."""
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
     return hasattr(module, "_hf_hook") or any(getattr(h, "__module__", None) != _RECORDERS for h in hooks)
+
+
+class Fused:
+    """q, k and v's products as one: `product(x)` [B, D] -> [B, sum(sizes)] (or None where it does not apply), while
+    `stamps()` still gives what it gave when the joined copy was made; None otherwise (the projections answer)."""
+
+    def __init__(self, product, sizes: list, stamps):
+        self.product, self.sizes, self.stamps, self.made_for = product, sizes, stamps, stamps()
+
+    def __call__(self, x):
+        return self.product(x) if self.stamps() == self.made_for else None
 
 
 def _rotate(x, cos, sin_signed):
@@ -75,10 +88,11 @@ def lean_forward(
     for i, layer in enumerate(self.layers):
         attn = layer.self_attn
         x = layer.input_layernorm(h)
-        q, k, v = (
-            p(x).view(B, 1, -1, attn.head_dim).transpose(1, 2)
-            for p in (attn.q_proj, attn.k_proj, attn.v_proj)
-        )
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)  # one product for the three, unless hooked
+        fused = None if any(map(_hooked, projections)) else getattr(attn, "qkv", None)
+        qkv = fused(x.view(B, -1)) if fused is not None else None  # [B, q + k + v], or None
+        parts = qkv.split(fused.sizes, -1) if qkv is not None else (p(x) for p in projections)
+        q, k, v = (t.view(B, 1, -1, attn.head_dim).transpose(1, 2) for t in parts)
         k, v = past_key_values.update(_rotate(k, cos, sin), v, i)
         a = F.scaled_dot_product_attention(
             _rotate(q, cos, sin), k, v, scale=attn.scaling, enable_gqa=attn.num_key_value_groups > 1

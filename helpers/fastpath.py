@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import GB
-from .decode import use_lean_step
+from .decode import Fused, use_lean_step
 from .experts import DECODE_TOKENS, register_experts, token_loop
 from .files import atomic_file, cache_root
 from .hardware import best_seconds, cpuinfo, dtype_name, system_memory, timing_buffer_bytes
@@ -319,6 +319,39 @@ def choose_kernels(model) -> dict:
     return report
 
 
+def join_projections(model) -> str:
+    """Each attention whose q, k and v went to one kernel on a copy (packed, float32), without biases, given one
+    copy of the three weights joined (`decode.Fused`: the lean step's one product for the three) where the
+    available RAM holds it, beside their own. Returns what it cost, or "" where nothing was joined."""
+    import torch
+
+    joined = 0
+    for attention in [m for m in model.modules() if hasattr(m, "q_proj")]:
+        projections = [attention.q_proj, attention.k_proj, attention.v_proj]
+        kernels = {
+            getattr(p, "weight_copy", None) is not None and p.bias is None and p.kernel for p in projections
+        }
+        if len(kernels) > 1 or not all(kernels):
+            continue
+        weight = torch.cat([p.weight.detach() for p in projections])  # [q + k + v, D]
+        layout, product = KERNELS[kernels.pop()]
+        size = weight.nbytes * (4 // weight.element_size() if layout == "float32" else 1)
+        if not fits(size, system_memory()["available"]):
+            continue
+        copy, dtype = COPIES[layout](weight), weight.dtype
+        attention.qkv = Fused(
+            lambda x, c=copy, f=product, d=dtype: (
+                f(x, c) if x.dtype == d and len(x) <= DECODE_TOKENS else None
+            ),
+            [p.out_features for p in projections],
+            lambda ps=projections: [_stamp(p.weight) for p in ps],
+        )
+        joined += size
+    if not joined:
+        return ""
+    return f"one-token steps multiply q, k and v in one product: a copy of the three joined, {joined / 2**20:.1f} MiB"
+
+
 def choose_experts(model, candidates: tuple, rounds: int = 3) -> dict:
     """Time one decode-shaped forward (one token) with each experts implementation in `candidates`, round by
     round, and switch the model to the fastest whose logits match transformers' eager loop. Returns
@@ -505,8 +538,8 @@ MEASURED_LEFT = (
 
 LEAN = (
     "one-token steps through decode.lean_forward: the same modules and arithmetic as transformers' forward "
-    "(the same logits, bit for bit) with fewer calls around them; prompts, padding and hooks on a layer go "
-    "through transformers' own"
+    "(the same logits, bit for bit) with fewer calls around them, q, k and v in one product where their weights "
+    "were joined; prompts, padding and hooks on a layer go through transformers' own"
 )
 
 
@@ -514,11 +547,13 @@ def apply_recipe(model, recipe: Recipe) -> Recipe:
     """Switch a loaded model to the recipe (in place), measuring what it says to measure, and its one-token
     steps to decode.lean_forward where it applies; the recipe, its figures filled in (`load_pipeline` keeps it
     as `model.load_record.recipe`)."""
-    moe = bool(getattr(model.config, "num_local_experts", None))
-    if use_lean_step(model):
+    moe, lean = bool(getattr(model.config, "num_local_experts", None)), use_lean_step(model)
+    if lean:
         recipe.reasons.append(LEAN)
     if "kernels" in recipe.probe and recipe.device == "cpu":
         recipe.kernels = choose_kernels(model)
+        joined = lean and join_projections(model)  # only the lean step multiplies them together
+        recipe.reasons += [joined] if joined else []
     if moe and "experts" in recipe.probe:
         seconds = choose_experts(model, EXPERTS_CANDIDATES)
         recipe.experts_ms = {k: v and 1000 * v for k, v in seconds.items()}

@@ -9,6 +9,8 @@ tiny), and multiplied by torch's own CPU kernels, fed bf16 activations (with fp3
 int8 kernel is much slower: 10_quantization times both and asserts more than twice):
   int8: `_weight_int8pack_mm`, one scale per output channel (w = q * scale)
   int4: `_weight_int4pack_mm_for_cpu`, groups of GROUP inputs with a scale and a zero each
+An attention's quantized q, k and v are also joined into one copy, for decode.lean_forward's one product
+for the three (the same values, so the same logits).
 
 Shapes: T = tokens, N = outputs, K = inputs, E = experts, G = GROUP.
 """
@@ -19,6 +21,7 @@ import functools
 import math
 from pathlib import Path
 
+from .decode import Fused
 from .experts import DECODE_TOKENS, experts_loop, register_experts, token_loop
 from .fitting import GROUP, WEIGHT_SCHEMES
 from .hardware import best_seconds, timing_buffer_bytes
@@ -61,6 +64,14 @@ def _int4(stack):
     return packed, torch.stack([scale, zero], -1).transpose(1, 2).contiguous().bfloat16()
 
 
+def _product(scheme: str, x, packed, scales):  # [T, K] bf16 x a quantized [N, K] -> [T, N] bf16
+    import torch
+
+    if scheme == "int8":
+        return torch.ops.aten._weight_int8pack_mm(x, packed, scales)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales)
+
+
 @functools.cache
 def quantized_linear():
     """The module class, built on first use so that importing helpers does not import torch."""
@@ -83,10 +94,7 @@ def quantized_linear():
             scales = self.scales if expert is None else self.scales[expert]
             flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [T, K]; a decode step calls
             flat = flat if flat.dtype == torch.bfloat16 else flat.to(torch.bfloat16)  # nothing it need not
-            if self.scheme == "int8":
-                y = torch.ops.aten._weight_int8pack_mm(flat, packed, scales)
-            else:
-                y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scales)
+            y = _product(self.scheme, flat, packed, scales)
             y = y if y.dtype == x.dtype else y.to(x.dtype)
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])  # [.., N]
 
@@ -109,6 +117,21 @@ def quantized_experts(self, hidden_states, top_k_index, top_k_weights):
     if len(x) <= DECODE_TOKENS:
         return token_loop(x, top_k_index, top_k_weights, ffn, hidden_states.dtype)
     return experts_loop(x, top_k_index, top_k_weights, ffn, torch.zeros_like(hidden_states))
+
+
+def _joined(projections: list):
+    """One product for an attention's quantized q, k and v (decode.Fused, for the lean step): their quantized
+    weights joined along the outputs, the very values each holds, so the same products."""
+    import torch
+
+    scheme, packed = projections[0].scheme, torch.cat([p.packed for p in projections])
+    scales = torch.cat([p.scales for p in projections], dim=0 if scheme == "int8" else 1).contiguous()
+
+    def product(x):  # [B, D] -> [B, q + k + v]
+        y = _product(scheme, x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), packed, scales)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    return Fused(product, [p.shape[0] for p in projections], lambda: [p.packed._version for p in projections])
 
 
 def check_scheme(scheme, device: str) -> None:
@@ -161,6 +184,8 @@ def quantize_model(model, scheme: str) -> dict:
         swap(model, "lm_head", model.lm_head.weight)  # tied to the embeddings: those stay, for row lookups
         for p in model.parameters():  # what stays gets memory of its own, so the weights file can be unmapped
             p.data = p.data.clone()
+        for attention in [m for m in model.modules() if isinstance(getattr(m, "q_proj", None), Quantized)]:
+            attention.qkv = _joined([attention.q_proj, attention.k_proj, attention.v_proj])
     register_experts("quantized", quantized_experts)
     if getattr(model.config, "num_local_experts", None):
         model.set_experts_implementation("quantized")

@@ -151,6 +151,19 @@ def test_a_row_switches_the_packed_copies_off_and_back_on(monkeypatch):
             "torch.mv",
         )
     assert kernels() == (*packed, "torch.mv")
+    model = tiny_moe(seed=5)  # every kind packed: q, k and v joined into one packed copy too
+    monkeypatch.setattr(
+        fastpath,
+        "_kernel_speeds",
+        lambda shape, dtype: {k: 1.0 for k in fastpath.KERNELS} | {"oneDNN packed": 2.0},
+    )
+    fastpath.choose_kernels(model)
+    assert fastpath.join_projections(model)
+    attention = model.model.layers[0].self_attn
+    fused = attention.qkv
+    with switched_off("packed copies", model):
+        assert attention.qkv is None and attention.k_proj.weight_copy is None
+    assert attention.qkv is fused and attention.k_proj.weight_copy is not None
 
 
 def test_the_step_profile_counts_every_fast_path_kernel_as_a_matrix_product():

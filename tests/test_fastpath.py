@@ -290,6 +290,50 @@ def test_the_lean_step_gives_transformers_logits_bit_for_bit(dtype, batch):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("weights", ["oneDNN packed", "float32 copy", "int8", "int4"])
+def test_joined_projections_give_the_same_logits_bit_for_bit(monkeypatch, weights):
+    """Where q, k and v are joined into one copy, the lean step's one product gives the logits of their three
+    products (transformers' forward, which calls them one by one); a hook on one of them, or a change to a weight
+    after the join, and the three answer again."""
+    from test_quantize import small_mixtral  # widths int4's groups divide
+
+    from helpers.quantize import quantize_model
+
+    model = (small_mixtral(seed=12) if weights.startswith("int") else tiny_moe(seed=12)).bfloat16()
+    if weights.startswith("int"):
+        quantize_model(model, weights)
+    else:
+        monkeypatch.setattr(
+            fastpath,
+            "_kernel_speeds",
+            lambda shape, dtype: {k: 2.0 if k == weights else 1.0 for k in KERNELS},
+        )
+        choose_kernels(model)
+        register_experts("per_token", per_token_experts)
+        model.set_experts_implementation("per_token")
+    assert fastpath.join_projections(model) == "" or not weights.startswith("int")
+    attention = model.model.layers[0].self_attn
+    assert all(isinstance(layer.self_attn.qkv, decode.Fused) for layer in model.model.layers)
+    ids = torch.randint(0, 512, (2, 6))
+    expected = greedy_logits(model, ids, 5)
+    assert use_lean_step(model)
+    joined = []
+    monkeypatch.setattr(attention.qkv, "product", lambda x, f=attention.qkv.product: joined.append(1) or f(x))
+    assert torch.equal(greedy_logits(model, ids, 5), expected) and len(joined) == 5
+    handle = attention.k_proj.register_forward_hook(lambda *_: joined.append("hooked"))
+    greedy_logits(model, ids, 1)
+    assert joined[5:] == ["hooked"] * 2  # the prompt and the step: k_proj itself, not the joined product
+    handle.remove()
+    if not weights.startswith("int"):
+        with torch.no_grad():
+            attention.v_proj.weight.mul_(
+                2
+            )  # the joined copy is stale: the projections answer, with the new weight
+        expected = greedy_logits(model, ids, 2)  # the lean step still on: the projections one by one
+        del joined[:]
+        assert torch.equal(greedy_logits(model, ids, 2), expected) and joined == []
+
+
 def test_the_lean_step_steps_aside_for_what_it_does_not_do():
     """Padding, outputs asked for, a hook on a layer: transformers' own forward, and the same answer."""
     model = tiny_moe(seed=9)
