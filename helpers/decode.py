@@ -29,14 +29,25 @@ def _hooked(module) -> bool:
 
 
 class Fused:
-    """q, k and v's products as one: `product(x)` [B, D] -> [B, sum(sizes)] (or None where it does not apply), while
-    `stamps()` still gives what it gave when the joined copy was made; None otherwise (the projections answer)."""
+    """q, k and v's products as one: `product(x, copy)` [B, D] -> [B, sum(sizes)] on one `copy` of the three weights
+    joined (or None where the product does not apply), while the attention still holds these very `modules` and each
+    one's `stamp(module)` is what it was when the copy was made; None otherwise (the projections answer one by one)."""
 
-    def __init__(self, product, sizes: list, stamps):
-        self.product, self.sizes, self.stamps, self.made_for = product, sizes, stamps, stamps()
+    def __init__(self, modules, copy, product, stamp, sizes: list):
+        self.modules, self.copy, self.product, self.stamp, self.sizes = (
+            tuple(modules),
+            copy,
+            product,
+            stamp,
+            sizes,
+        )
+        self.made_for = [stamp(m) for m in modules]
 
-    def __call__(self, x):
-        return self.product(x) if self.stamps() == self.made_for else None
+    def __call__(self, x, modules):
+        same = all(a is b for a, b in zip(modules, self.modules))
+        return (
+            self.product(x, self.copy) if same and list(map(self.stamp, modules)) == self.made_for else None
+        )
 
 
 def _rotate(x, cos, sin_signed):
@@ -90,7 +101,7 @@ def lean_forward(
         x = layer.input_layernorm(h)
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)  # one product for the three, unless hooked
         fused = None if any(map(_hooked, projections)) else getattr(attn, "qkv", None)
-        qkv = fused(x.view(B, -1)) if fused is not None else None  # [B, q + k + v], or None
+        qkv = fused(x.view(B, -1), projections) if fused is not None else None  # [B, q + k + v], or None
         parts = qkv.split(fused.sizes, -1) if qkv is not None else (p(x) for p in projections)
         q, k, v = (t.view(B, 1, -1, attn.head_dim).transpose(1, 2) for t in parts)
         k, v = past_key_values.update(_rotate(k, cos, sin), v, i)

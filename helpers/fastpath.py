@@ -67,8 +67,8 @@ def packed_copy(weight):
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
 
 
-def _stamp(weight) -> tuple:  # what a packed copy was made from: once any of it changes, the copy is stale
-    return weight.dtype, weight.device, weight._version
+def _stamp(weight) -> tuple:  # what a copy was made from: once any of it changes, the copy is stale (changes
+    return weight.dtype, weight.device, weight._version, weight.data_ptr()  # through .data bump no _version)
 
 
 # kernel -> (the layout it reads, the product of one token [1, K] with a weight [N, K])
@@ -83,13 +83,13 @@ COPIES = {
     "packed": packed_copy,
     "float32": lambda w: w.detach().float(),
 }  # layouts held as a copy beside the weight
-# {experts module: {attribute: (kernel, a packed copy per expert or None, the weight's _stamp)}}
+# {experts module: {attribute: (kernel, a copy per expert (packed, float32) or None, the weight's _stamp)}}
 _EXPERT_KERNELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _expert_weights(experts, attribute: str) -> tuple:
     """(product, weights by expert) for one kind of `experts`' weights: the kernel `choose_kernels` measured
-    fastest for it, or F.linear on the parameter once its packed copies are stale."""
+    fastest for it, or F.linear on the parameter once its copies are stale."""
     kernel, copies, stamp = _EXPERT_KERNELS.get(experts, {}).get(attribute, ("F.linear", None, None))
     weight = getattr(experts, attribute)
     if copies is not None and _stamp(weight) != stamp:
@@ -117,7 +117,7 @@ def _take_weight(module, source, kernel: str) -> None:
 
 def per_token_experts(self, hidden_states, top_k_index, top_k_weights):
     """Experts for decoding: `token_loop`, each of a few tokens through its K chosen experts, reading only
-    those experts' weights (views of the parameter or its packed copies, no masks), each product by the
+    those experts' weights (views of the parameter or its copies, no masks), each product by the
     kernel `choose_kernels` measured fastest for it. Longer inputs (a prompt) go to grouped_mm."""
     if hidden_states.shape[0] > DECODE_TOKENS:
         from transformers.integrations.moe import grouped_mm_experts_forward
@@ -319,34 +319,44 @@ def choose_kernels(model) -> dict:
     return report
 
 
+def _joined_product(
+    kernel: str, dtype, x, copy
+):  # [B, D] by q, k and v's joined copy, where the kernel applies
+    return KERNELS[kernel][1](x, copy) if x.dtype == dtype and len(x) <= DECODE_TOKENS else None
+
+
+def _weight_stamp(module) -> tuple:
+    return _stamp(module.weight)
+
+
 def join_projections(model) -> str:
-    """Each attention whose q, k and v went to one kernel on a copy (packed, float32), without biases, given one
-    copy of the three weights joined (`decode.Fused`: the lean step's one product for the three) where the
-    available RAM holds it, beside their own. Returns what it cost, or "" where nothing was joined."""
+    """Each attention whose q, k and v went to one kernel on a copy (packed, float32) without biases, or were quantized
+    (their class's `join`), given one copy of the three weights joined (`decode.Fused`: the lean step's one product
+    for the three) where the available RAM holds it, beside their own. Returns what it cost, or "" where none was."""
     import torch
 
     joined = 0
     for attention in [m for m in model.modules() if hasattr(m, "q_proj")]:
         projections = [attention.q_proj, attention.k_proj, attention.v_proj]
+        kind = type(projections[0])
+        if hasattr(kind, "join"):  # quantized: their buffers joined by their own class
+            size = sum(b.nbytes for p in projections for b in p.buffers())
+            if {type(p) for p in projections} == {kind} and fits(size, system_memory()["available"]):
+                attention.qkv, joined = kind.join(projections), joined + size
+            continue
         kernels = {
             getattr(p, "weight_copy", None) is not None and p.bias is None and p.kernel for p in projections
         }
         if len(kernels) > 1 or not all(kernels):
             continue
-        weight = torch.cat([p.weight.detach() for p in projections])  # [q + k + v, D]
-        layout, product = KERNELS[kernels.pop()]
-        size = weight.nbytes * (4 // weight.element_size() if layout == "float32" else 1)
-        if not fits(size, system_memory()["available"]):
-            continue
-        copy, dtype = COPIES[layout](weight), weight.dtype
-        attention.qkv = Fused(
-            lambda x, c=copy, f=product, d=dtype: (
-                f(x, c) if x.dtype == d and len(x) <= DECODE_TOKENS else None
-            ),
-            [p.out_features for p in projections],
-            lambda ps=projections: [_stamp(p.weight) for p in ps],
-        )
-        joined += size
+        kernel, weights = kernels.pop(), [p.weight.detach() for p in projections]
+        layout = KERNELS[kernel][0]
+        size = sum(w.nbytes for w in weights) * (4 // weights[0].element_size() if layout == "float32" else 1)
+        if fits(size, system_memory()["available"]):
+            copy = COPIES[layout](torch.cat(weights))  # [q + k + v, D]
+            product = functools.partial(_joined_product, kernel, weights[0].dtype)
+            sizes = [p.out_features for p in projections]
+            attention.qkv, joined = Fused(projections, copy, product, _weight_stamp, sizes), joined + size
     if not joined:
         return ""
     return f"one-token steps multiply q, k and v in one product: a copy of the three joined, {joined / 2**20:.1f} MiB"
@@ -513,7 +523,7 @@ def fast_recipe(
     ]
     if offloaded:
         reasons.append("offloaded by accelerate: weights on other devices are copied in for each forward")
-    if experts == "quantized":  # the experts are replaced; the weights left in the model's dtype: the routers
+    if experts == "quantized" and device == "cpu":  # experts replaced; left in the model's dtype: the routers
         return Recipe(device, dtype, experts, probe=("kernels",), reasons=[*reasons, MEASURED_LEFT])
     if experts:  # the experts are replaced: their own implementation, nothing left to choose
         return Recipe(device, dtype, experts, probe=(), reasons=reasons)

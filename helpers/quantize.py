@@ -9,8 +9,8 @@ tiny), and multiplied by torch's own CPU kernels, fed bf16 activations (with fp3
 int8 kernel is much slower: 10_quantization times both and asserts more than twice):
   int8: `_weight_int8pack_mm`, one scale per output channel (w = q * scale)
   int4: `_weight_int4pack_mm_for_cpu`, groups of GROUP inputs with a scale and a zero each
-An attention's quantized q, k and v are also joined into one copy, for decode.lean_forward's one product
-for the three (the same values, so the same logits).
+An attention's quantized q, k and v can be joined into one copy (`QuantizedLinear.join`, which the fast path
+calls) for decode.lean_forward's one product for the three (the same values, so the same logits).
 
 Shapes: T = tokens, N = outputs, K = inputs, E = experts, G = GROUP.
 """
@@ -98,6 +98,18 @@ def quantized_linear():
             y = y if y.dtype == x.dtype else y.to(x.dtype)
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])  # [.., N]
 
+        @staticmethod
+        def join(projections: list):
+            """One product for an attention's quantized q, k and v (decode.Fused, for the lean step; fastpath's
+            join_projections): their quantized weights joined along the outputs, the very values, so the same products."""
+            scheme = projections[0].scheme
+            packed = torch.cat([p.packed for p in projections])
+            scales = torch.cat([p.scales for p in projections], dim=0 if scheme == "int8" else 1).contiguous()
+            product = functools.partial(_joined_product, scheme)
+            return Fused(
+                projections, (packed, scales), product, _buffers_stamp, [p.shape[0] for p in projections]
+            )
+
         def extra_repr(self) -> str:
             return f"{self.scheme}, weight {list(self.shape)}"
 
@@ -119,19 +131,18 @@ def quantized_experts(self, hidden_states, top_k_index, top_k_weights):
     return experts_loop(x, top_k_index, top_k_weights, ffn, torch.zeros_like(hidden_states))
 
 
-def _joined(projections: list):
-    """One product for an attention's quantized q, k and v (decode.Fused, for the lean step): their quantized
-    weights joined along the outputs, the very values each holds, so the same products."""
+def _joined_product(
+    scheme: str, x, copy
+):  # [B, D] by q, k and v's joined quantized weights -> [B, q + k + v]
     import torch
 
-    scheme, packed = projections[0].scheme, torch.cat([p.packed for p in projections])
-    scales = torch.cat([p.scales for p in projections], dim=0 if scheme == "int8" else 1).contiguous()
+    packed, scales = copy
+    y = _product(scheme, x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), packed, scales)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
-    def product(x):  # [B, D] -> [B, q + k + v]
-        y = _product(scheme, x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), packed, scales)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
 
-    return Fused(product, [p.shape[0] for p in projections], lambda: [p.packed._version for p in projections])
+def _buffers_stamp(module) -> tuple:  # what a joined copy was made from
+    return tuple((b._version, b.data_ptr()) for b in (module.packed, module.scales))
 
 
 def check_scheme(scheme, device: str) -> None:
@@ -184,8 +195,6 @@ def quantize_model(model, scheme: str) -> dict:
         swap(model, "lm_head", model.lm_head.weight)  # tied to the embeddings: those stay, for row lookups
         for p in model.parameters():  # what stays gets memory of its own, so the weights file can be unmapped
             p.data = p.data.clone()
-        for attention in [m for m in model.modules() if isinstance(getattr(m, "q_proj", None), Quantized)]:
-            attention.qkv = _joined([attention.q_proj, attention.k_proj, attention.v_proj])
     register_experts("quantized", quantized_experts)
     if getattr(model.config, "num_local_experts", None):
         model.set_experts_implementation("quantized")
