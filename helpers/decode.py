@@ -34,20 +34,13 @@ class Fused:
     one's `stamp(module)` is what it was when the copy was made; None otherwise (the projections answer one by one)."""
 
     def __init__(self, modules, copy, product, stamp, sizes: list):
-        self.modules, self.copy, self.product, self.stamp, self.sizes = (
-            tuple(modules),
-            copy,
-            product,
-            stamp,
-            sizes,
-        )
-        self.made_for = [stamp(m) for m in modules]
+        self.modules, self.copy, self.product = tuple(modules), copy, product
+        self.stamp, self.sizes, self.made_for = stamp, sizes, [stamp(m) for m in modules]
 
     def __call__(self, x, modules):
         same = all(a is b for a, b in zip(modules, self.modules))
-        return (
-            self.product(x, self.copy) if same and list(map(self.stamp, modules)) == self.made_for else None
-        )
+        fresh = same and [self.stamp(m) for m in modules] == self.made_for
+        return self.product(x, self.copy) if fresh else None
 
 
 def _rotate(x, cos, sin_signed):

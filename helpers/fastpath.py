@@ -293,7 +293,8 @@ def choose_kernels(model) -> dict:
         params = [getattr(m, a) for _, m, a in members]
         nbytes = sum(p.nbytes for p in params)
         copy_bytes = {"packed": nbytes, "float32": nbytes * 4 // params[0].element_size()}
-        room = {layout: fits(b, system_memory()["available"]) for layout, b in copy_bytes.items()}
+        available = system_memory()["available"]
+        room = {layout: fits(b, available) for layout, b in copy_bytes.items()}
         speeds = _kernel_speeds(tuple(params[0].shape[-2:]), params[0].dtype)
         allowed = {k: v for k, v in speeds.items() if room.get(KERNELS[k][0], True)}
         best = max(allowed, key=allowed.get)
@@ -319,9 +320,8 @@ def choose_kernels(model) -> dict:
     return report
 
 
-def _joined_product(
-    kernel: str, dtype, x, copy
-):  # [B, D] by q, k and v's joined copy, where the kernel applies
+def _joined_product(kernel: str, dtype, x, copy):
+    """[B, D] by q, k and v's joined copy [q + k + v, D], where the kernel applies (else None)."""
     return KERNELS[kernel][1](x, copy) if x.dtype == dtype and len(x) <= DECODE_TOKENS else None
 
 
@@ -335,13 +335,13 @@ def join_projections(model) -> str:
     for the three) where the available RAM holds it, beside their own. Returns what it cost, or "" where none was."""
     import torch
 
-    joined = 0
+    joined, available = 0, system_memory()["available"]  # read once: each copy made takes from it
     for attention in [m for m in model.modules() if hasattr(m, "q_proj")]:
         projections = [attention.q_proj, attention.k_proj, attention.v_proj]
         kind = type(projections[0])
         if hasattr(kind, "join"):  # quantized: their buffers joined by their own class
             size = sum(b.nbytes for p in projections for b in p.buffers())
-            if {type(p) for p in projections} == {kind} and fits(size, system_memory()["available"]):
+            if {type(p) for p in projections} == {kind} and fits(size, available - joined):
                 attention.qkv, joined = kind.join(projections), joined + size
             continue
         kernels = {
@@ -352,7 +352,7 @@ def join_projections(model) -> str:
         kernel, weights = kernels.pop(), [p.weight.detach() for p in projections]
         layout = KERNELS[kernel][0]
         size = sum(w.nbytes for w in weights) * (4 // weights[0].element_size() if layout == "float32" else 1)
-        if fits(size, system_memory()["available"]):
+        if fits(size, available - joined):
             copy = COPIES[layout](torch.cat(weights))  # [q + k + v, D]
             product = functools.partial(_joined_product, kernel, weights[0].dtype)
             sizes = [p.out_features for p in projections]

@@ -64,12 +64,18 @@ def _int4(stack):
     return packed, torch.stack([scale, zero], -1).transpose(1, 2).contiguous().bfloat16()
 
 
-def _product(scheme: str, x, packed, scales):  # [T, K] bf16 x a quantized [N, K] -> [T, N] bf16
+def _bf16_product(scheme: str, x, weight):
+    """x [T, K] times a quantized weight [N, K] (`weight`: its packed values and scales) by torch's kernel, which
+    takes bf16 activations -> [T, N] in x's dtype; no conversion where x is bf16 already."""
     import torch
 
+    packed, scales = weight
+    flat = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
     if scheme == "int8":
-        return torch.ops.aten._weight_int8pack_mm(x, packed, scales)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales)
+        y = torch.ops.aten._weight_int8pack_mm(flat, packed, scales)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, GROUP, scales)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 @functools.cache
@@ -92,10 +98,10 @@ def quantized_linear():
         def forward(self, x, expert: int | None = None):
             packed = self.packed if expert is None else self.packed[expert]
             scales = self.scales if expert is None else self.scales[expert]
-            flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # [T, K]; a decode step calls
-            flat = flat if flat.dtype == torch.bfloat16 else flat.to(torch.bfloat16)  # nothing it need not
-            y = _product(self.scheme, flat, packed, scales)
-            y = y if y.dtype == x.dtype else y.to(x.dtype)
+            flat = (
+                x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+            )  # [T, K]; a decode step calls nothing else
+            y = _bf16_product(self.scheme, flat, (packed, scales))
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])  # [.., N]
 
         @staticmethod
@@ -105,7 +111,7 @@ def quantized_linear():
             scheme = projections[0].scheme
             packed = torch.cat([p.packed for p in projections])
             scales = torch.cat([p.scales for p in projections], dim=0 if scheme == "int8" else 1).contiguous()
-            product = functools.partial(_joined_product, scheme)
+            product = functools.partial(_bf16_product, scheme)
             return Fused(
                 projections, (packed, scales), product, _buffers_stamp, [p.shape[0] for p in projections]
             )
@@ -129,16 +135,6 @@ def quantized_experts(self, hidden_states, top_k_index, top_k_weights):
     if len(x) <= DECODE_TOKENS:
         return token_loop(x, top_k_index, top_k_weights, ffn, hidden_states.dtype)
     return experts_loop(x, top_k_index, top_k_weights, ffn, torch.zeros_like(hidden_states))
-
-
-def _joined_product(
-    scheme: str, x, copy
-):  # [B, D] by q, k and v's joined quantized weights -> [B, q + k + v]
-    import torch
-
-    packed, scales = copy
-    y = _product(scheme, x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), packed, scales)
-    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _buffers_stamp(module) -> tuple:  # what a joined copy was made from
