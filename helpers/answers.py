@@ -96,3 +96,23 @@ class Answer:
 
     def __str__(self) -> str:
         return self.text
+
+    def candidates_per_step(self) -> list[int]:
+        """How many tokens the knobs left to choose from at each step (an answer of `generate_scored`).
+        With top_k=1 that is 1, except where several tokens share the best score: transformers' top-k
+        keeps every token tied with the k-th best. Greedy (do_sample=False) applies no knobs: there it
+        counts the tokens tied for the highest logit. Taught in 06_sampling_lab."""
+        import torch
+
+        if self.scores is None:
+            raise ValueError("this answer kept no scores: generate it with generate_scored(...)")
+        best = self.scores.max(dim=-1, keepdim=True).values  # [N, 1]
+        greedy = not self.settings.get("do_sample", True)
+        left = self.scores == best if greedy else torch.isfinite(self.scores)  # [N, V]
+        return left.sum(dim=-1).tolist()
+
+    def steps_before_a_tie(self) -> int:
+        """The steps before the first one where the knobs left more than one candidate (all of them if
+        none did). Sampling with top_k=1 is greedy decoding up to that step. Taught in 06_sampling_lab."""
+        left = self.candidates_per_step()
+        return next((i for i, n in enumerate(left) if n > 1), len(left))

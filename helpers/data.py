@@ -19,7 +19,17 @@ MAX_TOKENS_ENV = "MIXTRAL_MAX_NEW_TOKENS"  # a room's cap on new tokens per serv
 # ---------------------------------------------------------------- the blog: prompts, knobs, answers
 BLOG_TEMPLATE = "[INST] {prompt} [/INST]"
 
-# The four tasks of the blog, with their exact prompts and token budgets.
+# Henry Wadsworth Longfellow's translation of Inferno I, 1-3 (1867; public domain).
+LONGFELLOW = (
+    "Midway upon the journey of our life I found myself within a forest dark, "
+    "For the straightforward pathway had been lost."
+)
+# The blog's published answer (published output of Mixtral 8x22B, ROCm blog, May 2024).
+BLOG_TRANSLATION = (
+    "In the middle of the journey of our life, I found myself in a dark wood, for the straight way was lost."
+)
+
+# The four tasks of the blog, with their exact prompts and token budgets; the translation's references (05).
 TASKS = {
     "poem": dict(
         max_new_tokens=512,
@@ -40,6 +50,8 @@ TASKS = {
             "Please translate the following sentence into English: Nel mezzo del cammin di nostra vita, "
             "mi ritrovai per una selva oscura, ché la diritta via era smarrita."
         ),
+        reference=LONGFELLOW,
+        blog_answer=BLOG_TRANSLATION,
     ),
 }
 
@@ -49,16 +61,6 @@ BLOG_SAMPLING = dict(
     temperature=0.8,  # divides the logits: 1.0 = no change, < 1.0 = sharper (less random)
     top_k=20,  # sample only among the 20 most likely tokens (0 = no limit)
     top_p=0.95,  # ...and only within the smallest set holding 95% of the probability
-)
-
-# Henry Wadsworth Longfellow's translation of Inferno I, 1-3 (1867; public domain).
-LONGFELLOW = (
-    "Midway upon the journey of our life I found myself within a forest dark, "
-    "For the straightforward pathway had been lost."
-)
-# The blog's published answer (published output of Mixtral 8x22B, ROCm blog, May 2024).
-BLOG_TRANSLATION = (
-    "In the middle of the journey of our life, I found myself in a dark wood, for the straight way was lost."
 )
 
 # ---------------------------------------------------------------- models, tokenizers, GPUs, bytes
@@ -111,12 +113,17 @@ REFERENCE_TOKENIZERS = {
 # Memory (GiB, as sold) and peak memory bandwidth (TB/s) per device, from the vendors' datasheets:
 # AMD Instinct MI300X and MI250X data sheets (MI250X: one OAM = two GCDs; each GCD is one
 # torch device with 64 GiB and half the 3.2 TB/s), NVIDIA A100 80GB SXM, H100 SXM, H200 SXM.
+# peer_link_gbs: the GPU-to-GPU links of an 8-GPU node, GB/s each GPU sends (and receives) at once over all
+# its links. MI300X: AMD CDNA 3 white paper, "7 x16 AMD Infinity Fabric links" at 32 Gbps per lane ->
+# 7 x 16 x 32 / 8 = 448 GB/s each way (its "P2P ring peak aggregate I/O bandwidth 896 GB/s" counts both ways).
+# H100 SXM: NVIDIA's Hopper architecture in-depth post (2022-03-22), 18 NVLink 4 links at 25 GB/s each way
+# = 450 GB/s (the "900 GB/s" counts both ways).
 GPU_TYPES = {
-    "MI300X": dict(memory_gib=192, bandwidth_tbs=5.3),
+    "MI300X": dict(memory_gib=192, bandwidth_tbs=5.3, peer_link_gbs=448),
     "MI250X": dict(memory_gib=64, bandwidth_tbs=1.6, unit="GCD"),  # per GCD (torch device), two per card
     "MI250": dict(memory_gib=64, bandwidth_tbs=1.6, unit="GCD"),  # per GCD (torch device), two per card
     "H200": dict(memory_gib=141, bandwidth_tbs=4.8),
-    "H100": dict(memory_gib=80, bandwidth_tbs=3.35),
+    "H100": dict(memory_gib=80, bandwidth_tbs=3.35, peer_link_gbs=450),
     "A100": dict(memory_gib=80, bandwidth_tbs=2.0),
     # One-GPU machines (11_offloading): AMD's specifications give the bus and memory speed; bandwidth =
     # 384 bits x 20 Gbps / 8 (RX 7900 XTX, 24 GB GDDR6) and 384 bits x 18 Gbps / 8 (Radeon PRO W7900, 48 GB).
@@ -127,12 +134,6 @@ GPU_TYPES = {
 # The link between a GPU and the host's RAM, per direction: PCI-SIG's transfer rate per lane (PCIe 4.0:
 # 16 GT/s, PCIe 5.0: 32 GT/s), 16 lanes, 128b/130b encoding in both -> GT/s x 16 x 128/130 / 8 GB/s.
 LINK_GTS = {"PCIe 4.0 x16": 16, "PCIe 5.0 x16": 32}
-
-# GPU-to-GPU links of an 8-GPU node, bytes/s each GPU sends (and receives) at once over all its links. MI300X: AMD CDNA 3
-# white paper, "7 x16 AMD Infinity Fabric links" at 32 Gbps per lane -> 7 x 16 x 32 / 8 = 448 GB/s each way (its
-# "P2P ring peak aggregate I/O bandwidth 896 GB/s" counts both ways). H100 SXM: NVIDIA's Hopper architecture
-# in-depth post (2022-03-22), 18 NVLink 4 links at 25 GB/s each way = 450 GB/s (the "900 GB/s" counts both ways).
-PEER_LINK_GBS = {"MI300X": 448, "H100": 450}
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "int4": 0.5}
 RESERVED = 0.10  # share of each memory kept for the runtime, activations and fragmentation: the one margin

@@ -12,7 +12,8 @@ from .readings import shown_token
 
 def generate_scored(pipe, prompt, max_new_tokens: int = 128, seed: int | None = None, **knobs) -> Answer:
     """`generate` on a model loaded here, keeping each step's scores after the knobs (`Answer.scores`,
-    [new, V] float32), for `candidates_per_step` and `steps_before_a_tie`. Taught in 06_sampling_lab."""
+    [new, V] float32), for `Answer.candidates_per_step` and `Answer.steps_before_a_tie`.
+    Taught in 06_sampling_lab."""
     backend = as_backend(pipe)
     if not isinstance(backend, LocalModel):
         raise TypeError(
@@ -23,30 +24,6 @@ def generate_scored(pipe, prompt, max_new_tokens: int = 128, seed: int | None = 
     return backend.run(
         [chat_ids(backend.tokenizer, messages)], kwargs, validate_seed(seed), keep_scores=True
     )[0]
-
-
-def candidates_per_step(answer: Answer) -> list[int]:
-    """How many tokens the knobs left to choose from at each step of an answer generated with
-    `generate_scored`. With top_k=1 that is 1, except where several tokens share the best score:
-    transformers' top-k keeps every token tied with the k-th best. Greedy (do_sample=False)
-    applies no knobs: there it counts the tokens tied for the highest logit. Taught in 06_sampling_lab."""
-    import torch
-
-    if answer.scores is None:
-        raise ValueError("this answer kept no scores: generate it with generate_scored(...)")
-    scores = answer.scores  # [N, V]
-    best = scores.max(dim=-1, keepdim=True).values  # [N, 1]
-    greedy = not answer.settings.get("do_sample", True)
-    left = scores == best if greedy else torch.isfinite(scores)  # [N, V]
-    return left.sum(dim=-1).tolist()
-
-
-def steps_before_a_tie(answer: Answer) -> int:
-    """The steps of an answer before the first one where the knobs left more than one candidate
-    (all of them if none did). Sampling with top_k=1 is greedy decoding up to that step.
-    Taught in 06_sampling_lab."""
-    left = candidates_per_step(answer)
-    return next((i for i, n in enumerate(left) if n > 1), len(left))
 
 
 WARPERS = dict(temperature=1.0, top_k=0, top_p=1.0)  # the knobs that reshape a distribution, and "no change"

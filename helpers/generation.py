@@ -1,6 +1,6 @@
 """Generation with the blog's knobs: checked once, then asked of whatever answers (backends.py).
 
-`generate`, `generate_many` and `generate_batch` validate the prompt, the knobs and the seed,
+`generate` and `generate_batch` validate the prompt, the knobs and the seed,
 and leave the rest to the backend: a model loaded here or a served endpoint, the same call.
 """
 
@@ -12,10 +12,6 @@ from .answers import Answer
 from .backends import as_backend
 from .data import BLOG_SAMPLING, whole_number
 from .prompts import as_messages
-
-# What 08 expects of generate_batch, and says (not asserts) when a run falls under it, as one loaded CI run did:
-# four prompts as one batch give at least this many times the tokens in all of the same prompts one at a time
-BATCH_MIN_GAIN = 1.2
 
 
 def validate_sampling(
@@ -113,30 +109,16 @@ def print_stream():
     return show
 
 
-def generate_many(
-    pipe, prompt, samples: int = 3, max_new_tokens: int = 128, seed: int = 0, **knobs
-) -> list[str]:
-    """`samples` sampled answers to one prompt, generated together as one batch (about the cost of
-    one answer on a memory-bound machine; a server runs them as concurrent requests); seeded.
-    Taught in 04_jokes."""
-    whole_number("samples", samples, 1)
-    backend = as_backend(pipe)
-    messages = as_messages(prompt)
-    kwargs = sampling(max_new_tokens, knobs, backend.room(messages))
-    if not kwargs["do_sample"] and samples > 1:
-        raise ValueError("samples > 1 needs do_sample=True: greedy decoding gives the same answer every time")
-    return [a.text for a in backend.answer_batch([messages] * samples, kwargs, validate_seed(seed))]
-
-
 def generate_batch(
     pipe, prompts: list, max_new_tokens: int = 128, seed: int | None = None, **knobs
 ) -> list[Answer]:
-    """Answers to several prompts generated together as one left-padded batch. A decode step reads
-    the shared weights (attention, lm_head) once for all sequences, but for an MoE it reads the union
-    of the experts they chose: about E * (1 - (1 - K/E)^B) of E per layer at batch B (5.5 of 8 for
-    Mixtral at batch 4; sizing.expected_distinct_experts), so a batch costs more bytes per step than
-    one sequence, and fewer per token. Each Answer's `seconds` is the batch's time. A server gets
-    them as concurrent requests. Taught in 08_performance."""
+    """Answers to several prompts generated together as one left-padded batch; one prompt repeated gives
+    as many samples of it, each its own answer. A decode step reads the shared weights (attention,
+    lm_head) once for all sequences, but for an MoE it reads the union of the experts they chose:
+    about E * (1 - (1 - K/E)^B) of E per layer at batch B (5.5 of 8 for Mixtral at batch 4;
+    sizing.expected_distinct_experts), so a batch costs more bytes per step than one sequence, and
+    fewer per token. Each Answer's `seconds` is the batch's time. A server gets them as concurrent
+    requests. Taught in 08_performance and 04_jokes."""
     if not prompts or isinstance(prompts, str):
         raise ValueError("prompts: give a list of one or more prompts (for a single prompt use generate)")
     backend = as_backend(pipe)

@@ -20,7 +20,7 @@ from .fastpath import apply_recipe, fast_recipe, measured_dtype
 from .files import cache_root, weight_files
 from .fitting import Budget, CachedExperts, LoadRecord, Quantized, check_fit
 from .hardware import dtype_name, forced_dtype, gpu_dtype, memory_budget
-from .offload import check_cache_size, device_map_bytes, offload_experts
+from .offload import check_cache_size, offload_experts
 from .prompts import reference_tokenizer
 from .quantize import quantize_model
 from .sizing import fits, parameter_count, usable
@@ -235,13 +235,3 @@ def offload_arguments(budget: Budget, path: Path, record: LoadRecord) -> dict:
         record.folder = tempfile.TemporaryDirectory(prefix="offload-", dir=folder)
         folder = Path(record.folder.name)
     return dict(max_memory=budget.max_memory, offload_folder=str(folder))
-
-
-def placement(model) -> list[dict]:
-    """Parameters and bytes on each device ("disk" too), summed from device_map_bytes. Taught in 01_loading."""
-    rows: dict[str, dict] = {}
-    for entry in device_map_bytes(model):
-        row = rows.setdefault(entry["device"], {"device": entry["device"], "parameters": 0, "bytes": 0})
-        row["parameters"] += entry["parameters"]
-        row["bytes"] += entry["bytes"]
-    return list(rows.values())

@@ -14,7 +14,7 @@ from .backends import LocalModel, as_backend
 from .data import whole_number
 from .generation import generate, generate_batch
 from .prefetch import next_layer_guesses
-from .prompts import chat_ids
+from .prompts import chat_ids, turn_starts
 from .readings import shown_token
 
 
@@ -28,15 +28,19 @@ def routers(model) -> list:
 
 @dataclass
 class RouterTrace:
-    """Top-k experts and their weights for every token at every layer, recorded by hooks.
+    """Top-k experts and their weights for every token at every layer, recorded by hooks, and what they show.
 
     Use as a context manager around `generate()` (batch 1): the prefill call records the prompt's
-    tokens, each decode step with the KV cache records one more token."""
+    tokens, each decode step with the KV cache records one more token. `trace_generation` does so and
+    adds the answer, the tokens and where the chat's parts start. Taught in 07_inside_the_moe."""
 
     model: object
     calls: list = field(
         default_factory=list
     )  # per forward call: L x (indices [t, K], weights [t, K], logits [t, E])
+    answer: object = None  # set by trace_generation: the Answer,
+    tokens: list = field(default_factory=list)  # the token string of each traced position,
+    marks: dict = field(default_factory=dict)  # and {part of the chat: its first row}
     _hooks: list = field(default_factory=list)
 
     def __enter__(self):
@@ -75,6 +79,56 @@ class RouterTrace:
         lambda self: self._stack(1), doc="[T, L, K] the renormalised routing weights (sum 1 over K)."
     )
     logits = property(lambda self: self._stack(2), doc="[T, L, E] raw router logits.")
+
+    def load(self):
+        """[L, E] share of routing slots each expert received per layer (rows sum to 1)."""
+        import torch
+
+        experts = self.experts  # [T, L, K] -> one-hot [T, L, K, E] -> [L, E]
+        return torch.nn.functional.one_hot(experts, self.logits.shape[-1]).float().mean((0, 2))
+
+    def stickiness(self):
+        """[L] how often consecutive tokens keep the same first-choice expert, per layer."""
+        first = self.experts[:, :, 0]  # [T, L]
+        return (first[1:] == first[:-1]).float().mean(0)
+
+    def chance_stickiness(self):
+        """[L] the same rate if tokens picked experts independently with this trace's loads."""
+        return (self.load() ** 2).sum(-1)
+
+    def busiest_expert(self, batch: int) -> float:
+        """`busiest_expert` on this trace's routing."""
+        return busiest_expert(self.experts, batch, self.logits.shape[-1])
+
+    def chance_busiest_expert(self, batch: int) -> float:
+        """`busiest_expert` on uniformly random routing of the same shape: each token and layer K distinct
+        experts drawn at random (a fixed seed)."""
+        import torch
+
+        T, L, K = self.experts.shape
+        draws = torch.rand(T, L, self.logits.shape[-1], generator=torch.Generator().manual_seed(0))
+        return busiest_expert(draws.topk(K, dim=-1).indices, batch, self.logits.shape[-1])
+
+    def draw(self, title: str, ax=None):
+        """Heatmap: tokens (rows) x layers (columns), coloured by each token's first-choice expert, a line
+        and a label where each part of the chat begins (`marks`)."""
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+
+        first, E = self.experts[:, :, 0].numpy(), self.logits.shape[-1]  # [T, L]
+        if ax is None:
+            _, ax = plt.subplots(figsize=(9, 0.18 * len(first) + 1))
+        cmap = ListedColormap(plt.get_cmap("tab10").colors[:E])
+        image = ax.imshow(first, aspect="auto", cmap=cmap, vmin=-0.5, vmax=E - 0.5, interpolation="nearest")
+        if self.tokens:
+            ax.set_yticks(range(len(self.tokens)), [shown_token(t) for t in self.tokens], fontsize=7)
+        ax.set(xlabel="layer", ylabel="token", title=title)
+        ax.figure.colorbar(image, ax=ax, ticks=range(E), label="first-choice expert")
+        for name, row in self.marks.items():
+            ax.axhline(row - 0.5, color="black", linewidth=1.5)
+            style = dict(ha="right", va="top", fontsize=8, backgroundcolor="white")
+            ax.text(first.shape[1] - 0.5, row - 0.3, f" {name} ", **style)
+        return ax
 
 
 @dataclass
@@ -151,24 +205,19 @@ def step_unions(trace):
     )
 
 
-def trace_generation(pipe, prompt, max_new_tokens: int = 32, seed: int = 0, **knobs):
-    """Generate with the router traced: (answer, trace, token strings for every traced position).
-    Taught in 07_inside_the_moe."""
+def trace_generation(pipe, prompt, max_new_tokens: int = 32, seed: int = 0, **knobs) -> RouterTrace:
+    """Generate with the router traced: the trace, with the answer, the token string of every traced
+    position and where the chat's parts start. Taught in 07_inside_the_moe."""
     ids = chat_ids(pipe.tokenizer, prompt)
     with RouterTrace(pipe.model) as trace:
-        answer = generate(pipe, prompt, max_new_tokens=max_new_tokens, seed=seed, **knobs)
+        trace.answer = generate(pipe, prompt, max_new_tokens=max_new_tokens, seed=seed, **knobs)
     # each position's routing belongs to the token fed in there: the prompt, then every new
     # token except the last (which is never fed back)
-    tokens = pipe.tokenizer.convert_ids_to_tokens(ids + answer.token_ids)
-    return answer, trace, tokens[: trace.experts.shape[0]]
-
-
-def expert_load(experts, num_experts: int):
-    """[L, E] share of routing slots each expert received per layer (rows sum to 1).
-    Taught in 07_inside_the_moe."""
-    import torch
-
-    return torch.nn.functional.one_hot(experts, num_experts).float().mean((0, 2))  # [T, L, K, E] -> [L, E]
+    tokens = pipe.tokenizer.convert_ids_to_tokens(ids + trace.answer.token_ids)
+    trace.tokens = tokens[: trace.experts.shape[0]]
+    if isinstance(prompt, str):
+        trace.marks = turn_starts(pipe.tokenizer, prompt)
+    return trace
 
 
 def busiest_expert(experts, batch: int, num_experts: int, draws: int = 200, seed: int = 0) -> float:
@@ -176,7 +225,8 @@ def busiest_expert(experts, batch: int, num_experts: int, draws: int = 200, seed
     from a [T, L, K] trace, `draws` batches of `batch` distinct tokens drawn at random (a fixed seed), in each
     layer the most tokens any expert received over the mean (batch x K / E); the average over draws and layers.
     1.0 is a perfectly even load. With expert parallelism, where an expert's time grows with its tokens (a prompt
-    pass, large batches), the GPU holding the busiest expert sets the pace. Taught in 08_performance."""
+    pass, large batches), the GPU holding the busiest expert sets the pace. 08_performance calls it
+    through `RouterTrace.busiest_expert`."""
     import torch
 
     T, L, K = experts.shape
@@ -185,19 +235,6 @@ def busiest_expert(experts, batch: int, num_experts: int, draws: int = 200, seed
     picks = torch.stack([torch.randperm(T, generator=generator)[:batch] for _ in range(draws)])  # [draws, B]
     chosen = torch.nn.functional.one_hot(experts[picks], num_experts).sum((1, 3))  # [draws, L, E]
     return (chosen.max(-1).values.float() / (batch * K / num_experts)).mean().item()
-
-
-def stickiness(experts):
-    """[L] how often consecutive tokens keep the same first-choice expert, per layer.
-    Taught in 07_inside_the_moe."""
-    first = experts[:, :, 0]  # [T, L]
-    return (first[1:] == first[:-1]).float().mean(0)
-
-
-def chance_stickiness(load):
-    """[L] the same rate if tokens picked experts independently with the observed loads.
-    Taught in 07_inside_the_moe."""
-    return (load**2).sum(-1)
 
 
 def route_topk_then_softmax(logits, k: int):
@@ -293,39 +330,6 @@ def cost_experiment(
             }
         )
     return rows
-
-
-def draw_routing(experts, tokens, num_experts: int, title: str, ax=None, marks: dict | None = None):
-    """Heatmap: tokens (rows) x layers (columns), coloured by each token's first-choice expert;
-    `marks` (name: first row, as from `turn_starts`) draws a line and a label where each part begins.
-    Taught in 07_inside_the_moe."""
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-
-    first = experts[:, :, 0].numpy()  # [T, L]
-    if ax is None:
-        _, ax = plt.subplots(figsize=(9, 0.18 * len(tokens) + 1))
-    cmap = ListedColormap(plt.get_cmap("tab10").colors[:num_experts])
-    image = ax.imshow(
-        first, aspect="auto", cmap=cmap, vmin=-0.5, vmax=num_experts - 0.5, interpolation="nearest"
-    )
-    ax.set_yticks(range(len(tokens)), [shown_token(t) for t in tokens], fontsize=7)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("token")
-    ax.set_title(title)
-    ax.figure.colorbar(image, ax=ax, ticks=range(num_experts), label="first-choice expert")
-    for name, row in (marks or {}).items():
-        ax.axhline(row - 0.5, color="black", linewidth=1.5)
-        ax.text(
-            first.shape[1] - 0.5,
-            row - 0.3,
-            f" {name} ",
-            ha="right",
-            va="top",
-            fontsize=8,
-            backgroundcolor="white",
-        )
-    return ax
 
 
 def draw_loads(loads: dict, title: str):

@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .data import whole_number
-from .fitting import TIERS
 from .experts import experts_loop, register_experts
 from .files import weight_files
+from .fitting import TIERS
 from .planning import map_entry
 from .policies import LRU
-
 
 _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # experts module -> its LayerCache
 
@@ -350,50 +349,50 @@ class OffloadMeter:
         return mean
 
 
-def device_map_bytes(model) -> list[dict]:
-    """accelerate's placement of a loaded model, in model order: [{"module", "device", "parameters", "bytes"}]; the
-    device as torch names it ("cuda:0" for accelerate's 0), or "disk"; tied weights once. The one count of a loaded
-    model's weights by where they live (loading.placement sums it by device). Taught in 11_offloading."""
-    placement = getattr(model, "hf_device_map", None) or {"": str(model.device)}
+class Placement(list):
+    """accelerate's placement of a loaded model, one row per device_map entry, in model order: {"module",
+    "device", "parameters", "bytes"}; `by_device()` sums them, `draw()` shows them."""
+
+    def by_device(self) -> list[dict]:
+        """Parameters and bytes on each device ("disk" too). Taught in 01_loading."""
+        rows: dict[str, dict] = {}
+        for entry in self:
+            row = rows.setdefault(entry["device"], {"device": entry["device"], "parameters": 0, "bytes": 0})
+            row["parameters"] += entry["parameters"]
+            row["bytes"] += entry["bytes"]
+        return list(rows.values())
+
+    def draw(self, title: str = "Where device_map put each module", ax=None):
+        """One bar per module, its height the bytes it holds, coloured by where it lives.
+        Taught in 11_offloading."""
+        import matplotlib.pyplot as plt
+
+        colours, rows = {"disk": "#c44e52", "cpu": "#4c72b0"}, self
+        if ax is None:
+            _, ax = plt.subplots(figsize=(10, 3))
+        names = [r["module"].replace("model.layers.", "").replace("model.", "") for r in rows]
+        names = [name.replace("embed_tokens", "embed") for name in names]
+        heights = [r["bytes"] / 2**20 for r in rows]
+        ax.bar(range(len(rows)), heights, color=[colours.get(r["device"], "#55a868") for r in rows])
+        ax.set_xticks(range(len(rows)), names, rotation=90, fontsize=7)
+        ax.set(ylabel="MiB", title=title, xlabel="module (decoder layers by number)")
+        labels = {"cpu": "CPU RAM", "disk": "disk (offload_folder)"}
+        for device in dict.fromkeys(r["device"] for r in rows):
+            ax.bar(0, 0, color=colours.get(device, "#55a868"), label=labels.get(device, f"GPU {device}"))
+        ax.legend()
+        ax.figure.tight_layout()
+        return ax
+
+
+def placement(model) -> Placement:
+    """Where a loaded model's weights live: accelerate's device_map, each entry's parameters and bytes, the device
+    as torch names it ("cuda:0" for accelerate's 0) or "disk"; tied weights once. The one count of a loaded
+    model's weights by where they live. Taught in 01_loading and 11_offloading."""
+    where = getattr(model, "hf_device_map", None) or {"": str(model.device)}
     sizes, counts = Counter(), Counter()
-    for entry, p in ((map_entry(placement, name), p) for name, p in model.named_parameters()):
+    for entry, p in ((map_entry(where, name), p) for name, p in model.named_parameters()):
         sizes[entry] += p.nbytes
         counts[entry] += p.numel()
-    devices = {k: f"cuda:{d}" if isinstance(d, int) else str(d) for k, d in placement.items()}
-    rows = [
-        dict(module=k or "model", device=devices[k], parameters=counts[k], bytes=sizes[k]) for k in placement
-    ]
-    return [row for row in rows if row["bytes"]]
-
-
-def draw_device_map(rows: list, title: str = "Where device_map put each module", ax=None):
-    """One bar per module, its height the bytes it holds, coloured by where it lives.
-    Taught in 11_offloading."""
-    import matplotlib.pyplot as plt
-
-    colours = {"disk": "#c44e52", "cpu": "#4c72b0"}
-    if ax is None:
-        _, ax = plt.subplots(figsize=(10, 3))
-    names = [
-        r["module"].replace("model.layers.", "").replace("model.", "").replace("embed_tokens", "embed")
-        for r in rows
-    ]
-    ax.bar(
-        range(len(rows)),
-        [r["bytes"] / 2**20 for r in rows],
-        color=[colours.get(r["device"], "#55a868") for r in rows],
-    )
-    ax.set_xticks(range(len(rows)), names, rotation=90, fontsize=7)
-    ax.set_ylabel("MiB")
-    ax.set_title(title)
-    for device in dict.fromkeys(r["device"] for r in rows):
-        ax.bar(
-            0,
-            0,
-            color=colours.get(device, "#55a868"),
-            label={"cpu": "CPU RAM", "disk": "disk (offload_folder)"}.get(device, f"GPU {device}"),
-        )
-    ax.legend()
-    ax.set_xlabel("module (decoder layers by number)")
-    ax.figure.tight_layout()
-    return ax
+    devices = {k: f"cuda:{d}" if isinstance(d, int) else str(d) for k, d in where.items()}
+    rows = [dict(module=k or "model", device=devices[k], parameters=counts[k], bytes=sizes[k]) for k in where]
+    return Placement(row for row in rows if row["bytes"])

@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from . import hardware
-from .data import DTYPE_BYTES, GPU_TYPES, LINK_GTS, PEER_LINK_GBS, RESERVED, GiB, whole_number
+from .data import DTYPE_BYTES, GPU_TYPES, LINK_GTS, RESERVED, GiB, whole_number
 from .sizing import (
     as_config,
     ceiling,
@@ -201,8 +201,7 @@ def bytes_past_one_gpu(config, budget: int, precision: str) -> float:
 
 
 def link_bandwidth(link: str) -> float:
-    """Bytes/s one way over a host link of LINK_GTS (PCIe x16: GT/s x 16 lanes x 128/130 / 8 bits).
-    Taught in 11_offloading."""
+    """Bytes/s one way over a host link of LINK_GTS (PCIe x16: GT/s x 16 lanes x 128/130 / 8 bits)."""
     if link not in LINK_GTS:
         raise ValueError(f"link={link!r}: use one of {', '.join(LINK_GTS)}")
     return LINK_GTS[link] * 16 * 128 / 130 / 8 * 1e9
@@ -245,6 +244,8 @@ def offload_plan(
         gpu=gpu,
         memory_gib=GPU_TYPES[gpu]["memory_gib"],
         link=link,
+        link_gt_s=LINK_GTS[link],  # per lane
+        link_gb_s=link_bw / 1e9,  # each way
         precision=precision,
         weights_gib=weights / GiB,
         fits=fits(weights + kv, memory),
@@ -302,10 +303,10 @@ def remote_gpus(experts: int, per_token: int, gpus: int) -> float:
 
 def parallel_step(setup: Plan, batch: int = 1, scheme: str = "tensor") -> dict:
     """One decode step of `batch` sequences on the GPUs of `setup`, a `plan(model, gpu, count, precision, context)`
-    (each KV cache half full, context // 2 tokens, as the plan counts; a GPU of PEER_LINK_GBS), one of SCHEMES:
-    what the GPU that sets the pace reads from its memory and sends over its links (it receives as much), and
-    the time of each at the published rates (GPU_TYPES, PEER_LINK_GBS), added with no overlap: a ceiling's kind of
-    estimate, with no per-exchange latency. PEER_LINK_GBS is all of a GPU's links at once; a GPU that sends to few
+    (each KV cache half full, context // 2 tokens, as the plan counts; a GPU of GPU_TYPES with a peer_link_gbs),
+    one of SCHEMES: what the GPU that sets the pace reads from its memory and sends over its links (it receives as
+    much), and the time of each at the published rates (GPU_TYPES), added with no overlap: a ceiling's kind of
+    estimate, with no per-exchange latency. peer_link_gbs is all of a GPU's links at once; a GPU that sends to few
     peers uses few of them, so its link time is understated.
     - tensor: each GPU reads 1/N of everything the step reads; two ring all-reduces per layer (after attention
       and after the experts) of the step's hidden states, each GPU sending 2 (N-1)/N of them.
@@ -328,9 +329,10 @@ def parallel_step(setup: Plan, batch: int = 1, scheme: str = "tensor") -> dict:
     whole_number("batch", batch, 1, " (sequences decoded together)")
     if scheme not in SCHEMES:
         raise ValueError(f"scheme={scheme!r}: use one of {', '.join(map(repr, SCHEMES))}")
-    if gpu not in PEER_LINK_GBS:
+    linked = [name for name, spec in GPU_TYPES.items() if "peer_link_gbs" in spec]
+    if gpu not in linked:
         raise ValueError(
-            f"{setup.label}: GPU-to-GPU link rates are known for {', '.join(PEER_LINK_GBS)} (PEER_LINK_GBS)"
+            f"{setup.label}: GPU-to-GPU link rates are known for {', '.join(linked)} (GPU_TYPES)"
         )
     E, K, L, D, N = c.num_local_experts, c.num_experts_per_tok, c.num_hidden_layers, c.hidden_size, count
     if E % N:
@@ -354,7 +356,10 @@ def parallel_step(setup: Plan, batch: int = 1, scheme: str = "tensor") -> dict:
     exchanges = (
         2 * L
     )  # per step: an all-reduce after attention and one after the experts; or dispatch and combine
-    read_s, link_s = read / (GPU_TYPES[gpu]["bandwidth_tbs"] * 1e12), sent / (PEER_LINK_GBS[gpu] * 1e9)
+    read_s, link_s = (
+        read / (GPU_TYPES[gpu]["bandwidth_tbs"] * 1e12),
+        sent / (GPU_TYPES[gpu]["peer_link_gbs"] * 1e9),
+    )
     return dict(
         scheme=scheme,
         how=SCHEMES[scheme],

@@ -74,7 +74,7 @@ POLICIES = {"LRU": LRU, "LFU": LFU, "Belady": Belady}
 
 def hit_rates(traces, capacities=None, num_experts: int = 8, policy: str = "LRU") -> dict:
     """Replay router traces (`trace_generation`'s, one per prompt) through a per-layer cache of each size run
-    by `policy` (a name in POLICIES): {C: hit rate over the decode steps}. Each trace starts empty, its prompt
+    by `policy` (LRU, LFU or Belady): {C: hit rate over the decode steps}. Each trace starts empty, its prompt
     pass fills the cache uncounted; each forward touches its distinct experts in ascending order, as
     `cached_experts` does. Taught in 11_offloading."""
     if policy not in POLICIES:

@@ -34,11 +34,6 @@ from .loading import model_path, pick_dtype
 from .standin import standin_dir
 
 STANDIN_NAME = "mixtral-standin"  # what clients call the stand-in: short, and no facilitator's folder in it
-# What 09 asserts of its one server (room_load), with margins for a shared machine (2.3x and 12.6x in 09's stored run, at 4 users):
-# batching gives at least this many times the tokens per server CPU second (4 users batched/queued, 30 users/1)
-BATCHING_MIN_GAIN = 1.5
-# and a queue makes the last user wait at least this many times as long for a first token (the last of 4 queued
-QUEUE_MIN_WAIT_RATIO = 2.0  # against batched; the last of the largest room against one user alone)
 
 
 def free_port() -> int:

@@ -15,7 +15,7 @@ from helpers.checking import (
     edit_distance_cases,
     extract_code,
 )
-from helpers.data import BLOG_TRANSLATION, LONGFELLOW
+from helpers.data import BLOG_TRANSLATION, LONGFELLOW, TASKS
 from helpers.sandbox import Limits, run_sandboxed
 
 DP = """def minDistance(word1, word2):
@@ -239,6 +239,10 @@ def test_the_notebook_process_is_unharmed(monkeypatch):
 
 def test_chrf_of_the_reference_against_itself_is_100():
     assert chrf(LONGFELLOW) == pytest.approx(100.0)
+    assert (TASKS["translation"]["reference"], TASKS["translation"]["blog_answer"]) == (
+        LONGFELLOW,
+        BLOG_TRANSLATION,
+    )
 
 
 def test_chrf_of_a_wrong_sentence_is_low_and_the_blog_scores_between():

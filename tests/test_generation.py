@@ -3,11 +3,9 @@ import torch
 
 from helpers import (
     BLOG_SAMPLING,
-    candidates_per_step,
     generate,
     generate_scored,
     load_pipeline,
-    steps_before_a_tie,
 )
 from helpers.answers import Answer
 from helpers.generation import validate_sampling
@@ -85,12 +83,12 @@ def test_candidates_count_ties_after_the_knobs():
     inf = float("inf")
     scores = torch.tensor([[3.0, 1.0, -inf], [2.0, 2.0, -inf], [5.0, -inf, -inf]])  # [N, V] after top_k=1
     sampled = Answer("", 3, 1, 1.0, settings=dict(do_sample=True), token_ids=[0, 1, 0], scores=scores)
-    assert candidates_per_step(sampled) == [2, 2, 1] and steps_before_a_tie(sampled) == 0
+    assert sampled.candidates_per_step() == [2, 2, 1] and sampled.steps_before_a_tie() == 0
     raw = torch.tensor([[3.0, 1.0, 0.0], [2.0, 2.0, 1.0], [5.0, 4.0, 0.0]])  # greedy: ties for the best logit
     greedy = Answer("", 3, 1, 1.0, settings=dict(do_sample=False), token_ids=[0, 0, 0], scores=raw)
-    assert candidates_per_step(greedy) == [1, 2, 1] and steps_before_a_tie(greedy) == 1
+    assert greedy.candidates_per_step() == [1, 2, 1] and greedy.steps_before_a_tie() == 1
     with pytest.raises(ValueError, match=r"generate_scored\(...\)"):
-        candidates_per_step(Answer("", 1, 1, 1.0))
+        Answer("", 1, 1, 1.0).candidates_per_step()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -103,8 +101,7 @@ def test_top_k_1_is_greedy_up_to_ties(tiny_mixtral_dir, dtype):
     assert greedy.token_ids == greedy.scores.argmax(-1).tolist()  # greedy takes the first best token
     for seed in (1, 2, 3):
         sampled = generate_scored(pipe, "Hello there", max_new_tokens=24, seed=seed, top_k=1)
-        left = candidates_per_step(sampled)
-        same = steps_before_a_tie(sampled)
+        left, same = sampled.candidates_per_step(), sampled.steps_before_a_tie()
         assert all(n == 1 for n in left[:same]) and (same == len(left) or left[same] > 1)  # the first tie
         assert sampled.token_ids[:same] == greedy.token_ids[:same]
         kept = torch.isfinite(sampled.scores)  # every token taken was one the knobs left
@@ -128,12 +125,10 @@ def test_a_prompt_that_is_not_text_says_so(tiny_pipe, prompt, message):
 
 @pytest.mark.parametrize("seed", [-1, "0", 1.5, True])
 def test_a_seed_must_be_a_whole_number_from_zero(tiny_pipe, seed):
-    from helpers import generate_many
     from helpers.generation import generate_batch
 
     for call in (
         lambda: generate(tiny_pipe, "Hello", max_new_tokens=2, seed=seed),
-        lambda: generate_many(tiny_pipe, "Hello", samples=2, max_new_tokens=2, seed=seed),
         lambda: generate_batch(tiny_pipe, ["Hello"], max_new_tokens=2, seed=seed),
     ):
         with pytest.raises(ValueError, match=r"seed=.* is not allowed: use a whole number >= 0"):

@@ -32,7 +32,7 @@ from helpers import (
 from helpers.data import MODEL_ENV
 from helpers.fitting import Fit
 from helpers.loading import check_fits, weight_bytes
-from helpers.offload import ExpertFiles, OffloadMeter, device_map_bytes, layer_caches
+from helpers.offload import ExpertFiles, OffloadMeter, layer_caches, placement
 from helpers.prompts import chat_ids, reference_ids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,7 +200,7 @@ def test_accelerates_budget_puts_part_on_disk_and_generates_the_same(hub_mixtral
         fast=False,
         fit=Fit.budget({"cpu": 18_000_000}, folder=tmp_path / "offload"),
     )
-    rows = device_map_bytes(pipe.model)
+    rows = placement(pipe.model)
     assert {r["device"] for r in rows} == {"cpu", "disk"} and "part offloaded to disk" in describe(pipe)
     ids = torch.tensor([reference_ids(TASKS["jokes"]["prompt"], 32768)])
     greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=2)

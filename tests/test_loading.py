@@ -79,7 +79,7 @@ def test_fit_scales_with_dtype(tiny_mixtral_dir):
 def test_pipeline_uses_the_reference_tokenizer_for_a_mixtral_vocab(tiny_mixtral_dir):
     pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32)
     assert type(pipe.tokenizer).__name__ == "MistralCommonBackend"
-    rows = placement(pipe.model)
+    rows = placement(pipe.model).by_device()
     assert rows == [
         {
             "device": "cpu",

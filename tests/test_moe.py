@@ -5,14 +5,12 @@ from helpers import load_pipeline
 from helpers.moe import (
     NextLayerGuess,
     RouterTrace,
-    chance_stickiness,
+    busiest_expert,
     cost_experiment,
-    expert_load,
     experts_read_per_step,
     prefetch_recall,
     route_softmax_topk_renorm,
     route_topk_then_softmax,
-    stickiness,
     step_unions,
     trace_generation,
 )
@@ -24,9 +22,8 @@ def tiny_pipe(tiny_mixtral_dir):
 
 
 def test_trace_records_every_token_at_every_layer(tiny_pipe):
-    answer, trace, tokens = trace_generation(
-        tiny_pipe, "Tell me some jokes.", max_new_tokens=6, seed=0, do_sample=False
-    )
+    trace = trace_generation(tiny_pipe, "Tell me some jokes.", max_new_tokens=6, seed=0, do_sample=False)
+    answer, tokens = trace.answer, trace.tokens
     config = tiny_pipe.model.config
     T = answer.prompt_tokens + answer.new_tokens - 1  # the last new token is never fed back
     assert trace.experts.shape == (T, config.num_hidden_layers, config.num_experts_per_tok)
@@ -65,12 +62,19 @@ def test_routing_on_a_fixed_input_is_the_routers_argmax(tiny_pipe):
     assert torch.equal(trace.experts[:, 0], logits.topk(2, dim=-1).indices)
 
 
+def hand_built(experts, num_experts: int) -> RouterTrace:
+    """A trace of one forward call holding `experts` [T, L, K] (weights and logits of the right shapes)."""
+    T, L, K = experts.shape
+    layer = [(experts[:, i], torch.full((T, K), 1 / K), torch.zeros(T, num_experts)) for i in range(L)]
+    return RouterTrace(model=None, calls=[layer])
+
+
 def test_loads_and_stickiness():
-    experts = torch.tensor([[[0, 1]], [[0, 2]], [[1, 0]], [[1, 3]]])  # [T=4, L=1, K=2]
-    load = expert_load(experts, 4)
+    trace = hand_built(torch.tensor([[[0, 1]], [[0, 2]], [[1, 0]], [[1, 3]]]), 4)  # [T=4, L=1, K=2]
+    load = trace.load()
     assert torch.allclose(load, torch.tensor([[3.0, 3.0, 1.0, 1.0]]) / 8)
-    assert stickiness(experts).tolist() == [pytest.approx(2 / 3)]  # first choices 0, 0, 1, 1
-    assert torch.allclose(chance_stickiness(load), (load**2).sum(-1))
+    assert trace.stickiness().tolist() == [pytest.approx(2 / 3)]  # first choices 0, 0, 1, 1
+    assert torch.allclose(trace.chance_stickiness(), (load**2).sum(-1))
 
 
 def test_two_ways_to_route_give_the_same_weights():
@@ -189,7 +193,7 @@ def test_the_guess_is_the_next_router_when_a_layer_changes_nothing(tiny_mixtral_
             layer.mlp.gate.weight.copy_(layers[0].mlp.gate.weight)
             layer.post_attention_layernorm.weight.copy_(layers[0].post_attention_layernorm.weight)
     with NextLayerGuess(pipe.model) as guess:
-        _, trace, _ = trace_generation(pipe, "Tell me some jokes.", max_new_tokens=5, seed=0, do_sample=False)
+        trace = trace_generation(pipe, "Tell me some jokes.", max_new_tokens=5, seed=0, do_sample=False)
     assert len(guess.calls) == len(trace.calls) == 5 and not guess._hooks
     assert guess.calls[1][0].shape == (1, 4)  # one token, 4 guesses (of 4 experts), for layer 1 of 2
     assert [r.tolist() for r in prefetch_recall([(guess, trace)]).values()] == [[1.0], [1.0], [1.0]]
@@ -221,9 +225,7 @@ def test_every_layer_but_the_last_guesses_once_per_call():
 
 def test_recall_grows_with_the_guesses_and_is_whole_with_all_experts(tiny_pipe):
     with NextLayerGuess(tiny_pipe.model) as guess:
-        _, trace, _ = trace_generation(
-            tiny_pipe, "Tell me some jokes.", max_new_tokens=8, seed=0, do_sample=False
-        )
+        trace = trace_generation(tiny_pipe, "Tell me some jokes.", max_new_tokens=8, seed=0, do_sample=False)
     recall = prefetch_recall([(guess, trace)], counts=(1, 2, 3, 4))
     assert all(((0 <= r) & (r <= 1)).all() for r in recall.values())
     assert (
@@ -232,8 +234,6 @@ def test_recall_grows_with_the_guesses_and_is_whole_with_all_experts(tiny_pipe):
 
 
 def test_busiest_expert_on_a_hand_built_trace():
-    from helpers.moe import busiest_expert
-
     trace = torch.tensor([[[0, 1]], [[0, 2]], [[0, 3]], [[1, 2]]])  # 4 tokens, 1 layer, top-2 of 4 experts
     assert busiest_expert(trace, batch=4, num_experts=4) == pytest.approx(3 / 2)  # expert 0: 3 tokens, mean 2
     assert busiest_expert(trace, batch=1, num_experts=4) == pytest.approx(1 / 0.5)  # one token: 1 against 0.5
@@ -241,3 +241,22 @@ def test_busiest_expert_on_a_hand_built_trace():
     assert busiest_expert(even, batch=2, num_experts=4) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="at most the 4 tokens traced"):
         busiest_expert(trace, batch=5, num_experts=4)
+    assert hand_built(trace, 4).busiest_expert(4) == pytest.approx(3 / 2)  # the trace's own routing
+
+
+def test_the_chance_busiest_expert_is_uniform_routings():
+    trace = hand_built(torch.tensor([0, 1]).expand(64, 2, 2), 8)  # every token on experts 0 and 1
+    draws = torch.rand(64, 2, 8, generator=torch.Generator().manual_seed(0)).topk(2, dim=-1).indices
+    assert trace.chance_busiest_expert(16) == busiest_expert(draws, 16, 8)  # seeded: the same draw each time
+    assert 1 < trace.chance_busiest_expert(16) < trace.busiest_expert(16) == pytest.approx(4.0)
+
+
+def test_a_trace_draws_its_routing_with_the_chats_parts(tiny_pipe):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    trace = trace_generation(tiny_pipe, "Tell me some jokes.", max_new_tokens=3, seed=0, do_sample=False)
+    assert list(trace.marks) == ["chat template", "user's words", "answer"]
+    ax = trace.draw("routing")
+    assert [t.get_text().strip() for t in ax.texts] == list(trace.marks)  # a label where each part starts
+    assert len(ax.get_yticklabels()) == len(trace.tokens) == trace.experts.shape[0]

@@ -12,9 +12,9 @@ from helpers.backends import describe, load_pipeline
 from helpers.data import ENDPOINT_ENV, GPU_TYPES, GiB
 from helpers.experts import tokens_by_expert
 from helpers.fitting import Fit
-from helpers.loading import ModelTooLarge, placement
+from helpers.loading import ModelTooLarge
 from helpers.moe import RouterTrace
-from helpers.offload import ExpertFiles, OffloadMeter, device_map_bytes, layer_caches, offload_experts
+from helpers.offload import ExpertFiles, OffloadMeter, layer_caches, offload_experts, placement
 from helpers.planning import link_bandwidth, offload_plan, plan
 from helpers.policies import LFU, LRU, Belady, hit_rates
 from helpers.prefetch import Prefetch
@@ -458,10 +458,10 @@ def test_accelerate_reads_whole_layers_from_disk_every_token(moe_dir, tmp_path):
         fast=False,
         fit=Fit.budget({"cpu": 8_500_000}, folder=tmp_path / "off"),
     )
-    rows = device_map_bytes(pipe.model)
+    rows = placement(pipe.model)
     on_disk = sum(r["bytes"] for r in rows if r["device"] == "disk")
     assert {r["device"] for r in rows} == {"cpu", "disk"} and on_disk > 0, rows
-    by_device = {r["device"]: r for r in placement(pipe.model)}  # the same count, summed by device
+    by_device = {r["device"]: r for r in rows.by_device()}  # the same count, summed by device
     assert by_device["disk"]["bytes"] == on_disk and sum(r["parameters"] for r in rows) == sum(
         p.numel() for p in pipe.model.parameters()
     )
@@ -505,6 +505,8 @@ BIG, SMALL = "mistralai/Mixtral-8x22B-Instruct-v0.1", "mistralai/Mixtral-8x7B-In
 def test_a_pcie_link_carries_what_its_lanes_carry():
     assert link_bandwidth("PCIe 4.0 x16") == pytest.approx(31.5e9, rel=1e-3)
     assert link_bandwidth("PCIe 5.0 x16") == 2 * link_bandwidth("PCIe 4.0 x16")
+    row = offload_plan(BIG, "W7900", "PCIe 5.0 x16")  # a plan says which link it assumed, and its rate
+    assert (row["link_gt_s"], row["link_gb_s"]) == (32, link_bandwidth("PCIe 5.0 x16") / 1e9)
     with pytest.raises(ValueError, match="use one of PCIe 4.0 x16, PCIe 5.0 x16"):
         link_bandwidth("NVLink")
 

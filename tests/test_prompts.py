@@ -12,9 +12,9 @@ from helpers import (
     hub_fast_tokenizer,
     reference_ids,
     reference_tokenizer,
-    turn_starts,
 )
 from helpers import BLOG_SAMPLING
+from helpers.prompts import turn_starts
 
 BLOG = Path(__file__).resolve().parents[2] / "shared" / "source" / "rocm-blog-mixtral-8x22b.md"
 

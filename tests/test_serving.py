@@ -22,7 +22,6 @@ from helpers import (
     SamplingPanel,
     generate,
     generate_batch,
-    generate_many,
     load_pipeline,
     model_path,
     room_load,
@@ -128,9 +127,9 @@ def test_sixteen_concurrent_requests_all_complete_unmixed(endpoint):
     assert [a.text for a in together] == alone  # each answer is its own prompt's, as when sent alone
 
 
-def test_generate_many_over_the_endpoint(endpoint):
-    texts = generate_many(endpoint, "Tell me a joke.", samples=3, max_new_tokens=8, seed=0)
-    assert len(texts) == 3 and all(texts)
+def test_samples_of_one_prompt_over_the_endpoint(endpoint):
+    answers = generate_batch(endpoint, ["Tell me a joke."] * 3, max_new_tokens=8, seed=0)
+    assert len(answers) == 3 and all(a.complete and a.text for a in answers)
 
 
 # ---------------------------------------------------------------- failures: clear, quick, no hang
