@@ -20,7 +20,9 @@ import functools
 import hashlib
 import json
 import math
+import os
 import platform
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,14 @@ from .data import GB
 from .decode import Fused, use_lean_step
 from .experts import DECODE_TOKENS, register_experts, token_loop
 from .files import atomic_file, cache_root
-from .hardware import best_seconds, cpuinfo, dtype_name, system_memory, timing_buffer_bytes
+from .hardware import (
+    best_seconds,
+    cores_busy_elsewhere,
+    cpuinfo,
+    dtype_name,
+    system_memory,
+    timing_buffer_bytes,
+)
 from .sizing import fits
 
 MARGIN = 0.9  # a kernel replaces F.linear, or float32 replaces bf16, only in under 90% of its time
@@ -255,10 +264,15 @@ def _kernel_speeds(shape: tuple, dtype) -> dict:
     return _once_per_machine("kernels", [list(shape), dtype_name(dtype), list(KERNELS)], measure)
 
 
+_BUSY_WARNED: list = []  # the figures this process measured on a busy machine and said so, at most one
+
+
 def _once_per_machine(name: str, key: list, measure) -> dict:
     """`measure()`'s figures, measured once per CPU model, torch and transformers version, thread count,
     version of this file and `key`, then read from the cache folder (`measured/`); under a lock, so one
-    process measures and the others wait for its figures."""
+    process measures and the others wait for its figures. Figures taken while other work kept busy more cores
+    than this process's threads left it (`cores_busy_elsewhere`, with a quarter of a core to spare) serve this
+    process only: they are not kept, and the next load measures again."""
     import torch
     import transformers
 
@@ -276,7 +290,19 @@ def _once_per_machine(name: str, key: list, measure) -> dict:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.is_file():
             return json.loads(path.read_text())
-        figures = measure()
+        figures, elsewhere = cores_busy_elsewhere(measure)
+        cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+        if elsewhere is not None and elsewhere > cores - threads + 0.25:
+            if _BUSY_WARNED:  # once per process: a busy machine is busy for every kind
+                return figures
+            _BUSY_WARNED.append(name)
+            warnings.warn(
+                f"the {name} figures were measured while other work kept {elsewhere:.1f} of this machine's {cores} "
+                f"cores busy ({threads} threads here): they serve this process and are not kept, nor are any others "
+                "measured as busy in it; load again on a quiet machine to measure and keep them",
+                stacklevel=2,
+            )
+            return figures
         atomic_file(path, lambda tmp: tmp.write_text(json.dumps(figures, indent=1)))
     return figures
 

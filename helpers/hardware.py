@@ -178,6 +178,28 @@ def timing_buffer_bytes() -> int:
     return max(2 * last_level_cache_bytes(), 256 * 2**20)
 
 
+def cores_busy_elsewhere(run) -> tuple:
+    """(run()'s result, the cores other work kept busy while it ran, on average): all the CPU time the system
+    reports (/proc/stat, the hypervisor's steal included) less this process's own, over the wall time. None for
+    the cores where it cannot be told: the system does not report it (no /proc/stat), or `run` took under half a
+    second, too short beside the 10 ms ticks the system counts in."""
+
+    def system_busy():  # seconds of CPU time spent by anything, all cores, since boot
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        except OSError:
+            return None
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    before, mine, start = system_busy(), time.process_time(), time.perf_counter()
+    result = run()
+    after, mine, wall = system_busy(), time.process_time() - mine, time.perf_counter() - start
+    if before is None or after is None or wall < 0.5:
+        return result, None
+    return result, max(0.0, (after - before - mine) / wall)
+
+
 def best_seconds(run, rounds: int = 3, repeats: int = 1, sync=None) -> float:
     """Seconds per `run()`: the least disturbed of `rounds` timings of `repeats` calls in a row (with
     `sync()` after them on a GPU). The one timer for kernels and memory passes."""

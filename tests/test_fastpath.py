@@ -1,20 +1,20 @@
 """The fast path gives transformers' own answers: per-token experts, the column-major re-layout,
 the recipe applied at load."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import tiny_moe
 
 import helpers.decode as decode
 import helpers.fastpath as fastpath
-
 from helpers import describe, load_pipeline
 from helpers.decode import use_lean_step
 from helpers.experts import register_experts
 from helpers.fastpath import (
     DECODE_TOKENS,
     KERNELS,
-    Recipe,
     apply_recipe,
     choose_experts,
     choose_kernels,
@@ -407,3 +407,28 @@ def test_the_lean_step_is_not_used_across_devices_or_for_another_architecture(ti
     assert not use_lean_step(tiny_dense) and "forward" not in vars(
         tiny_dense.model
     )  # a Llama: its own forward
+
+
+@pytest.mark.parametrize("elsewhere, kept", [(0.0, True), (None, True), (5.0, False)])
+def test_figures_measured_while_other_work_held_the_cores_are_not_kept(
+    monkeypatch, tmp_path, elsewhere, kept
+):
+    """Figures taken while other processes kept busy the cores this one needed serve this process only: they
+    are not written to measured/, so the next load measures again (and warns); a quiet measurement is kept."""
+    monkeypatch.setenv("MIXTRAL_NOTEBOOKS_CACHE", str(tmp_path))
+    monkeypatch.setattr(fastpath, "cores_busy_elsewhere", lambda run: (run(), elsewhere))
+    monkeypatch.setattr(fastpath, "_BUSY_WARNED", [])
+    runs = []
+
+    def measure():
+        runs.append(1)
+        return {"F.linear": 10.0}
+
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert fastpath._once_per_machine("probe", ["a key"], measure) == {"F.linear": 10.0}
+        said = any("not kept" in str(w.message) for w in caught)
+        assert said == (not kept and not runs[1:])  # said once per process, at the first busy measurement
+    assert len(runs) == (1 if kept else 2)  # kept: the second call reads the file
+    assert len(list((tmp_path / "measured").glob("probe-*.json"))) == (1 if kept else 0)

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -80,3 +82,27 @@ def test_a_bad_dtype_override_says_what_to_use(monkeypatch):
     monkeypatch.setenv("MIXTRAL_DTYPE", "int8")
     with pytest.raises(ValueError, match=r"MIXTRAL_DTYPE='int8'.*float32, bfloat16, float16, or auto"):
         pick_dtype()
+
+
+def test_other_work_is_seen_while_a_measurement_runs():
+    """Processes that keep the cores busy while this one waits: cores_busy_elsewhere counts their CPU time."""
+    import subprocess
+    import sys
+    import time
+
+    from helpers.hardware import cores_busy_elsewhere
+
+    count = min(os.cpu_count() or 1, 4)
+    spin = "import time\nend = time.time() + 4\nwhile time.time() < end: pass"
+    spinners = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(count)]
+    try:
+        time.sleep(0.5)  # they have started
+        result, others = cores_busy_elsewhere(lambda: time.sleep(1.5) or "done")
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+    assert result == "done" and others > 0.5 * count, others
+    assert cores_busy_elsewhere(lambda: "quick") == (
+        "quick",
+        None,
+    )  # too short to tell apart from the clock's ticks
