@@ -184,7 +184,9 @@ def step_profile(runner, ids: list, steps: int = 8, repeats: int = 3) -> dict:
     the other operators; what the step spends outside any operator (Python in the model's code), from the loop
     timed without the profiler; and what `generate` adds around the same forwards (its logits processors,
     stopping checks and cache bookkeeping), from the same steps through the package's generate path timed token by
-    token. Also the operators, dtype conversions and concatenations per step. 08_performance draws it."""
+    token. Those two are differences between timings, and one below zero is reported as zero (the profiler's own
+    cost can make the operators' times exceed the unprofiled loop's; two timings differ by their noise). Also the
+    operators, dtype conversions and concatenations per step. 08_performance draws it."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
