@@ -179,8 +179,8 @@ def fit_verdict(need: float, gpu_total: float, ram: float) -> str:
     if fits(need, gpu_total + ram):
         return "fits only with CPU offload (slow)" if gpu_total else "fits in RAM (CPU only)"
     return (
-        f"does not fit: needs {need / GiB:.0f} GiB, has {usable(gpu_total + ram) / GiB:.0f} GiB usable "
-        f"({RESERVED:.0%} of {(gpu_total + ram) / GiB:.0f} GiB kept free)"
+        f"does not fit: needs {need / GiB:.1f} GiB, has {usable(gpu_total + ram) / GiB:.1f} GiB usable "
+        f"({RESERVED:.0%} of {(gpu_total + ram) / GiB:.1f} GiB kept free)"
     )
 
 

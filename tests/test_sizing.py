@@ -173,15 +173,18 @@ def test_fit_report_verdicts(monkeypatch):
     }
     assert rows["small"] == "fits on the GPUs"
     assert rows["big"] == "fits on the GPUs"  # 262 * 1.1 = 288 <= 320
-    assert rows["huge"] == "does not fit: needs 400 GiB, has 346 GiB usable (10% of 384 GiB kept free)"
+    assert rows["huge"] == "does not fit: needs 400.0 GiB, has 345.6 GiB usable (10% of 384.0 GiB kept free)"
 
 
 def test_fit_report_without_gpus(monkeypatch):
     monkeypatch.setattr(hw, "gpus", lambda: [])
     monkeypatch.setattr(hw, "system_memory", lambda: {"total": 24 * GiB, "available": 20 * GiB})
+    # one decimal, as this_machine() prints the RAM
     rows = fit_report({"stand-in": 1.3 * GiB, "8x22B": 262 * GiB})
     assert rows[0]["verdict"] == "fits in RAM (CPU only)"
-    assert rows[1]["verdict"] == "does not fit: needs 262 GiB, has 22 GiB usable (10% of 24 GiB kept free)"
+    assert (
+        rows[1]["verdict"] == "does not fit: needs 262.0 GiB, has 21.6 GiB usable (10% of 24.0 GiB kept free)"
+    )
 
 
 @pytest.mark.parametrize("which", [BIG, SMALL, "stand-in", "tiny dense"])
