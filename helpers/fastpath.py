@@ -293,15 +293,14 @@ def _once_per_machine(name: str, key: list, measure) -> dict:
         figures, elsewhere = cores_busy_elsewhere(measure)
         cores, threads = os.cpu_count() or 1, torch.get_num_threads()
         if elsewhere is not None and elsewhere > cores - threads + 0.25:
-            if _BUSY_WARNED:  # once per process: a busy machine is busy for every kind
-                return figures
-            _BUSY_WARNED.append(name)
-            warnings.warn(
-                f"the {name} figures were measured while other work kept {elsewhere:.1f} of this machine's {cores} "
-                f"cores busy ({threads} threads here): they serve this process and are not kept, nor are any others "
-                "measured as busy in it; load again on a quiet machine to measure and keep them",
-                stacklevel=2,
-            )
+            if not _BUSY_WARNED:  # once per process: a busy machine is busy for every kind
+                _BUSY_WARNED.append(name)
+                warnings.warn(
+                    f"the {name} figures were measured while other work kept {elsewhere:.1f} of this machine's "
+                    f"{cores} cores busy ({threads} threads here): they serve this process and are not kept, nor are "
+                    "any others measured as busy in it; load again on a quiet machine to measure and keep them",
+                    stacklevel=2,
+                )
             return figures
         atomic_file(path, lambda tmp: tmp.write_text(json.dumps(figures, indent=1)))
     return figures

@@ -79,13 +79,14 @@ class RouterTrace:
         lambda self: self._stack(1), doc="[T, L, K] the renormalised routing weights (sum 1 over K)."
     )
     logits = property(lambda self: self._stack(2), doc="[T, L, E] raw router logits.")
+    num_experts = property(lambda self: self.calls[0][0][2].shape[-1], doc="E, from the first call's logits.")
 
     def load(self):
         """[L, E] share of routing slots each expert received per layer (rows sum to 1)."""
         import torch
 
         experts = self.experts  # [T, L, K] -> one-hot [T, L, K, E] -> [L, E]
-        return torch.nn.functional.one_hot(experts, self.logits.shape[-1]).float().mean((0, 2))
+        return torch.nn.functional.one_hot(experts, self.num_experts).float().mean((0, 2))
 
     def stickiness(self):
         """[L] how often consecutive tokens keep the same first-choice expert, per layer."""
@@ -98,16 +99,16 @@ class RouterTrace:
 
     def busiest_expert(self, batch: int) -> float:
         """`busiest_expert` on this trace's routing."""
-        return busiest_expert(self.experts, batch, self.logits.shape[-1])
+        return busiest_expert(self.experts, batch, self.num_experts)
 
     def chance_busiest_expert(self, batch: int) -> float:
         """`busiest_expert` on uniformly random routing of the same shape: each token and layer K distinct
         experts drawn at random (a fixed seed)."""
         import torch
 
-        T, L, K = self.experts.shape
-        draws = torch.rand(T, L, self.logits.shape[-1], generator=torch.Generator().manual_seed(0))
-        return busiest_expert(draws.topk(K, dim=-1).indices, batch, self.logits.shape[-1])
+        (T, L, K), E = self.experts.shape, self.num_experts
+        draws = torch.rand(T, L, E, generator=torch.Generator().manual_seed(0))
+        return busiest_expert(draws.topk(K, dim=-1).indices, batch, E)
 
     def draw(self, title: str, ax=None):
         """Heatmap: tokens (rows) x layers (columns), coloured by each token's first-choice expert, a line
@@ -115,7 +116,7 @@ class RouterTrace:
         import matplotlib.pyplot as plt
         from matplotlib.colors import ListedColormap
 
-        first, E = self.experts[:, :, 0].numpy(), self.logits.shape[-1]  # [T, L]
+        first, E = self.experts[:, :, 0].numpy(), self.num_experts  # [T, L]
         if ax is None:
             _, ax = plt.subplots(figsize=(9, 0.18 * len(first) + 1))
         cmap = ListedColormap(plt.get_cmap("tab10").colors[:E])

@@ -98,9 +98,8 @@ def quantized_linear():
         def forward(self, x, expert: int | None = None):
             packed = self.packed if expert is None else self.packed[expert]
             scales = self.scales if expert is None else self.scales[expert]
-            flat = (
-                x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-            )  # [T, K]; a decode step calls nothing else
+            # [T, K]; a decode step calls nothing else
+            flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
             y = _bf16_product(self.scheme, flat, (packed, scales))
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])  # [.., N]
 
