@@ -86,6 +86,18 @@ def pytest_xdist_make_scheduler(config, log):
     return FilesAndApartItems(config, log)
 
 
+def packs_bf16() -> bool:
+    """Whether oneDNN packs a bf16 weight on this CPU: only where the CPU computes bf16 (AVX-512 or AMX); the
+    fast path and kernel_bench then measure the other kernels."""
+    from helpers.fastpath import packed_copy
+
+    try:
+        packed_copy(torch.zeros(16, 16, dtype=torch.bfloat16))
+        return True
+    except RuntimeError:
+        return False
+
+
 @pytest.fixture(scope="session")
 def standin_tokenizer():
     from transformers import AutoTokenizer

@@ -426,7 +426,9 @@ def test_the_targets_say_met_or_missed_from_the_figures_alone():
 
 
 def test_every_candidate_kernel_computes_the_same_product():
-    """kernel_bench times only kernels that compute x @ W.T, each to its precision's rounding."""
+    """kernel_bench times only kernels that compute x @ W.T, each to its precision's rounding (oneDNN's bf16
+    packing where this CPU has it: elsewhere kernel_bench reports that row as failed)."""
+    from conftest import packs_bf16
     from kernel_bench import candidates
 
     torch.manual_seed(0)
@@ -434,6 +436,10 @@ def test_every_candidate_kernel_computes_the_same_product():
     expected = x @ w.T
     tolerance = {4: 1e-4, 2: 3e-2, 1: 6e-2, 0.5: 0.25}  # of the largest |product|, by bytes per weight
     for name, (size, build, run) in candidates().items():
+        if name.startswith("bf16 oneDNN packed") and not packs_bf16():
+            with pytest.raises(RuntimeError, match="cpu support"):
+                build(w)
+            continue
         got = run(build(w), x).float().reshape(expected.shape)
         error = (got - expected).abs().max() / expected.abs().max()
         assert error < tolerance[size], (name, float(error))
