@@ -445,6 +445,21 @@ def test_every_candidate_kernel_computes_the_same_product():
         assert error < tolerance[size], (name, float(error))
 
 
+@pytest.mark.parametrize("reductions", [True, False], ids=["reductions", "library products"])
+def test_the_compiled_steps_function_is_transformers_arithmetic(reductions):
+    """compiled_step.py's step, run uncompiled in float32 one token at a time, gives transformers' logits for the
+    whole sequence: its rotary embedding, grouped heads, static cache, routing and experts are Mixtral's."""
+    from compiled_step import make_step, run_step
+    from conftest import tiny_moe
+
+    model = tiny_moe(seed=3)
+    ids = torch.randint(0, 512, (9,)).tolist()
+    with torch.inference_mode():
+        expected = model(torch.tensor([ids])).logits[0]
+    got, seconds = run_step(make_step(model, 12, reductions), model, ids, 12)
+    assert len(seconds) == len(ids) and torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
 def test_the_bf16_quality_file_shows_what_compare_logits_measured():
     from bf16_quality import markdown
 
