@@ -31,12 +31,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench import machine_name  # noqa: E402
 from helpers.files import atomic_file  # noqa: E402
-from helpers.hardware import cpuinfo, measure_bandwidth  # noqa: E402
+from helpers.hardware import measure_bandwidth  # noqa: E402
 from helpers.loading import load_local  # noqa: E402
 from helpers.data import TASKS  # noqa: E402
 from helpers.prompts import chat_ids  # noqa: E402
 from helpers.sizing import decode_bytes  # noqa: E402
 from helpers.standin import ensure_standin  # noqa: E402
+from kernel_bench import cpu_extensions, cpu_kind  # noqa: E402
 
 
 def make_step(model, length: int, reductions: bool):
@@ -95,9 +96,8 @@ def make_step(model, length: int, reductions: bool):
             x = rms(h, p["ln2"])
             weights, chosen = torch.topk(torch.softmax((x @ p["router"].T).float(), -1), top_k, -1)
             weights, chosen = (weights / weights.sum(-1, keepdim=True))[0], chosen[0]
-            gate, up = (
-                (p["gate_up"][chosen] * x[:, None, :]).sum(-1).chunk(2, -1)
-            )  # [K, I] each, read in place
+            gate_up = (p["gate_up"][chosen] * x[:, None, :]).sum(-1)  # [K, 2I]: only the chosen experts
+            gate, up = gate_up.chunk(2, -1)
             y = (p["down"][chosen] * (F.silu(gate) * up)[:, None, :]).sum(-1)  # [K, D]
             h = h + (y * weights[:, None].to(dtype)).sum(0, keepdim=True)
         return product(rms(h, norm), head)
@@ -109,8 +109,8 @@ def run_step(step, model, ids: list, length: int) -> tuple:
     """Every position of `ids` through `step`, one token at a time: (logits [len(ids), V], seconds per step)."""
     import torch
 
-    cfg = model.config
-    shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, length, model.model.layers[0].self_attn.head_dim)
+    cfg, d = model.config, model.model.layers[0].self_attn.head_dim
+    shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, length, d)
     k_cache = torch.zeros(shape, dtype=model.dtype)
     v_cache = torch.zeros_like(k_cache)
     logits, seconds = [], []
@@ -226,11 +226,7 @@ if __name__ == "__main__":
     if args.tokens < 1:
         sys.exit(f"--tokens {args.tokens}: give at least 1 decoded position to time")
     result = measure(args.tokens)
-    flags = cpuinfo("flags") or ""
-    kind = (
-        "amx" if "amx_bf16" in flags else "avx512-bf16" if "avx512_bf16" in flags else "no-bf16"
-    )  # as kernel_bench
-    stem = f"{result['date']}-compiled-step-{kind}"
+    stem = f"{result['date']}-compiled-step-{cpu_kind(cpu_extensions())}"
     atomic_file(Path(args.out) / f"{stem}.json", lambda p: p.write_text(json.dumps(result, indent=1)))
     atomic_file(Path(args.out) / f"{stem}.md", lambda p: p.write_text(markdown(result)))
     print(markdown(result))

@@ -44,6 +44,18 @@ def _int8_rows(w):
     return q[0], scale[0].float()
 
 
+def cpu_extensions() -> list:
+    """The bf16 and int8 instruction sets this CPU reports that the kernels' speeds depend on."""
+    return [
+        f for f in ("avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni") if f in cpuinfo("flags").split()
+    ]
+
+
+def cpu_kind(flags: list) -> str:
+    """The CPU kind a results file is named after: amx, avx512-bf16 or no-bf16."""
+    return "amx" if "amx_bf16" in flags else "avx512-bf16" if "avx512_bf16" in flags else "no-bf16"
+
+
 def candidates() -> dict:
     """{name: (bytes per weight, build(weight fp32 [N, K]) -> held, run(held, x fp32 [T, K]))}."""
     import torch
@@ -234,9 +246,7 @@ def main() -> int:
     total = timing_buffer_bytes()
     bandwidth = measure_bandwidth()
     machine = cpuinfo("model name") or platform.processor() or platform.machine()
-    flags = [
-        f for f in ("avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni") if f in cpuinfo("flags").split()
-    ]
+    flags = cpu_extensions()
     print(
         f"{machine}, {torch.get_num_threads()} threads, {', '.join(flags) or 'no bf16/int8 extensions'}; "
         f"memory read {bandwidth / 1e9:.1f} GB/s; {total / 2**20:.0f} MiB of weights per timing",
@@ -266,7 +276,7 @@ def main() -> int:
                     continue
                 rows.append(_apart(name, shape_name, shape, tokens, bandwidth))
     stamp = datetime.date.today().isoformat()
-    kind = "amx" if "amx_bf16" in flags else "avx512-bf16" if "avx512_bf16" in flags else "no-bf16"
+    kind = cpu_kind(flags)
     out = Path(args.out)
     figures = dict(
         date=stamp,
