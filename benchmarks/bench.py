@@ -38,7 +38,8 @@ REUSE_S = 3600  # --notebooks reuses a run with the same key that finished less 
 
 def notebook_configs() -> list:
     """The configurations 08 and 10 show, in one run they share: the blog's path, the fast path in this machine's
-    dtype and in the other one, its four prompts one at a time and batched (08), int8 and int4 weights (10)."""
+    dtype and in the other one, with its step compiled into one graph, its four prompts one at a time and batched
+    (08), int8 and int4 weights (10)."""
     import torch
 
     other = "fast path in " + ("fp32" if pick_dtype()[0] == torch.bfloat16 else "bf16")
@@ -46,6 +47,7 @@ def notebook_configs() -> list:
         NAIVE,
         "fast path (this machine's choice)",
         other,
+        "fast path, one token's step as one compiled graph",
         "4 prompts, one at a time (fast path)",
         "4 prompts, one batch (fast path)",
         "int8 weights (fast path)",
@@ -198,6 +200,17 @@ def bench_summary(result: dict) -> str:
                 f"{fast['step']['per_step']['operators']:.0f} against {off['step']['per_step']['operators']:.0f} "
                 f"operators)"
             )
+    graph = rows.get("fast path, one token's step as one compiled graph")
+    if graph and graph.get("graph") and naive:
+        g = graph["graph"]
+        lines.append(
+            f"one token's step as one compiled graph: {graph['decode_tok_s']:.1f} tok/s = {graph['vs_naive']:.2f}x the "
+            f"blog's path"
+            + (f", {graph['decode_tok_s'] / fast['decode_tok_s']:.2f}x the fast path" if fast else "")
+            + f", {graph['efficiency']:.0%} of its ceiling; at load the graph took {g['graph_ms']:.1f} ms a step against "
+            f"the lean step's {g['lean_ms']:.1f} after {g['compile_s']:.0f} s compiling, and was "
+            + ("kept" if g["kept"] else "not kept (the row is the lean step's)")
+        )
     for scheme in ("int8", "int4"):
         quantized = rows.get(f"{scheme} weights (fast path)")
         if quantized and naive:

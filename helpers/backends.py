@@ -88,6 +88,12 @@ class LocalModel:
             if should_stop
             else None
         )
+        record = getattr(self.model, "load_record", None)
+        step = record.recipe.step if record is not None and record.recipe is not None else {}
+        if (
+            step.get("kept") and len(rows) == 1
+        ):  # the compiled step runs on a static cache (decode.use_graph_step)
+            knobs = dict(knobs, cache_implementation="static")
         if seed is not None:
             torch.manual_seed(seed)
         with torch.inference_mode():  # no version counters or view tracking (make bench: against no_grad)
@@ -313,20 +319,33 @@ def connect(url: str | None = None, model: str | None = None, api_key: str | Non
     return endpoint
 
 
-def load_pipeline(name: str | None = None, dtype=None, fit=None, fast: bool = True, device_map="auto"):
+def load_pipeline(
+    name: str | None = None,
+    dtype=None,
+    fit=None,
+    fast: bool = True,
+    device_map="auto",
+    compiled: bool = False,
+):
     """What the notebooks call: with $MIXTRAL_ENDPOINT set and no `name`, `connect()` to that server (settings of
-    how weights load here refused); else `load_local(name, dtype, fit, fast, device_map)`, the blog's pipeline call (`fit`:
+    how weights load here refused); else `load_local(name, dtype, fit, fast, device_map, compiled)`, the blog's pipeline call (`fit`:
     None, Fit.quantized / .budget / .expert_cache). `generate`, `describe` and the panel take either. To look inside
     the model, name it: `load_pipeline(model_path())`. Taught in 02_poem; 01_loading shows the blog's own call."""
     if name is None and os.environ.get(ENDPOINT_ENV, "").strip():
-        here = dict(fit=(fit, None), dtype=(dtype, None), fast=(fast, True), device_map=(device_map, "auto"))
+        here = dict(
+            fit=(fit, None),
+            dtype=(dtype, None),
+            fast=(fast, True),
+            device_map=(device_map, "auto"),
+            compiled=(compiled, False),
+        )
         if asked := [k for k, (v, plain) in here.items() if v != plain]:
             raise ValueError(
                 f"{', '.join(f'{k}={here[k][0]!r}' for k in asked)}: how weights load here, and {ENDPOINT_ENV} names "
                 f"a server. Set that on the server, or load here: load_pipeline(model_path(), {'=..., '.join(asked)}=...)"
             )
         return connect()
-    return load_local(name, dtype=dtype, fit=fit, fast=fast, device_map=device_map)
+    return load_local(name, dtype=dtype, fit=fit, fast=fast, device_map=device_map, compiled=compiled)
 
 
 def as_backend(pipe):

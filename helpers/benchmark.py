@@ -1,7 +1,7 @@
 """The benchmark run that 08_performance and 10_quantization share, as typed rows.
 
 `notebook_bench(tokens)` runs `benchmarks/bench.py --notebooks` in a process of its own (the harness is
-tooling, not the package), its progress shown as it comes; the run measures the seven configurations the
+tooling, not the package), its progress shown as it comes; the run measures the eight configurations the
 two notebooks show once, and the other notebook, within the hour, reads the same run again (bench.py says
 when it reuses one). What comes back is one `BenchRow` per configuration, by name, and where the table and
 the picture were written.
@@ -37,6 +37,7 @@ class BenchRow:
     kernels: dict  # what the fast path measured for each kind: {kind: {"gb_s": {kernel: GB/s}, "chosen", "nbytes"}}
     matvec_ceiling_tok_s: float | None  # the decode speed each kind of weight at its best kernel speed allows
     step: dict | None  # the bench harness's step_profile: where one decode step's time goes (one sequence)
+    graph: dict | None  # the compiled step's row: what choose_step measured at load
 
 
 @dataclass(frozen=True)

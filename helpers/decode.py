@@ -11,7 +11,12 @@ q, k and v weights into one copy (`Fused`), one product gives all three unless o
 else (a prompt, padding, hooks on a layer, outputs asked for, a sliding window, training) goes through
 transformers' own forward, unchanged.
 
-Shapes: B sequences, d head size.
+`graph_step` goes further, for one sequence on a static cache: the whole step written as one function that
+torch.compile turns into one graph, with no Python between its operators and the experts' products reading only
+the chosen experts' weights. It calls no module (hooks make it step aside) and is not bit for bit: the fast path
+keeps it only where asked and measured faster, its logits within a tolerance (fastpath.choose_step).
+
+Shapes: B sequences, d head size, L positions of a static cache.
 """
 
 from __future__ import annotations
@@ -119,4 +124,117 @@ def use_lean_step(model) -> bool:
         return False  # accelerate moves activations between devices in hooks on each layer
     decoder._lean_wrapped = [m for layer in decoder.layers for m in (layer, layer.self_attn)]
     decoder.forward = types.MethodType(lean_forward, decoder)
+    return True
+
+
+def _rms(x, weight, eps: float):
+    """transformers' MixtralRMSNorm: in float32, back to x's dtype, times the weight."""
+    import torch
+
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def graph_step(decoder):
+    """step(token [1], visible [L] (bool), keys, values, lengths) -> the decoder's last hidden state [1, D]: one
+    token through `decoder` (a MixtralModel) written as one function for torch.compile, on a static cache (each
+    layer's keys and values [1, KV, L, d], written at its `lengths[i]`, which the step counts on). Each product but
+    the router's is a multiply and a sum, `(w[chosen] * x).sum(-1)` for the experts, which inductor computes as one
+    reduction reading only the chosen experts' weights; the router's tiny product is the library's, as transformers'
+    is, so that near ties route the same way. It reads the weights from the modules as they are: a compiled step is
+    checked against them again at each call (torch's guards) and compiled again when one is replaced."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg, d, rotary = decoder.config, decoder.layers[0].self_attn.head_dim, decoder.rotary_emb
+    H, KV, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps
+    dtype = decoder.embed_tokens.weight.dtype
+
+    def rotate(x, cos, sin):  # x [heads, d]
+        return x * cos + torch.cat((-x[:, d // 2 :], x[:, : d // 2]), -1) * sin
+
+    def step(token, visible, keys, values, lengths):
+        h = decoder.embed_tokens.weight[token][0]  # [D]: one token, so every vector here is 1-d
+        angles = lengths[0].float() * rotary.inv_freq.float()
+        angles = torch.cat((angles, angles), -1)
+        cos = (angles.cos() * rotary.attention_scaling).to(dtype)
+        sin = (angles.sin() * rotary.attention_scaling).to(dtype)
+        for i, layer in enumerate(decoder.layers):
+            a, moe = layer.self_attn, layer.mlp
+            x = _rms(h, layer.input_layernorm.weight, eps)
+            q, k, v = ((p.weight * x).sum(-1) for p in (a.q_proj, a.k_proj, a.v_proj))
+            q, k, v = rotate(q.view(H, d), cos, sin), rotate(k.view(KV, d), cos, sin), v.view(KV, d)
+            keys[i][0].index_copy_(1, lengths[i][None], k[:, None])
+            values[i][0].index_copy_(1, lengths[i][None], v[:, None])
+            lengths[i].add_(1)
+            s = torch.einsum("gqd,gtd->gqt", q.view(KV, H // KV, d).float(), keys[i][0].float()) * a.scaling
+            s = torch.softmax(s.masked_fill(~visible, float("-inf")), -1)  # [KV, H / KV, L]
+            o = torch.einsum("gqt,gtd->gqd", s, values[i][0].float()).to(dtype).reshape(H * d)
+            h = h + (a.o_proj.weight * o).sum(-1)
+            x = _rms(h, layer.post_attention_layernorm.weight, eps)
+            logits = (x @ moe.gate.weight.T).float()  # the library's product, as the router's F.linear
+            weights, chosen = torch.topk(torch.softmax(logits, -1), cfg.num_experts_per_tok)
+            weights = weights / weights.sum()  # [K]: the chosen experts' weights, summing to 1
+            gate, up = (moe.experts.gate_up_proj[chosen] * x).sum(-1).chunk(2, -1)  # [K, I] each
+            y = (moe.experts.down_proj[chosen] * (F.silu(gate) * up)[:, None, :]).sum(-1)  # [K, D]
+            h = h + (y * weights[:, None].to(dtype)).sum(0)
+        return _rms(h, decoder.norm.weight, eps)[None]
+
+    return step
+
+
+_PLAIN_EXPERTS = ("eager", "grouped_mm", "batched_mm", "per_token")  # their weights held as loaded
+
+
+def _graph_applies(decoder, input_ids, attention_mask, past_key_values, kwargs) -> bool:
+    """Whether this forward is one token of one sequence on a filled static cache, with nothing asked for, hooked,
+    masked but the positions past it, or replaced in the experts."""
+    import torch
+    from transformers.cache_utils import StaticCache, StaticLayer
+
+    return (
+        input_ids is not None
+        and tuple(input_ids.shape) == (1, 1)
+        and kwargs.get("inputs_embeds") is None
+        and type(past_key_values) is StaticCache
+        and all(type(c) is StaticLayer and c.is_initialized for c in past_key_values.layers)
+        and not any(kwargs.get(k, getattr(decoder.config, k, False)) for k in _ASKED)
+        and not decoder.training
+        and (attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.dim() == 4))
+        and decoder.config._experts_implementation in _PLAIN_EXPERTS
+        and not any(_hooked(m) for m in decoder._graph_reads)
+    )
+
+
+def use_graph_step(model, compiler) -> bool:
+    """Switch `model`'s one-token steps on a static cache to `compiler(graph_step(decoder))` (torch.compile, or the
+    function itself), in place: the step of one sequence, anything else through `lean_forward` or transformers'
+    own. False (nothing changed) where the lean step does not apply (`use_lean_step`)."""
+    import torch
+
+    if not use_lean_step(model):
+        return False
+    decoder = model.model
+    decoder._graph_reads = [m for layer in decoder.layers for m in layer.modules()] + [decoder.norm]
+    step = compiler(graph_step(decoder))
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+        from transformers.modeling_outputs import MoeModelOutputWithPast
+
+        if not _graph_applies(self, input_ids, attention_mask, past_key_values, kwargs):
+            return lean_forward(self, input_ids, attention_mask, position_ids, past_key_values, **kwargs)
+        cache = past_key_values.layers
+        lengths = [c.cumulative_length for c in cache]
+        visible = (
+            attention_mask[0, 0, 0]
+            if attention_mask is not None
+            else torch.arange(cache[0].max_cache_len) <= lengths[0]
+        )
+        keys, values = [c.keys for c in cache], [c.values for c in cache]
+        for t in (visible, *keys, *values):  # one graph for every cache length
+            torch._dynamo.mark_dynamic(t, 0 if t.dim() == 1 else 2)
+        h = step(input_ids[0], visible, keys, values, lengths)
+        return MoeModelOutputWithPast(last_hidden_state=h[None], past_key_values=past_key_values)
+
+    decoder.forward = types.MethodType(forward, decoder)
     return True

@@ -7,7 +7,8 @@ kind of weight fastest for one token (`choose_kernels`: torch.mv, F.linear, F.li
 re-laid column-major, oneDNN's product on a copy packed into its blocked layout, or F.linear on a float32
 copy, which wins where a bf16 product's fixed cost outweighs reading a tiny matrix: the routers), and which experts
 implementation runs a decode step fastest while giving transformers' eager answer (`choose_experts`: the
-package's `per_token` loop, which reads only the chosen experts' weights, or transformers' own). `fast_recipe`
+package's `per_token` loop, which reads only the chosen experts' weights, or transformers' own), and, where asked
+(`load_pipeline(compiled=True)`), whether one token's step compiled into one graph beats the lean step (`choose_step`). `fast_recipe`
 says what this machine gets; `load_pipeline` applies it (08_performance measures it).
 
 Shapes: T = tokens, K = experts per token, D = hidden size, I = expert FFN size.
@@ -22,13 +23,14 @@ import json
 import math
 import os
 import platform
+import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .data import GB
-from .decode import Fused, use_lean_step
+from .decode import Fused, use_graph_step, use_lean_step
 from .experts import DECODE_TOKENS, register_experts, token_loop
 from .files import atomic_file, cache_root
 from .hardware import (
@@ -387,6 +389,75 @@ def join_projections(model) -> str:
     return f"one-token steps multiply q, k and v in one product: a copy of the three joined, {joined / 2**20:.1f} MiB"
 
 
+def _tolerance(dtype) -> float:
+    """How far another implementation's logits may stray from the reference's, as a share of its largest logit."""
+    import torch
+
+    return 1e-3 if dtype == torch.float32 else 5e-2
+
+
+def _steps(model, prompt: list, cache, tokens) -> tuple:
+    """`prompt` into `cache`, then one step at a time: each of `tokens` (a list), or as many greedy ones (a count).
+    Returns (the tokens fed, each step's last logits [steps, V], seconds per step)."""
+    import torch
+
+    out, fed, logits, seconds = (
+        model(torch.tensor([prompt]), past_key_values=cache, use_cache=True),
+        [],
+        [],
+        [],
+    )
+    for token in tokens if isinstance(tokens, list) else range(tokens):
+        fed.append(token if isinstance(tokens, list) else int(out.logits[0, -1].argmax()))
+        started = time.perf_counter()
+        out = model(torch.tensor([fed[-1:]]), past_key_values=cache, use_cache=True)
+        seconds.append(time.perf_counter() - started)
+        logits.append(out.logits[0, -1].float())
+    return fed, torch.stack(logits), seconds
+
+
+def _compiler():
+    import torch
+
+    return functools.partial(torch.compile, fullgraph=True)
+
+
+def choose_step(model, prompt: list, tokens: int = 16) -> dict:
+    """Compile one token's step into one graph (`decode.graph_step`, torch.compile) and keep it where it decodes
+    faster than the lean step here: both run the same `tokens` steps after `prompt` (the lean step's greedy answer,
+    so the same tokens in both), the graph on a static cache, timed right after compiling. Kept where its median
+    step takes under MARGIN of the lean step's and its logits stay within the tolerance experts are held to;
+    otherwise the model goes back to the lean step. Returns the figures (`Recipe.step`)."""
+    import statistics
+
+    import torch
+    from transformers import DynamicCache, StaticCache
+
+    with torch.inference_mode():  # as the package's generate call runs
+        ids, lean, lean_s = _steps(model, prompt, DynamicCache(config=model.config), tokens)
+        started = time.perf_counter()
+        if not use_graph_step(model, _compiler()):
+            return dict(kept=False, tokens=0)
+        length = len(prompt) + len(ids)
+        _steps(model, prompt, StaticCache(config=model.config, max_cache_len=length), ids[:1])
+        compile_s = time.perf_counter() - started
+        _, graph, graph_s = _steps(model, prompt, StaticCache(config=model.config, max_cache_len=length), ids)
+    lean_ms, graph_ms = 1000 * statistics.median(lean_s), 1000 * statistics.median(graph_s)
+    difference = float((graph - lean).abs().max() / lean.abs().max())
+    kept = graph_ms < MARGIN * lean_ms and difference <= _tolerance(model.dtype)
+    if not kept:
+        use_lean_step(model)
+    return dict(
+        lean_ms=lean_ms,
+        graph_ms=graph_ms,
+        compile_s=compile_s,
+        tokens=len(ids),
+        top1=int((graph.argmax(-1) == lean.argmax(-1)).sum()),
+        difference=difference,
+        kept=kept,
+    )
+
+
 def choose_experts(model, candidates: tuple, rounds: int = 3) -> dict:
     """Time one decode-shaped forward (one token) with each experts implementation in `candidates`, round by
     round, and switch the model to the fastest whose logits match transformers' eager loop. Returns
@@ -396,7 +467,7 @@ def choose_experts(model, candidates: tuple, rounds: int = 3) -> dict:
     if "per_token" in candidates:
         register_experts("per_token", per_token_experts)
     ids = torch.tensor([[model.config.bos_token_id or 1]], device=model.device)
-    tolerance = 1e-3 if model.dtype == torch.float32 else 5e-2  # of the largest logit
+    tolerance = _tolerance(model.dtype)
     sync = torch.cuda.synchronize if model.device.type == "cuda" else None
     times = {}
     with torch.inference_mode():  # as the package's generate call runs
@@ -501,6 +572,9 @@ class Recipe:
     reasons: list = field(default_factory=list)
     kernels: dict = field(default_factory=dict)  # {kind: KindKernels}, filled by apply_recipe
     experts_ms: dict = field(default_factory=dict)  # {implementation: ms per one-token forward, None: wrong}
+    step: dict = field(
+        default_factory=dict
+    )  # the compiled step's figures (`choose_step`), where it was asked for
 
     def describe(self, fit_reason: str | None = None) -> str:
         """The settings, the reasons and what was measured, with `fit_reason` (why the experts were replaced)
@@ -518,6 +592,18 @@ class Recipe:
             )
             lines.append(
                 f"  - experts measured at load, one token through the model: {timed} -> {self.experts}"
+            )
+        if self.step and not self.step["tokens"]:
+            lines.append(
+                "  - compiled step asked for: none, since this model's steps do not go through the lean step"
+            )
+        elif self.step:
+            s = self.step
+            lines.append(
+                f"  - one token's step compiled into one graph, measured at load over {s['tokens']} tokens: lean step "
+                f"{s['lean_ms']:.1f} ms, graph {s['graph_ms']:.1f} ms (after {s['compile_s']:.0f} s compiling), "
+                f"the same top-1 on {s['top1']} of {s['tokens']}, logits within {s['difference']:.3f} of the largest "
+                f"-> {'the graph, for one sequence at a time' if s['kept'] else 'the lean step'}"
             )
         if self.kernels:
             lines.append("  - kernels measured once per machine, one token, GB/s of weights (chosen first):")

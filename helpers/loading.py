@@ -15,13 +15,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .data import DTYPE_BYTES, KNOWN_MODELS, MODEL_ENV, REFERENCE_TOKENIZERS, RESERVED, GiB
-from .fastpath import apply_recipe, fast_recipe, measured_dtype
+from .data import DTYPE_BYTES, KNOWN_MODELS, MODEL_ENV, REFERENCE_TOKENIZERS, RESERVED, TASKS, GiB
+from .fastpath import apply_recipe, choose_step, fast_recipe, measured_dtype
 from .files import cache_root, weight_files
 from .fitting import Budget, CachedExperts, LoadRecord, Quantized, check_fit
 from .hardware import dtype_name, forced_dtype, gpu_dtype, memory_budget
 from .offload import check_cache_size, offload_experts
-from .prompts import reference_tokenizer
+from .prompts import chat_ids, reference_tokenizer
 from .quantize import quantize_model
 from .sizing import fits, parameter_count, usable
 from .standin import ensure_standin
@@ -155,7 +155,14 @@ def check_fits(path, dtype) -> int:
     return need
 
 
-def load_local(name: str | None = None, dtype=None, fit=None, fast: bool = True, device_map="auto"):
+def load_local(
+    name: str | None = None,
+    dtype=None,
+    fit=None,
+    fast: bool = True,
+    device_map="auto",
+    compiled: bool = False,
+):
     """The blog's `pipeline("text-generation", model=..., dtype=..., device_map="auto")`, after
     checking that the weights are here and fit, with the reference tokenizer for a Mixtral.
 
@@ -165,11 +172,15 @@ def load_local(name: str | None = None, dtype=None, fit=None, fast: bool = True,
     `Fit.budget({"cpu": "8GiB"})`, `Fit.expert_cache(2)` (fitting.py; 10_quantization, 11_offloading).
     fast: switch the loaded model to this hardware's fastest correct settings (fastpath.fast_recipe,
     shown by `describe`); False keeps the blog's plain pipeline.
+    compiled: also compile one token's step into one graph (torch.compile: minutes the first time on a machine,
+    seconds once its cache holds it) and keep it where it decodes faster here (fastpath.choose_step; 08_performance).
     What was loaded, and how, is `pipe.model.load_record`."""
     import torch
     from transformers import pipeline
 
     check_fit(fit)
+    if compiled and not fast:
+        raise ValueError("compiled=True compiles the fast path's step: leave fast=True, or compiled=False")
     if isinstance(fit, Quantized) and torch.cuda.is_available():
         raise ValueError(
             f"Fit.quantized({fit.scheme!r}) uses torch's CPU kernels, and the model would run on a GPU: "
@@ -214,6 +225,9 @@ def load_local(name: str | None = None, dtype=None, fit=None, fast: bool = True,
             record.dtype, record.dtype_reason, model.device.type, replaced, isinstance(fit, Budget)
         )
         record.recipe = apply_recipe(model, recipe)
+        if compiled:
+            prompt = chat_ids(pipe.tokenizer, [{"role": "user", "content": TASKS["poem"]["prompt"]}])
+            record.recipe.step = choose_step(model, prompt)
     model.load_record = record
     return pipe
 

@@ -37,13 +37,14 @@ def test_configurations_that_load_the_same_model_share_a_process():
         "4 prompts, one at a time (fast path)",
         "4 prompts, one batch (fast path)",
     ] in names
-    assert [NAIVE] in names and [
-        "fp32 static cache + compile"
+    assert [NAIVE] in names and ["fp32 static cache + compile"] in names
+    assert [
+        "fast path, one token's step as one compiled graph"
     ] in names  # the pipeline and compiled code: alone
     assert ["int8 weights (fast path)"] in names and [
         "int8 weights, bf16 activations"
     ] in names  # other loads
-    assert len(groups) == 14  # of 24 configurations
+    assert len(groups) == 15  # of 25 configurations
 
 
 def test_the_quick_run_loads_once_what_this_machine_loads_the_same():
@@ -304,6 +305,7 @@ def test_the_notebooks_run_names_what_08_and_10_read():
     assert names == [
         NAIVE,
         "fast path (this machine's choice)",
+        "fast path, one token's step as one compiled graph",
         other,
         "int8 weights (fast path)",
         "int4 weights (fast path)",
@@ -368,6 +370,7 @@ def test_notebook_bench_returns_typed_rows_by_name(tmp_path, monkeypatch):
         kernels={},
         matvec_ceiling_tok_s=None,
         step=None,
+        graph=None,
         extra="not read",
     )
     (tmp_path / "bench.json").write_text(json.dumps(dict(rows=[row], machine="a test", bandwidth=2.4e10)))
@@ -445,19 +448,16 @@ def test_every_candidate_kernel_computes_the_same_product():
         assert error < tolerance[size], (name, float(error))
 
 
-@pytest.mark.parametrize("reductions", [True, False], ids=["reductions", "library products"])
-def test_the_compiled_steps_function_is_transformers_arithmetic(reductions):
-    """compiled_step.py's step, run uncompiled in float32 one token at a time, gives transformers' logits for the
-    whole sequence: its rotary embedding, grouped heads, static cache, routing and experts are Mixtral's."""
-    from compiled_step import make_step, run_step
-    from conftest import tiny_moe
+def test_the_compiled_step_file_shows_what_was_measured():
+    from compiled_step import markdown
 
-    model = tiny_moe(seed=3)
-    ids = torch.randint(0, 512, (9,)).tolist()
-    with torch.inference_mode():
-        expected = model(torch.tensor([ids])).logits[0]
-    got, seconds = run_step(make_step(model, 12, reductions), model, ids, 12)
-    assert len(seconds) == len(ids) and torch.allclose(got, expected, atol=1e-5, rtol=1e-4)
+    c = dict(top1=0.984, difference=0.0213)
+    r = dict(date="d", machine="m", threads=2, torch="t", dtype="bfloat16", bytes_per_token=409 * 2**20,
+             bandwidth_gb_s=40.0, decoded=64, lean_ms=45.0, graph_ms=27.5, vs_lean=45.0 / 27.5, lean_share=0.24,
+             graph_share=0.39, compile_s=100.2, against_lean=c, against_one_forward=c, lean_against_one_forward=c)  # fmt: skip
+    text = markdown(r)
+    assert "| one compiled graph | 27.5 | 36.4 | 39% |" in text and "1.64x the lean step's speed" in text
+    assert "| graph against the lean step | 98.4% | 0.021 |" in text and "in bfloat16" in text
 
 
 def test_the_bf16_quality_file_shows_what_compare_logits_measured():

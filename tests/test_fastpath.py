@@ -1,6 +1,7 @@
 """The fast path gives transformers' own answers: per-token experts, the column-major re-layout,
 the recipe applied at load."""
 
+import time
 import warnings
 
 import pytest
@@ -431,3 +432,118 @@ def test_figures_measured_while_other_work_held_the_cores_are_not_kept(
         assert said == (not kept and not runs[1:])  # said once per process, at the first busy measurement
     assert len(runs) == (1 if kept else 2)  # kept: the second call reads the file
     assert len(list((tmp_path / "measured").glob("probe-*.json"))) == (1 if kept else 0)
+
+
+# ---------------------------------------------------------------- one token's step as one graph
+def counting(calls: list):
+    """A `compiler` for use_graph_step that runs the step as it is and counts its calls."""
+
+    def compiler(step):
+        return lambda *args: calls.append(1) or step(*args)
+
+    return compiler
+
+
+def static_greedy(model, ids, steps: int, **extra):
+    """generate's greedy answer to `ids` on a static cache: (new tokens, each step's logits [B, steps, V])."""
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=steps, do_sample=False, cache_implementation="static",
+                             output_logits=True, return_dict_in_generate=True, **extra)  # fmt: skip
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize("experts", ["eager", "per_token"])
+def test_the_graph_step_is_transformers_arithmetic(experts):
+    """The step written as one function (decode.graph_step), run as it is in float32, gives transformers' tokens and
+    logits on a static cache, and runs every step after the prompt. A sign flipped in the rotation, heads grouped
+    the wrong way or the experts' weights not renormalized make it fail."""
+    model = tiny_moe(seed=12)
+    register_experts("per_token", per_token_experts)
+    model.set_experts_implementation(experts)
+    ids = torch.randint(0, 512, (1, 6))
+    expected, expected_logits = static_greedy(model, ids, 8)
+    calls = []
+    assert decode.use_graph_step(model, counting(calls))
+    got, logits = static_greedy(model, ids, 8)
+    assert len(calls) == 7  # the first new token comes from the prompt's forward
+    assert torch.equal(got, expected)
+    assert (logits - expected_logits).abs().max() <= 1e-5 * expected_logits.abs().max()
+
+
+def test_the_graph_step_steps_aside_for_what_it_does_not_run():
+    """Two sequences, a dynamic cache, a hook on a module it reads, router logits asked for, experts replaced: the
+    lean step or transformers' own forward, and the same answer."""
+    model = tiny_moe(seed=13)
+    ids = torch.randint(0, 512, (2, 5))
+    expected = static_greedy(model, ids, 3)[0]
+    calls = []
+    assert decode.use_graph_step(model, counting(calls))
+    assert torch.equal(static_greedy(model, ids, 3)[0], expected) and not calls  # two sequences
+    greedy_logits(model, ids[:1], 2)  # a dynamic cache: the lean step
+    handle = model.model.layers[0].mlp.gate.register_forward_hook(lambda *_: None)
+    static_greedy(model, ids[:1], 3)
+    handle.remove()
+    static_greedy(model, ids[:1], 3, output_router_logits=True)
+    register_experts(
+        "replaced", per_token_experts
+    )  # as quantized or cached experts are: weights held elsewhere
+    model.set_experts_implementation("replaced")
+    static_greedy(model, ids[:1], 3)
+    assert not calls
+    model.set_experts_implementation("eager")
+    static_greedy(model, ids[:1], 3)
+    assert len(calls) == 2
+
+
+def test_the_graph_step_is_kept_only_where_it_is_faster(monkeypatch):
+    """choose_step keeps the graph where its median step takes under MARGIN of the lean step's and its logits agree,
+    and otherwise puts the lean step back."""
+    model = tiny_moe(seed=14)
+    ids = [1, 7, 9]
+    slow = lambda step: lambda *a: time.sleep(0.02) or step(*a)  # noqa: E731
+    monkeypatch.setattr(fastpath, "_compiler", lambda: slow)
+    figures = fastpath.choose_step(model, ids, tokens=4)
+    assert not figures["kept"] and figures["graph_ms"] > figures["lean_ms"] and figures["top1"] == 4
+    assert model.model.forward.__func__ is decode.lean_forward
+    monkeypatch.setattr(fastpath, "_compiler", lambda: lambda step: step)
+    monkeypatch.setattr(fastpath, "MARGIN", 100.0)  # the graph run as it is: kept whatever the clock says
+    figures = fastpath.choose_step(model, ids, tokens=4)
+    assert figures["kept"] and figures["difference"] <= 1e-5 and figures["tokens"] == 4
+    assert (
+        "compiled into one graph"
+        in fastpath.Recipe("cpu", torch.float32, "eager", (), step=figures).describe()
+    )
+
+
+@pytest.mark.slow
+def test_a_compiled_step_is_measured_at_load_and_answers(tiny_mixtral_dir):
+    """load_pipeline(compiled=True) compiles the step with torch.compile, measures it against the lean step, says
+    so in describe, and the answer comes either way (a tiny model's graph may well lose to its lean step)."""
+    from helpers import generate
+
+    pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32, compiled=True)
+    figures = pipe.model.load_record.recipe.step
+    assert figures["tokens"] == 16 and figures["compile_s"] > 0 and figures["difference"] <= 1e-3
+    assert "compiled into one graph" in describe(pipe, detail=True)
+    answer = generate(pipe, "Hello", max_new_tokens=5, do_sample=False)
+    assert answer.new_tokens == 5
+    with pytest.raises(ValueError, match="leave fast=True"):
+        load_pipeline(str(tiny_mixtral_dir), fast=False, compiled=True)
+
+
+def test_one_sequence_decodes_through_the_kept_graph(monkeypatch, tiny_mixtral_dir):
+    """Where the graph was kept, generate runs one sequence on a static cache, so through the graph; a batch stays
+    on the lean step."""
+    from helpers import generate, generate_batch
+
+    pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32)
+    calls = []
+    monkeypatch.setattr(fastpath, "_compiler", lambda: counting(calls))
+    monkeypatch.setattr(fastpath, "MARGIN", 100.0)
+    pipe.model.load_record.recipe.step = fastpath.choose_step(pipe.model, [1, 5, 9], tokens=3)
+    assert pipe.model.load_record.recipe.step["kept"]
+    calls.clear()
+    generate(pipe, "Hello", max_new_tokens=6, do_sample=False)
+    assert len(calls) == 5
+    generate_batch(pipe, ["Hello", "Good morning"], max_new_tokens=4, do_sample=False)
+    assert len(calls) == 5
