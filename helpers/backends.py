@@ -90,10 +90,8 @@ class LocalModel:
         )
         record = getattr(self.model, "load_record", None)
         step = record.recipe.step if record is not None and record.recipe is not None else {}
-        if (
-            step.get("kept") and len(rows) == 1
-        ):  # the compiled step runs on a static cache (decode.use_graph_step)
-            knobs = dict(knobs, cache_implementation="static")
+        # one sequence on a static cache where the compiled step was kept: the cache it runs on (decode.use_graph_step)
+        cache = {"cache_implementation": "static"} if step.get("kept") and len(rows) == 1 else {}
         if seed is not None:
             torch.manual_seed(seed)
         with torch.inference_mode():  # no version counters or view tracking (make bench: against no_grad)
@@ -105,7 +103,7 @@ class LocalModel:
                 stopping_criteria=stop,
                 return_dict_in_generate=True,
                 output_scores=keep_scores,
-                **knobs,
+                **(cache | knobs),  # a cache the caller names wins
             )
         seconds = time.perf_counter() - clock.started
         times = [t - clock.started for t in clock.times]

@@ -12,8 +12,8 @@ else (a prompt, padding, hooks on a layer, outputs asked for, a sliding window, 
 transformers' own forward, unchanged.
 
 `graph_step` goes further, for one sequence on a static cache: the whole step written as one function that
-torch.compile turns into one graph, with no Python between its operators and the experts' products reading only
-the chosen experts' weights. It calls no module (hooks make it step aside) and is not bit for bit: the fast path
+torch.compile turns into one graph, with no Python between its operators and the experts' products written to read
+only the chosen experts' weights. It calls no module (hooks make it step aside) and is not bit for bit: the fast path
 keeps it only where asked and measured faster, its logits within a tolerance (fastpath.choose_step).
 
 Shapes: B sequences, d head size, L positions of a static cache.
@@ -139,9 +139,9 @@ def graph_step(decoder):
     """step(token [1], visible [L] (bool), keys, values, lengths) -> the decoder's last hidden state [1, D]: one
     token through `decoder` (a MixtralModel) written as one function for torch.compile, on a static cache (each
     layer's keys and values [1, KV, L, d], written at its `lengths[i]`, which the step counts on). Each product but
-    the router's is a multiply and a sum, `(w[chosen] * x).sum(-1)` for the experts, which inductor computes as one
-    reduction reading only the chosen experts' weights; the router's tiny product is the library's, as transformers'
-    is, so that near ties route the same way. It reads the weights from the modules as they are: a compiled step is
+    the router's is a multiply and a sum, `(w[chosen] * x).sum(-1)` for the experts, written so that inductor can
+    compute it as one reduction over only the chosen experts' weights (not checked in the generated code); the
+    router's tiny product is the library's, as transformers' is, so that near ties route the same way. It reads the weights from the modules as they are: a compiled step is
     checked against them again at each call (torch's guards) and compiled again when one is replaced."""
     import torch
     import torch.nn.functional as F

@@ -54,6 +54,8 @@ def test_with_a_server_set_settings_of_how_weights_load_here_are_refused(monkeyp
         load_pipeline(dtype=torch.float32)
     with pytest.raises(ValueError, match=r"^fast=False, device_map='cpu': how weights load here"):
         load_pipeline(fast=False, device_map="cpu")
+    with pytest.raises(ValueError, match=r"^compiled=True: how weights load here"):
+        load_pipeline(compiled=True)
 
 
 def test_a_pipeline_becomes_a_local_model_and_anything_else_is_refused(tiny_mixtral_dir):

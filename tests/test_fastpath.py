@@ -543,7 +543,7 @@ def test_one_sequence_decodes_through_the_kept_graph(monkeypatch, tiny_mixtral_d
     pipe.model.load_record.recipe.step = fastpath.choose_step(pipe.model, [1, 5, 9], tokens=3)
     assert pipe.model.load_record.recipe.step["kept"]
     calls.clear()
-    generate(pipe, "Hello", max_new_tokens=6, do_sample=False)
-    assert len(calls) == 5
+    answer = generate(pipe, "Hello", max_new_tokens=6, do_sample=False)
+    assert len(calls) == 5 and "cache_implementation" not in answer.settings  # the knobs as asked
     generate_batch(pipe, ["Hello", "Good morning"], max_new_tokens=4, do_sample=False)
     assert len(calls) == 5
