@@ -90,7 +90,7 @@ class LocalModel:
         )
         record = getattr(self.model, "load_record", None)
         step = record.recipe.step if record is not None and record.recipe is not None else {}
-        # one sequence on a static cache where the compiled step was kept: the cache it runs on (decode.use_graph_step)
+        # one sequence where the compiled step was kept: the static cache it runs on (decode.use_graph_step)
         cache = {"cache_implementation": "static"} if step.get("kept") and len(rows) == 1 else {}
         if seed is not None:
             torch.manual_seed(seed)
@@ -326,8 +326,8 @@ def load_pipeline(
     compiled: bool = False,
 ):
     """What the notebooks call: with $MIXTRAL_ENDPOINT set and no `name`, `connect()` to that server (settings of
-    how weights load here refused); else `load_local(name, dtype, fit, fast, device_map, compiled)`, the blog's pipeline call (`fit`:
-    None, Fit.quantized / .budget / .expert_cache). `generate`, `describe` and the panel take either. To look inside
+    how weights load here refused); else `load_local(name, dtype, fit, fast, device_map, compiled)`, the blog's
+    pipeline call (`fit`: None, Fit.quantized / .budget / .expert_cache). `generate`, `describe` and the panel take either. To look inside
     the model, name it: `load_pipeline(model_path())`. Taught in 02_poem; 01_loading shows the blog's own call."""
     if name is None and os.environ.get(ENDPOINT_ENV, "").strip():
         here = dict(

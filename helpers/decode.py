@@ -141,8 +141,9 @@ def graph_step(decoder):
     layer's keys and values [1, KV, L, d], written at its `lengths[i]`, which the step counts on). Each product but
     the router's is a multiply and a sum, `(w[chosen] * x).sum(-1)` for the experts, written so that inductor can
     compute it as one reduction over only the chosen experts' weights (not checked in the generated code); the
-    router's tiny product is the library's, as transformers' is, so that near ties route the same way. It reads the weights from the modules as they are: a compiled step is
-    checked against them again at each call (torch's guards) and compiled again when one is replaced."""
+    router's tiny product is the library's, as transformers' is, so that near ties route the same way. It reads the
+    weights from the modules as they are: a compiled step is checked against them again at each call (torch's
+    guards) and compiled again when one is replaced."""
     import torch
     import torch.nn.functional as F
 
@@ -228,7 +229,7 @@ def use_graph_step(model, compiler) -> bool:
         visible = (
             attention_mask[0, 0, 0]
             if attention_mask is not None
-            else torch.arange(cache[0].max_cache_len) <= lengths[0]
+            else torch.arange(cache[0].max_cache_len, device=lengths[0].device) <= lengths[0]
         )
         keys, values = [c.keys for c in cache], [c.values for c in cache]
         for t in (visible, *keys, *values):  # one graph for every cache length

@@ -7,9 +7,9 @@ kind of weight fastest for one token (`choose_kernels`: torch.mv, F.linear, F.li
 re-laid column-major, oneDNN's product on a copy packed into its blocked layout, or F.linear on a float32
 copy, which wins where a bf16 product's fixed cost outweighs reading a tiny matrix: the routers), and which experts
 implementation runs a decode step fastest while giving transformers' eager answer (`choose_experts`: the
-package's `per_token` loop, which reads only the chosen experts' weights, or transformers' own), and, where asked
-(`load_pipeline(compiled=True)`), whether one token's step compiled into one graph beats the lean step (`choose_step`). `fast_recipe`
-says what this machine gets; `load_pipeline` applies it (08_performance measures it).
+package's `per_token` loop, which reads only the chosen experts' weights, or transformers' own), and, where
+asked (`load_pipeline(compiled=True)`), whether one token's step compiled into one graph beats the lean step
+(`choose_step`). `fast_recipe` says what this machine gets; `load_pipeline` applies it (08_performance measures it).
 
 Shapes: T = tokens, K = experts per token, D = hidden size, I = expert FFN size.
 """
@@ -401,16 +401,12 @@ def _steps(model, prompt: list, cache, tokens) -> tuple:
     Returns (the tokens fed, each step's last logits [steps, V], seconds per step)."""
     import torch
 
-    out, fed, logits, seconds = (
-        model(torch.tensor([prompt]), past_key_values=cache, use_cache=True),
-        [],
-        [],
-        [],
-    )
+    fed, logits, seconds = [], [], []
+    out = model(torch.tensor([prompt], device=model.device), past_key_values=cache, use_cache=True)
     for token in tokens if isinstance(tokens, list) else range(tokens):
         fed.append(token if isinstance(tokens, list) else int(out.logits[0, -1].argmax()))
         started = time.perf_counter()
-        out = model(torch.tensor([fed[-1:]]), past_key_values=cache, use_cache=True)
+        out = model(torch.tensor([fed[-1:]], device=model.device), past_key_values=cache, use_cache=True)
         seconds.append(time.perf_counter() - started)
         logits.append(out.logits[0, -1].float())
     return fed, torch.stack(logits), seconds
@@ -572,9 +568,8 @@ class Recipe:
     reasons: list = field(default_factory=list)
     kernels: dict = field(default_factory=dict)  # {kind: KindKernels}, filled by apply_recipe
     experts_ms: dict = field(default_factory=dict)  # {implementation: ms per one-token forward, None: wrong}
-    step: dict = field(
-        default_factory=dict
-    )  # the compiled step's figures (`choose_step`), where it was asked for
+    # the compiled step's figures (`choose_step`), where it was asked for
+    step: dict = field(default_factory=dict)
 
     def describe(self, fit_reason: str | None = None) -> str:
         """The settings, the reasons and what was measured, with `fit_reason` (why the experts were replaced)
