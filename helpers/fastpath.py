@@ -28,6 +28,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 
 from .data import GB
 from .decode import Fused, use_graph_step, use_lean_step
@@ -418,14 +419,10 @@ def _compiler():
     return functools.partial(torch.compile, fullgraph=True)
 
 
-def choose_step(model, prompt: list, tokens: int = 16) -> dict:
-    """Compile one token's step into one graph (`decode.graph_step`, torch.compile) and keep it where it decodes
-    faster than the lean step here: both run the same `tokens` steps after `prompt` (the lean step's greedy answer,
-    so the same tokens in both), the graph on a static cache, timed right after compiling. Kept where its median
-    step takes under MARGIN of the lean step's and its logits stay within the tolerance experts are held to;
-    otherwise the model goes back to the lean step. Returns the figures (`Recipe.step`)."""
-    import statistics
-
+def race_steps(model, prompt: list, tokens: int) -> dict | None:
+    """`tokens` greedy steps after `prompt` by the lean step, then the same by the compiled graph (a static
+    cache): {ids, lean, graph (logits), lean_s, graph_s, compile_s}, the model left on the graph; None where
+    the graph does not apply."""
     import torch
     from transformers import DynamicCache, StaticCache
 
@@ -433,25 +430,30 @@ def choose_step(model, prompt: list, tokens: int = 16) -> dict:
         ids, lean, lean_s = _steps(model, prompt, DynamicCache(config=model.config), tokens)
         started = time.perf_counter()
         if not use_graph_step(model, _compiler()):
-            return dict(kept=False, tokens=0)
+            return None
         length = len(prompt) + len(ids)
         _steps(model, prompt, StaticCache(config=model.config, max_cache_len=length), ids[:1])
         compile_s = time.perf_counter() - started
         _, graph, graph_s = _steps(model, prompt, StaticCache(config=model.config, max_cache_len=length), ids)
-    lean_ms, graph_ms = 1000 * statistics.median(lean_s), 1000 * statistics.median(graph_s)
+    return dict(ids=ids, lean=lean, lean_s=lean_s, graph=graph, graph_s=graph_s, compile_s=compile_s)
+
+
+def choose_step(model, prompt: list, tokens: int = 16) -> dict:
+    """Keep the compiled graph where, over the same `tokens` steps as the lean step (`race_steps`), its
+    median step takes under MARGIN of the lean step's and its logits stay within the experts' tolerance; else
+    the lean step. Returns the figures (`Recipe.step`)."""
+    race = race_steps(model, prompt, tokens)
+    if race is None:
+        return dict(kept=False, tokens=0)
+    lean, graph = race["lean"], race["graph"]
+    lean_ms, graph_ms = 1000 * median(race["lean_s"]), 1000 * median(race["graph_s"])
     difference = float((graph - lean).abs().max() / lean.abs().max())
     kept = graph_ms < MARGIN * lean_ms and difference <= _tolerance(model.dtype)
     if not kept:
         use_lean_step(model)
-    return dict(
-        lean_ms=lean_ms,
-        graph_ms=graph_ms,
-        compile_s=compile_s,
-        tokens=len(ids),
-        top1=int((graph.argmax(-1) == lean.argmax(-1)).sum()),
-        difference=difference,
-        kept=kept,
-    )
+    figures = dict(lean_ms=lean_ms, graph_ms=graph_ms, compile_s=race["compile_s"], tokens=len(race["ids"]))
+    same = int((graph.argmax(-1) == lean.argmax(-1)).sum())
+    return dict(figures, top1=same, difference=difference, kept=kept)
 
 
 def choose_experts(model, candidates: tuple, rounds: int = 3) -> dict:
@@ -589,9 +591,7 @@ class Recipe:
                 f"  - experts measured at load, one token through the model: {timed} -> {self.experts}"
             )
         if self.step and not self.step["tokens"]:
-            lines.append(
-                "  - compiled step asked for: none, since this model's steps do not go through the lean step"
-            )
+            lines.append("  - compiled step asked for: none, as this model's steps skip the lean step")
         elif self.step:
             s = self.step
             lines.append(
