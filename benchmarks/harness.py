@@ -9,6 +9,7 @@ more steps), against this machine's bandwidth ceiling (helpers.sizing).
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import json
 import os
@@ -189,17 +190,24 @@ def step_profile(runner, ids: list, steps: int = 8, repeats: int = 3) -> dict:
     stopping checks and cache bookkeeping), from the same steps through the package's generate path timed token by
     token. Those two are differences between timings, and one below zero is reported as zero (the profiler's own
     cost can make the operators' times exceed the unprofiled loop's; two timings differ by their noise). Also the
-    operators, dtype conversions and concatenations per step. 08_performance draws it."""
+    operators, dtype conversions and concatenations per step. The prompt but its last token is passed once; every run
+    continues from a copy of its cache (the same values, so the same steps). 08_performance draws it."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     model = runner.model
-    prompt = torch.tensor([ids], device=model.device)
+    head, last = torch.tensor([ids[:-1]], device=model.device), torch.tensor([ids[-1:]], device=model.device)
+    with (
+        torch.inference_mode()
+    ):  # the prompt but its last token, once (batched_mm takes most of a second a token)
+        cached = model(
+            head, use_cache=True
+        ).past_key_values  # each run below continues from a copy of its cache
 
     def decode(profiler=None):
-        """The prompt pass (not timed), then `steps` greedy steps: their seconds, under `profiler` if given."""
-        out = model(prompt, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        """The prompt's last token (not timed), then `steps` greedy steps: their seconds, under `profiler` if given."""
+        cache = copy.deepcopy(cached)
+        token = model(last, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
         with profiler or contextlib.nullcontext():
             started = time.perf_counter()
             for _ in range(steps):
@@ -209,7 +217,7 @@ def step_profile(runner, ids: list, steps: int = 8, repeats: int = 3) -> dict:
 
     def generate_decode():  # seconds from the first new token to the last, over `steps` steps
         knobs = dict(do_sample=False, max_new_tokens=steps + 1, min_new_tokens=steps + 1)
-        times = runner.run([ids], knobs)[0].token_times
+        times = runner.run([ids], dict(knobs, past_key_values=copy.deepcopy(cached)))[0].token_times
         return times[-1] - times[0]
 
     with torch.inference_mode():  # as the package's generate path runs
