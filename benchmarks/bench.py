@@ -211,6 +211,13 @@ def bench_summary(result: dict) -> str:
             f"the lean step's {g['lean_ms']:.1f} after {g['compile_s']:.0f} s compiling, and was "
             + ("kept" if g["kept"] else "not kept (the row is the lean step's)")
         )
+    if sampler := result.get("sampler"):
+        ms = sampler["ms"]
+        lines.append(
+            f"choosing a sampled token with the blog's knobs ({sampler['vocabulary']:,} logits; the rows decode greedily, "
+            f"so without it): transformers' warpers {ms['transformers']:.2f} ms, the fast path's sampler "
+            f"{ms['fast path']:.2f} ms ({ms['transformers'] / ms['fast path']:.1f}x)"
+        )
     for scheme in ("int8", "int4"):
         quantized = rows.get(f"{scheme} weights (fast path)")
         if quantized and naive:

@@ -48,6 +48,7 @@ class BenchRun:
     machine: str
     bandwidth: float  # bytes/s, this machine's measured memory bandwidth
     folder: Path
+    sampler: dict  # {"vocabulary", "ms": {"transformers", "fast path"}}: choosing one sampled token's scores
 
     def markdown(self) -> str:
         """The run's table and summary, as bench.md holds them."""
@@ -73,4 +74,10 @@ def notebook_bench(tokens: int = 24, warmup: int = 2) -> BenchRun:
     result = json.loads((NOTEBOOK_RUN / "bench.json").read_text())
     names = [f.name for f in fields(BenchRow)]
     rows = {r["name"]: BenchRow(**{k: r[k] for k in names}) for r in result["rows"]}
-    return BenchRun(rows=rows, machine=result["machine"], bandwidth=result["bandwidth"], folder=NOTEBOOK_RUN)
+    return BenchRun(
+        rows=rows,
+        machine=result["machine"],
+        bandwidth=result["bandwidth"],
+        folder=NOTEBOOK_RUN,
+        sampler=result["sampler"],
+    )

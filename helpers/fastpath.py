@@ -390,6 +390,50 @@ def join_projections(model) -> str:
     return f"one-token steps multiply q, k and v in one product: a copy of the three joined, {joined / 2**20:.1f} MiB"
 
 
+class TopKTopP:
+    """transformers' temperature, top-k and top-p warpers as one logits processor that sorts only the k candidates
+    (their top-p sorts the whole vocabulary, after top-k has left k of it). Its scores are theirs, the scaled logits
+    where a token is kept and -inf elsewhere, so a seed draws the same tokens; where their choice rests on an order
+    among equal scores (more than k tie with the k-th; a tie across the top-p cut), their warpers decide. Alike but
+    for rounding: probabilities summed over k values, not the vocabulary, can move a cut that falls within rounding
+    of 1 - top_p."""
+
+    def __init__(self, temperature: float, top_k: int, top_p: float):
+        from transformers.generation import logits_process as lp
+
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.theirs = lp.LogitsProcessorList(
+            [lp.TopKLogitsWarper(top_k), *[lp.TopPLogitsWarper(top_p)] * (top_p < 1)]
+        )
+
+    def __call__(self, input_ids, scores):  # scores [B, V] float32
+        import torch
+
+        scores = scores / self.temperature if self.temperature != 1.0 else scores
+        values, index = torch.topk(scores, min(self.top_k, scores.shape[-1]))  # [B, k], descending
+        tied = bool(((scores >= values[:, -1:]).sum(-1) > values.shape[-1]).any())  # ties with the k-th
+        # top-p as their warper decides it, ascending, over the k candidates only
+        if self.top_p < 1.0 and not tied:
+            ascending = values.flip(-1)
+            dropped = ascending.softmax(-1).cumsum(-1) <= 1 - self.top_p  # a prefix: the least likely
+            dropped[:, -1] = False  # the most likely token always stays
+            cut = dropped[:, :-1] & ~dropped[:, 1:]  # the last dropped, before the first kept
+            tied = bool((cut & (ascending[:, :-1] == ascending[:, 1:])).any())
+            values = values.masked_fill(dropped.flip(-1), float("-inf"))
+        if tied:
+            return self.theirs(input_ids, scores)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, index, values)
+
+
+def sampler(knobs: dict) -> dict:
+    """`generate` keyword arguments for `knobs` (do_sample, temperature, top_k, top_p, ...) with transformers'
+    temperature, top-k and top-p warpers replaced by one `TopKTopP`, where sampling with a top-k; else `knobs`."""
+    if not knobs.get("do_sample") or not knobs.get("top_k"):
+        return knobs  # no top-k: top-p over the whole vocabulary has nothing to save
+    keep = TopKTopP(knobs.get("temperature", 1.0), knobs["top_k"], knobs.get("top_p", 1.0))
+    return dict(knobs, temperature=1.0, top_k=0, top_p=1.0, logits_processor=[keep])
+
+
 def _tolerance(dtype) -> float:
     """How far another implementation's logits may stray from the reference's, as a share of its largest logit."""
     import torch
@@ -626,6 +670,7 @@ def fast_recipe(
         dtype_reason,
         "several prompts at once: generate_batch runs them as one padded batch; each step reads the "
         "shared weights once for all of them, and the union of the experts they chose",
+        SAMPLER,
     ]
     if offloaded:
         reasons.append("offloaded by accelerate: weights on other devices are copied in for each forward")
@@ -638,6 +683,10 @@ def fast_recipe(
     return Recipe(device, dtype, "", ("kernels", "experts"), [*reasons, MEASURED])  # experts: chosen at load
 
 
+SAMPLER = (
+    "sampling with a top-k: temperature, top-k and top-p in one pass that sorts only the k candidates "
+    "(TopKTopP), transformers' scores, so a seed gives the same tokens"
+)
 PER_TOKEN = (
     "per_token experts while decoding: reads only the chosen experts' weights, skips the masks and index "
     "bookkeeping of eager/grouped_mm (prompts still go through grouped_mm)"

@@ -240,6 +240,8 @@ def test_bench_quick_runs_every_configuration(tmp_path):
         and "quick run: it proves" in md
         and result["machine"] in md
     )
+    assert result["sampler"]["vocabulary"] == 49152 and all(ms > 0 for ms in result["sampler"]["ms"].values())
+    assert "choosing a sampled token with the blog's knobs (49,152 logits" in md
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -373,7 +375,10 @@ def test_notebook_bench_returns_typed_rows_by_name(tmp_path, monkeypatch):
         graph=None,
         extra="not read",
     )
-    (tmp_path / "bench.json").write_text(json.dumps(dict(rows=[row], machine="a test", bandwidth=2.4e10)))
+    sampler = dict(vocabulary=49152, ms={"transformers": 1.5, "fast path": 0.25})
+    (tmp_path / "bench.json").write_text(
+        json.dumps(dict(rows=[row], machine="a test", bandwidth=2.4e10, sampler=sampler))
+    )
     monkeypatch.setattr(benchmark, "NOTEBOOK_RUN", tmp_path)
     monkeypatch.setattr(
         benchmark.sys, "executable", "/bin/true"
@@ -381,7 +386,7 @@ def test_notebook_bench_returns_typed_rows_by_name(tmp_path, monkeypatch):
     run = benchmark.notebook_bench(tokens=4)
     got = run.rows["blog pipeline, fp32"]
     assert isinstance(got, benchmark.BenchRow) and got.decode_tok_s == 18.0 and got.efficiency == 0.6
-    assert run.bandwidth == 2.4e10 and run.picture == tmp_path / "bench.png"
+    assert run.bandwidth == 2.4e10 and run.picture == tmp_path / "bench.png" and run.sampler == sampler
     monkeypatch.setattr(benchmark.sys, "executable", "/bin/false")
     with pytest.raises(RuntimeError, match=r"the benchmark run failed \(exit 1"):
         benchmark.notebook_bench(tokens=4)

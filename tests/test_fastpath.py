@@ -547,3 +547,72 @@ def test_one_sequence_decodes_through_the_kept_graph(monkeypatch, tiny_mixtral_d
     assert len(calls) == 5 and "cache_implementation" not in answer.settings  # the knobs as asked
     generate_batch(pipe, ["Hello", "Good morning"], max_new_tokens=4, do_sample=False)
     assert len(calls) == 5
+
+
+# ---------------------------------------------------------------- the fast path's sampler
+def transformers_warpers(temperature, top_k, top_p):
+    """The warpers generate builds for these knobs, in its order."""
+    from transformers.generation import logits_process as lp
+
+    return lp.LogitsProcessorList(
+        [lp.TemperatureLogitsWarper(temperature)] * (temperature != 1.0)
+        + [lp.TopKLogitsWarper(top_k)] * bool(top_k)
+        + [lp.TopPLogitsWarper(top_p)] * (top_p < 1.0)
+    )
+
+
+@pytest.mark.parametrize("temperature", [0.8, 1.0, 1.7])
+@pytest.mark.parametrize("top_k", [1, 5, 20, 600])
+@pytest.mark.parametrize("top_p", [0.3, 0.95, 1.0])
+def test_the_sampler_gives_transformers_scores(temperature, top_k, top_p):
+    """The scores generate draws from are transformers' warpers' own, -inf and all, on rows of every spread (a
+    top-p reached by one token, by a few, by all k), and on rows where scores tie with the k-th."""
+    generator = torch.Generator().manual_seed(top_k)
+    spread = torch.tensor([0.3, 1.0, 3.0, 8.0])[:, None].repeat_interleave(50, 0)  # [200, 1]
+    rows = torch.randn(200, 500, generator=generator) * spread
+    ties = rows.round()  # many tokens share the k-th score: more than k kept
+    ids = torch.zeros(len(rows), 1, dtype=torch.long)
+    ours, theirs = (
+        fastpath.TopKTopP(temperature, top_k, top_p),
+        transformers_warpers(temperature, top_k, top_p),
+    )
+    for scores in (rows, ties):
+        assert torch.equal(ours(ids, scores), theirs(ids, scores))
+
+
+def test_the_sampler_replaces_only_top_k_sampling():
+    knobs = dict(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=20, top_p=0.95)
+    fast = fastpath.sampler(knobs)
+    assert fast["temperature"] == 1.0 and fast["top_k"] == 0 and fast["top_p"] == 1.0
+    assert [type(p) for p in fast["logits_processor"]] == [fastpath.TopKTopP] and knobs["top_k"] == 20
+    for plain in (dict(knobs, do_sample=False), dict(knobs, top_k=0)):
+        assert fastpath.sampler(plain) is plain
+
+
+def test_a_seed_samples_the_same_tokens_as_transformers_warpers(monkeypatch, tiny_mixtral_dir):
+    """The fast path's sampler draws the tokens transformers' warpers draw, with the same scores kept; the blog's
+    plain pipeline keeps transformers' own."""
+    import helpers.backends as backends
+    from helpers import generate
+    from helpers.prompts import chat_ids
+
+    pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32)
+    plain = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32, fast=False)
+    local = backends.as_backend(pipe)
+    chat = [chat_ids(local.tokenizer, [{"role": "user", "content": "Hello"}])]
+    knobs = dict(max_new_tokens=12, do_sample=True, temperature=0.8, top_k=20, top_p=0.95)
+    answers, calls, call = {}, [], fastpath.TopKTopP.__call__
+    monkeypatch.setattr(fastpath.TopKTopP, "__call__", lambda self, *a: calls.append(1) or call(self, *a))
+    for name in ("fast", "transformers"):
+        if name == "transformers":
+            monkeypatch.setattr(backends, "sampler", lambda knobs: knobs)
+        answers[name] = [local.run(chat, knobs, seed=seed, keep_scores=True)[0] for seed in range(4)]
+    assert len(calls) == 4 * 12  # each new token's scores, by the fast path's sampler, in the fast runs only
+    for fast, theirs in zip(answers["fast"], answers["transformers"]):
+        assert fast.token_ids == theirs.token_ids and torch.equal(fast.scores, theirs.scores)
+        assert fast.settings == dict(knobs, seed=fast.settings["seed"])  # the knobs as asked
+    assert len({tuple(a.token_ids) for a in answers["fast"]}) > 1  # seeds that differ sample differently
+    monkeypatch.setattr(
+        backends, "sampler", lambda knobs: pytest.fail("the blog's path sampled by the fast path")
+    )
+    generate(plain, "Hello", max_new_tokens=3, seed=0)
