@@ -474,3 +474,36 @@ def test_the_bf16_quality_file_shows_what_compare_logits_measured():
         dict(date="d", torch="t", machine="m", text="genesis_kjv.txt", window=512, quality=quality)
     )
     assert "| bf16 | 97.9% | 0.0018 | 7.125 | 7.120 |" in text and "(3,452 tokens, windows of 512)" in text
+
+
+def test_int8_words_unpack_to_the_stored_values_and_every_product_is_the_same():
+    import int8_unpack
+
+    q = torch.randint(
+        -127,
+        128,
+        (int8_unpack.N, int8_unpack.K),
+        dtype=torch.int8,
+        generator=torch.Generator().manual_seed(0),
+    )
+    words = (q.to(torch.int16) + 128).to(torch.uint8).view(torch.int32)  # [N, K/4]
+    unpacked = torch.stack([int8_unpack._unpacked(words, j) for j in range(4)], -1).reshape(q.shape)
+    assert torch.equal(unpacked, q.float())
+    x = torch.randn(int8_unpack.K).bfloat16().float()
+    expected = (q.float() * x).sum(-1)
+    for name, (_, make, product) in int8_unpack.products().items():  # run as written, not compiled
+        error = (product(x, make(q)) - expected).abs().max() / expected.abs().max()
+        assert error < (1e-2 if "bf16 activations" in name else 1e-5), name
+
+
+def test_the_int8_unpack_file_shows_what_was_measured():
+    from int8_unpack import markdown
+
+    found = dict(date="d", machine="m", threads=2, torch="t", bandwidth=30e9, timing_bytes=256 * 2**20,
+                 conversions=[dict(dtype="int8", gb_s=1.5)],
+                 products=[dict(name="int8 rows, compiled reduction", gb_s=2.1, us=840, error=1.1e-7)])  # fmt: skip
+    text = markdown(found)
+    assert (
+        "| int8 | 1.5 | 5% |" in text
+        and "| int8 rows, compiled reduction | 2.1 | 7% | 840 | 1.1e-07 |" in text
+    )
