@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
 
-from .data import GB
+from .data import BLOG_SAMPLING, GB
 from .decode import Fused, use_graph_step, use_lean_step
 from .experts import DECODE_TOKENS, register_experts, token_loop
 from .files import atomic_file, cache_root
@@ -426,9 +426,10 @@ class TopKTopP:
 
 
 def sampler(knobs: dict) -> dict:
-    """`generate` keyword arguments for `knobs` (do_sample, temperature, top_k, top_p, ...) with transformers'
-    temperature, top-k and top-p warpers replaced by one `TopKTopP`, where sampling with a top-k; else `knobs`."""
-    if not knobs.get("do_sample") or not knobs.get("top_k"):
+    """`generate` keyword arguments for `knobs` with transformers' temperature, top-k and top-p warpers replaced by one
+    `TopKTopP` where sampling with a top-k and nothing else (beams, other processors: generate's own); else `knobs`."""
+    other = set(knobs) - {*BLOG_SAMPLING, "max_new_tokens", "min_new_tokens"}  # beams, another processor
+    if not knobs.get("do_sample") or not knobs.get("top_k") or other:
         return knobs  # no top-k: top-p over the whole vocabulary has nothing to save
     keep = TopKTopP(knobs.get("temperature", 1.0), knobs["top_k"], knobs.get("top_p", 1.0))
     return dict(knobs, temperature=1.0, top_k=0, top_p=1.0, logits_processor=[keep])
@@ -684,8 +685,8 @@ def fast_recipe(
 
 
 SAMPLER = (
-    "sampling with a top-k: temperature, top-k and top-p in one pass that sorts only the k candidates "
-    "(TopKTopP), transformers' scores, so a seed gives the same tokens"
+    "sampling with a top-k: temperature, top-k and top-p as one processor that sorts only the k candidates "
+    "(TopKTopP), transformers' scores but for rounding at the top-p cut, so a seed gives the same tokens"
 )
 PER_TOKEN = (
     "per_token experts while decoding: reads only the chosen experts' weights, skips the masks and index "

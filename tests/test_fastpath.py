@@ -566,17 +566,21 @@ def transformers_warpers(temperature, top_k, top_p):
 @pytest.mark.parametrize("top_p", [0.3, 0.95, 1.0])
 def test_the_sampler_gives_transformers_scores(temperature, top_k, top_p):
     """The scores generate draws from are transformers' warpers' own, -inf and all, on rows of every spread (a
-    top-p reached by one token, by a few, by all k), and on rows where scores tie with the k-th."""
+    top-p reached by one token, by a few, by all k), on rows where scores tie with the k-th, and on rows already
+    masked to fewer than k finite scores."""
     generator = torch.Generator().manual_seed(top_k)
     spread = torch.tensor([0.3, 1.0, 3.0, 8.0])[:, None].repeat_interleave(50, 0)  # [200, 1]
     rows = torch.randn(200, 500, generator=generator) * spread
     ties = rows.round()  # many tokens share the k-th score: more than k kept
+    masked = rows.masked_fill(
+        torch.rand(rows.shape, generator=generator) < 0.99, float("-inf")
+    )  # ~5 finite a row
     ids = torch.zeros(len(rows), 1, dtype=torch.long)
     ours, theirs = (
         fastpath.TopKTopP(temperature, top_k, top_p),
         transformers_warpers(temperature, top_k, top_p),
     )
-    for scores in (rows, ties):
+    for scores in (rows, ties, masked):
         assert torch.equal(ours(ids, scores), theirs(ids, scores))
 
 
@@ -585,8 +589,11 @@ def test_the_sampler_replaces_only_top_k_sampling():
     fast = fastpath.sampler(knobs)
     assert fast["temperature"] == 1.0 and fast["top_k"] == 0 and fast["top_p"] == 1.0
     assert [type(p) for p in fast["logits_processor"]] == [fastpath.TopKTopP] and knobs["top_k"] == 20
-    for plain in (dict(knobs, do_sample=False), dict(knobs, top_k=0)):
-        assert fastpath.sampler(plain) is plain
+    beams, other = dict(knobs, num_beams=2), dict(knobs, logits_processor=[])
+    for plain in (dict(knobs, do_sample=False), dict(knobs, top_k=0), beams, other):
+        assert (
+            fastpath.sampler(plain) is plain
+        )  # beams or another processor: generate's own warpers, in its order
 
 
 def test_a_seed_samples_the_same_tokens_as_transformers_warpers(monkeypatch, tiny_mixtral_dir):
