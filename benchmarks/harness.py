@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 from helpers.answers import TokenClock, decode_rate  # noqa: E402
 from helpers.backends import LocalModel  # noqa: E402
 from helpers.data import BLOG_SAMPLING, GB, GiB, TASKS, whole_number  # noqa: E402
-from helpers.hardware import best_seconds, dtype_name, measure_bandwidth  # noqa: E402
 from helpers.fastpath import sampler  # noqa: E402
+from helpers.hardware import best_seconds, dtype_name, measure_bandwidth  # noqa: E402
 from helpers.fitting import Fit  # noqa: E402
 from helpers.loading import load_local, pick_dtype  # noqa: E402
 from helpers.offload import OffloadMeter  # noqa: E402
@@ -198,12 +198,9 @@ def step_profile(runner, ids: list, steps: int = 8, repeats: int = 3) -> dict:
 
     model = runner.model
     head, last = torch.tensor([ids[:-1]], device=model.device), torch.tensor([ids[-1:]], device=model.device)
-    with (
-        torch.inference_mode()
-    ):  # the prompt but its last token, once (batched_mm takes most of a second a token)
-        cached = model(
-            head, use_cache=True
-        ).past_key_values  # each run below continues from a copy of its cache
+    # the prompt but its last token, once (batched_mm takes most of a second a token): each run continues from a copy
+    with torch.inference_mode():
+        cached = model(head, use_cache=True).past_key_values
 
     def decode(profiler=None):
         """The prompt's last token (not timed), then `steps` greedy steps: their seconds, under `profiler` if given."""

@@ -393,10 +393,10 @@ def join_projections(model) -> str:
 class TopKTopP:
     """transformers' temperature, top-k and top-p warpers as one logits processor that sorts only the k candidates
     (their top-p sorts the whole vocabulary, after top-k has left k of it). Its scores are theirs, the scaled logits
-    where a token is kept and -inf elsewhere, so a seed draws the same tokens; where their choice rests on an order
-    among equal scores (more than k tie with the k-th; a tie across the top-p cut), their warpers decide. Alike but
-    for rounding: probabilities summed over k values, not the vocabulary, can move a cut that falls within rounding
-    of 1 - top_p."""
+    where a token is kept and -inf elsewhere (scores tied with the k-th kept too, as theirs), so a seed draws the same
+    tokens; where their choice rests on their sort's order among equal scores (a tie across the top-p cut), their
+    warpers decide. Alike but for rounding: probabilities summed over k values, not the vocabulary, can move a cut that
+    falls within rounding of 1 - top_p."""
 
     def __init__(self, temperature: float, top_k: int, top_p: float):
         from transformers.generation import logits_process as lp
@@ -411,9 +411,13 @@ class TopKTopP:
 
         scores = scores / self.temperature if self.temperature != 1.0 else scores
         values, index = torch.topk(scores, min(self.top_k, scores.shape[-1]))  # [B, k], descending
-        tied = bool(((scores >= values[:, -1:]).sum(-1) > values.shape[-1]).any())  # ties with the k-th
-        # top-p as their warper decides it, ascending, over the k candidates only
-        if self.top_p < 1.0 and not tied:
+        kept = (scores >= values[:, -1:]).sum(-1, keepdim=True)  # [B, 1]: ties with the k-th are kept too
+        if int(kept.max()) > values.shape[-1]:  # the ties too, then -inf past each row's own
+            values, index = torch.topk(scores, int(kept.max()))
+            past = torch.arange(values.shape[-1], device=kept.device) >= kept
+            values = values.masked_fill(past, float("-inf"))
+        tied = False  # top-p as their warper decides it, ascending, over the candidates only
+        if self.top_p < 1.0:
             ascending = values.flip(-1)
             dropped = ascending.softmax(-1).cumsum(-1) <= 1 - self.top_p  # a prefix: the least likely
             dropped[:, -1] = False  # the most likely token always stays
@@ -430,7 +434,7 @@ def sampler(knobs: dict) -> dict:
     `TopKTopP` where sampling with a top-k and nothing else (beams, other processors: generate's own); else `knobs`."""
     other = set(knobs) - {*BLOG_SAMPLING, "max_new_tokens", "min_new_tokens"}  # beams, another processor
     if not knobs.get("do_sample") or not knobs.get("top_k") or other:
-        return knobs  # no top-k: top-p over the whole vocabulary has nothing to save
+        return knobs  # greedy; no top-k (top-p over the whole vocabulary: nothing to save); or more asked
     keep = TopKTopP(knobs.get("temperature", 1.0), knobs["top_k"], knobs.get("top_p", 1.0))
     return dict(knobs, temperature=1.0, top_k=0, top_p=1.0, logits_processor=[keep])
 
