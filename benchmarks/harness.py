@@ -470,18 +470,10 @@ def sampler_timing(rounds: int = 50) -> dict:
     The rows decode greedily, so their figures hold neither."""
     import torch
     from transformers import AutoConfig
-    from transformers.generation import logits_process as lp
 
     vocabulary = AutoConfig.from_pretrained(ensure_standin()).vocab_size
-    knobs = dict(BLOG_SAMPLING)
-    warpers = lp.LogitsProcessorList(  # as generate builds them for these knobs, in its order
-        [
-            lp.TemperatureLogitsWarper(knobs["temperature"]),
-            lp.TopKLogitsWarper(knobs["top_k"]),
-            lp.TopPLogitsWarper(knobs["top_p"]),
-        ]
-    )
-    ours = sampler(knobs)["logits_processor"][0]
+    ours = sampler(dict(BLOG_SAMPLING))["logits_processor"][0]
+    warpers = ours.warpers  # transformers' own, as generate builds them for these knobs
     logits = torch.randn(1, vocabulary, generator=torch.Generator().manual_seed(0)) * 4
     ids = torch.zeros(1, 1, dtype=torch.long)
     pair = {"transformers": lambda: warpers(ids, logits), "fast path": lambda: ours(ids, logits)}

@@ -402,14 +402,15 @@ class TopKTopP:
         from transformers.generation import logits_process as lp
 
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
-        self.theirs = lp.LogitsProcessorList(
-            [lp.TopKLogitsWarper(top_k), *[lp.TopPLogitsWarper(top_p)] * (top_p < 1)]
+        self.warpers = lp.LogitsProcessorList(  # transformers' own, as generate builds them for these knobs
+            [lp.TemperatureLogitsWarper(temperature)] * (temperature != 1.0)
+            + [lp.TopKLogitsWarper(top_k), *[lp.TopPLogitsWarper(top_p)] * (top_p < 1)]
         )
 
-    def __call__(self, input_ids, scores):  # scores [B, V] float32
+    def __call__(self, input_ids, logits):  # logits [B, V] float32
         import torch
 
-        scores = scores / self.temperature if self.temperature != 1.0 else scores
+        scores = logits / self.temperature if self.temperature != 1.0 else logits
         values, index = torch.topk(scores, min(self.top_k, scores.shape[-1]))  # [B, k], descending
         kept = (scores >= values[:, -1:]).sum(-1, keepdim=True)  # [B, 1]: ties with the k-th are kept too
         if int(kept.max()) > values.shape[-1]:  # the ties too, then -inf past each row's own
@@ -425,7 +426,7 @@ class TopKTopP:
             tied = bool((cut & (ascending[:, :-1] == ascending[:, 1:])).any())
             values = values.masked_fill(dropped.flip(-1), float("-inf"))
         if tied:
-            return self.theirs(input_ids, scores)
+            return self.warpers(input_ids, logits)
         return torch.full_like(scores, float("-inf")).scatter_(-1, index, values)
 
 
