@@ -94,6 +94,12 @@ def candidates() -> dict:
             lambda m, x: m(x.bfloat16()),
         ),
         "int8 weights and activations (_int_mm, 17 rows)": (1, _int8_rows, int_mm),
+        # the same int8 values and scales, re-laid in blocks for our own C kernel (helpers/int8_kernel.c)
+        "int8 weights, int16 activations (our int8_kernel.c)": (
+            1,
+            lambda w: linear(w, "int8", "ours"),
+            lambda m, x: m(x),
+        ),
         "int8 reduction by torch.compile": (1, _int8_rows, lambda h, x: reduce8(x, *h)),
         "int4 weights, bf16 activations (_weight_int4pack_mm_for_cpu)": (
             0.5,

@@ -7,7 +7,8 @@ parameters (`experts.gate_up_proj` [E, 2I, D], `experts.down_proj` [E, D, I]); t
 both expert stacks and lm_head are quantized (embedding rows, norms and routers stay: a lookup, or
 tiny), and multiplied by torch's own CPU kernels, fed bf16 activations (with fp32 activations the
 int8 kernel is much slower: 10_quantization times both and asserts more than twice):
-  int8: `_weight_int8pack_mm`, one scale per output channel (w = q * scale)
+  int8: `_weight_int8pack_mm`, one scale per output channel (w = q * scale), or the same values and scales
+        by our own kernel (int8_kernel.py): `choose_int8_kernel` times both at load and keeps the faster
   int4: `_weight_int4pack_mm_for_cpu`, groups of GROUP inputs with a scale and a zero each
 An attention's quantized q, k and v can be joined into one copy (`QuantizedLinear.join`, which the fast path
 calls) for decode.lean_forward's one product for the three (the same values, so the same logits).
@@ -18,13 +19,17 @@ Shapes: T = tokens, N = outputs, K = inputs, E = experts, G = GROUP.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
+import os
 from pathlib import Path
 
+from .data import GB, INT8_KERNEL_ENV
 from .decode import Fused
 from .experts import DECODE_TOKENS, experts_loop, register_experts, token_loop
-from .fitting import GROUP, WEIGHT_SCHEMES
+from .fitting import GROUP, INT8_KERNELS, WEIGHT_SCHEMES
 from .hardware import best_seconds, timing_buffer_bytes
+from .int8_kernel import SOURCE, fits, int8_matmul, kernel_unavailable, relayout
 
 # Genesis 1-4 in the King James Version (1611, public domain), as Debian's bible-kjv-text 4.38 prints it
 # (`bible gen1:1-4:26`), verse numbers dropped: the text quality is measured on
@@ -78,6 +83,16 @@ def _bf16_product(scheme: str, x, weight):
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def _own_product(x, weight):
+    """x [T, K] times int8 weights held for our kernel (`relayout`, bf16 scales) -> [T, N] in x's dtype."""
+    y = int8_matmul(x, *weight)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _product(scheme: str, kernel: str):
+    return _own_product if kernel == "ours" else functools.partial(_bf16_product, scheme)
+
+
 @functools.cache
 def quantized_linear():
     """The module class, built on first use so that importing helpers does not import torch."""
@@ -86,11 +101,15 @@ def quantized_linear():
     class QuantizedLinear(torch.nn.Module):
         """x @ W.T for a quantized W [N, K], or for one expert of a stack [E, N, K]."""
 
-        def __init__(self, weight, scheme: str):
+        def __init__(self, weight, scheme: str, kernel: str = "torch"):
             super().__init__()
-            self.scheme, self.shape = scheme, tuple(weight.shape)
+            self.scheme, self.shape, self.kernel = scheme, tuple(weight.shape), kernel
             stack = weight.detach().float().reshape(-1, *weight.shape[-2:]).contiguous()  # [E, N, K]
             packed, scales = (_int8 if scheme == "int8" else _int4)(stack)
+            if kernel == "ours":  # the same values and scales, the values laid out for int8_kernel.c
+                packed = relayout(packed)
+            # what the kernel is fed: quantized_experts converts the hidden states once for all its experts
+            self.input_dtype = torch.float32 if kernel == "ours" else torch.bfloat16
             one = weight.dim() == 2
             self.register_buffer("packed", packed[0] if one else packed)
             self.register_buffer("scales", scales[0] if one else scales)
@@ -100,23 +119,24 @@ def quantized_linear():
             scales = self.scales if expert is None else self.scales[expert]
             # [T, K]; a decode step calls nothing else
             flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-            y = _bf16_product(self.scheme, flat, (packed, scales))
+            y = _product(self.scheme, self.kernel)(flat, (packed, scales))
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])  # [.., N]
 
         @staticmethod
         def join(projections: list):
             """One product for an attention's quantized q, k and v (decode.Fused, for the lean step; fastpath's
             join_projections): their quantized weights joined along the outputs, the very values, so the same products."""
-            scheme = projections[0].scheme
+            scheme, kernel = projections[0].scheme, projections[0].kernel
             packed = torch.cat([p.packed for p in projections])
             scales = torch.cat([p.scales for p in projections], dim=0 if scheme == "int8" else 1).contiguous()
-            product = functools.partial(_bf16_product, scheme)
+            product = _product(scheme, kernel)
             return Fused(
                 projections, (packed, scales), product, _buffers_stamp, [p.shape[0] for p in projections]
             )
 
         def extra_repr(self) -> str:
-            return f"{self.scheme}, weight {list(self.shape)}"
+            kernel = f", {INT8_KERNELS[self.kernel]}" if self.scheme == "int8" else ""
+            return f"{self.scheme}, weight {list(self.shape)}{kernel}"
 
     return QuantizedLinear
 
@@ -126,11 +146,11 @@ def quantized_experts(self, hidden_states, top_k_index, top_k_weights):
     a few tokens (decoding), `experts_loop` for more; the same sums either way."""
     import torch
 
-    def ffn(expert, x):  # [t, D] -> [t, D]
+    def ffn(expert, x):  # [t, D] -> [t, D] in the hidden states' dtype, so both loops weight the same values
         gate, up = self.gate_up_q(x, expert).chunk(2, dim=-1)  # [t, I] each
-        return self.down_q(self.act_fn(gate) * up, expert)
+        return self.down_q(self.act_fn(gate) * up, expert).to(hidden_states.dtype)
 
-    x = hidden_states.to(torch.bfloat16)  # [T, D], the kernels' input
+    x = hidden_states.to(self.gate_up_q.input_dtype)  # [T, D], the kernels' input
     if len(x) <= DECODE_TOKENS:
         return token_loop(x, top_k_index, top_k_weights, ffn, hidden_states.dtype)
     return experts_loop(x, top_k_index, top_k_weights, ffn, torch.zeros_like(hidden_states))
@@ -154,40 +174,110 @@ def check_scheme(scheme, device: str) -> None:
         )
 
 
+def int8_kernel_speeds(shape: tuple) -> dict:
+    """{kernel: GB/s} of one-token products with int8 weights [N, K] = `shape` by each of INT8_KERNELS that runs
+    here, each fed its own input dtype, over as many distinct matrices as fill `timing_buffer_bytes()` (so
+    they come from memory, as a decode step's do); best of 3 passes, measured once per machine."""
+    from .fastpath import _once_per_machine
+
+    def measure():
+        import torch
+
+        n, k = shape
+        count = max(1, min(8192, math.ceil(timing_buffer_bytes() / (n * k))))
+        q = torch.ones(count, n, k, dtype=torch.int8)  # the values do not change a product's time
+        held = {"torch": (q, torch.ones(count, n, dtype=torch.bfloat16), torch.randn(1, k).bfloat16())}
+        if fits(shape) and not kernel_unavailable():
+            held["ours"] = (relayout(q), held["torch"][1], torch.randn(1, k))
+        speeds = {}
+        for kernel, (packed, scales, x) in held.items():
+            product = _product("int8", kernel)
+            seconds = best_seconds(lambda: [product(x, weight) for weight in zip(packed, scales)])
+            speeds[kernel] = count * n * k / seconds / GB
+        return speeds
+
+    source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    return _once_per_machine("int8-kernels", [list(shape), source], measure)
+
+
+def choose_int8_kernel(shape: tuple, device: str) -> dict:
+    """Which kernel multiplies a model's int8 weights, whose most bytes are [N, K] = `shape` matrices, and why:
+    {"kernel", "gb_s" (what was measured), "why"}. $MIXTRAL_INT8_KERNEL where set; on a GPU torch's; on a
+    CPU ours where it runs here and `int8_kernel_speeds` finds torch's under MARGIN of its speed."""
+    from .fastpath import MARGIN
+
+    forced = os.environ.get(INT8_KERNEL_ENV, "").strip().lower()
+    if forced and forced not in INT8_KERNELS:
+        raise ValueError(
+            f"{INT8_KERNEL_ENV}={forced!r} is not an int8 kernel here: use {' or '.join(INT8_KERNELS)}, or unset it "
+            f"to take the faster one measured"
+        )
+    unavailable = "it runs on CPUs only" if device != "cpu" else kernel_unavailable()
+    if forced == "ours" and unavailable:
+        raise ValueError(f"{INT8_KERNEL_ENV}=ours, but our int8 kernel cannot run here: {unavailable}")
+    if forced:
+        return dict(kernel=forced, gb_s={}, why=f"{INT8_KERNEL_ENV}={forced}: forced")
+    if unavailable:
+        return dict(kernel="torch", gb_s={}, why=f"our int8 kernel is not used: {unavailable}")
+    speeds = int8_kernel_speeds(shape)
+    kernel = "ours" if speeds["torch"] < MARGIN * speeds.get("ours", 0) else "torch"
+    figures = ", ".join(f"{INT8_KERNELS[name]} {gb_s:.1f} GB/s" for name, gb_s in speeds.items())
+    return dict(kernel=kernel, gb_s=speeds, why=f"measured at {list(shape)}, one token: {figures}")
+
+
+def _quantizable(model) -> list:
+    """[(owner, attribute, weight, new name or None)] for every matrix quantize_model replaces."""
+    import torch
+
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in (
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ):
+            found.append(
+                (model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1], module.weight, None)
+            )
+        elif hasattr(module, "gate_up_proj") and getattr(module.gate_up_proj, "dim", lambda: 0)() == 3:
+            found.append((module, "gate_up_proj", module.gate_up_proj, "gate_up_q"))
+            found.append((module, "down_proj", module.down_proj, "down_q"))
+    # tied to the embeddings: those stay, for row lookups
+    return [*found, (model, "lm_head", model.lm_head.weight, None)]
+
+
 def quantize_model(model, scheme: str) -> dict:
     """Quantize `model` in place (a Mixtral or dense Llama on the CPU) and switch its experts to
-    `quantized_experts`. Returns {"scheme", "parameters", "bytes_before", "bytes_after"} for what changed
-    (`load_pipeline(fit=Fit.quantized(...))` keeps it as `model.load_record.quantized`)."""
+    `quantized_experts`. Returns {"scheme", "parameters", "bytes_before", "bytes_after", "kernel", "why"} for
+    what changed and which kernel multiplies (`load_pipeline(fit=Fit.quantized(...))` keeps it as
+    `model.load_record.quantized`)."""
     import torch
 
     check_scheme(scheme, model.device.type)
-    Quantized, report = quantized_linear(), dict(scheme=scheme, parameters=0, bytes_before=0, bytes_after=0)
-
-    def swap(owner, attribute, weight, new_name=None):
-        quantized = Quantized(weight, scheme)
-        report["parameters"] += weight.numel()
-        report["bytes_before"] += weight.nbytes
-        report["bytes_after"] += sum(b.nbytes for b in quantized.buffers())
-        if new_name:
-            delattr(owner, attribute)
-        setattr(owner, new_name or attribute, quantized)
-
+    targets = _quantizable(model)
+    report = dict(scheme=scheme, parameters=0, bytes_before=0, bytes_after=0, kernel="torch", why="", gb_s={})
+    if scheme == "int8" and all(fits(weight.shape) for _, _, weight, _ in targets):
+        by_shape: dict = {}
+        for _, _, weight, _ in targets:
+            by_shape[tuple(weight.shape[-2:])] = by_shape.get(tuple(weight.shape[-2:]), 0) + weight.numel()
+        choice = choose_int8_kernel(max(by_shape, key=by_shape.get), model.device.type)
+        report.update(kernel=choice["kernel"], why=choice["why"], gb_s=choice["gb_s"])
+    elif scheme == "int8":
+        report["why"] = "a weight's shape does not split into our int8 kernel's blocks"
+    Quantized = quantized_linear()
     with torch.no_grad():
-        for name, module in list(model.named_modules()):
-            if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in (
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ):
-                swap(model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1], module.weight)
-            elif hasattr(module, "gate_up_proj") and getattr(module.gate_up_proj, "dim", lambda: 0)() == 3:
-                swap(module, "gate_up_proj", module.gate_up_proj, "gate_up_q")
-                swap(module, "down_proj", module.down_proj, "down_q")
-        swap(model, "lm_head", model.lm_head.weight)  # tied to the embeddings: those stay, for row lookups
+        for owner, attribute, weight, new_name in targets:
+            quantized = Quantized(weight, scheme, report["kernel"])
+            report["parameters"] += weight.numel()
+            report["bytes_before"] += weight.nbytes
+            report["bytes_after"] += sum(b.nbytes for b in quantized.buffers())
+            if new_name:
+                delattr(owner, attribute)
+            setattr(owner, new_name or attribute, quantized)
         for p in model.parameters():  # what stays gets memory of its own, so the weights file can be unmapped
             p.data = p.data.clone()
     register_experts("quantized", quantized_experts)
@@ -235,7 +325,7 @@ def compare_logits(reference, candidates: dict, ids: list, window: int = 512) ->
 
 def kernel_speeds(n: int = 3072, k: int = 576, repeats: int = 3, total: int | None = None) -> dict:
     """GB/s of weights that matrix-vector products [1, K] x [N, K].T read on this machine: F.linear in fp32
-    and bf16, the int8 kernel fed fp32 or bf16 activations, int4. Each kind cycles over as many distinct
+    and bf16, torch's int8 kernel fed fp32 or bf16 activations, our int8 kernel where it runs, int4. Each kind cycles over as many distinct
     [N, K] matrices as fill `total` bytes (default: twice the last-level cache, at least 256 MiB), so the
     weights come from memory, as a decode step's do, not from a cache; best of 3 x `repeats` passes.
     Taught in 10_quantization."""
@@ -261,6 +351,8 @@ def kernel_speeds(n: int = 3072, k: int = 576, repeats: int = 3, total: int | No
         ),
         "int8, bf16 activations": (1 + 2 / k, lambda w: linear(w, "int8"), lambda m: m(x16)),
     }
+    if fits((n, k)) and not kernel_unavailable():
+        kinds["int8, our kernel"] = (1 + 2 / k, lambda w: linear(w, "int8", "ours"), lambda m: m(x))
     if k % GROUP == 0 == n % 16:
         kinds["int4, bf16 activations"] = (0.5 + 4 / GROUP, lambda w: linear(w, "int4"), lambda m: m(x16))
     speeds = {}

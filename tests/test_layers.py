@@ -25,7 +25,8 @@ LAYERS = {
     "policies": 1,  # which expert a cache evicts, replayed over traces
     "fitting": 1,  # how a model fits (fit=), what was loaded (LoadRecord)
     "sizing": 2,  # parameters, bytes, ceilings, the fit check
-    "experts": 2,  # the experts' one loop; transformers' experts registry
+    "experts": 2,
+    "int8_kernel": 2,  # our C kernel for int8 weights: built once per machine, called through ctypes  # the experts' one loop; transformers' experts registry
     "decode": 2,  # one decode step without transformers' machinery around it
     "prompts": 3,
     "readings": 4,  # the blog's string in each tokenizer stack (01)
@@ -52,7 +53,7 @@ LAYERS = {
 # its ceiling may fall with any change, and rises only with a change that says so in the README.
 TARGETS = dict(helpers_lines=3400, core_lines=900, public_names=70, parameters=6)
 CEILINGS = dict(
-    helpers_lines=6802, core_lines=900, public_names=70
+    helpers_lines=7028, core_lines=900, public_names=70
 )  # core_lines, public_names: at their targets
 CORE = (
     "backends.py",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import Fit, describe, load_pipeline, parameter_count
-from helpers.data import ENDPOINT_ENV
+from helpers.data import ENDPOINT_ENV, INT8_KERNEL_ENV
 from helpers.experts import token_loop
 from helpers.quantize import (
     GROUP,
@@ -17,6 +17,7 @@ from helpers.quantize import (
     quantized_experts,
     quantized_linear,
 )
+from helpers.int8_kernel import relayout
 
 
 def small_mixtral(seed=0):
@@ -40,13 +41,20 @@ def small_mixtral(seed=0):
 
 
 # ---------------------------------------------------------------- one quantized matrix
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_a_quantized_matrix_multiplies_like_its_rounded_weights(scheme):
+# int8 by each of its kernels on purpose: which one a load takes is measured, and differs by CPU kind
+KERNELS = [("int8", "torch"), ("int8", "ours"), ("int4", "torch")]
+
+
+@pytest.mark.parametrize("scheme, kernel", KERNELS)
+def test_a_quantized_matrix_multiplies_like_its_rounded_weights(scheme, kernel):
     torch.manual_seed(0)
     w, x = torch.randn(256, 192), torch.randn(3, 192)
-    layer = quantized_linear()(w, scheme)
+    layer = quantized_linear()(w, scheme, kernel)
     if scheme == "int8":  # the rounded weights, rebuilt from the int8 values and their scales
-        rebuilt = layer.packed.float() * layer.scales.float()[:, None]
+        values = quantized_linear()(w, scheme).packed  # ours holds the same values, re-laid in blocks
+        if kernel == "ours":
+            assert torch.equal(layer.packed, relayout(values)) and layer.input_dtype == torch.float32
+        rebuilt = values.float() * layer.scales.float()[:, None]
         step = w.abs().amax(1, keepdim=True) / 127
     else:  # int4 is packed for the kernel: rebuild it by multiplying the identity
         rebuilt = layer(torch.eye(192)).T.float()
@@ -68,24 +76,35 @@ def test_int4_refuses_shapes_its_kernel_cannot_take():
             quantized_linear()(torch.randn(*shape), "int4")
 
 
-def test_kernel_speeds_times_each_kernel_and_skips_int4_where_groups_do_not_fit():
+def test_kernel_speeds_times_each_kernel_and_skips_int4_where_groups_do_not_fit(monkeypatch):
+    from helpers import quantize
+
+    monkeypatch.setattr(
+        quantize, "kernel_unavailable", lambda: ""
+    )  # our kernel's row, wherever it runs or not
+    monkeypatch.setattr(quantize, "int8_matmul", lambda x, q, s: torch.zeros(len(x), s.shape[-1]))
     speeds = kernel_speeds(n=256, k=128, repeats=2, total=2**20)
     assert list(speeds) == [
         "fp32 F.linear",
         "bf16 F.linear",
         "int8, fp32 activations",
         "int8, bf16 activations",
+        "int8, our kernel",
         "int4, bf16 activations",
     ]
     assert all(s["microseconds"] > 0 and s["gb_s"] > 0 for s in speeds.values())
     # each kind cycles over enough distinct matrices to fill the buffer: 1 MiB of 128 KiB fp32 matrices is 8 of them;
     # the bytes count the scales (int8: one fp32 or bf16 per row of 128, 1.031 or 1.016 bytes a weight; int4: 0.625
     # with a scale and a zero per 32), so int4 needs 52 matrices of 20 KiB, not 64 of 16 KiB
-    assert [s["matrices"] for s in speeds.values()] == [8, 16, 32, 32, 52]
+    assert [s["matrices"] for s in speeds.values()] == [8, 16, 32, 32, 32, 52]
     assert [s["mib"] for s in speeds.values()][:2] == [1, 1] and all(
         1 < s["mib"] < 1.04 for s in list(speeds.values())[2:]
     )
-    assert "int4, bf16 activations" not in kernel_speeds(n=64, k=48, repeats=1, total=2**16)
+    speeds = kernel_speeds(n=64, k=48, repeats=1, total=2**16)
+    assert "int4, bf16 activations" not in speeds and "int8, our kernel" in speeds  # 48 = 3 x 16, 64 = 16 x 4
+    assert "int8, our kernel" not in kernel_speeds(
+        n=64, k=40, repeats=1, total=2**16
+    )  # our blocks: 16 inputs
 
 
 def test_kernel_speeds_reads_more_than_the_last_level_cache_by_default(monkeypatch):
@@ -102,11 +121,16 @@ def test_kernel_speeds_reads_more_than_the_last_level_cache_by_default(monkeypat
 
 # ---------------------------------------------------------------- a whole model
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("scheme, agreement", [("int8", 0.95), ("int4", 0.6)])
-def test_quantize_model_covers_every_matrix_a_token_reads(scheme, agreement, dtype):
+@pytest.mark.parametrize("scheme, kernel", KERNELS)
+def test_quantize_model_covers_every_matrix_a_token_reads(scheme, kernel, dtype, monkeypatch):
+    monkeypatch.setenv(INT8_KERNEL_ENV, kernel)
+    agreement = 0.95 if scheme == "int8" else 0.6
     model = small_mixtral().to(dtype)
     reference = small_mixtral().to(dtype)
     report = quantize_model(model, scheme)
+    assert report["kernel"] == kernel and all(
+        m.kernel == kernel for m in model.modules() if hasattr(m, "packed")
+    )
     counts = parameter_count(model.config)
     # attention, every expert and lm_head (tied: the embeddings' size); embeddings, norms and routers stay
     assert report["parameters"] == counts["attention"] + counts["experts"] + counts["embeddings"]
@@ -124,10 +148,11 @@ def test_quantize_model_covers_every_matrix_a_token_reads(scheme, agreement, dty
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_decoding_takes_the_token_loop_with_the_expert_loops_sums(scheme, dtype, monkeypatch):
+@pytest.mark.parametrize("scheme, kernel", KERNELS)
+def test_decoding_takes_the_token_loop_with_the_expert_loops_sums(scheme, kernel, dtype, monkeypatch):
     from helpers import quantize
 
+    monkeypatch.setenv(INT8_KERNEL_ENV, kernel)
     model = small_mixtral(seed=3).to(dtype)
     quantize_model(model, scheme)
     experts = model.model.layers[1].mlp.experts

@@ -1,0 +1,106 @@
+/* int8 weights times a few tokens, read as one stream: the kernel helpers/int8_kernel.py compiles and calls.
+
+   y[t][n] = scale[n] * xscale[t] * sum_k q[n][k] * xq[t][k]
+
+   scale: one bf16 scale per row, as quantize.py stores it (a bf16 is a float's top 16 bits).
+   q: the int8 weights [N][K], re-laid as blocks of 4 rows x 16 inputs (64 bytes, one cache line):
+      [N/4][K/16][4][16], so that each thread reads its rows front to back as one stream.
+   xq: each token's activations rounded to int16 with one scale per token (max |x| / 32767).
+   Products are summed exactly in int32 lanes (AVX2's vpmaddwd: 16 products, added in pairs) and moved to
+   float every 4,096 inputs, before a lane could overflow (2 x 127 x 32767 a pair, 256 pairs a lane). */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#if !defined(__AVX2__)
+#error "this kernel needs AVX2"
+#endif
+
+#define ROWS 4
+#define COLS 16
+#define CHUNK 4096
+
+static inline float sum8(__m256i v) { /* in float: eight int32 lanes near their limit would overflow */
+  __m256 f = _mm256_cvtepi32_ps(v);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+/* One block of 4 rows (w: its K/16 lines) against T = 1 or 2 tokens; adds into sums[4][2]. */
+static inline __attribute__((always_inline)) void block(const int8_t *w, const int16_t *xq, int K, const int T,
+                                                        float sums[ROWS][2]) {
+  for (int start = 0; start < K; start += CHUNK) {
+    int end = start + CHUNK < K ? start + CHUNK : K;
+    __m256i acc[ROWS][2];
+    for (int r = 0; r < ROWS; r++)
+      for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_si256();
+    for (int k = start; k < end; k += COLS) {
+      const int8_t *line = w + (long)k * ROWS;
+      _mm_prefetch((const char *)line + 1024, _MM_HINT_T0);
+      __m256i x[2];
+      for (int t = 0; t < T; t++) x[t] = _mm256_loadu_si256((const __m256i *)(xq + (long)t * K + k));
+      for (int r = 0; r < ROWS; r++) {
+        __m256i q = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(line + COLS * r)));
+        for (int t = 0; t < T; t++) acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(q, x[t]));
+      }
+    }
+    for (int r = 0; r < ROWS; r++)
+      for (int t = 0; t < T; t++) sums[r][t] += sum8(acc[r][t]);
+  }
+}
+
+/* Each token's row of x [T][K] to int16 with one scale; returns nothing, fills xq and xscale. */
+static void quantize_tokens(const float *x, int T, int K, int16_t *xq, float *xscale) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int t = 0; t < T; t++) {
+    const float *row = x + (long)t * K;
+    __m256 m8 = _mm256_setzero_ps();
+    for (int k = 0; k < K; k += 8) m8 = _mm256_max_ps(m8, _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k)));
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    float most = _mm_cvtss_f32(m);
+    xscale[t] = most > 0.f ? most / 32767.f : 1.f;
+    __m256 inverse = _mm256_set1_ps(1.f / xscale[t]);
+    for (int k = 0; k < K; k += 16) { /* round to nearest, saturate to int16, keep the order */
+      __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), inverse));
+      __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k + 8), inverse));
+      __m256i both = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8);
+      _mm256_storeu_si256((__m256i *)(xq + (long)t * K + k), both);
+    }
+  }
+}
+
+/* y [T][N] = x [T][K] times the weights; N a multiple of 4, K of 16. Returns 0, or -1 where memory ran out. */
+int int8_matmul(const int8_t *q, const uint16_t *scale, const float *x, float *y, int T, int N, int K) {
+  int16_t *xq = aligned_alloc(32, ((size_t)T * K * sizeof(int16_t) + 31) / 32 * 32);
+  float *xscale = malloc((size_t)T * sizeof(float));
+  if (!xq || !xscale) {
+    free(xq);
+    free(xscale);
+    return -1;
+  }
+  quantize_tokens(x, T, K, xq, xscale);
+#pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; n += ROWS) {
+    const int8_t *w = q + (long)n * K;
+    for (int t = 0; t < T; t += 2) { /* two tokens at a time: the block stays in L1 for the next two */
+      float sums[ROWS][2] = {{0}};
+      int two = T - t >= 2;
+      if (two)
+        block(w, xq + (long)t * K, K, 2, sums);
+      else
+        block(w, xq + (long)t * K, K, 1, sums);
+      for (int r = 0; r < ROWS; r++) {
+        union { uint32_t bits; float value; } row_scale = {.bits = (uint32_t)scale[n + r] << 16};
+        for (int j = 0; j <= two; j++) y[(long)(t + j) * N + n + r] = sums[r][j] * row_scale.value * xscale[t + j];
+      }
+    }
+  }
+  free(xq);
+  free(xscale);
+  return 0;
+}

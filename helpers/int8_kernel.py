@@ -1,0 +1,126 @@
+"""int8 weights read near the memory's bandwidth on x86 CPUs: a small C kernel of our own (int8_kernel.c).
+
+At decode shapes torch's CPU kernel for int8 weights (`_weight_int8pack_mm`) reads them at a fraction of
+the bandwidth on some CPUs (`make bench-kernels`), so a quarter of the bytes did not make a quarter of
+the time. int8_kernel.c reads the same int8 values and scales as one stream (4 rows x 16 inputs to a
+64-byte line), rounds each token's activations to int16 (one scale a token: finer than bf16's 8-bit
+mantissa) and sums the products exactly in int32. It is compiled here, once per machine, by the system's
+C compiler for this CPU (`-march=native`), into the cache folder. Where it cannot be (not x86-64 Linux, no
+AVX2, no compiler), `kernel_unavailable()` says why and torch's kernel serves. quantize.py measures both
+at load and uses the faster (`MIXTRAL_INT8_KERNEL` forces one). Taught in 10_quantization.
+
+Shapes: T tokens, N outputs (a multiple of ROWS), K inputs (a multiple of COLS).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+from .files import atomic_file, cache_root
+from .hardware import cpuinfo
+
+SOURCE = Path(__file__).with_name("int8_kernel.c")
+ROWS, COLS = 4, 16  # int8_kernel.c's block: 4 rows x 16 inputs, one 64-byte line
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+
+def fits(shape) -> bool:
+    """Whether a weight [.., N, K] splits into the kernel's blocks."""
+    return shape[-2] % ROWS == 0 and shape[-1] % COLS == 0
+
+
+def relayout(q):
+    """int8 [.., N, K] -> [.., N/ROWS, K/COLS, ROWS, COLS]: each block's 4 rows x 16 inputs side by side."""
+    *lead, n, k = q.shape
+    return q.reshape(*lead, n // ROWS, ROWS, k // COLS, COLS).transpose(-3, -2).contiguous()
+
+
+def _build(compiler: str, path: Path) -> str:
+    """Compile int8_kernel.c into `path` (atomically, one process at a time); '' or why it failed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.is_file():
+            return ""
+        failed = []
+
+        def compile_to(tmp):
+            done = subprocess.run(
+                [compiler, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True
+            )
+            if done.returncode:
+                failed.append((done.stderr.strip().splitlines() or ["(no message)"])[-1])
+                raise RuntimeError  # atomic_file removes the half-written file
+
+        try:
+            atomic_file(path, compile_to)
+        except RuntimeError:
+            return f"{compiler} could not build {SOURCE.name}: {failed[0] if failed else 'it stopped'}"
+    return ""
+
+
+@functools.cache
+def _library() -> tuple:
+    """(the kernel's C function, '') or (None, why not): built on first use, once per machine."""
+    import ctypes
+
+    import torch  # first: its OpenMP runtime (libgomp.so.1) is the one the kernel's parallel loop joins
+
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return (
+            None,
+            f"the kernel is written for x86-64 Linux, and this is {platform.system()} {platform.machine()}",
+        )
+    if "avx2" not in cpuinfo("flags").split():
+        return None, "this CPU has no AVX2, which the kernel's instructions need"
+    compiler = os.environ.get("CC", "cc")
+    if not shutil.which(compiler):
+        return None, f"no C compiler ({compiler}) on PATH: install gcc (Debian: apt install gcc) or set CC"
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    key = [SOURCE.read_text(), version, FLAGS, cpuinfo("model name"), cpuinfo("flags"), torch.__version__]
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    path = cache_root() / "kernels" / f"int8_kernel-{digest}.so"
+    why = _build(compiler, path)
+    if why:
+        return None, why
+    function = ctypes.CDLL(str(path)).int8_matmul
+    function.restype, function.argtypes = ctypes.c_int, [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
+    return function, ""
+
+
+def kernel_unavailable() -> str:
+    """Why the kernel cannot run here ('' where it can; the first call builds it)."""
+    return _library()[1]
+
+
+def int8_matmul(x, packed, scales):
+    """x [T, K] (any float dtype) times int8 weights [N, K] held as `relayout(q)` with bf16 `scales` [N]
+    (w = q * scale, as quantize.py stores them) -> [T, N] float32."""
+    import torch
+
+    function, why = _library()
+    if function is None:
+        raise RuntimeError(f"the int8 kernel cannot run here: {why}")
+    x = x.float().contiguous()  # held here while the kernel reads it
+    (t, k), n = x.shape, scales.shape[-1]
+    if (
+        (packed.dtype, scales.dtype) != (torch.int8, torch.bfloat16)
+        or packed.numel() != n * k
+        or not (packed.is_contiguous() and scales.is_contiguous() and fits((n, k)))
+    ):
+        raise ValueError(
+            f"int8_matmul: weights {list(packed.shape)} {packed.dtype} with {n} {scales.dtype} scales do not match "
+            f"inputs {list(x.shape)}: hold them as relayout(q) (int8, contiguous) with one bf16 scale a row"
+        )
+    y = torch.empty(t, n)
+    if t and function(packed.data_ptr(), scales.data_ptr(), x.data_ptr(), y.data_ptr(), t, n, k):
+        raise MemoryError(f"int8_matmul: no memory for {t} x {k} int16 activations")
+    return y
