@@ -30,6 +30,7 @@ from helpers.backends import LocalModel  # noqa: E402
 from helpers.data import BLOG_SAMPLING, GB, GiB, TASKS, whole_number  # noqa: E402
 from helpers.fastpath import sampler  # noqa: E402
 from helpers.hardware import best_seconds, dtype_name, measure_bandwidth  # noqa: E402
+from helpers.int8_kernel import PROFILED  # noqa: E402
 from helpers.fitting import Fit  # noqa: E402
 from helpers.loading import load_local, pick_dtype  # noqa: E402
 from helpers.offload import OffloadMeter  # noqa: E402
@@ -82,7 +83,16 @@ CONFIGS = [
     Config("fast path in bf16", fast=True, dtype="bfloat16"),
     Config("fast path in fp32", fast=True, dtype="float32"),
     Config("int8 weights (fast path)", fast=True, dtype=None, quantize="int8"),
-    Config("int8 weights, bf16 activations", fast=True, dtype="bfloat16", quantize="int8"),
+    Config(
+        "int8 weights, bf16 model", fast=True, dtype="bfloat16", quantize="int8"
+    ),  # this machine may pick fp32
+    Config(
+        "int8 weights, one token's step as one compiled graph",
+        fast=True,
+        dtype=None,
+        quantize="int8",
+        graph=True,
+    ),
     Config("int4 weights (fast path)", fast=True, dtype=None, quantize="int4"),
     Config("offloaded by accelerate: 1 GiB in RAM, the rest on disk", ram_gib=1.0),
     Config(
@@ -180,6 +190,7 @@ MATRIX_PRODUCTS = {
     "aten::mm", "aten::addmm", "aten::mv", "aten::addmv_", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm",
     "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu", "aten::_int_mm",
     "mkldnn::_linear_pointwise",  # the fast path's packed copies
+    PROFILED, "mixtral_notebooks::int8_matmul", "mixtral_notebooks::int8_experts",  # our int8 kernel, and its operators
 }  # fmt: skip
 
 

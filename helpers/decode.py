@@ -141,7 +141,9 @@ def graph_step(decoder):
     layer's keys and values [1, KV, L, d], written at its `lengths[i]`, which the step counts on). Each product but
     the router's is a multiply and a sum, `(w[chosen] * x).sum(-1)` for the experts, written so that inductor can
     compute it as one reduction over only the chosen experts' weights (not checked in the generated code); the
-    router's tiny product is the library's, as transformers' is, so that near ties route the same way. It reads the
+    router's tiny product is the library's, as transformers' is, so that near ties route the same way. int8 weights
+    held for our kernel (quantize.py) are multiplied by its operators instead (`graph_product`: opaque to the
+    compiler, a library kernel to it), the experts in float32 as quantized_experts computes them. It reads the
     weights from the modules as they are: a compiled step is checked against them again at each call (torch's
     guards) and compiled again when one is replaced."""
     import torch
@@ -154,6 +156,11 @@ def graph_step(decoder):
     def rotate(x, cos, sin):  # x [heads, d]
         return x * cos + torch.cat((-x[:, d // 2 :], x[:, : d // 2]), -1) * sin
 
+    def product(module, x):  # x [D] times a module's weight -> [N] in the weights' dtype
+        if hasattr(module, "graph_product"):  # int8 weights multiplied by our kernel (use_graph_step checks)
+            return module.graph_product(x[None])[0].to(dtype)
+        return (module.weight * x).sum(-1)
+
     def step(token, visible, keys, values, lengths):
         h = decoder.embed_tokens.weight[token][0]  # [D]: one token, so every vector here is 1-d
         angles = lengths[0].float() * rotary.inv_freq.float()
@@ -163,7 +170,7 @@ def graph_step(decoder):
         for i, layer in enumerate(decoder.layers):
             a, moe = layer.self_attn, layer.mlp
             x = _rms(h, layer.input_layernorm.weight, eps)
-            q, k, v = ((p.weight * x).sum(-1) for p in (a.q_proj, a.k_proj, a.v_proj))
+            q, k, v = (product(p, x) for p in (a.q_proj, a.k_proj, a.v_proj))
             q, k, v = rotate(q.view(H, d), cos, sin), rotate(k.view(KV, d), cos, sin), v.view(KV, d)
             keys[i][0].index_copy_(1, lengths[i][None], k[:, None])
             values[i][0].index_copy_(1, lengths[i][None], v[:, None])
@@ -171,13 +178,17 @@ def graph_step(decoder):
             s = torch.einsum("gqd,gtd->gqt", q.view(KV, H // KV, d).float(), keys[i][0].float()) * a.scaling
             s = torch.softmax(s.masked_fill(~visible, float("-inf")), -1)  # [KV, H / KV, L]
             o = torch.einsum("gqt,gtd->gqd", s, values[i][0].float()).to(dtype).reshape(H * d)
-            h = h + (a.o_proj.weight * o).sum(-1)
+            h = h + product(a.o_proj, o)
             x = _rms(h, layer.post_attention_layernorm.weight, eps)
             logits = (x @ moe.gate.weight.T).float()  # the library's product, as the router's F.linear
             weights, chosen = torch.topk(torch.softmax(logits, -1), cfg.num_experts_per_tok)
             weights = weights / weights.sum()  # [K]: the chosen experts' weights, summing to 1
-            gate, up = (moe.experts.gate_up_proj[chosen] * x).sum(-1).chunk(2, -1)  # [K, I] each
-            y = (moe.experts.down_proj[chosen] * (F.silu(gate) * up)[:, None, :]).sum(-1)  # [K, D]
+            if hasattr(moe.experts, "gate_up_q"):  # int8 by our kernel: in float32, as quantized_experts does
+                gate, up = moe.experts.gate_up_q.graph_product(x[None], chosen).chunk(2, -1)  # [K, I] each
+                y = moe.experts.down_q.graph_product(F.silu(gate) * up, chosen).to(dtype)  # [K, D]
+            else:
+                gate, up = (moe.experts.gate_up_proj[chosen] * x).sum(-1).chunk(2, -1)  # [K, I] each
+                y = (moe.experts.down_proj[chosen] * (F.silu(gate) * up)[:, None, :]).sum(-1)  # [K, D]
             h = h + (y * weights[:, None].to(dtype)).sum(0)
         return _rms(h, decoder.norm.weight, eps)[None]
 
@@ -202,7 +213,7 @@ def _graph_applies(decoder, input_ids, attention_mask, past_key_values, kwargs) 
         and not any(kwargs.get(k, getattr(decoder.config, k, False)) for k in _ASKED)
         and not decoder.training
         and (attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.dim() == 4))
-        and decoder.config._experts_implementation in _PLAIN_EXPERTS
+        and decoder.config._experts_implementation in (*_PLAIN_EXPERTS, *decoder._graph_quantized)
         and not any(_hooked(m) for m in decoder._graph_reads)
     )
 
@@ -213,9 +224,13 @@ def use_graph_step(model, compiler) -> bool:
     own. False (nothing changed) where the lean step does not apply (`use_lean_step`)."""
     import torch
 
-    if not use_lean_step(model):
-        return False
+    quantized = [m for m in model.modules() if hasattr(m, "packed")]
+    if any(getattr(m, "kernel", None) != "ours" for m in quantized) or not use_lean_step(model):
+        return (
+            False  # quantized weights go through the graph only by our int8 kernel (an operator it can call)
+        )
     decoder = model.model
+    decoder._graph_quantized = ("quantized",) if quantized else ()
     decoder._graph_reads = [m for layer in decoder.layers for m in layer.modules()] + [decoder.norm]
     step = compiler(graph_step(decoder))
 

@@ -29,7 +29,7 @@ from .decode import Fused
 from .experts import DECODE_TOKENS, experts_loop, register_experts, token_loop
 from .fitting import GROUP, INT8_KERNELS, WEIGHT_SCHEMES
 from .hardware import best_seconds, timing_buffer_bytes
-from .int8_kernel import SOURCE, fits, int8_matmul, kernel_unavailable, relayout
+from .int8_kernel import SOURCE, fits, int8_matmul, kernel_unavailable, register_graph_ops, relayout
 
 # Genesis 1-4 in the King James Version (1611, public domain), as Debian's bible-kjv-text 4.38 prints it
 # (`bible gen1:1-4:26`), verse numbers dropped: the text quality is measured on
@@ -108,6 +108,7 @@ def quantized_linear():
             packed, scales = (_int8 if scheme == "int8" else _int4)(stack)
             if kernel == "ours":  # the same values and scales, the values laid out for int8_kernel.c
                 packed = relayout(packed)
+                register_graph_ops()  # for graph_product
             # what the kernel is fed: quantized_experts converts the hidden states once for all its experts
             self.input_dtype = torch.float32 if kernel == "ours" else torch.bfloat16
             one = weight.dim() == 2
@@ -121,6 +122,14 @@ def quantized_linear():
             flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
             y = _product(self.scheme, self.kernel)(flat, (packed, scales))
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])  # [.., N]
+
+        def graph_product(self, x, chosen=None):
+            """For decode.graph_step, where the kernel is ours: x [T, K] times the weight -> [T, N] float32, or,
+            for a stack, row i of x (or its one row) times expert `chosen[i]` -> [len(chosen), N] float32."""
+            ops = torch.ops.mixtral_notebooks
+            if chosen is None:
+                return ops.int8_matmul(x, self.packed, self.scales)
+            return ops.int8_experts(x, self.packed, self.scales, chosen)
 
         @staticmethod
         def join(projections: list):
@@ -188,7 +197,7 @@ def int8_kernel_speeds(shape: tuple) -> dict:
         q = torch.ones(count, n, k, dtype=torch.int8)  # the values do not change a product's time
         held = {"torch": (q, torch.ones(count, n, dtype=torch.bfloat16), torch.randn(1, k).bfloat16())}
         if fits(shape) and not kernel_unavailable():
-            held["ours"] = (relayout(q), held["torch"][1], torch.randn(1, k))
+            held["ours"] = (q, held["torch"][1], torch.randn(1, k))  # the same bytes, read as its blocks
         speeds = {}
         for kernel, (packed, scales, x) in held.items():
             product = _product("int8", kernel)

@@ -41,10 +41,9 @@ def test_configurations_that_load_the_same_model_share_a_process():
     assert [
         "fast path, one token's step as one compiled graph"
     ] in names  # the pipeline and compiled code: alone
-    assert ["int8 weights (fast path)"] in names and [
-        "int8 weights, bf16 activations"
-    ] in names  # other loads
-    assert len(groups) == 15  # of 25 configurations
+    assert ["int8 weights (fast path)"] in names and ["int8 weights, bf16 model"] in names  # other loads
+    assert ["int8 weights, one token's step as one compiled graph"] in names  # compiled: alone
+    assert len(groups) == 16  # of 26 configurations
 
 
 def test_the_quick_run_loads_once_what_this_machine_loads_the_same():
