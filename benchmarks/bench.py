@@ -200,11 +200,21 @@ def bench_summary(result: dict) -> str:
                 f"{fast['step']['per_step']['operators']:.0f} against {off['step']['per_step']['operators']:.0f} "
                 f"operators)"
             )
-    graph = rows.get("fast path, one token's step as one compiled graph")
-    if graph and graph.get("graph") and naive:
+    for label, graph in (
+        (
+            "one token's step as one compiled graph",
+            rows.get("fast path, one token's step as one compiled graph"),
+        ),
+        (
+            "int8 weights, their step as one compiled graph",
+            rows.get("int8 weights, one token's step as one compiled graph"),
+        ),
+    ):
+        if not (graph and graph.get("graph") and naive):
+            continue
         g = graph["graph"]
         lines.append(
-            f"one token's step as one compiled graph: {graph['decode_tok_s']:.1f} tok/s = {graph['vs_naive']:.2f}x the "
+            f"{label}: {graph['decode_tok_s']:.1f} tok/s = {graph['vs_naive']:.2f}x the "
             f"blog's path"
             + (f", {graph['decode_tok_s'] / fast['decode_tok_s']:.2f}x the fast path" if fast else "")
             + f", {graph['efficiency']:.0%} of its ceiling; at load the graph took {g['graph_ms']:.1f} ms a step against "

@@ -104,3 +104,36 @@ int int8_matmul(const int8_t *q, const uint16_t *scale, const float *x, float *y
   free(xscale);
   return 0;
 }
+
+/* The chosen experts of a stack, each against its own row of x (or all against x's one row), without gathering
+   their weights: y [count][N] = x_i times expert chosen[i], whose weights start at q + chosen[i] * q_stride and
+   scales at scale + chosen[i] * N. Returns 0, -1 where memory ran out, -2 where an expert is out of range. */
+int int8_experts(const int8_t *q, const uint16_t *scale, long q_stride, int experts, const int64_t *chosen, int count,
+                 const float *x, int x_rows, float *y, int N, int K) {
+  for (int i = 0; i < count; i++)
+    if (chosen[i] < 0 || chosen[i] >= experts) return -2;
+  int16_t *xq = aligned_alloc(32, ((size_t)x_rows * K * sizeof(int16_t) + 31) / 32 * 32);
+  float *xscale = malloc((size_t)x_rows * sizeof(float));
+  if (!xq || !xscale) {
+    free(xq);
+    free(xscale);
+    return -1;
+  }
+  quantize_tokens(x, x_rows, K, xq, xscale);
+  int blocks = N / ROWS;
+#pragma omp parallel for schedule(static)
+  for (int j = 0; j < count * blocks; j++) {
+    int i = j / blocks, n = (j % blocks) * ROWS, row = x_rows == 1 ? 0 : i;
+    const int8_t *w = q + chosen[i] * q_stride + (long)n * K;
+    const uint16_t *s = scale + chosen[i] * N;
+    float sums[ROWS][2] = {{0}};
+    block(w, xq + (long)row * K, K, 1, sums);
+    for (int r = 0; r < ROWS; r++) {
+      union { uint32_t bits; float value; } row_scale = {.bits = (uint32_t)s[n + r] << 16};
+      y[(long)i * N + n + r] = sums[r][0] * row_scale.value * xscale[row];
+    }
+  }
+  free(xq);
+  free(xscale);
+  return 0;
+}

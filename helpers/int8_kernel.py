@@ -18,6 +18,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -70,7 +71,7 @@ def _build(compiler: str, path: Path) -> str:
 
 @functools.cache
 def _library() -> tuple:
-    """(the kernel's C function, '') or (None, why not): built on first use, once per machine."""
+    """(the kernel's C functions {name: function}, '') or (None, why not): built on first use, once per machine."""
     import ctypes
 
     import torch  # first: its OpenMP runtime (libgomp.so.1) is the one the kernel's parallel loop joins
@@ -92,9 +93,24 @@ def _library() -> tuple:
     why = _build(compiler, path)
     if why:
         return None, why
-    function = ctypes.CDLL(str(path)).int8_matmul
-    function.restype, function.argtypes = ctypes.c_int, [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
-    return function, ""
+    library, pointer, number, long = ctypes.CDLL(str(path)), ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    functions = {"int8_matmul": library.int8_matmul, "int8_experts": library.int8_experts}
+    functions["int8_matmul"].argtypes = [pointer] * 4 + [number] * 3
+    functions["int8_experts"].argtypes = [
+        pointer,
+        pointer,
+        long,
+        number,
+        pointer,
+        number,
+        pointer,
+        number,
+        pointer,
+    ]
+    functions["int8_experts"].argtypes += [number] * 2
+    for function in functions.values():
+        function.restype = number
+    return functions, ""
 
 
 def kernel_unavailable() -> str:
@@ -102,35 +118,80 @@ def kernel_unavailable() -> str:
     return _library()[1]
 
 
+def _call(name: str, *arguments) -> None:
+    """Call the kernel's C function `name`, naming its time in a torch.profiler profile (harness.step_profile)."""
+    import torch
+
+    functions, why = _library()
+    if functions is None:
+        raise RuntimeError(f"the int8 kernel cannot run here: {why}")
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function(PROFILED):
+            failed = functions[name](*arguments)
+    else:
+        failed = functions[name](*arguments)
+    if failed == -1:
+        raise MemoryError(f"{name}: no memory for the int16 activations")
+    if failed:
+        raise IndexError(f"{name}: an expert index is out of range")
+
+
+def _refuse(name: str, packed, scales, x, shape: tuple) -> None:
+    """A ValueError unless the weights [.., N, K] = `shape` are held as the kernel reads them, before C reads them."""
+    import torch
+
+    *lead, n, k = shape
+    if (
+        (packed.dtype, scales.dtype) != (torch.int8, torch.bfloat16)
+        or tuple(scales.shape) != (*lead, n)
+        or packed.numel() != math.prod(shape)
+        or not (packed.is_contiguous() and scales.is_contiguous() and fits((n, k)))
+    ):
+        raise ValueError(
+            f"{name}: weights {list(packed.shape)} {packed.dtype} with {list(scales.shape)} {scales.dtype} scales do "
+            f"not match inputs {list(x.shape)}: hold them as relayout(q) (int8, contiguous) with one bf16 scale a row"
+        )
+
+
 def int8_matmul(x, packed, scales):
     """x [T, K] (any float dtype) times int8 weights [N, K] held as `relayout(q)` with bf16 `scales` [N]
     (w = q * scale, as quantize.py stores them) -> [T, N] float32."""
     import torch
 
-    function, why = _library()
-    if function is None:
-        raise RuntimeError(f"the int8 kernel cannot run here: {why}")
     x = x.float().contiguous()  # held here while the kernel reads it
     (t, k), n = x.shape, scales.shape[-1]
-    if (
-        (packed.dtype, scales.dtype) != (torch.int8, torch.bfloat16)
-        or packed.numel() != n * k
-        or not (packed.is_contiguous() and scales.is_contiguous() and fits((n, k)))
-    ):
+    _refuse("int8_matmul", packed, scales, x, (n, k))
+    y = torch.empty(t, n)
+    if t:
+        _call("int8_matmul", packed.data_ptr(), scales.data_ptr(), x.data_ptr(), y.data_ptr(), t, n, k)
+    return y
+
+
+def int8_experts(x, packed, scales, chosen):
+    """Row i of x [count or 1, K] (or its one row) times expert `chosen[i]` of a stack held as `relayout(q)`
+    [E, ..] with bf16 `scales` [E, N], its weights read in place (not gathered) -> [count, N] float32."""
+    import torch
+
+    x, chosen = x.float().contiguous(), chosen.to(torch.int64).contiguous()
+    (rows, k), (e, n), count = x.shape, scales.shape, len(chosen)
+    _refuse("int8_experts", packed, scales, x, (e, n, k))
+    if rows not in (1, count):
         raise ValueError(
-            f"int8_matmul: weights {list(packed.shape)} {packed.dtype} with {n} {scales.dtype} scales do not match "
-            f"inputs {list(x.shape)}: hold them as relayout(q) (int8, contiguous) with one bf16 scale a row"
+            f"int8_experts: {rows} rows of inputs for {count} experts: give one row, or one for each expert"
         )
-    y, pointers = torch.empty(t, n), (packed.data_ptr(), scales.data_ptr(), x.data_ptr())
-    if (
-        torch.autograd.profiler._is_profiler_enabled
-    ):  # a profile names the kernel's time (harness.step_profile)
-        with torch.profiler.record_function(PROFILED):
-            failed = t and function(*pointers, y.data_ptr(), t, n, k)
-    else:
-        failed = t and function(*pointers, y.data_ptr(), t, n, k)
-    if failed:
-        raise MemoryError(f"int8_matmul: no memory for {t} x {k} int16 activations")
+    y = torch.empty(count, n)
+    if count:
+        arguments = (
+            packed.data_ptr(),
+            scales.data_ptr(),
+            n * k,
+            e,
+            chosen.data_ptr(),
+            count,
+            x.data_ptr(),
+            rows,
+        )
+        _call("int8_experts", *arguments, y.data_ptr(), n, k)
     return y
 
 
@@ -144,19 +205,13 @@ def register_graph_ops():
     than the kernel at these sizes. Returns the library, which must live as long as its operators."""
     import torch
 
-    def experts(x, packed, scales, chosen):
-        rows = x.expand(len(chosen), -1) if len(x) == 1 else x
-        return torch.cat(
-            [int8_matmul(row[None], packed[e], scales[e]) for row, e in zip(rows, chosen.tolist())]
-        )
-
     def outputs(x, packed, scales, chosen=None):  # what the compiler is told each returns
         return x.new_empty(len(x) if chosen is None else len(chosen), scales.shape[-1], dtype=torch.float32)
 
     library = torch.library.Library("mixtral_notebooks", "DEF")
     for name, function, schema in [
         ("int8_matmul", int8_matmul, "(Tensor x, Tensor packed, Tensor scales) -> Tensor"),
-        ("int8_experts", experts, "(Tensor x, Tensor packed, Tensor scales, Tensor chosen) -> Tensor"),
+        ("int8_experts", int8_experts, "(Tensor x, Tensor packed, Tensor scales, Tensor chosen) -> Tensor"),
     ]:
         library.define(name + schema)
         library.impl(name, function, "CPU")

@@ -506,3 +506,28 @@ def test_the_int8_unpack_file_shows_what_was_measured():
         "| int8 | 1.5 | 5% |" in text
         and "| int8 rows, compiled reduction | 2.1 | 7% | 840 | 1.1e-07 |" in text
     )
+
+
+def test_the_summary_says_whether_each_compiled_graph_was_kept():
+    from bench import bench_summary
+
+    def graph_row(name, tok_s, kept):
+        figures = dict(graph_ms=20.0, lean_ms=30.0 if kept else 21.0, compile_s=17.0, kept=kept)
+        return dict(name=name, decode_tok_s=tok_s, vs_naive=tok_s / 10.0, efficiency=0.3, graph=figures)
+
+    result = dict(bandwidth=30e9, bandwidths=[30e9], rows=[
+        dict(name=NAIVE, decode_tok_s=10.0, vs_naive=1.0, efficiency=0.2, graph=None),
+        graph_row("fast path, one token's step as one compiled graph", 25.0, True),
+        graph_row("int8 weights, one token's step as one compiled graph", 22.0, False),
+    ])  # fmt: skip
+    text = bench_summary(result)
+    assert (
+        "one token's step as one compiled graph: 25.0 tok/s = 2.50x the blog's path, 30% of its ceiling"
+        in text
+    )
+    assert "against the lean step's 30.0 after 17 s compiling, and was kept" in text
+    assert "int8 weights, their step as one compiled graph: 22.0 tok/s = 2.20x the blog's path" in text
+    assert (
+        "against the lean step's 21.0 after 17 s compiling, and was not kept (the row is the lean step's)"
+        in text
+    )

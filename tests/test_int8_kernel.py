@@ -7,7 +7,7 @@ import torch
 
 from helpers import int8_kernel, quantize
 from helpers.data import INT8_KERNEL_ENV
-from helpers.int8_kernel import COLS, ROWS, int8_matmul, kernel_unavailable, relayout
+from helpers.int8_kernel import COLS, ROWS, int8_experts, int8_matmul, kernel_unavailable, relayout
 from helpers.quantize import choose_int8_kernel
 
 needs_kernel = pytest.mark.skipif(bool(kernel_unavailable()), reason=kernel_unavailable() or "")
@@ -136,3 +136,27 @@ def test_int8_kernel_speeds_times_both_from_memory(monkeypatch):
     monkeypatch.setattr("helpers.fastpath._once_per_machine", lambda name, key, measure: measure())
     speeds = quantize.int8_kernel_speeds((256, 512))
     assert set(speeds) == {"torch", "ours"} and all(v > 0 for v in speeds.values())
+
+
+@needs_kernel
+def test_the_chosen_experts_are_read_in_place_with_the_products_of_each():
+    torch.manual_seed(5)
+    stack = torch.randint(-127, 128, (4, 32, 64), dtype=torch.int8)
+    scales = (torch.rand(4, 32) / 50 + 1e-3).bfloat16()
+    packed, chosen = relayout(stack), torch.tensor([3, 0, 3])
+    one, each = torch.randn(1, 64), torch.randn(3, 64)
+    got = int8_experts(one, packed, scales, chosen)  # one row against every chosen expert
+    assert torch.equal(got, torch.cat([int8_matmul(one, packed[e], scales[e]) for e in chosen.tolist()]))
+    got = int8_experts(each, packed, scales, chosen)  # a row for each
+    assert torch.equal(
+        got,
+        torch.cat(
+            [int8_matmul(each[i : i + 1], packed[e], scales[e]) for i, e in enumerate(chosen.tolist())]
+        ),
+    )
+    with pytest.raises(IndexError, match="int8_experts: an expert index is out of range"):
+        int8_experts(one, packed, scales, torch.tensor([1, 4]))
+    with pytest.raises(ValueError, match="int8_experts: 2 rows of inputs for 3 experts"):
+        int8_experts(each[:2], packed, scales, chosen)
+    with pytest.raises(ValueError, match="int8_experts: weights .* hold them as relayout"):
+        int8_experts(one, packed, scales[:3], chosen)
