@@ -183,7 +183,7 @@ def load_local(
         raise ValueError("compiled=True compiles the fast path's step: leave fast=True, or compiled=False")
     if isinstance(fit, Quantized) and torch.cuda.is_available():
         raise ValueError(
-            f"Fit.quantized({fit.scheme!r}) uses torch's CPU kernels, and the model would run on a GPU: "
+            f"Fit.quantized({fit.scheme!r}) uses CPU kernels, and the model would run on a GPU: "
             f"on GPUs load with transformers' quantization_config instead (10_quantization shows how)"
         )
     path = resolve_local(name or model_path())

@@ -5,10 +5,10 @@ Decoding waits on memory, so reading 1 byte (int8) or about half a byte (int4) p
 parameters (`experts.gate_up_proj` [E, 2I, D], `experts.down_proj` [E, D, I]); tools that quantize
 `nn.Linear` modules skip them silently, and they hold most of the bytes. Here attention's projections,
 both expert stacks and lm_head are quantized (embedding rows, norms and routers stay: a lookup, or
-tiny), and multiplied by torch's own CPU kernels, fed bf16 activations (with fp32 activations the
-int8 kernel is much slower: 10_quantization times both and asserts more than twice):
+tiny), and multiplied by CPU kernels: torch's own, fed bf16 activations (with fp32 activations its
+int8 kernel is much slower: 10_quantization times both and asserts more than twice), or for int8 our own:
   int8: `_weight_int8pack_mm`, one scale per output channel (w = q * scale), or the same values and scales
-        by our own kernel (int8_kernel.py): `choose_int8_kernel` times both at load and keeps the faster
+        by our kernel (int8_kernel.py, int16 activations): `choose_int8_kernel` measures both at load
   int4: `_weight_int4pack_mm_for_cpu`, groups of GROUP inputs with a scale and a zero each
 An attention's quantized q, k and v can be joined into one copy (`QuantizedLinear.join`, which the fast path
 calls) for decode.lean_forward's one product for the three (the same values, so the same logits).
