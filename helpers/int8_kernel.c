@@ -52,8 +52,15 @@ static inline __attribute__((always_inline)) void block(const int8_t *w, const i
   }
 }
 
-/* Each token's row of x [T][K] to int16 with one scale; returns nothing, fills xq and xscale. */
-static void quantize_tokens(const float *x, int T, int K, int16_t *xq, float *xscale) {
+/* Bytes of T x K int16 values, rounded up to whole 32-byte lines: the token scales follow them. */
+static inline size_t values_bytes(int T, int K) { return ((size_t)T * K * sizeof(int16_t) + 31) / 32 * 32; }
+
+/* Each token's row of x [T][K] rounded to int16 with one scale (max |x| / 32767): one buffer to free, the values
+   first, then the T scales (at values_bytes); NULL where memory ran out. */
+static int16_t *quantize_tokens(const float *x, int T, int K) {
+  int16_t *xq = aligned_alloc(32, values_bytes(T, K) + ((size_t)T * sizeof(float) + 31) / 32 * 32);
+  if (!xq) return NULL;
+  float *xscale = (float *)((char *)xq + values_bytes(T, K));
   const __m256 sign = _mm256_set1_ps(-0.f);
   for (int t = 0; t < T; t++) {
     const float *row = x + (long)t * K;
@@ -72,18 +79,14 @@ static void quantize_tokens(const float *x, int T, int K, int16_t *xq, float *xs
       _mm256_storeu_si256((__m256i *)(xq + (long)t * K + k), both);
     }
   }
+  return xq;
 }
 
 /* y [T][N] = x [T][K] times the weights; N a multiple of 4, K of 16. Returns 0, or -1 where memory ran out. */
 int int8_matmul(const int8_t *q, const uint16_t *scale, const float *x, float *y, int T, int N, int K) {
-  int16_t *xq = aligned_alloc(32, ((size_t)T * K * sizeof(int16_t) + 31) / 32 * 32);
-  float *xscale = malloc((size_t)T * sizeof(float));
-  if (!xq || !xscale) {
-    free(xq);
-    free(xscale);
-    return -1;
-  }
-  quantize_tokens(x, T, K, xq, xscale);
+  int16_t *xq = quantize_tokens(x, T, K);
+  if (!xq) return -1;
+  const float *xscale = (const float *)((char *)xq + values_bytes(T, K));
 #pragma omp parallel for schedule(static)
   for (int n = 0; n < N; n += ROWS) {
     const int8_t *w = q + (long)n * K;
@@ -101,7 +104,6 @@ int int8_matmul(const int8_t *q, const uint16_t *scale, const float *x, float *y
     }
   }
   free(xq);
-  free(xscale);
   return 0;
 }
 
@@ -112,14 +114,9 @@ int int8_experts(const int8_t *q, const uint16_t *scale, long q_stride, int expe
                  const float *x, int x_rows, float *y, int N, int K) {
   for (int i = 0; i < count; i++)
     if (chosen[i] < 0 || chosen[i] >= experts) return -2;
-  int16_t *xq = aligned_alloc(32, ((size_t)x_rows * K * sizeof(int16_t) + 31) / 32 * 32);
-  float *xscale = malloc((size_t)x_rows * sizeof(float));
-  if (!xq || !xscale) {
-    free(xq);
-    free(xscale);
-    return -1;
-  }
-  quantize_tokens(x, x_rows, K, xq, xscale);
+  int16_t *xq = quantize_tokens(x, x_rows, K);
+  if (!xq) return -1;
+  const float *xscale = (const float *)((char *)xq + values_bytes(x_rows, K));
   int blocks = N / ROWS;
 #pragma omp parallel for schedule(static)
   for (int j = 0; j < count * blocks; j++) {
@@ -134,6 +131,5 @@ int int8_experts(const int8_t *q, const uint16_t *scale, long q_stride, int expe
     }
   }
   free(xq);
-  free(xscale);
   return 0;
 }
