@@ -224,11 +224,10 @@ def use_graph_step(model, compiler) -> bool:
     own. False (nothing changed) where the lean step does not apply (`use_lean_step`)."""
     import torch
 
+    # quantized weights go through the graph only by our int8 kernel (an operator it can call)
     quantized = [m for m in model.modules() if hasattr(m, "packed")]
     if any(getattr(m, "kernel", None) != "ours" for m in quantized) or not use_lean_step(model):
-        return (
-            False  # quantized weights go through the graph only by our int8 kernel (an operator it can call)
-        )
+        return False
     decoder = model.model
     decoder._graph_quantized = ("quantized",) if quantized else ()
     decoder._graph_reads = [m for layer in decoder.layers for m in layer.modules()] + [decoder.norm]

@@ -276,7 +276,9 @@ def quantize_model(model, scheme: str) -> dict:
         choice = choose_int8_kernel(max(by_shape, key=by_shape.get), model.device.type)
         report.update(kernel=choice["kernel"], why=choice["why"], gb_s=choice["gb_s"])
     elif scheme == "int8":
-        report["why"] = "a weight's shape does not split into our int8 kernel's blocks"
+        report["why"] = "a weight's shape does not split into our int8 kernel's blocks (4 rows by 16 inputs)"
+        if os.environ.get(INT8_KERNEL_ENV, "").strip().lower() == "ours":
+            raise ValueError(f"{INT8_KERNEL_ENV}=ours, but {report['why']}: unset it, or set it to torch")
     Quantized = quantized_linear()
     with torch.no_grad():
         for owner, attribute, weight, new_name in targets:

@@ -160,3 +160,18 @@ def test_the_chosen_experts_are_read_in_place_with_the_products_of_each():
         int8_experts(each[:2], packed, scales, chosen)
     with pytest.raises(ValueError, match="int8_experts: weights .* hold them as relayout"):
         int8_experts(one, packed, scales[:3], chosen)
+
+
+def test_forcing_our_kernel_on_shapes_it_cannot_take_is_refused(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helpers.quantize import quantize_model
+
+    config = LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=80, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    monkeypatch.setenv(INT8_KERNEL_ENV, "ours")
+    with pytest.raises(ValueError, match=r"MIXTRAL_INT8_KERNEL=ours, but a weight's shape does not split"):
+        quantize_model(LlamaForCausalLM(config), "int8")  # 40 inputs: not a multiple of 16
+    monkeypatch.delenv(INT8_KERNEL_ENV)
+    report = quantize_model(LlamaForCausalLM(config), "int8")
+    assert report["kernel"] == "torch" and "does not split" in report["why"]
