@@ -96,18 +96,8 @@ def _library() -> tuple:
     library, pointer, number, long = ctypes.CDLL(str(path)), ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     functions = {"int8_matmul": library.int8_matmul, "int8_experts": library.int8_experts}
     functions["int8_matmul"].argtypes = [pointer] * 4 + [number] * 3
-    functions["int8_experts"].argtypes = [
-        pointer,
-        pointer,
-        long,
-        number,
-        pointer,
-        number,
-        pointer,
-        number,
-        pointer,
-    ]
-    functions["int8_experts"].argtypes += [number] * 2
+    # int8_experts(q, scale, q_stride, experts, chosen, count, x, x_rows, y, N, K), as int8_kernel.c declares it
+    functions["int8_experts"].argtypes = [pointer, pointer, long, number, pointer, number, pointer, number, pointer, number, number]  # fmt: skip
     for function in functions.values():
         function.restype = number
     return functions, ""

@@ -104,6 +104,7 @@ def quantized_linear():
         def __init__(self, weight, scheme: str, kernel: str = "torch"):
             super().__init__()
             self.scheme, self.shape, self.kernel = scheme, tuple(weight.shape), kernel
+            self.product = _product(scheme, kernel)  # chosen once: forward runs on every token
             stack = weight.detach().float().reshape(-1, *weight.shape[-2:]).contiguous()  # [E, N, K]
             packed, scales = (_int8 if scheme == "int8" else _int4)(stack)
             if kernel == "ours":  # the same values and scales, the values laid out for int8_kernel.c
@@ -120,7 +121,7 @@ def quantized_linear():
             scales = self.scales if expert is None else self.scales[expert]
             # [T, K]; a decode step calls nothing else
             flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-            y = _product(self.scheme, self.kernel)(flat, (packed, scales))
+            y = self.product(flat, (packed, scales))
             return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])  # [.., N]
 
         def graph_product(self, x, chosen=None):
