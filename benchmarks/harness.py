@@ -27,11 +27,10 @@ sys.path.insert(0, str(ROOT))
 
 from helpers.answers import TokenClock, decode_rate  # noqa: E402
 from helpers.backends import LocalModel  # noqa: E402
-from helpers.data import BLOG_SAMPLING, GB, GiB, TASKS, whole_number  # noqa: E402
+from helpers.data import BLOG_SAMPLING, GB, TASKS, GiB, whole_number  # noqa: E402
 from helpers.fastpath import sampler  # noqa: E402
-from helpers.hardware import best_seconds, dtype_name, measure_bandwidth  # noqa: E402
-from helpers.int8_kernel import PROFILED  # noqa: E402
 from helpers.fitting import Fit  # noqa: E402
+from helpers.hardware import best_seconds, dtype_name, measure_bandwidth  # noqa: E402
 from helpers.loading import load_local, pick_dtype  # noqa: E402
 from helpers.offload import OffloadMeter  # noqa: E402
 from helpers.prompts import blog_prompt, chat_ids  # noqa: E402
@@ -190,7 +189,7 @@ MATRIX_PRODUCTS = {
     "aten::mm", "aten::addmm", "aten::mv", "aten::addmv_", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm",
     "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu", "aten::_int_mm",
     "mkldnn::_linear_pointwise",  # the fast path's packed copies
-    PROFILED, "mixtral_notebooks::int8_matmul", "mixtral_notebooks::int8_experts",  # our int8 kernel, and its operators
+    "mixtral_notebooks::int8_matmul", "mixtral_notebooks::int8_experts",  # our int8 kernel (helpers/int8_ops.cpp)
 }  # fmt: skip
 
 

@@ -55,17 +55,24 @@ static inline __attribute__((always_inline)) void block(const int8_t *w, const i
 /* Bytes of T x K int16 values, rounded up to whole 32-byte lines: the token scales follow them. */
 static inline size_t values_bytes(int T, int K) { return ((size_t)T * K * sizeof(int16_t) + 31) / 32 * 32; }
 
-/* Each token's row of x [T][K] rounded to int16 with one scale (max |x| / 32767): one buffer to free, the values
-   first, then the T scales (at values_bytes); NULL where memory ran out. */
-static int16_t *quantize_tokens(const float *x, int T, int K) {
+/* Eight of x's values from `at` as floats: x is float32, or bf16 where `bf16` (a float's top 16 bits: exact). */
+static inline __m256 load8(const void *x, int bf16, long at) {
+  if (!bf16) return _mm256_loadu_ps((const float *)x + at);
+  __m256i half = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + at)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(half, 16));
+}
+
+/* Each token's row of x [T][K] (float32, or bf16 where `bf16`) rounded to int16 with one scale (max |x| / 32767):
+   one buffer to free, the values first, then the T scales (at values_bytes); NULL where memory ran out. */
+static int16_t *quantize_tokens(const void *x, int bf16, int T, int K) {
   int16_t *xq = aligned_alloc(32, values_bytes(T, K) + ((size_t)T * sizeof(float) + 31) / 32 * 32);
   if (!xq) return NULL;
   float *xscale = (float *)((char *)xq + values_bytes(T, K));
   const __m256 sign = _mm256_set1_ps(-0.f);
   for (int t = 0; t < T; t++) {
-    const float *row = x + (long)t * K;
+    long row = (long)t * K;
     __m256 m8 = _mm256_setzero_ps();
-    for (int k = 0; k < K; k += 8) m8 = _mm256_max_ps(m8, _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k)));
+    for (int k = 0; k < K; k += 8) m8 = _mm256_max_ps(m8, _mm256_andnot_ps(sign, load8(x, bf16, row + k)));
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     m = _mm_max_ss(m, _mm_movehdup_ps(m));
@@ -73,18 +80,19 @@ static int16_t *quantize_tokens(const float *x, int T, int K) {
     xscale[t] = most > 0.f ? most / 32767.f : 1.f;
     __m256 inverse = _mm256_set1_ps(1.f / xscale[t]);
     for (int k = 0; k < K; k += 16) { /* round to nearest, saturate to int16, keep the order */
-      __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k), inverse));
-      __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(row + k + 8), inverse));
+      __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, bf16, row + k), inverse));
+      __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, bf16, row + k + 8), inverse));
       __m256i both = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8);
-      _mm256_storeu_si256((__m256i *)(xq + (long)t * K + k), both);
+      _mm256_storeu_si256((__m256i *)(xq + row + k), both);
     }
   }
   return xq;
 }
 
-/* y [T][N] = x [T][K] times the weights; N a multiple of 4, K of 16. Returns 0, or -1 where memory ran out. */
-int int8_matmul(const int8_t *q, const uint16_t *scale, const float *x, float *y, int T, int N, int K) {
-  int16_t *xq = quantize_tokens(x, T, K);
+/* y [T][N] (float32) = x [T][K] (float32, or bf16 where x_bf16) times the weights; N a multiple of 4, K of 16.
+   Returns 0, or -1 where memory ran out. */
+int int8_matmul(const int8_t *q, const uint16_t *scale, const void *x, int x_bf16, float *y, int T, int N, int K) {
+  int16_t *xq = quantize_tokens(x, x_bf16, T, K);
   if (!xq) return -1;
   const float *xscale = (const float *)((char *)xq + values_bytes(T, K));
 #pragma omp parallel for schedule(static)
@@ -108,13 +116,13 @@ int int8_matmul(const int8_t *q, const uint16_t *scale, const float *x, float *y
 }
 
 /* The chosen experts of a stack, each against its own row of x (or all against x's one row), without gathering
-   their weights: y [count][N] = x_i times expert chosen[i], whose weights start at q + chosen[i] * q_stride and
+   their weights: y [count][N] = x_i (float32, or bf16 where x_bf16) times expert chosen[i], whose weights start at q + chosen[i] * q_stride and
    scales at scale + chosen[i] * N. Returns 0, -1 where memory ran out, -2 where an expert is out of range. */
 int int8_experts(const int8_t *q, const uint16_t *scale, long q_stride, int experts, const int64_t *chosen, int count,
-                 const float *x, int x_rows, float *y, int N, int K) {
+                 const void *x, int x_bf16, int x_rows, float *y, int N, int K) {
   for (int i = 0; i < count; i++)
     if (chosen[i] < 0 || chosen[i] >= experts) return -2;
-  int16_t *xq = quantize_tokens(x, x_rows, K);
+  int16_t *xq = quantize_tokens(x, x_bf16, x_rows, K);
   if (!xq) return -1;
   const float *xscale = (const float *)((char *)xq + values_bytes(x_rows, K));
   int blocks = N / ROWS;

@@ -29,7 +29,7 @@ from .decode import Fused
 from .experts import DECODE_TOKENS, experts_loop, register_experts, token_loop
 from .fitting import GROUP, INT8_KERNELS, WEIGHT_SCHEMES
 from .hardware import best_seconds, timing_buffer_bytes
-from .int8_kernel import SOURCE, fits, int8_matmul, kernel_unavailable, register_graph_ops, relayout
+from .int8_kernel import OPS, SOURCE, fits, int8_matmul, kernel_unavailable, operators, relayout
 
 # Genesis 1-4 in the King James Version (1611, public domain), as Debian's bible-kjv-text 4.38 prints it
 # (`bible gen1:1-4:26`), verse numbers dropped: the text quality is measured on
@@ -109,8 +109,9 @@ def quantized_linear():
             packed, scales = (_int8 if scheme == "int8" else _int4)(stack)
             if kernel == "ours":  # the same values and scales, the values laid out for int8_kernel.c
                 packed = relayout(packed)
-                register_graph_ops()  # for graph_product
-            # what the kernel is fed: quantized_experts converts the hidden states once for all its experts
+                operators()  # built and registered: graph_product calls them
+            # what the experts are fed (quantized_experts converts the hidden states once for all of them): ours
+            # returns float32 for float32, so that the experts' sums stay in float32 as the compiled step's do
             self.input_dtype = torch.float32 if kernel == "ours" else torch.bfloat16
             one = weight.dim() == 2
             self.register_buffer("packed", packed[0] if one else packed)
@@ -186,7 +187,7 @@ def check_scheme(scheme, device: str) -> None:
 
 def int8_kernel_speeds(shape: tuple) -> dict:
     """{kernel: GB/s} of one-token products with int8 weights [N, K] = `shape` by each of INT8_KERNELS that runs
-    here, each fed its own input dtype, over as many distinct matrices as fill `timing_buffer_bytes()` (so
+    here, both fed one bf16 token, over as many distinct matrices as fill `timing_buffer_bytes()` (so
     they come from memory, as a decode step's do); best of 3 passes, measured once per machine."""
     from .fastpath import _once_per_machine
 
@@ -198,7 +199,7 @@ def int8_kernel_speeds(shape: tuple) -> dict:
         q = torch.ones(count, n, k, dtype=torch.int8)  # the values do not change a product's time
         held = {"torch": (q, torch.ones(count, n, dtype=torch.bfloat16), torch.randn(1, k).bfloat16())}
         if fits(shape) and not kernel_unavailable():
-            held["ours"] = (q, held["torch"][1], torch.randn(1, k))  # the same bytes, read as its blocks
+            held["ours"] = held["torch"]  # the same bytes and input, the values read as its blocks
         speeds = {}
         for kernel, (packed, scales, x) in held.items():
             product = _product("int8", kernel)
@@ -206,7 +207,7 @@ def int8_kernel_speeds(shape: tuple) -> dict:
             speeds[kernel] = count * n * k / seconds / GB
         return speeds
 
-    source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    source = hashlib.sha256(SOURCE.read_bytes() + OPS.read_bytes()).hexdigest()[:12]
     return _once_per_machine("int8-kernels", [list(shape), source], measure)
 
 

@@ -2,6 +2,8 @@
 activations, its layout is the blocks it reads, bad input is refused before C sees it, a machine where it cannot
 be built says why and keeps nothing half-written, and the load measures it against torch's and keeps the faster."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -84,30 +86,46 @@ def test_bad_input_is_refused_before_the_kernel_reads_it():
     assert int8_matmul(torch.ones(0, 32), q, scales).shape == (0, 8)
 
 
+@needs_kernel
+def test_bf16_inputs_give_the_products_of_their_float32_values():
+    torch.manual_seed(2)
+    stack = torch.randint(-127, 128, (3, 64, 128), dtype=torch.int8)
+    packed, scales = relayout(stack), (torch.rand(3, 64) / 50 + 1e-3).bfloat16()
+    x, chosen = torch.randn(2, 128).bfloat16(), torch.tensor([2, 0])
+    assert torch.equal(int8_matmul(x, packed[0], scales[0]), int8_matmul(x.float(), packed[0], scales[0]))
+    assert torch.equal(
+        int8_experts(x, packed, scales, chosen), int8_experts(x.float(), packed, scales, chosen)
+    )
+    with pytest.raises(
+        ValueError, match=r"int8_matmul: inputs \[2, 128\] Half: give \[tokens, inputs\] in float32"
+    ):
+        int8_matmul(x.half(), packed[0], scales[0])
+
+
 def test_a_machine_without_a_compiler_says_why_and_keeps_nothing(tmp_path, monkeypatch):
-    monkeypatch.setenv("MIXTRAL_NOTEBOOKS_CACHE", str(tmp_path))
     monkeypatch.setattr(int8_kernel, "cpuinfo", lambda field: "avx2 fma" if field == "flags" else "a CPU")
-    int8_kernel._library.cache_clear()
-    try:
-        monkeypatch.setenv("CC", "no-such-compiler")
-        assert "no C compiler (no-such-compiler) on PATH" in kernel_unavailable()
-        int8_kernel._library.cache_clear()
-        monkeypatch.setenv("CC", "false")  # a compiler that fails
-        assert "false could not build int8_kernel.c" in kernel_unavailable()
+    for variable, what in [("CC", "C"), ("CXX", "C++")]:
+        with monkeypatch.context() as env:
+            env.setenv(variable, "no-such-compiler")
+            assert f"no {what} compiler (no-such-compiler) on PATH" in int8_kernel._why_not()
+    torch_folder = Path(torch.__file__).parent
+    for compilers, source in [(("false", "c++"), "int8_kernel.c"), (("cc", "false"), "int8_ops.cpp")]:
+        path = tmp_path / "kernels" / "int8_kernel-test.so"  # compilers that fail, at either step
+        assert int8_kernel._build(compilers, torch_folder, path).startswith(f"false could not build {source}")
         assert not [p for p in (tmp_path / "kernels").iterdir() if p.suffix != ".lock"]
-        with pytest.raises(RuntimeError, match="the int8 kernel cannot run here: false could not build"):
-            int8_matmul(torch.ones(1, 16), torch.ones(4, 16, dtype=torch.int8), torch.ones(4).bfloat16())
-        assert choose_int8_kernel((4, 16), "cpu")["kernel"] == "torch"
-        monkeypatch.setenv(INT8_KERNEL_ENV, "ours")
-        with pytest.raises(ValueError, match="MIXTRAL_INT8_KERNEL=ours, but our int8 kernel cannot run here"):
-            choose_int8_kernel((4, 16), "cpu")
-    finally:
-        int8_kernel._library.cache_clear()
+    monkeypatch.delenv(INT8_KERNEL_ENV, raising=False)
+    monkeypatch.setattr(int8_kernel, "_library", lambda: "false could not build int8_kernel.c: (no message)")
+    with pytest.raises(RuntimeError, match="the int8 kernel cannot run here: false could not build"):
+        int8_matmul(torch.ones(1, 16), torch.ones(4, 16, dtype=torch.int8), torch.ones(4).bfloat16())
+    assert choose_int8_kernel((4, 16), "cpu")["kernel"] == "torch"
+    monkeypatch.setenv(INT8_KERNEL_ENV, "ours")
+    with pytest.raises(ValueError, match="MIXTRAL_INT8_KERNEL=ours, but our int8 kernel cannot run here"):
+        choose_int8_kernel((4, 16), "cpu")
 
 
 def test_the_load_keeps_the_faster_kernel_and_says_what_it_measured(monkeypatch):
     monkeypatch.delenv(INT8_KERNEL_ENV, raising=False)
-    monkeypatch.setattr(int8_kernel, "_library", lambda: (print, ""))  # runs here, whatever this CPU is
+    monkeypatch.setattr(int8_kernel, "_library", lambda: "")  # runs here, whatever this CPU is
     for torch_gb_s, chosen in [(10.0, "ours"), (19.0, "torch"), (17.0, "ours")]:  # ours only under 90%
         monkeypatch.setattr(
             quantize, "int8_kernel_speeds", lambda shape, s=torch_gb_s: {"torch": s, "ours": 20.0}
