@@ -209,6 +209,10 @@ def bench_summary(result: dict) -> str:
             "int8 weights, their step as one compiled graph",
             rows.get("int8 weights, one token's step as one compiled graph"),
         ),
+        (
+            "int4 weights, their step as one compiled graph",
+            rows.get("int4 weights, one token's step as one compiled graph"),
+        ),
     ):
         if not (graph and graph.get("graph") and naive):
             continue

@@ -93,6 +93,13 @@ CONFIGS = [
         graph=True,
     ),
     Config("int4 weights (fast path)", fast=True, dtype=None, quantize="int4"),
+    Config(
+        "int4 weights, one token's step as one compiled graph",
+        fast=True,
+        dtype=None,
+        quantize="int4",
+        graph=True,
+    ),
     Config("offloaded by accelerate: 1 GiB in RAM, the rest on disk", ram_gib=1.0),
     Config(
         "expert cache, 2 of 8 per layer (fast path, the rest on disk)", fast=True, dtype=None, expert_cache=2
@@ -189,7 +196,8 @@ MATRIX_PRODUCTS = {
     "aten::mm", "aten::addmm", "aten::mv", "aten::addmv_", "aten::bmm", "aten::baddbmm", "aten::_grouped_mm",
     "aten::_weight_int8pack_mm", "aten::_weight_int4pack_mm_for_cpu", "aten::_int_mm",
     "mkldnn::_linear_pointwise",  # the fast path's packed copies
-    "mixtral_notebooks::int8_matmul", "mixtral_notebooks::int8_experts",  # our int8 kernel (helpers/int8_ops.cpp)
+    "mixtral_notebooks::int8_matmul", "mixtral_notebooks::int8_experts",  # our kernels (helpers/quant_ops.cpp)
+    "mixtral_notebooks::int4_matmul", "mixtral_notebooks::int4_experts",
 }  # fmt: skip
 
 

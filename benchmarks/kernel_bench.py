@@ -94,8 +94,8 @@ def candidates() -> dict:
             lambda m, x: m(x.bfloat16()),
         ),
         "int8 weights and activations (_int_mm, 17 rows)": (1, _int8_rows, int_mm),
-        # the same int8 values and scales, re-laid in blocks for our own C kernel (helpers/int8_kernel.c)
-        "int8 weights, int16 activations (our int8_kernel.c)": (
+        # the same int8 values and scales, re-laid in blocks for our own C kernel (helpers/quant_kernel.c)
+        "int8 weights, int16 activations (our quant_kernel.c)": (
             1,
             lambda w: linear(w, "int8", "ours"),
             lambda m, x: m(x),
@@ -105,6 +105,12 @@ def candidates() -> dict:
             0.5,
             lambda w: linear(w, "int4"),
             lambda m, x: m(x.bfloat16()),
+        ),
+        # the same int4 values, scales and zeros, re-laid in blocks for our own C kernel
+        "int4 weights, int16 activations (our quant_kernel.c)": (
+            0.5,
+            lambda w: linear(w, "int4", "ours"),
+            lambda m, x: m(x),
         ),
         # the weight re-laid once by the library for its own kernel, as inductor's frozen linears do, but called
         # eagerly: oneDNN's blocked layout (the fast path's own packing and product, helpers.fastpath), and MKL's

@@ -141,8 +141,8 @@ def graph_step(decoder):
     layer's keys and values [1, KV, L, d], written at its `lengths[i]`, which the step counts on). Each product but
     the router's is a multiply and a sum, `(w[chosen] * x).sum(-1)` for the experts, written so that inductor can
     compute it as one reduction over only the chosen experts' weights (not checked in the generated code); the
-    router's tiny product is the library's, as transformers' is, so that near ties route the same way. int8 weights
-    held for our kernel (quantize.py) are multiplied by its operators instead (`graph_product`: opaque to the
+    router's tiny product is the library's, as transformers' is, so that near ties route the same way. int8 and int4
+    weights held for our kernels (quantize.py) are multiplied by its operators instead (`graph_product`: opaque to the
     compiler, a library kernel to it), the experts in float32 as quantized_experts computes them. It reads the
     weights from the modules as they are: a compiled step is checked against them again at each call (torch's
     guards) and compiled again when one is replaced."""
@@ -157,7 +157,9 @@ def graph_step(decoder):
         return x * cos + torch.cat((-x[:, d // 2 :], x[:, : d // 2]), -1) * sin
 
     def product(module, x):  # x [D] times a module's weight -> [N] in the weights' dtype
-        if hasattr(module, "graph_product"):  # int8 weights multiplied by our kernel (use_graph_step checks)
+        if hasattr(
+            module, "graph_product"
+        ):  # quantized weights multiplied by our kernel (use_graph_step checks)
             return module.graph_product(x[None])[0].to(dtype)
         return (module.weight * x).sum(-1)
 
@@ -183,7 +185,9 @@ def graph_step(decoder):
             logits = (x @ moe.gate.weight.T).float()  # the library's product, as the router's F.linear
             weights, chosen = torch.topk(torch.softmax(logits, -1), cfg.num_experts_per_tok)
             weights = weights / weights.sum()  # [K]: the chosen experts' weights, summing to 1
-            if hasattr(moe.experts, "gate_up_q"):  # int8 by our kernel: in float32, as quantized_experts does
+            if hasattr(
+                moe.experts, "gate_up_q"
+            ):  # quantized, by our kernel: in float32, as quantized_experts does
                 gate, up = moe.experts.gate_up_q.graph_product(x[None], chosen).chunk(2, -1)  # [K, I] each
                 y = moe.experts.down_q.graph_product(F.silu(gate) * up, chosen).to(dtype)  # [K, D]
             else:
@@ -224,7 +228,7 @@ def use_graph_step(model, compiler) -> bool:
     own. False (nothing changed) where the lean step does not apply (`use_lean_step`)."""
     import torch
 
-    # quantized weights go through the graph only by our int8 kernel (an operator it can call)
+    # quantized weights go through the graph only by our kernels (operators it can call)
     quantized = [m for m in model.modules() if hasattr(m, "packed")]
     if any(getattr(m, "kernel", None) != "ours" for m in quantized) or not use_lean_step(model):
         return False

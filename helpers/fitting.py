@@ -23,8 +23,11 @@ WEIGHT_SCHEMES = {
     "int8": "8-bit weights, a scale per output channel",
     "int4": f"4-bit weights, a scale and a zero per {GROUP} inputs",
 }
-# int8's kernels (quantize.choose_int8_kernel picks one at load), as `describe` names them
-INT8_KERNELS = {"torch": "torch's _weight_int8pack_mm", "ours": "our int8_kernel.c"}
+# each scheme's kernels (quantize.choose_kernel picks one at load), as `describe` names them
+QUANT_KERNELS = {
+    "torch": {"int8": "torch's _weight_int8pack_mm", "int4": "torch's _weight_int4pack_mm_for_cpu"},
+    "ours": {"int8": "our quant_kernel.c", "int4": "our quant_kernel.c"},
+}
 TIERS = {"disk": "the model folder's safetensors, memory-mapped", "ram": "CPU RAM"}
 
 
@@ -126,10 +129,6 @@ class LoadRecord:
             return (
                 f"{q['scheme']}: {WEIGHT_SCHEMES[q['scheme']]}, experts and lm_head included "
                 f"({q['bytes_before'] / GiB:.2f} -> {q['bytes_after'] / GiB:.2f} GiB)"
-                + (
-                    f"; multiplied by {INT8_KERNELS[q['kernel']]} ({q['why']})"
-                    if q["scheme"] == "int8"
-                    else ""
-                )
+                + f"; multiplied by {QUANT_KERNELS[q['kernel']][q['scheme']]} ({q['why']})"
             )
         return self.cache.why if self.cache is not None else None

@@ -6,9 +6,9 @@ parameters (`experts.gate_up_proj` [E, 2I, D], `experts.down_proj` [E, D, I]); t
 `nn.Linear` modules skip them silently, and they hold most of the bytes. Here attention's projections,
 both expert stacks and lm_head are quantized (embedding rows, norms and routers stay: a lookup, or
 tiny), and multiplied by CPU kernels: torch's own, fed bf16 activations (with fp32 activations its
-int8 kernel is much slower: 10_quantization times both and asserts more than twice), or for int8 our own:
-  int8: `_weight_int8pack_mm`, one scale per output channel (w = q * scale), or the same values and scales
-        by our kernel (int8_kernel.py, int16 activations): `choose_int8_kernel` measures both at load
+int8 kernel is much slower: 10_quantization times both and asserts more than twice), or our own
+(quant_kernel.py: the same values, scales and zeros, int16 activations); `choose_kernel` measures both at load:
+  int8: `_weight_int8pack_mm`, one scale per output channel (w = q * scale)
   int4: `_weight_int4pack_mm_for_cpu`, groups of GROUP inputs with a scale and a zero each
 An attention's quantized q, k and v can be joined into one copy (`QuantizedLinear.join`, which the fast path
 calls) for decode.lean_forward's one product for the three (the same values, so the same logits).
@@ -24,12 +24,12 @@ import math
 import os
 from pathlib import Path
 
-from .data import GB, INT8_KERNEL_ENV
+from .data import GB, QUANT_KERNEL_ENV
 from .decode import Fused
 from .experts import DECODE_TOKENS, experts_loop, register_experts, token_loop
-from .fitting import GROUP, INT8_KERNELS, WEIGHT_SCHEMES
+from .fitting import GROUP, QUANT_KERNELS, WEIGHT_SCHEMES
 from .hardware import best_seconds, timing_buffer_bytes
-from .int8_kernel import OPS, SOURCE, fits, int8_matmul, kernel_unavailable, operators, relayout
+from .quant_kernel import OPS, SOURCE, fits, kernel_unavailable, operators, relayout4, relayout8
 
 # Genesis 1-4 in the King James Version (1611, public domain), as Debian's bible-kjv-text 4.38 prints it
 # (`bible gen1:1-4:26`), verse numbers dropped: the text quality is measured on
@@ -44,15 +44,15 @@ def _int8(stack):
     return (stack / scale.float()[..., None]).round().clamp(-127, 127).to(torch.int8), scale
 
 
-def _int4(stack):
-    """[E, N, K] float -> (packed [E, N, K/2] uint8, bf16 scales and zeros [E, K/G, N, 2])."""
+def _int4_values(stack):
+    """[E, N, K] float -> (q [E, N, K] int32 in 0..15, scales and zeros [E, N, K/G], bf16 values as floats)."""
     import torch
 
     E, N, K = stack.shape
-    if K % GROUP or N % 16:
+    if K % GROUP:
         raise ValueError(
-            f"int4 needs inputs in groups of {GROUP} and outputs in multiples of 16 (torch's kernel), and a "
-            f"weight is {N} x {K}: use Fit.quantized('int8') for this model"
+            f"int4 needs inputs in groups of {GROUP}, and a weight is {N} x {K}: use Fit.quantized('int8') for "
+            f"this model"
         )
     groups = stack.reshape(E, N, K // GROUP, GROUP)
     low, high = groups.amin(-1), groups.amax(-1)  # [E, N, K/G]
@@ -65,6 +65,20 @@ def _int4(stack):
         .to(torch.int32)
         .reshape(E, N, K)
     )
+    return q, scale, zero
+
+
+def _int4(stack):
+    """[E, N, K] float -> (packed [E, N, K/2] uint8, bf16 scales and zeros [E, K/G, N, 2]), as torch's kernel
+    reads them."""
+    import torch
+
+    if stack.shape[1] % 16:
+        raise ValueError(
+            f"torch's int4 kernel needs outputs in multiples of 16, and a weight is {stack.shape[1]} x "
+            f"{stack.shape[2]}: use Fit.quantized('int8') for this model"
+        )
+    q, scale, zero = _int4_values(stack)
     packed = torch.stack([torch.ops.aten._convert_weight_to_int4pack_for_cpu(m, 2) for m in q])
     return packed, torch.stack([scale, zero], -1).transpose(1, 2).contiguous().bfloat16()
 
@@ -83,14 +97,14 @@ def _bf16_product(scheme: str, x, weight):
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def _own_product(x, weight):
-    """x [T, K] times int8 weights held for our kernel (`relayout`, bf16 scales) -> [T, N] in x's dtype."""
-    y = int8_matmul(x, *weight)
+def _own_product(scheme: str, x, weight):
+    """x [T, K] times weights held for our kernel (quant_kernel's relayout8 / relayout4) -> [T, N] in x's dtype."""
+    y = getattr(operators(), f"{scheme}_matmul")(x, *weight)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _product(scheme: str, kernel: str):
-    return _own_product if kernel == "ours" else functools.partial(_bf16_product, scheme)
+    return functools.partial(_own_product if kernel == "ours" else _bf16_product, scheme)
 
 
 @functools.cache
@@ -106,10 +120,13 @@ def quantized_linear():
             self.scheme, self.shape, self.kernel = scheme, tuple(weight.shape), kernel
             self.product = _product(scheme, kernel)  # chosen once: forward runs on every token
             stack = weight.detach().float().reshape(-1, *weight.shape[-2:]).contiguous()  # [E, N, K]
-            packed, scales = (_int8 if scheme == "int8" else _int4)(stack)
-            if kernel == "ours":  # the same values and scales, the values laid out for int8_kernel.c
-                packed = relayout(packed)
-                operators()  # built and registered: graph_product calls them
+            if kernel == "torch":
+                packed, scales = (_int8 if scheme == "int8" else _int4)(stack)
+            elif scheme == "int8":  # the same values and scales, the values laid out for quant_kernel.c
+                packed, scales = _int8(stack)
+                packed = relayout8(packed)
+            else:
+                packed, scales = relayout4(*_int4_values(stack))
             # what the experts are fed (quantized_experts converts the hidden states once for all of them): ours
             # returns float32 for float32, so that the experts' sums stay in float32 as the compiled step's do
             self.input_dtype = torch.float32 if kernel == "ours" else torch.bfloat16
@@ -128,10 +145,10 @@ def quantized_linear():
         def graph_product(self, x, chosen=None):
             """For decode.graph_step, where the kernel is ours: x [T, K] times the weight -> [T, N] float32, or,
             for a stack, row i of x (or its one row) times expert `chosen[i]` -> [len(chosen), N] float32."""
-            ops = torch.ops.mixtral_notebooks
+            ops = torch.ops.mixtral_notebooks  # registered: ours was built before it was chosen
             if chosen is None:
-                return ops.int8_matmul(x, self.packed, self.scales)
-            return ops.int8_experts(x, self.packed, self.scales, chosen)
+                return getattr(ops, f"{self.scheme}_matmul")(x, self.packed, self.scales)
+            return getattr(ops, f"{self.scheme}_experts")(x, self.packed, self.scales, chosen)
 
         @staticmethod
         def join(projections: list):
@@ -139,15 +156,17 @@ def quantized_linear():
             join_projections): their quantized weights joined along the outputs, the very values, so the same products."""
             scheme, kernel = projections[0].scheme, projections[0].kernel
             packed = torch.cat([p.packed for p in projections])
-            scales = torch.cat([p.scales for p in projections], dim=0 if scheme == "int8" else 1).contiguous()
+            # torch's int4 holds its scales [K/G, N, 2]; the others' start with N
+            scales = torch.cat(
+                [p.scales for p in projections], dim=int(scheme == "int4" and kernel == "torch")
+            )
             product = _product(scheme, kernel)
             return Fused(
                 projections, (packed, scales), product, _buffers_stamp, [p.shape[0] for p in projections]
             )
 
         def extra_repr(self) -> str:
-            kernel = f", {INT8_KERNELS[self.kernel]}" if self.scheme == "int8" else ""
-            return f"{self.scheme}, weight {list(self.shape)}{kernel}"
+            return f"{self.scheme}, weight {list(self.shape)}, {QUANT_KERNELS[self.kernel][self.scheme]}"
 
     return QuantizedLinear
 
@@ -185,54 +204,61 @@ def check_scheme(scheme, device: str) -> None:
         )
 
 
-def int8_kernel_speeds(shape: tuple) -> dict:
-    """{kernel: GB/s} of one-token products with int8 weights [N, K] = `shape` by each of INT8_KERNELS that runs
-    here, both fed one bf16 token, over as many distinct matrices as fill `timing_buffer_bytes()` (so
-    they come from memory, as a decode step's do); best of 3 passes, measured once per machine."""
+def kernel_gb_s(scheme: str, shape: tuple) -> dict:
+    """{kernel: GB/s} of one-token products with `scheme` weights [N, K] = `shape` by each of its kernels that runs
+    here (QUANT_KERNELS), both fed one bf16 token, over as many distinct copies as fill `timing_buffer_bytes()` (so
+    they come from memory, as a decode step's do); the bytes are each kernel's values and scales; best of 3
+    passes, measured once per machine."""
     from .fastpath import _once_per_machine
 
     def measure():
         import torch
 
-        n, k = shape
-        count = max(1, min(8192, math.ceil(timing_buffer_bytes() / (n * k))))
-        q = torch.ones(count, n, k, dtype=torch.int8)  # the values do not change a product's time
-        held = {"torch": (q, torch.ones(count, n, dtype=torch.bfloat16), torch.randn(1, k).bfloat16())}
-        if fits(shape) and not kernel_unavailable():
-            held["ours"] = held["torch"]  # the same bytes and input, the values read as its blocks
-        speeds = {}
-        for kernel, (packed, scales, x) in held.items():
-            product = _product("int8", kernel)
-            seconds = best_seconds(lambda: [product(x, weight) for weight in zip(packed, scales)])
-            speeds[kernel] = count * n * k / seconds / GB
+        stack = torch.randn(1, *shape)  # [1, N, K]: one matrix, held as each kernel holds it
+        held = {"torch": (_int8 if scheme == "int8" else _int4)(stack)}
+        if fits(shape, scheme) and not kernel_unavailable():
+            q, scales = _int8(stack) if scheme == "int8" else (None, None)
+            held["ours"] = (relayout8(q), scales) if scheme == "int8" else relayout4(*_int4_values(stack))
+        x, speeds = torch.randn(1, shape[-1]).bfloat16(), {}
+        for kernel, weight in held.items():
+            size = sum(t.nbytes for t in weight)
+            count = max(1, min(8192, math.ceil(timing_buffer_bytes() / size)))
+            packed, scales = (t.expand(count, *t.shape[1:]).clone() for t in weight)
+            product = _product(scheme, kernel)
+            seconds = best_seconds(lambda: [product(x, one) for one in zip(packed, scales)])
+            speeds[kernel] = count * size / seconds / GB
         return speeds
 
     source = hashlib.sha256(SOURCE.read_bytes() + OPS.read_bytes()).hexdigest()[:12]
-    return _once_per_machine("int8-kernels", [list(shape), source], measure)
+    return _once_per_machine(f"{scheme}-kernels", [list(shape), source], measure)
 
 
-def choose_int8_kernel(shape: tuple, device: str) -> dict:
-    """Which kernel multiplies a model's int8 weights, whose most bytes are [N, K] = `shape` matrices, and why:
-    {"kernel", "gb_s" (what was measured), "why"}. $MIXTRAL_INT8_KERNEL where set; on a GPU torch's; on a
-    CPU ours where it runs here and `int8_kernel_speeds` finds torch's under MARGIN of its speed."""
+def choose_kernel(scheme: str, shape: tuple, device: str) -> dict:
+    """Which kernel multiplies a model's `scheme` weights, whose most bytes are [N, K] = `shape` matrices, and
+    why: {"kernel", "gb_s" (what was measured), "why"}. $MIXTRAL_QUANT_KERNEL where set; on a GPU torch's; on a
+    CPU ours where it runs here and takes these shapes, and `kernel_gb_s` finds torch's under MARGIN of its
+    speed."""
     from .fastpath import MARGIN
 
-    forced = os.environ.get(INT8_KERNEL_ENV, "").strip().lower()
-    if forced and forced not in INT8_KERNELS:
+    forced = os.environ.get(QUANT_KERNEL_ENV, "").strip().lower()
+    if forced and forced not in QUANT_KERNELS:
         raise ValueError(
-            f"{INT8_KERNEL_ENV}={forced!r} is not an int8 kernel here: use {' or '.join(INT8_KERNELS)}, or unset it "
+            f"{QUANT_KERNEL_ENV}={forced!r} is not a kernel here: use {' or '.join(QUANT_KERNELS)}, or unset it "
             f"to take the faster one measured"
         )
     unavailable = "it runs on CPUs only" if device != "cpu" else kernel_unavailable()
+    if not unavailable and not fits(shape, scheme):
+        blocks = f"4 rows by {16 if scheme == 'int8' else 32} inputs"
+        unavailable = f"a weight's shape does not split into its {scheme} blocks ({blocks})"
     if forced == "ours" and unavailable:
-        raise ValueError(f"{INT8_KERNEL_ENV}=ours, but our int8 kernel cannot run here: {unavailable}")
+        raise ValueError(f"{QUANT_KERNEL_ENV}=ours, but our {scheme} kernel cannot run here: {unavailable}")
     if forced:
-        return dict(kernel=forced, gb_s={}, why=f"{INT8_KERNEL_ENV}={forced}: forced")
+        return dict(kernel=forced, gb_s={}, why=f"{QUANT_KERNEL_ENV}={forced}: forced")
     if unavailable:
-        return dict(kernel="torch", gb_s={}, why=f"our int8 kernel is not used: {unavailable}")
-    speeds = int8_kernel_speeds(shape)
+        return dict(kernel="torch", gb_s={}, why=f"our {scheme} kernel is not used: {unavailable}")
+    speeds = kernel_gb_s(scheme, shape)
     kernel = "ours" if speeds["torch"] < MARGIN * speeds.get("ours", 0) else "torch"
-    figures = ", ".join(f"{INT8_KERNELS[name]} {gb_s:.1f} GB/s" for name, gb_s in speeds.items())
+    figures = ", ".join(f"{QUANT_KERNELS[name][scheme]} {gb_s:.1f} GB/s" for name, gb_s in speeds.items())
     return dict(kernel=kernel, gb_s=speeds, why=f"measured at {list(shape)}, one token: {figures}")
 
 
@@ -271,16 +297,13 @@ def quantize_model(model, scheme: str) -> dict:
     check_scheme(scheme, model.device.type)
     targets = _quantizable(model)
     report = dict(scheme=scheme, parameters=0, bytes_before=0, bytes_after=0, kernel="torch", why="", gb_s={})
-    if scheme == "int8" and all(fits(weight.shape) for _, _, weight, _ in targets):
-        by_shape: dict = {}
-        for _, _, weight, _ in targets:
-            by_shape[tuple(weight.shape[-2:])] = by_shape.get(tuple(weight.shape[-2:]), 0) + weight.numel()
-        choice = choose_int8_kernel(max(by_shape, key=by_shape.get), model.device.type)
-        report.update(kernel=choice["kernel"], why=choice["why"], gb_s=choice["gb_s"])
-    elif scheme == "int8":
-        report["why"] = "a weight's shape does not split into our int8 kernel's blocks (4 rows by 16 inputs)"
-        if os.environ.get(INT8_KERNEL_ENV, "").strip().lower() == "ours":
-            raise ValueError(f"{INT8_KERNEL_ENV}=ours, but {report['why']}: unset it, or set it to torch")
+    by_shape: dict = {}
+    for _, _, weight, _ in targets:
+        by_shape[tuple(weight.shape[-2:])] = by_shape.get(tuple(weight.shape[-2:]), 0) + weight.numel()
+    # the shape holding the most weights is timed; one that does not split into our blocks rules ours out
+    odd = [shape for shape in by_shape if not fits(shape, scheme)]
+    choice = choose_kernel(scheme, odd[0] if odd else max(by_shape, key=by_shape.get), model.device.type)
+    report.update(kernel=choice["kernel"], why=choice["why"], gb_s=choice["gb_s"])
     Quantized = quantized_linear()
     with torch.no_grad():
         for owner, attribute, weight, new_name in targets:
@@ -338,8 +361,8 @@ def compare_logits(reference, candidates: dict, ids: list, window: int = 512) ->
 
 def kernel_speeds(n: int = 3072, k: int = 576, repeats: int = 3, total: int | None = None) -> dict:
     """GB/s of weights that matrix-vector products [1, K] x [N, K].T read on this machine: F.linear in fp32
-    and bf16, torch's int8 kernel fed fp32 or bf16 activations, our int8 kernel where it runs, int4. Each kind cycles over as many distinct
-    [N, K] matrices as fill `total` bytes (default: twice the last-level cache, at least 256 MiB), so the
+    and bf16, torch's int8 kernel fed fp32 or bf16 activations, torch's int4 kernel, and ours for each where they
+    run. Each kind cycles over as many distinct [N, K] matrices as fill `total` bytes (default: twice the last-level cache, at least 256 MiB), so the
     weights come from memory, as a decode step's do, not from a cache; best of 3 x `repeats` passes.
     Taught in 10_quantization."""
     import torch
@@ -364,10 +387,12 @@ def kernel_speeds(n: int = 3072, k: int = 576, repeats: int = 3, total: int | No
         ),
         "int8, bf16 activations": (1 + 2 / k, lambda w: linear(w, "int8"), lambda m: m(x16)),
     }
-    if fits((n, k)) and not kernel_unavailable():
-        kinds["int8, our kernel"] = (1 + 2 / k, lambda w: linear(w, "int8", "ours"), lambda m: m(x))
+    if fits((n, k), "int8") and not kernel_unavailable():
+        kinds["int8, our kernel"] = (1 + 2 / k, lambda w: linear(w, "int8", "ours"), lambda m: m(x16))
     if k % GROUP == 0 == n % 16:
         kinds["int4, bf16 activations"] = (0.5 + 4 / GROUP, lambda w: linear(w, "int4"), lambda m: m(x16))
+    if fits((n, k), "int4") and not kernel_unavailable():
+        kinds["int4, our kernel"] = (0.5 + 4 / GROUP, lambda w: linear(w, "int4", "ours"), lambda m: m(x16))
     speeds = {}
     for name, (size, build, run) in kinds.items():
         count = max(1, math.ceil(total / (n * k * size)))

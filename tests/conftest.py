@@ -129,15 +129,16 @@ def tiny_llama(vocab_size=49152, seed=0):
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_moe(seed=0, experts=4, k=2):
-    """A tiny random Mixtral (hidden 32, 2 layers, `experts` experts, top-`k`), untied lm_head."""
+def tiny_moe(seed=0, experts=4, k=2, intermediate=48):
+    """A tiny random Mixtral (hidden 32, 2 layers, `experts` experts, top-`k`, FFN `intermediate`: 64 for int4's
+    groups of 32), untied lm_head."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
     config = MixtralConfig(
         vocab_size=512,
         hidden_size=32,
-        intermediate_size=48,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

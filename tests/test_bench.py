@@ -43,7 +43,8 @@ def test_configurations_that_load_the_same_model_share_a_process():
     ] in names  # the pipeline and compiled code: alone
     assert ["int8 weights (fast path)"] in names and ["int8 weights, bf16 model"] in names  # other loads
     assert ["int8 weights, one token's step as one compiled graph"] in names  # compiled: alone
-    assert len(groups) == 16  # of 26 configurations
+    assert ["int4 weights, one token's step as one compiled graph"] in names
+    assert len(groups) == 17  # of 27 configurations
 
 
 def test_the_quick_run_loads_once_what_this_machine_loads_the_same():

@@ -26,7 +26,7 @@ LAYERS = {
     "fitting": 1,  # how a model fits (fit=), what was loaded (LoadRecord)
     "sizing": 2,  # parameters, bytes, ceilings, the fit check
     "experts": 2,
-    "int8_kernel": 2,  # our C kernel for int8 weights and its torch operators: built once per machine  # the experts' one loop; transformers' experts registry
+    "quant_kernel": 2,  # our C kernels for int8 and int4 weights and their torch operators: built once per machine  # the experts' one loop; transformers' experts registry
     "decode": 2,  # one decode step without transformers' machinery around it
     "prompts": 3,
     "readings": 4,  # the blog's string in each tokenizer stack (01)
@@ -53,7 +53,7 @@ LAYERS = {
 # its ceiling may fall with any change, and rises only with a change that says so in the README.
 TARGETS = dict(helpers_lines=3400, core_lines=900, public_names=70, parameters=6)
 CEILINGS = dict(
-    helpers_lines=7084, core_lines=900, public_names=70
+    helpers_lines=7123, core_lines=900, public_names=70
 )  # core_lines, public_names: at their targets
 CORE = (
     "backends.py",

@@ -2,11 +2,13 @@
 its refusals. int8's quality on the stand-in over the shipped text is asserted where it is measured,
 in 10_quantization, which nbval re-executes."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from helpers import Fit, describe, load_pipeline, parameter_count
-from helpers.data import ENDPOINT_ENV, INT8_KERNEL_ENV
+from helpers.data import ENDPOINT_ENV, QUANT_KERNEL_ENV
 from helpers.experts import token_loop
 from helpers.quantize import (
     GROUP,
@@ -17,7 +19,7 @@ from helpers.quantize import (
     quantized_experts,
     quantized_linear,
 )
-from helpers.int8_kernel import relayout
+from helpers.quant_kernel import relayout8
 
 
 def small_mixtral(seed=0):
@@ -41,8 +43,8 @@ def small_mixtral(seed=0):
 
 
 # ---------------------------------------------------------------- one quantized matrix
-# int8 by each of its kernels on purpose: which one a load takes is measured, and differs by CPU kind
-KERNELS = [("int8", "torch"), ("int8", "ours"), ("int4", "torch")]
+# each scheme by each of its kernels on purpose: which one a load takes is measured, and differs by CPU kind
+KERNELS = [("int8", "torch"), ("int8", "ours"), ("int4", "torch"), ("int4", "ours")]
 
 
 @pytest.mark.parametrize("scheme, kernel", KERNELS)
@@ -53,7 +55,7 @@ def test_a_quantized_matrix_multiplies_like_its_rounded_weights(scheme, kernel):
     if scheme == "int8":  # the rounded weights, rebuilt from the int8 values and their scales
         values = quantized_linear()(w, scheme).packed  # ours holds the same values, re-laid in blocks
         if kernel == "ours":
-            assert torch.equal(layer.packed, relayout(values)) and layer.input_dtype == torch.float32
+            assert torch.equal(layer.packed, relayout8(values)) and layer.input_dtype == torch.float32
         rebuilt = values.float() * layer.scales.float()[:, None]
         step = w.abs().amax(1, keepdim=True) / 127
     else:  # int4 is packed for the kernel: rebuild it by multiplying the identity
@@ -69,11 +71,14 @@ def test_a_quantized_matrix_multiplies_like_its_rounded_weights(scheme, kernel):
 
 
 def test_int4_refuses_shapes_its_kernel_cannot_take():
-    for shape in ((16, GROUP + 8), (8, GROUP)):  # inputs not in whole groups; outputs not a multiple of 16
-        with pytest.raises(
-            ValueError, match=f"int4 needs inputs in groups of {GROUP}.*Fit.quantized\\('int8'\\)"
-        ):
-            quantized_linear()(torch.randn(*shape), "int4")
+    for shape, kernel, words in [
+        ((16, GROUP + 8), "torch", f"int4 needs inputs in groups of {GROUP}"),  # inputs not in whole groups
+        ((16, GROUP + 8), "ours", f"int4 needs inputs in groups of {GROUP}"),
+        ((8, GROUP), "torch", "torch's int4 kernel needs outputs in multiples of 16"),  # ours takes them
+    ]:
+        with pytest.raises(ValueError, match=words + ".*Fit.quantized\\('int8'\\)"):
+            quantized_linear()(torch.randn(*shape), "int4", kernel)
+    assert quantized_linear()(torch.randn(8, GROUP), "int4", "ours").packed.shape == (2, 1, 4, 16)
 
 
 def test_kernel_speeds_times_each_kernel_and_skips_int4_where_groups_do_not_fit(monkeypatch):
@@ -82,7 +87,8 @@ def test_kernel_speeds_times_each_kernel_and_skips_int4_where_groups_do_not_fit(
     monkeypatch.setattr(
         quantize, "kernel_unavailable", lambda: ""
     )  # our kernel's row, wherever it runs or not
-    monkeypatch.setattr(quantize, "int8_matmul", lambda x, q, s: torch.zeros(len(x), s.shape[-1]))
+    zeros = lambda x, q, s: torch.zeros(len(x), 4 * q.shape[-4])  # noqa: E731
+    monkeypatch.setattr(quantize, "operators", lambda: SimpleNamespace(int8_matmul=zeros, int4_matmul=zeros))
     speeds = kernel_speeds(n=256, k=128, repeats=2, total=2**20)
     assert list(speeds) == [
         "fp32 F.linear",
@@ -91,12 +97,13 @@ def test_kernel_speeds_times_each_kernel_and_skips_int4_where_groups_do_not_fit(
         "int8, bf16 activations",
         "int8, our kernel",
         "int4, bf16 activations",
+        "int4, our kernel",
     ]
     assert all(s["microseconds"] > 0 and s["gb_s"] > 0 for s in speeds.values())
     # each kind cycles over enough distinct matrices to fill the buffer: 1 MiB of 128 KiB fp32 matrices is 8 of them;
     # the bytes count the scales (int8: one fp32 or bf16 per row of 128, 1.031 or 1.016 bytes a weight; int4: 0.625
     # with a scale and a zero per 32), so int4 needs 52 matrices of 20 KiB, not 64 of 16 KiB
-    assert [s["matrices"] for s in speeds.values()] == [8, 16, 32, 32, 32, 52]
+    assert [s["matrices"] for s in speeds.values()] == [8, 16, 32, 32, 32, 52, 52]
     assert [s["mib"] for s in speeds.values()][:2] == [1, 1] and all(
         1 < s["mib"] < 1.04 for s in list(speeds.values())[2:]
     )
@@ -123,7 +130,7 @@ def test_kernel_speeds_reads_more_than_the_last_level_cache_by_default(monkeypat
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("scheme, kernel", KERNELS)
 def test_quantize_model_covers_every_matrix_a_token_reads(scheme, kernel, dtype, monkeypatch):
-    monkeypatch.setenv(INT8_KERNEL_ENV, kernel)
+    monkeypatch.setenv(QUANT_KERNEL_ENV, kernel)
     agreement = 0.95 if scheme == "int8" else 0.6
     model = small_mixtral().to(dtype)
     reference = small_mixtral().to(dtype)
@@ -152,7 +159,7 @@ def test_quantize_model_covers_every_matrix_a_token_reads(scheme, kernel, dtype,
 def test_decoding_takes_the_token_loop_with_the_expert_loops_sums(scheme, kernel, dtype, monkeypatch):
     from helpers import quantize
 
-    monkeypatch.setenv(INT8_KERNEL_ENV, kernel)
+    monkeypatch.setenv(QUANT_KERNEL_ENV, kernel)
     model = small_mixtral(seed=3).to(dtype)
     quantize_model(model, scheme)
     experts = model.model.layers[1].mlp.experts

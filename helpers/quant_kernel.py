@@ -1,17 +1,18 @@
-"""int8 weights read near the memory's bandwidth on x86 CPUs: a small C kernel of our own (int8_kernel.c).
+"""int8 and int4 weights read near the memory's bandwidth on x86 CPUs: small C kernels of our own.
 
-At decode shapes torch's CPU kernel for int8 weights (`_weight_int8pack_mm`) reads them at a fraction of
-the bandwidth on some CPUs (`make bench-kernels`), so a quarter of the bytes did not make a quarter of
-the time. int8_kernel.c reads the same int8 values and scales as one stream (4 rows x 16 inputs to a
-64-byte line), rounds each token's activations to int16 (one scale a token: finer than bf16's 8-bit
-mantissa) and sums the products exactly in int32. int8_ops.cpp makes it two torch operators
-(`operators()`), called as torch's own kernels are, from Python or from a compiled graph. Both are compiled
-here, once per machine, by the system's C and C++ compilers for this CPU (`-march=native`) against torch's
-headers, into the cache folder. Where they cannot be (not x86-64 Linux, no AVX2, no compiler),
-`kernel_unavailable()` says why and torch's kernel serves. quantize.py measures both
-at load and uses the faster (`MIXTRAL_INT8_KERNEL` forces one). Taught in 10_quantization.
+At decode shapes torch's CPU kernels for int8 and int4 weights (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`) read them at a fraction of the bandwidth on some CPUs (`make bench-kernels`), so
+fewer bytes did not make less time. quant_kernel.c reads the same values, scales (and int4's zeros) as one
+stream, 4 rows to a 64-byte line (16 int8 inputs, or 32 int4 ones, a row), rounds each token's activations to
+int16 (one scale a token: finer than bf16's 8-bit mantissa) and sums the products exactly in int32 (int4: each
+group of 32 inputs, then times its scale). quant_ops.cpp makes it torch operators (`operators()`: int8_matmul,
+int8_experts, int4_matmul, int4_experts), called as torch's own kernels are, from Python or from a compiled
+graph. Both files are compiled here, once per machine, by the system's C and C++ compilers for this CPU
+(`-march=native`) against torch's headers, into the cache folder. Where they cannot be (not x86-64 Linux, no AVX2
+and FMA, no compiler), `kernel_unavailable()` says why and torch's kernels serve. quantize.py measures both at
+load and uses the faster (`MIXTRAL_QUANT_KERNEL` forces one). Taught in 10_quantization.
 
-Shapes: T tokens, N outputs (a multiple of ROWS), K inputs (a multiple of COLS).
+Shapes: T tokens, N outputs (a multiple of ROWS), K inputs (a multiple of COLS for int8, of GROUP for int4).
 """
 
 from __future__ import annotations
@@ -26,28 +27,45 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from . import fitting
 from .files import atomic_file, cache_root
 from .hardware import cpuinfo
 
-SOURCE = Path(__file__).with_name("int8_kernel.c")
-OPS = Path(__file__).with_name("int8_ops.cpp")  # the kernel as torch operators
-ROWS, COLS = 4, 16  # int8_kernel.c's block: 4 rows x 16 inputs, one 64-byte line
+SOURCE = Path(__file__).with_name("quant_kernel.c")
+OPS = Path(__file__).with_name("quant_ops.cpp")  # the kernels as torch operators
+ROWS, COLS, GROUP = 4, 16, 32  # quant_kernel.c's blocks: 4 rows x 16 int8 or 32 int4 inputs, one 64-byte line
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
 
 
-def fits(shape) -> bool:
-    """Whether a weight [.., N, K] splits into the kernel's blocks."""
-    return shape[-2] % ROWS == 0 and shape[-1] % COLS == 0
+def fits(shape, scheme: str) -> bool:
+    """Whether a weight [.., N, K] splits into the blocks of `scheme`'s kernel (int4: with fitting.GROUP's groups)."""
+    inputs = COLS if scheme == "int8" else GROUP
+    return shape[-2] % ROWS == 0 and shape[-1] % inputs == 0 and (scheme == "int8" or fitting.GROUP == GROUP)
 
 
-def relayout(q):
+def relayout8(q):
     """int8 [.., N, K] -> [.., N/ROWS, K/COLS, ROWS, COLS]: each block's 4 rows x 16 inputs side by side."""
     *lead, n, k = q.shape
     return q.reshape(*lead, n // ROWS, ROWS, k // COLS, COLS).transpose(-3, -2).contiguous()
 
 
+def relayout4(q, scale, zero):
+    """int4 values q [.., N, K] (0..15) with bf16 scales and zeros [.., N, K/GROUP] -> (packed [.., N/ROWS,
+    K/GROUP, ROWS, 16] uint8, byte j of a block's row holding input j in its low half and j + 16 in its high
+    half; scales [.., N/ROWS, K/GROUP, 2, ROWS] bf16, each block's 4 scales, then its 4 zeros)."""
+    import torch
+
+    *lead, n, k = q.shape
+    blocks = q.reshape(*lead, n // ROWS, ROWS, k // GROUP, GROUP).transpose(-3, -2).to(torch.uint8)
+    packed = (blocks[..., :16] | (blocks[..., 16:] << 4)).contiguous()
+    both = torch.stack([scale, zero], -1).reshape(
+        *lead, n // ROWS, ROWS, k // GROUP, 2
+    )  # [.., N/4, 4, K/G, 2]
+    return packed, both.permute(*range(len(lead)), -4, -2, -1, -3).contiguous().bfloat16()
+
+
 def _compile(path: Path, compilers: tuple, torch_folder: Path) -> None:
-    """int8_kernel.c by the C compiler, then int8_ops.cpp by the C++ compiler against torch's headers, linked
+    """quant_kernel.c by the C compiler, then quant_ops.cpp by the C++ compiler against torch's headers, linked
     into `path`; a RuntimeError with the failing compiler's last line where one fails."""
     c, cxx = compilers
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(_torch()._C._GLIBCXX_USE_CXX11_ABI)}"
@@ -61,8 +79,11 @@ def _compile(path: Path, compilers: tuple, torch_folder: Path) -> None:
         for compiler, source, command in steps:
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
-                last = (done.stderr.strip().splitlines() or ["(no message)"])[-1]
-                raise RuntimeError(f"{compiler} could not build {source.name}: {last}")
+                said = done.stderr.strip().splitlines() or ["(no message)"]
+                first = next(
+                    (line for line in said if "error" in line), said[-1]
+                )  # the first error, else the end
+                raise RuntimeError(f"{compiler} could not build {source.name}: {first}")
     finally:
         Path(f"{path}.o").unlink(missing_ok=True)
 
@@ -91,8 +112,8 @@ def _why_not() -> str:
     """Why the kernel cannot be built here, or ''."""
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return f"the kernel is written for x86-64 Linux, and this is {platform.system()} {platform.machine()}"
-    if "avx2" not in cpuinfo("flags").split():
-        return "this CPU has no AVX2, which the kernel's instructions need"
+    if not {"avx2", "fma"} <= set(cpuinfo("flags").split()):
+        return "this CPU has no AVX2 and FMA, which the kernels' instructions need"
     for variable, default, what, package in [("CC", "cc", "C", "gcc"), ("CXX", "c++", "C++", "g++")]:
         compiler = os.environ.get(variable, default)
         if not shutil.which(compiler):
@@ -112,7 +133,7 @@ def _library() -> str:
     why = _why_not()
     if why:
         return why
-    if hasattr(torch.ops.mixtral_notebooks, "int8_matmul"):
+    if hasattr(torch.ops.mixtral_notebooks, "int4_matmul"):
         return ""  # registered already (a cache folder changed within this process)
     compilers = (os.environ.get("CC", "cc"), os.environ.get("CXX", "c++"))
     versions = [
@@ -122,7 +143,7 @@ def _library() -> str:
     key = [SOURCE.read_text(), OPS.read_text(), versions, FLAGS, cpuinfo("model name"), cpuinfo("flags")]
     key.append(torch.__version__)
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-    path = cache_root() / "kernels" / f"int8_kernel-{digest}.so"
+    path = cache_root() / "kernels" / f"quant_kernel-{digest}.so"
     why = _build(compilers, Path(torch.__file__).parent, path)
     if not why:
         torch.ops.load_library(str(path))
@@ -135,21 +156,9 @@ def kernel_unavailable() -> str:
 
 
 def operators():
-    """`torch.ops.mixtral_notebooks`, whose int8_matmul and int8_experts are the kernel (int8_ops.cpp), or a
-    RuntimeError saying why it cannot run here."""
+    """`torch.ops.mixtral_notebooks`, whose int8_matmul, int8_experts, int4_matmul and int4_experts are the kernels
+    (quant_ops.cpp), or a RuntimeError saying why they cannot run here."""
     why = _library()
     if why:
-        raise RuntimeError(f"the int8 kernel cannot run here: {why}")
+        raise RuntimeError(f"our quantized kernels cannot run here: {why}")
     return _torch().ops.mixtral_notebooks
-
-
-def int8_matmul(x, packed, scales):
-    """x [T, K] (float32 or bf16) times int8 weights [N, K] held as `relayout(q)` with bf16 `scales` [N]
-    (w = q * scale, as quantize.py stores them) -> [T, N] float32."""
-    return operators().int8_matmul(x, packed, scales)
-
-
-def int8_experts(x, packed, scales, chosen):
-    """Row i of x [count or 1, K] (or its one row) times expert `chosen[i]` of a stack held as `relayout(q)`
-    [E, ..] with bf16 `scales` [E, N], its weights read in place (not gathered) -> [count, N] float32."""
-    return operators().int8_experts(x, packed, scales, chosen)

@@ -1,0 +1,221 @@
+/* int8 and int4 weights times a few tokens, each matrix read front to back as one stream: the kernels that
+   quant_ops.cpp makes torch operators and quant_kernel.py builds.
+
+   Each token's activations are rounded to int16 with one scale (max |x| / 32767): xq[t][k] * xscale[t].
+   int8, as quantize.py stores it: w = q * scale, one bf16 scale a row (a bf16 is a float's top 16 bits), so
+     y[t][n] = xscale[t] * scale[n] * sum_k q[n][k] * xq[t][k].
+     q is re-laid as blocks of 4 rows x 16 inputs (64 bytes, one cache line): [N/4][K/16][4][16]. Products are
+     summed exactly in int32 lanes (AVX2's vpmaddwd: 16 products, added in pairs) and moved to float every 4,096
+     inputs, before a lane could overflow (2 x 127 x 32767 a pair, 256 pairs a lane).
+   int4, as quantize.py stores it: w = (q - 8) * scale + zero for q in 0..15, one bf16 scale and zero a row and
+     group of 32 inputs, so with xsum[t][g] the sum of a group's xq,
+     y[t][n] = xscale[t] * sum_g (scale[n][g] * sum_{k in g} q[n][k] * xq[t][k] + (zero - 8 scale)[n][g] * xsum[t][g]).
+     q is re-laid as blocks of 4 rows x 32 inputs (64 bytes): [N/4][K/32][4][16], byte j of a row holding input j
+     in its low half and input j + 16 in its high half; the scales and zeros as [N/4][K/32][2][4] (the 4 rows'
+     scales, then their zeros). A group's products are summed exactly in int32 (at most 8 x 15 x 32768 a lane)
+     and moved to float times its scale. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "these kernels need AVX2 and FMA"
+#endif
+
+#define ROWS 4
+#define COLS 16   /* int8: the inputs of a block's row */
+#define GROUP 32  /* int4: the inputs of a block's row, and of a scale's group */
+#define CHUNK 4096
+
+static inline float sum8(__m256i v) { /* in float: eight int32 lanes near their limit would overflow */
+  __m256 f = _mm256_cvtepi32_ps(v);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+/* int8: one block of 4 rows (w: its K/16 lines) against T = 1 or 2 tokens; adds into sums[4][2]. */
+static inline __attribute__((always_inline)) void block8(const int8_t *w, const int16_t *xq, int K, const int T,
+                                                         float sums[ROWS][2]) {
+  for (int start = 0; start < K; start += CHUNK) {
+    int end = start + CHUNK < K ? start + CHUNK : K;
+    __m256i acc[ROWS][2];
+    for (int r = 0; r < ROWS; r++)
+      for (int t = 0; t < T; t++) acc[r][t] = _mm256_setzero_si256();
+    for (int k = start; k < end; k += COLS) {
+      const int8_t *line = w + (long)k * ROWS;
+      _mm_prefetch((const char *)line + 1024, _MM_HINT_T0);
+      __m256i x[2];
+      for (int t = 0; t < T; t++) x[t] = _mm256_loadu_si256((const __m256i *)(xq + (long)t * K + k));
+      for (int r = 0; r < ROWS; r++) {
+        __m256i q = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(line + COLS * r)));
+        for (int t = 0; t < T; t++) acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(q, x[t]));
+      }
+    }
+    for (int r = 0; r < ROWS; r++)
+      for (int t = 0; t < T; t++) sums[r][t] += sum8(acc[r][t]);
+  }
+}
+
+/* int4: one block of 4 rows (w: its K/32 lines, sz: their scales and zeros) against T = 1 or 2 tokens (xq,
+   and xsum: their groups' sums); adds the rows' sums, each group's times its scale, into sums[4][2]. */
+static inline __attribute__((always_inline)) void block4(const uint8_t *w, const uint16_t *sz, const int16_t *xq,
+                                                         const float *xsum, int K, const int T, float sums[ROWS][2]) {
+  const __m256i low = _mm256_set1_epi16(0x0F);
+  const __m128 eight = _mm_set1_ps(8.f);
+  __m256 acc[2];
+  __m128 shifts[2];
+  for (int t = 0; t < T; t++) acc[t] = _mm256_setzero_ps(), shifts[t] = _mm_setzero_ps();
+  for (int g = 0; g < K / GROUP; g++) {
+    const uint8_t *line = w + (long)g * ROWS * 16;
+    _mm_prefetch((const char *)line + 1024, _MM_HINT_T0);
+    __m256i lo[ROWS], hi[ROWS];
+    for (int r = 0; r < ROWS; r++) {
+      __m256i both = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(line + 16 * r)));
+      lo[r] = _mm256_and_si256(both, low); /* the group's inputs 0-15 */
+      hi[r] = _mm256_srli_epi16(both, 4);  /* and 16-31 */
+    }
+    __m128i halves = _mm_loadu_si128((const __m128i *)(sz + (long)g * 2 * ROWS)); /* 4 scales, 4 zeros (bf16) */
+    __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+    __m256 scale = _mm256_permute2f128_ps(f, f, 0x00);                                       /* twice over */
+    __m128 shift = _mm_fnmadd_ps(eight, _mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1)); /* zero - 8 scale */
+    for (int t = 0; t < T; t++) {
+      const int16_t *x = xq + (long)t * K + (long)g * GROUP;
+      __m256i x0 = _mm256_loadu_si256((const __m256i *)x), x1 = _mm256_loadu_si256((const __m256i *)(x + 16));
+      __m256i s[ROWS];
+      for (int r = 0; r < ROWS; r++) s[r] = _mm256_add_epi32(_mm256_madd_epi16(lo[r], x0), _mm256_madd_epi16(hi[r], x1));
+      /* lane r of the low half: row r's lanes 0-3 summed; of the high half: its lanes 4-7 */
+      __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), scale, acc[t]);
+      shifts[t] = _mm_fmadd_ps(shift, _mm_set1_ps(xsum[(long)t * (K / GROUP) + g]), shifts[t]);
+    }
+  }
+  for (int t = 0; t < T; t++) {
+    float rows[ROWS];
+    _mm_storeu_ps(rows, _mm_add_ps(_mm_add_ps(_mm256_castps256_ps128(acc[t]), _mm256_extractf128_ps(acc[t], 1)),
+                                   shifts[t]));
+    for (int r = 0; r < ROWS; r++) sums[r][t] += rows[r];
+  }
+}
+
+static inline float bf16(uint16_t bits) {
+  union { uint32_t bits; float value; } f = {.bits = (uint32_t)bits << 16};
+  return f.value;
+}
+
+/* Eight of x's values from `at` as floats: x is float32, or bf16 where `bf16` (a float's top 16 bits: exact). */
+static inline __m256 load8(const void *x, int bf16, long at) {
+  if (!bf16) return _mm256_loadu_ps((const float *)x + at);
+  __m256i half = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + at)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(half, 16));
+}
+
+/* Tokens rounded to int16: xq [T][K], one scale each, and (where K splits into groups) each group's sum of xq
+   [T][K/32]; one allocation, `buffer`. */
+typedef struct {
+  void *buffer;
+  int16_t *xq;
+  float *scale, *sum;
+} Tokens;
+
+static inline size_t lines(size_t bytes) { return (bytes + 31) / 32 * 32; }
+
+/* x [T][K] (float32, or bf16 where `bf16`) rounded to int16, each row with one scale (max |x| / 32767); 0, or -1
+   where memory ran out. */
+static int quantize_tokens(const void *x, int bf16, int T, int K, Tokens *out) {
+  size_t values = lines((size_t)T * K * sizeof(int16_t)), scales = lines((size_t)T * sizeof(float));
+  out->buffer = aligned_alloc(32, values + scales + lines((size_t)T * (K / GROUP) * sizeof(float)));
+  if (!out->buffer) return -1;
+  out->xq = out->buffer;
+  out->scale = (float *)((char *)out->buffer + values);
+  out->sum = (float *)((char *)out->buffer + values + scales);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  for (int t = 0; t < T; t++) {
+    long row = (long)t * K;
+    __m256 m8 = _mm256_setzero_ps();
+    for (int k = 0; k < K; k += 8) m8 = _mm256_max_ps(m8, _mm256_andnot_ps(sign, load8(x, bf16, row + k)));
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    float most = _mm_cvtss_f32(m);
+    out->scale[t] = most > 0.f ? most / 32767.f : 1.f;
+    __m256 inverse = _mm256_set1_ps(1.f / out->scale[t]);
+    for (int k = 0; k < K; k += 16) { /* round to nearest, saturate to int16, keep the order */
+      __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, bf16, row + k), inverse));
+      __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(load8(x, bf16, row + k + 8), inverse));
+      __m256i both = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xd8);
+      _mm256_storeu_si256((__m256i *)(out->xq + row + k), both);
+    }
+    for (int g = 0; g < K / GROUP; g++) {
+      int sum = 0;
+      for (int k = 0; k < GROUP; k++) sum += out->xq[row + (long)g * GROUP + k];
+      out->sum[(long)t * (K / GROUP) + g] = (float)sum; /* exact: |sum| < 2^24 */
+    }
+  }
+  return 0;
+}
+
+/* Bytes of one matrix's weights, and its scales' count, for `bits` 8 or 4. */
+static inline long weight_bytes(int bits, int N, int K) { return bits == 8 ? (long)N * K : (long)N * K / 2; }
+static inline long scale_count(int bits, int N, int K) { return bits == 8 ? N : (long)N * (K / GROUP) * 2; }
+
+/* Rows n to n + 3 of one matrix (q, scale: that matrix's) against tokens t and t + 1 (two) or t alone, into rows o
+   (and o + 1) of y [.][N]. */
+static inline void rows(int bits, const void *q, const uint16_t *scale, const Tokens *x, int t, int two, float *y,
+                        long o, int n, int N, int K) {
+  float sums[ROWS][2] = {{0}};
+  if (bits == 8) {
+    const int8_t *w = (const int8_t *)q + (long)n * K;
+    if (two)
+      block8(w, x->xq + (long)t * K, K, 2, sums);
+    else
+      block8(w, x->xq + (long)t * K, K, 1, sums);
+    for (int r = 0; r < ROWS; r++) sums[r][0] *= bf16(scale[n + r]), sums[r][1] *= bf16(scale[n + r]);
+  } else {
+    const uint8_t *w = (const uint8_t *)q + (long)n * K / 2;
+    const uint16_t *sz = scale + (long)n * (K / GROUP) * 2;
+    const float *xsum = x->sum + (long)t * (K / GROUP);
+    if (two)
+      block4(w, sz, x->xq + (long)t * K, xsum, K, 2, sums);
+    else
+      block4(w, sz, x->xq + (long)t * K, xsum, K, 1, sums);
+  }
+  for (int r = 0; r < ROWS; r++)
+    for (int j = 0; j <= two; j++) y[(o + j) * N + n + r] = sums[r][j] * x->scale[t + j];
+}
+
+/* y [T][N] (float32) = x [T][K] (float32, or bf16 where x_bf16) times one matrix of `bits` 8 or 4; N a multiple
+   of 4, K of 16 (int8) or 32 (int4). Returns 0, or -1 where memory ran out. */
+int quant_matmul(int bits, const void *q, const uint16_t *scale, const void *x, int x_bf16, float *y, int T, int N,
+                 int K) {
+  Tokens tokens;
+  if (quantize_tokens(x, x_bf16, T, K, &tokens)) return -1;
+#pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; n += ROWS)
+    for (int t = 0; t < T; t += 2) /* two tokens at a time: the block stays in L1 for the next two */
+      rows(bits, q, scale, &tokens, t, T - t >= 2, y, t, n, N, K);
+  free(tokens.buffer);
+  return 0;
+}
+
+/* The chosen experts of a stack of `experts` matrices, each against its own row of x (or all against x's one
+   row), without gathering their weights: y [count][N] = x_i times expert chosen[i]. Returns 0, -1 where memory
+   ran out, -2 where an expert is out of range. */
+int quant_experts(int bits, const void *q, const uint16_t *scale, int experts, const int64_t *chosen, int count,
+                  const void *x, int x_bf16, int x_rows, float *y, int N, int K) {
+  for (int i = 0; i < count; i++)
+    if (chosen[i] < 0 || chosen[i] >= experts) return -2;
+  Tokens tokens;
+  if (quantize_tokens(x, x_bf16, x_rows, K, &tokens)) return -1;
+  int blocks = N / ROWS;
+#pragma omp parallel for schedule(static)
+  for (int j = 0; j < count * blocks; j++) {
+    int i = j / blocks, n = (j % blocks) * ROWS;
+    const void *w = (const char *)q + chosen[i] * weight_bytes(bits, N, K);
+    rows(bits, w, scale + chosen[i] * scale_count(bits, N, K), &tokens, x_rows == 1 ? 0 : i, 0, y, i, n, N, K);
+  }
+  free(tokens.buffer);
+  return 0;
+}

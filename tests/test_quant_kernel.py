@@ -1,0 +1,237 @@
+"""Our int8 and int4 kernels (helpers/quant_kernel.c, quant_ops.cpp, quant_kernel.py): their products are exact
+integer arithmetic on the int16-rounded activations, their layouts are the blocks they read, bad input is refused
+before C sees it, a machine where they cannot be built says why and keeps nothing half-written, and the load
+measures them against torch's and keeps the faster."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import quant_kernel, quantize
+from helpers.data import QUANT_KERNEL_ENV
+from helpers.quant_kernel import COLS, GROUP, ROWS, kernel_unavailable, operators, relayout4, relayout8
+from helpers.quantize import _int4_values, choose_kernel
+
+needs_kernel = pytest.mark.skipif(bool(kernel_unavailable()), reason=kernel_unavailable() or "")
+SCHEMES = ["int8", "int4"]
+
+
+def weights(scheme: str, n: int, k: int, experts: int = 1):
+    """Random weights [E, N, K] of `scheme`: (their float values, packed, scales) as our kernel holds them."""
+    if scheme == "int8":
+        q = torch.randint(-127, 128, (experts, n, k), dtype=torch.int8)
+        scales = (torch.rand(experts, n) / 50 + 1e-3).bfloat16()
+        return q.double() * scales.double()[..., None], relayout8(q), scales
+    q, scale, zero = _int4_values(torch.randn(experts, n, k))
+    values = ((q - 8) * scale.repeat_interleave(GROUP, -1) + zero.repeat_interleave(GROUP, -1)).double()
+    return (values, *relayout4(q, scale.bfloat16(), zero.bfloat16()))
+
+
+def exact(x, values):
+    """What the kernels compute, in float64: each token rounded to int16 with the scale max|x| / 32767 (in float32,
+    as the C does), times the weights' exact values."""
+    x = x.float()
+    step = x.abs().amax(-1, keepdim=True) / 32767
+    step = torch.where(step > 0, step, torch.ones_like(step))
+    xq = torch.round(x * (1 / step)).clamp(-32768, 32767).double()
+    return (xq @ values.T) * step.double()
+
+
+def test_relayout8_puts_each_block_of_4_rows_by_16_inputs_side_by_side():
+    q = torch.arange(8 * 32, dtype=torch.int32).reshape(8, 32).to(torch.int8)
+    blocks = relayout8(q)
+    assert blocks.shape == (8 // ROWS, 32 // COLS, ROWS, COLS) and blocks.is_contiguous()
+    for i, j, r, c in [(0, 0, 0, 0), (1, 1, 3, 15), (0, 1, 2, 5), (1, 0, 1, 9)]:
+        assert blocks[i, j, r, c] == q[ROWS * i + r, COLS * j + c]
+    stack = torch.stack([q, -q])  # an expert stack: each expert's matrix laid out alone
+    assert torch.equal(relayout8(stack)[1], relayout8(-q))
+
+
+def test_relayout4_puts_two_inputs_in_a_byte_and_each_blocks_scales_beside_it():
+    q = torch.randint(0, 16, (8, 64))
+    scale, zero = torch.rand(8, 2).bfloat16(), torch.rand(8, 2).bfloat16()
+    packed, held = relayout4(q, scale, zero)
+    assert packed.shape == (2, 2, ROWS, 16) and packed.dtype == torch.uint8 and held.shape == (2, 2, 2, ROWS)
+    for i, g, r, j in [(0, 0, 0, 0), (1, 1, 3, 15), (0, 1, 2, 5), (1, 0, 1, 9)]:
+        row, column = ROWS * i + r, GROUP * g + j
+        assert packed[i, g, r, j] == q[row, column] + 16 * q[row, column + 16]
+        assert held[i, g, 0, r] == scale[row, g] and held[i, g, 1, r] == zero[row, g]
+    stack, stack_held = relayout4(
+        torch.stack([q, 15 - q]), torch.stack([scale, zero]), torch.stack([zero, scale])
+    )
+    assert torch.equal(stack[1], relayout4(15 - q, zero, scale)[0]) and torch.equal(stack_held[0], held)
+
+
+@needs_kernel
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize(
+    "shape", [(64, 128), (192, 576), (12, 4128)], ids=str
+)  # 4128: past int8's 4096 chunk
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 17])
+def test_products_are_the_exact_integer_sums(scheme, shape, tokens):
+    torch.manual_seed(tokens)
+    values, packed, scales = weights(scheme, *shape)
+    x = torch.randn(tokens, shape[1]) * torch.logspace(-3, 2, tokens)[:, None]  # each token its own range
+    got = getattr(operators(), f"{scheme}_matmul")(x, packed[0], scales[0])
+    expected = exact(x, values[0])
+    assert got.shape == (tokens, shape[0]) and got.dtype == torch.float32
+    # float32's rounding of the sums and the scales, nothing more
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    # and close to the float product: the int16 rounding of activations is far finer than bf16's
+    dense = x.double() @ values[0].T
+    assert float((got.double() - dense).abs().max()) < 1e-3 * float(dense.abs().max())
+
+
+@needs_kernel
+def test_sums_near_int32s_limit_do_not_overflow():
+    q, x = (
+        torch.full((4, 8192), 127, dtype=torch.int8),
+        torch.full((2, 8192), 3.0),
+    )  # every product at its most
+    ops = operators()
+    got = ops.int8_matmul(x, relayout8(q), torch.ones(4).bfloat16())
+    assert torch.equal(got, torch.full((2, 4), 127 * 3.0 * 8192))
+    assert torch.equal(
+        ops.int8_matmul(torch.zeros(1, 8192), relayout8(q), torch.ones(4).bfloat16()), torch.zeros(1, 4)
+    )
+    # int4: every value 15 against inputs at int16's most, each group's sum exact before its scale
+    ones = torch.ones(4, 8192 // GROUP).bfloat16()
+    got = ops.int4_matmul(x, *relayout4(torch.full((4, 8192), 15), ones, ones))  # w = (15 - 8) * 1 + 1
+    torch.testing.assert_close(got, torch.full((2, 4), 8 * 3.0 * 8192), rtol=1e-6, atol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_bf16_inputs_give_the_products_of_their_float32_values(scheme):
+    torch.manual_seed(2)
+    _, packed, scales = weights(scheme, 64, 128, experts=3)
+    x, chosen, ops = torch.randn(2, 128).bfloat16(), torch.tensor([2, 0]), operators()
+    matmul, experts = getattr(ops, f"{scheme}_matmul"), getattr(ops, f"{scheme}_experts")
+    assert torch.equal(matmul(x, packed[0], scales[0]), matmul(x.float(), packed[0], scales[0]))
+    assert torch.equal(experts(x, packed, scales, chosen), experts(x.float(), packed, scales, chosen))
+    with pytest.raises(
+        ValueError, match=rf"{scheme}_matmul: inputs \[2, 128\] Half: give \[tokens, inputs\]"
+    ):
+        matmul(x.half(), packed[0], scales[0])
+
+
+@needs_kernel
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_bad_input_is_refused_before_the_kernel_reads_it(scheme):
+    _, packed, scales = weights(scheme, 8, 64)
+    packed, scales, x = packed[0], scales[0], torch.ones(1, 64)
+    matmul = getattr(operators(), f"{scheme}_matmul")
+    for p, s, inputs in [
+        (packed, scales.float(), x),  # float32 scales
+        (packed, scales, torch.ones(1, 96)),  # inputs of another width
+        (packed.float(), scales, x),  # not the kernel's integers
+        (packed.transpose(-1, -2), scales, x),  # not contiguous
+        (packed.reshape(-1, 64), scales, x),  # not laid out in blocks
+        (packed, scales[:1], x),  # scales for fewer rows
+    ]:
+        with pytest.raises(
+            ValueError, match=rf"{scheme}_matmul: weights .* hold them as relayout{scheme[-1]}"
+        ):
+            matmul(inputs, p, s)
+    assert matmul(torch.ones(0, 64), packed, scales).shape == (0, 8)
+
+
+def test_a_machine_without_a_compiler_says_why_and_keeps_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(quant_kernel, "cpuinfo", lambda field: "avx2 fma" if field == "flags" else "a CPU")
+    for variable, what in [("CC", "C"), ("CXX", "C++")]:
+        with monkeypatch.context() as env:
+            env.setenv(variable, "no-such-compiler")
+            assert f"no {what} compiler (no-such-compiler) on PATH" in quant_kernel._why_not()
+    torch_folder = Path(torch.__file__).parent
+    for compilers, source in [(("false", "c++"), "quant_kernel.c"), (("cc", "false"), "quant_ops.cpp")]:
+        path = tmp_path / "kernels" / "quant_kernel-test.so"  # compilers that fail, at either step
+        assert quant_kernel._build(compilers, torch_folder, path).startswith(
+            f"false could not build {source}"
+        )
+        assert not [p for p in (tmp_path / "kernels").iterdir() if p.suffix != ".lock"]
+    monkeypatch.delenv(QUANT_KERNEL_ENV, raising=False)
+    monkeypatch.setattr(
+        quant_kernel, "_library", lambda: "false could not build quant_kernel.c: (no message)"
+    )
+    with pytest.raises(RuntimeError, match="our quantized kernels cannot run here: false could not build"):
+        operators()
+    for scheme in SCHEMES:
+        assert choose_kernel(scheme, (4, 32), "cpu")["kernel"] == "torch"
+    monkeypatch.setenv(QUANT_KERNEL_ENV, "ours")
+    with pytest.raises(
+        ValueError, match="MIXTRAL_QUANT_KERNEL=ours, but our int4 kernel cannot run here: false"
+    ):
+        choose_kernel("int4", (4, 32), "cpu")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_load_keeps_the_faster_kernel_and_says_what_it_measured(scheme, monkeypatch):
+    monkeypatch.delenv(QUANT_KERNEL_ENV, raising=False)
+    monkeypatch.setattr(quant_kernel, "_library", lambda: "")  # runs here, whatever this CPU is
+    torch_name = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}[scheme]
+    for torch_gb_s, chosen in [(10.0, "ours"), (19.0, "torch"), (17.0, "ours")]:  # ours only under 90%
+        monkeypatch.setattr(
+            quantize, "kernel_gb_s", lambda _, shape, s=torch_gb_s: {"torch": s, "ours": 20.0}
+        )
+        choice = choose_kernel(scheme, (3072, 576), "cpu")
+        assert choice["kernel"] == chosen and choice["gb_s"] == {"torch": torch_gb_s, "ours": 20.0}
+        assert choice["why"] == (
+            f"measured at [3072, 576], one token: torch's {torch_name} {torch_gb_s:.1f} GB/s, our quant_kernel.c "
+            f"20.0 GB/s"
+        )
+    assert choose_kernel(scheme, (3072, 576), "cuda")["kernel"] == "torch"  # ours is a CPU kernel
+    monkeypatch.setenv(QUANT_KERNEL_ENV, "fastest")
+    with pytest.raises(
+        ValueError, match="MIXTRAL_QUANT_KERNEL='fastest' is not a kernel here: use torch or ours"
+    ):
+        choose_kernel(scheme, (3072, 576), "cpu")
+    monkeypatch.setenv(QUANT_KERNEL_ENV, "torch")
+    assert choose_kernel(scheme, (3072, 576), "cpu") == dict(
+        kernel="torch", gb_s={}, why="MIXTRAL_QUANT_KERNEL=torch: forced"
+    )
+
+
+@needs_kernel
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_kernel_gb_s_times_both_from_memory(scheme, monkeypatch):
+    monkeypatch.setattr(quantize, "timing_buffer_bytes", lambda: 8 * 2**20)
+    monkeypatch.setattr("helpers.fastpath._once_per_machine", lambda name, key, measure: measure())
+    speeds = quantize.kernel_gb_s(scheme, (256, 512))
+    assert set(speeds) == {"torch", "ours"} and all(v > 0 for v in speeds.values())
+
+
+@needs_kernel
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_chosen_experts_are_read_in_place_with_the_products_of_each(scheme):
+    torch.manual_seed(5)
+    _, packed, scales = weights(scheme, 32, 64, experts=4)
+    chosen, ops = torch.tensor([3, 0, 3]), operators()
+    matmul, experts = getattr(ops, f"{scheme}_matmul"), getattr(ops, f"{scheme}_experts")
+    one, each = torch.randn(1, 64), torch.randn(3, 64)
+    got = experts(one, packed, scales, chosen)  # one row against every chosen expert
+    assert torch.equal(got, torch.cat([matmul(one, packed[e], scales[e]) for e in chosen.tolist()]))
+    got = experts(each, packed, scales, chosen)  # a row for each
+    expected = [matmul(each[i : i + 1], packed[e], scales[e]) for i, e in enumerate(chosen.tolist())]
+    assert torch.equal(got, torch.cat(expected))
+    with pytest.raises(IndexError, match=f"{scheme}_experts: an expert index is out of range"):
+        experts(one, packed, scales, torch.tensor([1, 4]))
+    with pytest.raises(ValueError, match=f"{scheme}_experts: 2 rows of inputs for 3 experts"):
+        experts(each[:2], packed, scales, chosen)
+    with pytest.raises(ValueError, match=f"{scheme}_experts: weights .* hold them as relayout"):
+        experts(one, packed, scales[:3], chosen)
+
+
+def test_forcing_our_kernel_on_shapes_it_cannot_take_is_refused(monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helpers.quantize import quantize_model
+
+    config = LlamaConfig(vocab_size=64, hidden_size=40, intermediate_size=80, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    monkeypatch.setenv(QUANT_KERNEL_ENV, "ours")
+    with pytest.raises(ValueError, match=r"MIXTRAL_QUANT_KERNEL=ours, but our int8 kernel .* does not split"):
+        quantize_model(LlamaForCausalLM(config), "int8")  # 40 inputs: not a multiple of 16
+    monkeypatch.delenv(QUANT_KERNEL_ENV)
+    report = quantize_model(LlamaForCausalLM(config), "int8")
+    assert report["kernel"] == "torch" and "does not split" in report["why"]
