@@ -12,8 +12,8 @@
      y[t][n] = xscale[t] * sum_g (scale[n][g] * sum_{k in g} q[n][k] * xq[t][k] + (zero - 8 scale)[n][g] * xsum[t][g]).
      q is re-laid as blocks of 4 rows x 32 inputs (64 bytes): [N/4][K/32][4][16], byte j of a row holding input j
      in its low half and input j + 16 in its high half; the scales and zeros as [N/4][K/32][2][4] (the 4 rows'
-     scales, then their zeros). A group's products are summed exactly in int32 (at most 8 x 15 x 32768 a lane)
-     and moved to float times its scale. */
+     scales, then their zeros). A group's products are summed exactly in int32 (16 a lane at most, 16 x 15 x
+     32768 < 2^24) and moved to float times its scale. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>

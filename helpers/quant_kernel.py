@@ -1,16 +1,17 @@
 """int8 and int4 weights read near the memory's bandwidth on x86 CPUs: small C kernels of our own.
 
 At decode shapes torch's CPU kernels for int8 and int4 weights (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`) read them at a fraction of the bandwidth on some CPUs (`make bench-kernels`), so
-fewer bytes did not make less time. quant_kernel.c reads the same values, scales (and int4's zeros) as one
-stream, 4 rows to a 64-byte line (16 int8 inputs, or 32 int4 ones, a row), rounds each token's activations to
-int16 (one scale a token: finer than bf16's 8-bit mantissa) and sums the products exactly in int32 (int4: each
-group of 32 inputs, then times its scale). quant_ops.cpp makes it torch operators (`operators()`: int8_matmul,
-int8_experts, int4_matmul, int4_experts), called as torch's own kernels are, from Python or from a compiled
-graph. Both files are compiled here, once per machine, by the system's C and C++ compilers for this CPU
-(`-march=native`) against torch's headers, into the cache folder. Where they cannot be (not x86-64 Linux, no AVX2
-and FMA, no compiler), `kernel_unavailable()` says why and torch's kernels serve. quantize.py measures both at
-load and uses the faster (`MIXTRAL_QUANT_KERNEL` forces one). Taught in 10_quantization.
+`_weight_int4pack_mm_for_cpu`) read them at a fraction of the bandwidth on some CPUs (`make bench-kernels`),
+so fewer bytes did not make less time. quant_kernel.c reads the same values as one stream (their scales, and
+int4's zeros, beside them), 4 rows to a 64-byte line (16 int8 inputs, or 32 int4 ones, a row), rounds each
+token's activations to int16 (one scale a token: finer than bf16's 8-bit mantissa) and sums the products
+exactly in int32 (int4: each group of 32 inputs, then times its scale). quant_ops.cpp makes it torch operators
+(`operators()`: int8_matmul, int8_experts, int4_matmul, int4_experts), called as torch's own kernels are, from
+Python or from a compiled graph. Both files are compiled here, once per machine, by the system's C and C++
+compilers for this CPU (`-march=native`) against torch's headers, into the cache folder. Where they cannot be
+(not x86-64 Linux, no AVX2 and FMA, no compiler), `kernel_unavailable()` says why and torch's kernels serve.
+quantize.py measures both at load and keeps ours where torch's runs at under 90% of its speed
+(`MIXTRAL_QUANT_KERNEL` forces one). Taught in 10_quantization.
 
 Shapes: T tokens, N outputs (a multiple of ROWS), K inputs (a multiple of COLS for int8, of GROUP for int4).
 """
@@ -66,7 +67,7 @@ def relayout4(q, scale, zero):
 
 def _compile(path: Path, compilers: tuple, torch_folder: Path) -> None:
     """quant_kernel.c by the C compiler, then quant_ops.cpp by the C++ compiler against torch's headers, linked
-    into `path`; a RuntimeError with the failing compiler's last line where one fails."""
+    into `path`; a RuntimeError with the failing compiler's first error line where one fails."""
     c, cxx = compilers
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(_torch()._C._GLIBCXX_USE_CXX11_ABI)}"
     lib = torch_folder / "lib"
@@ -80,9 +81,7 @@ def _compile(path: Path, compilers: tuple, torch_folder: Path) -> None:
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 said = done.stderr.strip().splitlines() or ["(no message)"]
-                first = next(
-                    (line for line in said if "error" in line), said[-1]
-                )  # the first error, else the end
+                first = next((line for line in said if "error" in line), said[-1])  # else its last line
                 raise RuntimeError(f"{compiler} could not build {source.name}: {first}")
     finally:
         Path(f"{path}.o").unlink(missing_ok=True)
@@ -118,8 +117,8 @@ def _why_not() -> str:
         compiler = os.environ.get(variable, default)
         if not shutil.which(compiler):
             return (
-                f"no {what} compiler ({compiler}) on PATH: install {package} (Debian: apt install {package})"
-                + (f" or set {variable}")
+                f"no {what} compiler ({compiler}) on PATH: install {package} (Debian: apt install {package}) or "
+                f"set {variable}"
             )
     if not (Path(_torch().__file__).parent / "include" / "torch" / "library.h").is_file():
         return "this torch has no C++ headers (torch/include), which the kernel's operators are built against"
