@@ -10,9 +10,7 @@ GB = 1e9
 # ---------------------------------------------------------------- environment variables, all of them
 MODEL_ENV = "MIXTRAL_MODEL"  # a hub id or a local folder; unset: the stand-in
 DTYPE_ENV = "MIXTRAL_DTYPE"  # float32 | bfloat16 | float16 | auto
-QUANT_KERNEL_ENV = (
-    "MIXTRAL_QUANT_KERNEL"  # torch | ours: int8 and int4 weights' kernels, else the faster measured
-)
+QUANT_KERNEL_ENV = "MIXTRAL_QUANT_KERNEL"  # torch | ours: int8 and int4's kernel, else measured at load
 CACHE_ENV = "MIXTRAL_NOTEBOOKS_CACHE"  # where the stand-in and tokenizers are kept
 ENDPOINT_ENV = "MIXTRAL_ENDPOINT"  # an OpenAI-compatible server, e.g. http://gpu-node:8000/v1
 API_KEY_ENV = "MIXTRAL_API_KEY"

@@ -100,7 +100,7 @@ static inline __attribute__((always_inline)) void block4(const uint8_t *w, const
   }
 }
 
-static inline float bf16(uint16_t bits) {
+static inline float from_bf16(uint16_t bits) { /* a bf16 is a float's top 16 bits */
   union { uint32_t bits; float value; } f = {.bits = (uint32_t)bits << 16};
   return f.value;
 }
@@ -172,7 +172,10 @@ static inline void rows(int bits, const void *q, const uint16_t *scale, const To
       block8(w, x->xq + (long)t * K, K, 2, sums);
     else
       block8(w, x->xq + (long)t * K, K, 1, sums);
-    for (int r = 0; r < ROWS; r++) sums[r][0] *= bf16(scale[n + r]), sums[r][1] *= bf16(scale[n + r]);
+    for (int r = 0; r < ROWS; r++) {
+      float row_scale = from_bf16(scale[n + r]);
+      sums[r][0] *= row_scale, sums[r][1] *= row_scale;
+    }
   } else {
     const uint8_t *w = (const uint8_t *)q + (long)n * K / 2;
     const uint16_t *sz = scale + (long)n * (K / GROUP) * 2;
