@@ -29,7 +29,7 @@ from .decode import Fused
 from .experts import DECODE_TOKENS, experts_loop, register_experts, token_loop
 from .fitting import GROUP, QUANT_KERNELS, WEIGHT_SCHEMES
 from .hardware import best_seconds, timing_buffer_bytes
-from .quant_kernel import OPS, SOURCE, fits, kernel_unavailable, operators, relayout4, relayout8
+from .quant_kernel import COLS, OPS, ROWS, SOURCE, fits, kernel_unavailable, operators, relayout4, relayout8
 
 # Genesis 1-4 in the King James Version (1611, public domain), as Debian's bible-kjv-text 4.38 prints it
 # (`bible gen1:1-4:26`), verse numbers dropped: the text quality is measured on
@@ -97,14 +97,26 @@ def _bf16_product(scheme: str, x, weight):
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def _own_product(scheme: str, x, weight):
-    """x [T, K] times weights held for our kernel (quant_kernel's relayout8 / relayout4) -> [T, N] in x's dtype."""
-    y = getattr(operators(), f"{scheme}_matmul")(x, *weight)
+def _own_product(matmul, x, weight):
+    """x [T, K] times weights held for our kernel, by its operator `matmul` -> [T, N] in x's dtype."""
+    y = matmul(x, *weight)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def _product(scheme: str, kernel: str):
-    return functools.partial(_own_product if kernel == "ours" else _bf16_product, scheme)
+    if kernel == "ours":  # its operator looked up once: forward runs on every token
+        return functools.partial(_own_product, getattr(operators(), f"{scheme}_matmul"))
+    return functools.partial(_bf16_product, scheme)
+
+
+def _pack(stack, scheme: str, kernel: str) -> tuple:
+    """[E, N, K] float -> (packed, scales) as `kernel`'s product for `scheme` reads them."""
+    if kernel == "torch":
+        return (_int8 if scheme == "int8" else _int4)(stack)
+    if scheme == "int8":  # the same values and scales, the values laid out for quant_kernel.c
+        q, scales = _int8(stack)
+        return relayout8(q), scales
+    return relayout4(*_int4_values(stack))
 
 
 @functools.cache
@@ -120,13 +132,7 @@ def quantized_linear():
             self.scheme, self.shape, self.kernel = scheme, tuple(weight.shape), kernel
             self.product = _product(scheme, kernel)  # chosen once: forward runs on every token
             stack = weight.detach().float().reshape(-1, *weight.shape[-2:]).contiguous()  # [E, N, K]
-            if kernel == "torch":
-                packed, scales = (_int8 if scheme == "int8" else _int4)(stack)
-            elif scheme == "int8":  # the same values and scales, the values laid out for quant_kernel.c
-                packed, scales = _int8(stack)
-                packed = relayout8(packed)
-            else:
-                packed, scales = relayout4(*_int4_values(stack))
+            packed, scales = _pack(stack, scheme, kernel)
             # what the experts are fed (quantized_experts converts the hidden states once for all of them): ours
             # returns float32 for float32, so that the experts' sums stay in float32 as the compiled step's do
             self.input_dtype = torch.float32 if kernel == "ours" else torch.bfloat16
@@ -215,10 +221,8 @@ def kernel_gb_s(scheme: str, shape: tuple) -> dict:
         import torch
 
         stack = torch.randn(1, *shape)  # [1, N, K]: one matrix, held as each kernel holds it
-        held = {"torch": (_int8 if scheme == "int8" else _int4)(stack)}
-        if fits(shape, scheme) and not kernel_unavailable():
-            q, scales = _int8(stack) if scheme == "int8" else (None, None)
-            held["ours"] = (relayout8(q), scales) if scheme == "int8" else relayout4(*_int4_values(stack))
+        ours = fits(shape, scheme) and not kernel_unavailable()
+        held = {kernel: _pack(stack, scheme, kernel) for kernel in ("torch", "ours")[: 1 + ours]}
         x, speeds = torch.randn(1, shape[-1]).bfloat16(), {}
         for kernel, weight in held.items():
             size = sum(t.nbytes for t in weight)
@@ -248,7 +252,7 @@ def choose_kernel(scheme: str, shape: tuple, device: str) -> dict:
         )
     unavailable = "it runs on CPUs only" if device != "cpu" else kernel_unavailable()
     if not unavailable and not fits(shape, scheme):
-        blocks = f"4 rows by {16 if scheme == 'int8' else 32} inputs"
+        blocks = f"{ROWS} rows by {COLS if scheme == 'int8' else GROUP} inputs"
         unavailable = f"a weight's shape does not split into its {scheme} blocks ({blocks})"
     if forced == "ours" and unavailable:
         raise ValueError(f"{QUANT_KERNEL_ENV}=ours, but our {scheme} kernel cannot run here: {unavailable}")
