@@ -198,6 +198,7 @@ MATRIX_PRODUCTS = {
     "mkldnn::_linear_pointwise",  # the fast path's packed copies
     "mixtral_notebooks::int8_matmul", "mixtral_notebooks::int8_experts",  # our kernels (helpers/quant_ops.cpp)
     "mixtral_notebooks::int4_matmul", "mixtral_notebooks::int4_experts",
+    "mixtral_notebooks::dense_matmul", "mixtral_notebooks::dense_experts",
 }  # fmt: skip
 
 

@@ -88,6 +88,14 @@ def candidates() -> dict:
             lambda w, x: F.linear(x.bfloat16(), w),
         ),
         "bf16 reduction by torch.compile": (2, lambda w: w.bfloat16(), lambda w, x: reduce16(x, w)),
+        # the weights as the model holds them, read in place by our own C kernel (helpers/quant_kernel.c), float32
+        # sums: the fast path's candidate "our kernel"
+        "float32, our quant_kernel.c": (4, lambda w: w, lambda w, x: KERNELS["our kernel"][1](x, w)),
+        "bf16, our quant_kernel.c": (
+            2,
+            lambda w: w.bfloat16(),
+            lambda w, x: KERNELS["our kernel"][1](x.bfloat16(), w),
+        ),
         "int8 weights, bf16 activations (_weight_int8pack_mm)": (
             1,
             lambda w: linear(w, "int8"),

@@ -135,7 +135,7 @@ def _rms(x, weight, eps: float):
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def graph_step(decoder):
+def graph_step(decoder, ours: dict | None = None):
     """step(token [1], visible [L] (bool), keys, values, lengths) -> the decoder's last hidden state [1, D]: one
     token through `decoder` (a MixtralModel) written as one function for torch.compile, on a static cache (each
     layer's keys and values [1, KV, L, d], written at its `lengths[i]`, which the step counts on). Each product but
@@ -143,9 +143,10 @@ def graph_step(decoder):
     compute it as one reduction over only the chosen experts' weights (not checked in the generated code); the
     router's tiny product is the library's, as transformers' is, so that near ties route the same way. int8 and int4
     weights held for our kernels (quantize.py) are multiplied by its operators instead (`graph_product`: opaque to the
-    compiler, a library kernel to it), the experts in float32 as quantized_experts computes them. It reads the
-    weights from the modules as they are: a compiled step is checked against them again at each call (torch's
-    guards) and compiled again when one is replaced."""
+    compiler, a library kernel to it), the experts in float32 as quantized_experts computes them; so are the dense
+    weights the fast path measured our kernel fastest for (a module's `kernel`, or `ours`: {experts module: the
+    names of its weights}), by its dense operators. It reads the weights from the modules as they are: a compiled
+    step is checked against them again at each call (torch's guards) and compiled again when one is replaced."""
     import torch
     import torch.nn.functional as F
 
@@ -156,12 +157,24 @@ def graph_step(decoder):
     def rotate(x, cos, sin):  # x [heads, d]
         return x * cos + torch.cat((-x[:, d // 2 :], x[:, : d // 2]), -1) * sin
 
+    ops = torch.ops.mixtral_notebooks  # where a weight is ours, the fast path registered it
+    by_ours = [frozenset((ours or {}).get(layer.mlp.experts, ())) for layer in decoder.layers]
+
     def product(module, x):  # x [D] times a module's weight -> [N] in the weights' dtype
         if hasattr(
             module, "graph_product"
         ):  # quantized weights multiplied by our kernel (use_graph_step checks)
             return module.graph_product(x[None])[0].to(dtype)
+        if getattr(module, "kernel", None) == "our kernel" and module.weight.is_contiguous():
+            return ops.dense_matmul(x[None], module.weight)[0]
         return (module.weight * x).sum(-1)
+
+    def expert_product(
+        experts, name, x, chosen, i
+    ):  # x [D] or [K, D] by the chosen experts' weights -> [K, N]
+        if name in by_ours[i]:
+            return ops.dense_experts(x if x.dim() == 2 else x[None], getattr(experts, name), chosen)
+        return (getattr(experts, name)[chosen] * (x[:, None, :] if x.dim() == 2 else x)).sum(-1)
 
     def step(token, visible, keys, values, lengths):
         h = decoder.embed_tokens.weight[token][0]  # [D]: one token, so every vector here is 1-d
@@ -191,8 +204,10 @@ def graph_step(decoder):
                 gate, up = moe.experts.gate_up_q.graph_product(x[None], chosen).chunk(2, -1)  # [K, I] each
                 y = moe.experts.down_q.graph_product(F.silu(gate) * up, chosen).to(dtype)  # [K, D]
             else:
-                gate, up = (moe.experts.gate_up_proj[chosen] * x).sum(-1).chunk(2, -1)  # [K, I] each
-                y = (moe.experts.down_proj[chosen] * (F.silu(gate) * up)[:, None, :]).sum(-1)  # [K, D]
+                gate, up = expert_product(moe.experts, "gate_up_proj", x, chosen, i).chunk(
+                    2, -1
+                )  # [K, I] each
+                y = expert_product(moe.experts, "down_proj", F.silu(gate) * up, chosen, i)  # [K, D]
             h = h + (y * weights[:, None].to(dtype)).sum(0)
         return _rms(h, decoder.norm.weight, eps)[None]
 
@@ -222,10 +237,10 @@ def _graph_applies(decoder, input_ids, attention_mask, past_key_values, kwargs) 
     )
 
 
-def use_graph_step(model, compiler) -> bool:
-    """Switch `model`'s one-token steps on a static cache to `compiler(graph_step(decoder))` (torch.compile, or the
-    function itself), in place: the step of one sequence, anything else through `lean_forward` or transformers'
-    own. False (nothing changed) where the lean step does not apply (`use_lean_step`)."""
+def use_graph_step(model, compiler, ours: dict | None = None) -> bool:
+    """Switch `model`'s one-token steps on a static cache to `compiler(graph_step(decoder, ours))` (torch.compile,
+    or the function itself), in place: the step of one sequence, anything else through `lean_forward` or
+    transformers' own. False (nothing changed) where the lean step does not apply (`use_lean_step`)."""
     import torch
 
     # quantized weights go through the graph only by our kernels (operators it can call)
@@ -235,7 +250,7 @@ def use_graph_step(model, compiler) -> bool:
     decoder = model.model
     decoder._graph_quantized = ("quantized",) if quantized else ()
     decoder._graph_reads = [m for layer in decoder.layers for m in layer.modules()] + [decoder.norm]
-    step = compiler(graph_step(decoder))
+    step = compiler(graph_step(decoder, ours))
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
         from transformers.modeling_outputs import MoeModelOutputWithPast

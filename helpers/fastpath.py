@@ -4,8 +4,9 @@ Decoding one token reads every weight it uses once, so its speed is bounded by m
 / bytes read per token (sizing.ceiling). What gets a CPU closer to it is measured here, on this machine,
 never assumed: which dtype decodes faster (`measure_dtypes`, once per machine), which kernel reads each
 kind of weight fastest for one token (`choose_kernels`: torch.mv, F.linear, F.linear on weights
-re-laid column-major, oneDNN's product on a copy packed into its blocked layout, or F.linear on a float32
-copy, which wins where a bf16 product's fixed cost outweighs reading a tiny matrix: the routers), and which experts
+re-laid column-major, oneDNN's product on a copy packed into its blocked layout, F.linear on a float32
+copy, which wins where a bf16 product's fixed cost outweighs reading a tiny matrix: the routers, or our C kernel
+on the weight as held, quant_kernel.c's dense_matmul, which the compiled step then calls too), and which experts
 implementation runs a decode step fastest while giving transformers' eager answer (`choose_experts`: the
 package's `per_token` loop, which reads only the chosen experts' weights, or transformers' own), and, where
 asked (`load_pipeline(compiled=True)`), whether one token's step compiled into one graph beats the lean step
@@ -42,6 +43,7 @@ from .hardware import (
     system_memory,
     timing_buffer_bytes,
 )
+from .quant_kernel import kernel_unavailable, operators, source_digest
 from .sizing import fits
 
 MARGIN = 0.9  # a kernel replaces F.linear, or float32 replaces bf16, only in under 90% of its time
@@ -72,6 +74,12 @@ def _float32(x, w):  # [T, K] x a float32 copy of a weight [N, K] -> [T, N] in x
     return F.linear(x.float(), w).to(x.dtype)
 
 
+def _ours(
+    x, w
+):  # [T, K] x a float32 or bf16 weight [N, K], read in place by quant_kernel.c -> [T, N] in x's dtype
+    return operators().dense_matmul(x, w)
+
+
 def packed_copy(weight):
     """A copy of `weight` [N, K] in oneDNN's blocked layout for `_packed`, as inductor's frozen linears hold it."""
     import torch
@@ -90,7 +98,15 @@ KERNELS = {
     "F.linear, column-major": ("column-major", _linear),
     "oneDNN packed": ("packed", _packed),  # a copy beside the weight: its memory twice
     "float32 copy": ("float32", _float32),  # a copy beside a bf16 weight: its memory three times
+    "our kernel": (
+        None,
+        _ours,
+    ),  # quant_kernel.c, where it builds here (x86-64 with AVX2 and FMA, a C compiler)
 }
+IN_PLACE = (
+    "torch.mv",
+    "our kernel",
+)  # read the weight itself, through a module of ours (KernelLinear, KernelRouter)
 COPIES = {
     "packed": packed_copy,
     "float32": lambda w: w.detach().float(),
@@ -111,11 +127,16 @@ def _expert_weights(experts, attribute: str) -> tuple:
 
 def _kernel_product(module, flat):
     """`flat` [T, K] times `module.weight` by `module.kernel` where it applies (one token for torch.mv; up to
-    DECODE_TOKENS for a copy, fresh and of the input's dtype); None where the module's own product must answer."""
-    copy = module.weight_copy
-    if copy is not None and _stamp(module.weight) == module.made_for and flat.dtype == module.weight.dtype:
-        return KERNELS[module.kernel][1](flat, copy) if len(flat) <= DECODE_TOKENS else None
-    return _mv(flat, module.weight) if module.kernel == "torch.mv" and len(flat) == 1 else None
+    DECODE_TOKENS for a copy, fresh, or for our kernel, on a contiguous weight; the input of the weight's dtype);
+    None where the module's own product must answer."""
+    weight, copy = module.weight, module.weight_copy
+    if flat.dtype != weight.dtype or len(flat) > DECODE_TOKENS:
+        return None
+    if copy is not None:
+        return KERNELS[module.kernel][1](flat, copy) if _stamp(weight) == module.made_for else None
+    if module.kernel == "our kernel" and weight.is_contiguous() and weight.device.type == "cpu":
+        return _ours(flat, weight)
+    return _mv(flat, weight) if module.kernel == "torch.mv" and len(flat) == 1 else None
 
 
 def _take_weight(module, source, kernel: str) -> None:
@@ -261,10 +282,12 @@ def _kernel_speeds(shape: tuple, dtype) -> dict:
         return {
             kernel: count * size / best_seconds(lambda m=layouts[layout]: [product(x, w) for w in m]) / GB
             for kernel, (layout, product) in KERNELS.items()
-            if layout in layouts
+            if layout in layouts and (kernel != "our kernel" or ours)
         }
 
-    return _once_per_machine("kernels", [list(shape), dtype_name(dtype), list(KERNELS)], measure)
+    ours = not kernel_unavailable()  # where it cannot build, the others are measured
+    key = [list(shape), dtype_name(dtype), list(KERNELS), ours and source_digest()]
+    return _once_per_machine("kernels", key, measure)
 
 
 _BUSY_WARNED: list = []  # the figures this process measured on a busy machine and said so, at most one
@@ -335,7 +358,7 @@ def choose_kernels(model) -> dict:
             if p.dim() == 3:
                 copies = [COPIES[layout](w) for w in p] if layout in COPIES else None
                 _EXPERT_KERNELS.setdefault(module, {})[attribute] = (chosen, copies, _stamp(p))
-            elif chosen == "torch.mv" or layout in COPIES:
+            elif chosen in IN_PLACE or layout in COPIES:
                 swapped = (kernel_router() if _is_router(module) else kernel_linear())(module, chosen)
                 model.set_submodule(name, swapped)
         note = ""
@@ -479,7 +502,11 @@ def race_steps(model, prompt: list, tokens: int) -> dict | None:
     with torch.inference_mode():  # as the package's generate call runs
         ids, lean, lean_s = _steps(model, prompt, DynamicCache(config=model.config), tokens)
         started = time.perf_counter()
-        if not use_graph_step(model, _compiler()):
+        ours = {
+            e: [a for a, held in kinds.items() if held[0] == "our kernel"]
+            for e, kinds in _EXPERT_KERNELS.items()
+        }
+        if not use_graph_step(model, _compiler(), ours):
             return None
         length = len(prompt) + len(ids)
         _steps(model, prompt, StaticCache(config=model.config, max_cache_len=length), ids[:1])

@@ -28,8 +28,7 @@
 #define GROUP 32  /* int4: the inputs of a block's row, and of a scale's group */
 #define CHUNK 4096
 
-static inline float sum8(__m256i v) { /* in float: eight int32 lanes near their limit would overflow */
-  __m256 f = _mm256_cvtepi32_ps(v);
+static inline float sum8(__m256 f) { /* eight float lanes' sum */
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -55,7 +54,7 @@ static inline __attribute__((always_inline)) void block8(const int8_t *w, const 
       }
     }
     for (int r = 0; r < ROWS; r++)
-      for (int t = 0; t < T; t++) sums[r][t] += sum8(acc[r][t]);
+      for (int t = 0; t < T; t++) sums[r][t] += sum8(_mm256_cvtepi32_ps(acc[r][t])); /* in float: int32 lanes near their limit overflow */
   }
 }
 
@@ -220,5 +219,121 @@ int quant_experts(int bits, const void *q, const uint16_t *scale, int experts, c
     rows(bits, w, scale + chosen[i] * scale_count(bits, N, K), &tokens, x_rows == 1 ? 0 : i, 0, y, i, n, N, K);
   }
   free(tokens.buffer);
+  return 0;
+}
+
+/* Dense weights as the model holds them, read in place: W [N][K] float32, or bf16 where w_bf16, row by row;
+   y[t][n] = sum_k W[n][k] * x[t][k] summed in float32 (FMA), for x float32 or bf16. The weights' own bytes are
+   the stream: nothing is re-laid or copied. */
+
+/* One bf16 from a float, rounded to nearest even as torch rounds (a NaN stays a NaN). */
+static inline uint16_t to_bf16(float value) {
+  union { float value; uint32_t bits; } f = {.value = value};
+  if (isnan(value)) return 0x7FC0;
+  return (uint16_t)((f.bits + 0x7FFF + ((f.bits >> 16) & 1)) >> 16);
+}
+
+/* x [T][K] as float32 (exact from bf16) into `out`. For bf16 weights (`pairs`) each 16 inputs are held as their 8
+   even ones, then their 8 odd ones: the order in which dense_block takes a bf16 row's 16 values from one load. */
+static void tokens_float(const void *x, int bf16, int T, int K, int pairs, float *out) {
+  for (long t = 0; t < T; t++)
+    for (int k = 0; k < K; k++) {
+      long at = t * K + k;
+      float value = bf16 ? from_bf16(((const uint16_t *)x)[at]) : ((const float *)x)[at];
+      int in16 = k % 16, held = pairs && k < K / 16 * 16 ? k - in16 + (in16 % 2) * 8 + in16 / 2 : k;
+      out[t * K + held] = value;
+    }
+}
+
+/* Row n of W against T = 1 to 4 tokens of xf from token t, into sums[j]: the row read once, as one stream (a row
+   after a row is the matrix front to back, which the hardware's prefetcher follows; several rows side by side ran
+   slower on the stand-in's short rows). Each 16 inputs give two vectors of weights: a bf16 row's from one 32-byte
+   load (each 32-bit lane holds two bf16: the lane shifted left by 16 is the even one, the lane with its low half
+   cleared the odd one; tokens_float laid xf out to match), a float32 row's from two loads. Each token keeps a sum
+   for each of the two, so that FMAs overlap. */
+static inline __attribute__((always_inline)) void dense_row(const void *w, int w_bf16, const float *xf, int K, long n,
+                                                            int t, const int T, float sums[4]) {
+  __m256 first[4], second[4];
+  for (int j = 0; j < T; j++) first[j] = second[j] = _mm256_setzero_ps();
+  const __m256i high = _mm256_set1_epi32((int)0xFFFF0000);
+  int k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256 a, b;
+    if (w_bf16) {
+      __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + n * K + k));
+      a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      b = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+    } else {
+      a = _mm256_loadu_ps((const float *)w + n * K + k);
+      b = _mm256_loadu_ps((const float *)w + n * K + k + 8);
+    }
+    for (int j = 0; j < T; j++) {
+      const float *x = xf + (long)(t + j) * K + k;
+      first[j] = _mm256_fmadd_ps(a, _mm256_loadu_ps(x), first[j]);
+      second[j] = _mm256_fmadd_ps(b, _mm256_loadu_ps(x + 8), second[j]);
+    }
+  }
+  for (int j = 0; j < T; j++) {
+    float sum = sum8(_mm256_add_ps(first[j], second[j]));
+    for (int i = k; i < K; i++) { /* the inputs past the last 16 */
+      long at = n * K + i;
+      sum += (w_bf16 ? from_bf16(((const uint16_t *)w)[at]) : ((const float *)w)[at]) * xf[(long)(t + j) * K + i];
+    }
+    sums[j] = sum;
+  }
+}
+
+/* Row n of W against `count` (1 to 4) tokens from token t, into rows o to o + count - 1 of y [.][N], float32 or
+   bf16 where y_bf16. */
+static inline void dense_rows(const void *w, int w_bf16, const float *xf, int t, int count, void *y, int y_bf16,
+                              long o, long n, int N, int K) {
+  float sums[4];
+  switch (count) { /* each token count its own loop: the sums stay in registers */
+  case 1: dense_row(w, w_bf16, xf, K, n, t, 1, sums); break;
+  case 2: dense_row(w, w_bf16, xf, K, n, t, 2, sums); break;
+  case 3: dense_row(w, w_bf16, xf, K, n, t, 3, sums); break;
+  default: dense_row(w, w_bf16, xf, K, n, t, 4, sums); break;
+  }
+  for (int j = 0; j < count; j++) {
+    long at = (o + j) * N + n;
+    if (y_bf16)
+      ((uint16_t *)y)[at] = to_bf16(sums[j]);
+    else
+      ((float *)y)[at] = sums[j];
+  }
+}
+
+/* y [T][N] (float32, or bf16 where y_bf16) = x [T][K] (float32, or bf16 where x_bf16) times W [N][K]; -1 where
+   memory ran out, else 0. */
+int dense_matmul(const void *w, int w_bf16, const void *x, int x_bf16, void *y, int y_bf16, int T, int N, int K) {
+  float *xf = aligned_alloc(32, lines((size_t)T * K * sizeof(float)));
+  if (!xf) return -1;
+  tokens_float(x, x_bf16, T, K, w_bf16, xf);
+#pragma omp parallel for schedule(static)
+  for (int n = 0; n < N; n++)
+    for (int t = 0; t < T; t += 4) /* four tokens at a time: each row read once for them */
+      dense_rows(w, w_bf16, xf, t, T - t < 4 ? T - t : 4, y, y_bf16, t, n, N, K);
+  free(xf);
+  return 0;
+}
+
+/* The chosen experts of a stack W [experts][N][K], each against its own row of x (or all against x's one row),
+   read in place: y [count][N] = x_i times W[chosen[i]]. 0, -1 where memory ran out, -2 where an expert is out of
+   range. */
+int dense_experts(const void *w, int w_bf16, int experts, const int64_t *chosen, int count, const void *x, int x_bf16,
+                  int x_rows, void *y, int y_bf16, int N, int K) {
+  for (int i = 0; i < count; i++)
+    if (chosen[i] < 0 || chosen[i] >= experts) return -2;
+  float *xf = aligned_alloc(32, lines((size_t)x_rows * K * sizeof(float)));
+  if (!xf) return -1;
+  tokens_float(x, x_bf16, x_rows, K, w_bf16, xf);
+  long matrix = (long)N * K * (w_bf16 ? 2 : 4);
+#pragma omp parallel for schedule(static)
+  for (long j = 0; j < (long)count * N; j++) {
+    int i = j / N;
+    const void *expert = (const char *)w + chosen[i] * matrix;
+    dense_rows(expert, w_bf16, xf, x_rows == 1 ? 0 : i, 1, y, y_bf16, i, j % N, N, K);
+  }
+  free(xf);
   return 0;
 }

@@ -13,6 +13,10 @@ compilers for this CPU (`-march=native`) against torch's headers, into the cache
 quantize.py measures both at load and keeps ours where torch's runs at under 90% of its speed
 (`MIXTRAL_QUANT_KERNEL` forces one). Taught in 10_quantization.
 
+The same files read dense weights as the model holds them (float32 or bf16, row by row, in place: dense_matmul,
+dense_experts), summing in float32: one more candidate of the fast path's measured kernel choice
+(fastpath.KERNELS, "our kernel"), taught in 08_performance.
+
 Shapes: T tokens, N outputs (a multiple of ROWS), K inputs (a multiple of COLS for int8, of GROUP for int4).
 """
 
@@ -132,7 +136,7 @@ def _library() -> str:
     why = _why_not()
     if why:
         return why
-    if hasattr(torch.ops.mixtral_notebooks, "int4_matmul"):
+    if hasattr(torch.ops.mixtral_notebooks, "dense_experts"):
         return ""  # registered already (a cache folder changed within this process)
     compilers = (os.environ.get("CC", "cc"), os.environ.get("CXX", "c++"))
     versions = [
@@ -149,15 +153,20 @@ def _library() -> str:
     return why
 
 
+def source_digest() -> str:
+    """The kernel's two sources, hashed: what a measurement of its speed was made with."""
+    return hashlib.sha256(SOURCE.read_bytes() + OPS.read_bytes()).hexdigest()[:12]
+
+
 def kernel_unavailable() -> str:
     """Why the kernel cannot run here ('' where it can; the first call builds it)."""
     return _library()
 
 
 def operators():
-    """`torch.ops.mixtral_notebooks`, whose int8_matmul, int8_experts, int4_matmul and int4_experts are the kernels
-    (quant_ops.cpp), or a RuntimeError saying why they cannot run here."""
+    """`torch.ops.mixtral_notebooks`, whose int8_matmul, int8_experts, int4_matmul, int4_experts, dense_matmul and
+    dense_experts are the kernels (quant_ops.cpp), or a RuntimeError saying why they cannot run here."""
     why = _library()
     if why:
-        raise RuntimeError(f"our quantized kernels cannot run here: {why}")
+        raise RuntimeError(f"our kernels cannot run here: {why}")
     return _torch().ops.mixtral_notebooks

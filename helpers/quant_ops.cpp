@@ -4,7 +4,11 @@
    mixtral_notebooks::int8_matmul(x, packed, scales): x [T, K] times one matrix [N, K] -> [T, N] float32
    mixtral_notebooks::int8_experts(x, packed, scales, chosen): row i of x [count or 1, K] (or its one row) times
        expert chosen[i] of a stack [E, N, K], its weights read in place (not gathered) -> [count, N] float32
-   and int4_matmul, int4_experts alike.
+   and int4_matmul, int4_experts alike. For dense weights as the model holds them (float32 or bf16 [N, K], read in
+   place, row by row):
+
+   mixtral_notebooks::dense_matmul(x, weight): x [T, K] times weight [N, K] -> [T, N] in x's dtype
+   mixtral_notebooks::dense_experts(x, weights, chosen): as int8_experts, of a stack [E, N, K] -> x's dtype
 
    x is float32 or bf16; the weights are held as quant_kernel.py's relayout8 / relayout4 made them: packed
    [.., N/4, K/16, 4, 16] int8 with bf16 scales [.., N], or packed [.., N/4, K/32, 4, 16] uint8 with bf16 scales
@@ -19,6 +23,9 @@ int quant_matmul(int bits, const void *q, const uint16_t *scale, const void *x, 
                  int K);
 int quant_experts(int bits, const void *q, const uint16_t *scale, int experts, const int64_t *chosen, int count,
                   const void *x, int x_bf16, int x_rows, float *y, int N, int K);
+int dense_matmul(const void *w, int w_bf16, const void *x, int x_bf16, void *y, int y_bf16, int T, int N, int K);
+int dense_experts(const void *w, int w_bf16, int experts, const int64_t *chosen, int count, const void *x, int x_bf16,
+                  int x_rows, void *y, int y_bf16, int N, int K);
 }
 
 namespace {
@@ -30,6 +37,8 @@ std::string dtype(const at::Tensor &t) {
   case at::kBFloat16: return "bfloat16";
   case at::kChar: return "int8";
   case at::kByte: return "uint8";
+  case at::kLong: return "int64";
+  case at::kHalf: return "float16";
   default: return std::string(c10::toString(t.scalar_type()));
   }
 }
@@ -60,7 +69,7 @@ std::pair<int64_t, int64_t> checked(const char *name, int bits, const at::Tensor
 }
 
 void failed(const char *name, int status) {
-  TORCH_CHECK_WITH(OutOfMemoryError, status != -1, name, ": no memory for the int16 activations");
+  TORCH_CHECK_WITH(OutOfMemoryError, status != -1, name, ": no memory for the inputs as the kernel reads them");
   TORCH_CHECK_INDEX(status == 0, name, ": an expert index is out of range");
 }
 
@@ -93,6 +102,51 @@ at::Tensor experts(const at::Tensor &x_, const at::Tensor &packed, const at::Ten
   return y;
 }
 
+bool floats(const at::Tensor &t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16; }
+
+/* Dense weights [N, K] ([E, N, K] where `stack`), float32 or bf16, held as the model holds them: their N and K,
+   after checking them and x [rows, K]. */
+std::pair<int64_t, int64_t> checked_dense(const char *name, const at::Tensor &x, const at::Tensor &weight,
+                                          bool stack) {
+  TORCH_CHECK_VALUE(x.dim() == 2 && floats(x), name, ": inputs ", x.sizes(), " ", dtype(x),
+                    ": give [tokens, inputs] in float32 or bfloat16");
+  TORCH_CHECK_VALUE(weight.dim() == 2 + stack && floats(weight) && weight.is_contiguous() &&
+                        weight.size(-1) == x.size(1),
+                    name, ": weights ", weight.sizes(), " ", dtype(weight), " do not match inputs ", x.sizes(),
+                    ": give ", stack ? "[experts, outputs, inputs]" : "[outputs, inputs]",
+                    " float32 or bfloat16 weights, contiguous (row by row), with as many inputs as x");
+  return {weight.size(-2), weight.size(-1)};
+}
+
+/* x [T, K] times weight [N, K] -> [T, N] in x's dtype, the sums in float32. */
+at::Tensor dense_matmul_op(const at::Tensor &x_, const at::Tensor &weight) {
+  auto [n, k] = checked_dense("dense_matmul", x_, weight, false);
+  at::Tensor x = x_.contiguous();
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  bool x_bf16 = x.scalar_type() == at::kBFloat16;
+  if (x.size(0) && n)
+    failed("dense_matmul", dense_matmul(weight.const_data_ptr(), weight.scalar_type() == at::kBFloat16,
+                                        x.const_data_ptr(), x_bf16, y.mutable_data_ptr(), x_bf16, x.size(0), n, k));
+  return y;
+}
+
+/* Row i of x [count or 1, K] (or its one row) times expert chosen[i] of weights [E, N, K], read in place ->
+   [count, N] in x's dtype. */
+at::Tensor dense_experts_op(const at::Tensor &x_, const at::Tensor &weights, const at::Tensor &chosen_) {
+  auto [n, k] = checked_dense("dense_experts", x_, weights, true);
+  at::Tensor x = x_.contiguous(), chosen = chosen_.to(at::kLong).contiguous();
+  int64_t rows = x.size(0), count = chosen.numel();
+  TORCH_CHECK_VALUE(rows == 1 || rows == count, "dense_experts: ", rows, " rows of inputs for ", count,
+                    " experts: give one row, or one for each expert");
+  at::Tensor y = at::empty({count, n}, x.options());
+  bool x_bf16 = x.scalar_type() == at::kBFloat16;
+  if (count && n)
+    failed("dense_experts", dense_experts(weights.const_data_ptr(), weights.scalar_type() == at::kBFloat16,
+                                          weights.size(0), chosen.const_data_ptr<int64_t>(), count,
+                                          x.const_data_ptr(), x_bf16, rows, y.mutable_data_ptr(), x_bf16, n, k));
+  return y;
+}
+
 /* The shapes alone, for torch.compile's tracing. */
 at::Tensor matmul_shape(const at::Tensor &x, const at::Tensor &packed, const at::Tensor &) {
   return at::empty_symint({x.sym_size(0), packed.sym_size(-4) * 4}, x.options().dtype(at::kFloat));
@@ -102,6 +156,14 @@ at::Tensor experts_shape(const at::Tensor &x, const at::Tensor &packed, const at
   return at::empty_symint({chosen.sym_numel(), packed.sym_size(-4) * 4}, x.options().dtype(at::kFloat));
 }
 
+at::Tensor dense_matmul_shape(const at::Tensor &x, const at::Tensor &weight) {
+  return at::empty_symint({x.sym_size(0), weight.sym_size(-2)}, x.options());
+}
+
+at::Tensor dense_experts_shape(const at::Tensor &x, const at::Tensor &weights, const at::Tensor &chosen) {
+  return at::empty_symint({chosen.sym_numel(), weights.sym_size(-2)}, x.options());
+}
+
 } // namespace
 
 TORCH_LIBRARY(mixtral_notebooks, m) {
@@ -109,6 +171,8 @@ TORCH_LIBRARY(mixtral_notebooks, m) {
   m.def("int8_experts(Tensor x, Tensor packed, Tensor scales, Tensor chosen) -> Tensor");
   m.def("int4_matmul(Tensor x, Tensor packed, Tensor scales) -> Tensor");
   m.def("int4_experts(Tensor x, Tensor packed, Tensor scales, Tensor chosen) -> Tensor");
+  m.def("dense_matmul(Tensor x, Tensor weight) -> Tensor");
+  m.def("dense_experts(Tensor x, Tensor weights, Tensor chosen) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mixtral_notebooks, CPU, m) {
@@ -116,6 +180,8 @@ TORCH_LIBRARY_IMPL(mixtral_notebooks, CPU, m) {
   m.impl("int8_experts", &experts<8>);
   m.impl("int4_matmul", &matmul<4>);
   m.impl("int4_experts", &experts<4>);
+  m.impl("dense_matmul", &dense_matmul_op);
+  m.impl("dense_experts", &dense_experts_op);
 }
 
 TORCH_LIBRARY_IMPL(mixtral_notebooks, Meta, m) {
@@ -123,4 +189,6 @@ TORCH_LIBRARY_IMPL(mixtral_notebooks, Meta, m) {
   m.impl("int8_experts", &experts_shape);
   m.impl("int4_matmul", &matmul_shape);
   m.impl("int4_experts", &experts_shape);
+  m.impl("dense_matmul", &dense_matmul_shape);
+  m.impl("dense_experts", &dense_experts_shape);
 }

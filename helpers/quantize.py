@@ -19,7 +19,6 @@ Shapes: T = tokens, N = outputs, K = inputs, E = experts, G = GROUP.
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 import os
 from pathlib import Path
@@ -29,7 +28,16 @@ from .decode import Fused
 from .experts import DECODE_TOKENS, experts_loop, register_experts, token_loop
 from .fitting import GROUP, QUANT_KERNELS, WEIGHT_SCHEMES
 from .hardware import best_seconds, timing_buffer_bytes
-from .quant_kernel import COLS, OPS, ROWS, SOURCE, fits, kernel_unavailable, operators, relayout4, relayout8
+from .quant_kernel import (
+    COLS,
+    ROWS,
+    fits,
+    kernel_unavailable,
+    operators,
+    relayout4,
+    relayout8,
+    source_digest,
+)
 
 # Genesis 1-4 in the King James Version (1611, public domain), as Debian's bible-kjv-text 4.38 prints it
 # (`bible gen1:1-4:26`), verse numbers dropped: the text quality is measured on
@@ -233,8 +241,7 @@ def kernel_gb_s(scheme: str, shape: tuple) -> dict:
             speeds[kernel] = count * size / seconds / GB
         return speeds
 
-    source = hashlib.sha256(SOURCE.read_bytes() + OPS.read_bytes()).hexdigest()[:12]
-    return _once_per_machine(f"{scheme}-kernels", [list(shape), source], measure)
+    return _once_per_machine(f"{scheme}-kernels", [list(shape), source_digest()], measure)
 
 
 def choose_kernel(scheme: str, shape: tuple, device: str) -> dict:

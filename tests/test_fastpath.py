@@ -28,6 +28,7 @@ from helpers.fastpath import (
 )
 from helpers.quant_kernel import kernel_unavailable
 
+needs_our_kernel = pytest.mark.skipif(bool(kernel_unavailable()), reason=kernel_unavailable() or "")
 needs_bf16_packing = pytest.mark.skipif(
     not packs_bf16(), reason="oneDNN packs bf16 only where the CPU computes it (AVX-512 or AMX)"
 )
@@ -93,6 +94,8 @@ def test_every_kernel_gives_the_eager_answer(monkeypatch, kernel, tokens, dtype,
     products round once, at the end, where bf16 F.linear may round on the way)."""
     if dtype == torch.bfloat16 and kernel == "oneDNN packed" and not packs_bf16():
         pytest.skip("oneDNN packs bf16 only where the CPU computes it (AVX-512 or AMX)")
+    if kernel == "our kernel" and kernel_unavailable():
+        pytest.skip(kernel_unavailable())
     model = tiny_moe(seed=4).to(dtype)
     ids = torch.randint(0, 512, (1, tokens))
     with torch.no_grad():
@@ -109,6 +112,7 @@ def test_every_kernel_gives_the_eager_answer(monkeypatch, kernel, tokens, dtype,
             "torch.mv",
             "oneDNN packed",
             "float32 copy",
+            "our kernel",
         )  # the others: the weight's data, in place
         for module in (model.model.layers[0].self_attn.q_proj, model.lm_head):
             assert isinstance(module, kernel_linear()) == swapped and (not swapped or module.kernel == kernel)
@@ -134,7 +138,13 @@ def test_a_packed_linear_keeps_its_weight_and_leaves_a_stale_copy_alone():
 
 
 @pytest.mark.parametrize(
-    "kernel", ["float32 copy", pytest.param("oneDNN packed", marks=needs_bf16_packing), "torch.mv"]
+    "kernel",
+    [
+        "float32 copy",
+        pytest.param("oneDNN packed", marks=needs_bf16_packing),
+        "torch.mv",
+        pytest.param("our kernel", marks=needs_our_kernel),
+    ],
 )
 def test_a_router_with_a_kernel_routes_as_transformers_does(kernel):
     """A router switched to another kernel gives transformers' router outputs: its logits to bf16's rounding, the
@@ -155,9 +165,12 @@ def test_a_router_with_a_kernel_routes_as_transformers_does(kernel):
         if kernel == "torch.mv" and tokens > 1 or tokens > DECODE_TOKENS:
             assert all(map(torch.equal, router(x), own(x)))
     with torch.no_grad():
-        own.weight.mul_(2)  # the copy is stale: transformers' forward answers
-    if kernel != "torch.mv":
+        own.weight.mul_(
+            2
+        )  # a copy is stale: transformers' forward answers; the others read the weight itself
+    if kernel not in fastpath.IN_PLACE:
         assert all(map(torch.equal, router(x[:1]), own(x[:1])))
+    torch.testing.assert_close(router(x[:1])[0], own(x[:1])[0], rtol=1e-2, atol=1e-2)
     router.top_k = 1
     assert router(x[:1])[2].shape == (1, 1)
 
@@ -472,7 +485,7 @@ def test_the_graph_step_is_transformers_arithmetic(experts):
     assert (logits - expected_logits).abs().max() <= 1e-5 * expected_logits.abs().max()
 
 
-@pytest.mark.skipif(bool(kernel_unavailable()), reason=kernel_unavailable() or "")
+@needs_our_kernel
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_the_graph_step_multiplies_quantized_weights_by_our_kernel(scheme, monkeypatch):
     """int8 and int4 weights held for our kernel go through the graph by its operators: the same tokens as the
@@ -494,6 +507,41 @@ def test_the_graph_step_multiplies_quantized_weights_by_our_kernel(scheme, monke
             # float32's rounding, which can move an activation's int16 rounding (the kernel's input) by one step:
             # 1/32767 of the token's largest
             assert (logits - expected_logits).abs().max() <= 1e-4 * expected_logits.abs().max()
+
+
+@needs_our_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_graph_step_multiplies_dense_weights_by_our_kernel_where_it_was_chosen(dtype, monkeypatch):
+    """Where the fast path measured our kernel fastest for every kind of dense weight, the graph step multiplies
+    them by its operators (dense_matmul, dense_experts, counted by the profiler) and gives the lean step's tokens,
+    logits to the dtype's rounding (the same products, summed in another order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_moe(seed=17).to(dtype)
+    monkeypatch.setattr(
+        fastpath,
+        "_kernel_speeds",
+        lambda shape, dtype: {k: 2.0 if k == "our kernel" else 1.0 for k in KERNELS},
+    )
+    choose_kernels(model)
+    register_experts("per_token", per_token_experts)
+    model.set_experts_implementation("per_token")
+    ids = torch.randint(0, 512, (1, 6))
+    expected, expected_logits = static_greedy(model, ids, 8)
+    ours = {e: list(kinds) for e, kinds in fastpath._EXPERT_KERNELS.items()}
+    calls = []
+    assert decode.use_graph_step(model, counting(calls), ours)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        got, logits = static_greedy(model, ids, 8)
+    ran = {e.key: e.count for e in prof.key_averages()}
+    layers = len(model.model.layers)
+    assert (
+        ran["mixtral_notebooks::dense_experts"] >= 7 * 2 * layers
+    )  # gate_up and down, each layer, each step
+    assert ran["mixtral_notebooks::dense_matmul"] >= 7 * 4 * layers  # q, k, v, o
+    assert len(calls) == 7 and torch.equal(got, expected)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (logits - expected_logits).abs().max() <= tolerance * expected_logits.abs().max()
 
 
 def test_the_graph_step_steps_aside_for_what_it_does_not_run():
@@ -542,7 +590,7 @@ def test_the_graph_step_is_kept_only_where_it_is_faster(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(bool(kernel_unavailable()), reason=kernel_unavailable() or "")
+@needs_our_kernel
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_torch_compile_takes_our_kernels_into_one_graph(scheme, monkeypatch):
     """torch.compile(fullgraph=True) traces the int8 and int4 steps through our kernels' operators (no graph break)

@@ -25,8 +25,8 @@ LAYERS = {
     "policies": 1,  # which expert a cache evicts, replayed over traces
     "fitting": 1,  # how a model fits (fit=), what was loaded (LoadRecord)
     "sizing": 2,  # parameters, bytes, ceilings, the fit check
-    "experts": 2,
-    "quant_kernel": 2,  # our C kernels for int8 and int4 weights and their torch operators: built once per machine  # the experts' one loop; transformers' experts registry
+    "experts": 2,  # the experts' one loop; transformers' experts registry
+    "quant_kernel": 2,  # our C kernels (int8, int4 and dense weights) as torch operators: built once per machine
     "decode": 2,  # one decode step without transformers' machinery around it
     "prompts": 3,
     "readings": 4,  # the blog's string in each tokenizer stack (01)
@@ -53,7 +53,7 @@ LAYERS = {
 # its ceiling may fall with any change, and rises only with a change that says so in the README.
 TARGETS = dict(helpers_lines=3400, core_lines=900, public_names=70, parameters=6)
 CEILINGS = dict(
-    helpers_lines=7124, core_lines=900, public_names=70
+    helpers_lines=7182, core_lines=900, public_names=70
 )  # core_lines, public_names: at their targets
 CORE = (
     "backends.py",

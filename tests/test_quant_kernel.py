@@ -111,7 +111,7 @@ def test_bf16_inputs_give_the_products_of_their_float32_values(scheme):
     assert torch.equal(matmul(x, packed[0], scales[0]), matmul(x.float(), packed[0], scales[0]))
     assert torch.equal(experts(x, packed, scales, chosen), experts(x.float(), packed, scales, chosen))
     with pytest.raises(
-        ValueError, match=rf"{scheme}_matmul: inputs \[2, 128\] Half: give \[tokens, inputs\]"
+        ValueError, match=rf"{scheme}_matmul: inputs \[2, 128\] float16: give \[tokens, inputs\]"
     ):
         matmul(x.half(), packed[0], scales[0])
 
@@ -154,7 +154,7 @@ def test_a_machine_without_a_compiler_says_why_and_keeps_nothing(tmp_path, monke
     monkeypatch.setattr(
         quant_kernel, "_library", lambda: "false could not build quant_kernel.c: (no message)"
     )
-    with pytest.raises(RuntimeError, match="our quantized kernels cannot run here: false could not build"):
+    with pytest.raises(RuntimeError, match="our kernels cannot run here: false could not build"):
         operators()
     for scheme in SCHEMES:
         assert choose_kernel(scheme, (4, 32), "cpu")["kernel"] == "torch"
@@ -235,3 +235,69 @@ def test_forcing_our_kernel_on_shapes_it_cannot_take_is_refused(monkeypatch):
     monkeypatch.delenv(QUANT_KERNEL_ENV)
     report = quantize_model(LlamaForCausalLM(config), "int8")
     assert report["kernel"] == "torch" and "does not split" in report["why"]
+
+
+DENSE = [torch.float32, torch.bfloat16]
+
+
+@needs_kernel
+@pytest.mark.parametrize("weight_dtype", DENSE, ids=str)
+@pytest.mark.parametrize("input_dtype", DENSE, ids=str)
+@pytest.mark.parametrize(
+    "shape", [(8, 64), (7, 19), (96, 576), (3, 5)], ids=str
+)  # rows past 4, inputs past 8
+@pytest.mark.parametrize("tokens", [1, 2, 3, 5])
+def test_dense_products_are_float32_sums_of_the_weights_as_held(weight_dtype, input_dtype, shape, tokens):
+    """Dense weights read in place: the products of the values as held (bf16 is exact in float32), summed in
+    float32, in the inputs' dtype (bf16 rounded once, at the end, as torch rounds)."""
+    torch.manual_seed(tokens + shape[1])
+    w = torch.randn(shape).to(weight_dtype)
+    x = (torch.randn(tokens, shape[1]) * torch.logspace(-2, 2, tokens)[:, None]).to(input_dtype)
+    got = operators().dense_matmul(x, w)
+    expected = x.double() @ w.double().T
+    assert got.shape == (tokens, shape[0]) and got.dtype == input_dtype
+    # float32's rounding of the sums, and in bf16 one rounding of the result (half a step of its 8 bits)
+    sums = (x.double().abs() @ w.double().abs().T) * 2**-23 * shape[1] ** 0.5
+    rounding = expected.abs() * 2**-8 if input_dtype == torch.bfloat16 else 0
+    assert ((got.double() - expected).abs() <= (sums + rounding) * 1.01).all()
+
+
+@needs_kernel
+def test_dense_bf16_results_round_as_torch_rounds():
+    """The bf16 result is the float32 sum rounded to nearest even, as `.to(torch.bfloat16)` rounds it: bit for bit."""
+    torch.manual_seed(3)
+    w, x = torch.randn(64, 256).bfloat16(), torch.randn(3, 256)
+    ops = operators()
+    assert torch.equal(
+        ops.dense_matmul(x.bfloat16(), w), ops.dense_matmul(x.bfloat16().float(), w).bfloat16()
+    )
+
+
+@needs_kernel
+def test_dense_experts_are_read_in_place_and_bad_input_is_refused():
+    torch.manual_seed(6)
+    stack, ops = torch.randn(4, 12, 40).bfloat16(), operators()
+    chosen, one, each = torch.tensor([2, 0, 2]), torch.randn(1, 40).bfloat16(), torch.randn(3, 40).bfloat16()
+    got = ops.dense_experts(one, stack, chosen)
+    assert torch.equal(got, torch.cat([ops.dense_matmul(one, stack[e]) for e in chosen.tolist()]))
+    got = ops.dense_experts(each, stack, chosen)
+    expected = [ops.dense_matmul(each[i : i + 1], stack[e]) for i, e in enumerate(chosen.tolist())]
+    assert torch.equal(got, torch.cat(expected))
+    with pytest.raises(IndexError, match="dense_experts: an expert index is out of range"):
+        ops.dense_experts(one, stack, torch.tensor([-1]))
+    with pytest.raises(ValueError, match="dense_experts: 2 rows of inputs for 3 experts"):
+        ops.dense_experts(each[:2], stack, chosen)
+    w = stack[0]
+    for weight, inputs in [
+        (w.transpose(0, 1), torch.ones(1, 12)),  # not contiguous
+        (w.half(), one),  # not float32 or bf16
+        (w, torch.ones(1, 41)),  # inputs of another width
+        (stack, one),  # a stack where one matrix was asked for
+    ]:
+        with pytest.raises(
+            ValueError, match="dense_matmul: weights .* float32 or bfloat16 weights, contiguous"
+        ):
+            ops.dense_matmul(inputs, weight)
+    with pytest.raises(ValueError, match=r"dense_matmul: inputs \[1, 40\] int64"):
+        ops.dense_matmul(torch.ones(1, 40, dtype=torch.long), w)
+    assert ops.dense_matmul(torch.ones(0, 40), w).shape == (0, 12)
