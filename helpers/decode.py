@@ -172,7 +172,7 @@ def graph_step(decoder, ours: dict | None = None):
     def expert_product(
         experts, name, x, chosen, i
     ):  # x [D] or [K, D] by the chosen experts' weights -> [K, N]
-        if name in by_ours[i]:
+        if name in by_ours[i] and getattr(experts, name).is_contiguous():
             return ops.dense_experts(x if x.dim() == 2 else x[None], getattr(experts, name), chosen)
         return (getattr(experts, name)[chosen] * (x[:, None, :] if x.dim() == 2 else x)).sum(-1)
 

@@ -122,6 +122,8 @@ def _expert_weights(experts, attribute: str) -> tuple:
     weight = getattr(experts, attribute)
     if copies is not None and _stamp(weight) != stamp:
         kernel, copies = "F.linear", None
+    if kernel == "our kernel" and not (weight.is_contiguous() and weight.device.type == "cpu"):
+        kernel = "F.linear"  # re-laid or moved since: ours reads contiguous CPU weights only
     return KERNELS[kernel][1], weight if copies is None else copies
 
 
@@ -178,9 +180,10 @@ def kernel_linear():
 
     class KernelLinear(torch.nn.Linear):
         """An nn.Linear whose decode-sized products go through the kernel measured faster here (`_kernel_product`):
-        torch.mv for one token, or a product on a copy of the weight (packed, float32) for up to DECODE_TOKENS; the
-        rest through F.linear. Once the weight's dtype, device or contents change, a copy is stale and F.linear
-        answers. No gradient reaches the weight through a copy: the package only decodes."""
+        torch.mv for one token, our kernel on the weight itself or a product on a copy of the weight (packed,
+        float32) for up to DECODE_TOKENS; the rest through F.linear. Once the weight's dtype, device or contents
+        change, a copy is stale and F.linear answers. No gradient reaches the weight through a copy or our kernel:
+        the package only decodes."""
 
         def __init__(self, linear, kernel: str):
             torch.nn.Module.__init__(self)
@@ -486,6 +489,13 @@ def _steps(model, prompt: list, cache, tokens) -> tuple:
     return fed, torch.stack(logits), seconds
 
 
+def experts_on_our_kernel() -> dict:
+    """{experts module: the names of its weights `choose_kernels` gave our kernel}, for the compiled step."""
+    return {
+        e: [a for a, held in kinds.items() if held[0] == "our kernel"] for e, kinds in _EXPERT_KERNELS.items()
+    }
+
+
 def _compiler():
     import torch
 
@@ -502,11 +512,7 @@ def race_steps(model, prompt: list, tokens: int) -> dict | None:
     with torch.inference_mode():  # as the package's generate call runs
         ids, lean, lean_s = _steps(model, prompt, DynamicCache(config=model.config), tokens)
         started = time.perf_counter()
-        ours = {
-            e: [a for a, held in kinds.items() if held[0] == "our kernel"]
-            for e, kinds in _EXPERT_KERNELS.items()
-        }
-        if not use_graph_step(model, _compiler(), ours):
+        if not use_graph_step(model, _compiler(), experts_on_our_kernel()):
             return None
         length = len(prompt) + len(ids)
         _steps(model, prompt, StaticCache(config=model.config, max_cache_len=length), ids[:1])

@@ -306,7 +306,7 @@ static inline void dense_rows(const void *w, int w_bf16, const float *xf, int t,
 /* y [T][N] (float32, or bf16 where y_bf16) = x [T][K] (float32, or bf16 where x_bf16) times W [N][K]; -1 where
    memory ran out, else 0. */
 int dense_matmul(const void *w, int w_bf16, const void *x, int x_bf16, void *y, int y_bf16, int T, int N, int K) {
-  float *xf = aligned_alloc(32, lines((size_t)T * K * sizeof(float)));
+  float *xf = aligned_alloc(32, lines((size_t)T * K * sizeof(float) + 1)); /* + 1: never a request for none */
   if (!xf) return -1;
   tokens_float(x, x_bf16, T, K, w_bf16, xf);
 #pragma omp parallel for schedule(static)
@@ -324,7 +324,7 @@ int dense_experts(const void *w, int w_bf16, int experts, const int64_t *chosen,
                   int x_rows, void *y, int y_bf16, int N, int K) {
   for (int i = 0; i < count; i++)
     if (chosen[i] < 0 || chosen[i] >= experts) return -2;
-  float *xf = aligned_alloc(32, lines((size_t)x_rows * K * sizeof(float)));
+  float *xf = aligned_alloc(32, lines((size_t)x_rows * K * sizeof(float) + 1));
   if (!xf) return -1;
   tokens_float(x, x_bf16, x_rows, K, w_bf16, xf);
   long matrix = (long)N * K * (w_bf16 ? 2 : 4);

@@ -16,6 +16,7 @@
    it. Each operator also has a Meta kernel: the shape of its result, which torch.compile traces with. */
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <climits>
 #include <torch/library.h>
 
 extern "C" {
@@ -39,6 +40,9 @@ std::string dtype(const at::Tensor &t) {
   case at::kByte: return "uint8";
   case at::kLong: return "int64";
   case at::kHalf: return "float16";
+  case at::kDouble: return "float64";
+  case at::kInt: return "int32";
+  case at::kBool: return "bool";
   default: return std::string(c10::toString(t.scalar_type()));
   }
 }
@@ -73,6 +77,13 @@ void failed(const char *name, int status) {
   TORCH_CHECK_INDEX(status == 0, name, ": an expert index is out of range");
 }
 
+/* The chosen experts as int64, refusing indices that are not integers (a float or bool would be cast silently). */
+at::Tensor indices(const char *name, const at::Tensor &chosen) {
+  TORCH_CHECK_VALUE(at::isIntegralType(chosen.scalar_type(), /*includeBool=*/false) && chosen.numel() <= INT_MAX,
+                    name, ": chosen experts ", chosen.sizes(), " ", dtype(chosen), ": give integer indices");
+  return chosen.to(at::kLong).contiguous();
+}
+
 template <int bits> at::Tensor matmul(const at::Tensor &x_, const at::Tensor &packed, const at::Tensor &scales) {
   const char *name = bits == 8 ? "int8_matmul" : "int4_matmul";
   auto [n, k] = checked(name, bits, x_, packed, scales, false);
@@ -90,7 +101,7 @@ at::Tensor experts(const at::Tensor &x_, const at::Tensor &packed, const at::Ten
                    const at::Tensor &chosen_) {
   const char *name = bits == 8 ? "int8_experts" : "int4_experts";
   auto [n, k] = checked(name, bits, x_, packed, scales, true);
-  at::Tensor x = x_.contiguous(), chosen = chosen_.to(at::kLong).contiguous();
+  at::Tensor x = x_.contiguous(), chosen = indices(name, chosen_);
   int64_t rows = x.size(0), count = chosen.numel();
   TORCH_CHECK_VALUE(rows == 1 || rows == count, name, ": ", rows, " rows of inputs for ", count,
                     " experts: give one row, or one for each expert");
@@ -115,6 +126,9 @@ std::pair<int64_t, int64_t> checked_dense(const char *name, const at::Tensor &x,
                     name, ": weights ", weight.sizes(), " ", dtype(weight), " do not match inputs ", x.sizes(),
                     ": give ", stack ? "[experts, outputs, inputs]" : "[outputs, inputs]",
                     " float32 or bfloat16 weights, contiguous (row by row), with as many inputs as x");
+  for (int64_t size : {x.size(0), weight.size(0), weight.size(-2), weight.size(-1)})
+    TORCH_CHECK_VALUE(size <= INT_MAX, name, ": weights ", weight.sizes(), " and inputs ", x.sizes(),
+                      " are past the kernel's sizes (int)");
   return {weight.size(-2), weight.size(-1)};
 }
 
@@ -134,7 +148,7 @@ at::Tensor dense_matmul_op(const at::Tensor &x_, const at::Tensor &weight) {
    [count, N] in x's dtype. */
 at::Tensor dense_experts_op(const at::Tensor &x_, const at::Tensor &weights, const at::Tensor &chosen_) {
   auto [n, k] = checked_dense("dense_experts", x_, weights, true);
-  at::Tensor x = x_.contiguous(), chosen = chosen_.to(at::kLong).contiguous();
+  at::Tensor x = x_.contiguous(), chosen = indices("dense_experts", chosen_);
   int64_t rows = x.size(0), count = chosen.numel();
   TORCH_CHECK_VALUE(rows == 1 || rows == count, "dense_experts: ", rows, " rows of inputs for ", count,
                     " experts: give one row, or one for each expert");

@@ -509,35 +509,50 @@ def test_the_graph_step_multiplies_quantized_weights_by_our_kernel(scheme, monke
             assert (logits - expected_logits).abs().max() <= 1e-4 * expected_logits.abs().max()
 
 
-@needs_our_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_the_graph_step_multiplies_dense_weights_by_our_kernel_where_it_was_chosen(dtype, monkeypatch):
-    """Where the fast path measured our kernel fastest for every kind of dense weight, the graph step multiplies
-    them by its operators (dense_matmul, dense_experts, counted by the profiler) and gives the lean step's tokens,
-    logits to the dtype's rounding (the same products, summed in another order)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    model = tiny_moe(seed=17).to(dtype)
-    monkeypatch.setattr(
-        fastpath,
-        "_kernel_speeds",
-        lambda shape, dtype: {k: 2.0 if k == "our kernel" else 1.0 for k in KERNELS},
-    )
-    choose_kernels(model)
+def dense_on_our_kernel(model, down: bool = True):
+    """`model` with every kind of dense weight measured fastest by our kernel (but the experts' down_proj unless
+    `down`), on the per_token experts."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            fastpath,
+            "_kernel_speeds",
+            lambda shape, dtype: {k: 2.0 if k == "our kernel" else 1.0 for k in KERNELS},
+        )
+        choose_kernels(model)
+    if not down:
+        for layer in model.model.layers:
+            kinds = fastpath._EXPERT_KERNELS[layer.mlp.experts]
+            kinds["down_proj"] = ("F.linear", None, kinds["down_proj"][2])
     register_experts("per_token", per_token_experts)
     model.set_experts_implementation("per_token")
+    return model
+
+
+@needs_our_kernel
+@pytest.mark.parametrize(
+    "dtype, down", [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)], ids=str
+)
+def test_the_graph_step_multiplies_dense_weights_by_our_kernel_where_it_was_chosen(dtype, down):
+    """Where the fast path measured our kernel fastest for a kind of dense weight, the graph step multiplies it by
+    its operators (dense_matmul, dense_experts, counted by the profiler), and only those kinds (the mapping the
+    fast path hands the step, `experts_on_our_kernel`), and gives the lean step's tokens, logits to the dtype's
+    rounding (the same products, summed in another order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = dense_on_our_kernel(tiny_moe(seed=17).to(dtype), down)
     ids = torch.randint(0, 512, (1, 6))
     expected, expected_logits = static_greedy(model, ids, 8)
-    ours = {e: list(kinds) for e, kinds in fastpath._EXPERT_KERNELS.items()}
     calls = []
-    assert decode.use_graph_step(model, counting(calls), ours)
+    assert decode.use_graph_step(model, counting(calls), fastpath.experts_on_our_kernel())
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         got, logits = static_greedy(model, ids, 8)
     ran = {e.key: e.count for e in prof.key_averages()}
     layers = len(model.model.layers)
-    assert (
-        ran["mixtral_notebooks::dense_experts"] >= 7 * 2 * layers
-    )  # gate_up and down, each layer, each step
+    # 7 steps through the graph (the prompt's forward gives the first token); the prompt's 6 tokens are too many
+    # for any kernel of the fast path, so every call of dense_experts is the graph's
+    assert ran["mixtral_notebooks::dense_experts"] == 7 * layers * (
+        1 + down
+    )  # gate_up, and down where chosen
     assert ran["mixtral_notebooks::dense_matmul"] >= 7 * 4 * layers  # q, k, v, o
     assert len(calls) == 7 and torch.equal(got, expected)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
@@ -591,20 +606,24 @@ def test_the_graph_step_is_kept_only_where_it_is_faster(monkeypatch):
 
 @pytest.mark.slow
 @needs_our_kernel
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "dense"])
 def test_torch_compile_takes_our_kernels_into_one_graph(scheme, monkeypatch):
-    """torch.compile(fullgraph=True) traces the int8 and int4 steps through our kernels' operators (no graph break)
-    and gives the uncompiled graph's tokens."""
+    """torch.compile(fullgraph=True) traces the int8, int4 and dense steps through our kernels' operators (no graph
+    break) and gives the uncompiled graph's tokens."""
     from helpers.quantize import quantize_model
 
     monkeypatch.setenv(QUANT_KERNEL_ENV, "ours")
     model = tiny_moe(seed=16, intermediate=64)  # int4's groups of 32 inputs
-    quantize_model(model, scheme)
+    if scheme == "dense":
+        dense_on_our_kernel(model)
+    else:
+        quantize_model(model, scheme)
+    ours = fastpath.experts_on_our_kernel()
     ids = torch.randint(0, 512, (1, 5))
     calls = []
-    decode.use_graph_step(model, counting(calls))
+    decode.use_graph_step(model, counting(calls), ours)
     expected, expected_logits = static_greedy(model, ids, 6)
-    assert decode.use_graph_step(model, fastpath._compiler())
+    assert decode.use_graph_step(model, fastpath._compiler(), ours)
     got, logits = static_greedy(model, ids, 6)
     assert torch.equal(got, expected) and len(calls) == 5
     assert (logits - expected_logits).abs().max() <= 1e-3 * expected_logits.abs().max()

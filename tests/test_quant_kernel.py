@@ -264,27 +264,43 @@ def test_dense_products_are_float32_sums_of_the_weights_as_held(weight_dtype, in
 
 @needs_kernel
 def test_dense_bf16_results_round_as_torch_rounds():
-    """The bf16 result is the float32 sum rounded to nearest even, as `.to(torch.bfloat16)` rounds it: bit for bit."""
+    """The bf16 result is the float32 sum rounded to nearest even, as `.to(torch.bfloat16)` rounds a finite value:
+    bit for bit; a tie goes to the even neighbour, past float32's largest is infinity, a NaN stays one."""
     torch.manual_seed(3)
     w, x = torch.randn(64, 256).bfloat16(), torch.randn(3, 256)
     ops = operators()
     assert torch.equal(
         ops.dense_matmul(x.bfloat16(), w), ops.dense_matmul(x.bfloat16().float(), w).bfloat16()
     )
+    one = torch.ones(1, 2)  # x [1, 2] against w [[1, 1]]: the sum of x's two values, rounded once
+    for pair, expected in [
+        ((1.0, 2**-8), 1.0),  # halfway between 1 and 1 + 2^-7: to 1, whose last bit is 0
+        ((1 + 2**-7, 2**-8), 1 + 2**-6),  # halfway between 1 + 2^-7 (odd) and 1 + 2^-6: up
+        ((3e38, 3e38), float("inf")),  # past float32's largest, summed in float32
+    ]:
+        got = ops.dense_matmul(torch.tensor([pair]).bfloat16(), one)
+        assert got.dtype == torch.bfloat16 and got.item() == expected, (pair, got.item())
+    assert ops.dense_matmul(torch.tensor([[float("nan"), 1.0]]).bfloat16(), one).isnan().all()
 
 
 @needs_kernel
-def test_dense_experts_are_read_in_place_and_bad_input_is_refused():
+@pytest.mark.parametrize("weight_dtype", DENSE, ids=str)
+def test_dense_experts_are_read_in_place_and_bad_input_is_refused(weight_dtype):
     torch.manual_seed(6)
-    stack, ops = torch.randn(4, 12, 40).bfloat16(), operators()
-    chosen, one, each = torch.tensor([2, 0, 2]), torch.randn(1, 40).bfloat16(), torch.randn(3, 40).bfloat16()
+    stack, ops = torch.randn(4, 12, 40).to(weight_dtype), operators()
+    chosen, one, each = torch.tensor([2, 0, 3]), torch.randn(1, 40).bfloat16(), torch.randn(3, 40).bfloat16()
     got = ops.dense_experts(one, stack, chosen)
     assert torch.equal(got, torch.cat([ops.dense_matmul(one, stack[e]) for e in chosen.tolist()]))
     got = ops.dense_experts(each, stack, chosen)
     expected = [ops.dense_matmul(each[i : i + 1], stack[e]) for i, e in enumerate(chosen.tolist())]
     assert torch.equal(got, torch.cat(expected))
-    with pytest.raises(IndexError, match="dense_experts: an expert index is out of range"):
-        ops.dense_experts(one, stack, torch.tensor([-1]))
+    for wrong in ([-1], [4]):
+        with pytest.raises(IndexError, match="dense_experts: an expert index is out of range"):
+            ops.dense_experts(one, stack, torch.tensor(wrong))
+    with pytest.raises(
+        ValueError, match=r"dense_experts: chosen experts \[3\] float32: give integer indices"
+    ):
+        ops.dense_experts(one, stack, chosen.float())
     with pytest.raises(ValueError, match="dense_experts: 2 rows of inputs for 3 experts"):
         ops.dense_experts(each[:2], stack, chosen)
     w = stack[0]
