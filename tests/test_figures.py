@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ["README.md", "docs/workshop.md", "docs/glossary.md"]
+DOCS = ["README.md", "docs/workshop.md", "docs/glossary.md", "docs/speed-runs.md"]
 MARKER = re.compile(r"<!-- figures: (.+?) -->")
 NUMBER = re.compile(r"(?<![\w.\-/#])(\d{1,3}(?:,\d{3})+|\d+)(\.\d+)?(?=\s*(%|MiB|GiB|GB/s|x\b|[^\w]|$))")
 SPEED = re.compile(r"\d\s*(tok/s|GB/s)")
