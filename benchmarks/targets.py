@@ -72,7 +72,7 @@ def report(bench: dict, kernels: dict, peer: dict | None, sources: tuple) -> str
     shares, fewer = (
         {},
         set(),
-    )  # fewer: the kernels of a weight in fewer bytes than float32's (the issue's low precision)
+    )  # fewer: the kernels of a weight in fewer bytes than float32's: low precision
     for k in kernels["rows"]:
         if "failed" not in k:
             shares.setdefault(k["kernel"], []).append(k["share_of_bandwidth"])
