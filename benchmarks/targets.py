@@ -69,10 +69,8 @@ def report(bench: dict, kernels: dict, peer: dict | None, sources: tuple) -> str
         f"| the fast path at least {TARGETS['own_ceiling']:.0%} of its own ceiling | {default['efficiency']:.0%} of "
         f"{default['ceiling_tok_s']:.1f} tok/s | {verdict(default['efficiency'] >= TARGETS['own_ceiling'])} |",
     ]
-    shares, fewer = (
-        {},
-        set(),
-    )  # fewer: the kernels of a weight in fewer bytes than float32's: low precision
+    # fewer: the kernels of a weight in fewer bytes than float32's, low precision
+    shares, fewer = {}, set()
     for k in kernels["rows"]:
         if "failed" not in k:
             shares.setdefault(k["kernel"], []).append(k["share_of_bandwidth"])

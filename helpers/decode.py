@@ -169,9 +169,7 @@ def graph_step(decoder, ours: dict | None = None):
             return ops.dense_matmul(x[None], module.weight)[0]
         return (module.weight * x).sum(-1)
 
-    def expert_product(
-        experts, name, x, chosen, i
-    ):  # x [D] or [K, D] by the chosen experts' weights -> [K, N]
+    def expert_product(experts, name, x, chosen, i):  # x [D] or [K, D] by layer i's chosen experts -> [K, N]
         if name in by_ours[i] and getattr(experts, name).is_contiguous():
             return ops.dense_experts(x if x.dim() == 2 else x[None], getattr(experts, name), chosen)
         return (getattr(experts, name)[chosen] * (x[:, None, :] if x.dim() == 2 else x)).sum(-1)
@@ -204,9 +202,8 @@ def graph_step(decoder, ours: dict | None = None):
                 gate, up = moe.experts.gate_up_q.graph_product(x[None], chosen).chunk(2, -1)  # [K, I] each
                 y = moe.experts.down_q.graph_product(F.silu(gate) * up, chosen).to(dtype)  # [K, D]
             else:
-                gate, up = expert_product(moe.experts, "gate_up_proj", x, chosen, i).chunk(
-                    2, -1
-                )  # [K, I] each
+                gate_up = expert_product(moe.experts, "gate_up_proj", x, chosen, i)  # [K, 2I]
+                gate, up = gate_up.chunk(2, -1)  # [K, I] each
                 y = expert_product(moe.experts, "down_proj", F.silu(gate) * up, chosen, i)  # [K, D]
             h = h + (y * weights[:, None].to(dtype)).sum(0)
         return _rms(h, decoder.norm.weight, eps)[None]

@@ -74,9 +74,7 @@ def _float32(x, w):  # [T, K] x a float32 copy of a weight [N, K] -> [T, N] in x
     return F.linear(x.float(), w).to(x.dtype)
 
 
-def _ours(
-    x, w
-):  # [T, K] x a float32 or bf16 weight [N, K], read in place by quant_kernel.c -> [T, N] in x's dtype
+def _ours(x, w):  # [T, K] x a float32 or bf16 weight [N, K], read in place by quant_kernel.c -> x's dtype
     return operators().dense_matmul(x, w)
 
 
@@ -98,15 +96,11 @@ KERNELS = {
     "F.linear, column-major": ("column-major", _linear),
     "oneDNN packed": ("packed", _packed),  # a copy beside the weight: its memory twice
     "float32 copy": ("float32", _float32),  # a copy beside a bf16 weight: its memory three times
-    "our kernel": (
-        None,
-        _ours,
-    ),  # quant_kernel.c, where it builds here (x86-64 with AVX2 and FMA, a C compiler)
+    # quant_kernel.c, where it builds here (x86-64 Linux with AVX2 and FMA, a C and C++ compiler)
+    "our kernel": (None, _ours),
 }
-IN_PLACE = (
-    "torch.mv",
-    "our kernel",
-)  # read the weight itself, through a module of ours (KernelLinear, KernelRouter)
+# read the weight itself, through a module of ours (KernelLinear, KernelRouter)
+IN_PLACE = ("torch.mv", "our kernel")
 COPIES = {
     "packed": packed_copy,
     "float32": lambda w: w.detach().float(),

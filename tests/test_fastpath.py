@@ -165,9 +165,8 @@ def test_a_router_with_a_kernel_routes_as_transformers_does(kernel):
         if kernel == "torch.mv" and tokens > 1 or tokens > DECODE_TOKENS:
             assert all(map(torch.equal, router(x), own(x)))
     with torch.no_grad():
-        own.weight.mul_(
-            2
-        )  # a copy is stale: transformers' forward answers; the others read the weight itself
+        # a copy is stale: transformers' forward answers; the others read the weight itself
+        own.weight.mul_(2)
     if kernel not in fastpath.IN_PLACE:
         assert all(map(torch.equal, router(x[:1]), own(x[:1])))
     torch.testing.assert_close(router(x[:1])[0], own(x[:1])[0], rtol=1e-2, atol=1e-2)
@@ -550,9 +549,8 @@ def test_the_graph_step_multiplies_dense_weights_by_our_kernel_where_it_was_chos
     layers = len(model.model.layers)
     # 7 steps through the graph (the prompt's forward gives the first token); the prompt's 6 tokens are too many
     # for any kernel of the fast path, so every call of dense_experts is the graph's
-    assert ran["mixtral_notebooks::dense_experts"] == 7 * layers * (
-        1 + down
-    )  # gate_up, and down where chosen
+    # gate_up, and down where chosen
+    assert ran["mixtral_notebooks::dense_experts"] == 7 * layers * (1 + down)
     assert ran["mixtral_notebooks::dense_matmul"] >= 7 * 4 * layers  # q, k, v, o
     assert len(calls) == 7 and torch.equal(got, expected)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
