@@ -170,9 +170,10 @@ def graph_step(decoder, ours: dict | None = None):
         return (module.weight * x).sum(-1)
 
     def expert_product(experts, name, x, chosen, i):  # x [D] or [K, D] by layer i's chosen experts -> [K, N]
-        if name in by_ours[i] and getattr(experts, name).is_contiguous():
-            return ops.dense_experts(x if x.dim() == 2 else x[None], getattr(experts, name), chosen)
-        return (getattr(experts, name)[chosen] * (x[:, None, :] if x.dim() == 2 else x)).sum(-1)
+        weights = getattr(experts, name)  # [E, N, D]
+        if name in by_ours[i] and weights.is_contiguous():
+            return ops.dense_experts(x if x.dim() == 2 else x[None], weights, chosen)
+        return (weights[chosen] * (x[:, None, :] if x.dim() == 2 else x)).sum(-1)
 
     def step(token, visible, keys, values, lengths):
         h = decoder.embed_tokens.weight[token][0]  # [D]: one token, so every vector here is 1-d

@@ -74,8 +74,17 @@ def _float32(x, w):  # [T, K] x a float32 copy of a weight [N, K] -> [T, N] in x
     return F.linear(x.float(), w).to(x.dtype)
 
 
+@functools.cache
+def _dense_matmul():  # our kernel's operator, looked up once: products run on every token
+    return operators().dense_matmul
+
+
 def _ours(x, w):  # [T, K] x a float32 or bf16 weight [N, K], read in place by quant_kernel.c -> x's dtype
-    return operators().dense_matmul(x, w)
+    return _dense_matmul()(x, w)
+
+
+def _ours_reads(weight) -> bool:  # our kernel reads contiguous CPU weights only (re-laid or moved since: not)
+    return weight.is_contiguous() and weight.device.type == "cpu"
 
 
 def packed_copy(weight):
@@ -116,8 +125,8 @@ def _expert_weights(experts, attribute: str) -> tuple:
     weight = getattr(experts, attribute)
     if copies is not None and _stamp(weight) != stamp:
         kernel, copies = "F.linear", None
-    if kernel == "our kernel" and not (weight.is_contiguous() and weight.device.type == "cpu"):
-        kernel = "F.linear"  # re-laid or moved since: ours reads contiguous CPU weights only
+    if kernel == "our kernel" and not _ours_reads(weight):
+        kernel = "F.linear"
     return KERNELS[kernel][1], weight if copies is None else copies
 
 
@@ -130,7 +139,7 @@ def _kernel_product(module, flat):
         return None
     if copy is not None:
         return KERNELS[module.kernel][1](flat, copy) if _stamp(weight) == module.made_for else None
-    if module.kernel == "our kernel" and weight.is_contiguous() and weight.device.type == "cpu":
+    if module.kernel == "our kernel" and _ours_reads(weight):
         return _ours(flat, weight)
     return _mv(flat, weight) if module.kernel == "torch.mv" and len(flat) == 1 else None
 

@@ -1,5 +1,6 @@
 /* int8 and int4 weights times a few tokens, each matrix read front to back as one stream: the kernels that
-   quant_ops.cpp makes torch operators and quant_kernel.py builds.
+   quant_ops.cpp makes torch operators and quant_kernel.py builds. Dense float32 and bf16 weights too, read in place
+   (dense_matmul, dense_experts, at the end of this file).
 
    Each token's activations are rounded to int16 with one scale (max |x| / 32767): xq[t][k] * xscale[t].
    int8, as quantize.py stores it: w = q * scale, one bf16 scale a row (a bf16 is a float's top 16 bits), so
@@ -53,8 +54,8 @@ static inline __attribute__((always_inline)) void block8(const int8_t *w, const 
         for (int t = 0; t < T; t++) acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(q, x[t]));
       }
     }
-    for (int r = 0; r < ROWS; r++)
-      for (int t = 0; t < T; t++) sums[r][t] += sum8(_mm256_cvtepi32_ps(acc[r][t])); /* in float: int32 lanes near their limit overflow */
+    for (int r = 0; r < ROWS; r++) /* summed in float: eight int32 lanes near their limit would overflow */
+      for (int t = 0; t < T; t++) sums[r][t] += sum8(_mm256_cvtepi32_ps(acc[r][t]));
   }
 }
 
@@ -234,7 +235,7 @@ static inline uint16_t to_bf16(float value) {
 }
 
 /* x [T][K] as float32 (exact from bf16) into `out`. For bf16 weights (`pairs`) each 16 inputs are held as their 8
-   even ones, then their 8 odd ones: the order in which dense_block takes a bf16 row's 16 values from one load. */
+   even ones, then their 8 odd ones: the order in which dense_row takes a bf16 row's 16 values from one load. */
 static void tokens_float(const void *x, int bf16, int T, int K, int pairs, float *out) {
   for (long t = 0; t < T; t++)
     for (int k = 0; k < K; k++) {

@@ -17,7 +17,8 @@ The same files read dense weights as the model holds them (float32 or bf16, row 
 dense_experts), summing in float32: one more candidate of the fast path's measured kernel choice
 (fastpath.KERNELS, "our kernel"), taught in 08_performance.
 
-Shapes: T tokens, N outputs (a multiple of ROWS), K inputs (a multiple of COLS for int8, of GROUP for int4).
+Shapes: T tokens, N outputs (a multiple of ROWS), K inputs (a multiple of COLS for int8, of GROUP for int4); the
+dense kernels take any N and K.
 """
 
 from __future__ import annotations

@@ -86,6 +86,16 @@ def pytest_xdist_make_scheduler(config, log):
     return FilesAndApartItems(config, log)
 
 
+def _our_kernel_unavailable() -> str:
+    from helpers.quant_kernel import kernel_unavailable
+
+    return kernel_unavailable()
+
+
+# tests of our C kernels (helpers/quant_kernel.c): skipped, with the reason, where they cannot be built
+needs_our_kernel = pytest.mark.skipif(bool(_our_kernel_unavailable()), reason=_our_kernel_unavailable() or "")
+
+
 def packs_bf16() -> bool:
     """Whether oneDNN packs a bf16 weight on this CPU: only where the CPU computes bf16 (AVX-512 or AMX); the
     fast path and kernel_bench then measure the other kernels."""

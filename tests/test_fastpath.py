@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import packs_bf16, tiny_moe
+from conftest import needs_our_kernel, packs_bf16, tiny_moe
 
 import helpers.decode as decode
 import helpers.fastpath as fastpath
@@ -28,7 +28,6 @@ from helpers.fastpath import (
 )
 from helpers.quant_kernel import kernel_unavailable
 
-needs_our_kernel = pytest.mark.skipif(bool(kernel_unavailable()), reason=kernel_unavailable() or "")
 needs_bf16_packing = pytest.mark.skipif(
     not packs_bf16(), reason="oneDNN packs bf16 only where the CPU computes it (AVX-512 or AMX)"
 )

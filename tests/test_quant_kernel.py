@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_our_kernel
 
 from helpers import quant_kernel, quantize
 from helpers.data import QUANT_KERNEL_ENV
-from helpers.quant_kernel import COLS, GROUP, ROWS, kernel_unavailable, operators, relayout4, relayout8
+from helpers.quant_kernel import COLS, GROUP, ROWS, operators, relayout4, relayout8
 from helpers.quantize import _int4_values, choose_kernel
 
-needs_kernel = pytest.mark.skipif(bool(kernel_unavailable()), reason=kernel_unavailable() or "")
 SCHEMES = ["int8", "int4"]
 
 
@@ -63,7 +63,7 @@ def test_relayout4_puts_two_inputs_in_a_byte_and_each_blocks_scales_beside_it():
     assert torch.equal(stack[1], relayout4(15 - q, zero, scale)[0]) and torch.equal(stack_held[0], held)
 
 
-@needs_kernel
+@needs_our_kernel
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize(
     "shape", [(64, 128), (192, 576), (12, 4128)], ids=str
@@ -83,7 +83,7 @@ def test_products_are_the_exact_integer_sums(scheme, shape, tokens):
     assert float((got.double() - dense).abs().max()) < 1e-3 * float(dense.abs().max())
 
 
-@needs_kernel
+@needs_our_kernel
 def test_sums_near_int32s_limit_do_not_overflow():
     q, x = (
         torch.full((4, 8192), 127, dtype=torch.int8),
@@ -101,7 +101,7 @@ def test_sums_near_int32s_limit_do_not_overflow():
     torch.testing.assert_close(got, torch.full((2, 4), 8 * 3.0 * 8192), rtol=1e-6, atol=0)
 
 
-@needs_kernel
+@needs_our_kernel
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_bf16_inputs_give_the_products_of_their_float32_values(scheme):
     torch.manual_seed(2)
@@ -116,7 +116,7 @@ def test_bf16_inputs_give_the_products_of_their_float32_values(scheme):
         matmul(x.half(), packed[0], scales[0])
 
 
-@needs_kernel
+@needs_our_kernel
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_bad_input_is_refused_before_the_kernel_reads_it(scheme):
     _, packed, scales = weights(scheme, 8, 64)
@@ -192,7 +192,7 @@ def test_the_load_keeps_the_faster_kernel_and_says_what_it_measured(scheme, monk
     )
 
 
-@needs_kernel
+@needs_our_kernel
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_kernel_gb_s_times_both_from_memory(scheme, monkeypatch):
     monkeypatch.setattr(quantize, "timing_buffer_bytes", lambda: 8 * 2**20)
@@ -201,7 +201,7 @@ def test_kernel_gb_s_times_both_from_memory(scheme, monkeypatch):
     assert set(speeds) == {"torch", "ours"} and all(v > 0 for v in speeds.values())
 
 
-@needs_kernel
+@needs_our_kernel
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_the_chosen_experts_are_read_in_place_with_the_products_of_each(scheme):
     torch.manual_seed(5)
@@ -240,7 +240,7 @@ def test_forcing_our_kernel_on_shapes_it_cannot_take_is_refused(monkeypatch):
 DENSE = [torch.float32, torch.bfloat16]
 
 
-@needs_kernel
+@needs_our_kernel
 @pytest.mark.parametrize("weight_dtype", DENSE, ids=str)
 @pytest.mark.parametrize("input_dtype", DENSE, ids=str)
 @pytest.mark.parametrize(
@@ -262,7 +262,7 @@ def test_dense_products_are_float32_sums_of_the_weights_as_held(weight_dtype, in
     assert ((got.double() - expected).abs() <= (sums + rounding) * 1.01).all()
 
 
-@needs_kernel
+@needs_our_kernel
 def test_dense_bf16_results_round_as_torch_rounds():
     """The bf16 result is the float32 sum rounded to nearest even, as `.to(torch.bfloat16)` rounds a finite value:
     bit for bit; a tie goes to the even neighbour, past float32's largest is infinity, a NaN stays one."""
@@ -283,7 +283,7 @@ def test_dense_bf16_results_round_as_torch_rounds():
     assert ops.dense_matmul(torch.tensor([[float("nan"), 1.0]]).bfloat16(), one).isnan().all()
 
 
-@needs_kernel
+@needs_our_kernel
 @pytest.mark.parametrize("weight_dtype", DENSE, ids=str)
 def test_dense_experts_are_read_in_place_and_bad_input_is_refused(weight_dtype):
     torch.manual_seed(6)
