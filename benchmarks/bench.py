@@ -38,7 +38,7 @@ REUSE_S = 3600  # --notebooks reuses a run with the same key that finished less 
 
 def notebook_configs() -> list:
     """The configurations 08 and 10 show, in one run they share: the blog's path, the fast path in this machine's
-    dtype and in the other one, with its step compiled into one graph, its four prompts one at a time and batched
+    dtype and in the other one, with its step compiled layer by layer, its four prompts one at a time and batched
     (08), int8 and int4 weights (10)."""
     import torch
 
@@ -47,7 +47,7 @@ def notebook_configs() -> list:
         NAIVE,
         "fast path (this machine's choice)",
         other,
-        "fast path, one token's step as one compiled graph",
+        "fast path, one token's step compiled layer by layer",
         "4 prompts, one at a time (fast path)",
         "4 prompts, one batch (fast path)",
         "int8 weights (fast path)",
@@ -202,16 +202,16 @@ def bench_summary(result: dict) -> str:
             )
     for label, graph in (
         (
-            "one token's step as one compiled graph",
-            rows.get("fast path, one token's step as one compiled graph"),
+            "one token's step compiled layer by layer",
+            rows.get("fast path, one token's step compiled layer by layer"),
         ),
         (
-            "int8 weights, their step as one compiled graph",
-            rows.get("int8 weights, one token's step as one compiled graph"),
+            "int8 weights, their step compiled layer by layer",
+            rows.get("int8 weights, one token's step compiled layer by layer"),
         ),
         (
-            "int4 weights, their step as one compiled graph",
-            rows.get("int4 weights, one token's step as one compiled graph"),
+            "int4 weights, their step compiled layer by layer",
+            rows.get("int4 weights, one token's step compiled layer by layer"),
         ),
     ):
         if not (graph and graph.get("graph") and naive):

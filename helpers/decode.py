@@ -11,10 +11,12 @@ q, k and v weights into one copy (`Fused`), one product gives all three unless o
 else (a prompt, padding, hooks on a layer, outputs asked for, a sliding window, training) goes through
 transformers' own forward, unchanged.
 
-`graph_step` goes further, for one sequence on a static cache: the whole step written as one function that
+`graph_step` goes further, for one sequence on a static cache: one layer's step written as one function that
 torch.compile turns into one graph, with no Python between its operators and the experts' products written to read
-only the chosen experts' weights. It calls no module (hooks make it step aside) and is not bit for bit: the fast path
-keeps it only where asked and measured faster, its logits within a tolerance (fastpath.choose_step).
+only the chosen experts' weights. The layers are alike, so one compiled function serves them all, called once per
+layer with that layer's tensors: compiling traces one layer, not all of them (torch's tutorials call this regional
+compilation), at the cost of a call per layer. It calls no module (hooks make it step aside) and is not bit for bit:
+the fast path keeps it only where asked and measured faster, its logits within a tolerance (fastpath.choose_step).
 
 Shapes: B sequences, d head size, L positions of a static cache.
 """
@@ -29,6 +31,10 @@ _RECORDERS = "transformers.utils.output_capturing"  # its hooks record only whil
 
 def _hooked(module) -> bool:
     """Whether anything but transformers' output recorders hooks `module` (accelerate's too)."""
+    if not (
+        module._forward_hooks or module._forward_pre_hooks
+    ):  # most modules, at every step: answered at once
+        return hasattr(module, "_hf_hook")
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
     return hasattr(module, "_hf_hook") or any(getattr(h, "__module__", None) != _RECORDERS for h in hooks)
 
@@ -135,79 +141,124 @@ def _rms(x, weight, eps: float):
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def graph_step(decoder, ours: dict | None = None):
-    """step(token [1], visible [L] (bool), keys, values, lengths) -> the decoder's last hidden state [1, D]: one
-    token through `decoder` (a MixtralModel) written as one function for torch.compile, on a static cache (each
-    layer's keys and values [1, KV, L, d], written at its `lengths[i]`, which the step counts on). Each product but
-    the router's is a multiply and a sum, `(w[chosen] * x).sum(-1)` for the experts, written so that inductor can
-    compute it as one reduction over only the chosen experts' weights (not checked in the generated code); the
-    router's tiny product is the library's, as transformers' is, so that near ties route the same way. int8 and int4
-    weights held for our kernels (quantize.py) are multiplied by its operators instead (`graph_product`: opaque to the
-    compiler, a library kernel to it), the experts in float32 as quantized_experts computes them; so are the dense
-    weights the fast path measured our kernel fastest for (a module's `kernel`, or `ours`: {experts module: the
-    names of its weights}), by its dense operators. It reads the weights from the modules as they are: a compiled
-    step is checked against them again at each call (torch's guards) and compiled again when one is replaced."""
+def _held(module, ours: bool) -> tuple:
+    """How the compiled step multiplies by `module`'s weight (or a stack of experts' weights, `module` being the
+    weights' owner and `ours` whether the fast path gave them our kernel): (how, tensors). int8 and int4 weights
+    held for our kernels (quantize.py) by its operators; dense weights the fast path measured our kernel fastest for
+    by its dense operators; any other as a multiply and a sum that inductor computes as one reduction."""
+    if hasattr(module, "graph_product"):  # quantized for our kernel (use_graph_step checks)
+        return module.scheme, (module.packed, module.scales)
+    if ours and module.is_contiguous():  # a stack of experts' weights [E, N, D], as held
+        return "dense", (module,)
+    if getattr(module, "kernel", None) == "our kernel" and module.weight.is_contiguous():
+        return "dense", (module.weight,)
+    return "reduce", (module if ours is not None else module.weight,)
+
+
+def _layer_inputs(layer, ours: frozenset) -> tuple:
+    """One decoder layer's weights for `graph_layer`: (plan, tensors): the plan says how each product is made (the
+    same for every layer whose weights are held alike, so one compiled function serves them all)."""
+    a, moe = layer.self_attn, layer.mlp
+    held = [_held(p, None) for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)]
+    if hasattr(moe.experts, "gate_up_q"):  # quantized experts, by our kernel
+        held += [_held(moe.experts.gate_up_q, None), _held(moe.experts.down_q, None)]
+    else:
+        held += [_held(getattr(moe.experts, n), n in ours) for n in ("gate_up_proj", "down_proj")]
+    norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, moe.gate.weight)
+    return tuple(how for how, _ in held), (norms, *(tensors for _, tensors in held))
+
+
+def graph_layer(decoder, plan: tuple):
+    """layer(h [D], length, visible [L] (bool), inv_freq, key, value [1, KV, L, d], weights) -> h [D]: one token
+    through one layer of `decoder` (a MixtralModel), written as one function for torch.compile (`plan` and `weights` from
+    `_layer_inputs`), on a static cache (the layer's keys and values, written at its `length`, which it counts on).
+    Each product but the router's is a multiply and a sum, `(w[chosen] * x).sum(-1)` for the experts, written so
+    that inductor can compute it as one reduction over only the chosen experts' weights (not checked in the
+    generated code), or our kernel's operator where the plan says so (opaque to the compiler, a library kernel to
+    it; quantized experts in float32, as quantized_experts computes them); the router's tiny product is the
+    library's, as transformers' is, so that near ties route the same way."""
     import torch
     import torch.nn.functional as F
 
-    cfg, d, rotary = decoder.config, decoder.layers[0].self_attn.head_dim, decoder.rotary_emb
-    H, KV, eps = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.rms_norm_eps
-    dtype = decoder.embed_tokens.weight.dtype
+    cfg, attention = decoder.config, decoder.layers[0].self_attn  # constants only: the layer reads no module
+    H, KV, K, eps = (
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        cfg.num_experts_per_tok,
+        cfg.rms_norm_eps,
+    )
+    d, scaling, dtype = attention.head_dim, attention.scaling, decoder.embed_tokens.weight.dtype
+    attention_scaling = decoder.rotary_emb.attention_scaling
+    ops = torch.ops.mixtral_notebooks  # where a weight is ours, the fast path registered it
+
+    # x [D] (or [K, D] for the chosen experts) times the weight `held` (tensors) -> [N] or [K, N]
+    def product(how, held, x, chosen=None):
+        if how in ("int8", "int4"):
+            if chosen is None:
+                return getattr(ops, f"{how}_matmul")(x[None], *held)[0].to(dtype)
+            return getattr(ops, f"{how}_experts")(x if x.dim() == 2 else x[None], *held, chosen)  # float32
+        if how == "dense":
+            if chosen is None:
+                return ops.dense_matmul(x[None], held[0])[0]
+            return ops.dense_experts(x if x.dim() == 2 else x[None], held[0], chosen)
+        if chosen is None:
+            return (held[0] * x).sum(-1)
+        return (held[0][chosen] * (x[:, None, :] if x.dim() == 2 else x)).sum(-1)
 
     def rotate(x, cos, sin):  # x [heads, d]
         return x * cos + torch.cat((-x[:, d // 2 :], x[:, : d // 2]), -1) * sin
 
-    ops = torch.ops.mixtral_notebooks  # where a weight is ours, the fast path registered it
-    by_ours = [frozenset((ours or {}).get(layer.mlp.experts, ())) for layer in decoder.layers]
+    def layer(h, length, visible, inv_freq, key, value, weights):
+        (norm1, norm2, router), held = (
+            weights[0],
+            weights[1:],
+        )  # held: each product's tensors, in the plan's order
+        angles = length.float() * inv_freq.float()
+        angles = torch.cat((angles, angles), -1)
+        cos, sin = (angles.cos() * attention_scaling).to(dtype), (angles.sin() * attention_scaling).to(dtype)
+        x = _rms(h, norm1, eps)
+        q, k, v = (product(plan[j], held[j], x) for j in range(3))
+        q, k, v = rotate(q.view(H, d), cos, sin), rotate(k.view(KV, d), cos, sin), v.view(KV, d)
+        key[0].index_copy_(1, length[None], k[:, None])
+        value[0].index_copy_(1, length[None], v[:, None])
+        length.add_(1)
+        s = torch.einsum("gqd,gtd->gqt", q.view(KV, H // KV, d).float(), key[0].float()) * scaling
+        s = torch.softmax(s.masked_fill(~visible, float("-inf")), -1)  # [KV, H / KV, L]
+        o = torch.einsum("gqt,gtd->gqd", s, value[0].float()).to(dtype).reshape(H * d)
+        h = h + product(plan[3], held[3], o)
+        x = _rms(h, norm2, eps)
+        logits = (x @ router.T).float()  # the library's product, as the router's F.linear
+        weights, chosen = torch.topk(torch.softmax(logits, -1), K)
+        weights = weights / weights.sum()  # [K]: the chosen experts' weights, summing to 1
+        gate, up = product(plan[4], held[4], x, chosen).chunk(2, -1)  # [K, I] each
+        y = product(plan[5], held[5], F.silu(gate) * up, chosen).to(dtype)  # [K, D]
+        return h + (y * weights[:, None].to(dtype)).sum(0)
 
-    def product(module, x):  # x [D] times a module's weight -> [N] in the weights' dtype
-        if hasattr(
-            module, "graph_product"
-        ):  # quantized weights multiplied by our kernel (use_graph_step checks)
-            return module.graph_product(x[None])[0].to(dtype)
-        if getattr(module, "kernel", None) == "our kernel" and module.weight.is_contiguous():
-            return ops.dense_matmul(x[None], module.weight)[0]
-        return (module.weight * x).sum(-1)
+    return layer
 
-    def expert_product(experts, name, x, chosen, i):  # x [D] or [K, D] by layer i's chosen experts -> [K, N]
-        weights = getattr(experts, name)  # [E, N, D]
-        if name in by_ours[i] and weights.is_contiguous():
-            return ops.dense_experts(x if x.dim() == 2 else x[None], weights, chosen)
-        return (weights[chosen] * (x[:, None, :] if x.dim() == 2 else x)).sum(-1)
+
+def graph_step(decoder, compiler, ours: dict | None = None):
+    """step(token [1], visible [L] (bool), keys, values, lengths) -> the decoder's last hidden state [1, D]: one
+    token through `decoder` (a MixtralModel) on a static cache (each layer's keys and values [1, KV, L, d], written at
+    its `lengths[i]`), each layer by `compiler(graph_layer(...))` (torch.compile): compiled once for all the layers
+    whose weights are held alike, then called for each with its own tensors, read from the modules at the first step
+    on a cache (each sequence: a weight replaced between them is read as it is then, not recompiled). Where the fast
+    path gave a stack of experts' weights our kernel, `ours` says so ({experts module: the names of its weights})."""
+    layers = decoder.layers
+    by_ours = [frozenset((ours or {}).get(layer.mlp.experts, ())) for layer in layers]
+    compiled: dict = {}  # plan -> the compiled layer
+    read: dict = {}  # the cache whose first step read the modules, and what it read: (plan, weights) per layer
 
     def step(token, visible, keys, values, lengths):
+        if read.get("cache") is not keys[0]:
+            read.update(cache=keys[0], inputs=[_layer_inputs(m, by_ours[i]) for i, m in enumerate(layers)])
         h = decoder.embed_tokens.weight[token][0]  # [D]: one token, so every vector here is 1-d
-        angles = lengths[0].float() * rotary.inv_freq.float()
-        angles = torch.cat((angles, angles), -1)
-        cos = (angles.cos() * rotary.attention_scaling).to(dtype)
-        sin = (angles.sin() * rotary.attention_scaling).to(dtype)
-        for i, layer in enumerate(decoder.layers):
-            a, moe = layer.self_attn, layer.mlp
-            x = _rms(h, layer.input_layernorm.weight, eps)
-            q, k, v = (product(p, x) for p in (a.q_proj, a.k_proj, a.v_proj))
-            q, k, v = rotate(q.view(H, d), cos, sin), rotate(k.view(KV, d), cos, sin), v.view(KV, d)
-            keys[i][0].index_copy_(1, lengths[i][None], k[:, None])
-            values[i][0].index_copy_(1, lengths[i][None], v[:, None])
-            lengths[i].add_(1)
-            s = torch.einsum("gqd,gtd->gqt", q.view(KV, H // KV, d).float(), keys[i][0].float()) * a.scaling
-            s = torch.softmax(s.masked_fill(~visible, float("-inf")), -1)  # [KV, H / KV, L]
-            o = torch.einsum("gqt,gtd->gqd", s, values[i][0].float()).to(dtype).reshape(H * d)
-            h = h + product(a.o_proj, o)
-            x = _rms(h, layer.post_attention_layernorm.weight, eps)
-            logits = (x @ moe.gate.weight.T).float()  # the library's product, as the router's F.linear
-            weights, chosen = torch.topk(torch.softmax(logits, -1), cfg.num_experts_per_tok)
-            weights = weights / weights.sum()  # [K]: the chosen experts' weights, summing to 1
-            if hasattr(
-                moe.experts, "gate_up_q"
-            ):  # quantized, by our kernel: in float32, as quantized_experts does
-                gate, up = moe.experts.gate_up_q.graph_product(x[None], chosen).chunk(2, -1)  # [K, I] each
-                y = moe.experts.down_q.graph_product(F.silu(gate) * up, chosen).to(dtype)  # [K, D]
-            else:
-                gate_up = expert_product(moe.experts, "gate_up_proj", x, chosen, i)  # [K, 2I]
-                gate, up = gate_up.chunk(2, -1)  # [K, I] each
-                y = expert_product(moe.experts, "down_proj", F.silu(gate) * up, chosen, i)  # [K, D]
-            h = h + (y * weights[:, None].to(dtype)).sum(0)
-        return _rms(h, decoder.norm.weight, eps)[None]
+        inv_freq = decoder.rotary_emb.inv_freq
+        for i, (plan, weights) in enumerate(read["inputs"]):
+            if plan not in compiled:
+                compiled[plan] = compiler(graph_layer(decoder, plan))
+            h = compiled[plan](h, lengths[i], visible, inv_freq, keys[i], values[i], weights)
+        return _rms(h, decoder.norm.weight, decoder.config.rms_norm_eps)[None]
 
     return step
 
@@ -236,9 +287,9 @@ def _graph_applies(decoder, input_ids, attention_mask, past_key_values, kwargs) 
 
 
 def use_graph_step(model, compiler, ours: dict | None = None) -> bool:
-    """Switch `model`'s one-token steps on a static cache to `compiler(graph_step(decoder, ours))` (torch.compile,
-    or the function itself), in place: the step of one sequence, anything else through `lean_forward` or
-    transformers' own. False (nothing changed) where the lean step does not apply (`use_lean_step`)."""
+    """Switch `model`'s one-token steps on a static cache to `graph_step(decoder, compiler, ours)` (`compiler`:
+    torch.compile, or one that runs each layer's step as it is), in place: the step of one sequence, anything else
+    through `lean_forward` or transformers' own. False (nothing changed) where the lean step does not apply (`use_lean_step`)."""
     import torch
 
     # quantized weights go through the graph only by our kernels (operators it can call)
@@ -248,7 +299,7 @@ def use_graph_step(model, compiler, ours: dict | None = None) -> bool:
     decoder = model.model
     decoder._graph_quantized = ("quantized",) if quantized else ()
     decoder._graph_reads = [m for layer in decoder.layers for m in layer.modules()] + [decoder.norm]
-    step = compiler(graph_step(decoder, ours))
+    step = graph_step(decoder, compiler, ours)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
         from transformers.modeling_outputs import MoeModelOutputWithPast
@@ -264,7 +315,8 @@ def use_graph_step(model, compiler, ours: dict | None = None) -> bool:
         )
         keys, values = [c.keys for c in cache], [c.values for c in cache]
         for t in (visible, *keys, *values):  # one graph for every cache length
-            torch._dynamo.mark_dynamic(t, 0 if t.dim() == 1 else 2)
+            if (dim := 0 if t.dim() == 1 else 2) not in getattr(t, "_dynamo_dynamic_indices", ()):
+                torch._dynamo.mark_dynamic(t, dim)
         h = step(input_ids[0], visible, keys, values, lengths)
         return MoeModelOutputWithPast(last_hidden_state=h[None], past_key_values=past_key_values)
 

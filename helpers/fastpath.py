@@ -9,7 +9,7 @@ copy, which wins where a bf16 product's fixed cost outweighs reading a tiny matr
 on the weight as held, quant_kernel.c's dense_matmul, which the compiled step then calls too), and which experts
 implementation runs a decode step fastest while giving transformers' eager answer (`choose_experts`: the
 package's `per_token` loop, which reads only the chosen experts' weights, or transformers' own), and, where
-asked (`load_pipeline(compiled=True)`), whether one token's step compiled into one graph beats the lean step
+asked (`load_pipeline(compiled=True)`), whether one token's step compiled layer by layer beats the lean step
 (`choose_step`). `fast_recipe` says what this machine gets; `load_pipeline` applies it (08_performance measures it).
 
 Shapes: T = tokens, K = experts per token, D = hidden size, I = expert FFN size.
@@ -681,7 +681,7 @@ class Recipe:
         elif self.step:
             s = self.step
             lines.append(
-                f"  - one token's step compiled into one graph, measured at load over {s['tokens']} tokens: lean step "
+                f"  - one token's step compiled layer by layer, measured at load over {s['tokens']} tokens: lean step "
                 f"{s['lean_ms']:.1f} ms, graph {s['graph_ms']:.1f} ms (after {s['compile_s']:.0f} s compiling), "
                 f"the same top-1 on {s['top1']} of {s['tokens']}, logits within {s['difference']:.3f} of the largest "
                 f"-> {'the graph, for one sequence at a time' if s['kept'] else 'the lean step'}"

@@ -172,8 +172,8 @@ def load_local(
     `Fit.budget({"cpu": "8GiB"})`, `Fit.expert_cache(2)` (fitting.py; 10_quantization, 11_offloading).
     fast: switch the loaded model to this hardware's fastest correct settings (fastpath.fast_recipe,
     shown by `describe`); False keeps the blog's plain pipeline.
-    compiled: also compile one token's step into one graph (torch.compile: minutes the first time on a machine,
-    seconds once its cache holds it) and keep it where it decodes faster here (fastpath.choose_step; 08_performance).
+    compiled: also compile one token's step, one graph for its layers (decode.graph_step; `describe` says how long it
+    took), and keep it where it decodes faster here (fastpath.choose_step; 08_performance).
     What was loaded, and how, is `pipe.model.load_record`."""
     import torch
     from transformers import pipeline

@@ -39,11 +39,11 @@ def test_configurations_that_load_the_same_model_share_a_process():
     ] in names
     assert [NAIVE] in names and ["fp32 static cache + compile"] in names
     assert [
-        "fast path, one token's step as one compiled graph"
+        "fast path, one token's step compiled layer by layer"
     ] in names  # the pipeline and compiled code: alone
     assert ["int8 weights (fast path)"] in names and ["int8 weights, bf16 model"] in names  # other loads
-    assert ["int8 weights, one token's step as one compiled graph"] in names  # compiled: alone
-    assert ["int4 weights, one token's step as one compiled graph"] in names
+    assert ["int8 weights, one token's step compiled layer by layer"] in names  # compiled: alone
+    assert ["int4 weights, one token's step compiled layer by layer"] in names
     assert len(groups) == 17  # of 27 configurations
 
 
@@ -309,7 +309,7 @@ def test_the_notebooks_run_names_what_08_and_10_read():
     assert names == [
         NAIVE,
         "fast path (this machine's choice)",
-        "fast path, one token's step as one compiled graph",
+        "fast path, one token's step compiled layer by layer",
         other,
         "int8 weights (fast path)",
         "int4 weights (fast path)",
@@ -468,7 +468,7 @@ def test_the_compiled_step_file_shows_what_was_measured():
              bandwidth_gb_s=40.0, decoded=64, lean_ms=45.0, graph_ms=27.5, vs_lean=45.0 / 27.5, lean_share=0.24,
              graph_share=0.39, compile_s=100.2, against_lean=c, against_one_forward=c, lean_against_one_forward=c)  # fmt: skip
     text = markdown(r)
-    assert "| one compiled graph | 27.5 | 36.4 | 39% |" in text and "1.64x the lean step's speed" in text
+    assert "| compiled step | 27.5 | 36.4 | 39% |" in text and "1.64x the lean step's speed" in text
     assert "| graph against the lean step | 98.4% | 0.021 |" in text and "in bfloat16" in text
 
 
@@ -525,16 +525,16 @@ def test_the_summary_says_whether_each_compiled_graph_was_kept():
 
     result = dict(bandwidth=30e9, bandwidths=[30e9], rows=[
         dict(name=NAIVE, decode_tok_s=10.0, vs_naive=1.0, efficiency=0.2, graph=None),
-        graph_row("fast path, one token's step as one compiled graph", 25.0, True),
-        graph_row("int8 weights, one token's step as one compiled graph", 22.0, False),
+        graph_row("fast path, one token's step compiled layer by layer", 25.0, True),
+        graph_row("int8 weights, one token's step compiled layer by layer", 22.0, False),
     ])  # fmt: skip
     text = bench_summary(result)
     assert (
-        "one token's step as one compiled graph: 25.0 tok/s = 2.50x the blog's path, 30% of its ceiling"
+        "one token's step compiled layer by layer: 25.0 tok/s = 2.50x the blog's path, 30% of its ceiling"
         in text
     )
     assert "against the lean step's 30.0 after 17 s compiling, and was kept" in text
-    assert "int8 weights, their step as one compiled graph: 22.0 tok/s = 2.20x the blog's path" in text
+    assert "int8 weights, their step compiled layer by layer: 22.0 tok/s = 2.20x the blog's path" in text
     assert (
         "against the lean step's 21.0 after 17 s compiling, and was not kept (the row is the lean step's)"
         in text

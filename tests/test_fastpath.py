@@ -449,7 +449,7 @@ def test_figures_measured_while_other_work_held_the_cores_are_not_kept(
 
 # ---------------------------------------------------------------- one token's step as one graph
 def counting(calls: list):
-    """A `compiler` for use_graph_step that runs the step as it is and counts its calls."""
+    """A `compiler` for use_graph_step that runs each layer's step as it is and counts its calls."""
 
     def compiler(step):
         return lambda *args: calls.append(1) or step(*args)
@@ -478,7 +478,8 @@ def test_the_graph_step_is_transformers_arithmetic(experts):
     calls = []
     assert decode.use_graph_step(model, counting(calls))
     got, logits = static_greedy(model, ids, 8)
-    assert len(calls) == 7  # the first new token comes from the prompt's forward
+    # the first new token comes from the prompt's forward; then every layer of each step
+    assert len(calls) == 7 * len(model.model.layers)
     assert torch.equal(got, expected)
     assert (logits - expected_logits).abs().max() <= 1e-5 * expected_logits.abs().max()
 
@@ -501,7 +502,7 @@ def test_the_graph_step_multiplies_quantized_weights_by_our_kernel(scheme, monke
         assert decode.use_graph_step(model, counting(calls)) == (kernel == "ours")
         if kernel == "ours":
             got, logits = static_greedy(model, ids, 8)
-            assert len(calls) == 7 and torch.equal(got, expected)
+            assert len(calls) == 7 * len(model.model.layers) and torch.equal(got, expected)
             # float32's rounding, which can move an activation's int16 rounding (the kernel's input) by one step:
             # 1/32767 of the token's largest
             assert (logits - expected_logits).abs().max() <= 1e-4 * expected_logits.abs().max()
@@ -551,9 +552,46 @@ def test_the_graph_step_multiplies_dense_weights_by_our_kernel_where_it_was_chos
     # gate_up, and down where chosen
     assert ran["mixtral_notebooks::dense_experts"] == 7 * layers * (1 + down)
     assert ran["mixtral_notebooks::dense_matmul"] >= 7 * 4 * layers  # q, k, v, o
-    assert len(calls) == 7 and torch.equal(got, expected)
+    assert len(calls) == 7 * layers and torch.equal(got, expected)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert (logits - expected_logits).abs().max() <= tolerance * expected_logits.abs().max()
+
+
+@needs_our_kernel
+def test_one_compiled_layer_serves_every_layer_held_alike():
+    """The compiler gets one layer's step per way the layers hold their weights, not one per layer: once for the
+    layers held alike, once more for the one layer whose down_proj the fast path left off our kernel; each step
+    then calls them once per layer and gives the lean step's tokens."""
+    model = dense_on_our_kernel(tiny_moe(seed=18))
+    kinds = fastpath._EXPERT_KERNELS[model.model.layers[1].mlp.experts]
+    kinds["down_proj"] = ("F.linear", None, kinds["down_proj"][2])
+    ids = torch.randint(0, 512, (1, 6))
+    expected = static_greedy(model, ids, 5)[0]
+    made, calls = [], []
+    assert decode.use_graph_step(model, lambda layer: made.append(1) or counting(calls)(layer),
+                                 fastpath.experts_on_our_kernel())  # fmt: skip
+    assert torch.equal(static_greedy(model, ids, 5)[0], expected)
+    assert len(made) == 2 and len(calls) == 4 * len(model.model.layers)
+
+
+def test_the_graph_step_reads_a_weight_replaced_between_sequences():
+    """The step reads each layer's tensors at a sequence's first step: a weight replaced after one sequence is the
+    one the next sequence is multiplied by (here, as a twin model with the same weight replaced answers)."""
+    import copy
+
+    model = tiny_moe(seed=19)
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, 512, (1, 6))
+    calls = []
+    assert decode.use_graph_step(model, counting(calls))
+    static_greedy(model, ids, 3)
+    new = torch.nn.Parameter(torch.randn_like(model.model.layers[0].self_attn.o_proj.weight))
+    for m in (model, twin):
+        m.model.layers[0].self_attn.o_proj.weight = new
+    got, logits = static_greedy(model, ids, 6)
+    expected, expected_logits = static_greedy(twin, ids, 6)
+    assert torch.equal(got, expected) and len(calls) == (2 + 5) * len(model.model.layers)
+    assert (logits - expected_logits).abs().max() <= 1e-5 * expected_logits.abs().max()
 
 
 def test_the_graph_step_steps_aside_for_what_it_does_not_run():
@@ -578,7 +616,7 @@ def test_the_graph_step_steps_aside_for_what_it_does_not_run():
     assert not calls
     model.set_experts_implementation("eager")
     static_greedy(model, ids[:1], 3)
-    assert len(calls) == 2
+    assert len(calls) == 2 * len(model.model.layers)
 
 
 def test_the_graph_step_is_kept_only_where_it_is_faster(monkeypatch):
@@ -596,7 +634,7 @@ def test_the_graph_step_is_kept_only_where_it_is_faster(monkeypatch):
     figures = fastpath.choose_step(model, ids, tokens=4)
     assert figures["kept"] and figures["difference"] <= 1e-5 and figures["tokens"] == 4
     assert (
-        "compiled into one graph"
+        "compiled layer by layer"
         in fastpath.Recipe("cpu", torch.float32, "eager", (), step=figures).describe()
     )
 
@@ -622,7 +660,7 @@ def test_torch_compile_takes_our_kernels_into_one_graph(scheme, monkeypatch):
     expected, expected_logits = static_greedy(model, ids, 6)
     assert decode.use_graph_step(model, fastpath._compiler(), ours)
     got, logits = static_greedy(model, ids, 6)
-    assert torch.equal(got, expected) and len(calls) == 5
+    assert torch.equal(got, expected) and len(calls) == 5 * len(model.model.layers)
     assert (logits - expected_logits).abs().max() <= 1e-3 * expected_logits.abs().max()
 
 
@@ -635,7 +673,7 @@ def test_a_compiled_step_is_measured_at_load_and_answers(tiny_mixtral_dir):
     pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32, compiled=True)
     figures = pipe.model.load_record.recipe.step
     assert figures["tokens"] == 16 and figures["compile_s"] > 0 and figures["difference"] <= 1e-3
-    assert "compiled into one graph" in describe(pipe, detail=True)
+    assert "compiled layer by layer" in describe(pipe, detail=True)
     answer = generate(pipe, "Hello", max_new_tokens=5, do_sample=False)
     assert answer.new_tokens == 5
     with pytest.raises(ValueError, match="leave fast=True"):
@@ -655,9 +693,10 @@ def test_one_sequence_decodes_through_the_kept_graph(monkeypatch, tiny_mixtral_d
     assert pipe.model.load_record.recipe.step["kept"]
     calls.clear()
     answer = generate(pipe, "Hello", max_new_tokens=6, do_sample=False)
-    assert len(calls) == 5 and "cache_implementation" not in answer.settings  # the knobs as asked
+    steps = 5 * len(pipe.model.model.layers)
+    assert len(calls) == steps and "cache_implementation" not in answer.settings  # the knobs as asked
     generate_batch(pipe, ["Hello", "Good morning"], max_new_tokens=4, do_sample=False)
-    assert len(calls) == 5
+    assert len(calls) == steps
 
 
 # ---------------------------------------------------------------- the fast path's sampler
