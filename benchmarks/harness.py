@@ -406,8 +406,9 @@ def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: in
             )
         )
     wall = time.perf_counter() - wall
-    # where one step's time goes: one sequence in memory, each step its own (no compiled graph, whose products are
-    # inductor's own kernels and not the operators the profile sorts, no copies in)
+    # where one step's time goes: one sequence in memory, each step its own (no compiled step, most of which runs in
+    # inductor's fused code that the profile's split does not sort, our kernel's operators called from inside it; no
+    # copies in)
     profiled = config.prompts == 1 and not (
         config.ram_gib or config.expert_cache or config.compile or config.cache or config.graph
     )

@@ -11,12 +11,13 @@ q, k and v weights into one copy (`Fused`), one product gives all three unless o
 else (a prompt, padding, hooks on a layer, outputs asked for, a sliding window, training) goes through
 transformers' own forward, unchanged.
 
-`graph_step` goes further, for one sequence on a static cache: one layer's step written as one function that
-torch.compile turns into one graph, with no Python between its operators and the experts' products written to read
-only the chosen experts' weights. The layers are alike, so one compiled function serves them all, called once per
-layer with that layer's tensors: compiling traces one layer, not all of them (torch's tutorials call this regional
-compilation), at the cost of a call per layer. It calls no module (hooks make it step aside) and is not bit for bit:
-the fast path keeps it only where asked and measured faster, its logits within a tolerance (fastpath.choose_step).
+`graph_step` goes further, for one sequence on a static cache: `graph_layer` writes one layer's step as one function
+that torch.compile turns into one graph, with no Python between its operators and the experts' products written to
+read only the chosen experts' weights. Layers that hold their weights alike share one compiled function, called once
+per layer with that layer's tensors: compiling traces one layer, not all of them (torch's tutorials call this regional
+compilation), at the cost of a call per layer; the embedding, the loop over the layers and the final norm run as they
+are. It calls no module (a hook on one it reads makes it step aside) and is not bit for bit: the fast path keeps it
+only where asked and measured faster, its logits within a tolerance (fastpath.choose_step).
 
 Shapes: B sequences, d head size, L positions of a static cache.
 """
@@ -141,9 +142,10 @@ def _rms(x, weight, eps: float):
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _held(module, ours: bool) -> tuple:
-    """How the compiled step multiplies by `module`'s weight (or a stack of experts' weights, `module` being the
-    weights' owner and `ours` whether the fast path gave them our kernel): (how, tensors). int8 and int4 weights
+def _held(module, ours: bool | None) -> tuple:
+    """How the compiled step multiplies by `module`'s weight, `ours` None; or by a stack of experts' weights
+    [E, N, D], `module` then being that tensor and `ours` whether the fast path gave the stack our kernel: (how,
+    tensors). int8 and int4 weights
     held for our kernels (quantize.py) by its operators; dense weights the fast path measured our kernel fastest for
     by its dense operators; any other as a multiply and a sum that inductor computes as one reduction."""
     if hasattr(module, "graph_product"):  # quantized for our kernel (use_graph_step checks)
@@ -171,7 +173,7 @@ def _layer_inputs(layer, ours: frozenset) -> tuple:
 def graph_layer(decoder, plan: tuple):
     """layer(h [D], length, visible [L] (bool), inv_freq, key, value [1, KV, L, d], weights) -> h [D]: one token
     through one layer of `decoder` (a MixtralModel), written as one function for torch.compile (`plan` and `weights` from
-    `_layer_inputs`), on a static cache (the layer's keys and values, written at its `length`, which it counts on).
+    `_layer_inputs`), on a static cache (the layer's keys and values, written at its `length`, which it advances by one).
     Each product but the router's is a multiply and a sum, `(w[chosen] * x).sum(-1)` for the experts, written so
     that inductor can compute it as one reduction over only the chosen experts' weights (not checked in the
     generated code), or our kernel's operator where the plan says so (opaque to the compiler, a library kernel to
@@ -242,8 +244,9 @@ def graph_step(decoder, compiler, ours: dict | None = None):
     token through `decoder` (a MixtralModel) on a static cache (each layer's keys and values [1, KV, L, d], written at
     its `lengths[i]`), each layer by `compiler(graph_layer(...))` (torch.compile): compiled once for all the layers
     whose weights are held alike, then called for each with its own tensors, read from the modules at the first step
-    on a cache (each sequence: a weight replaced between them is read as it is then, not recompiled). Where the fast
-    path gave a stack of experts' weights our kernel, `ours` says so ({experts module: the names of its weights})."""
+    on a new cache (generate makes one for each call): a weight replaced between two calls is read then (compiled again
+    only where it changes how its product is made), one replaced during a call is not. Where the fast path gave a
+    stack of experts' weights our kernel, `ours` says so ({experts module: the names of its weights})."""
     layers = decoder.layers
     by_ours = [frozenset((ours or {}).get(layer.mlp.experts, ())) for layer in layers]
     compiled: dict = {}  # plan -> the compiled layer
@@ -289,7 +292,8 @@ def _graph_applies(decoder, input_ids, attention_mask, past_key_values, kwargs) 
 def use_graph_step(model, compiler, ours: dict | None = None) -> bool:
     """Switch `model`'s one-token steps on a static cache to `graph_step(decoder, compiler, ours)` (`compiler`:
     torch.compile, or one that runs each layer's step as it is), in place: the step of one sequence, anything else
-    through `lean_forward` or transformers' own. False (nothing changed) where the lean step does not apply (`use_lean_step`)."""
+    through `lean_forward` or transformers' own. False (nothing changed) where the lean step does not apply
+    (`use_lean_step`) or quantized weights are held for torch's kernels, which the step cannot call."""
     import torch
 
     # quantized weights go through the graph only by our kernels (operators it can call)
@@ -298,7 +302,8 @@ def use_graph_step(model, compiler, ours: dict | None = None) -> bool:
         return False
     decoder = model.model
     decoder._graph_quantized = ("quantized",) if quantized else ()
-    decoder._graph_reads = [m for layer in decoder.layers for m in layer.modules()] + [decoder.norm]
+    reads = [m for layer in decoder.layers for m in layer.modules()]
+    decoder._graph_reads = [*reads, decoder.norm, decoder.embed_tokens, decoder.rotary_emb]
     step = graph_step(decoder, compiler, ours)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):

@@ -173,7 +173,7 @@ def load_local(
     fast: switch the loaded model to this hardware's fastest correct settings (fastpath.fast_recipe,
     shown by `describe`); False keeps the blog's plain pipeline.
     compiled: also compile one token's step, one graph for its layers (decode.graph_step; `describe` says how long it
-    took), and keep it where it decodes faster here (fastpath.choose_step; 08_performance).
+    took), kept where its step at load takes under 90% of the lean step's (fastpath.choose_step; 08_performance).
     What was loaded, and how, is `pipe.model.load_record`."""
     import torch
     from transformers import pipeline

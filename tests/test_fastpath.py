@@ -595,8 +595,8 @@ def test_the_graph_step_reads_a_weight_replaced_between_sequences():
 
 
 def test_the_graph_step_steps_aside_for_what_it_does_not_run():
-    """Two sequences, a dynamic cache, a hook on a module it reads, router logits asked for, experts replaced: the
-    lean step or transformers' own forward, and the same answer."""
+    """Two sequences, a dynamic cache, a hook on a module it reads (in a layer or outside), router logits asked for,
+    experts replaced: the lean step or transformers' own forward, and the same answer."""
     model = tiny_moe(seed=13)
     ids = torch.randint(0, 512, (2, 5))
     expected = static_greedy(model, ids, 3)[0]
@@ -605,6 +605,9 @@ def test_the_graph_step_steps_aside_for_what_it_does_not_run():
     assert torch.equal(static_greedy(model, ids, 3)[0], expected) and not calls  # two sequences
     greedy_logits(model, ids[:1], 2)  # a dynamic cache: the lean step
     handle = model.model.layers[0].mlp.gate.register_forward_hook(lambda *_: None)
+    static_greedy(model, ids[:1], 3)
+    handle.remove()
+    handle = model.model.embed_tokens.register_forward_hook(lambda *_: None)  # read outside the layers
     static_greedy(model, ids[:1], 3)
     handle.remove()
     static_greedy(model, ids[:1], 3, output_router_logits=True)
