@@ -2,21 +2,28 @@
 path's lean step, side by side in one process on this machine, and how far its logits stray.
 
     python benchmarks/compiled_step.py     # writes benchmarks/results/<date>-compiled-step-<cpu>.md and .json
+    python benchmarks/compiled_step.py --fit int4     # the same with int4 weights: ...-compiled-step-int4-<cpu>
 
 Both run the same tokens one step at a time after the poem prompt: the loaded model's greedy answer (the lean step,
 on a dynamic cache), then the graph on a static cache, teacher-forced. The graph's logits are not the lean step's bit
 for bit (its attention runs in float32, its sums in other orders, and compiling rounds again), so they are compared
 (top-1 agreement and the largest difference, against the lean step and against one forward over the whole sequence),
 not asserted equal. load_pipeline(compiled=True) measures the same over 16 tokens at load; this runs longer.
+Then where the compiled step's time goes (`graph_profile`): the same steps under torch.profiler, split into the matrix
+products (our kernels' operators and the library's, called from inside the compiled code or around it), the compiled
+code's own time (inductor's fused kernels and the Python that calls them), the calls around it (dynamo's guard checks
+and wrappers), the other operators, and the time outside any operator.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,26 +31,66 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench import machine_name  # noqa: E402
+from harness import MATRIX_PRODUCTS  # noqa: E402
 from kernel_bench import cpu_extensions, cpu_kind  # noqa: E402
 
 from helpers.data import TASKS  # noqa: E402
 from helpers.fastpath import _steps, race_steps  # noqa: E402
 from helpers.files import atomic_file  # noqa: E402
+from helpers.fitting import Fit  # noqa: E402
+from helpers.generation import generate  # noqa: E402
 from helpers.hardware import dtype_name, measure_bandwidth  # noqa: E402
 from helpers.loading import load_local  # noqa: E402
 from helpers.prompts import chat_ids  # noqa: E402
 from helpers.sizing import decode_bytes  # noqa: E402
 from helpers.standin import ensure_standin  # noqa: E402
 
+AROUND = ("Torch-Compiled Region", "TorchDynamo Cache Lookup", "Pregraph bytecode", "AOTDispatcher")
 
-def measure(tokens: int) -> dict:
+
+def graph_profile(model, prompt: list, ids: list) -> dict:
+    """ms per step by part (see the module's docstring) over `ids` teacher-forced after `prompt` on a static cache,
+    the model on its compiled step; the time outside any operator from the same steps timed without the profiler."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import StaticCache
+
+    def steps(profiler=None):
+        cache = StaticCache(config=model.config, max_cache_len=len(prompt) + len(ids))
+        model(torch.tensor([prompt]), past_key_values=cache, use_cache=True)
+        with profiler or contextlib.nullcontext():
+            started = time.perf_counter()
+            for token in ids:
+                model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            return time.perf_counter() - started
+
+    with torch.inference_mode():
+        plain = min(steps() for _ in range(2))
+        prof = profile(activities=[ProfilerActivity.CPU])
+        steps(prof)
+    parts = dict.fromkeys(("matrix products", "compiled code", "calls around it", "other operators"), 0.0)
+    for e in prof.key_averages():
+        part = (
+            "matrix products" if e.key in MATRIX_PRODUCTS
+            else "compiled code" if "CompiledFxGraph" in e.key
+            else "calls around it" if e.key.startswith(AROUND)
+            else "other operators"
+        )  # fmt: skip
+        parts[part] += e.self_cpu_time_total / 1000 / len(ids)
+    parts["outside operators"] = max(0.0, 1000 * plain / len(ids) - sum(parts.values()))
+    return parts
+
+
+def measure(tokens: int, fit: str | None = None) -> dict:
     import torch
     from transformers import DynamicCache
 
-    pipe = load_local(
-        str(ensure_standin())
-    )  # the fast path in this machine's dtype, as the notebooks load it
+    # the fast path in this machine's dtype, as the notebooks load it; quantized where asked
+    pipe = load_local(str(ensure_standin()), fit=Fit.quantized(fit) if fit else None, compiled=True)
     model = pipe.model
+    kept = model.load_record.recipe.step.get(
+        "kept", False
+    )  # the load's own race: generate takes the graph if kept
     prompt = chat_ids(pipe.tokenizer, [{"role": "user", "content": TASKS["poem"]["prompt"]}])
     # the lean step's greedy answer, then the graph over the same tokens
     race = race_steps(model, prompt, tokens)
@@ -53,7 +100,12 @@ def measure(tokens: int) -> dict:
         reference = model(torch.tensor([prompt + ids])).logits[0, len(prompt) :].float()  # one forward
         _, _, lean_again = _steps(model, prompt, DynamicCache(config=model.config), ids)  # after, as a check
     bandwidth = measure_bandwidth()
-    per_token = decode_bytes(model.config, model.dtype.itemsize)["per_token"]  # the weights a token reads
+    per_weight = model.load_record.bytes_per_parameter  # quantized: as measured
+    per_token = decode_bytes(model.config, per_weight)["per_token"]  # the weights a token reads
+    parts = graph_profile(model, prompt, ids)  # race_steps left the model on its compiled step
+    # the same number of tokens through the package's generate (greedy), which adds transformers' decode loop
+    times = generate(pipe, TASKS["poem"]["prompt"], max_new_tokens=len(ids) + 1, do_sample=False).token_times
+    generate_ms = 1000 * (times[-1] - times[0]) / (len(times) - 1)
 
     def compared(logits, against):
         return dict(
@@ -68,10 +120,13 @@ def measure(tokens: int) -> dict:
         torch=torch.__version__,
         threads=torch.get_num_threads(),
         dtype=dtype_name(model.dtype),
+        fit=fit,
         bandwidth_gb_s=bandwidth / 1e9,
         bytes_per_token=per_token,
         decoded=len(ids),
-        compile_s=race["compile_s"],
+        compile_s=model.load_record.recipe.step.get(
+            "compile_s", race["compile_s"]
+        ),  # at load, the first compile
         graph_ms=graph_ms,
         lean_ms=lean_ms,
         vs_lean=lean_ms / graph_ms,
@@ -80,6 +135,9 @@ def measure(tokens: int) -> dict:
         against_lean=compared(graph, lean),
         against_one_forward=compared(graph, reference),
         lean_against_one_forward=compared(lean, reference),
+        graph_parts=parts,
+        generate_ms=generate_ms,
+        generate_on_graph=kept,
     )
 
 
@@ -87,13 +145,32 @@ def markdown(r: dict) -> str:
     def row(name, c):
         return f"| {name} | {c['top1']:.1%} | {c['difference']:.3f} |"
 
+    weights = f", {r['fit']} weights" if r.get("fit") else ""
+    parts = r.get("graph_parts") or {}
+    total = sum(parts.values())
+    split = [
+        "",
+        "Where a step of the compiled step goes (the same steps under torch.profiler; the time outside any operator "
+        "from the same steps timed without it):",
+        "",
+        "| part | ms per step | share |",
+        "|---|---|---|",
+        *(f"| {k} | {v:.1f} | {v / total:.0%} |" for k, v in parts.items()),
+        "",
+        f"Through the package's `generate` (greedy, the same number of tokens, "
+        f"{'on the compiled step, kept at load' if r.get('generate_on_graph') else 'on the lean step: the load did not keep the graph'}): "
+        f"{r['generate_ms']:.1f} ms per token, {r['generate_ms'] - r['graph_ms']:.1f} ms more than the compiled step's "
+        "own median: transformers' decode loop around it (the logits, their processors, the stopping checks, the "
+        "cache's bookkeeping) and the package's streamer.",
+    ] if parts else []  # fmt: skip
+
     return (
         "\n".join(
             [
                 f"# The compiled step against the lean step, {r['date']}",
                 "",
-                f"`python benchmarks/compiled_step.py` on {r['machine']}, {r['threads']} threads, torch {r['torch']}: the "
-                f"stand-in in {r['dtype']} (this machine's choice), {r['bytes_per_token'] / 2**20:.0f} MiB read per token, "
+                f"`python benchmarks/compiled_step.py{' --fit ' + r['fit'] if r.get('fit') else ''}` on {r['machine']}, {r['threads']} threads, torch {r['torch']}: the "
+                f"stand-in in {r['dtype']} (this machine's choice){weights}, {r['bytes_per_token'] / 2**20:.0f} MiB read per token, "
                 f"memory read bandwidth {r['bandwidth_gb_s']:.1f} GB/s. The same {r['decoded']} tokens one step at a time "
                 "after the poem prompt; each time is the median step (the lean step's over its two runs, one before the "
                 "graph and one after).",
@@ -111,6 +188,7 @@ def markdown(r: dict) -> str:
                 row("graph against the lean step", r["against_lean"]),
                 row("graph against one forward over the whole sequence", r["against_one_forward"]),
                 row("lean step against one forward over the whole sequence", r["lean_against_one_forward"]),
+                *split,
             ]
         )
         + "\n"
@@ -121,11 +199,20 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64, help="decoded positions timed")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--fit", choices=("int8", "int4"), help="quantized weights (default: as loaded)")
     args = parser.parse_args()
     if args.tokens < 1:
         sys.exit(f"--tokens {args.tokens}: give at least 1 decoded position to time")
-    result = measure(args.tokens)
-    stem = f"{result['date']}-compiled-step-{cpu_kind(cpu_extensions())}"
+    result = measure(args.tokens, args.fit)
+    scheme = f"{args.fit}-" if args.fit else ""
+    # the day's first free name (2026-12-06, then 2026-12-06b, ...): an earlier run's file is never overwritten
+    stems = (
+        f"{result['date']}{letter}-compiled-step-{scheme}{cpu_kind(cpu_extensions())}"
+        for letter in ["", *"bcdefgh"]
+    )
+    stem = next((s for s in stems if not (Path(args.out) / f"{s}.json").exists()), None)
+    if stem is None:
+        sys.exit(f"{args.out} holds eight of today's compiled-step files already: move some, or give --out")
     atomic_file(Path(args.out) / f"{stem}.json", lambda p: p.write_text(json.dumps(result, indent=1)))
     atomic_file(Path(args.out) / f"{stem}.md", lambda p: p.write_text(markdown(result)))
     print(markdown(result))

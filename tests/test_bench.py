@@ -470,6 +470,12 @@ def test_the_compiled_step_file_shows_what_was_measured():
     text = markdown(r)
     assert "| compiled step | 27.5 | 36.4 | 39% |" in text and "1.64x the lean step's speed" in text
     assert "| graph against the lean step | 98.4% | 0.021 |" in text and "in bfloat16" in text
+    assert "| part |" not in text  # a file written before the profile: no split
+    parts = {"matrix products": 15.0, "compiled code": 6.0, "calls around it": 2.0, "other operators": 1.0,
+             "outside operators": 1.0}  # fmt: skip
+    text = markdown(dict(r, fit="int4", graph_parts=parts, generate_ms=33.0, generate_on_graph=True))
+    assert "| matrix products | 15.0 | 60% |" in text and "| outside operators | 1.0 | 4% |" in text
+    assert "int4 weights" in text and "33.0 ms per token, 5.5 ms more than the compiled step's" in text
 
 
 def test_the_bf16_quality_file_shows_what_compare_logits_measured():
