@@ -2,15 +2,16 @@
 path's lean step, side by side in one process on this machine, and how far its logits stray.
 
     python benchmarks/compiled_step.py     # writes benchmarks/results/<date>-compiled-step-<cpu>.md and .json
-    python benchmarks/compiled_step.py --fit int4     # the same with int4 weights: ...-compiled-step-int4-<cpu>
+    python benchmarks/compiled_step.py --fit int4 --run e     # int4 weights: <date>e-compiled-step-int4-<cpu>
 
 Both run the same tokens one step at a time after the poem prompt: the loaded model's greedy answer (the lean step,
 on a dynamic cache), then the graph on a static cache, teacher-forced. The graph's logits are not the lean step's bit
 for bit (its attention runs in float32, its sums in other orders, and compiling rounds again), so they are compared
 (top-1 agreement and the largest difference, against the lean step and against one forward over the whole sequence),
 not asserted equal. load_pipeline(compiled=True) measures the same over 16 tokens at load; this runs longer.
-Then where the compiled step's time goes (`graph_profile`): the same steps under torch.profiler, split into the matrix
-products (our kernels' operators and the library's, called from inside the compiled code or around it), the compiled
+Then where the compiled step's time goes (`graph_profile`): the same steps under torch.profiler, split into the product
+operators (our kernels' and the library's, called from inside the compiled code or around it; a product inductor
+computes itself is the compiled code's), the compiled
 code's own time (inductor's fused kernels and the Python that calls them), the calls around it (dynamo's guard checks
 and wrappers), the other operators, and the time outside any operator.
 """
@@ -48,9 +49,20 @@ from helpers.standin import ensure_standin  # noqa: E402
 AROUND = ("Torch-Compiled Region", "TorchDynamo Cache Lookup", "Pregraph bytecode", "AOTDispatcher")
 
 
-def graph_profile(model, prompt: list, ids: list) -> dict:
-    """ms per step by part (see the module's docstring) over `ids` teacher-forced after `prompt` on a static cache,
-    the model on its compiled step; the time outside any operator from the same steps timed without the profiler."""
+def part_of(key: str) -> str:
+    """The part of the compiled step a profiler event (its name) belongs to: a product operator (harness's list: ours
+    and the library's), the compiled code's own time, the calls around it, or another operator."""
+    if key in MATRIX_PRODUCTS:
+        return "product operators"
+    if "CompiledFxGraph" in key:
+        return "compiled code"
+    return "calls around it" if key.startswith(AROUND) else "other operators"
+
+
+def graph_profile(model, prompt: list, ids: list) -> tuple[dict, float]:
+    """(ms per step by part, ms per step unprofiled) over `ids` teacher-forced after `prompt` on a static cache, the
+    model on its compiled step (see the module's docstring); the time outside any operator is the unprofiled steps'
+    time less the operators', none where the profiler's own cost makes the operators' add up to more."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import StaticCache
@@ -68,17 +80,13 @@ def graph_profile(model, prompt: list, ids: list) -> dict:
         plain = min(steps() for _ in range(2))
         prof = profile(activities=[ProfilerActivity.CPU])
         steps(prof)
-    parts = dict.fromkeys(("matrix products", "compiled code", "calls around it", "other operators"), 0.0)
+    parts = dict.fromkeys(("product operators", "compiled code", "calls around it", "other operators"), 0.0)
     for e in prof.key_averages():
-        part = (
-            "matrix products" if e.key in MATRIX_PRODUCTS
-            else "compiled code" if "CompiledFxGraph" in e.key
-            else "calls around it" if e.key.startswith(AROUND)
-            else "other operators"
-        )  # fmt: skip
-        parts[part] += e.self_cpu_time_total / 1000 / len(ids)
+        parts[part_of(e.key)] += e.self_cpu_time_total / 1000 / len(ids)
+    if not parts["compiled code"]:
+        raise RuntimeError("the profiled steps ran no compiled code: the compiled step did not apply to them")
     parts["outside operators"] = max(0.0, 1000 * plain / len(ids) - sum(parts.values()))
-    return parts
+    return parts, 1000 * plain / len(ids)
 
 
 def measure(tokens: int, fit: str | None = None) -> dict:
@@ -102,10 +110,12 @@ def measure(tokens: int, fit: str | None = None) -> dict:
     bandwidth = measure_bandwidth()
     per_weight = model.load_record.bytes_per_parameter  # quantized: as measured
     per_token = decode_bytes(model.config, per_weight)["per_token"]  # the weights a token reads
-    parts = graph_profile(model, prompt, ids)  # race_steps left the model on its compiled step
-    # the same number of tokens through the package's generate (greedy), which adds transformers' decode loop
+    parts, plain_ms = graph_profile(model, prompt, ids)  # race_steps left the model on its compiled step
+    # as many tokens through the package's generate (greedy): the median gap between two tokens
     times = generate(pipe, TASKS["poem"]["prompt"], max_new_tokens=len(ids) + 1, do_sample=False).token_times
-    generate_ms = 1000 * (times[-1] - times[0]) / (len(times) - 1)
+    generate_ms = (
+        1000 * statistics.median(b - a for a, b in zip(times, times[1:])) if len(times) > 1 else None
+    )
 
     def compared(logits, against):
         return dict(
@@ -124,9 +134,9 @@ def measure(tokens: int, fit: str | None = None) -> dict:
         bandwidth_gb_s=bandwidth / 1e9,
         bytes_per_token=per_token,
         decoded=len(ids),
-        compile_s=model.load_record.recipe.step.get(
-            "compile_s", race["compile_s"]
-        ),  # at load, the first compile
+        compile_s=model.load_record.recipe.step[
+            "compile_s"
+        ],  # at load: the first compile (race_steps' is cached)
         graph_ms=graph_ms,
         lean_ms=lean_ms,
         vs_lean=lean_ms / graph_ms,
@@ -136,7 +146,9 @@ def measure(tokens: int, fit: str | None = None) -> dict:
         against_one_forward=compared(graph, reference),
         lean_against_one_forward=compared(lean, reference),
         graph_parts=parts,
+        unprofiled_ms=plain_ms,
         generate_ms=generate_ms,
+        generated=len(times),
         generate_on_graph=kept,
     )
 
@@ -148,20 +160,34 @@ def markdown(r: dict) -> str:
     weights = f", {r['fit']} weights" if r.get("fit") else ""
     parts = r.get("graph_parts") or {}
     total = sum(parts.values())
+    over = (
+        f" The profiler's own cost: the parts add up to {total:.1f} ms against {r['unprofiled_ms']:.1f} ms for the "
+        "same steps unprofiled, so each share is of a longer step."
+        if parts and total > r["unprofiled_ms"] * 1.02
+        else ""
+    )
+    on = (
+        "the compiled step kept at load"
+        if r.get("generate_on_graph")
+        else "the lean step: the load did not keep it"
+    )
+    generated = (
+        f"Through the package's `generate` (greedy, {r['generated']} tokens, {on}): {r['generate_ms']:.1f} ms per "
+        f"token (the median gap between two tokens, one run), against the compiled step's median {r['graph_ms']:.1f} ms."
+        if r.get("generate_ms")
+        else ""
+    )
     split = [
         "",
-        "Where a step of the compiled step goes (the same steps under torch.profiler; the time outside any operator "
-        "from the same steps timed without it):",
+        "Where a step of the compiled step goes (the same steps under torch.profiler, each operator's own time; the "
+        "time outside any operator from the same steps timed without it):" + over,
         "",
         "| part | ms per step | share |",
         "|---|---|---|",
         *(f"| {k} | {v:.1f} | {v / total:.0%} |" for k, v in parts.items()),
+        f"| all | {total:.1f} | 100% |",
         "",
-        f"Through the package's `generate` (greedy, the same number of tokens, "
-        f"{'on the compiled step, kept at load' if r.get('generate_on_graph') else 'on the lean step: the load did not keep the graph'}): "
-        f"{r['generate_ms']:.1f} ms per token, {r['generate_ms'] - r['graph_ms']:.1f} ms more than the compiled step's "
-        "own median: transformers' decode loop around it (the logits, their processors, the stopping checks, the "
-        "cache's bookkeeping) and the package's streamer.",
+        generated,
     ] if parts else []  # fmt: skip
 
     return (
@@ -200,19 +226,16 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, default=64, help="decoded positions timed")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--fit", choices=("int8", "int4"), help="quantized weights (default: as loaded)")
+    parser.add_argument("--run", default="", help="the day's run letter in the file name (b, c, ...)")
     args = parser.parse_args()
     if args.tokens < 1:
         sys.exit(f"--tokens {args.tokens}: give at least 1 decoded position to time")
-    result = measure(args.tokens, args.fit)
     scheme = f"{args.fit}-" if args.fit else ""
-    # the day's first free name (2026-12-06, then 2026-12-06b, ...): an earlier run's file is never overwritten
-    stems = (
-        f"{result['date']}{letter}-compiled-step-{scheme}{cpu_kind(cpu_extensions())}"
-        for letter in ["", *"bcdefgh"]
-    )
-    stem = next((s for s in stems if not (Path(args.out) / f"{s}.json").exists()), None)
-    if stem is None:
-        sys.exit(f"{args.out} holds eight of today's compiled-step files already: move some, or give --out")
+    stem = f"{datetime.date.today().isoformat()}{args.run}-compiled-step-{scheme}{cpu_kind(cpu_extensions())}"
+    taken = [p.name for p in (Path(args.out) / f"{stem}.json", Path(args.out) / f"{stem}.md") if p.exists()]
+    if taken:  # an earlier run's file is never overwritten
+        sys.exit(f"{', '.join(taken)} exists in {args.out}: name this run with --run (the day's run letter)")
+    result = measure(args.tokens, args.fit)
     atomic_file(Path(args.out) / f"{stem}.json", lambda p: p.write_text(json.dumps(result, indent=1)))
     atomic_file(Path(args.out) / f"{stem}.md", lambda p: p.write_text(markdown(result)))
     print(markdown(result))

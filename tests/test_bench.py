@@ -471,11 +471,28 @@ def test_the_compiled_step_file_shows_what_was_measured():
     assert "| compiled step | 27.5 | 36.4 | 39% |" in text and "1.64x the lean step's speed" in text
     assert "| graph against the lean step | 98.4% | 0.021 |" in text and "in bfloat16" in text
     assert "| part |" not in text  # a file written before the profile: no split
-    parts = {"matrix products": 15.0, "compiled code": 6.0, "calls around it": 2.0, "other operators": 1.0,
+    parts = {"product operators": 15.0, "compiled code": 6.0, "calls around it": 2.0, "other operators": 1.0,
              "outside operators": 1.0}  # fmt: skip
-    text = markdown(dict(r, fit="int4", graph_parts=parts, generate_ms=33.0, generate_on_graph=True))
-    assert "| matrix products | 15.0 | 60% |" in text and "| outside operators | 1.0 | 4% |" in text
-    assert "int4 weights" in text and "33.0 ms per token, 5.5 ms more than the compiled step's" in text
+    measured = dict(r, fit="int4", graph_parts=parts, unprofiled_ms=25.0, generate_ms=33.0, generated=65)
+    text = markdown(dict(measured, generate_on_graph=True))
+    assert "| product operators | 15.0 | 60% |" in text and "| outside operators | 1.0 | 4% |" in text
+    assert "| all | 25.0 | 100% |" in text and "profiler's own cost" not in text
+    assert "`python benchmarks/compiled_step.py --fit int4`" in text and "int4 weights" in text
+    assert "65 tokens, the compiled step kept at load): 33.0 ms per token" in text
+    text = markdown(dict(measured, unprofiled_ms=20.0, generate_on_graph=False))
+    assert (
+        "the parts add up to 25.0 ms against 20.0 ms" in text
+        and "the lean step: the load did not keep it" in text
+    )
+
+
+def test_the_compiled_step_profile_sorts_each_event():
+    from compiled_step import part_of
+
+    assert part_of("mixtral_notebooks::int4_experts") == part_of("aten::mm") == "product operators"
+    assert part_of("## Call CompiledFxGraph fabc123 ##") == "compiled code"
+    assert part_of("TorchDynamo Cache Lookup") == part_of("Torch-Compiled Region: 0/1") == "calls around it"
+    assert part_of("aten::embedding") == part_of("aten::_to_copy") == "other operators"
 
 
 def test_the_bf16_quality_file_shows_what_compare_logits_measured():
