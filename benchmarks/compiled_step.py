@@ -96,9 +96,7 @@ def measure(tokens: int, fit: str | None = None) -> dict:
     # the fast path in this machine's dtype, as the notebooks load it; quantized where asked
     pipe = load_local(str(ensure_standin()), fit=Fit.quantized(fit) if fit else None, compiled=True)
     model = pipe.model
-    kept = model.load_record.recipe.step.get(
-        "kept", False
-    )  # the load's own race: generate takes the graph if kept
+    kept = model.load_record.recipe.step.get("kept", False)  # the load's own race: generate's step if kept
     prompt = chat_ids(pipe.tokenizer, [{"role": "user", "content": TASKS["poem"]["prompt"]}])
     # the lean step's greedy answer, then the graph over the same tokens
     race = race_steps(model, prompt, tokens)
@@ -134,9 +132,7 @@ def measure(tokens: int, fit: str | None = None) -> dict:
         bandwidth_gb_s=bandwidth / 1e9,
         bytes_per_token=per_token,
         decoded=len(ids),
-        compile_s=model.load_record.recipe.step[
-            "compile_s"
-        ],  # at load: the first compile (race_steps' is cached)
+        compile_s=model.load_record.recipe.step["compile_s"],  # at load: race_steps' compile is cached
         graph_ms=graph_ms,
         lean_ms=lean_ms,
         vs_lean=lean_ms / graph_ms,

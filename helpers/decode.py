@@ -32,9 +32,7 @@ _RECORDERS = "transformers.utils.output_capturing"  # its hooks record only whil
 
 def _hooked(module) -> bool:
     """Whether anything but transformers' output recorders hooks `module` (accelerate's too)."""
-    if not (
-        module._forward_hooks or module._forward_pre_hooks
-    ):  # most modules, at every step: answered at once
+    if not (module._forward_hooks or module._forward_pre_hooks):  # most modules, at every step: at once
         return hasattr(module, "_hf_hook")
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
     return hasattr(module, "_hf_hook") or any(getattr(h, "__module__", None) != _RECORDERS for h in hooks)
@@ -142,30 +140,36 @@ def _rms(x, weight, eps: float):
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _held(module, ours: bool | None) -> tuple:
-    """How the compiled step multiplies by `module`'s weight, `ours` None; or by a stack of experts' weights
-    [E, N, D], `module` then being that tensor and `ours` whether the fast path gave the stack our kernel: (how,
-    tensors). int8 and int4 weights
-    held for our kernels (quantize.py) by its operators; dense weights the fast path measured our kernel fastest for
-    by its dense operators; any other as a multiply and a sum that inductor computes as one reduction."""
+def _ours_reads(weight) -> bool:
+    """Whether our kernel reads `weight` where it is held: contiguous, in CPU memory (re-laid or moved since: not)."""
+    return weight.is_contiguous() and weight.device.type == "cpu"
+
+
+def _held(module) -> tuple:
+    """How the compiled step multiplies by `module`'s weight: (how, tensors). int8 and int4 weights held for our
+    kernels (quantize.py) by its operators; a dense weight the fast path measured our kernel fastest for by its dense
+    operator; any other as a multiply and a sum that inductor computes as one reduction."""
     if hasattr(module, "graph_product"):  # quantized for our kernel (use_graph_step checks)
         return module.scheme, (module.packed, module.scales)
-    if ours and module.is_contiguous():  # a stack of experts' weights [E, N, D], as held
-        return "dense", (module,)
-    if getattr(module, "kernel", None) == "our kernel" and module.weight.is_contiguous():
+    if getattr(module, "kernel", None) == "our kernel" and _ours_reads(module.weight):
         return "dense", (module.weight,)
-    return "reduce", (module if ours is not None else module.weight,)
+    return "reduce", (module.weight,)
+
+
+def _stack_held(weights, ours: bool) -> tuple:
+    """The same for a stack of experts' weights [E, N, D], `ours` where the fast path gave the stack our kernel."""
+    return ("dense" if ours and _ours_reads(weights) else "reduce"), (weights,)
 
 
 def _layer_inputs(layer, ours: frozenset) -> tuple:
     """One decoder layer's weights for `graph_layer`: (plan, tensors): the plan says how each product is made (the
     same for every layer whose weights are held alike, so one compiled function serves them all)."""
     a, moe = layer.self_attn, layer.mlp
-    held = [_held(p, None) for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)]
+    held = [_held(p) for p in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)]
     if hasattr(moe.experts, "gate_up_q"):  # quantized experts, by our kernel
-        held += [_held(moe.experts.gate_up_q, None), _held(moe.experts.down_q, None)]
+        held += [_held(moe.experts.gate_up_q), _held(moe.experts.down_q)]
     else:
-        held += [_held(getattr(moe.experts, n), n in ours) for n in ("gate_up_proj", "down_proj")]
+        held += [_stack_held(getattr(moe.experts, n), n in ours) for n in ("gate_up_proj", "down_proj")]
     norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, moe.gate.weight)
     return tuple(how for how, _ in held), (norms, *(tensors for _, tensors in held))
 
@@ -183,12 +187,8 @@ def graph_layer(decoder, plan: tuple):
     import torch.nn.functional as F
 
     cfg, attention = decoder.config, decoder.layers[0].self_attn  # constants only: the layer reads no module
-    H, KV, K, eps = (
-        cfg.num_attention_heads,
-        cfg.num_key_value_heads,
-        cfg.num_experts_per_tok,
-        cfg.rms_norm_eps,
-    )
+    H, KV, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_experts_per_tok
+    eps = cfg.rms_norm_eps
     d, scaling, dtype = attention.head_dim, attention.scaling, decoder.embed_tokens.weight.dtype
     attention_scaling = decoder.rotary_emb.attention_scaling
     ops = torch.ops.mixtral_notebooks  # where a weight is ours, the fast path registered it
@@ -211,10 +211,8 @@ def graph_layer(decoder, plan: tuple):
         return x * cos + torch.cat((-x[:, d // 2 :], x[:, : d // 2]), -1) * sin
 
     def layer(h, length, visible, inv_freq, key, value, weights):
-        (norm1, norm2, router), held = (
-            weights[0],
-            weights[1:],
-        )  # held: each product's tensors, in the plan's order
+        # held: each product's tensors, in the plan's order
+        (norm1, norm2, router), held = weights[0], weights[1:]
         angles = length.float() * inv_freq.float()
         angles = torch.cat((angles, angles), -1)
         cos, sin = (angles.cos() * attention_scaling).to(dtype), (angles.sin() * attention_scaling).to(dtype)

@@ -32,7 +32,7 @@ from pathlib import Path
 from statistics import median
 
 from .data import BLOG_SAMPLING, GB
-from .decode import Fused, use_graph_step, use_lean_step
+from .decode import Fused, _ours_reads, use_graph_step, use_lean_step
 from .experts import DECODE_TOKENS, register_experts, token_loop
 from .files import atomic_file, cache_root
 from .hardware import (
@@ -81,10 +81,6 @@ def _dense_matmul():  # our kernel's operator, looked up once: products run on e
 
 def _ours(x, w):  # [T, K] x a float32 or bf16 weight [N, K], read in place by quant_kernel.c -> x's dtype
     return _dense_matmul()(x, w)
-
-
-def _ours_reads(weight) -> bool:  # our kernel reads contiguous CPU weights only (re-laid or moved since: not)
-    return weight.is_contiguous() and weight.device.type == "cpu"
 
 
 def packed_copy(weight):
