@@ -228,8 +228,9 @@ def bench_summary(result: dict) -> str:
     if sampler := result.get("sampler"):
         ms = sampler["ms"]
         lines.append(
-            f"choosing a sampled token with the blog's knobs ({sampler['vocabulary']:,} logits; the rows decode greedily, "
-            f"so without it): transformers' warpers {ms['transformers']:.2f} ms, the fast path's sampler "
+            f"choosing a sampled token with the blog's knobs ({sampler['vocabulary']:,} logits; every row samples with "
+            "them, the fast path's rows through its sampler, the others through transformers' warpers, so each row's "
+            f"tok/s holds one of these): transformers' warpers {ms['transformers']:.2f} ms, the fast path's sampler "
             f"{ms['fast path']:.2f} ms ({ms['transformers'] / ms['fast path']:.1f}x)"
         )
     for scheme in ("int8", "int4"):

@@ -346,6 +346,32 @@ def run_group(
     return rows
 
 
+def in_turn(
+    config: Config, other, rounds: int, new_tokens: int = 64, warmup: int = 4
+) -> list[tuple[dict, object]]:
+    """Load `config` once (no pipeline call), then `rounds` times: time it (a warm-up run before the first), then call
+    `other()`, another program's timed run, so that each round's two figures are taken one right after the other.
+    -> [(our row, what other() returned)] per round."""
+    import gc
+
+    import torch
+
+    if config.pipeline:
+        raise ValueError(
+            f"{config.name}: in_turn times the package's generate path, not the blog's pipeline call"
+        )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    runner, _ = _load(config, device)
+    pairs = []
+    for round_ in range(rounds):
+        torch.manual_seed(round_)
+        ours = _time(config, runner, None, device, new_tokens, warmup, warm=round_ == 0)
+        pairs.append((ours, other()))
+    del runner
+    gc.collect()
+    return pairs
+
+
 def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: int, warm: bool = True) -> dict:
     """One configuration's warm-up and timed runs on a loaded model: its row, less the load."""
     import torch
@@ -487,7 +513,8 @@ def _keep(best: dict, config: Config, row: dict, progress) -> None:
 def sampler_timing(rounds: int = 50) -> dict:
     """What turning one token's logits into the scores a sampled token is drawn from costs with the blog's knobs, for
     the stand-in's vocabulary, best of `rounds`: transformers' warpers against the fast path's sampler, side by side.
-    The rows decode greedily, so their figures hold neither."""
+    Every row samples with these knobs, the fast path's rows through its sampler, the others (the blog's pipeline
+    call included) through transformers' warpers: each row's tok/s holds one of these costs."""
     import torch
     from transformers import AutoConfig
 

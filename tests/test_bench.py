@@ -401,9 +401,8 @@ def _row(name, tok_s, dtype="float32", quantize=None, fast=True, prompts=1, step
                 matvec_ceiling_tok_s=30.0, step=step)  # fmt: skip
 
 
-def test_the_targets_say_met_or_missed_from_the_figures_alone():
-    from targets import report
-
+def _targets_inputs() -> tuple[dict, dict]:
+    """A bench run and a kernels run as targets.py reads them, with round figures."""
     step = dict(ms={"matrix products": 30.0, "attention": 1.0, "other operators": 10.0, "outside operators": 5.0,
                     "generate's loop": 4.0}, per_step=dict(operators=8000, conversions=300, concatenations=120))  # fmt: skip
     bench = dict(machine="m", date="d", rounds=1, new_tokens=8, bandwidth=25e9, rows=[
@@ -420,6 +419,13 @@ def test_the_targets_say_met_or_missed_from_the_figures_alone():
                    rows=kernel("bf16 torch.mv", 2, 0.8, 0.75, 0.72, 0.69) + kernel("int8 ours", 1, 0.9, 0.8, 0.71, 0.7)
                    + kernel("fp32 F.linear", 4, 0.95, 0.9, 0.9, 0.9)  # float32's bytes: not the target's
                    + kernel("compiled", 2, 0.95, 0.9))  # fmt: skip
+    return bench, kernels
+
+
+def test_the_targets_say_met_or_missed_from_the_figures_alone():
+    from targets import report
+
+    bench, kernels = _targets_inputs()
     text = report(bench, kernels, None, ("bench.json", "kernels.json"))
     assert "| 1.60x (16.0 against 10.0 tok/s, bfloat16) | met |" in text
     assert "| 3.10x (int4 weights (fast path)) | met |" in text  # the batch of four is left out
@@ -438,6 +444,53 @@ def test_the_targets_say_met_or_missed_from_the_figures_alone():
     assert "| worst: llama.cpp Q4_0 2.26x ours (int4 weights (fast path)) | **missed** |" in report(
         bench, kernels, peer, ("b", "k", "p")
     )
+
+
+def test_the_peer_target_reads_ours_as_timed_in_turn_with_llama_cpp():
+    """A peer run with ours beside each type (peer_bench.py's side_by_side) is judged by the median of its rounds'
+    ratios, not against the bench run's row nearest in bytes."""
+    from peer.peer_bench import OURS, side_by_side
+    from targets import report
+
+    paired = side_by_side([40.0, 30.0, 50.0], [100.0, 90.0, 95.0])  # llama.cpp 2.5x, 3.0x and 1.9x ours
+    assert paired["ratios"] == [2.5, 3.0, 1.9] and paired["ratio"] == 2.5  # the median round, not 95 / 40
+    with pytest.raises(ValueError, match="one llama.cpp figure per round of ours: got 3 of ours and 2"):
+        side_by_side([1.0, 2.0, 3.0], [1.0, 2.0])
+    bench, kernels = _targets_inputs()
+    ours = dict(paired, name="int4, in turn", bytes_per_token=8e8 / 3.1, decode_tok_s=40.0)
+    peer = dict(rows=[dict(type="Q4_0", bytes_per_token=8e8 / 3.1, decode_tok_s=95.0, ours=ours)])
+    text = report(bench, kernels, peer, ("b", "k", "p"))
+    assert "| worst: llama.cpp Q4_0 2.50x ours (int4, in turn) | **missed** |" in text
+    assert (
+        "llama.cpp 2.50x (the median of 3 rounds' ratios, each timed in turn with ours in the peer run: "
+        in text
+    )
+    # each llama.cpp type beside ours holding its weights alike, the step compiled layer by layer
+    assert {t: (c.dtype, c.quantize, c.graph) for t, c in OURS.items()} == {
+        "f32": ("float32", None, True),
+        "bf16": ("bfloat16", None, True),
+        "q8_0": (None, "int8", True),
+        "q4_0": (None, "int4", True),
+    }
+
+
+def test_in_turn_times_ours_then_the_other_each_round(monkeypatch):
+    """in_turn loads once, then alternates: ours (warmed before the first round only), the other program, ..."""
+    import harness
+
+    calls = []
+    monkeypatch.setattr(harness, "_load", lambda config, device: (calls.append("load") or "runner", None))
+
+    def timed(config, runner, pipe, device, new_tokens, warmup, warm):
+        calls.append(f"ours warm={warm} {new_tokens}")
+        return dict(decode_tok_s=len(calls))
+
+    monkeypatch.setattr(harness, "_time", timed)
+    pairs = harness.in_turn(CONFIGS[1], lambda: calls.append("other") or len(calls), rounds=2, new_tokens=8)
+    assert calls == ["load", "ours warm=True 8", "other", "ours warm=False 8", "other"]
+    assert pairs == [(dict(decode_tok_s=2), 3), (dict(decode_tok_s=4), 5)]
+    with pytest.raises(ValueError, match="not the blog's pipeline call"):
+        harness.in_turn(CONFIGS[0], lambda: None, rounds=1)
 
 
 def test_every_candidate_kernel_computes_the_same_product():

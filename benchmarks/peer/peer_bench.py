@@ -9,6 +9,13 @@ The GGUF files are made on first use in build/peer/: F32 and BF16 by to_gguf.py,
 llama-quantize from the F32 file (what a llama.cpp user would run). Decode speed is llama-bench's `-p 0 -n N`: N
 tokens generated one at a time after an empty prompt, averaged over --reps runs. Every llama.cpp process runs under
 `nice -n 19`, so a figure taken while the machine is busy is low: the table prints the load average beside it.
+
+Ours beside each type, in the same run: the configuration of benchmarks/harness.py that holds its weights as that
+type does (F32: float32; BF16: bfloat16; Q8_0: int8 weights; Q4_0: int4), one token's step compiled layer by layer
+(kept at load only where measured faster, as make bench's rows), loaded once and timed in turn with llama-bench,
+--rounds times: each round's ratio compares two figures taken one right after the other, on a machine whose speed
+moves by a fifth or more from one minute to the next. Ours decodes after the poem's prompt (its `make bench` row's
+timing), llama-bench after an empty one.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -26,13 +34,21 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from targets import nearest  # noqa: E402  (the one rule for "ours at about the same bytes")
+from harness import CONFIGS, Config, in_turn  # noqa: E402
 
 PEER = ROOT / "build" / "peer"
 BIN = PEER / "llama.cpp-build" / "bin"
 TYPES = ["f32", "bf16", "q8_0", "q4_0"]
 NICE = ["nice", "-n", "19"]
 MiB = 2**20
+_BY_NAME = {c.name: c for c in CONFIGS}
+# ours beside each type: the configuration whose weights are held as the type's are, its step compiled layer by layer
+OURS = {
+    "f32": Config("fp32, one token's step compiled layer by layer", fast=True, dtype="float32", graph=True),
+    "bf16": Config("bf16, one token's step compiled layer by layer", fast=True, dtype="bfloat16", graph=True),
+    "q8_0": _BY_NAME["int8 weights, one token's step compiled layer by layer"],
+    "q4_0": _BY_NAME["int4 weights, one token's step compiled layer by layer"],
+}
 # max |logit difference| --check allows; float32 rounding gives ~3e-5 here (transformers in float32 against float64: 5e-5)
 TOLERANCE = 1e-3
 
@@ -115,6 +131,15 @@ def llama_bench(path: Path, tokens: int, reps: int, threads: int) -> tuple[float
     out = subprocess.run(NICE + cmd, check=True, capture_output=True, text=True).stdout
     (row,) = json.loads(out)
     return row["avg_ts"], row["stddev_ts"]
+
+
+def side_by_side(ours: list[float], peer: list[float]) -> dict:
+    """Rounds timed in turn, ours then llama.cpp's (tok/s each): each round's ratio llama.cpp / ours, and the median
+    of those ratios, the figure the target reads (a round both took on a slow minute keeps its ratio)."""
+    if not ours or len(ours) != len(peer):
+        raise ValueError(f"one llama.cpp figure per round of ours: got {len(ours)} of ours and {len(peer)}")
+    ratios = [p / o for o, p in zip(ours, peer)]
+    return dict(rounds=ours, peer_rounds=peer, ratios=ratios, ratio=statistics.median(ratios))
 
 
 def llama_cpp_greedy(
@@ -219,15 +244,13 @@ def main() -> int:
     )
     parser.add_argument("--types", nargs="+", choices=TYPES, default=TYPES)
     parser.add_argument("--tokens", type=int, default=64, help="tokens decoded per llama-bench run (-n)")
-    parser.add_argument("--reps", type=int, default=3, help="llama-bench runs averaged (-r)")
+    parser.add_argument("--reps", type=int, default=1, help="llama-bench runs averaged in each round (-r)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of ours then llama.cpp, per type")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--check", action="store_true", help="only the greedy agreement check, no timing")
     parser.add_argument("--model", help="the stand-in's folder (default: helpers.ensure_standin())")
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--check-tokens", type=int, default=12)
-    parser.add_argument(
-        "--ours", default=str(ROOT / "build" / "bench.json"), help="our run to set beside (bench.py's json)"
-    )
     parser.add_argument(
         "--json", default=str(PEER / "peer.json"), help="where the table goes as JSON (targets.py reads it)"
     )
@@ -241,42 +264,58 @@ def main() -> int:
     machine = next(
         (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), ""
     )
-    print(f"# llama.cpp peer benchmark, {time.strftime('%Y-%m-%d')}, {machine or platform.machine()}\n")
+    print(f"# llama.cpp beside ours, {time.strftime('%Y-%m-%d')}, {machine or platform.machine()}\n")
     print(
-        f"llama-bench -p 0 -n {args.tokens} -t {args.threads} -r {args.reps}: decode only, {args.threads} threads\n"
+        f"In turn, {args.rounds} rounds per type: ours ({args.tokens} new tokens after the poem's prompt, after a "
+        f"warm-up run), then `llama-bench -p 0 -n {args.tokens} -t {args.threads} -r {args.reps}` (decode only); "
+        f"{args.threads} threads. Each figure is the median of its rounds; the ratio is the median of the rounds' "
+        "ratios.\n"
     )
-    print("| type | file MiB | MiB read per token | decode tok/s | GB/s read | load average |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| llama.cpp | MiB read per token | tok/s (rounds) | ours | MiB read per token | tok/s (rounds) "
+        "| llama.cpp / ours (rounds) | load average |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     for type_name in args.types:
         path = gguf_file(type_name, args.threads, args.model)
         per_token = bytes_per_token(path)
-        mean, sd = llama_bench(path, args.tokens, args.reps, args.threads)
-        rows.append(dict(type=type_name.upper(), bytes_per_token=per_token, decode_tok_s=mean, sd=sd))
+        config = OURS[type_name]
+        pairs = in_turn(
+            config,
+            lambda: llama_bench(path, args.tokens, args.reps, args.threads)[0],
+            args.rounds,
+            args.tokens,
+        )
+        paired = side_by_side([o["decode_tok_s"] for o, _ in pairs], [p for _, p in pairs])
+        mine = pairs[0][0]
+        ours = dict(
+            paired,
+            name=config.name,
+            bytes_per_token=mine["bytes_per_token"],
+            decode_tok_s=statistics.median(paired["rounds"]),
+            graph=mine["graph"],  # what choose_step measured at load, and whether the compiled step was kept
+        )
+        rows.append(
+            dict(
+                type=type_name.upper(),
+                bytes_per_token=per_token,
+                decode_tok_s=statistics.median(paired["peer_rounds"]),
+                ours=ours,
+            )
+        )
         print(
-            f"| {type_name.upper()} | {path.stat().st_size / MiB:.0f} | {per_token / MiB:.0f} | {mean:.1f} ± {sd:.1f} "
-            f"| {per_token * mean / 1e9:.1f} | {os.getloadavg()[0]:.2f} |",
+            f"| {type_name.upper()} | {per_token / MiB:.0f} | {rows[-1]['decode_tok_s']:.1f} "
+            f"({', '.join(f'{p:.1f}' for p in paired['peer_rounds'])}) | {config.name}"
+            f"{'' if ours['graph']['kept'] else ' (the compiled step not kept: the lean step)'} "
+            f"| {ours['bytes_per_token'] / MiB:.0f} | {ours['decode_tok_s']:.1f} "
+            f"({', '.join(f'{o:.1f}' for o in paired['rounds'])}) | **{paired['ratio']:.2f}x** "
+            f"({', '.join(f'{r:.2f}' for r in paired['ratios'])}) | {os.getloadavg()[0]:.2f} |",
             flush=True,
         )
     Path(args.json).write_text(
         json.dumps(dict(date=time.strftime("%Y-%m-%d"), machine=machine, rows=rows), indent=1)
     )
-    ours = Path(args.ours)
-    if (
-        ours.is_file()
-    ):  # beside ours: the one-sequence configuration that reads about the same bytes per token
-        mine = [r for r in json.loads(ours.read_text())["rows"] if "error" not in r and r["prompts"] == 1]
-        print(f"\nbeside ours ({os.path.relpath(ours, ROOT)}):\n")
-        print(
-            "| llama.cpp | MiB per token | tok/s | ours, nearest in bytes | MiB per token | tok/s | llama.cpp / ours |"
-        )
-        print("|---|---|---|---|---|---|---|")
-        for r in rows:
-            m = nearest(mine, r["bytes_per_token"])
-            print(
-                f"| {r['type']} | {r['bytes_per_token'] / MiB:.0f} | {r['decode_tok_s']:.1f} | {m['name']} | "
-                f"{m['bytes_per_token'] / MiB:.0f} | {m['decode_tok_s']:.1f} | {r['decode_tok_s'] / m['decode_tok_s']:.2f}x |"
-            )
     return 0
 
 
