@@ -50,7 +50,7 @@ class Config:
     fast: bool = False  # load_local(fast=True): the notebooks' fast path
     cache: str | None = None  # cache_implementation, e.g. "static"
     compile: bool = False  # torch.compile the decode step
-    graph: bool = False  # load_local(compiled=True): one token's step compiled layer by layer, kept if faster
+    graph: bool = False  # load_local(compiled=True): one token's step written layer by layer, kept if faster
     prompts: int = 1  # how many of the blog's prompts
     batch: bool = False  # the prompts as one batch, not one after another
     dense: bool = False  # the dense SmolLM2 the stand-in was built from
@@ -75,7 +75,7 @@ CONFIGS = [
     Config("fp32 static cache", cache="static"),
     Config("fp32 static cache + compile", cache="static", compile=True),
     Config("fast path (this machine's choice)", fast=True, dtype=None),
-    Config("fast path, one token's step compiled layer by layer", fast=True, dtype=None, graph=True),
+    Config("fast path, one token's step written layer by layer", fast=True, dtype=None, graph=True),
     Config("fast path without the lean step", fast=True, dtype=None, without="lean step"),
     Config("fast path under no_grad, not inference_mode", fast=True, dtype=None, without="inference mode"),
     Config("fast path without the packed copies", fast=True, dtype=None, without="packed copies"),
@@ -86,7 +86,7 @@ CONFIGS = [
         "int8 weights, bf16 model", fast=True, dtype="bfloat16", quantize="int8"
     ),  # this machine may pick fp32
     Config(
-        "int8 weights, one token's step compiled layer by layer",
+        "int8 weights, one token's step written layer by layer",
         fast=True,
         dtype=None,
         quantize="int8",
@@ -94,7 +94,7 @@ CONFIGS = [
     ),
     Config("int4 weights (fast path)", fast=True, dtype=None, quantize="int4"),
     Config(
-        "int4 weights, one token's step compiled layer by layer",
+        "int4 weights, one token's step written layer by layer",
         fast=True,
         dtype=None,
         quantize="int4",

@@ -11,13 +11,15 @@ q, k and v weights into one copy (`Fused`), one product gives all three unless o
 else (a prompt, padding, hooks on a layer, outputs asked for, a sliding window, training) goes through
 transformers' own forward, unchanged.
 
-`graph_step` goes further, for one sequence on a static cache: `graph_layer` writes one layer's step as one function
-that torch.compile turns into one graph, with no Python between its operators and the experts' products written to
-read only the chosen experts' weights. Layers that hold their weights alike share one compiled function, called once
-per layer with that layer's tensors: compiling traces one layer, not all of them (torch's tutorials call this regional
-compilation), at the cost of a call per layer; the embedding, the loop over the layers and the final norm run as they
-are. It calls no module (a hook on one it reads makes it step aside) and is not bit for bit: the fast path keeps it
-only where asked and measured faster, its logits within a tolerance (fastpath.choose_step).
+`graph_step` goes further, for one sequence on a static cache: one call a layer, made one of two ways. `graph_layer`
+writes one layer's step as one function that torch.compile turns into one graph (`compiled_layer`), with no Python
+between its operators and the experts' products written to read only the chosen experts' weights; `native_layer`
+computes the same in one call of our C++ operator layer_step, the products by our kernels, with no dispatch between
+its parts. Layers that hold their weights alike share one made function, called once per layer with that layer's
+tensors: compiling traces one layer, not all of them (torch's tutorials call this regional compilation), at the cost
+of a call per layer; the embedding, the loop over the layers and the final norm run as they are. It calls no module (a
+hook on one it reads makes it step aside) and is not bit for bit: the fast path races both ways against the lean step
+where asked and keeps the fastest, its logits within a tolerance (fastpath.choose_step).
 
 Shapes: B sequences, d head size, L positions of a static cache.
 """
@@ -32,10 +34,12 @@ _RECORDERS = "transformers.utils.output_capturing"  # its hooks record only whil
 
 def _hooked(module) -> bool:
     """Whether anything but transformers' output recorders hooks `module` (accelerate's too)."""
+    # accelerate sets _hf_hook as a plain attribute: looked up in __dict__, not by hasattr, whose miss goes through
+    # nn.Module.__getattr__ and an exception (the graph step asks this of ~400 modules a token)
     if not (module._forward_hooks or module._forward_pre_hooks):  # most modules, at every step: at once
-        return hasattr(module, "_hf_hook")
+        return "_hf_hook" in module.__dict__
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-    return hasattr(module, "_hf_hook") or any(getattr(h, "__module__", None) != _RECORDERS for h in hooks)
+    return "_hf_hook" in module.__dict__ or any(getattr(h, "__module__", None) != _RECORDERS for h in hooks)
 
 
 class Fused:
@@ -237,17 +241,70 @@ def graph_layer(decoder, plan: tuple):
     return layer
 
 
-def graph_step(decoder, compiler, ours: dict | None = None):
+def compiled_layer(decoder, plan: tuple):
+    """`graph_layer` compiled by torch.compile into one graph (inductor's code; our kernels' operators inside it)."""
+    import torch
+
+    return torch.compile(graph_layer(decoder, plan), fullgraph=True)
+
+
+_CODES = {"dense": 0, "reduce": 0, "int8": 8, "int4": 4}  # how layer_step names each way to make a product
+
+
+def native_layer(decoder, plan: tuple):
+    """What `graph_layer` computes (the same arguments and result), by our operator layer_step (quant_ops.cpp) in one
+    call with nothing between its parts: norms, rotary angles, attention and router in plain loops over one token's
+    few thousand values, each product by our kernels (a dense weight by our dense kernel, whichever kernel the fast path
+    chose for it elsewhere), each value rounded to the model's dtype where graph_layer's operators round it; its sums
+    run in other orders, so its logits are within a tolerance of the lean step's, not bit for bit. It needs our kernels
+    (`native_reads`)."""
+    import itertools
+
+    import torch
+
+    cfg, attention = decoder.config, decoder.layers[0].self_attn
+    run = torch.ops.mixtral_notebooks.layer_step
+    codes = [_CODES[how] for how in plan]
+    shape = [cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_local_experts, cfg.num_experts_per_tok]
+    constants = [cfg.rms_norm_eps, attention.scaling, decoder.rotary_emb.attention_scaling]
+
+    def layer(h, length, visible, inv_freq, key, value, weights):
+        tensors = [*weights[0], *itertools.chain.from_iterable(weights[1:])]
+        return run(h, length, visible, inv_freq, key, value, tensors, codes, shape, constants)
+
+    return layer
+
+
+def native_reads(model, ours: dict | None = None) -> bool:
+    """Whether `native_layer` can run `model`'s layers where our kernels are built (quant_kernel.kernel_unavailable):
+    the model in CPU memory in float32 or bf16, and every dense weight of its layers one our dense kernel reads in
+    place (`_ours_reads`)."""
+    import torch
+
+    if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    layers = model.model.layers
+    by_ours = [frozenset((ours or {}).get(layer.mlp.experts, ())) for layer in layers]
+    for i, layer in enumerate(layers):
+        plan, (_, *held) = _layer_inputs(layer, by_ours[i])
+        if any(
+            how in ("dense", "reduce") and not _ours_reads(tensors[0]) for how, tensors in zip(plan, held)
+        ):
+            return False
+    return True
+
+
+def graph_step(decoder, make_layer, ours: dict | None = None):
     """step(token [1], visible [L] (bool), keys, values, lengths) -> the decoder's last hidden state [1, D]: one
     token through `decoder` (a MixtralModel) on a static cache (each layer's keys and values [1, KV, L, d], written at
-    its `lengths[i]`), each layer by `compiler(graph_layer(...))` (torch.compile): compiled once for all the layers
-    whose weights are held alike, then called for each with its own tensors, read from the modules at the first step
-    on a new cache (generate makes one for each call): a weight replaced between two calls is read then (compiled again
-    only where it changes how its product is made), one replaced during a call is not. Where the fast path gave a
-    stack of experts' weights our kernel, `ours` says so ({experts module: the names of its weights})."""
+    its `lengths[i]`), each layer by `make_layer(decoder, plan)` (`compiled_layer`, `native_layer`): made once for all
+    the layers whose weights are held alike, then called for each with its own tensors, read from the modules at the
+    first step on a new cache (generate makes one for each call): a weight replaced between two calls is read then
+    (made again only where it changes how its product is made), one replaced during a call is not. Where the fast path
+    gave a stack of experts' weights our kernel, `ours` says so ({experts module: the names of its weights})."""
     layers = decoder.layers
     by_ours = [frozenset((ours or {}).get(layer.mlp.experts, ())) for layer in layers]
-    compiled: dict = {}  # plan -> the compiled layer
+    made: dict = {}  # plan -> the layer made for it
     read: dict = {}  # the cache whose first step read the modules, and what it read: (plan, weights) per layer
 
     def step(token, visible, keys, values, lengths):
@@ -256,9 +313,9 @@ def graph_step(decoder, compiler, ours: dict | None = None):
         h = decoder.embed_tokens.weight[token][0]  # [D]: one token, so every vector here is 1-d
         inv_freq = decoder.rotary_emb.inv_freq
         for i, (plan, weights) in enumerate(read["inputs"]):
-            if plan not in compiled:
-                compiled[plan] = compiler(graph_layer(decoder, plan))
-            h = compiled[plan](h, lengths[i], visible, inv_freq, keys[i], values[i], weights)
+            if plan not in made:
+                made[plan] = make_layer(decoder, plan)
+            h = made[plan](h, lengths[i], visible, inv_freq, keys[i], values[i], weights)
         return _rms(h, decoder.norm.weight, decoder.config.rms_norm_eps)[None]
 
     return step
@@ -287,9 +344,9 @@ def _graph_applies(decoder, input_ids, attention_mask, past_key_values, kwargs) 
     )
 
 
-def use_graph_step(model, compiler, ours: dict | None = None) -> bool:
-    """Switch `model`'s one-token steps on a static cache to `graph_step(decoder, compiler, ours)` (`compiler`:
-    torch.compile, or one that runs each layer's step as it is), in place: the step of one sequence, anything else
+def use_graph_step(model, make_layer, ours: dict | None = None) -> bool:
+    """Switch `model`'s one-token steps on a static cache to `graph_step(decoder, make_layer, ours)` (`make_layer`:
+    `compiled_layer`, `native_layer` where `native_reads`), in place: the step of one sequence, anything else
     through `lean_forward` or transformers' own. False (nothing changed) where the lean step does not apply
     (`use_lean_step`) or quantized weights are held for torch's kernels, which the step cannot call."""
     import torch
@@ -302,7 +359,7 @@ def use_graph_step(model, compiler, ours: dict | None = None) -> bool:
     decoder._graph_quantized = ("quantized",) if quantized else ()
     reads = [m for layer in decoder.layers for m in layer.modules()]
     decoder._graph_reads = [*reads, decoder.norm, decoder.embed_tokens, decoder.rotary_emb]
-    step = graph_step(decoder, compiler, ours)
+    step = graph_step(decoder, make_layer, ours)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
         from transformers.modeling_outputs import MoeModelOutputWithPast

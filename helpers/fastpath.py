@@ -9,8 +9,8 @@ copy, which wins where a bf16 product's fixed cost outweighs reading a tiny matr
 on the weight as held, quant_kernel.c's dense_matmul, which the compiled step then calls too), and which experts
 implementation runs a decode step fastest while giving transformers' eager answer (`choose_experts`: the
 package's `per_token` loop, which reads only the chosen experts' weights, or transformers' own), and, where
-asked (`load_pipeline(compiled=True)`), whether one token's step compiled layer by layer beats the lean step
-(`choose_step`). `fast_recipe` says what this machine gets; `load_pipeline` applies it (08_performance measures it).
+asked (`load_pipeline(compiled=True)`), whether one token's step written layer by layer, by our C++ layer operator
+or torch.compile's graph, beats the lean step (`choose_step`). `fast_recipe` says what this machine gets; `load_pipeline` applies it (08_performance measures it).
 
 Shapes: T = tokens, K = experts per token, D = hidden size, I = expert FFN size.
 """
@@ -32,7 +32,15 @@ from pathlib import Path
 from statistics import median
 
 from .data import BLOG_SAMPLING, GB
-from .decode import Fused, _ours_reads, use_graph_step, use_lean_step
+from .decode import (
+    Fused,
+    _ours_reads,
+    compiled_layer,
+    native_layer,
+    native_reads,
+    use_graph_step,
+    use_lean_step,
+)
 from .experts import DECODE_TOKENS, register_experts, token_loop
 from .files import atomic_file, cache_root
 from .hardware import (
@@ -495,23 +503,18 @@ def experts_on_our_kernel() -> dict:
     }
 
 
-def _compiler():
-    import torch
-
-    return functools.partial(torch.compile, fullgraph=True)
-
-
-def race_steps(model, prompt: list, tokens: int) -> dict | None:
-    """`tokens` greedy steps after `prompt` by the lean step, then the same by the compiled graph (a static
-    cache): {ids, lean, graph (logits), lean_s, graph_s, compile_s}, the model left on the graph; None where
-    the graph does not apply."""
+def race_steps(model, prompt: list, tokens: int, make_layer=compiled_layer) -> dict | None:
+    """`tokens` greedy steps after `prompt` by the lean step, then the same by the step written layer by layer with
+    `make_layer` (decode.compiled_layer or native_layer) on a static cache: {ids, lean, graph (logits), lean_s, graph_s,
+    compile_s (its first step: compiling, where it compiles)}, the model left on that step; None where it does not
+    apply."""
     import torch
     from transformers import DynamicCache, StaticCache
 
     with torch.inference_mode():  # as the package's generate call runs
         ids, lean, lean_s = _steps(model, prompt, DynamicCache(config=model.config), tokens)
         started = time.perf_counter()
-        if not use_graph_step(model, _compiler(), experts_on_our_kernel()):
+        if not use_graph_step(model, make_layer, experts_on_our_kernel()):
             return None
         length = len(prompt) + len(ids)
         _steps(model, prompt, StaticCache(config=model.config, max_cache_len=length), ids[:1])
@@ -520,22 +523,62 @@ def race_steps(model, prompt: list, tokens: int) -> dict | None:
     return dict(ids=ids, lean=lean, lean_s=lean_s, graph=graph, graph_s=graph_s, compile_s=compile_s)
 
 
+STEP_NAMES = {"ours": "our layer operator", "compiled": "torch.compile's graph"}
+
+
+def step_candidates(model) -> dict:
+    """The ways to write one token's step layer by layer that can run `model` here: our operator (decode.native_layer)
+    where our kernels are built and read its weights, and torch.compile's graph (decode.compiled_layer)."""
+    ours = not kernel_unavailable() and native_reads(model, experts_on_our_kernel())
+    return {**({"ours": native_layer} if ours else {}), "compiled": compiled_layer}
+
+
 def choose_step(model, prompt: list, tokens: int = 16) -> dict:
-    """Keep the compiled graph where, over the same `tokens` steps as the lean step (`race_steps`), its
-    median step takes under MARGIN of the lean step's and its logits stay within the experts' tolerance; else
-    the lean step. Returns the figures (`Recipe.step`)."""
-    race = race_steps(model, prompt, tokens)
-    if race is None:
+    """Race each of `step_candidates` against the lean step over the same `tokens` steps (`race_steps`) and keep the
+    fastest whose median step takes under MARGIN of the lean step's and whose logits stay within the experts'
+    tolerance; else the lean step. Returns the figures (`Recipe.step`): the lean step's median (over every race), the
+    kept step's (or, where none is kept, the fastest's) median, top-1 agreement and largest difference, each
+    candidate's, and the compile time."""
+    candidates, lean_s = {}, []
+    for name, make_layer in step_candidates(model).items():
+        race = race_steps(model, prompt, tokens, make_layer)
+        if race is None:
+            continue
+        lean, graph = race["lean"], race["graph"]
+        candidates[name] = dict(
+            ms=1000 * median(race["graph_s"]),
+            difference=float((graph - lean).abs().max() / lean.abs().max()),
+            top1=int((graph.argmax(-1) == lean.argmax(-1)).sum()),
+            ready_s=race["compile_s"],
+            make_layer=make_layer,
+        )
+        lean_s += race["lean_s"]
+    if not candidates:
         return dict(kept=False, tokens=0)
-    lean, graph = race["lean"], race["graph"]
-    lean_ms, graph_ms = 1000 * median(race["lean_s"]), 1000 * median(race["graph_s"])
-    difference = float((graph - lean).abs().max() / lean.abs().max())
-    kept = graph_ms < MARGIN * lean_ms and difference <= _tolerance(model.dtype)
-    if not kept:
+    lean_ms = 1000 * median(lean_s)
+    good = [
+        n
+        for n, c in candidates.items()
+        if c["ms"] < MARGIN * lean_ms and c["difference"] <= _tolerance(model.dtype)
+    ]
+    best = min(good or candidates, key=lambda n: candidates[n]["ms"])
+    if good:  # the model is on the last candidate raced: switch it to the best
+        use_graph_step(model, candidates[best]["make_layer"], experts_on_our_kernel())
+    else:
         use_lean_step(model)
-    figures = dict(lean_ms=lean_ms, graph_ms=graph_ms, compile_s=race["compile_s"], tokens=len(race["ids"]))
-    same = int((graph.argmax(-1) == lean.argmax(-1)).sum())
-    return dict(figures, top1=same, difference=difference, kept=kept)
+    figures = {n: {k: v for k, v in c.items() if k != "make_layer"} for n, c in candidates.items()}
+    chosen = figures[best]
+    return dict(
+        lean_ms=lean_ms,
+        graph_ms=chosen["ms"],
+        compile_s=figures.get("compiled", {}).get("ready_s", 0.0),
+        tokens=tokens,
+        top1=chosen["top1"],
+        difference=chosen["difference"],
+        kept=bool(good),
+        step=best,
+        candidates=figures,
+    )
 
 
 def choose_experts(model, candidates: tuple, rounds: int = 3) -> dict:
@@ -676,11 +719,16 @@ class Recipe:
             lines.append("  - compiled step asked for: none, as this model's steps skip the lean step")
         elif self.step:
             s = self.step
+            each = "; ".join(
+                f"{STEP_NAMES[n]} {c['ms']:.1f} ms"
+                + (f" (after {c['ready_s']:.0f} s compiling)" if n == "compiled" else "")
+                + f", the same top-1 on {c['top1']} of {s['tokens']}, logits within {c['difference']:.3f} of the largest"
+                for n, c in s["candidates"].items()
+            )
             lines.append(
-                f"  - one token's step compiled layer by layer, measured at load over {s['tokens']} tokens: lean step "
-                f"{s['lean_ms']:.1f} ms, graph {s['graph_ms']:.1f} ms (after {s['compile_s']:.0f} s compiling), "
-                f"the same top-1 on {s['top1']} of {s['tokens']}, logits within {s['difference']:.3f} of the largest "
-                f"-> {'the graph, for one sequence at a time' if s['kept'] else 'the lean step'}"
+                f"  - one token's step written layer by layer, measured at load over {s['tokens']} tokens: lean step "
+                f"{s['lean_ms']:.1f} ms; {each} "
+                f"-> {STEP_NAMES[s['step']] + ', for one sequence at a time' if s['kept'] else 'the lean step'}"
             )
         if self.kernels:
             lines.append("  - kernels measured once per machine, one token, GB/s of weights (chosen first):")

@@ -172,8 +172,9 @@ def load_local(
     `Fit.budget({"cpu": "8GiB"})`, `Fit.expert_cache(2)` (fitting.py; 10_quantization, 11_offloading).
     fast: switch the loaded model to this hardware's fastest correct settings (fastpath.fast_recipe,
     shown by `describe`); False keeps the blog's plain pipeline.
-    compiled: also compile one token's step, one graph for its layers (decode.graph_step; `describe` says how long it
-    took), kept where its step at load takes under 90% of the lean step's (fastpath.choose_step; 08_performance).
+    compiled: also write one token's step layer by layer, by our C++ layer operator (where our kernels run) and as one
+    torch.compile graph for its layers (decode.graph_step; `describe` says how long compiling took), and keep the
+    faster of them where its step at load takes under 90% of the lean step's (fastpath.choose_step; 08_performance).
     What was loaded, and how, is `pipe.model.load_record`."""
     import torch
     from transformers import pipeline

@@ -13,11 +13,20 @@
    x is float32 or bf16; the weights are held as quant_kernel.py's relayout8 / relayout4 made them: packed
    [.., N/4, K/16, 4, 16] int8 with bf16 scales [.., N], or packed [.., N/4, K/32, 4, 16] uint8 with bf16 scales
    and zeros [.., N/4, K/32, 2, 4]. Bad input is refused here (a ValueError, an IndexError) before the kernel reads
-   it. Each operator also has a Meta kernel: the shape of its result, which torch.compile traces with. */
+   it. Each operator also has a Meta kernel: the shape of its result, which torch.compile traces with.
+
+   mixtral_notebooks::layer_step(h, length, visible, inv_freq, key, value, weights, plan, shape, constants): one token
+       through one Mixtral decoder layer on a static cache, in one call (decode.native_layer says what it computes
+       and where it rounds); its products by the kernels above, the rest in plain loops: a layer's norms, rotary
+       angles, attention over the visible positions, router and top-k are a few thousand values for one token. */
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <algorithm>
 #include <climits>
+#include <cmath>
+#include <cstring>
 #include <torch/library.h>
+#include <vector>
 
 extern "C" {
 int quant_matmul(int bits, const void *q, const uint16_t *scale, const void *x, int x_bf16, float *y, int T, int N,
@@ -49,10 +58,20 @@ std::string dtype(const at::Tensor &t) {
 
 /* The weights' N and K, after checking that x [rows, K] is float32 or bf16 and the weights ([E, ..] where `stack`)
    are held as the kernel of `bits` reads them. */
+std::pair<int64_t, int64_t> held_as(const char *name, int bits, int64_t inputs, const at::Tensor &packed,
+                                    const at::Tensor &scales, bool stack);
+
 std::pair<int64_t, int64_t> checked(const char *name, int bits, const at::Tensor &x, const at::Tensor &packed,
                                     const at::Tensor &scales, bool stack) {
   TORCH_CHECK_VALUE(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), name,
                     ": inputs ", x.sizes(), " ", dtype(x), ": give [tokens, inputs] in float32 or bfloat16");
+  return held_as(name, bits, x.size(1), packed, scales, stack);
+}
+
+/* The N and K of weights held for the kernel of `bits` ([E, ..] where `stack`), after checking them against
+   `inputs` (K). */
+std::pair<int64_t, int64_t> held_as(const char *name, int bits, int64_t inputs, const at::Tensor &packed,
+                                    const at::Tensor &scales, bool stack) {
   int64_t lead = stack, n = 0, k = 0;
   bool held = packed.dim() == lead + 4 && packed.is_contiguous() && scales.is_contiguous() &&
               scales.scalar_type() == at::kBFloat16 && packed.size(-2) == 4 && packed.size(-1) == 16;
@@ -64,10 +83,10 @@ std::pair<int64_t, int64_t> checked(const char *name, int bits, const at::Tensor
     else
       expected.insert(expected.end(), {n / 4, k / 32, 2, 4});
     held = packed.scalar_type() == (bits == 8 ? at::kChar : at::kByte) && scales.sizes().vec() == expected &&
-           x.size(1) == k;
+           inputs == k;
   }
   TORCH_CHECK_VALUE(held, name, ": weights ", packed.sizes(), " ", dtype(packed), " with ", scales.sizes(), " ",
-                    dtype(scales), " scales do not match inputs ", x.sizes(), ": hold them as relayout", bits,
+                    dtype(scales), " scales do not match ", inputs, " inputs: hold them as relayout", bits,
                     "(...) made them (quant_kernel.py)");
   return {n, k};
 }
@@ -161,6 +180,230 @@ at::Tensor dense_experts_op(const at::Tensor &x_, const at::Tensor &weights, con
   return y;
 }
 
+/* ---- layer_step: one token through one decoder layer (see the header) ---- */
+
+inline float bf16_float(uint16_t bits) {
+  uint32_t u = (uint32_t)bits << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_bf16(float value) { /* rounded to nearest even, as torch rounds */
+  uint32_t u;
+  std::memcpy(&u, &value, 4);
+  return std::isnan(value) ? 0x7FC0 : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+
+inline float as_float(float v) { return v; }
+inline float as_float(uint16_t v) { return bf16_float(v); }
+
+/* The model's dtype, float32 or bf16: `round` is where the model rounds a value to it. */
+struct Model {
+  bool bf16;
+  float round(float v) const { return bf16 ? bf16_float(float_bf16(v)) : v; }
+  float get(const at::Tensor &t, int64_t i) const {
+    return bf16 ? bf16_float(((const uint16_t *)t.const_data_ptr())[i]) : t.const_data_ptr<float>()[i];
+  }
+  void set(at::Tensor &t, int64_t i, float v) const {
+    if (bf16)
+      ((uint16_t *)t.mutable_data_ptr())[i] = float_bf16(v);
+    else
+      t.mutable_data_ptr<float>()[i] = v;
+  }
+};
+
+/* One product of the layer: how 0 (dense weights, our dense kernel), 8 or 4 (int8, int4), its tensors from
+   weights[at]; checked against n outputs and k inputs ([E, n, k] where experts). */
+struct Product {
+  int how;
+  const at::Tensor *w, *scales;
+  Product(const char *name, int how_, const std::vector<at::Tensor> &weights, size_t at, int64_t n, int64_t k,
+          int64_t experts)
+      : how(how_), w(&weights[at]), scales(how_ ? &weights[at + 1] : nullptr) {
+    int64_t got_n, got_k;
+    if (how) {
+      std::tie(got_n, got_k) = held_as(name, how, k, *w, *scales, experts > 0);
+    } else {
+      TORCH_CHECK_VALUE(w->dim() == 2 + (experts > 0) && floats(*w) && w->is_contiguous() && w->device().is_cpu(),
+                        "layer_step: ", name, " weights ", w->sizes(), " ", dtype(*w),
+                        ": give float32 or bfloat16 weights, contiguous, in CPU memory");
+      got_n = w->size(-2), got_k = w->size(-1);
+    }
+    TORCH_CHECK_VALUE(got_n == n && got_k == k && (!experts || w->size(0) == experts), "layer_step: ", name,
+                      " weights ", w->sizes(), " are not [", experts ? std::to_string(experts) + ", " : "", n, ", ",
+                      k, "], the layer's shape");
+  }
+  /* y [rows][N] (float32) = x [rows][K] (float32) times the weights; with `chosen` (count experts), row i of y is
+     row i of x (or x's one row, where rows is 1) times expert chosen[i]. */
+  void operator()(const float *x, int rows, float *y, int N, int K, const int64_t *chosen = nullptr,
+                  int count = 0) const {
+    int status;
+    bool w_bf16 = w->scalar_type() == at::kBFloat16;
+    const uint16_t *s = how ? (const uint16_t *)scales->const_data_ptr() : nullptr;
+    if (how && chosen)
+      status = quant_experts(how, w->const_data_ptr(), s, w->size(0), chosen, count, x, 0, rows, y, N, K);
+    else if (how)
+      status = quant_matmul(how, w->const_data_ptr(), s, x, 0, y, rows, N, K);
+    else if (chosen)
+      status = dense_experts(w->const_data_ptr(), w_bf16, w->size(0), chosen, count, x, 0, rows, y, 0, N, K);
+    else
+      status = dense_matmul(w->const_data_ptr(), w_bf16, x, 0, y, 0, rows, N, K);
+    failed("layer_step", status);
+  }
+};
+
+/* Each query head against its group's keys and values at the visible positions (softmax in float32): att [H][d]. */
+template <typename T>
+void attend(const float *q, const T *key, const T *value, const bool *visible, int H, int KV, int64_t L, int d,
+            float scaling, float *s, float *att) {
+  for (int head = 0; head < H; head++) {
+    const T *keys = key + head / (H / KV) * L * d, *values = value + head / (H / KV) * L * d;
+    const float *qh = q + head * d;
+    float *out = att + head * d, best = -INFINITY, total = 0;
+    for (int64_t t = 0; t < L; t++) {
+      if (!visible[t]) continue;
+      float dot = 0;
+      for (int i = 0; i < d; i++) dot += qh[i] * as_float(keys[t * d + i]);
+      best = std::max(best, s[t] = dot * scaling);
+    }
+    std::fill(out, out + d, 0.0f);
+    for (int64_t t = 0; t < L; t++)
+      if (visible[t]) total += (s[t] = std::exp(s[t] - best));
+    for (int64_t t = 0; t < L; t++)
+      if (visible[t])
+        for (int i = 0; i < d; i++) out[i] += s[t] / total * as_float(values[t * d + i]);
+  }
+}
+
+/* x = the RMS norm of h times its weight, rounded where transformers' MixtralRMSNorm rounds (decode._rms). */
+void rms(const Model &m, const std::vector<float> &h, const at::Tensor &weight, float eps, std::vector<float> &x) {
+  double squares = 0;
+  for (float v : h) squares += (double)v * v;
+  float r = 1.0f / std::sqrt((float)(squares / h.size()) + eps);
+  for (size_t i = 0; i < h.size(); i++) x[i] = m.round(m.get(weight, i) * m.round(h[i] * r));
+}
+
+/* x [D] rotated by the angles (length * inv_freq, both halves) as decode.graph_layer rotates it, head by head. */
+void rotate(const Model &m, std::vector<float> &x, int heads, int d, const std::vector<float> &cos,
+            const std::vector<float> &sin) {
+  std::vector<float> r(d);
+  for (int g = 0; g < heads; g++) {
+    float *v = x.data() + g * d;
+    for (int i = 0; i < d; i++) r[i] = m.round(v[i]);
+    for (int i = 0; i < d; i++) v[i] = m.round(r[i] * cos[i] + (i < d / 2 ? -r[i + d / 2] : r[i - d / 2]) * sin[i]);
+  }
+}
+
+at::Tensor layer_step(const at::Tensor &h_, at::Tensor &length, const at::Tensor &visible_,
+                      const at::Tensor &inv_freq_, at::Tensor &key, at::Tensor &value, at::TensorList weights_,
+                      at::IntArrayRef plan, at::IntArrayRef shape, at::ArrayRef<double> constants) {
+  const char *name = "layer_step";
+  TORCH_CHECK_VALUE(shape.size() == 4 && constants.size() == 3 && plan.size() == 6, name, ": shape [heads, kv "
+                    "heads, experts, experts per token] ", shape, ", constants [eps, scaling, attention scaling] ",
+                    constants, " and a plan of 6 products ", plan, ": give them as decode.native_layer does");
+  const int64_t H = shape[0], KV = shape[1], E = shape[2], K = shape[3];
+  TORCH_CHECK_VALUE(h_.dim() == 1 && floats(h_) && h_.device().is_cpu(), name, ": h ", h_.sizes(), " ", dtype(h_),
+                    ": give one token's hidden state [D], float32 or bfloat16, in CPU memory");
+  const Model m{h_.scalar_type() == at::kBFloat16};
+  const int64_t D = h_.size(0);
+  TORCH_CHECK_VALUE(key.dim() == 4 && key.size(0) == 1 && key.size(1) == KV && key.is_contiguous() &&
+                        value.sizes() == key.sizes() && value.is_contiguous() &&
+                        key.scalar_type() == h_.scalar_type() && value.scalar_type() == h_.scalar_type(),
+                    name, ": keys ", key.sizes(), " ", dtype(key), " and values ", value.sizes(), " ", dtype(value),
+                    ": give the static cache's [1, ", KV, ", positions, head size], contiguous, in h's dtype");
+  const int64_t L = key.size(2), d = key.size(3);
+  at::Tensor visible = visible_.contiguous(), inv_freq = inv_freq_.to(at::kFloat).contiguous();
+  TORCH_CHECK_VALUE(visible.dim() == 1 && visible.size(0) == L && visible.scalar_type() == at::kBool &&
+                        inv_freq.numel() == d / 2 && length.numel() == 1 && length.scalar_type() == at::kLong,
+                    name, ": visible ", visible.sizes(), " ", dtype(visible), ", inv_freq ", inv_freq.sizes(),
+                    ", length ", length.sizes(), " ", dtype(length), ": give [", L, "] bool, [", d / 2,
+                    "] and one int64 position");
+  const int64_t position = length.item<int64_t>();
+  TORCH_CHECK_INDEX(position >= 0 && position < L, name, ": position ", position, " is past the cache's ", L);
+  std::vector<at::Tensor> w(weights_.begin(), weights_.end());
+  size_t at[6], count = 3;
+  for (int j = 0; j < 6; j++) {
+    TORCH_CHECK_VALUE(plan[j] == 0 || plan[j] == 8 || plan[j] == 4, name, ": plan ", plan,
+                      ": each product 0 (dense), 8 (int8) or 4 (int4)");
+    at[j] = count, count += plan[j] ? 2 : 1;
+  }
+  TORCH_CHECK_VALUE(w.size() == count && w[0].numel() == D && w[1].numel() == D && w[2].dim() == 2 &&
+                        w[2].size(0) == E && w[2].size(1) == D && w[2].scalar_type() == h_.scalar_type() &&
+                        w[0].scalar_type() == h_.scalar_type() && w[1].scalar_type() == h_.scalar_type(),
+                    name, ": ", w.size(), " weights for a plan that holds ", count, ": give the two norms' [", D,
+                    "] and the router's [", E, ", ", D, "] in h's dtype, then each product's tensors");
+  for (int j = 0; j < 3; j++) w[j] = w[j].contiguous();
+  const int64_t I = (plan[4] ? 4 * w[at[4]].size(-4) : w[at[4]].size(-2)) / 2;
+  const Product q_proj("q_proj", plan[0], w, at[0], H * d, D, 0), k_proj("k_proj", plan[1], w, at[1], KV * d, D, 0),
+      v_proj("v_proj", plan[2], w, at[2], KV * d, D, 0), o_proj("o_proj", plan[3], w, at[3], D, H * d, 0),
+      gate_up("gate_up_proj", plan[4], w, at[4], 2 * I, D, E), down("down_proj", plan[5], w, at[5], D, I, E);
+  const float eps = constants[0], scaling = constants[1], attention_scaling = constants[2];
+
+  std::vector<float> h(D), x(D), q(H * d), k(KV * d), v(KV * d), att(H * d), o(D), s(L), cos(d), sin(d);
+  for (int64_t i = 0; i < D; i++) h[i] = m.get(h_, i);
+  rms(m, h, w[0], eps, x);
+  q_proj(x.data(), 1, q.data(), H * d, D), k_proj(x.data(), 1, k.data(), KV * d, D);
+  v_proj(x.data(), 1, v.data(), KV * d, D);
+  for (int64_t i = 0; i < d; i++) {
+    float angle = (float)position * inv_freq.const_data_ptr<float>()[i % (d / 2)];
+    cos[i] = m.round(std::cos(angle) * attention_scaling), sin[i] = m.round(std::sin(angle) * attention_scaling);
+  }
+  rotate(m, q, H, d, cos, sin), rotate(m, k, KV, d, cos, sin);
+  for (int64_t g = 0; g < KV; g++)
+    for (int64_t i = 0; i < d; i++) {
+      m.set(key, (g * L + position) * d + i, k[g * d + i]);
+      m.set(value, (g * L + position) * d + i, m.round(v[g * d + i]));
+    }
+  length.add_(1);
+  const bool *seen = visible.const_data_ptr<bool>();
+  if (m.bf16)
+    attend((const float *)q.data(), (const uint16_t *)key.const_data_ptr(), (const uint16_t *)value.const_data_ptr(),
+           seen, H, KV, L, d, scaling, s.data(), att.data());
+  else
+    attend(q.data(), key.const_data_ptr<float>(), value.const_data_ptr<float>(), seen, H, KV, L, d, scaling, s.data(),
+           att.data());
+  for (float &a : att) a = m.round(a);
+  o_proj(att.data(), 1, o.data(), D, H * d);
+  for (int64_t i = 0; i < D; i++) h[i] = m.round(h[i] + m.round(o[i]));
+
+  rms(m, h, w[1], eps, x);
+  std::vector<float> p(E);  // the router: its product rounded as the library's, then softmax and top-k in float32
+  for (int64_t e = 0; e < E; e++) {
+    float dot = 0;
+    for (int64_t i = 0; i < D; i++) dot += x[i] * m.get(w[2], e * D + i);
+    p[e] = m.round(dot);
+  }
+  const float top = *std::max_element(p.begin(), p.end());
+  float total = 0, kept = 0;
+  for (float &e : p) total += (e = std::exp(e - top));
+  std::vector<int64_t> chosen;
+  for (int64_t j = 0; j < K; j++) {  // the largest first; of equal ones the first, as torch.topk on CPU
+    int64_t best = -1;
+    for (int64_t e = 0; e < E; e++)
+      if (std::find(chosen.begin(), chosen.end(), e) == chosen.end() && (best < 0 || p[e] > p[best])) best = e;
+    chosen.push_back(best), kept += p[best] / total;
+  }
+  std::vector<float> up(K * 2 * I), act(K * I), y(K * D);
+  gate_up(x.data(), 1, up.data(), 2 * I, D, chosen.data(), K);
+  const bool dense = plan[4] == 0;  // dense products give the model's dtype; int8 and int4 theirs in float32
+  for (int64_t j = 0; j < K; j++)
+    for (int64_t i = 0; i < I; i++) {
+      float g = up[j * 2 * I + i], u = up[j * 2 * I + I + i];
+      if (dense) g = m.round(g), u = m.round(u);
+      float a = g / (1.0f + std::exp(-g)) * u;
+      act[j * I + i] = dense ? m.round(a) : a;
+    }
+  down(act.data(), K, y.data(), D, I, chosen.data(), K);
+  at::Tensor out = at::empty({D}, h_.options());
+  for (int64_t i = 0; i < D; i++) {
+    float sum = h[i];
+    for (int64_t j = 0; j < K; j++) sum += m.round(y[j * D + i]) * m.round(p[chosen[j]] / total / kept);
+    m.set(out, i, sum);
+  }
+  return out;
+}
+
 /* The shapes alone, for torch.compile's tracing. */
 at::Tensor matmul_shape(const at::Tensor &x, const at::Tensor &packed, const at::Tensor &) {
   return at::empty_symint({x.sym_size(0), packed.sym_size(-4) * 4}, x.options().dtype(at::kFloat));
@@ -187,6 +430,8 @@ TORCH_LIBRARY(mixtral_notebooks, m) {
   m.def("int4_experts(Tensor x, Tensor packed, Tensor scales, Tensor chosen) -> Tensor");
   m.def("dense_matmul(Tensor x, Tensor weight) -> Tensor");
   m.def("dense_experts(Tensor x, Tensor weights, Tensor chosen) -> Tensor");
+  m.def("layer_step(Tensor h, Tensor(a!) length, Tensor visible, Tensor inv_freq, Tensor(b!) key, Tensor(c!) value, "
+        "Tensor[] weights, int[] plan, int[] shape, float[] constants) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mixtral_notebooks, CPU, m) {
@@ -196,6 +441,7 @@ TORCH_LIBRARY_IMPL(mixtral_notebooks, CPU, m) {
   m.impl("int4_experts", &experts<4>);
   m.impl("dense_matmul", &dense_matmul_op);
   m.impl("dense_experts", &dense_experts_op);
+  m.impl("layer_step", &layer_step);
 }
 
 TORCH_LIBRARY_IMPL(mixtral_notebooks, Meta, m) {

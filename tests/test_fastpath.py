@@ -448,13 +448,15 @@ def test_figures_measured_while_other_work_held_the_cores_are_not_kept(
 
 
 # ---------------------------------------------------------------- one token's step as one graph
-def counting(calls: list):
-    """A `compiler` for use_graph_step that runs each layer's step as it is and counts its calls."""
+def counting(calls: list, make_layer=None):
+    """A `make_layer` for use_graph_step that runs each layer's step as `make_layer` makes it (default: as
+    decode.graph_layer writes it, uncompiled) and counts its calls."""
 
-    def compiler(step):
-        return lambda *args: calls.append(1) or step(*args)
+    def make(decoder, plan):
+        layer = (make_layer or decode.graph_layer)(decoder, plan)
+        return lambda *args: calls.append(1) or layer(*args)
 
-    return compiler
+    return make
 
 
 def static_greedy(model, ids, steps: int, **extra):
@@ -568,7 +570,7 @@ def test_one_compiled_layer_serves_every_layer_held_alike():
     ids = torch.randint(0, 512, (1, 6))
     expected = static_greedy(model, ids, 5)[0]
     made, calls = [], []
-    assert decode.use_graph_step(model, lambda layer: made.append(1) or counting(calls)(layer),
+    assert decode.use_graph_step(model, lambda *held: made.append(1) or counting(calls)(*held),
                                  fastpath.experts_on_our_kernel())  # fmt: skip
     assert torch.equal(static_greedy(model, ids, 5)[0], expected)
     assert len(made) == 2 and len(calls) == 4 * len(model.model.layers)
@@ -627,18 +629,101 @@ def test_the_graph_step_is_kept_only_where_it_is_faster(monkeypatch):
     and otherwise puts the lean step back."""
     model = tiny_moe(seed=14)
     ids = [1, 7, 9]
-    slow = lambda step: lambda *a: time.sleep(0.02) or step(*a)  # noqa: E731
-    monkeypatch.setattr(fastpath, "_compiler", lambda: slow)
+    slow = lambda *held: lambda *a: time.sleep(0.02) or decode.graph_layer(*held)(*a)  # noqa: E731
+    monkeypatch.setattr(fastpath, "step_candidates", lambda model: {"compiled": slow})
     figures = fastpath.choose_step(model, ids, tokens=4)
     assert not figures["kept"] and figures["graph_ms"] > figures["lean_ms"] and figures["top1"] == 4
     assert model.model.forward.__func__ is decode.lean_forward
-    monkeypatch.setattr(fastpath, "_compiler", lambda: lambda step: step)
+    monkeypatch.setattr(fastpath, "step_candidates", lambda model: {"compiled": decode.graph_layer})
     monkeypatch.setattr(fastpath, "MARGIN", 100.0)  # the graph run as it is: kept whatever the clock says
     figures = fastpath.choose_step(model, ids, tokens=4)
     assert figures["kept"] and figures["difference"] <= 1e-5 and figures["tokens"] == 4
     assert (
-        "compiled layer by layer"
+        "written layer by layer"
         in fastpath.Recipe("cpu", torch.float32, "eager", (), step=figures).describe()
+    )
+
+
+# ---------------------------------------------------------------- our layer operator (decode.native_layer)
+@needs_our_kernel
+@pytest.mark.parametrize("held", ["float32", "bfloat16", "int8", "int4"])
+def test_our_layer_operator_gives_the_models_tokens(held, monkeypatch):
+    """The step by our operator layer_step, one call a layer, gives the tokens of the model's own steps (transformers'
+    forward on a static cache), logits to the dtype's and the kernels' rounding; a sign flipped in its rotation, a
+    head grouped with the wrong keys or the experts' weights not renormalized make it fail."""
+    from helpers.quantize import quantize_model
+
+    monkeypatch.setenv(QUANT_KERNEL_ENV, "ours")
+    model = tiny_moe(seed=21, intermediate=64)  # int4's groups of 32 inputs
+    if held in ("int8", "int4"):
+        quantize_model(model, held)
+    else:
+        model = model.to(getattr(torch, held))
+    ids = torch.randint(0, 512, (1, 6))
+    expected, expected_logits = static_greedy(model, ids, 8)
+    ours = fastpath.experts_on_our_kernel()
+    assert decode.native_reads(model, ours)
+    calls = []
+    assert decode.use_graph_step(model, counting(calls, decode.native_layer), ours)
+    got, logits = static_greedy(model, ids, 8)
+    assert len(calls) == 7 * len(model.model.layers) and torch.equal(got, expected)
+    # float32: other orders of the same sums; int8 and int4: an activation's int16 rounding moved by one step;
+    # bf16: a value rounded to bf16 one place apart
+    tolerance = {"float32": 1e-5, "bfloat16": 3e-2}.get(held, 1e-4)
+    assert (logits - expected_logits).abs().max() <= tolerance * expected_logits.abs().max()
+
+
+@needs_our_kernel
+def test_our_layer_operator_refuses_what_it_cannot_read():
+    """Bad input to layer_step is refused with what was wrong and what to give (not a crash in the kernel), and
+    native_reads says no for a dense weight our kernel cannot read in place (a transposed view)."""
+    ops = fastpath.operators()
+    model = tiny_moe(seed=22)
+    layer, config = model.model.layers[0], model.config
+    plan, weights = decode._layer_inputs(layer, frozenset())
+    tensors = [*weights[0], *(t for held in weights[1:] for t in held)]
+    key = torch.zeros(1, 2, 10, 8)
+    args = dict(h=torch.randn(32), length=torch.tensor(3), visible=torch.arange(10) <= 3,
+                inv_freq=model.model.rotary_emb.inv_freq, key=key, value=key.clone())  # fmt: skip
+    shape, constants = [4, 2, 4, 2], [config.rms_norm_eps, layer.self_attn.scaling, 1.0]
+    out = ops.layer_step(*args.values(), tensors, [0] * 6, shape, constants)
+    assert out.shape == (32,) and int(args["length"]) == 4 and key[0, :, 3].abs().sum() > 0  # written at 3
+    with pytest.raises(ValueError, match="plan .*: each product 0 \\(dense\\), 8 \\(int8\\) or 4"):
+        ops.layer_step(*args.values(), tensors, [0, 0, 0, 0, 0, 3], shape, constants)
+    with pytest.raises(ValueError, match="weights for a plan that holds 9"):
+        ops.layer_step(*args.values(), tensors[:-1], [0] * 6, shape, constants)
+    with pytest.raises(ValueError, match="o_proj weights .*: give float32 or bfloat16 weights, contiguous"):
+        ops.layer_step(
+            *args.values(), [*tensors[:6], tensors[6].t(), *tensors[7:]], [0] * 6, shape, constants
+        )
+    with pytest.raises(ValueError, match="keys .*: give the static cache's"):
+        ops.layer_step(*{**args, "key": key.double()}.values(), tensors, [0] * 6, shape, constants)
+    with pytest.raises(IndexError, match="position 10 is past the cache's 10"):
+        ops.layer_step(*{**args, "length": torch.tensor(10)}.values(), tensors, [0] * 6, shape, constants)
+    assert decode.native_reads(model)
+    layer.self_attn.o_proj.weight = torch.nn.Parameter(layer.self_attn.o_proj.weight.t().contiguous().t())
+    assert not decode.native_reads(model)
+
+
+@needs_our_kernel
+def test_choose_step_races_our_operator_and_the_graph(monkeypatch):
+    """Where our kernels run, choose_step races our layer operator and torch.compile's graph (here run uncompiled)
+    against the lean step, keeps the faster one that agrees, and describe names what was raced and kept."""
+    monkeypatch.setattr(
+        fastpath, "compiled_layer", lambda *held: lambda *a: time.sleep(0.01) or decode.graph_layer(*held)(*a)
+    )
+    monkeypatch.setattr(fastpath, "MARGIN", 100.0)  # kept whatever the clock says: the faster of the two
+    model = tiny_moe(seed=23)
+    figures = fastpath.choose_step(model, [1, 7, 9], tokens=4)
+    assert (
+        set(figures["candidates"]) == {"ours", "compiled"} and figures["kept"] and figures["step"] == "ours"
+    )
+    assert figures["candidates"]["ours"]["difference"] <= 1e-5 and figures["candidates"]["ours"]["top1"] == 4
+    said = fastpath.Recipe("cpu", torch.float32, "eager", (), step=figures).describe()
+    assert "our layer operator" in said and "torch.compile's graph" in said
+    assert (
+        said.endswith("-> our layer operator, for one sequence at a time")
+        or "-> our layer operator, for one" in said
     )
 
 
@@ -661,7 +746,7 @@ def test_torch_compile_takes_our_kernels_into_one_graph(scheme, monkeypatch):
     calls = []
     decode.use_graph_step(model, counting(calls), ours)
     expected, expected_logits = static_greedy(model, ids, 6)
-    assert decode.use_graph_step(model, fastpath._compiler(), ours)
+    assert decode.use_graph_step(model, decode.compiled_layer, ours)
     got, logits = static_greedy(model, ids, 6)
     assert torch.equal(got, expected) and len(calls) == 5 * len(model.model.layers)
     assert (logits - expected_logits).abs().max() <= 1e-3 * expected_logits.abs().max()
@@ -676,7 +761,7 @@ def test_a_compiled_step_is_measured_at_load_and_answers(tiny_mixtral_dir):
     pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32, compiled=True)
     figures = pipe.model.load_record.recipe.step
     assert figures["tokens"] == 16 and figures["compile_s"] > 0 and figures["difference"] <= 1e-3
-    assert "compiled layer by layer" in describe(pipe, detail=True)
+    assert "written layer by layer" in describe(pipe, detail=True)
     answer = generate(pipe, "Hello", max_new_tokens=5, do_sample=False)
     assert answer.new_tokens == 5
     with pytest.raises(ValueError, match="leave fast=True"):
@@ -690,7 +775,7 @@ def test_one_sequence_decodes_through_the_kept_graph(monkeypatch, tiny_mixtral_d
 
     pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32)
     calls = []
-    monkeypatch.setattr(fastpath, "_compiler", lambda: counting(calls))
+    monkeypatch.setattr(fastpath, "step_candidates", lambda model: {"compiled": counting(calls)})
     monkeypatch.setattr(fastpath, "MARGIN", 100.0)
     pipe.model.load_record.recipe.step = fastpath.choose_step(pipe.model, [1, 5, 9], tokens=3)
     assert pipe.model.load_record.recipe.step["kept"]

@@ -11,7 +11,7 @@ tokens generated one at a time after an empty prompt, averaged over --reps runs.
 `nice -n 19`, so a figure taken while the machine is busy is low: the table prints the load average beside it.
 
 Ours beside each type, in the same run: the configuration of benchmarks/harness.py that holds its weights as that
-type does (F32: float32; BF16: bfloat16; Q8_0: int8 weights; Q4_0: int4), one token's step compiled layer by layer
+type does (F32: float32; BF16: bfloat16; Q8_0: int8 weights; Q4_0: int4), one token's step written layer by layer
 (kept at load only where measured faster, as make bench's rows), loaded once and timed in turn with llama-bench,
 --rounds times: each round's ratio compares two figures taken one right after the other, on a machine whose speed
 moves by a fifth or more from one minute to the next. Ours decodes after the poem's prompt (its `make bench` row's
@@ -42,12 +42,12 @@ TYPES = ["f32", "bf16", "q8_0", "q4_0"]
 NICE = ["nice", "-n", "19"]
 MiB = 2**20
 _BY_NAME = {c.name: c for c in CONFIGS}
-# ours beside each type: the configuration whose weights are held as the type's are, its step compiled layer by layer
+# ours beside each type: the configuration whose weights are held as the type's are, its step written layer by layer
 OURS = {
-    "f32": Config("fp32, one token's step compiled layer by layer", fast=True, dtype="float32", graph=True),
-    "bf16": Config("bf16, one token's step compiled layer by layer", fast=True, dtype="bfloat16", graph=True),
-    "q8_0": _BY_NAME["int8 weights, one token's step compiled layer by layer"],
-    "q4_0": _BY_NAME["int4 weights, one token's step compiled layer by layer"],
+    "f32": Config("fp32, one token's step written layer by layer", fast=True, dtype="float32", graph=True),
+    "bf16": Config("bf16, one token's step written layer by layer", fast=True, dtype="bfloat16", graph=True),
+    "q8_0": _BY_NAME["int8 weights, one token's step written layer by layer"],
+    "q4_0": _BY_NAME["int4 weights, one token's step written layer by layer"],
 }
 # max |logit difference| --check allows; float32 rounding gives ~3e-5 here (transformers in float32 against float64: 5e-5)
 TOLERANCE = 1e-3
