@@ -60,6 +60,7 @@ class Config:
         None  # load_local(fit=Fit.expert_cache(...)): experts kept per layer, the rest on disk
     )
     without: str | None = None  # one of WITHOUT: that part of the fast path switched off
+    greedy: bool = False  # the most likely token each step, not the blog's sampling (llama-bench draws none)
 
 
 NAIVE = "blog pipeline, fp32"
@@ -180,7 +181,7 @@ def _load(config: Config, device: str):
 def _knobs(config: Config) -> dict:
     from transformers import CompileConfig
 
-    knobs = dict(BLOG_SAMPLING)
+    knobs = dict(do_sample=False) if config.greedy else dict(BLOG_SAMPLING)
     if config.cache:
         knobs["cache_implementation"] = config.cache
     if config.compile:

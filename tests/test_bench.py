@@ -466,12 +466,15 @@ def test_the_peer_target_reads_ours_as_timed_in_turn_with_llama_cpp():
         in text
     )
     # each llama.cpp type beside ours holding its weights alike, the step compiled layer by layer
-    assert {t: (c.dtype, c.quantize, c.graph) for t, c in OURS.items()} == {
-        "f32": ("float32", None, True),
-        "bf16": ("bfloat16", None, True),
-        "q8_0": (None, "int8", True),
-        "q4_0": (None, "int4", True),
-    }
+    assert {t: (c.dtype, c.quantize, c.graph, c.greedy) for t, c in OURS.items()} == {
+        "f32": ("float32", None, True, True),
+        "bf16": ("bfloat16", None, True, True),
+        "q8_0": (None, "int8", True, True),
+        "q4_0": (None, "int4", True, True),
+    }  # greedy, as llama-bench draws no token from the logits
+    from harness import _knobs
+
+    assert _knobs(OURS["q4_0"]) == dict(do_sample=False) and _knobs(CONFIGS[1])["do_sample"]
 
 
 def test_in_turn_times_ours_then_the_other_each_round(monkeypatch):

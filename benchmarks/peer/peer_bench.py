@@ -15,7 +15,8 @@ type does (F32: float32; BF16: bfloat16; Q8_0: int8 weights; Q4_0: int4), one to
 (kept at load only where measured faster, as make bench's rows), loaded once and timed in turn with llama-bench,
 --rounds times: each round's ratio compares two figures taken one right after the other, on a machine whose speed
 moves by a fifth or more from one minute to the next. Ours decodes after the poem's prompt (its `make bench` row's
-timing), llama-bench after an empty one.
+timing), greedily (the most likely token each step: llama-bench's decode draws none from the logits), llama-bench
+after an empty prompt.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +44,20 @@ TYPES = ["f32", "bf16", "q8_0", "q4_0"]
 NICE = ["nice", "-n", "19"]
 MiB = 2**20
 _BY_NAME = {c.name: c for c in CONFIGS}
-# ours beside each type: the configuration whose weights are held as the type's are, its step written layer by layer
+# ours beside each type: the configuration whose weights are held as the type's are, its step written layer by layer,
+# decoding greedily (llama-bench's decode draws no token from the logits: it feeds one and times llama_decode)
 OURS = {
-    "f32": Config("fp32, one token's step written layer by layer", fast=True, dtype="float32", graph=True),
-    "bf16": Config("bf16, one token's step written layer by layer", fast=True, dtype="bfloat16", graph=True),
-    "q8_0": _BY_NAME["int8 weights, one token's step written layer by layer"],
-    "q4_0": _BY_NAME["int4 weights, one token's step written layer by layer"],
+    name: replace(config, name=f"{config.name}, greedy", greedy=True)
+    for name, config in {
+        "f32": Config(
+            "fp32, one token's step written layer by layer", fast=True, dtype="float32", graph=True
+        ),
+        "bf16": Config(
+            "bf16, one token's step written layer by layer", fast=True, dtype="bfloat16", graph=True
+        ),
+        "q8_0": _BY_NAME["int8 weights, one token's step written layer by layer"],
+        "q4_0": _BY_NAME["int4 weights, one token's step written layer by layer"],
+    }.items()
 }
 # max |logit difference| --check allows; float32 rounding gives ~3e-5 here (transformers in float32 against float64: 5e-5)
 TOLERANCE = 1e-3
@@ -266,8 +276,8 @@ def main() -> int:
     )
     print(f"# llama.cpp beside ours, {time.strftime('%Y-%m-%d')}, {machine or platform.machine()}\n")
     print(
-        f"In turn, {args.rounds} rounds per type: ours ({args.tokens} new tokens after the poem's prompt, after a "
-        f"warm-up run), then `llama-bench -p 0 -n {args.tokens} -t {args.threads} -r {args.reps}` (decode only); "
+        f"In turn, {args.rounds} rounds per type: ours ({args.tokens} new tokens, greedy, after the poem's prompt, "
+        f"after a warm-up run), then `llama-bench -p 0 -n {args.tokens} -t {args.threads} -r {args.reps}` (decode only); "
         f"{args.threads} threads. Each figure is the median of its rounds; the ratio is the median of the rounds' "
         "ratios.\n"
     )
