@@ -34,8 +34,7 @@ _RECORDERS = "transformers.utils.output_capturing"  # its hooks record only whil
 
 def _hooked(module) -> bool:
     """Whether anything but transformers' output recorders hooks `module` (accelerate's too)."""
-    # accelerate sets _hf_hook as a plain attribute: looked up in __dict__, not by hasattr, whose miss goes through
-    # nn.Module.__getattr__ and an exception (the graph step asks this of ~400 modules a token)
+    # _hf_hook (accelerate's) in __dict__: hasattr's miss raises inside nn.Module.__getattr__, ~400 times a token
     if not (module._forward_hooks or module._forward_pre_hooks):  # most modules, at every step: at once
         return "_hf_hook" in module.__dict__
     hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]

@@ -546,6 +546,7 @@ def choose_step(model, prompt: list, tokens: int = 16) -> dict:
             continue
         lean, graph = race["lean"], race["graph"]
         candidates[name] = dict(
+            label=STEP_NAMES[name],
             ms=1000 * median(race["graph_s"]),
             difference=float((graph - lean).abs().max() / lean.abs().max()),
             top1=int((graph.argmax(-1) == lean.argmax(-1)).sum()),
