@@ -214,8 +214,8 @@ def bench_summary(result: dict) -> str:
             rows.get("int4 weights, one token's step written layer by layer"),
         ),
     ):
-        if not (graph and graph.get("graph") and naive):
-            continue
+        if not (graph and graph.get("graph") and graph["graph"].get("tokens") and naive):
+            continue  # no row, or a model whose steps the step written layer by layer does not apply to
         g = graph["graph"]
         # a run before our layer operator raced only torch.compile's graph
         candidates = g.get("candidates") or {"compiled": dict(ms=g["graph_ms"], ready_s=g["compile_s"])}

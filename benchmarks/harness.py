@@ -370,6 +370,7 @@ def in_turn(
         pairs.append((ours, other()))
     del runner
     gc.collect()
+    torch._dynamo.reset()  # the next load compiles afresh (dynamo's recompile limit counts one code object's graphs)
     return pairs
 
 

@@ -254,9 +254,9 @@ def native_layer(decoder, plan: tuple):
     """What `graph_layer` computes (the same arguments and result), by our operator layer_step (quant_ops.cpp) in one
     call with nothing between its parts: norms, rotary angles, attention and router in plain loops over one token's
     few thousand values, each product by our kernels (a dense weight by our dense kernel, whichever kernel the fast path
-    chose for it elsewhere), each value rounded to the model's dtype where graph_layer's operators round it; its sums
-    run in other orders, so its logits are within a tolerance of the lean step's, not bit for bit. It needs our kernels
-    (`native_reads`)."""
+    chose for it elsewhere), each value rounded to the model's dtype where graph_layer's compiled graph rounds it (once
+    after each fused part, not after each operator); its sums run in other orders, so its logits are within a tolerance
+    of the lean step's, not bit for bit. It needs our kernels (`native_reads`)."""
     import itertools
 
     import torch
@@ -276,10 +276,16 @@ def native_layer(decoder, plan: tuple):
 
 def native_reads(model, ours: dict | None = None) -> bool:
     """Whether `native_layer` can run `model`'s layers where our kernels are built (quant_kernel.kernel_unavailable):
-    the model in CPU memory in float32 or bf16, and every dense weight of its layers one our dense kernel reads in
-    place (`_ours_reads`)."""
+    a Mixtral in CPU memory in float32 or bf16, its experts' weights held as loaded or quantized for our kernels (not
+    cached elsewhere), and every dense weight of its layers one our dense kernel reads in place (`_ours_reads`)."""
     import torch
 
+    experts = getattr(model.config, "_experts_implementation", None)
+    if getattr(model.config, "model_type", None) != "mixtral" or experts not in (
+        *_PLAIN_EXPERTS,
+        "quantized",
+    ):
+        return False
     if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
         return False
     layers = model.model.layers

@@ -9,8 +9,9 @@ copy, which wins where a bf16 product's fixed cost outweighs reading a tiny matr
 on the weight as held, quant_kernel.c's dense_matmul, which the compiled step then calls too), and which experts
 implementation runs a decode step fastest while giving transformers' eager answer (`choose_experts`: the
 package's `per_token` loop, which reads only the chosen experts' weights, or transformers' own), and, where
-asked (`load_pipeline(compiled=True)`), whether one token's step written layer by layer, by our C++ layer operator
-or torch.compile's graph, beats the lean step (`choose_step`). `fast_recipe` says what this machine gets; `load_pipeline` applies it (08_performance measures it).
+asked (`load_pipeline(compiled=True)`), whether one token's step written layer by layer, by our C++ layer
+operator or torch.compile's graph, beats the lean step (`choose_step`). `fast_recipe` says what this machine gets;
+`load_pipeline` applies it (08_performance measures it).
 
 Shapes: T = tokens, K = experts per token, D = hidden size, I = expert FFN size.
 """
@@ -563,10 +564,11 @@ def choose_step(model, prompt: list, tokens: int = 16) -> dict:
         if c["ms"] < MARGIN * lean_ms and c["difference"] <= _tolerance(model.dtype)
     ]
     best = min(good or candidates, key=lambda n: candidates[n]["ms"])
-    if good:  # the model is on the last candidate raced: switch it to the best
-        use_graph_step(model, candidates[best]["make_layer"], experts_on_our_kernel())
-    else:
+    # the model is on the last candidate raced: switch it to the best, or back to the lean step
+    if not good:
         use_lean_step(model)
+    elif best != list(candidates)[-1]:
+        use_graph_step(model, candidates[best]["make_layer"], experts_on_our_kernel())
     figures = {n: {k: v for k, v in c.items() if k != "make_layer"} for n, c in candidates.items()}
     chosen = figures[best]
     return dict(

@@ -13,12 +13,15 @@
    x is float32 or bf16; the weights are held as quant_kernel.py's relayout8 / relayout4 made them: packed
    [.., N/4, K/16, 4, 16] int8 with bf16 scales [.., N], or packed [.., N/4, K/32, 4, 16] uint8 with bf16 scales
    and zeros [.., N/4, K/32, 2, 4]. Bad input is refused here (a ValueError, an IndexError) before the kernel reads
-   it. Each operator also has a Meta kernel: the shape of its result, which torch.compile traces with.
+   it. Each of these six operators also has a Meta kernel: the shape of its result, which torch.compile traces with.
 
    mixtral_notebooks::layer_step(h, length, visible, inv_freq, key, value, weights, plan, shape, constants): one token
-       through one Mixtral decoder layer on a static cache, in one call (decode.native_layer says what it computes
-       and where it rounds); its products by the kernels above, the rest in plain loops: a layer's norms, rotary
-       angles, attention over the visible positions, router and top-k are a few thousand values for one token. */
+       through one Mixtral decoder layer on a static cache, in one call: what decode.graph_layer computes, rounded to
+       the model's dtype where its compiled graph rounds (decode.native_layer); its products by the kernels above, the
+       rest in plain loops: a layer's norms, rotary angles, attention over the visible positions, router and top-k are
+       a few thousand values for one token. It too refuses bad input before reading it, and has no Meta kernel
+       (torch.compile never traces it); the cache is written before the experts' products, so an error there (out of
+       memory) leaves this position written. */
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <algorithm>
@@ -56,11 +59,11 @@ std::string dtype(const at::Tensor &t) {
   }
 }
 
-/* The weights' N and K, after checking that x [rows, K] is float32 or bf16 and the weights ([E, ..] where `stack`)
-   are held as the kernel of `bits` reads them. */
 std::pair<int64_t, int64_t> held_as(const char *name, int bits, int64_t inputs, const at::Tensor &packed,
                                     const at::Tensor &scales, bool stack);
 
+/* The weights' N and K, after checking that x [rows, K] is float32 or bf16 and the weights ([E, ..] where `stack`)
+   are held as the kernel of `bits` reads them. */
 std::pair<int64_t, int64_t> checked(const char *name, int bits, const at::Tensor &x, const at::Tensor &packed,
                                     const at::Tensor &scales, bool stack) {
   TORCH_CHECK_VALUE(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16), name,
@@ -303,8 +306,12 @@ at::Tensor layer_step(const at::Tensor &h_, at::Tensor &length, const at::Tensor
                     "heads, experts, experts per token] ", shape, ", constants [eps, scaling, attention scaling] ",
                     constants, " and a plan of 6 products ", plan, ": give them as decode.native_layer does");
   const int64_t H = shape[0], KV = shape[1], E = shape[2], K = shape[3];
-  TORCH_CHECK_VALUE(h_.dim() == 1 && floats(h_) && h_.device().is_cpu(), name, ": h ", h_.sizes(), " ", dtype(h_),
-                    ": give one token's hidden state [D], float32 or bfloat16, in CPU memory");
+  TORCH_CHECK_VALUE(KV > 0 && H > 0 && H % KV == 0 && K > 0 && K <= E, name, ": shape ", shape, ": give [heads, kv "
+                    "heads, experts, experts per token] with the heads a multiple of the kv heads and 1 to experts "
+                    "chosen");
+  TORCH_CHECK_VALUE(h_.dim() == 1 && floats(h_) && h_.device().is_cpu() && h_.is_contiguous(), name, ": h ",
+                    h_.sizes(), " ", dtype(h_), ": give one token's hidden state [D], float32 or bfloat16, contiguous, "
+                    "in CPU memory");
   const Model m{h_.scalar_type() == at::kBFloat16};
   const int64_t D = h_.size(0);
   TORCH_CHECK_VALUE(key.dim() == 4 && key.size(0) == 1 && key.size(1) == KV && key.is_contiguous() &&
@@ -313,6 +320,7 @@ at::Tensor layer_step(const at::Tensor &h_, at::Tensor &length, const at::Tensor
                     name, ": keys ", key.sizes(), " ", dtype(key), " and values ", value.sizes(), " ", dtype(value),
                     ": give the static cache's [1, ", KV, ", positions, head size], contiguous, in h's dtype");
   const int64_t L = key.size(2), d = key.size(3);
+  TORCH_CHECK_VALUE(d > 0 && d % 2 == 0, name, ": keys ", key.sizes(), ": the head size must be even (two halves)");
   at::Tensor visible = visible_.contiguous(), inv_freq = inv_freq_.to(at::kFloat).contiguous();
   TORCH_CHECK_VALUE(visible.dim() == 1 && visible.size(0) == L && visible.scalar_type() == at::kBool &&
                         inv_freq.numel() == d / 2 && length.numel() == 1 && length.scalar_type() == at::kLong,
@@ -378,7 +386,7 @@ at::Tensor layer_step(const at::Tensor &h_, at::Tensor &length, const at::Tensor
   float total = 0, kept = 0;
   for (float &e : p) total += (e = std::exp(e - top));
   std::vector<int64_t> chosen;
-  for (int64_t j = 0; j < K; j++) {  // the largest first; of equal ones the first, as torch.topk on CPU
+  for (int64_t j = 0; j < K; j++) {  // the largest first; of equal ones the first (torch.topk's order is not fixed)
     int64_t best = -1;
     for (int64_t e = 0; e < E; e++)
       if (std::find(chosen.begin(), chosen.end(), e) == chosen.end() && (best < 0 || p[e] > p[best])) best = e;

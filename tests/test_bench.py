@@ -600,7 +600,9 @@ def test_the_summary_says_whether_each_compiled_graph_was_kept():
 
     def graph_row(name, tok_s, kept):
         candidates = dict(ours=dict(ms=12.0, ready_s=0.2), compiled=dict(ms=20.0, ready_s=17.0))
-        figures = dict(lean_ms=30.0 if kept else 11.0, kept=kept, step="ours", candidates=candidates)
+        figures = dict(
+            lean_ms=30.0 if kept else 11.0, kept=kept, step="ours", candidates=candidates, tokens=16
+        )
         return dict(name=name, decode_tok_s=tok_s, vs_naive=tok_s / 10.0, efficiency=0.3, graph=figures)
 
     result = dict(bandwidth=30e9, bandwidths=[30e9], rows=[

@@ -700,31 +700,64 @@ def test_our_layer_operator_refuses_what_it_cannot_read():
         ops.layer_step(*{**args, "key": key.double()}.values(), tensors, [0] * 6, shape, constants)
     with pytest.raises(IndexError, match="position 10 is past the cache's 10"):
         ops.layer_step(*{**args, "length": torch.tensor(10)}.values(), tensors, [0] * 6, shape, constants)
+    for bad in (
+        [4, 3, 4, 2],
+        [4, 0, 4, 2],
+        [4, 2, 4, 5],
+        [4, 2, 0, 2],
+    ):  # heads not in groups; more chosen than held
+        with pytest.raises(ValueError, match="give \\[heads, kv heads, experts, experts per token\\]"):
+            ops.layer_step(*args.values(), tensors, [0] * 6, bad, constants)
+    with pytest.raises(ValueError, match="the head size must be even"):
+        odd = torch.zeros(1, 2, 10, 7)
+        ops.layer_step(
+            *{**args, "key": odd, "value": odd.clone()}.values(), tensors, [0] * 6, shape, constants
+        )
+    with pytest.raises(
+        ValueError, match="h .*: give one token's hidden state \\[D\\], float32 or bfloat16, contiguous"
+    ):
+        ops.layer_step(*{**args, "h": torch.randn(64)[::2]}.values(), tensors, [0] * 6, shape, constants)
     assert decode.native_reads(model)
+    register_experts(
+        "replaced", per_token_experts
+    )  # experts held elsewhere (an expert cache): not ours to read
+    model.set_experts_implementation("replaced")
+    assert not decode.native_reads(model)
+    model.set_experts_implementation("eager")
     layer.self_attn.o_proj.weight = torch.nn.Parameter(layer.self_attn.o_proj.weight.t().contiguous().t())
     assert not decode.native_reads(model)
+
+
+def test_our_layer_operator_is_no_candidate_for_a_dense_model(tiny_dense):
+    """A model that is not a Mixtral has no step written layer by layer: our operator is no candidate, and choose_step
+    answers that none applies instead of failing."""
+    assert not decode.native_reads(tiny_dense)
+    assert fastpath.choose_step(tiny_dense, [1, 5, 9], tokens=2) == dict(kept=False, tokens=0)
 
 
 @needs_our_kernel
 def test_choose_step_races_our_operator_and_the_graph(monkeypatch):
     """Where our kernels run, choose_step races our layer operator and torch.compile's graph (here run uncompiled)
-    against the lean step, keeps the faster one that agrees, and describe names what was raced and kept."""
+    against the lean step, keeps the faster one that agrees (raced first, so the model is switched back to it), and
+    describe names what was raced and kept."""
     monkeypatch.setattr(
         fastpath, "compiled_layer", lambda *held: lambda *a: time.sleep(0.01) or decode.graph_layer(*held)(*a)
     )
+    ours = []
+    monkeypatch.setattr(fastpath, "native_layer", counting(ours, decode.native_layer))
     monkeypatch.setattr(fastpath, "MARGIN", 100.0)  # kept whatever the clock says: the faster of the two
     model = tiny_moe(seed=23)
     figures = fastpath.choose_step(model, [1, 7, 9], tokens=4)
+    ours.clear()
+    static_greedy(model, torch.tensor([[1, 7, 9]]), 3)
+    assert len(ours) == 2 * len(model.model.layers)  # the steps after the prompt's, by our operator
     assert (
         set(figures["candidates"]) == {"ours", "compiled"} and figures["kept"] and figures["step"] == "ours"
     )
     assert figures["candidates"]["ours"]["difference"] <= 1e-5 and figures["candidates"]["ours"]["top1"] == 4
     said = fastpath.Recipe("cpu", torch.float32, "eager", (), step=figures).describe()
     assert "our layer operator" in said and "torch.compile's graph" in said
-    assert (
-        said.endswith("-> our layer operator, for one sequence at a time")
-        or "-> our layer operator, for one" in said
-    )
+    assert said.endswith("-> our layer operator, for one sequence at a time")
 
 
 @pytest.mark.slow

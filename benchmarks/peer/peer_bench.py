@@ -3,7 +3,7 @@ decoded token reads, so that our decode speed can be set against llama.cpp's at 
 
     bash benchmarks/peer/build.sh                 # once: builds llama.cpp's tools into build/peer/
     python benchmarks/peer/peer_bench.py --check  # is the GGUF right? llama.cpp's greedy tokens against transformers'
-    python benchmarks/peer/peer_bench.py          # the table (about 5 minutes on 2 cores)
+    python benchmarks/peer/peer_bench.py          # the table, each type in turn with ours (about 8 minutes on 2 cores)
 
 The GGUF files are made on first use in build/peer/: F32 and BF16 by to_gguf.py, Q8_0 and Q4_0 by llama.cpp's own
 llama-quantize from the F32 file (what a llama.cpp user would run). Decode speed is llama-bench's `-p 0 -n N`: N
@@ -271,6 +271,9 @@ def main() -> int:
     if args.check:
         return 0 if check(standin(args.model), args.prompt, args.check_tokens, args.threads) else 1
 
+    import torch
+
+    torch.set_num_threads(args.threads)  # ours on as many threads as llama-bench's -t
     machine = next(
         (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), ""
     )
@@ -304,7 +307,7 @@ def main() -> int:
             name=config.name,
             bytes_per_token=mine["bytes_per_token"],
             decode_tok_s=statistics.median(paired["rounds"]),
-            graph=mine["graph"],  # what choose_step measured at load, and whether the compiled step was kept
+            graph=mine["graph"],  # what choose_step measured at load, and which step it kept
         )
         rows.append(
             dict(
@@ -317,7 +320,7 @@ def main() -> int:
         print(
             f"| {type_name.upper()} | {per_token / MiB:.0f} | {rows[-1]['decode_tok_s']:.1f} "
             f"({', '.join(f'{p:.1f}' for p in paired['peer_rounds'])}) | {config.name}"
-            f"{'' if ours['graph']['kept'] else ' (the compiled step not kept: the lean step)'} "
+            f"{'' if ours['graph']['kept'] else ' (no step written layer by layer kept: the lean step)'} "
             f"| {ours['bytes_per_token'] / MiB:.0f} | {ours['decode_tok_s']:.1f} "
             f"({', '.join(f'{o:.1f}' for o in paired['rounds'])}) | **{paired['ratio']:.2f}x** "
             f"({', '.join(f'{r:.2f}' for r in paired['ratios'])}) | {os.getloadavg()[0]:.2f} |",
