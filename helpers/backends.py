@@ -91,7 +91,7 @@ class LocalModel:
         )
         record = getattr(self.model, "load_record", None)
         recipe = record.recipe if record is not None else None  # None: the blog's pipeline, run as it is
-        # one sequence where the compiled step was kept: the static cache it runs on (decode.use_graph_step)
+        # one sequence, a layer-by-layer step kept: the static cache it runs on (decode.use_graph_step)
         kept = recipe is not None and recipe.step.get("kept") and len(rows) == 1
         cache = {"cache_implementation": "static"} if kept else {}
         to_generate = sampler(knobs) if recipe is not None else knobs  # the fast path's sampler

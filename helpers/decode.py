@@ -149,7 +149,7 @@ def _ours_reads(weight) -> bool:
 
 
 def _held(module) -> tuple:
-    """How the compiled step multiplies by `module`'s weight: (how, tensors). int8 and int4 weights held for our
+    """How a layer's step multiplies by `module`'s weight: (how, tensors). int8 and int4 weights held for our
     kernels (quantize.py) by its operators; a dense weight the fast path measured our kernel fastest for by its dense
     operator; any other as a multiply and a sum that inductor computes as one reduction."""
     if hasattr(module, "graph_product"):  # quantized for our kernel (use_graph_step checks)

@@ -6,7 +6,7 @@ never assumed: which dtype decodes faster (`measure_dtypes`, once per machine), 
 kind of weight fastest for one token (`choose_kernels`: torch.mv, F.linear, F.linear on weights
 re-laid column-major, oneDNN's product on a copy packed into its blocked layout, F.linear on a float32
 copy, which wins where a bf16 product's fixed cost outweighs reading a tiny matrix: the routers, or our C kernel
-on the weight as held, quant_kernel.c's dense_matmul, which the compiled step then calls too), and which experts
+on the weight as held, quant_kernel.c's dense_matmul, which a layer's step calls too), and which experts
 implementation runs a decode step fastest while giving transformers' eager answer (`choose_experts`: the
 package's `per_token` loop, which reads only the chosen experts' weights, or transformers' own), and, where
 asked (`load_pipeline(compiled=True)`), whether one token's step written layer by layer, by our C++ layer
@@ -498,7 +498,7 @@ def _steps(model, prompt: list, cache, tokens) -> tuple:
 
 
 def experts_on_our_kernel() -> dict:
-    """{experts module: the names of its weights `choose_kernels` gave our kernel}, for the compiled step."""
+    """{experts module: the names of its weights `choose_kernels` gave our kernel}, for a layer's step."""
     return {
         e: [a for a, held in kinds.items() if held[0] == "our kernel"] for e, kinds in _EXPERT_KERNELS.items()
     }
@@ -698,7 +698,7 @@ class Recipe:
     reasons: list = field(default_factory=list)
     kernels: dict = field(default_factory=dict)  # {kind: KindKernels}, filled by apply_recipe
     experts_ms: dict = field(default_factory=dict)  # {implementation: ms per one-token forward, None: wrong}
-    # the compiled step's figures (`choose_step`), where it was asked for
+    # the figures of the step written layer by layer (`choose_step`), where it was asked for
     step: dict = field(default_factory=dict)
 
     def describe(self, fit_reason: str | None = None) -> str:
@@ -719,7 +719,7 @@ class Recipe:
                 f"  - experts measured at load, one token through the model: {timed} -> {self.experts}"
             )
         if self.step and not self.step["tokens"]:
-            lines.append("  - compiled step asked for: none, as this model's steps skip the lean step")
+            lines.append("  - layer-by-layer step asked for: none, as this model's steps skip the lean step")
         elif self.step:
             s = self.step
             each = "; ".join(

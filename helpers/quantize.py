@@ -142,7 +142,7 @@ def quantized_linear():
             stack = weight.detach().float().reshape(-1, *weight.shape[-2:]).contiguous()  # [E, N, K]
             packed, scales = _pack(stack, scheme, kernel)
             # what the experts are fed (quantized_experts converts the hidden states once for all of them): ours
-            # returns float32 for float32, so that the experts' sums stay in float32 as the compiled step's do
+            # returns float32 for float32, so that the experts' sums stay in float32 as the graph's do
             self.input_dtype = torch.float32 if kernel == "ours" else torch.bfloat16
             one = weight.dim() == 2
             self.register_buffer("packed", packed[0] if one else packed)
