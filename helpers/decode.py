@@ -177,6 +177,11 @@ def _layer_inputs(layer, ours: frozenset) -> tuple:
     return tuple(how for how, _ in held), (norms, *(tensors for _, tensors in held))
 
 
+def _layers_inputs(decoder, ours: dict | None) -> list:
+    """`_layer_inputs` of each of `decoder`'s layers, `ours` as `graph_step` takes it."""
+    return [_layer_inputs(m, frozenset((ours or {}).get(m.mlp.experts, ()))) for m in decoder.layers]
+
+
 def graph_layer(decoder, plan: tuple):
     """layer(h [D], length, visible [L] (bool), inv_freq, key, value [1, KV, L, d], weights) -> h [D]: one token
     through one layer of `decoder` (a MixtralModel), written as one function for torch.compile (`plan` and `weights` from
@@ -280,23 +285,19 @@ def native_reads(model, ours: dict | None = None) -> bool:
     cached elsewhere), and every dense weight of its layers one our dense kernel reads in place (`_ours_reads`)."""
     import torch
 
-    experts = getattr(model.config, "_experts_implementation", None)
-    if getattr(model.config, "model_type", None) != "mixtral" or experts not in (
-        *_PLAIN_EXPERTS,
-        "quantized",
+    held_as_loaded = (*_PLAIN_EXPERTS, "quantized")
+    if getattr(model.config, "model_type", None) != "mixtral" or (
+        getattr(model.config, "_experts_implementation", None) not in held_as_loaded
     ):
         return False
     if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
         return False
-    layers = model.model.layers
-    by_ours = [frozenset((ours or {}).get(layer.mlp.experts, ())) for layer in layers]
-    for i, layer in enumerate(layers):
-        plan, (_, *held) = _layer_inputs(layer, by_ours[i])
-        if any(
-            how in ("dense", "reduce") and not _ours_reads(tensors[0]) for how, tensors in zip(plan, held)
-        ):
-            return False
-    return True
+    return all(
+        _ours_reads(tensors[0])
+        for plan, (_, *held) in _layers_inputs(model.model, ours)
+        for how, tensors in zip(plan, held)
+        if how in ("dense", "reduce")
+    )
 
 
 def graph_step(decoder, make_layer, ours: dict | None = None):
@@ -307,14 +308,12 @@ def graph_step(decoder, make_layer, ours: dict | None = None):
     first step on a new cache (generate makes one for each call): a weight replaced between two calls is read then
     (made again only where it changes how its product is made), one replaced during a call is not. Where the fast path
     gave a stack of experts' weights our kernel, `ours` says so ({experts module: the names of its weights})."""
-    layers = decoder.layers
-    by_ours = [frozenset((ours or {}).get(layer.mlp.experts, ())) for layer in layers]
     made: dict = {}  # plan -> the layer made for it
     read: dict = {}  # the cache whose first step read the modules, and what it read: (plan, weights) per layer
 
     def step(token, visible, keys, values, lengths):
         if read.get("cache") is not keys[0]:
-            read.update(cache=keys[0], inputs=[_layer_inputs(m, by_ours[i]) for i, m in enumerate(layers)])
+            read.update(cache=keys[0], inputs=_layers_inputs(decoder, ours))
         h = decoder.embed_tokens.weight[token][0]  # [D]: one token, so every vector here is 1-d
         inv_freq = decoder.rotary_emb.inv_freq
         for i, (plan, weights) in enumerate(read["inputs"]):

@@ -723,15 +723,19 @@ class Recipe:
         elif self.step:
             s = self.step
             each = "; ".join(
-                f"{STEP_NAMES[n]} {c['ms']:.1f} ms"
+                f"{c['label']} {c['ms']:.1f} ms"
                 + (f" (after {c['ready_s']:.0f} s compiling)" if n == "compiled" else "")
                 + f", the same top-1 on {c['top1']} of {s['tokens']}, logits within {c['difference']:.3f} of the largest"
                 for n, c in s["candidates"].items()
             )
+            kept = (
+                f"{s['candidates'][s['step']]['label']}, for one sequence at a time"
+                if s["kept"]
+                else "the lean step"
+            )
             lines.append(
                 f"  - one token's step written layer by layer, measured at load over {s['tokens']} tokens: lean step "
-                f"{s['lean_ms']:.1f} ms; {each} "
-                f"-> {STEP_NAMES[s['step']] + ', for one sequence at a time' if s['kept'] else 'the lean step'}"
+                f"{s['lean_ms']:.1f} ms; {each} -> {kept}"
             )
         if self.kernels:
             lines.append("  - kernels measured once per machine, one token, GB/s of weights (chosen first):")

@@ -149,7 +149,14 @@ def side_by_side(ours: list[float], peer: list[float]) -> dict:
     if not ours or len(ours) != len(peer):
         raise ValueError(f"one llama.cpp figure per round of ours: got {len(ours)} of ours and {len(peer)}")
     ratios = [p / o for o, p in zip(ours, peer)]
-    return dict(rounds=ours, peer_rounds=peer, ratios=ratios, ratio=statistics.median(ratios))
+    return dict(
+        rounds=ours,
+        peer_rounds=peer,
+        ratios=ratios,
+        ratio=statistics.median(ratios),
+        decode_tok_s=statistics.median(ours),
+        peer_tok_s=statistics.median(peer),
+    )
 
 
 def llama_cpp_greedy(
@@ -301,19 +308,18 @@ def main() -> int:
             args.tokens,
         )
         paired = side_by_side([o["decode_tok_s"] for o, _ in pairs], [p for _, p in pairs])
-        mine = pairs[0][0]
+        mine, peer_tok_s = pairs[0][0], paired.pop("peer_tok_s")
         ours = dict(
             paired,
             name=config.name,
             bytes_per_token=mine["bytes_per_token"],
-            decode_tok_s=statistics.median(paired["rounds"]),
             graph=mine["graph"],  # what choose_step measured at load, and which step it kept
         )
         rows.append(
             dict(
                 type=type_name.upper(),
                 bytes_per_token=per_token,
-                decode_tok_s=statistics.median(paired["peer_rounds"]),
+                decode_tok_s=peer_tok_s,
                 ours=ours,
             )
         )
