@@ -24,6 +24,19 @@
 #error "these kernels need AVX2 and FMA"
 #endif
 
+/* Where the CPU has AVX-512 with VNNI (vpdpwssd: int16 pairs multiplied and added into int32 lanes in one
+   instruction), a 64-byte line's 4 rows are read as two 512-bit vectors of 2 rows each, and 32 vector registers
+   hold the sums of up to 4 tokens: a block is read once for 4 tokens, where AVX2's 16 registers hold 2. Dense
+   rows are read 32 inputs a step in 512-bit vectors, where AVX2 takes 16. Either way each sum is of the same
+   products; AVX-512's are added in other orders (int8's alone in the same lanes and order: the same bits). */
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define WIDE 1
+#define MOST 4 /* the tokens one pass over a block takes */
+#else
+#define WIDE 0
+#define MOST 2
+#endif
+
 #define ROWS 4
 #define COLS 16   /* int8: the inputs of a block's row */
 #define GROUP 32  /* int4: the inputs of a block's row, and of a scale's group */
@@ -36,9 +49,9 @@ static inline float sum8(__m256 f) { /* eight float lanes' sum */
   return _mm_cvtss_f32(s);
 }
 
-/* int8: one block of 4 rows (w: its K/16 lines) against T = 1 or 2 tokens; adds into sums[4][2]. */
+/* int8: one block of 4 rows (w: its K/16 lines) against T = 1 or 2 tokens; adds into sums[4][.]. */
 static inline __attribute__((always_inline)) void block8(const int8_t *w, const int16_t *xq, int K, const int T,
-                                                         float sums[ROWS][2]) {
+                                                         float sums[ROWS][MOST]) {
   for (int start = 0; start < K; start += CHUNK) {
     int end = start + CHUNK < K ? start + CHUNK : K;
     __m256i acc[ROWS][2];
@@ -60,9 +73,9 @@ static inline __attribute__((always_inline)) void block8(const int8_t *w, const 
 }
 
 /* int4: one block of 4 rows (w: its K/32 lines, sz: their scales and zeros) against T = 1 or 2 tokens (xq,
-   and xsum: their groups' sums); adds the rows' sums, each group's times its scale, into sums[4][2]. */
+   and xsum: their groups' sums); adds the rows' sums, each group's times its scale, into sums[4][.]. */
 static inline __attribute__((always_inline)) void block4(const uint8_t *w, const uint16_t *sz, const int16_t *xq,
-                                                         const float *xsum, int K, const int T, float sums[ROWS][2]) {
+                                                         const float *xsum, int K, const int T, float sums[ROWS][MOST]) {
   const __m256i low = _mm256_set1_epi16(0x0F);
   const __m128 eight = _mm_set1_ps(8.f);
   __m256 acc[2];
@@ -99,6 +112,90 @@ static inline __attribute__((always_inline)) void block4(const uint8_t *w, const
     for (int r = 0; r < ROWS; r++) sums[r][t] += rows[r];
   }
 }
+
+#if WIDE
+/* The upper 8 of sixteen float lanes, as eight. */
+static inline __m256 upper8(__m512 f) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1)); }
+
+/* 16 int16 from `x`, in both halves of a 512-bit vector: one token's inputs against two rows at once. */
+static inline __m512i twice16(const int16_t *x) { return _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)x)); }
+
+/* block8 by AVX-512: each line's rows 0-1 and 2-3 as two vectors of 32 int16 (a row in each half), their products
+   with a token's 16 inputs added in pairs into int32 lanes (lanes 0-7: the first row's, 8-15: the second's), the
+   same pairs and lanes as block8's, so the same sums; T = 1 to 4 tokens in one pass. */
+static inline __attribute__((always_inline)) void block8_wide(const int8_t *w, const int16_t *xq, int K, const int T,
+                                                              float sums[ROWS][MOST]) {
+  for (int start = 0; start < K; start += CHUNK) {
+    int end = start + CHUNK < K ? start + CHUNK : K;
+    __m512i acc[2][MOST];
+    for (int p = 0; p < 2; p++)
+      for (int t = 0; t < T; t++) acc[p][t] = _mm512_setzero_si512();
+    for (int k = start; k < end; k += COLS) {
+      const int8_t *line = w + (long)k * ROWS;
+      _mm_prefetch((const char *)line + 1024, _MM_HINT_T0);
+      __m512i q0 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)line));
+      __m512i q1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(line + 2 * COLS)));
+      for (int t = 0; t < T; t++) {
+        __m512i x = twice16(xq + (long)t * K + k);
+        acc[0][t] = _mm512_dpwssd_epi32(acc[0][t], q0, x);
+        acc[1][t] = _mm512_dpwssd_epi32(acc[1][t], q1, x);
+      }
+    }
+    for (int p = 0; p < 2; p++)
+      for (int t = 0; t < T; t++) {
+        __m512 f = _mm512_cvtepi32_ps(acc[p][t]);
+        sums[2 * p][t] += sum8(_mm512_castps512_ps256(f));
+        sums[2 * p + 1][t] += sum8(upper8(f));
+      }
+  }
+}
+
+/* block4 by AVX-512: each line's rows 0-1 and 2-3 as two vectors of 32 int16 (a row's 16 bytes in each half), split
+   into their low and high halves (inputs 0-15 and 16-31), a group's products added into int32 lanes (exact) and
+   each lane moved to float times its row's scale; the lanes are summed once, after the last group (block4 sums
+   them in int32 first: the same products, rounded in another order). T = 1 to 4 tokens in one pass. */
+static inline __attribute__((always_inline)) void block4_wide(const uint8_t *w, const uint16_t *sz, const int16_t *xq,
+                                                              const float *xsum, int K, const int T,
+                                                              float sums[ROWS][MOST]) {
+  const __m512i low = _mm512_set1_epi16(0x0F);
+  const __m512i rows01 = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0); /* lane 15 first */
+  const __m512i rows23 = _mm512_set_epi32(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2);
+  const __m128 eight = _mm_set1_ps(8.f);
+  __m512 acc[2][MOST];
+  __m128 shifts[MOST];
+  for (int t = 0; t < T; t++) acc[0][t] = acc[1][t] = _mm512_setzero_ps(), shifts[t] = _mm_setzero_ps();
+  for (int g = 0; g < K / GROUP; g++) {
+    const uint8_t *line = w + (long)g * ROWS * 16;
+    _mm_prefetch((const char *)line + 1024, _MM_HINT_T0);
+    __m512i both0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)line));
+    __m512i both1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(line + 32)));
+    __m512i lo0 = _mm512_and_si512(both0, low), hi0 = _mm512_srli_epi16(both0, 4);
+    __m512i lo1 = _mm512_and_si512(both1, low), hi1 = _mm512_srli_epi16(both1, 4);
+    __m128i halves = _mm_loadu_si128((const __m128i *)(sz + (long)g * 2 * ROWS)); /* 4 scales, 4 zeros (bf16) */
+    __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
+    __m512 scale01 = _mm512_permutexvar_ps(rows01, _mm512_castps256_ps512(f)); /* each row's scale on its lanes */
+    __m512 scale23 = _mm512_permutexvar_ps(rows23, _mm512_castps256_ps512(f));
+    __m128 shift = _mm_fnmadd_ps(eight, _mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1)); /* zero - 8 scale */
+    for (int t = 0; t < T; t++) {
+      const int16_t *x = xq + (long)t * K + (long)g * GROUP;
+      __m512i x0 = twice16(x), x1 = twice16(x + 16);
+      __m512i s0 = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), lo0, x0), hi0, x1);
+      __m512i s1 = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), lo1, x0), hi1, x1);
+      acc[0][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s0), scale01, acc[0][t]);
+      acc[1][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s1), scale23, acc[1][t]);
+      shifts[t] = _mm_fmadd_ps(shift, _mm_set1_ps(xsum[(long)t * (K / GROUP) + g]), shifts[t]);
+    }
+  }
+  for (int t = 0; t < T; t++) {
+    float shifted[ROWS];
+    _mm_storeu_ps(shifted, shifts[t]);
+    for (int p = 0; p < 2; p++) {
+      sums[2 * p][t] += sum8(_mm512_castps512_ps256(acc[p][t])) + shifted[2 * p];
+      sums[2 * p + 1][t] += sum8(upper8(acc[p][t])) + shifted[2 * p + 1];
+    }
+  }
+}
+#endif
 
 static inline float from_bf16(uint16_t bits) { /* a bf16 is a float's top 16 bits */
   union { uint32_t bits; float value; } f = {.bits = (uint32_t)bits << 16};
@@ -161,32 +258,44 @@ static int quantize_tokens(const void *x, int bf16, int T, int K, Tokens *out) {
 static inline long weight_bytes(int bits, int N, int K) { return bits == 8 ? (long)N * K : (long)N * K / 2; }
 static inline long scale_count(int bits, int N, int K) { return bits == 8 ? N : (long)N * (K / GROUP) * 2; }
 
-/* Rows n to n + 3 of one matrix (q, scale: that matrix's) against tokens t and t + 1 (two) or t alone, into rows o
-   (and o + 1) of y [.][N]. */
-static inline void rows(int bits, const void *q, const uint16_t *scale, const Tokens *x, int t, int two, float *y,
+/* `block(..., count, sums)` with `count` (1 to MOST) a constant in each case: each count its own loop, the sums in
+   registers. */
+#if WIDE
+#define BY_COUNT(block, ...)                                                                                         \
+  switch (count) {                                                                                                   \
+  case 1: block##_wide(__VA_ARGS__, 1, sums); break;                                                                 \
+  case 2: block##_wide(__VA_ARGS__, 2, sums); break;                                                                 \
+  case 3: block##_wide(__VA_ARGS__, 3, sums); break;                                                                 \
+  default: block##_wide(__VA_ARGS__, 4, sums); break;                                                                \
+  }
+#else
+#define BY_COUNT(block, ...)                                                                                         \
+  switch (count) {                                                                                                   \
+  case 1: block(__VA_ARGS__, 1, sums); break;                                                                        \
+  default: block(__VA_ARGS__, 2, sums); break;                                                                       \
+  }
+#endif
+
+/* Rows n to n + 3 of one matrix (q, scale: that matrix's) against `count` (1 to MOST) tokens from token t, into rows
+   o to o + count - 1 of y [.][N]. */
+static inline void rows(int bits, const void *q, const uint16_t *scale, const Tokens *x, int t, int count, float *y,
                         long o, int n, int N, int K) {
-  float sums[ROWS][2] = {{0}};
+  float sums[ROWS][MOST] = {{0}};
+  const int16_t *xq = x->xq + (long)t * K;
   if (bits == 8) {
     const int8_t *w = (const int8_t *)q + (long)n * K;
-    if (two)
-      block8(w, x->xq + (long)t * K, K, 2, sums);
-    else
-      block8(w, x->xq + (long)t * K, K, 1, sums);
+    BY_COUNT(block8, w, xq, K)
     for (int r = 0; r < ROWS; r++) {
       float row_scale = from_bf16(scale[n + r]);
-      sums[r][0] *= row_scale, sums[r][1] *= row_scale;
+      for (int j = 0; j < count; j++) sums[r][j] *= row_scale;
     }
   } else {
     const uint8_t *w = (const uint8_t *)q + (long)n * K / 2;
     const uint16_t *sz = scale + (long)n * (K / GROUP) * 2;
-    const float *xsum = x->sum + (long)t * (K / GROUP);
-    if (two)
-      block4(w, sz, x->xq + (long)t * K, xsum, K, 2, sums);
-    else
-      block4(w, sz, x->xq + (long)t * K, xsum, K, 1, sums);
+    BY_COUNT(block4, w, sz, xq, x->sum + (long)t * (K / GROUP), K)
   }
   for (int r = 0; r < ROWS; r++)
-    for (int j = 0; j <= two; j++) y[(o + j) * N + n + r] = sums[r][j] * x->scale[t + j];
+    for (int j = 0; j < count; j++) y[(o + j) * N + n + r] = sums[r][j] * x->scale[t + j];
 }
 
 /* y [T][N] (float32) = x [T][K] (float32, or bf16 where x_bf16) times one matrix of `bits` 8 or 4; N a multiple
@@ -197,8 +306,8 @@ int quant_matmul(int bits, const void *q, const uint16_t *scale, const void *x, 
   if (quantize_tokens(x, x_bf16, T, K, &tokens)) return -1;
 #pragma omp parallel for schedule(static)
   for (int n = 0; n < N; n += ROWS)
-    for (int t = 0; t < T; t += 2) /* two tokens at a time: the block stays in L1 for the next two */
-      rows(bits, q, scale, &tokens, t, T - t >= 2, y, t, n, N, K);
+    for (int t = 0; t < T; t += MOST) /* MOST tokens a pass: the block stays in L1 for the next ones */
+      rows(bits, q, scale, &tokens, t, T - t < MOST ? T - t : MOST, y, t, n, N, K);
   free(tokens.buffer);
   return 0;
 }
@@ -217,7 +326,7 @@ int quant_experts(int bits, const void *q, const uint16_t *scale, int experts, c
   for (int j = 0; j < count * blocks; j++) {
     int i = j / blocks, n = (j % blocks) * ROWS;
     const void *w = (const char *)q + chosen[i] * weight_bytes(bits, N, K);
-    rows(bits, w, scale + chosen[i] * scale_count(bits, N, K), &tokens, x_rows == 1 ? 0 : i, 0, y, i, n, N, K);
+    rows(bits, w, scale + chosen[i] * scale_count(bits, N, K), &tokens, x_rows == 1 ? 0 : i, 1, y, i, n, N, K);
   }
   free(tokens.buffer);
   return 0;
@@ -234,31 +343,63 @@ static inline uint16_t to_bf16(float value) {
   return (uint16_t)((f.bits + 0x7FFF + ((f.bits >> 16) & 1)) >> 16);
 }
 
-/* x [T][K] as float32 (exact from bf16) into `out`. For bf16 weights (`pairs`) each 16 inputs are held as their 8
-   even ones, then their 8 odd ones: the order in which dense_row takes a bf16 row's 16 values from one load. */
+/* The inputs one step of dense_row takes: two vectors of floats, 8 each (AVX2) or 16 (AVX-512). */
+#if WIDE
+#define SPAN 32
+#else
+#define SPAN 16
+#endif
+
+/* x [T][K] as float32 (exact from bf16) into `out`. For bf16 weights (`pairs`) each SPAN inputs are held as their
+   even ones, then their odd ones: the order in which dense_row takes a bf16 row's SPAN values from one load. */
 static void tokens_float(const void *x, int bf16, int T, int K, int pairs, float *out) {
   for (long t = 0; t < T; t++)
     for (int k = 0; k < K; k++) {
       long at = t * K + k;
       float value = bf16 ? from_bf16(((const uint16_t *)x)[at]) : ((const float *)x)[at];
-      int in16 = k % 16, held = pairs && k < K / 16 * 16 ? k - in16 + (in16 % 2) * 8 + in16 / 2 : k;
+      int in = k % SPAN, held = pairs && k < K / SPAN * SPAN ? k - in + (in % 2) * (SPAN / 2) + in / 2 : k;
       out[t * K + held] = value;
     }
 }
 
 /* Row n of W against T = 1 to 4 tokens of xf from token t, into sums[j]: the row read once, as one stream (a row
    after a row is the matrix front to back, which the hardware's prefetcher follows; several rows side by side ran
-   slower on the stand-in's short rows). Each 16 inputs give two vectors of weights: a bf16 row's from one 32-byte
-   load (each 32-bit lane holds two bf16: the lane shifted left by 16 is the even one, the lane with its low half
+   slower on the stand-in's short rows). Each SPAN inputs give two vectors of weights: a bf16 row's from one load
+   (each 32-bit lane holds two bf16: the lane shifted left by 16 is the even one, the lane with its low half
    cleared the odd one; tokens_float laid xf out to match), a float32 row's from two loads. Each token keeps a sum
    for each of the two, so that FMAs overlap. */
 static inline __attribute__((always_inline)) void dense_row(const void *w, int w_bf16, const float *xf, int K, long n,
                                                             int t, const int T, float sums[4]) {
+#if WIDE /* the same, 32 inputs a step in 512-bit vectors */
+  __m512 first[4], second[4];
+  for (int j = 0; j < T; j++) first[j] = second[j] = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32((int)0xFFFF0000);
+  int k = 0;
+  for (; k + SPAN <= K; k += SPAN) {
+    __m512 a, b;
+    if (w_bf16) {
+      __m512i v = _mm512_loadu_si512((const void *)((const uint16_t *)w + n * K + k));
+      a = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      b = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+    } else {
+      a = _mm512_loadu_ps((const float *)w + n * K + k);
+      b = _mm512_loadu_ps((const float *)w + n * K + k + 16);
+    }
+    for (int j = 0; j < T; j++) {
+      const float *x = xf + (long)(t + j) * K + k;
+      first[j] = _mm512_fmadd_ps(a, _mm512_loadu_ps(x), first[j]);
+      second[j] = _mm512_fmadd_ps(b, _mm512_loadu_ps(x + 16), second[j]);
+    }
+  }
+  for (int j = 0; j < T; j++) {
+    __m512 both = _mm512_add_ps(first[j], second[j]);
+    float sum = sum8(_mm256_add_ps(_mm512_castps512_ps256(both), upper8(both)));
+#else
   __m256 first[4], second[4];
   for (int j = 0; j < T; j++) first[j] = second[j] = _mm256_setzero_ps();
   const __m256i high = _mm256_set1_epi32((int)0xFFFF0000);
   int k = 0;
-  for (; k + 16 <= K; k += 16) {
+  for (; k + SPAN <= K; k += SPAN) {
     __m256 a, b;
     if (w_bf16) {
       __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + n * K + k));
@@ -276,7 +417,8 @@ static inline __attribute__((always_inline)) void dense_row(const void *w, int w
   }
   for (int j = 0; j < T; j++) {
     float sum = sum8(_mm256_add_ps(first[j], second[j]));
-    for (int i = k; i < K; i++) { /* the inputs past the last 16 */
+#endif
+    for (int i = k; i < K; i++) { /* the inputs past the last SPAN */
       long at = n * K + i;
       sum += (w_bf16 ? from_bf16(((const uint16_t *)w)[at]) : ((const float *)w)[at]) * xf[(long)(t + j) * K + i];
     }

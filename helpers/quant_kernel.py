@@ -17,6 +17,9 @@ The same files read dense weights as the model holds them (float32 or bf16, row 
 dense_experts), summing in float32: one more candidate of the fast path's measured kernel choice
 (fastpath.KERNELS, "our kernel"), taught in 08_performance.
 
+Where the CPU has AVX-512 with VNNI, the same loops run on 512-bit vectors (4 tokens a pass where AVX2 takes 2);
+MIXTRAL_KERNEL_ISA=avx2 builds the AVX2 ones instead, as on a CPU without AVX-512.
+
 Shapes: T tokens, N outputs (a multiple of ROWS), K inputs (a multiple of COLS for int8, of GROUP for int4); the
 dense kernels take any N and K.
 """
@@ -41,6 +44,16 @@ SOURCE = Path(__file__).with_name("quant_kernel.c")
 OPS = Path(__file__).with_name("quant_ops.cpp")  # the kernels as torch operators
 ROWS, COLS, GROUP = 4, 16, 32  # quant_kernel.c's blocks: 4 rows x 16 int8 or 32 int4 inputs, one 64-byte line
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
+# MIXTRAL_KERNEL_ISA=avx2 builds the AVX2 kernels on a CPU with AVX-512 too (tests/test_quant_kernel.py checks both)
+ISAS = {"native": [], "avx2": ["-mno-avx512f"]}
+
+
+def _flags() -> list:
+    """FLAGS, and those of the instruction set $MIXTRAL_KERNEL_ISA names (default: all this CPU has)."""
+    isa = os.environ.get("MIXTRAL_KERNEL_ISA", "native")
+    if isa not in ISAS:
+        raise ValueError(f"MIXTRAL_KERNEL_ISA={isa!r}: give one of {', '.join(ISAS)}, or leave it unset")
+    return [*FLAGS, *ISAS[isa]]
 
 
 def fits(shape, scheme: str) -> bool:
@@ -75,10 +88,10 @@ def _compile(path: Path, compilers: tuple, torch_folder: Path) -> None:
     into `path`; a RuntimeError with the failing compiler's first error line where one fails."""
     c, cxx = compilers
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(_torch()._C._GLIBCXX_USE_CXX11_ABI)}"
-    lib = torch_folder / "lib"
+    lib, flags = torch_folder / "lib", _flags()
     steps = [
-        (c, SOURCE, [c, *FLAGS, "-c", str(SOURCE), "-o", f"{path}.o"]),
-        (cxx, OPS, [cxx, *FLAGS, "-std=c++20", abi, f"-I{torch_folder / 'include'}", str(OPS), f"{path}.o",
+        (c, SOURCE, [c, *flags, "-c", str(SOURCE), "-o", f"{path}.o"]),
+        (cxx, OPS, [cxx, *flags, "-std=c++20", abi, f"-I{torch_folder / 'include'}", str(OPS), f"{path}.o",
                     "-shared", "-o", str(path), f"-L{lib}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]),
     ]  # fmt: skip
     try:
@@ -144,7 +157,7 @@ def _library() -> str:
         subprocess.run([c, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
         for c in compilers
     ]
-    key = [SOURCE.read_text(), OPS.read_text(), versions, FLAGS, cpuinfo("model name"), cpuinfo("flags")]
+    key = [SOURCE.read_text(), OPS.read_text(), versions, _flags(), cpuinfo("model name"), cpuinfo("flags")]
     key.append(torch.__version__)
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     path = cache_root() / "kernels" / f"quant_kernel-{digest}.so"
@@ -155,8 +168,9 @@ def _library() -> str:
 
 
 def source_digest() -> str:
-    """The kernel's two sources, hashed: what a measurement of its speed was made with."""
-    return hashlib.sha256(SOURCE.read_bytes() + OPS.read_bytes()).hexdigest()[:12]
+    """The kernel's two sources and its compiler flags, hashed: what a measurement of its speed was made with."""
+    built = SOURCE.read_bytes() + OPS.read_bytes() + " ".join(_flags()).encode()
+    return hashlib.sha256(built).hexdigest()[:12]
 
 
 def kernel_unavailable() -> str:

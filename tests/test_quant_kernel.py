@@ -3,6 +3,9 @@ integer arithmetic on the int16-rounded activations, their layouts are the block
 before C sees it, a machine where they cannot be built says why and keeps nothing half-written, and the load
 measures them against torch's and keeps the faster."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from conftest import needs_our_kernel
 
 from helpers import quant_kernel, quantize
 from helpers.data import QUANT_KERNEL_ENV
+from helpers.hardware import cpuinfo
 from helpers.quant_kernel import COLS, GROUP, ROWS, operators, relayout4, relayout8
 from helpers.quantize import _int4_values, choose_kernel
 
@@ -244,8 +248,8 @@ DENSE = [torch.float32, torch.bfloat16]
 @pytest.mark.parametrize("weight_dtype", DENSE, ids=str)
 @pytest.mark.parametrize("input_dtype", DENSE, ids=str)
 @pytest.mark.parametrize(
-    "shape", [(8, 64), (7, 19), (96, 576), (3, 5)], ids=str
-)  # rows past 4, inputs past 8
+    "shape", [(8, 64), (7, 19), (96, 576), (3, 5), (5, 50)], ids=str
+)  # rows past 4, inputs past 8, 16 and 32 (a step of AVX2's and of AVX-512's loop)
 @pytest.mark.parametrize("tokens", [1, 2, 3, 5])
 def test_dense_products_are_float32_sums_of_the_weights_as_held(weight_dtype, input_dtype, shape, tokens):
     """Dense weights read in place: the products of the values as held (bf16 is exact in float32), summed in
@@ -317,3 +321,20 @@ def test_dense_experts_are_read_in_place_and_bad_input_is_refused(weight_dtype):
     with pytest.raises(ValueError, match=r"dense_matmul: inputs \[1, 40\] int64"):
         ops.dense_matmul(torch.ones(1, 40, dtype=torch.long), w)
     assert ops.dense_matmul(torch.ones(0, 40), w).shape == (0, 12)
+
+
+@pytest.mark.slow
+@needs_our_kernel
+def test_the_avx2_kernels_pass_the_same_tests_on_a_cpu_with_avx512():
+    """A CPU with AVX-512 and VNNI runs the 512-bit loops, which the tests above checked; CPUs without it run the
+    AVX2 ones. Built here too (MIXTRAL_KERNEL_ISA=avx2: a library of their own in the cache folder), they pass the
+    same tests of the products, in a process of their own (a process registers one library's operators)."""
+    if not {"avx512f", "avx512bw", "avx512_vnni"} <= set(cpuinfo("flags").split()):
+        pytest.skip("this CPU has no AVX-512 with VNNI: the tests above ran the AVX2 kernels")
+    picked = "products or overflow or bf16_inputs or bad_input or chosen_experts or dense"
+    command = [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not slow", "-k", picked, "-n", "0"]
+    # not one of this run's workers
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    done = subprocess.run(command, env=env | {"MIXTRAL_KERNEL_ISA": "avx2"}, capture_output=True, text=True)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
+    assert done.returncode == 0 and " passed" in summary and "skipped" not in summary, done.stdout[-3000:]
