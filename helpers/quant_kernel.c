@@ -14,7 +14,8 @@
      q is re-laid as blocks of 4 rows x 32 inputs (64 bytes): [N/4][K/32][4][16], byte j of a row holding input j
      in its low half and input j + 16 in its high half; the scales and zeros as [N/4][K/32][2][4] (the 4 rows'
      scales, then their zeros). A group's products are summed exactly in int32 (16 a lane at most, 16 x 15 x
-     32768 < 2^24) and moved to float times its scale. */
+     32768 < 2^24) and moved to float times its scale (AVX-512: each lane's exact sum of 4 products moved to float
+     times its row's scale, the lanes summed after the last group). */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -297,6 +298,9 @@ static inline void rows(int bits, const void *q, const uint16_t *scale, const To
   for (int r = 0; r < ROWS; r++)
     for (int j = 0; j < count; j++) y[(o + j) * N + n + r] = sums[r][j] * x->scale[t + j];
 }
+
+/* MOST: 4 where these loops were built with AVX-512 and VNNI, 2 with AVX2 (the tests check which ran). */
+int tokens_per_pass(void) { return MOST; }
 
 /* y [T][N] (float32) = x [T][K] (float32, or bf16 where x_bf16) times one matrix of `bits` 8 or 4; N a multiple
    of 4, K of 16 (int8) or 32 (int4). Returns 0, or -1 where memory ran out. */

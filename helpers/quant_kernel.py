@@ -5,7 +5,7 @@ At decode shapes torch's CPU kernels for int8 and int4 weights (`_weight_int8pac
 so fewer bytes did not make less time. quant_kernel.c reads the same values as one stream (their scales, and
 int4's zeros, beside them), 4 rows to a 64-byte line (16 int8 inputs, or 32 int4 ones, a row), rounds each
 token's activations to int16 (one scale a token: finer than bf16's 8-bit mantissa) and sums the products
-exactly in int32 (int4: each group of 32 inputs, then times its scale). quant_ops.cpp makes it torch operators
+exactly in int32 (int4: each group of 32 inputs, or each lane's part of it, times its scale). quant_ops.cpp makes it torch operators
 (`operators()`: int8_matmul, int8_experts, int4_matmul, int4_experts), called as torch's own kernels are, from
 Python or from a compiled graph. Both files are compiled here, once per machine, by the system's C and C++
 compilers for this CPU (`-march=native`) against torch's headers, into the cache folder. Where they cannot be
@@ -50,7 +50,7 @@ ISAS = {"native": [], "avx2": ["-mno-avx512f"]}
 
 def _flags() -> list:
     """FLAGS, and those of the instruction set $MIXTRAL_KERNEL_ISA names (default: all this CPU has)."""
-    isa = os.environ.get("MIXTRAL_KERNEL_ISA", "native")
+    isa = os.environ.get("MIXTRAL_KERNEL_ISA", "").strip().lower() or "native"
     if isa not in ISAS:
         raise ValueError(f"MIXTRAL_KERNEL_ISA={isa!r}: give one of {', '.join(ISAS)}, or leave it unset")
     return [*FLAGS, *ISAS[isa]]

@@ -323,6 +323,22 @@ def test_dense_experts_are_read_in_place_and_bad_input_is_refused(weight_dtype):
     assert ops.dense_matmul(torch.ones(0, 40), w).shape == (0, 12)
 
 
+@needs_our_kernel
+def test_the_kernels_take_as_many_tokens_a_pass_as_their_instruction_set_allows(monkeypatch):
+    """4 tokens a pass over a block where built with AVX-512 and VNNI (32 vector registers), 2 with AVX2; the build
+    follows MIXTRAL_KERNEL_ISA, and a value it does not know is refused with the ones it does."""
+    wide = {"avx512f", "avx512bw", "avx512_vnni"} <= set(cpuinfo("flags").split())
+    avx2 = quant_kernel._flags()[len(quant_kernel.FLAGS) :] == quant_kernel.ISAS["avx2"]
+    assert operators().tokens_per_pass() == (4 if wide and not avx2 else 2)
+    monkeypatch.setenv("MIXTRAL_KERNEL_ISA", " AVX2 ")
+    assert quant_kernel._flags()[-1] == "-mno-avx512f"
+    monkeypatch.setenv("MIXTRAL_KERNEL_ISA", "avx3")
+    with pytest.raises(
+        ValueError, match="MIXTRAL_KERNEL_ISA='avx3': give one of native, avx2, or leave it unset"
+    ):
+        quant_kernel._flags()
+
+
 @pytest.mark.slow
 @needs_our_kernel
 def test_the_avx2_kernels_pass_the_same_tests_on_a_cpu_with_avx512():
@@ -331,10 +347,18 @@ def test_the_avx2_kernels_pass_the_same_tests_on_a_cpu_with_avx512():
     same tests of the products, in a process of their own (a process registers one library's operators)."""
     if not {"avx512f", "avx512bw", "avx512_vnni"} <= set(cpuinfo("flags").split()):
         pytest.skip("this CPU has no AVX-512 with VNNI: the tests above ran the AVX2 kernels")
-    picked = "products or overflow or bf16_inputs or bad_input or chosen_experts or dense"
+    # the products' tests, and the one that checks that the AVX2 loops ran (2 tokens a pass)
+    picked = "products or overflow or bf16_inputs or bad_input or chosen_experts or dense or tokens_a_pass"
     command = [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not slow", "-k", picked, "-n", "0"]
     # not one of this run's workers
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
-    done = subprocess.run(command, env=env | {"MIXTRAL_KERNEL_ISA": "avx2"}, capture_output=True, text=True)
+    done = subprocess.run(
+        command,
+        env=env | {"MIXTRAL_KERNEL_ISA": "avx2"},
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
     assert done.returncode == 0 and " passed" in summary and "skipped" not in summary, done.stdout[-3000:]
