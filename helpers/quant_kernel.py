@@ -119,6 +119,11 @@ def _build(compilers: tuple, torch_folder: Path, path: Path) -> str:
     return ""
 
 
+def _resolved(compiler: str) -> Path:
+    """The file a compiler's name runs (links followed)."""
+    return Path(shutil.which(compiler) or compiler).resolve()
+
+
 def _torch():
     import torch
 
@@ -153,10 +158,8 @@ def _library() -> str:
     if hasattr(torch.ops.mixtral_notebooks, "dense_experts"):
         return ""  # registered already (a cache folder changed within this process)
     compilers = (os.environ.get("CC", "cc"), os.environ.get("CXX", "c++"))
-    versions = [
-        subprocess.run([c, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-        for c in compilers
-    ]
+    # each compiler as its file (no `--version` run: a child started while a model is loaded records its memory)
+    versions = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in map(_resolved, compilers)]
     key = [SOURCE.read_text(), OPS.read_text(), versions, _flags(), cpuinfo("model name"), cpuinfo("flags")]
     key.append(torch.__version__)
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
