@@ -120,7 +120,7 @@ def _build(compilers: tuple, torch_folder: Path, path: Path) -> str:
 
 
 def _resolved(compiler: str) -> Path:
-    """The file a compiler's name runs (links followed)."""
+    """The file a compiler's name runs (links followed; a wrapper such as ccache is seen, not the compiler behind it)."""
     return Path(shutil.which(compiler) or compiler).resolve()
 
 
@@ -158,7 +158,7 @@ def _library() -> str:
     if hasattr(torch.ops.mixtral_notebooks, "dense_experts"):
         return ""  # registered already (a cache folder changed within this process)
     compilers = (os.environ.get("CC", "cc"), os.environ.get("CXX", "c++"))
-    # each compiler as its file (no `--version` run: a child started while a model is loaded records its memory)
+    # each compiler as its file: a `--version` child started while a model is loaded records its memory (a build does)
     versions = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in map(_resolved, compilers)]
     key = [SOURCE.read_text(), OPS.read_text(), versions, _flags(), cpuinfo("model name"), cpuinfo("flags")]
     key.append(torch.__version__)
