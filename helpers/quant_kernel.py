@@ -44,7 +44,7 @@ SOURCE = Path(__file__).with_name("quant_kernel.c")
 OPS = Path(__file__).with_name("quant_ops.cpp")  # the kernels as torch operators
 ROWS, COLS, GROUP = 4, 16, 32  # quant_kernel.c's blocks: 4 rows x 16 int8 or 32 int4 inputs, one 64-byte line
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
-# MIXTRAL_KERNEL_ISA=avx2 builds the AVX2 kernels on a CPU with AVX-512 too (tests/test_quant_kernel.py checks both)
+# MIXTRAL_KERNEL_ISA=avx2: the AVX2 kernels on an AVX-512 CPU too (read at a process's first use; a bad value raises)
 ISAS = {"native": [], "avx2": ["-mno-avx512f"]}
 
 

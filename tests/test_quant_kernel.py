@@ -361,4 +361,5 @@ def test_the_avx2_kernels_pass_the_same_tests_on_a_cpu_with_avx512():
         timeout=900,
     )
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-2000:]
-    assert done.returncode == 0 and " passed" in summary and "skipped" not in summary, done.stdout[-3000:]
+    said = done.stdout[-3000:] + done.stderr[-2000:]
+    assert done.returncode == 0 and " passed" in summary and "skipped" not in summary, said
