@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from helpers.answers import TokenClock, decode_rate  # noqa: E402
 from helpers.backends import LocalModel  # noqa: E402
 from helpers.data import BLOG_SAMPLING, GB, TASKS, GiB, whole_number  # noqa: E402
+from helpers.decode import use_lean_step  # noqa: E402
 from helpers.fastpath import sampler  # noqa: E402
 from helpers.fitting import Fit  # noqa: E402
 from helpers.hardware import best_seconds, dtype_name, measure_bandwidth  # noqa: E402
@@ -50,7 +51,7 @@ class Config:
     fast: bool = False  # load_local(fast=True): the notebooks' fast path
     cache: str | None = None  # cache_implementation, e.g. "static"
     compile: bool = False  # torch.compile the decode step
-    graph: bool = False  # load_local(compiled=True): one token's step written layer by layer, kept if faster
+    graph: bool = False  # load_local(compiled=True): torch.compile's graph raced too for one token's step
     prompts: int = 1  # how many of the blog's prompts
     batch: bool = False  # the prompts as one batch, not one after another
     dense: bool = False  # the dense SmolLM2 the stand-in was built from
@@ -76,7 +77,8 @@ CONFIGS = [
     Config("fp32 static cache", cache="static"),
     Config("fp32 static cache + compile", cache="static", compile=True),
     Config("fast path (this machine's choice)", fast=True, dtype=None),
-    Config("fast path, one token's step written layer by layer", fast=True, dtype=None, graph=True),
+    Config("fast path, torch.compile's graph raced too", fast=True, dtype=None, graph=True),
+    Config("fast path, the lean step only", fast=True, dtype=None, without="step written layer by layer"),
     Config("fast path without the lean step", fast=True, dtype=None, without="lean step"),
     Config("fast path under no_grad, not inference_mode", fast=True, dtype=None, without="inference mode"),
     Config("fast path without the packed copies", fast=True, dtype=None, without="packed copies"),
@@ -86,21 +88,7 @@ CONFIGS = [
     Config(
         "int8 weights, bf16 model", fast=True, dtype="bfloat16", quantize="int8"
     ),  # this machine may pick fp32
-    Config(
-        "int8 weights, one token's step written layer by layer",
-        fast=True,
-        dtype=None,
-        quantize="int8",
-        graph=True,
-    ),
     Config("int4 weights (fast path)", fast=True, dtype=None, quantize="int4"),
-    Config(
-        "int4 weights, one token's step written layer by layer",
-        fast=True,
-        dtype=None,
-        quantize="int4",
-        graph=True,
-    ),
     Config("offloaded by accelerate: 1 GiB in RAM, the rest on disk", ram_gib=1.0),
     Config(
         "expert cache, 2 of 8 per layer (fast path, the rest on disk)", fast=True, dtype=None, expert_cache=2
@@ -200,6 +188,7 @@ MATRIX_PRODUCTS = {
     "mixtral_notebooks::int8_matmul", "mixtral_notebooks::int8_experts",  # our kernels (helpers/quant_ops.cpp)
     "mixtral_notebooks::int4_matmul", "mixtral_notebooks::int4_experts",
     "mixtral_notebooks::dense_matmul", "mixtral_notebooks::dense_experts",
+    "mixtral_notebooks::layer_product",  # a product inside our layer operator (helpers/quant_ops.cpp's layer_step)
 }  # fmt: skip
 
 
@@ -212,15 +201,21 @@ def step_profile(runner, ids: list, steps: int = 8, repeats: int = 3) -> dict:
     token. Those two are differences between timings, and one below zero is reported as zero (the profiler's own
     cost can make the operators' times exceed the unprofiled loop's; two timings differ by their noise). Also the
     operators, dtype conversions and concatenations per step. The prompt but its last token is passed once; every run
-    continues from a copy of its cache (the same values, so the same steps). 08_performance draws it."""
+    continues from a copy of its cache (the same values, so the same steps): a static cache where the fast path kept a
+    step written layer by layer (as generate runs it), whose products our operator reports to the profiler as
+    mixtral_notebooks::layer_product and its attention as mixtral_notebooks::layer_attention. 08_performance draws it."""
     import torch
     from torch.profiler import ProfilerActivity, profile
+    from transformers import StaticCache
 
     model = runner.model
     head, last = torch.tensor([ids[:-1]], device=model.device), torch.tensor([ids[-1:]], device=model.device)
+    record = getattr(model, "load_record", None)
+    kept = record is not None and record.recipe is not None and record.recipe.step.get("kept")
     # the prompt but its last token, once (batched_mm takes most of a second a token): each run continues from a copy
     with torch.inference_mode():
-        cached = model(head, use_cache=True).past_key_values
+        cache = StaticCache(config=model.config, max_cache_len=len(ids) + steps + 1) if kept else None
+        cached = model(head, past_key_values=cache, use_cache=True).past_key_values
 
     def decode(profiler=None):
         """The prompt's last token (not timed), then `steps` greedy steps: their seconds, under `profiler` if given."""
@@ -248,7 +243,8 @@ def step_profile(runner, ids: list, steps: int = 8, repeats: int = 3) -> dict:
     ms = {"matrix products": 0.0, "attention": 0.0, "other operators": 0.0}
     counts = {"operators": 0, "conversions": 0, "concatenations": 0}
     for e in prof.key_averages():
-        part = part_of.get(e.key, "attention" if "dot_product" in e.key else "other operators")
+        attention = "dot_product" in e.key or e.key == "mixtral_notebooks::layer_attention"
+        part = part_of.get(e.key, "attention" if attention else "other operators")
         ms[part] += e.self_cpu_time_total / 1000 / steps
         counts["operators"] += e.count / steps
         counts["conversions"] += e.count / steps if e.key == "aten::_to_copy" else 0
@@ -258,7 +254,8 @@ def step_profile(runner, ids: list, steps: int = 8, repeats: int = 3) -> dict:
     return dict(ms=ms, per_step=counts)
 
 
-WITHOUT = ("lean step", "inference mode", "packed copies")  # the parts of the fast path a row can switch off
+# the parts of the fast path a row can switch off
+WITHOUT = ("step written layer by layer", "lean step", "inference mode", "packed copies")
 
 
 @contextlib.contextmanager
@@ -268,15 +265,25 @@ def switched_off(part: str | None, model):
 
     if part is None:
         yield
-    elif part == "lean step":  # transformers' forward for every step (use_lean_step binds the lean one)
+    elif part in ("step written layer by layer", "lean step"):
+        # the lean step for every one-token step (none kept at load: the fast path as it is), or transformers' forward
+        # for every step (use_lean_step, use_graph_step bind theirs); either on the dynamic cache, not the static one
         decoder = model.model
         if "forward" not in vars(decoder):
             raise ValueError("no lean step to switch off: decode.use_lean_step left this model as it was")
-        lean = vars(decoder).pop("forward")
+        step = model.load_record.recipe.step
+        forward, kept = vars(decoder)["forward"], step.get("kept")
+        if part == "lean step":
+            del decoder.forward
+        elif kept:
+            use_lean_step(model)
+        step["kept"] = False
         try:
             yield
         finally:
-            decoder.forward = lean
+            decoder.forward, step["kept"] = forward, kept
+            if kept is None:
+                del step["kept"]
     elif part == "inference mode":  # LocalModel.run and step_profile under no_grad, as the blog's pipeline
         with unittest.mock.patch.object(torch, "inference_mode", torch.no_grad):
             yield
@@ -477,7 +484,9 @@ def _time(config: Config, runner, pipe, device: str, new_tokens: int, warmup: in
         kernels=kernels,
         matvec_ceiling_tok_s=matvec_ceiling(kernels, share) if kernels else None,
         step=step,
-        graph=record.recipe.step if config.graph else None,  # what choose_step measured at load
+        graph=(dict(record.recipe.step) or None)
+        if config.fast
+        else None,  # what choose_step measured at load
         tiers=tiers,
     )
 

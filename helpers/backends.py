@@ -93,7 +93,7 @@ class LocalModel:
         recipe = record.recipe if record is not None else None  # None: the blog's pipeline, run as it is
         # one sequence, a layer-by-layer step kept: the static cache it runs on (decode.use_graph_step)
         kept = recipe is not None and recipe.step.get("kept") and len(rows) == 1
-        cache = {"cache_implementation": "static"} if kept else {}
+        cache = {"cache_implementation": "static"} if kept and "past_key_values" not in knobs else {}
         to_generate = sampler(knobs) if recipe is not None else knobs  # the fast path's sampler
         if seed is not None:
             torch.manual_seed(seed)

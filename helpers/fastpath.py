@@ -8,9 +8,9 @@ re-laid column-major, oneDNN's product on a copy packed into its blocked layout,
 copy, which wins where a bf16 product's fixed cost outweighs reading a tiny matrix: the routers, or our C kernel
 on the weight as held, quant_kernel.c's dense_matmul, which a layer's step calls too), and which experts
 implementation runs a decode step fastest while giving transformers' eager answer (`choose_experts`: the
-package's `per_token` loop, which reads only the chosen experts' weights, or transformers' own), and, where
-asked (`load_pipeline(compiled=True)`), whether one token's step written layer by layer, by our C++ layer
-operator or torch.compile's graph, beats the lean step (`choose_step`). `fast_recipe` says what this machine gets;
+package's `per_token` loop, which reads only the chosen experts' weights, or transformers' own), and whether one
+token's step written layer by layer, by our C++ layer operator or, where asked (`load_pipeline(compiled=True)`),
+torch.compile's graph, beats the lean step (`choose_step`). `fast_recipe` says what this machine gets;
 `load_pipeline` applies it (08_performance measures it).
 
 Shapes: T = tokens, K = experts per token, D = hidden size, I = expert FFN size.
@@ -527,21 +527,25 @@ def race_steps(model, prompt: list, tokens: int, make_layer=compiled_layer) -> d
 STEP_NAMES = {"ours": "our layer operator", "compiled": "torch.compile's graph"}
 
 
-def step_candidates(model) -> dict:
+def step_candidates(model, compiled: bool = False) -> dict:
     """The ways to write one token's step layer by layer that can run `model` here: our operator (decode.native_layer)
-    where our kernels are built and read its weights, and torch.compile's graph (decode.compiled_layer)."""
+    where our kernels are built and read its weights, and where asked torch.compile's graph (decode.compiled_layer)."""
     ours = not kernel_unavailable() and native_reads(model, experts_on_our_kernel())
-    return {**({"ours": native_layer} if ours else {}), "compiled": compiled_layer}
+    return {**({"ours": native_layer} if ours else {}), **({"compiled": compiled_layer} if compiled else {})}
 
 
-def choose_step(model, prompt: list, tokens: int = 16) -> dict:
-    """Race each of `step_candidates` against the lean step over the same `tokens` steps (`race_steps`) and keep the
-    fastest whose median step takes under MARGIN of the lean step's and whose logits stay within the experts'
-    tolerance; else the lean step. Returns the figures (`Recipe.step`): the lean step's median (over every race), the
-    kept step's (or, where none is kept, the fastest's) median, top-1 agreement and largest difference, each
-    candidate's, and the compile time."""
+def choose_step(model, prompt: list, tokens: int = 16, compiled: bool = False) -> dict:
+    """Race each of `step_candidates(model, compiled)` against the lean step over the same `tokens` steps
+    (`race_steps`) and keep the fastest whose median step takes under MARGIN of the lean step's and whose logits stay
+    within the experts' tolerance; else the lean step. Returns the figures (`Recipe.step`): the lean step's median
+    (over every race), the kept step's (or, where none is kept, the fastest's) median, top-1 agreement and largest
+    difference, each candidate's, and the compile time; {} where none can run here, {kept: False, tokens: 0} where
+    none could take this model's steps."""
+    raced = step_candidates(model, compiled)
+    if not raced:
+        return {}
     candidates, lean_s = {}, []
-    for name, make_layer in step_candidates(model).items():
+    for name, make_layer in raced.items():
         race = race_steps(model, prompt, tokens, make_layer)
         if race is None:
             continue
@@ -639,10 +643,19 @@ def _time_decode(model, rounds: int = 5) -> float:
         return min(best_seconds(lambda t=t: model(t), rounds=1) for t in tokens)
 
 
+def _step_ms(model) -> float:
+    """ms of one decode step as the fast path takes it: the median step of the one `choose_step` keeps (or of the lean
+    step), 8 greedy steps after 8 tokens; where no step written layer by layer can run, the best one-token forward."""
+    step = choose_step(model, list(range(1, 9)), tokens=8)
+    if step.get("tokens"):
+        return step["graph_ms"] if step["kept"] else step["lean_ms"]
+    return 1000 * _time_decode(model)
+
+
 def measure_dtypes(config: dict) -> dict:
     """Which dtype decodes faster on this machine: for each of DTYPES, a model with `config`'s shapes and random
-    weights (`_dtype_probe_config`), switched to the fast path as `load_pipeline` would (kernels and experts
-    measured), timed over one-token forwards. Measured once per machine and shapes (`_once_per_machine`).
+    weights (`_dtype_probe_config`), switched to the fast path as `load_pipeline` would (kernels, experts and step
+    measured), timed over one-token steps (`_step_ms`). Measured once per machine and shapes (`_once_per_machine`).
     Returns {dtype: {"ms": per token, "layers": timed}}."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -655,7 +668,7 @@ def measure_dtypes(config: dict) -> dict:
         for name in DTYPES:
             model = AutoModelForCausalLM.from_config(probe, dtype=getattr(torch, name)).eval()
             apply_recipe(model, fast_recipe(model.dtype, "measured", "cpu"))
-            figures[name] = dict(ms=1000 * _time_decode(model), layers=probe.num_hidden_layers)
+            figures[name] = dict(ms=_step_ms(model), layers=probe.num_hidden_layers)
             del model
         return figures
 
@@ -698,7 +711,7 @@ class Recipe:
     reasons: list = field(default_factory=list)
     kernels: dict = field(default_factory=dict)  # {kind: KindKernels}, filled by apply_recipe
     experts_ms: dict = field(default_factory=dict)  # {implementation: ms per one-token forward, None: wrong}
-    # the figures of the step written layer by layer (`choose_step`), where it was asked for
+    # the figures of the step written layer by layer (`choose_step`), where a candidate could run
     step: dict = field(default_factory=dict)
 
     def describe(self, fit_reason: str | None = None) -> str:
@@ -719,7 +732,7 @@ class Recipe:
                 f"  - experts measured at load, one token through the model: {timed} -> {self.experts}"
             )
         if self.step and not self.step["tokens"]:
-            lines.append("  - layer-by-layer step asked for: none, as this model's steps skip the lean step")
+            lines.append("  - one token's step written layer by layer: none can take this model's steps here")
         elif self.step:
             s = self.step
             each = "; ".join(

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .data import DTYPE_BYTES, KNOWN_MODELS, MODEL_ENV, REFERENCE_TOKENIZERS, RESERVED, TASKS, GiB
-from .fastpath import apply_recipe, choose_step, fast_recipe, measured_dtype
+from .fastpath import apply_recipe, choose_step, fast_recipe, measured_dtype, step_candidates
 from .files import cache_root, weight_files
 from .fitting import Budget, CachedExperts, LoadRecord, Quantized, check_fit
 from .hardware import dtype_name, forced_dtype, gpu_dtype, memory_budget
@@ -172,9 +172,10 @@ def load_local(
     `Fit.budget({"cpu": "8GiB"})`, `Fit.expert_cache(2)` (fitting.py; 10_quantization, 11_offloading).
     fast: switch the loaded model to this hardware's fastest correct settings (fastpath.fast_recipe,
     shown by `describe`); False keeps the blog's plain pipeline.
-    compiled: also write one token's step layer by layer, by our C++ layer operator (where our kernels run) and as one
-    torch.compile graph for its layers (decode.graph_step; `describe` says how long compiling took), and keep the
-    faster of them where its step at load takes under 90% of the lean step's (fastpath.choose_step; 08_performance).
+    compiled: the fast path races one token's step written layer by layer by our C++ layer operator (where our kernels
+    run) against the lean step at load, and keeps it for one sequence where its step takes under 90% of the lean
+    step's (fastpath.choose_step; 08_performance); True races torch.compile's graph of the layers too
+    (decode.graph_step; `describe` says how long compiling took).
     What was loaded, and how, is `pipe.model.load_record`."""
     import torch
     from transformers import pipeline
@@ -226,9 +227,9 @@ def load_local(
             record.dtype, record.dtype_reason, model.device.type, replaced, isinstance(fit, Budget)
         )
         record.recipe = apply_recipe(model, recipe)
-        if compiled:
+        if step_candidates(model, compiled):  # raced on the poem's prompt
             prompt = chat_ids(pipe.tokenizer, [{"role": "user", "content": TASKS["poem"]["prompt"]}])
-            record.recipe.step = choose_step(model, prompt)
+            record.recipe.step = choose_step(model, prompt, compiled=compiled)
     model.load_record = record
     return pipe
 

@@ -24,6 +24,7 @@
        memory) leaves this position written. */
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/record_function.h>
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -202,20 +203,34 @@ inline uint16_t float_bf16(float value) { /* rounded to nearest even, as torch r
 inline float as_float(float v) { return v; }
 inline float as_float(uint16_t v) { return bf16_float(v); }
 
-/* The model's dtype, float32 or bf16: `round` is where the model rounds a value to it. */
+/* The model's dtype, float32 or bf16: `round` is where the model rounds a value to it; get and set read and write
+   a tensor's values in it, by its data pointer (looked up once, not per value). */
 struct Model {
   bool bf16;
   float round(float v) const { return bf16 ? bf16_float(float_bf16(v)) : v; }
-  float get(const at::Tensor &t, int64_t i) const {
-    return bf16 ? bf16_float(((const uint16_t *)t.const_data_ptr())[i]) : t.const_data_ptr<float>()[i];
+  float get(const void *data, int64_t i) const {
+    return bf16 ? bf16_float(((const uint16_t *)data)[i]) : ((const float *)data)[i];
   }
-  void set(at::Tensor &t, int64_t i, float v) const {
+  void set(void *data, int64_t i, float v) const {
     if (bf16)
-      ((uint16_t *)t.mutable_data_ptr())[i] = float_bf16(v);
+      ((uint16_t *)data)[i] = float_bf16(v);
     else
-      t.mutable_data_ptr<float>()[i] = v;
+      ((float *)data)[i] = v;
   }
 };
+
+/* a . b over n values, in 16 running sums added at the end (the compiler keeps them in vector registers): the same
+   products as an in-order sum, added in another order. */
+template <typename T>
+inline float dot(const float *a, const T *b, int64_t n) {
+  float lane[16] = {0}, sum = 0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; j++) lane[j] += a[i + j] * as_float(b[i + j]);
+  for (; i < n; i++) sum += a[i] * as_float(b[i]);
+  for (int j = 0; j < 16; j++) sum += lane[j];
+  return sum;
+}
 
 /* One product of the layer: how 0 (dense weights, our dense kernel), 8 or 4 (int8, int4), its tensors from
    weights[at]; checked against n outputs and k inputs ([E, n, k] where experts). */
@@ -242,6 +257,7 @@ struct Product {
      row i of x (or x's one row, where rows is 1) times expert chosen[i]. */
   void operator()(const float *x, int rows, float *y, int N, int K, const int64_t *chosen = nullptr,
                   int count = 0) const {
+    RECORD_USER_SCOPE("mixtral_notebooks::layer_product");  // what torch.profiler sees inside layer_step (make bench)
     int status;
     bool w_bf16 = w->scalar_type() == at::kBFloat16;
     const uint16_t *s = how ? (const uint16_t *)scales->const_data_ptr() : nullptr;
@@ -267,16 +283,16 @@ void attend(const float *q, const T *key, const T *value, const bool *visible, i
     float *out = att + head * d, best = -INFINITY, total = 0;
     for (int64_t t = 0; t < L; t++) {
       if (!visible[t]) continue;
-      float dot = 0;
-      for (int i = 0; i < d; i++) dot += qh[i] * as_float(keys[t * d + i]);
-      best = std::max(best, s[t] = dot * scaling);
+      best = std::max(best, s[t] = dot(qh, keys + t * d, d) * scaling);
     }
     std::fill(out, out + d, 0.0f);
     for (int64_t t = 0; t < L; t++)
       if (visible[t]) total += (s[t] = std::exp(s[t] - best));
     for (int64_t t = 0; t < L; t++)
-      if (visible[t])
-        for (int i = 0; i < d; i++) out[i] += s[t] / total * as_float(values[t * d + i]);
+      if (visible[t]) {
+        const float share = s[t] / total;
+        for (int i = 0; i < d; i++) out[i] += share * as_float(values[t * d + i]);
+      }
   }
 }
 
@@ -285,7 +301,8 @@ void rms(const Model &m, const std::vector<float> &h, const at::Tensor &weight, 
   double squares = 0;
   for (float v : h) squares += (double)v * v;
   float r = 1.0f / std::sqrt((float)(squares / h.size()) + eps);
-  for (size_t i = 0; i < h.size(); i++) x[i] = m.round(m.get(weight, i) * m.round(h[i] * r));
+  const void *w = weight.const_data_ptr();
+  for (size_t i = 0; i < h.size(); i++) x[i] = m.round(m.get(w, i) * m.round(h[i] * r));
 }
 
 /* x [D] rotated by the angles (length * inv_freq, both halves) as decode.graph_layer rotates it, head by head. */
@@ -328,7 +345,10 @@ at::Tensor layer_step(const at::Tensor &h_, at::Tensor &length, const at::Tensor
                     name, ": visible ", visible.sizes(), " ", dtype(visible), ", inv_freq ", inv_freq.sizes(),
                     ", length ", length.sizes(), " ", dtype(length), ": give [", L, "] bool, [", d / 2,
                     "] and one int64 position");
-  const int64_t position = length.item<int64_t>();
+  TORCH_CHECK_VALUE(length.device().is_cpu() && length.is_contiguous(), name, ": length on ", length.device(),
+                    ": give it in CPU memory");
+  int64_t *at_length = length.mutable_data_ptr<int64_t>();  // read and advanced in place (no operator call)
+  const int64_t position = *at_length;
   TORCH_CHECK_INDEX(position >= 0 && position < L, name, ": position ", position, " is past the cache's ", L);
   std::vector<at::Tensor> w(weights_.begin(), weights_.end());
   size_t at[6], count = 3;
@@ -350,7 +370,7 @@ at::Tensor layer_step(const at::Tensor &h_, at::Tensor &length, const at::Tensor
   const float eps = constants[0], scaling = constants[1], attention_scaling = constants[2];
 
   std::vector<float> h(D), x(D), q(H * d), k(KV * d), v(KV * d), att(H * d), o(D), s(L), cos(d), sin(d);
-  for (int64_t i = 0; i < D; i++) h[i] = m.get(h_, i);
+  for (int64_t i = 0; i < D; i++) h[i] = m.get(h_.const_data_ptr(), i);
   rms(m, h, w[0], eps, x);
   q_proj(x.data(), 1, q.data(), H * d, D), k_proj(x.data(), 1, k.data(), KV * d, D);
   v_proj(x.data(), 1, v.data(), KV * d, D);
@@ -359,30 +379,32 @@ at::Tensor layer_step(const at::Tensor &h_, at::Tensor &length, const at::Tensor
     cos[i] = m.round(std::cos(angle) * attention_scaling), sin[i] = m.round(std::sin(angle) * attention_scaling);
   }
   rotate(m, q, H, d, cos, sin), rotate(m, k, KV, d, cos, sin);
+  void *keys = key.mutable_data_ptr(), *values = value.mutable_data_ptr();
   for (int64_t g = 0; g < KV; g++)
     for (int64_t i = 0; i < d; i++) {
-      m.set(key, (g * L + position) * d + i, k[g * d + i]);
-      m.set(value, (g * L + position) * d + i, m.round(v[g * d + i]));
+      m.set(keys, (g * L + position) * d + i, k[g * d + i]);
+      m.set(values, (g * L + position) * d + i, m.round(v[g * d + i]));
     }
-  length.add_(1);
+  *at_length += 1;
   const bool *seen = visible.const_data_ptr<bool>();
-  if (m.bf16)
-    attend((const float *)q.data(), (const uint16_t *)key.const_data_ptr(), (const uint16_t *)value.const_data_ptr(),
-           seen, H, KV, L, d, scaling, s.data(), att.data());
-  else
-    attend(q.data(), key.const_data_ptr<float>(), value.const_data_ptr<float>(), seen, H, KV, L, d, scaling, s.data(),
-           att.data());
+  {
+    RECORD_USER_SCOPE("mixtral_notebooks::layer_attention");
+    if (m.bf16)
+      attend((const float *)q.data(), (const uint16_t *)key.const_data_ptr(),
+             (const uint16_t *)value.const_data_ptr(), seen, H, KV, L, d, scaling, s.data(), att.data());
+    else
+      attend(q.data(), key.const_data_ptr<float>(), value.const_data_ptr<float>(), seen, H, KV, L, d, scaling,
+             s.data(), att.data());
+  }
   for (float &a : att) a = m.round(a);
   o_proj(att.data(), 1, o.data(), D, H * d);
   for (int64_t i = 0; i < D; i++) h[i] = m.round(h[i] + m.round(o[i]));
 
   rms(m, h, w[1], eps, x);
   std::vector<float> p(E);  // the router: its product rounded as the library's, then softmax and top-k in float32
-  for (int64_t e = 0; e < E; e++) {
-    float dot = 0;
-    for (int64_t i = 0; i < D; i++) dot += x[i] * m.get(w[2], e * D + i);
-    p[e] = m.round(dot);
-  }
+  for (int64_t e = 0; e < E; e++)
+    p[e] = m.round(m.bf16 ? dot(x.data(), (const uint16_t *)w[2].const_data_ptr() + e * D, D)
+                          : dot(x.data(), w[2].const_data_ptr<float>() + e * D, D));
   const float top = *std::max_element(p.begin(), p.end());
   float total = 0, kept = 0;
   for (float &e : p) total += (e = std::exp(e - top));
@@ -405,10 +427,13 @@ at::Tensor layer_step(const at::Tensor &h_, at::Tensor &length, const at::Tensor
     }
   down(act.data(), K, y.data(), D, I, chosen.data(), K);
   at::Tensor out = at::empty({D}, h_.options());
+  void *h_out = out.mutable_data_ptr();
+  std::vector<float> share(K);  // each chosen expert's weight, renormalized over the chosen ones
+  for (int64_t j = 0; j < K; j++) share[j] = m.round(p[chosen[j]] / total / kept);
   for (int64_t i = 0; i < D; i++) {
     float sum = h[i];
-    for (int64_t j = 0; j < K; j++) sum += m.round(y[j * D + i]) * m.round(p[chosen[j]] / total / kept);
-    m.set(out, i, sum);
+    for (int64_t j = 0; j < K; j++) sum += m.round(y[j * D + i]) * share[j];
+    m.set(h_out, i, sum);
   }
   return out;
 }

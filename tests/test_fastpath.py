@@ -630,11 +630,11 @@ def test_the_graph_step_is_kept_only_where_it_is_faster(monkeypatch):
     model = tiny_moe(seed=14)
     ids = [1, 7, 9]
     slow = lambda *held: lambda *a: time.sleep(0.02) or decode.graph_layer(*held)(*a)  # noqa: E731
-    monkeypatch.setattr(fastpath, "step_candidates", lambda model: {"compiled": slow})
+    monkeypatch.setattr(fastpath, "step_candidates", lambda model, compiled: {"compiled": slow})
     figures = fastpath.choose_step(model, ids, tokens=4)
     assert not figures["kept"] and figures["graph_ms"] > figures["lean_ms"] and figures["top1"] == 4
     assert model.model.forward.__func__ is decode.lean_forward
-    monkeypatch.setattr(fastpath, "step_candidates", lambda model: {"compiled": decode.graph_layer})
+    monkeypatch.setattr(fastpath, "step_candidates", lambda model, compiled: {"compiled": decode.graph_layer})
     monkeypatch.setattr(fastpath, "MARGIN", 100.0)  # the graph run as it is: kept whatever the clock says
     figures = fastpath.choose_step(model, ids, tokens=4)
     assert figures["kept"] and figures["difference"] <= 1e-5 and figures["tokens"] == 4
@@ -732,7 +732,8 @@ def test_our_layer_operator_is_no_candidate_for_a_dense_model(tiny_dense):
     """A model that is not a Mixtral has no step written layer by layer: our operator is no candidate, and choose_step
     answers that none applies instead of failing."""
     assert not decode.native_reads(tiny_dense)
-    assert fastpath.choose_step(tiny_dense, [1, 5, 9], tokens=2) == dict(kept=False, tokens=0)
+    assert fastpath.choose_step(tiny_dense, [1, 5, 9], tokens=2) == {}  # nothing to race
+    assert fastpath.choose_step(tiny_dense, [1, 5, 9], tokens=2, compiled=True) == dict(kept=False, tokens=0)
 
 
 @needs_our_kernel
@@ -747,7 +748,7 @@ def test_choose_step_races_our_operator_and_the_graph(monkeypatch):
     monkeypatch.setattr(fastpath, "native_layer", counting(ours, decode.native_layer))
     monkeypatch.setattr(fastpath, "MARGIN", 100.0)  # kept whatever the clock says: the faster of the two
     model = tiny_moe(seed=23)
-    figures = fastpath.choose_step(model, [1, 7, 9], tokens=4)
+    figures = fastpath.choose_step(model, [1, 7, 9], tokens=4, compiled=True)
     ours.clear()
     static_greedy(model, torch.tensor([[1, 7, 9]]), 3)
     assert len(ours) == 2 * len(model.model.layers)  # the steps after the prompt's, by our operator
@@ -801,6 +802,24 @@ def test_a_compiled_step_is_measured_at_load_and_answers(tiny_mixtral_dir):
         load_pipeline(str(tiny_mixtral_dir), fast=False, compiled=True)
 
 
+@needs_our_kernel
+def test_every_load_races_our_operator_and_compiles_nothing(monkeypatch, tiny_mixtral_dir):
+    """Where our kernels run and read the weights where they are held, load_pipeline races our layer operator against
+    the lean step at every load, on the poem's prompt, without torch.compile's graph (raced only where compiled=True);
+    describe says what it measured and kept."""
+    monkeypatch.setattr(
+        fastpath, "compiled_layer", lambda *held: pytest.fail("compiled=False compiled the step")
+    )
+    # the weights as loaded (no layout measured faster for the lean step: a column-major one is not ours to read)
+    monkeypatch.setattr(fastpath, "choose_kernels", lambda model: {})
+    pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32)
+    figures = pipe.model.load_record.recipe.step
+    assert set(figures["candidates"]) == {"ours"} and figures["tokens"] == 16 and figures["compile_s"] == 0.0
+    assert figures["candidates"]["ours"]["difference"] <= 1e-3
+    assert "our layer operator" in describe(pipe, detail=True)
+    assert "torch.compile's graph" not in describe(pipe, detail=True)
+
+
 def test_one_sequence_decodes_through_the_kept_graph(monkeypatch, tiny_mixtral_dir):
     """Where the graph was kept, generate runs one sequence on a static cache, so through the graph; a batch stays
     on the lean step."""
@@ -808,7 +827,7 @@ def test_one_sequence_decodes_through_the_kept_graph(monkeypatch, tiny_mixtral_d
 
     pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32)
     calls = []
-    monkeypatch.setattr(fastpath, "step_candidates", lambda model: {"compiled": counting(calls)})
+    monkeypatch.setattr(fastpath, "step_candidates", lambda model, compiled: {"compiled": counting(calls)})
     monkeypatch.setattr(fastpath, "MARGIN", 100.0)
     pipe.model.load_record.recipe.step = fastpath.choose_step(pipe.model, [1, 5, 9], tokens=3)
     assert pipe.model.load_record.recipe.step["kept"]

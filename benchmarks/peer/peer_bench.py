@@ -11,8 +11,8 @@ tokens generated one at a time after an empty prompt, averaged over --reps runs.
 `nice -n 19`, so a figure taken while the machine is busy is low: the table prints the load average beside it.
 
 Ours beside each type, in the same run: the configuration of benchmarks/harness.py that holds its weights as that
-type does (F32: float32; BF16: bfloat16; Q8_0: int8 weights; Q4_0: int4), one token's step written layer by layer
-(kept at load only where measured faster, as make bench's rows), loaded once and timed in turn with llama-bench,
+type does (F32: float32; BF16: bfloat16; Q8_0: int8 weights; Q4_0: int4), on the fast path (its one-token step
+written layer by layer where the load measured that faster, as make bench's rows), loaded once and timed in turn with llama-bench,
 --rounds times: each round's ratio compares two figures taken one right after the other, on a machine whose speed
 moves by a fifth or more from one minute to the next. Ours decodes after the poem's prompt (its `make bench` row's
 timing), greedily (the most likely token each step: llama-bench's decode draws none from the logits), llama-bench
@@ -36,7 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from harness import CONFIGS, Config, in_turn  # noqa: E402
+from harness import CONFIGS, in_turn  # noqa: E402
 
 PEER = ROOT / "build" / "peer"
 BIN = PEER / "llama.cpp-build" / "bin"
@@ -44,19 +44,16 @@ TYPES = ["f32", "bf16", "q8_0", "q4_0"]
 NICE = ["nice", "-n", "19"]
 MiB = 2**20
 _BY_NAME = {c.name: c for c in CONFIGS}
-# ours beside each type: the configuration whose weights are held as the type's are, its step written layer by layer,
-# decoding greedily (llama-bench's decode draws no token from the logits: it feeds one and times llama_decode)
+# ours beside each type: the fast path's configuration whose weights are held as the type's are (its step raced at
+# load, as in make bench), decoding greedily (llama-bench's decode draws no token from the logits: it feeds one and
+# times llama_decode)
 OURS = {
-    name: replace(config, name=f"{config.name}, greedy", greedy=True)
+    name: replace(_BY_NAME[config], name=f"{config}, greedy", greedy=True)
     for name, config in {
-        "f32": Config(
-            "fp32, one token's step written layer by layer", fast=True, dtype="float32", graph=True
-        ),
-        "bf16": Config(
-            "bf16, one token's step written layer by layer", fast=True, dtype="bfloat16", graph=True
-        ),
-        "q8_0": _BY_NAME["int8 weights, one token's step written layer by layer"],
-        "q4_0": _BY_NAME["int4 weights, one token's step written layer by layer"],
+        "f32": "fast path in fp32",
+        "bf16": "fast path in bf16",
+        "q8_0": "int8 weights (fast path)",
+        "q4_0": "int4 weights (fast path)",
     }.items()
 }
 # max |logit difference| --check allows; float32 rounding gives ~3e-5 here (transformers in float32 against float64: 5e-5)
@@ -326,7 +323,7 @@ def main() -> int:
         print(
             f"| {type_name.upper()} | {per_token / MiB:.0f} | {rows[-1]['decode_tok_s']:.1f} "
             f"({', '.join(f'{p:.1f}' for p in paired['peer_rounds'])}) | {config.name}"
-            f"{'' if ours['graph']['kept'] else ' (no step written layer by layer kept: the lean step)'} "
+            f"{'' if (ours['graph'] or {}).get('kept') else ' (no step written layer by layer kept: the lean step)'} "
             f"| {ours['bytes_per_token'] / MiB:.0f} | {ours['decode_tok_s']:.1f} "
             f"({', '.join(f'{o:.1f}' for o in paired['rounds'])}) | **{paired['ratio']:.2f}x** "
             f"({', '.join(f'{r:.2f}' for r in paired['ratios'])}) | {os.getloadavg()[0]:.2f} |",
