@@ -10,8 +10,8 @@ exactly in int32 (int4: each group of 32 inputs, or each lane's part of it, time
 Python or from a compiled graph. Both files are compiled here, once per machine, by the system's C and C++
 compilers for this CPU (`-march=native`) against torch's headers, into the cache folder. Where they cannot be
 (not x86-64 Linux, no AVX2 and FMA, no compiler), `kernel_unavailable()` says why and torch's kernels serve.
-quantize.py measures both at load and keeps ours where torch's runs at under 90% of its speed
-(`MIXTRAL_QUANT_KERNEL` forces one). Taught in 10_quantization.
+quantize.py measures both at load and keeps ours where torch's runs at under 90% of its speed, or where our layer
+operator can take the model's step (`MIXTRAL_QUANT_KERNEL` forces one). Taught in 10_quantization.
 
 The same files read dense weights as the model holds them (float32 or bf16, row by row, in place: dense_matmul,
 dense_experts), summing in float32: one more candidate of the fast path's measured kernel choice

@@ -244,11 +244,12 @@ def kernel_gb_s(scheme: str, shape: tuple) -> dict:
     return _once_per_machine(f"{scheme}-kernels", [list(shape), source_digest()], measure)
 
 
-def choose_kernel(scheme: str, shape: tuple, device: str) -> dict:
+def choose_kernel(scheme: str, shape: tuple, device: str, stepped: bool = False) -> dict:
     """Which kernel multiplies a model's `scheme` weights, whose most bytes are [N, K] = `shape` matrices, and
     why: {"kernel", "gb_s" (what was measured), "why"}. $MIXTRAL_QUANT_KERNEL where set; on a GPU torch's; on a
     CPU ours where it runs here and takes these shapes, and `kernel_gb_s` finds torch's under MARGIN of its
-    speed."""
+    speed, or where the model's one-token step can be our layer operator (`stepped`, a Mixtral), which calls ours
+    and which the load races against the lean step (fastpath.choose_step) instead."""
     from .fastpath import MARGIN
 
     forced = os.environ.get(QUANT_KERNEL_ENV, "").strip().lower()
@@ -268,9 +269,12 @@ def choose_kernel(scheme: str, shape: tuple, device: str) -> dict:
     if unavailable:
         return dict(kernel="torch", gb_s={}, why=f"our {scheme} kernel is not used: {unavailable}")
     speeds = kernel_gb_s(scheme, shape)
-    kernel = "ours" if speeds["torch"] < MARGIN * speeds.get("ours", 0) else "torch"
+    faster = "ours" if speeds["torch"] < MARGIN * speeds.get("ours", 0) else "torch"
     figures = ", ".join(f"{QUANT_KERNELS[name][scheme]} {gb_s:.1f} GB/s" for name, gb_s in speeds.items())
-    return dict(kernel=kernel, gb_s=speeds, why=f"measured at {list(shape)}, one token: {figures}")
+    why = f"measured at {list(shape)}, one token: {figures}"
+    if stepped and faster == "torch":
+        why += "; ours all the same, as our layer operator calls it, and the load races that step"
+    return dict(kernel="ours" if stepped else faster, gb_s=speeds, why=why)
 
 
 def _quantizable(model) -> list:
@@ -313,7 +317,9 @@ def quantize_model(model, scheme: str) -> dict:
         by_shape[tuple(weight.shape[-2:])] = by_shape.get(tuple(weight.shape[-2:]), 0) + weight.numel()
     # the shape holding the most weights is timed; one that does not split into our blocks rules ours out
     odd = [shape for shape in by_shape if not fits(shape, scheme)]
-    choice = choose_kernel(scheme, odd[0] if odd else max(by_shape, key=by_shape.get), model.device.type)
+    stepped = getattr(model.config, "model_type", None) == "mixtral"  # its step: our layer operator's to take
+    shape = odd[0] if odd else max(by_shape, key=by_shape.get)
+    choice = choose_kernel(scheme, shape, model.device.type, stepped)
     report.update(kernel=choice["kernel"], why=choice["why"], gb_s=choice["gb_s"])
     Quantized = quantized_linear()
     with torch.no_grad():

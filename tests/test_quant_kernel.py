@@ -186,7 +186,13 @@ def test_the_load_keeps_the_faster_kernel_and_says_what_it_measured(scheme, monk
             f"measured at [3072, 576], one token: torch's {torch_name} {torch_gb_s:.1f} GB/s, our quant_kernel.c "
             f"20.0 GB/s"
         )
-    assert choose_kernel(scheme, (3072, 576), "cuda")["kernel"] == "torch"  # ours is a CPU kernel
+    # a Mixtral's step can be our layer operator, which calls ours: ours, the load racing that step instead
+    monkeypatch.setattr(quantize, "kernel_gb_s", lambda _, shape: {"torch": 25.0, "ours": 20.0})
+    stepped = choose_kernel(scheme, (3072, 576), "cpu", stepped=True)
+    assert stepped["kernel"] == "ours" and stepped["why"].endswith(
+        "; ours all the same, as our layer operator calls it, and the load races that step"
+    )
+    assert choose_kernel(scheme, (3072, 576), "cuda", stepped=True)["kernel"] == "torch"  # ours: CPUs only
     monkeypatch.setenv(QUANT_KERNEL_ENV, "fastest")
     with pytest.raises(
         ValueError, match="MIXTRAL_QUANT_KERNEL='fastest' is not a kernel here: use torch or ours"
