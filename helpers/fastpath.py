@@ -349,8 +349,10 @@ def choose_kernels(model) -> dict:
     the fastest: the weights' own F.linear unless another takes under MARGIN of its time. A re-layout goes
     one tensor at a time, so memory grows by one tensor at most; a copy (packed, float32) is kept beside the
     weight (prompts and the other experts implementations read the weight), so that kind's memory grows by the
-    copy's bytes, and is chosen only where the available RAM holds it (`sizing.fits`). Returns {kind: KindKernels}."""
-    report = {}
+    copy's bytes, and is chosen only where the available RAM holds it (`sizing.fits`). A Mixtral's layers are not
+    re-laid where our kernels are built: our layer operator reads them where they are held, and the load races it
+    (`choose_step`). Returns {kind: KindKernels}."""
+    report, stepped = {}, model.config.model_type == "mixtral" and not kernel_unavailable()
     for kind, members in _weight_groups(model).items():
         params = [getattr(m, a) for _, m, a in members]
         nbytes = sum(p.nbytes for p in params)
@@ -358,7 +360,12 @@ def choose_kernels(model) -> dict:
         available = system_memory()["available"]
         room = {layout: fits(b, available) for layout, b in copy_bytes.items()}
         speeds = _kernel_speeds(tuple(params[0].shape[-2:]), params[0].dtype)
-        allowed = {k: v for k, v in speeds.items() if room.get(KERNELS[k][0], True)}
+        held = stepped and kind != "lm_head"  # read in place by our layer operator
+        allowed = {
+            k: v
+            for k, v in speeds.items()
+            if room.get(KERNELS[k][0], True) and not (held and KERNELS[k][0] == "column-major")
+        }
         best = max(allowed, key=allowed.get)
         chosen = best if speeds["F.linear"] < MARGIN * speeds[best] else "F.linear"
         layout = KERNELS[chosen][0]
@@ -378,6 +385,8 @@ def choose_kernels(model) -> dict:
             note = f"a {layout} copy of {copy_bytes[layout] / 2**20:.1f} MiB"
         elif not room.get(fastest, True):
             note = f"no room in RAM for a {fastest} copy"
+        elif held and fastest == "column-major":
+            note = "not re-laid: our layer operator reads it as held"
         report[kind] = KindKernels(speeds, chosen, nbytes, note)
     return report
 

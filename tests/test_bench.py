@@ -129,7 +129,6 @@ def test_a_row_takes_the_lean_step_where_the_load_kept_our_operator(monkeypatch,
     from helpers import decode, fastpath, load_pipeline
     from helpers.backends import LocalModel
 
-    monkeypatch.setattr(fastpath, "choose_kernels", lambda model: {})  # the weights as loaded: ours to read
     monkeypatch.setattr(fastpath, "MARGIN", 100.0)  # kept whatever the clock says
     model = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32).model
     step, kept = model.load_record.recipe.step, vars(model.model)["forward"]

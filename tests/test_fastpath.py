@@ -95,6 +95,10 @@ def test_every_kernel_gives_the_eager_answer(monkeypatch, kernel, tokens, dtype,
         pytest.skip("oneDNN packs bf16 only where the CPU computes it (AVX-512 or AMX)")
     if kernel == "our kernel" and kernel_unavailable():
         pytest.skip(kernel_unavailable())
+    if (
+        kernel == "F.linear, column-major"
+    ):  # as where our kernels are not built: a Mixtral's layers re-laid too
+        monkeypatch.setattr(fastpath, "kernel_unavailable", lambda: "not built, for this test")
     model = tiny_moe(seed=4).to(dtype)
     ids = torch.randint(0, 512, (1, tokens))
     with torch.no_grad():
@@ -205,6 +209,25 @@ def test_packed_experts_go_stale_with_their_weights_and_need_room(monkeypatch, t
     assert all(
         c is None for _, c, _ in fastpath._EXPERT_KERNELS[crowded.model.layers[0].mlp.experts].values()
     )
+
+
+@needs_our_kernel
+def test_a_mixtrals_layers_stay_as_held_for_our_layer_operator(monkeypatch):
+    """Where our kernels are built, a Mixtral's layer weights are not re-laid column by column, however fast that
+    measured (our layer operator reads them as held, and the load races it), and the report says why; lm_head, which
+    the operator does not read, still is."""
+    monkeypatch.setattr(
+        fastpath,
+        "_kernel_speeds",
+        lambda shape, dtype: {"F.linear": 1.0, "torch.mv": 1.05, "F.linear, column-major": 2.0},
+    )
+    model = tiny_moe(seed=8)
+    report = choose_kernels(model)
+    assert report["lm_head"].chosen == "F.linear, column-major" and not model.lm_head.weight.is_contiguous()
+    layers = {kind: k for kind, k in report.items() if kind != "lm_head"}
+    assert {k.chosen for k in layers.values()} == {"F.linear"}
+    assert {k.note for k in layers.values()} == {"not re-laid: our layer operator reads it as held"}
+    assert decode.native_reads(model, fastpath.experts_on_our_kernel())
 
 
 def test_a_kernel_must_be_clearly_faster_to_replace_f_linear(monkeypatch, tiny_dense):
@@ -810,8 +833,6 @@ def test_every_load_races_our_operator_and_compiles_nothing(monkeypatch, tiny_mi
     monkeypatch.setattr(
         fastpath, "compiled_layer", lambda *held: pytest.fail("compiled=False compiled the step")
     )
-    # the weights as loaded (no layout measured faster for the lean step: a column-major one is not ours to read)
-    monkeypatch.setattr(fastpath, "choose_kernels", lambda model: {})
     pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32)
     figures = pipe.model.load_record.recipe.step
     assert set(figures["candidates"]) == {"ours"} and figures["tokens"] == 16 and figures["compile_s"] == 0.0
