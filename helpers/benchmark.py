@@ -37,7 +37,7 @@ class BenchRow:
     kernels: dict  # what the fast path measured for each kind: {kind: {"gb_s": {kernel: GB/s}, "chosen", "nbytes"}}
     matvec_ceiling_tok_s: float | None  # the decode speed each kind of weight at its best kernel speed allows
     step: dict | None  # the bench harness's step_profile: where one decode step's time goes (one sequence)
-    graph: dict | None  # the row of the step written layer by layer: what choose_step measured at load
+    graph: dict | None  # what choose_step measured at this row's load (None where nothing was raced)
 
 
 @dataclass(frozen=True)

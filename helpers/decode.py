@@ -18,8 +18,8 @@ computes the same in one call of our C++ operator layer_step, the products by ou
 its parts. Layers that hold their weights alike share one made function, called once per layer with that layer's
 tensors: compiling traces one layer, not all of them (torch's tutorials call this regional compilation), at the cost
 of a call per layer; the embedding, the loop over the layers and the final norm run as they are. It calls no module (a
-hook on one it reads makes it step aside) and is not bit for bit: the fast path races both ways against the lean step
-where asked and keeps the fastest, its logits within a tolerance (fastpath.choose_step).
+hook on one it reads makes it step aside) and is not bit for bit: the fast path races our operator against the lean step
+at every load (the graph too where asked) and keeps the fastest, its logits within a tolerance (fastpath.choose_step).
 
 Shapes: B sequences, d head size, L positions of a static cache.
 """
