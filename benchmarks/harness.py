@@ -270,20 +270,24 @@ def switched_off(part: str | None, model):
         # for every step (use_lean_step, use_graph_step bind theirs); either on the dynamic cache, not the static one
         decoder = model.model
         if "forward" not in vars(decoder):
-            raise ValueError("no lean step to switch off: decode.use_lean_step left this model as it was")
+            if part == "lean step":
+                raise ValueError("no lean step to switch off: decode.use_lean_step left this model as it was")
+            yield  # no step of its own: nothing written layer by layer to switch off
+            return
         step = model.load_record.recipe.step
         forward, kept = vars(decoder)["forward"], step.get("kept")
-        if part == "lean step":
-            del decoder.forward
-        elif kept:
-            use_lean_step(model)
-        step["kept"] = False
         try:
+            if part == "lean step":
+                del decoder.forward
+            elif kept:
+                use_lean_step(model)
+            if kept:
+                step["kept"] = False
             yield
         finally:
-            decoder.forward, step["kept"] = forward, kept
-            if kept is None:
-                del step["kept"]
+            decoder.forward = forward
+            if kept:
+                step["kept"] = kept
     elif part == "inference mode":  # LocalModel.run and step_profile under no_grad, as the blog's pipeline
         with unittest.mock.patch.object(torch, "inference_mode", torch.no_grad):
             yield

@@ -279,18 +279,30 @@ def native_layer(decoder, plan: tuple):
     return layer
 
 
-def native_reads(model, ours: dict | None = None) -> bool:
-    """Whether `native_layer` can run `model`'s layers where our kernels are built (quant_kernel.kernel_unavailable):
-    a Mixtral in CPU memory in float32 or bf16, its experts' weights held as loaded or quantized for our kernels (not
-    cached elsewhere), and every dense weight of its layers one our dense kernel reads in place (`_ours_reads`)."""
+def native_may_run(model) -> bool:
+    """Whether our layer operator could take `model`'s one-token steps, its weights held as loaded: a Mixtral with no
+    sliding window, on one device, the CPU, in float32 or bf16 (the fast path and quantize_model keep such a model's
+    layers readable for it; `native_reads` checks the weights as they are)."""
     import torch
 
+    config, devices = model.config, set(getattr(model, "hf_device_map", {"": None}).values())
+    return (
+        getattr(config, "model_type", None) == "mixtral"
+        and getattr(config, "sliding_window", None) is None
+        and len(devices) <= 1
+        and model.device.type == "cpu"
+        and model.dtype in (torch.float32, torch.bfloat16)
+    )
+
+
+def native_reads(model, ours: dict | None = None) -> bool:
+    """Whether `native_layer` can run `model`'s layers where our kernels are built (quant_kernel.kernel_unavailable):
+    one `native_may_run` allows, its experts' weights held as loaded or quantized for our kernels (not cached
+    elsewhere, not held for torch's), and every dense weight of its layers one our dense kernel reads in place."""
     held_as_loaded = (*_PLAIN_EXPERTS, "quantized")
-    if getattr(model.config, "model_type", None) != "mixtral" or (
-        getattr(model.config, "_experts_implementation", None) not in held_as_loaded
-    ):
+    if not native_may_run(model) or model.config._experts_implementation not in held_as_loaded:
         return False
-    if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
+    if any(getattr(m, "kernel", "ours") != "ours" for m in model.modules() if hasattr(m, "packed")):
         return False
     return all(
         _ours_reads(tensors[0])

@@ -38,6 +38,7 @@ from .decode import (
     _ours_reads,
     compiled_layer,
     native_layer,
+    native_may_run,
     native_reads,
     use_graph_step,
     use_lean_step,
@@ -352,7 +353,7 @@ def choose_kernels(model) -> dict:
     copy's bytes, and is chosen only where the available RAM holds it (`sizing.fits`). A Mixtral's layers are not
     re-laid where our kernels are built: our layer operator reads them where they are held, and the load races it
     (`choose_step`). Returns {kind: KindKernels}."""
-    report, stepped = {}, model.config.model_type == "mixtral" and not kernel_unavailable()
+    report, stepped = {}, native_may_run(model) and not kernel_unavailable()
     for kind, members in _weight_groups(model).items():
         params = [getattr(m, a) for _, m, a in members]
         nbytes = sum(p.nbytes for p in params)
@@ -539,7 +540,9 @@ STEP_NAMES = {"ours": "our layer operator", "compiled": "torch.compile's graph"}
 def step_candidates(model, compiled: bool = False) -> dict:
     """The ways to write one token's step layer by layer that can run `model` here: our operator (decode.native_layer)
     where our kernels are built and read its weights, and where asked torch.compile's graph (decode.compiled_layer)."""
-    ours = not kernel_unavailable() and native_reads(model, experts_on_our_kernel())
+    ours = (
+        native_reads(model, experts_on_our_kernel()) and not kernel_unavailable()
+    )  # no build where it cannot run
     return {**({"ours": native_layer} if ours else {}), **({"compiled": compiled_layer} if compiled else {})}
 
 
@@ -555,7 +558,12 @@ def choose_step(model, prompt: list, tokens: int = 16, compiled: bool = False) -
         return {}
     candidates, lean_s = {}, []
     for name, make_layer in raced.items():
-        race = race_steps(model, prompt, tokens, make_layer)
+        try:
+            race = race_steps(model, prompt, tokens, make_layer)
+        except Exception as err:  # the lean step still answers: the load goes on without this candidate
+            use_lean_step(model)
+            warnings.warn(f"{STEP_NAMES[name]} failed its race at load and is not used: {err}", stacklevel=2)
+            continue
         if race is None:
             continue
         lean, graph = race["lean"], race["graph"]
@@ -681,7 +689,9 @@ def measure_dtypes(config: dict) -> dict:
             del model
         return figures
 
-    return _once_per_machine("dtypes", [probe.to_dict()], measure)
+    return _once_per_machine(
+        "dtypes", [probe.to_dict(), not kernel_unavailable() and source_digest()], measure
+    )
 
 
 def measured_dtype(config: dict) -> tuple:

@@ -227,8 +227,12 @@ def load_local(
             record.dtype, record.dtype_reason, model.device.type, replaced, isinstance(fit, Budget)
         )
         record.recipe = apply_recipe(model, recipe)
-        if step_candidates(model, compiled):  # raced on the poem's prompt
-            prompt = chat_ids(pipe.tokenizer, [{"role": "user", "content": TASKS["poem"]["prompt"]}])
+        if step_candidates(
+            model, compiled
+        ):  # raced on the poem's prompt (as a chat where the tokenizer has one)
+            tokenizer, poem = pipe.tokenizer, TASKS["poem"]["prompt"]
+            chat = getattr(tokenizer, "chat_template", None)
+            prompt = chat_ids(tokenizer, poem) if chat else tokenizer(poem)["input_ids"]
             record.recipe.step = choose_step(model, prompt, compiled=compiled)
     model.load_record = record
     return pipe

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 
 from .data import GB, QUANT_KERNEL_ENV
-from .decode import Fused
+from .decode import Fused, native_may_run
 from .experts import DECODE_TOKENS, experts_loop, register_experts, token_loop
 from .fitting import GROUP, QUANT_KERNELS, WEIGHT_SCHEMES
 from .hardware import best_seconds, timing_buffer_bytes
@@ -317,7 +317,7 @@ def quantize_model(model, scheme: str) -> dict:
         by_shape[tuple(weight.shape[-2:])] = by_shape.get(tuple(weight.shape[-2:]), 0) + weight.numel()
     # the shape holding the most weights is timed; one that does not split into our blocks rules ours out
     odd = [shape for shape in by_shape if not fits(shape, scheme)]
-    stepped = getattr(model.config, "model_type", None) == "mixtral"  # its step: our layer operator's to take
+    stepped = native_may_run(model)  # its step: our layer operator's to take
     shape = odd[0] if odd else max(by_shape, key=by_shape.get)
     choice = choose_kernel(scheme, shape, model.device.type, stepped)
     report.update(kernel=choice["kernel"], why=choice["why"], gb_s=choice["gb_s"])

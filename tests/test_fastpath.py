@@ -841,6 +841,45 @@ def test_every_load_races_our_operator_and_compiles_nothing(monkeypatch, tiny_mi
     assert "torch.compile's graph" not in describe(pipe, detail=True)
 
 
+@needs_our_kernel
+def test_a_load_races_without_a_chat_template_and_survives_a_failed_race(monkeypatch, tiny_mixtral_dir):
+    """A tokenizer without a chat template races on the poem's plain text; a candidate that fails its race is left out
+    with a warning and the load goes on, on the lean step; weights held for torch's int8 kernel leave nothing to race."""
+    import helpers.loading as loading
+    from helpers import generate
+    from helpers.quantize import quantize_model
+
+    plain = loading.reference_tokenizer
+
+    def templateless(vocab):
+        tokenizer = plain(vocab)
+        tokenizer.chat_template = None
+        return tokenizer
+
+    monkeypatch.setattr(loading, "reference_tokenizer", templateless)
+    pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32)
+    assert pipe.model.load_record.recipe.step["tokens"] == 16
+
+    def broken(*held):
+        def layer(*args):
+            raise RuntimeError("a layer that fails")
+
+        return layer
+
+    monkeypatch.setattr(fastpath, "native_layer", broken)
+    with pytest.warns(
+        UserWarning, match="our layer operator failed its race at load and is not used: a layer"
+    ):
+        pipe = load_pipeline(str(tiny_mixtral_dir), dtype=torch.float32)
+    assert pipe.model.load_record.recipe.step == dict(kept=False, tokens=0)
+    assert pipe.model.model.forward.__func__ is decode.lean_forward
+    assert generate(pipe, "Hello", max_new_tokens=3, do_sample=False).new_tokens == 3
+    monkeypatch.setenv(QUANT_KERNEL_ENV, "torch")
+    model = tiny_moe(seed=24, intermediate=64)
+    quantize_model(model, "int8")
+    assert not decode.native_reads(model) and fastpath.step_candidates(model) == {}
+
+
 def test_one_sequence_decodes_through_the_kept_graph(monkeypatch, tiny_mixtral_dir):
     """Where the graph was kept, generate runs one sequence on a static cache, so through the graph; a batch stays
     on the lean step."""
