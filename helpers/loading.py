@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .data import DTYPE_BYTES, KNOWN_MODELS, MODEL_ENV, REFERENCE_TOKENIZERS, RESERVED, TASKS, GiB
-from .fastpath import apply_recipe, choose_step, fast_recipe, measured_dtype, step_candidates
+from .fastpath import apply_recipe, choose_step, fast_recipe, measured_dtype
 from .files import cache_root, weight_files
 from .fitting import Budget, CachedExperts, LoadRecord, Quantized, check_fit
 from .hardware import dtype_name, forced_dtype, gpu_dtype, memory_budget
@@ -227,13 +227,11 @@ def load_local(
             record.dtype, record.dtype_reason, model.device.type, replaced, isinstance(fit, Budget)
         )
         record.recipe = apply_recipe(model, recipe)
-        if step_candidates(
-            model, compiled
-        ):  # raced on the poem's prompt (as a chat where the tokenizer has one)
-            tokenizer, poem = pipe.tokenizer, TASKS["poem"]["prompt"]
+        tokenizer, poem = pipe.tokenizer, TASKS["poem"]["prompt"]
+        if tokenizer is not None:  # raced on the poem's prompt, as a chat where the tokenizer has one
             chat = getattr(tokenizer, "chat_template", None)
             prompt = chat_ids(tokenizer, poem) if chat else tokenizer(poem)["input_ids"]
-            record.recipe.step = choose_step(model, prompt, compiled=compiled)
+            record.recipe.step = choose_step(model, prompt, compiled=compiled)  # {}: nothing to race
     model.load_record = record
     return pipe
 
