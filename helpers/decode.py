@@ -17,7 +17,8 @@ between its operators and the experts' products written to read only the chosen 
 computes the same in one call of our C++ operator layer_step, the products by our kernels, with no dispatch between
 its parts. Layers that hold their weights alike share one made function, called once per layer with that layer's
 tensors: compiling traces one layer, not all of them (torch's tutorials call this regional compilation), at the cost
-of a call per layer; the embedding, the loop over the layers and the final norm run as they are. It calls no module (a
+of a call per layer; the embedding, the loop over the layers and the final norm run as they are. Our operator has no
+such cost: `native_layers` takes every layer in one call of layers_step, with no Python between two layers. It calls no module (a
 hook on one it reads makes it step aside) and is not bit for bit: the fast path races our operator against the lean step
 at every load (the graph too where asked) and keeps the fastest, its logits within a tolerance (fastpath.choose_step).
 
@@ -279,6 +280,30 @@ def native_layer(decoder, plan: tuple):
     return layer
 
 
+def native_layers(decoder, inputs: list):
+    """layers(h, lengths, visible, inv_freq, keys, values) -> h: every layer of `decoder` as `native_layer` computes it,
+    in one call of our operator layers_step, each layer with its plan and tensors from `inputs` (`_layers_inputs`):
+    no Python between two layers (graph_step uses it where its layers are native_layer's)."""
+    import itertools
+
+    import torch
+
+    cfg, attention = decoder.config, decoder.layers[0].self_attn
+    run = torch.ops.mixtral_notebooks.layers_step
+    codes = [_CODES[how] for plan, _ in inputs for how in plan]
+    tensors = [t for _, weights in inputs for t in (*weights[0], *itertools.chain.from_iterable(weights[1:]))]
+    shape = [cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_local_experts, cfg.num_experts_per_tok]
+    constants = [cfg.rms_norm_eps, attention.scaling, decoder.rotary_emb.attention_scaling]
+
+    def layers(h, lengths, visible, inv_freq, keys, values):
+        return run(h, lengths, visible, inv_freq, keys, values, tensors, codes, shape, constants)
+
+    return layers
+
+
+native_layer.all_layers = native_layers  # graph_step's one call for every layer
+
+
 def native_may_run(model) -> bool:
     """Whether our layer operator could take `model`'s one-token steps, its weights held as loaded: a Mixtral with no
     sliding window, on one device, the CPU, in float32 or bf16 (the fast path and quantize_model keep such a model's
@@ -319,16 +344,21 @@ def graph_step(decoder, make_layer, ours: dict | None = None):
     the layers whose weights are held alike, then called for each with its own tensors, read from the modules at the
     first step on a new cache (generate makes one for each call): a weight replaced between two calls is read then
     (made again only where it changes how its product is made), one replaced during a call is not. Where the fast path
-    gave a stack of experts' weights our kernel, `ours` says so ({experts module: the names of its weights})."""
+    gave a stack of experts' weights our kernel, `ours` says so ({experts module: the names of its weights}). Where
+    `make_layer` has `all_layers(decoder, inputs)` (native_layer: native_layers), that one call takes every layer."""
     made: dict = {}  # plan -> the layer made for it
     read: dict = {}  # the cache whose first step read the modules, and what it read: (plan, weights) per layer
+    whole = getattr(make_layer, "all_layers", None)
 
     def step(token, visible, keys, values, lengths):
         if read.get("cache") is not keys[0]:
-            read.update(cache=keys[0], inputs=_layers_inputs(decoder, ours))
+            inputs = _layers_inputs(decoder, ours)
+            read.update(cache=keys[0], inputs=inputs, layers=whole and whole(decoder, inputs))
         h = decoder.embed_tokens.weight[token][0]  # [D]: one token, so every vector here is 1-d
         inv_freq = decoder.rotary_emb.inv_freq
-        for i, (plan, weights) in enumerate(read["inputs"]):
+        if read["layers"]:  # every layer in one call
+            h = read["layers"](h, lengths, visible, inv_freq, keys, values)
+        for i, (plan, weights) in enumerate(() if read["layers"] else read["inputs"]):
             if plan not in made:
                 made[plan] = make_layer(decoder, plan)
             h = made[plan](h, lengths[i], visible, inv_freq, keys[i], values[i], weights)

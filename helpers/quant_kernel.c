@@ -347,6 +347,13 @@ static inline uint16_t to_bf16(float value) {
   return (uint16_t)((f.bits + 0x7FFF + ((f.bits >> 16) & 1)) >> 16);
 }
 
+/* How far ahead of its reads dense_row's AVX-512 loop asks for a row's bytes (_mm_prefetch), as block8_wide and
+   block4_wide ask for theirs 1 KiB ahead: a row after a row is one stream, which the hardware's prefetcher follows,
+   but asking 2 KiB ahead measured faster on the Xeon with AMX, most with four tokens, and with the decode's one token
+   as part of the step's change in benchmarks/results/2026-12-07b-step-ab-amx.md. The AVX2 loop, timed on no machine
+   with and without, asks for nothing. */
+#define AHEAD 2048
+
 /* The inputs one step of dense_row takes: two vectors of floats, 8 each (AVX2) or 16 (AVX-512). */
 #if WIDE
 #define SPAN 32
@@ -382,12 +389,17 @@ static inline __attribute__((always_inline)) void dense_row(const void *w, int w
   for (; k + SPAN <= K; k += SPAN) {
     __m512 a, b;
     if (w_bf16) {
-      __m512i v = _mm512_loadu_si512((const void *)((const uint16_t *)w + n * K + k));
+      const uint16_t *at = (const uint16_t *)w + n * K + k;
+      _mm_prefetch((const char *)at + AHEAD, _MM_HINT_T0);
+      __m512i v = _mm512_loadu_si512((const void *)at);
       a = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
       b = _mm512_castsi512_ps(_mm512_and_si512(v, high));
     } else {
-      a = _mm512_loadu_ps((const float *)w + n * K + k);
-      b = _mm512_loadu_ps((const float *)w + n * K + k + 16);
+      const float *at = (const float *)w + n * K + k;
+      _mm_prefetch((const char *)at + AHEAD, _MM_HINT_T0);
+      _mm_prefetch((const char *)at + AHEAD + 64, _MM_HINT_T0);
+      a = _mm512_loadu_ps(at);
+      b = _mm512_loadu_ps(at + 16);
     }
     for (int j = 0; j < T; j++) {
       const float *x = xf + (long)(t + j) * K + k;

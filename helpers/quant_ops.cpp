@@ -21,7 +21,10 @@
        rest in plain loops: a layer's norms, rotary angles, attention over the visible positions, router and top-k are
        a few thousand values for one token. It too refuses bad input before reading it, and has no Meta kernel
        (torch.compile never traces it); the cache is written before the experts' products, so an error there (out of
-       memory) leaves this position written. */
+       memory) leaves this position written.
+   mixtral_notebooks::layers_step(h, lengths, visible, inv_freq, keys, values, weights, plans, shape, constants): the
+       same through every layer in turn, in one call (each layer's length, keys and values, its 6 codes in plans and
+       its tensors in weights, one layer after another): a decode step's layers with no Python between them. */
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/record_function.h>
@@ -219,6 +222,24 @@ struct Model {
   }
 };
 
+/* e^x with no library call, so that a loop of them becomes vector instructions: 2^n e^r with n = x / ln 2 rounded
+   and |r| <= ln 2 / 2 (ln 2 in two parts, so r is exact to a float's precision), e^r by its Taylor sum to r^7 (the
+   first term left out, r^8 / 8!, under 6e-9); x is taken within [-87.3, 88.3], where 2^n is a normal float, so e^x
+   under the smallest normal float gives about 1e-38, not 0. */
+inline float exp_float(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  const float big = 12582912.0f;                // 1.5 * 2^23: adding it rounds to a whole number, to nearest
+  float n = (x * 1.44269504088896341f + big) - big;
+  float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720, p = p * r + 1.0f / 120, p = p * r + 1.0f / 24, p = p * r + 1.0f / 6;
+  p = p * r + 0.5f, p = p * r + 1.0f, p = p * r + 1.0f;
+  int32_t bits = ((int32_t)n + 127) << 23;       // 2^n
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
 /* a . b over n values, in 16 running sums added at the end (the compiler keeps them in vector registers): the same
    products as an in-order sum, added in another order. */
 template <typename T>
@@ -282,12 +303,13 @@ void attend(const float *q, const T *key, const T *value, const bool *visible, i
     const float *qh = q + head * d;
     float *out = att + head * d, best = -INFINITY, total = 0;
     for (int64_t t = 0; t < L; t++) {
+      s[t] = 0.0f;  // read below, for every position
       if (!visible[t]) continue;
       best = std::max(best, s[t] = dot(qh, keys + t * d, d) * scaling);
     }
     std::fill(out, out + d, 0.0f);
-    for (int64_t t = 0; t < L; t++)
-      if (visible[t]) total += (s[t] = std::exp(s[t] - best));
+    for (int64_t t = 0; t < L; t++) s[t] = visible[t] ? exp_float(s[t] - best) : 0.0f;  // one vector loop
+    for (int64_t t = 0; t < L; t++) total += s[t];
     for (int64_t t = 0; t < L; t++)
       if (visible[t]) {
         const float share = s[t] / total;
@@ -418,13 +440,17 @@ at::Tensor layer_step(const at::Tensor &h_, at::Tensor &length, const at::Tensor
   std::vector<float> up(K * 2 * I), act(K * I), y(K * D);
   gate_up(x.data(), 1, up.data(), 2 * I, D, chosen.data(), K);
   const bool dense = plan[4] == 0;  // dense products give the model's dtype; int8 and int4 theirs in float32
-  for (int64_t j = 0; j < K; j++)
-    for (int64_t i = 0; i < I; i++) {
-      float g = up[j * 2 * I + i], u = up[j * 2 * I + I + i];
-      if (dense) g = m.round(g), u = m.round(u);
-      float a = g / (1.0f + std::exp(-g)) * u;
-      act[j * I + i] = dense ? m.round(a) : a;
-    }
+  for (int64_t j = 0; j < K; j++) {  // SiLU(gate) * up, each loop over I values one vector loop
+    const float *gate = up.data() + j * 2 * I, *upper = gate + I;
+    float *a = act.data() + j * I;
+    if (dense && m.bf16)
+      for (int64_t i = 0; i < I; i++) {
+        float g = bf16_float(float_bf16(gate[i]));
+        a[i] = bf16_float(float_bf16(g / (1.0f + exp_float(-g)) * bf16_float(float_bf16(upper[i]))));
+      }
+    else
+      for (int64_t i = 0; i < I; i++) a[i] = gate[i] / (1.0f + exp_float(-gate[i])) * upper[i];
+  }
   down(act.data(), K, y.data(), D, I, chosen.data(), K);
   at::Tensor out = at::empty({D}, h_.options());
   void *h_out = out.mutable_data_ptr();
@@ -435,6 +461,32 @@ at::Tensor layer_step(const at::Tensor &h_, at::Tensor &length, const at::Tensor
     for (int64_t j = 0; j < K; j++) sum += m.round(y[j * D + i]) * share[j];
     m.set(h_out, i, sum);
   }
+  return out;
+}
+
+/* layer_step through each layer in turn: layer i's length, keys and values, plans[6i:6i+6], and its tensors, the
+   next ones of weights (as many as its plan holds). */
+at::Tensor layers_step(const at::Tensor &h, at::TensorList lengths, const at::Tensor &visible,
+                       const at::Tensor &inv_freq, at::TensorList keys, at::TensorList values, at::TensorList weights,
+                       at::IntArrayRef plans, at::IntArrayRef shape, at::ArrayRef<double> constants) {
+  const size_t layers = lengths.size();
+  TORCH_CHECK_VALUE(layers > 0 && keys.size() == layers && values.size() == layers && plans.size() == 6 * layers,
+                    "layers_step: ", layers, " lengths, ", keys.size(), " keys, ", values.size(), " values and ",
+                    plans.size(), " plan codes: give each layer's length, keys and values and 6 codes a layer");
+  at::Tensor out = h;
+  size_t at = 0;
+  for (size_t i = 0; i < layers; i++) {
+    at::IntArrayRef plan = plans.slice(6 * i, 6);
+    size_t count = 3;
+    for (int64_t code : plan) count += code == 8 || code == 4 ? 2 : 1;
+    TORCH_CHECK_VALUE(at + count <= weights.size(), "layers_step: ", weights.size(), " weights, fewer than the ",
+                      "plans hold: give each layer's norms, router and products' tensors, one layer after another");
+    at::Tensor length = lengths[i], key = keys[i], value = values[i];  // handles: written in place
+    out = layer_step(out, length, visible, inv_freq, key, value, weights.slice(at, count), plan, shape, constants);
+    at += count;
+  }
+  TORCH_CHECK_VALUE(at == weights.size(), "layers_step: ", weights.size(), " weights, more than the plans hold (",
+                    at, ")");
   return out;
 }
 
@@ -468,6 +520,8 @@ TORCH_LIBRARY(mixtral_notebooks, m) {
   m.def("tokens_per_pass() -> int", []() -> int64_t { return tokens_per_pass(); });
   m.def("layer_step(Tensor h, Tensor(a!) length, Tensor visible, Tensor inv_freq, Tensor(b!) key, Tensor(c!) value, "
         "Tensor[] weights, int[] plan, int[] shape, float[] constants) -> Tensor");
+  m.def("layers_step(Tensor h, Tensor(a!)[] lengths, Tensor visible, Tensor inv_freq, Tensor(b!)[] keys, "
+        "Tensor(c!)[] values, Tensor[] weights, int[] plans, int[] shape, float[] constants) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mixtral_notebooks, CPU, m) {
@@ -478,6 +532,7 @@ TORCH_LIBRARY_IMPL(mixtral_notebooks, CPU, m) {
   m.impl("dense_matmul", &dense_matmul_op);
   m.impl("dense_experts", &dense_experts_op);
   m.impl("layer_step", &layer_step);
+  m.impl("layers_step", &layers_step);
 }
 
 TORCH_LIBRARY_IMPL(mixtral_notebooks, Meta, m) {

@@ -697,6 +697,65 @@ def test_our_layer_operator_gives_the_models_tokens(held, monkeypatch):
 
 
 @needs_our_kernel
+@pytest.mark.parametrize("held", ["bfloat16", "int8"])
+def test_our_operator_takes_every_layer_in_one_call(held, monkeypatch):
+    """Where the layers are our operator's, one call of layers_step takes a step through all of them: the same
+    tokens and logits as layer_step's call a layer; lists that do not match the plans are refused."""
+    from helpers.quantize import quantize_model
+
+    monkeypatch.setenv(QUANT_KERNEL_ENV, "ours")
+    model = tiny_moe(seed=24, intermediate=64)
+    if held == "int8":
+        quantize_model(model, held)
+    else:
+        model = model.to(torch.bfloat16)
+    ids, ours = torch.randint(0, 512, (1, 6)), fastpath.experts_on_our_kernel()
+    per_layer = []
+    assert decode.use_graph_step(model, counting(per_layer, decode.native_layer), ours)
+    expected, expected_logits = static_greedy(model, ids, 6)
+    whole = []
+
+    def make_layer(decoder, plan):  # no call a layer, but every layer at once
+        raise AssertionError("a layer made one by one")
+
+    def all_layers(decoder, inputs):
+        layers = decode.native_layers(decoder, inputs)
+        return lambda *args: whole.append(1) or layers(*args)
+
+    make_layer.all_layers = all_layers
+    assert decode.use_graph_step(model, make_layer, ours)
+    got, logits = static_greedy(model, ids, 6)
+    assert len(whole) == 5 and len(per_layer) == 5 * len(model.model.layers)  # the steps after the prompt's
+    assert torch.equal(got, expected) and torch.equal(logits, expected_logits)  # the same calls, in one
+    assert decode.native_layer.all_layers is decode.native_layers  # what the fast path's race runs
+    ops, config = fastpath.operators(), model.config
+    inputs = decode._layers_inputs(model.model, ours)
+    tensors = [t for _, w in inputs for t in (*w[0], *(x for held in w[1:] for x in held))]
+    codes = [decode._CODES[how] for plan, _ in inputs for how in plan]
+    layers = len(inputs)
+    keys = [torch.zeros(1, 2, 10, 8, dtype=model.dtype) for _ in range(layers)]
+    lengths = [torch.tensor(3) for _ in range(layers)]
+    shape = [4, 2, 4, 2]
+    constants = [config.rms_norm_eps, model.model.layers[0].self_attn.scaling, 1.0]
+    args = (
+        torch.randn(32, dtype=model.dtype),
+        lengths,
+        torch.arange(10) <= 3,
+        model.model.rotary_emb.inv_freq,
+    )
+    out = ops.layers_step(*args, keys, [k.clone() for k in keys], tensors, codes, shape, constants)
+    assert out.shape == (32,) and [int(n) for n in lengths] == [4] * layers  # each layer's length advanced
+    with pytest.raises(
+        ValueError, match="layers_step: .* plan codes: give each layer's length, keys and values"
+    ):
+        ops.layers_step(*args, keys[:-1], keys[:-1], tensors, codes, shape, constants)
+    with pytest.raises(ValueError, match="layers_step: .* weights, fewer than the plans hold"):
+        ops.layers_step(*args, keys, keys, tensors[:-1], codes, shape, constants)
+    with pytest.raises(ValueError, match="layers_step: .* weights, more than the plans hold"):
+        ops.layers_step(*args, keys, keys, [*tensors, tensors[0]], codes, shape, constants)
+
+
+@needs_our_kernel
 def test_our_layer_operator_refuses_what_it_cannot_read():
     """Bad input to layer_step is refused with what was wrong and what to give (not a crash in the kernel), and
     native_reads says no for a dense weight our kernel cannot read in place (a transposed view)."""
