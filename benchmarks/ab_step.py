@@ -3,6 +3,7 @@ process of its own, taken in turn round after round (this machine's noise falls 
 
     git worktree add /tmp/before HEAD~1
     python benchmarks/ab_step.py /tmp/before .            # prints a markdown table; --dtype, --rounds, --tokens
+    python benchmarks/ab_step.py /tmp/before . --json rounds.json   # and every round's figures, as JSON
 
 Each process loads the stand-in by `load_pipeline` (the fast path as it would load here, in the dtype given), then
 generates --tokens new tokens after the poem's prompt three times greedy and three times with the blog's sampling,
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=96)
+    parser.add_argument("--json", help="also write every round's figures to this file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -66,6 +68,13 @@ def main() -> None:
                 sys.exit(f"{root}, round {r + 1}, failed:\n{done.stderr[-2000:]}")
             rounds[root].append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"round {r + 1}: {root}: {rounds[root][-1]}", file=sys.stderr, flush=True)
+    if args.json:  # helpers imported here, in the parent only: each child imports its own checkout's
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from helpers.files import atomic_file
+
+        atomic_file(
+            Path(args.json), lambda tmp: tmp.write_text(json.dumps({"decode_rounds": rounds}, indent=1))
+        )
     print(
         f"| checkout | step kept | greedy ms/token | sampled ms/token | each round's sampled ({args.dtype}) |"
     )

@@ -348,10 +348,11 @@ static inline uint16_t to_bf16(float value) {
 }
 
 /* How far ahead of its reads dense_row's AVX-512 loop asks for a row's bytes (_mm_prefetch), as block8_wide and
-   block4_wide ask for theirs 1 KiB ahead: a row after a row is one stream, which the hardware's prefetcher follows,
-   but asking 2 KiB ahead measured faster on the Xeon with AMX, most with four tokens, and with the decode's one token
-   as part of the step's change in benchmarks/results/2026-12-07b-step-ab-amx.md. The AVX2 loop, timed on no machine
-   with and without, asks for nothing. */
+   block4_wide ask for theirs 1 KiB ahead: a row after a row is one stream, which the hardware's prefetcher follows.
+   On the Xeon with AMX, asking 2 KiB ahead (the one distance timed in a committed run) read faster with four tokens in
+   both pairs of benchmarks/results/2026-12-07b-step-ab-amx.md; with one token, the decode's case, the kernels' own
+   runs showed no gain through that machine's noise, and the decode's side-by-side rounds there time it only together
+   with the step's other changes. The AVX2 loop, timed on no machine with and without, asks for nothing. */
 #define AHEAD 2048
 
 /* The inputs one step of dense_row takes: two vectors of floats, 8 each (AVX2) or 16 (AVX-512). */

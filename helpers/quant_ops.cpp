@@ -224,8 +224,9 @@ struct Model {
 
 /* e^x with no library call, so that a loop of them becomes vector instructions: 2^n e^r with n = x / ln 2 rounded
    and |r| <= ln 2 / 2 (ln 2 in two parts, so r is exact to a float's precision), e^r by its Taylor sum to r^7 (the
-   first term left out, r^8 / 8!, under 6e-9); x is taken within [-87.3, 88.3], where 2^n is a normal float, so e^x
-   under the smallest normal float gives about 1e-38, not 0. */
+   first term left out, r^8 / 8!, under 6e-9); x is taken within [-87.3, 88.3], where 2^n is a normal float: below,
+   it gives about 1e-38 (the C library's a smaller, subnormal value, down to about -103.9), above about 2.2e38 (the C
+   library's more, or infinity). */
 inline float exp_float(float x) {
   x = std::min(std::max(x, -87.3f), 88.3f);
   const float big = 12582912.0f;                // 1.5 * 2^23: adding it rounds to a whole number, to nearest
@@ -338,9 +339,10 @@ void rotate(const Model &m, std::vector<float> &x, int heads, int d, const std::
   }
 }
 
-at::Tensor layer_step(const at::Tensor &h_, at::Tensor &length, const at::Tensor &visible_,
-                      const at::Tensor &inv_freq_, at::Tensor &key, at::Tensor &value, at::TensorList weights_,
-                      at::IntArrayRef plan, at::IntArrayRef shape, at::ArrayRef<double> constants) {
+/* layer_step's work, or (`checked_only`) its checks alone: an undefined tensor where they pass, nothing written. */
+at::Tensor layer(const at::Tensor &h_, at::Tensor &length, const at::Tensor &visible_, const at::Tensor &inv_freq_,
+                 at::Tensor &key, at::Tensor &value, at::TensorList weights_, at::IntArrayRef plan,
+                 at::IntArrayRef shape, at::ArrayRef<double> constants, bool checked_only) {
   const char *name = "layer_step";
   TORCH_CHECK_VALUE(shape.size() == 4 && constants.size() == 3 && plan.size() == 6, name, ": shape [heads, kv "
                     "heads, experts, experts per token] ", shape, ", constants [eps, scaling, attention scaling] ",
@@ -390,6 +392,7 @@ at::Tensor layer_step(const at::Tensor &h_, at::Tensor &length, const at::Tensor
       v_proj("v_proj", plan[2], w, at[2], KV * d, D, 0), o_proj("o_proj", plan[3], w, at[3], D, H * d, 0),
       gate_up("gate_up_proj", plan[4], w, at[4], 2 * I, D, E), down("down_proj", plan[5], w, at[5], D, I, E);
   const float eps = constants[0], scaling = constants[1], attention_scaling = constants[2];
+  if (checked_only) return at::Tensor();
 
   std::vector<float> h(D), x(D), q(H * d), k(KV * d), v(KV * d), att(H * d), o(D), s(L), cos(d), sin(d);
   for (int64_t i = 0; i < D; i++) h[i] = m.get(h_.const_data_ptr(), i);
@@ -464,8 +467,15 @@ at::Tensor layer_step(const at::Tensor &h_, at::Tensor &length, const at::Tensor
   return out;
 }
 
+at::Tensor layer_step(const at::Tensor &h, at::Tensor &length, const at::Tensor &visible, const at::Tensor &inv_freq,
+                      at::Tensor &key, at::Tensor &value, at::TensorList weights, at::IntArrayRef plan,
+                      at::IntArrayRef shape, at::ArrayRef<double> constants) {
+  return layer(h, length, visible, inv_freq, key, value, weights, plan, shape, constants, false);
+}
+
 /* layer_step through each layer in turn: layer i's length, keys and values, plans[6i:6i+6], and its tensors, the
-   next ones of weights (as many as its plan holds). */
+   next ones of weights (as many as its plan holds). Every layer's input is checked before any layer runs, so a call
+   refused changes no cache and no length. */
 at::Tensor layers_step(const at::Tensor &h, at::TensorList lengths, const at::Tensor &visible,
                        const at::Tensor &inv_freq, at::TensorList keys, at::TensorList values, at::TensorList weights,
                        at::IntArrayRef plans, at::IntArrayRef shape, at::ArrayRef<double> constants) {
@@ -473,20 +483,23 @@ at::Tensor layers_step(const at::Tensor &h, at::TensorList lengths, const at::Te
   TORCH_CHECK_VALUE(layers > 0 && keys.size() == layers && values.size() == layers && plans.size() == 6 * layers,
                     "layers_step: ", layers, " lengths, ", keys.size(), " keys, ", values.size(), " values and ",
                     plans.size(), " plan codes: give each layer's length, keys and values and 6 codes a layer");
-  at::Tensor out = h;
-  size_t at = 0;
+  std::vector<size_t> first(layers + 1, 0);  // layer i's tensors: weights[first[i]:first[i + 1]]
   for (size_t i = 0; i < layers; i++) {
-    at::IntArrayRef plan = plans.slice(6 * i, 6);
     size_t count = 3;
-    for (int64_t code : plan) count += code == 8 || code == 4 ? 2 : 1;
-    TORCH_CHECK_VALUE(at + count <= weights.size(), "layers_step: ", weights.size(), " weights, fewer than the ",
-                      "plans hold: give each layer's norms, router and products' tensors, one layer after another");
-    at::Tensor length = lengths[i], key = keys[i], value = values[i];  // handles: written in place
-    out = layer_step(out, length, visible, inv_freq, key, value, weights.slice(at, count), plan, shape, constants);
-    at += count;
+    for (int64_t code : plans.slice(6 * i, 6)) count += code == 8 || code == 4 ? 2 : 1;
+    first[i + 1] = first[i] + count;
   }
-  TORCH_CHECK_VALUE(at == weights.size(), "layers_step: ", weights.size(), " weights, more than the plans hold (",
-                    at, ")");
+  TORCH_CHECK_VALUE(first[layers] == weights.size(), "layers_step: ", weights.size(), " weights where the plans hold ",
+                    first[layers], ": give each layer's norms, router and products' tensors, one layer after another");
+  at::Tensor out = h;
+  for (bool checked_only : {true, false})
+    for (size_t i = 0; i < layers; i++) {
+      at::Tensor length = lengths[i], key = keys[i], value = values[i];  // handles: written in place
+      at::Tensor next = layer(out, length, visible, inv_freq, key, value,
+                              weights.slice(first[i], first[i + 1] - first[i]), plans.slice(6 * i, 6), shape,
+                              constants, checked_only);
+      if (!checked_only) out = next;
+    }
   return out;
 }
 

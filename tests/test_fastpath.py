@@ -700,7 +700,7 @@ def test_our_layer_operator_gives_the_models_tokens(held, monkeypatch):
 @pytest.mark.parametrize("held", ["bfloat16", "int8"])
 def test_our_operator_takes_every_layer_in_one_call(held, monkeypatch):
     """Where the layers are our operator's, one call of layers_step takes a step through all of them: the same
-    tokens and logits as layer_step's call a layer; lists that do not match the plans are refused."""
+    tokens and logits as layer_step's call a layer."""
     from helpers.quantize import quantize_model
 
     monkeypatch.setenv(QUANT_KERNEL_ENV, "ours")
@@ -728,31 +728,66 @@ def test_our_operator_takes_every_layer_in_one_call(held, monkeypatch):
     assert len(whole) == 5 and len(per_layer) == 5 * len(model.model.layers)  # the steps after the prompt's
     assert torch.equal(got, expected) and torch.equal(logits, expected_logits)  # the same calls, in one
     assert decode.native_layer.all_layers is decode.native_layers  # what the fast path's race runs
-    ops, config = fastpath.operators(), model.config
-    inputs = decode._layers_inputs(model.model, ours)
-    tensors = [t for _, w in inputs for t in (*w[0], *(x for held in w[1:] for x in held))]
-    codes = [decode._CODES[how] for plan, _ in inputs for how in plan]
-    layers = len(inputs)
-    keys = [torch.zeros(1, 2, 10, 8, dtype=model.dtype) for _ in range(layers)]
-    lengths = [torch.tensor(3) for _ in range(layers)]
-    shape = [4, 2, 4, 2]
-    constants = [config.rms_norm_eps, model.model.layers[0].self_attn.scaling, 1.0]
-    args = (
-        torch.randn(32, dtype=model.dtype),
-        lengths,
-        torch.arange(10) <= 3,
-        model.model.rotary_emb.inv_freq,
+
+
+@needs_our_kernel
+def test_layers_step_takes_each_layers_own_plan_and_refuses_before_it_writes(monkeypatch):
+    """layers_step with a dense layer then an int8 one (9 and 15 tensors) gives what two layer_step calls give, bit for
+    bit, caches and lengths too; lists that do not match the plans, or one layer's bad input, are refused before any
+    layer writes its cache or advances its length."""
+    import copy
+
+    from helpers.quantize import quantize_model
+
+    monkeypatch.setenv(QUANT_KERNEL_ENV, "ours")
+    dense = tiny_moe(seed=25, intermediate=64)
+    int8 = copy.deepcopy(dense)
+    quantize_model(int8, "int8")
+    ours = fastpath.experts_on_our_kernel()
+    layers = [decode._layers_inputs(m.model, ours)[i] for i, m in enumerate((dense, int8))]
+    each = [[*w[0], *(x for held in w[1:] for x in held)] for _, w in layers]
+    plans = [[decode._CODES[how] for how in plan] for plan, _ in layers]
+    assert [len(t) for t in each] == [9, 15] and plans == [[0] * 6, [8] * 6]
+    config, ops = dense.config, fastpath.operators()
+    shape, constants = [4, 2, 4, 2], [config.rms_norm_eps, dense.model.layers[0].self_attn.scaling, 1.0]
+    h, visible, inv_freq = torch.randn(32), torch.arange(10) <= 3, dense.model.rotary_emb.inv_freq
+
+    def state():  # each layer's length, keys and values, at position 3 of 10
+        keys = [torch.randn(1, 2, 10, 8) for _ in range(2)]
+        return [torch.tensor(3), torch.tensor(3)], keys, [k + 1 for k in keys]
+
+    lengths, keys, values = state()
+    expected = [[t.clone() for t in group] for group in (lengths, keys, values)]
+    one = h
+    for i in range(2):
+        one = ops.layer_step(one, expected[0][i], visible, inv_freq, expected[1][i], expected[2][i],
+                             each[i], plans[i], shape, constants)  # fmt: skip
+    out = ops.layers_step(h, lengths, visible, inv_freq, keys, values, each[0] + each[1], plans[0] + plans[1],
+                          shape, constants)  # fmt: skip
+    assert torch.equal(out, one)
+    assert all(
+        torch.equal(a, b) for got, want in zip((lengths, keys, values), expected) for a, b in zip(got, want)
     )
-    out = ops.layers_step(*args, keys, [k.clone() for k in keys], tensors, codes, shape, constants)
-    assert out.shape == (32,) and [int(n) for n in lengths] == [4] * layers  # each layer's length advanced
+    assert [int(n) for n in lengths] == [4, 4]
+    lengths, keys, values = state()
+    before = [[t.clone() for t in group] for group in (lengths, keys, values)]
+    tensors, codes = each[0] + each[1], plans[0] + plans[1]
     with pytest.raises(
         ValueError, match="layers_step: .* plan codes: give each layer's length, keys and values"
     ):
-        ops.layers_step(*args, keys[:-1], keys[:-1], tensors, codes, shape, constants)
-    with pytest.raises(ValueError, match="layers_step: .* weights, fewer than the plans hold"):
-        ops.layers_step(*args, keys, keys, tensors[:-1], codes, shape, constants)
-    with pytest.raises(ValueError, match="layers_step: .* weights, more than the plans hold"):
-        ops.layers_step(*args, keys, keys, [*tensors, tensors[0]], codes, shape, constants)
+        ops.layers_step(h, lengths, visible, inv_freq, keys[:1], values[:1], tensors, codes, shape, constants)
+    with pytest.raises(ValueError, match="layers_step: 23 weights where the plans hold 24"):
+        ops.layers_step(h, lengths, visible, inv_freq, keys, values, tensors[:-1], codes, shape, constants)
+    with pytest.raises(ValueError, match="layers_step: 25 weights where the plans hold 24"):
+        ops.layers_step(h, lengths, visible, inv_freq, keys, values, [*tensors, h], codes, shape, constants)
+    with pytest.raises(
+        IndexError, match="position 10 is past the cache's 10"
+    ):  # the second layer's, checked first
+        ops.layers_step(h, [lengths[0], torch.tensor(10)], visible, inv_freq, keys, values, tensors, codes,
+                        shape, constants)  # fmt: skip
+    assert all(
+        torch.equal(a, b) for got, want in zip((lengths, keys, values), before) for a, b in zip(got, want)
+    )
 
 
 @needs_our_kernel
