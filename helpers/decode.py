@@ -11,16 +11,16 @@ q, k and v weights into one copy (`Fused`), one product gives all three unless o
 else (a prompt, padding, hooks on a layer, outputs asked for, a sliding window, training) goes through
 transformers' own forward, unchanged.
 
-`graph_step` goes further, for one sequence on a static cache: one call a layer, made one of two ways. `graph_layer`
+`graph_step` goes further, for one sequence on a static cache: layer by layer, made one of two ways. `graph_layer`
 writes one layer's step as one function that torch.compile turns into one graph (`compiled_layer`), with no Python
 between its operators and the experts' products written to read only the chosen experts' weights; `native_layer`
 computes the same in one call of our C++ operator layer_step, the products by our kernels, with no dispatch between
 its parts. Layers that hold their weights alike share one made function, called once per layer with that layer's
 tensors: compiling traces one layer, not all of them (torch's tutorials call this regional compilation), at the cost
-of a call per layer; the embedding, the loop over the layers and the final norm run as they are. Our operator has no
-such cost: `native_layers` takes every layer in one call of layers_step, with no Python between two layers. It calls no module (a
-hook on one it reads makes it step aside) and is not bit for bit: the fast path races our operator against the lean step
-at every load (the graph too where asked) and keeps the fastest, its logits within a tolerance (fastpath.choose_step).
+of a call per layer; the embedding, the loop over the layers and the final norm run as they are (our operator loops in
+C++: `native_layers` takes every layer in one call of layers_step). It calls no module (a hook on one it reads makes it
+step aside) and is not bit for bit: the fast path races our operator against the lean step at every load (the graph
+too where asked) and keeps the fastest, its logits within a tolerance (fastpath.choose_step).
 
 Shapes: B sequences, d head size, L positions of a static cache.
 """
