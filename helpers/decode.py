@@ -358,10 +358,11 @@ def graph_step(decoder, make_layer, ours: dict | None = None):
         inv_freq = decoder.rotary_emb.inv_freq
         if read["layers"]:  # every layer in one call
             h = read["layers"](h, lengths, visible, inv_freq, keys, values)
-        for i, (plan, weights) in enumerate(() if read["layers"] else read["inputs"]):
-            if plan not in made:
-                made[plan] = make_layer(decoder, plan)
-            h = made[plan](h, lengths[i], visible, inv_freq, keys[i], values[i], weights)
+        else:
+            for i, (plan, weights) in enumerate(read["inputs"]):
+                if plan not in made:
+                    made[plan] = make_layer(decoder, plan)
+                h = made[plan](h, lengths[i], visible, inv_freq, keys[i], values[i], weights)
         return _rms(h, decoder.norm.weight, decoder.config.rms_norm_eps)[None]
 
     return step

@@ -540,9 +540,8 @@ STEP_NAMES = {"ours": "our layer operator", "compiled": "torch.compile's graph"}
 def step_candidates(model, compiled: bool = False) -> dict:
     """The ways to write one token's step layer by layer that can run `model` here: our operator (decode.native_layer)
     where our kernels are built and read its weights, and where asked torch.compile's graph (decode.compiled_layer)."""
-    ours = (
-        native_reads(model, experts_on_our_kernel()) and not kernel_unavailable()
-    )  # no build where it cannot run
+    # native_reads first: no kernel build where the operator cannot run
+    ours = native_reads(model, experts_on_our_kernel()) and not kernel_unavailable()
     return {**({"ours": native_layer} if ours else {}), **({"compiled": compiled_layer} if compiled else {})}
 
 
