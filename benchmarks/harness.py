@@ -292,6 +292,7 @@ def switched_off(part: str | None, model):
         with unittest.mock.patch.object(torch, "inference_mode", torch.no_grad):
             yield
     elif part == "packed copies":  # the weights' own product where a packed copy was chosen
+        from helpers.decode import JOINED
         from helpers.fastpath import _EXPERT_KERNELS, KERNELS
 
         modules = list(model.modules())
@@ -301,14 +302,12 @@ def switched_off(part: str | None, model):
             if getattr(m, "weight_copy", None) is not None and KERNELS[m.kernel][0] == "packed"
         ]
         copies = [m.weight_copy for m in holders]
-        joined = {
-            m: m.qkv for m in modules if getattr(m, "qkv", None) and any(m.q_proj is h for h in holders)
-        }
+        joined = {m: fused for m, fused in JOINED.items() if any(m.q_proj is h for h in holders)}
         experts = {m: dict(_EXPERT_KERNELS[m]) for m in modules if m in _EXPERT_KERNELS}
         for m in holders:
             m.weight_copy = None
         for m in joined:  # q, k and v's packed copy joined (fastpath.join_projections)
-            m.qkv = None
+            del JOINED[m]
         for m, kernels in experts.items():
             _EXPERT_KERNELS[m] = {
                 a: (n, c, s) if KERNELS[n][0] != "packed" else ("F.linear", None, None)
@@ -319,8 +318,7 @@ def switched_off(part: str | None, model):
         finally:
             for m, copy in zip(holders, copies):
                 m.weight_copy = copy
-            for m, fused in joined.items():
-                m.qkv = fused
+            JOINED.update(joined)
             _EXPERT_KERNELS.update(experts)
     else:
         raise ValueError(f"without={part!r}: one of {WITHOUT}")

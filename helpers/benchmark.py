@@ -25,7 +25,7 @@ class BenchRow:
     """One configuration's figures from one run (decode speeds after the first token, bytes read per token)."""
 
     name: str
-    decode_tok_s: float  # one sequence's tokens per second after the first token
+    decode_tok_s: float  # tokens per second after the first token: one sequence's, or a batch's in all
     throughput_tok_s: float  # all sequences' new tokens per second of wall time
     bytes_per_token: float  # what one decode step reads per sequence
     ceiling_tok_s: float  # this machine's measured bandwidth / bytes_per_token

@@ -28,9 +28,11 @@ Shapes: B sequences, d head size, L positions of a static cache.
 from __future__ import annotations
 
 import types
+import weakref
 
 _ASKED = ("output_attentions", "output_hidden_states", "output_router_logits")
 _RECORDERS = "transformers.utils.output_capturing"  # its hooks record only while outputs are asked for
+JOINED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # attention -> its q, k, v joined (`Fused`)
 
 
 def _hooked(module) -> bool:
@@ -81,7 +83,7 @@ def _plain(decoder, input_ids, attention_mask, past_key_values, kwargs) -> bool:
         or decoder.training
         or decoder.config._attn_implementation != "sdpa"
         or (attention_mask is not None and not bool(attention_mask.all()))
-        or any(_hooked(m) for m in decoder._lean_wrapped)
+        or any(_hooked(m) for layer in decoder.layers for m in (layer, layer.self_attn))
     )
 
 
@@ -107,7 +109,7 @@ def lean_forward(
         attn = layer.self_attn
         x = layer.input_layernorm(h)
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)  # one product for the three, unless hooked
-        fused = None if any(map(_hooked, projections)) else getattr(attn, "qkv", None)
+        fused = None if any(map(_hooked, projections)) else JOINED.get(attn)
         qkv = fused(x.view(B, -1), projections) if fused is not None else None  # [B, q + k + v], or None
         parts = qkv.split(fused.sizes, -1) if qkv is not None else (p(x) for p in projections)
         q, k, v = (t.view(B, 1, -1, attn.head_dim).transpose(1, 2) for t in parts)
@@ -131,7 +133,6 @@ def use_lean_step(model) -> bool:
         return False  # its steps need a mask once the cache is longer than the window
     if len(set(getattr(model, "hf_device_map", {"": None}).values())) > 1:
         return False  # accelerate moves activations between devices in hooks on each layer
-    decoder._lean_wrapped = [m for layer in decoder.layers for m in (layer, layer.self_attn)]
     decoder.forward = types.MethodType(lean_forward, decoder)
     return True
 
@@ -371,9 +372,9 @@ def graph_step(decoder, make_layer, ours: dict | None = None):
 _PLAIN_EXPERTS = ("eager", "grouped_mm", "batched_mm", "per_token")  # their weights held as loaded
 
 
-def _graph_applies(decoder, input_ids, attention_mask, past_key_values, kwargs) -> bool:
-    """Whether this forward is one token of one sequence on a filled static cache, with nothing asked for, hooked,
-    masked but the positions past it, or replaced in the experts."""
+def _graph_applies(decoder, input_ids, attention_mask, past_key_values, kwargs, held: tuple) -> bool:
+    """Whether this forward is one token of one sequence on a filled static cache, with nothing asked for, hooked
+    (`held[0]`: what the step reads), masked but the positions past it, or replaced in the experts (`held[1]`)."""
     import torch
     from transformers.cache_utils import StaticCache, StaticLayer
 
@@ -386,8 +387,8 @@ def _graph_applies(decoder, input_ids, attention_mask, past_key_values, kwargs) 
         and not any(kwargs.get(k, getattr(decoder.config, k, False)) for k in _ASKED)
         and not decoder.training
         and (attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.dim() == 4))
-        and decoder.config._experts_implementation in (*_PLAIN_EXPERTS, *decoder._graph_quantized)
-        and not any(_hooked(m) for m in decoder._graph_reads)
+        and decoder.config._experts_implementation in held[1]
+        and not any(_hooked(m) for m in held[0])
     )
 
 
@@ -403,15 +404,15 @@ def use_graph_step(model, make_layer, ours: dict | None = None) -> bool:
     if any(getattr(m, "kernel", None) != "ours" for m in quantized) or not use_lean_step(model):
         return False
     decoder = model.model
-    decoder._graph_quantized = ("quantized",) if quantized else ()
     reads = [m for layer in decoder.layers for m in layer.modules()]
-    decoder._graph_reads = [*reads, decoder.norm, decoder.embed_tokens, decoder.rotary_emb]
+    reads += [decoder.norm, decoder.embed_tokens, decoder.rotary_emb]
+    held = (reads, (*_PLAIN_EXPERTS, *(("quantized",) if quantized else ())))
     step = graph_step(decoder, make_layer, ours)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
         from transformers.modeling_outputs import MoeModelOutputWithPast
 
-        if not _graph_applies(self, input_ids, attention_mask, past_key_values, kwargs):
+        if not _graph_applies(self, input_ids, attention_mask, past_key_values, kwargs, held):
             return lean_forward(self, input_ids, attention_mask, position_ids, past_key_values, **kwargs)
         cache = past_key_values.layers
         lengths = [c.cumulative_length for c in cache]

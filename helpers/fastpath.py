@@ -34,6 +34,7 @@ from statistics import median
 
 from .data import BLOG_SAMPLING, GB
 from .decode import (
+    JOINED,
     Fused,
     _ours_reads,
     compiled_layer,
@@ -414,7 +415,7 @@ def join_projections(model) -> str:
         if hasattr(kind, "join"):  # quantized: their buffers joined by their own class
             size = sum(b.nbytes for p in projections for b in p.buffers())
             if {type(p) for p in projections} == {kind} and fits(size, available - joined):
-                attention.qkv, joined = kind.join(projections), joined + size
+                JOINED[attention], joined = kind.join(projections), joined + size
             continue
         kernels = {
             getattr(p, "weight_copy", None) is not None and p.bias is None and p.kernel for p in projections
@@ -428,7 +429,7 @@ def join_projections(model) -> str:
             copy = COPIES[layout](torch.cat(weights))  # [q + k + v, D]
             product = functools.partial(_joined_product, kernel, weights[0].dtype)
             sizes = [p.out_features for p in projections]
-            attention.qkv, joined = Fused(projections, copy, product, _weight_stamp, sizes), joined + size
+            JOINED[attention], joined = Fused(projections, copy, product, _weight_stamp, sizes), joined + size
     if not joined:
         return ""
     return f"one-token steps multiply q, k and v in one product: a copy of the three joined, {joined / 2**20:.1f} MiB"

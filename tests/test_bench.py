@@ -151,6 +151,7 @@ def test_a_row_switches_the_packed_copies_off_and_back_on(monkeypatch):
     from harness import switched_off
 
     import helpers.fastpath as fastpath
+    from helpers import decode
 
     model = tiny_moe(seed=4)
     experts, attention = model.model.layers[0].mlp.experts, model.model.layers[0].self_attn
@@ -185,10 +186,10 @@ def test_a_row_switches_the_packed_copies_off_and_back_on(monkeypatch):
     fastpath.choose_kernels(model)
     assert fastpath.join_projections(model)
     attention = model.model.layers[0].self_attn
-    fused = attention.qkv
+    fused = decode.JOINED[attention]
     with switched_off("packed copies", model):
-        assert attention.qkv is None and attention.k_proj.weight_copy is None
-    assert attention.qkv is fused and attention.k_proj.weight_copy is not None
+        assert attention not in decode.JOINED and attention.k_proj.weight_copy is None
+    assert decode.JOINED[attention] is fused and attention.k_proj.weight_copy is not None
 
 
 def test_the_step_profile_counts_every_fast_path_kernel_as_a_matrix_product():

@@ -307,6 +307,35 @@ def test_load_pipeline_takes_the_fast_path_unless_told_not_to(tiny_mixtral_dir):
     assert not hasattr(plain.model, "recipe")
 
 
+@pytest.mark.parametrize("quantized", [False, True], ids=["fast path", "int8"])
+def test_a_load_sets_only_its_record_and_the_step_on_transformers_modules(tiny_mixtral_dir, quantized):
+    """What the fast path made (the kernels' copies, q, k and v joined, what the step reads) lives in our own modules,
+    in the load record or beside transformers' modules (decode.JOINED); on theirs a load sets `load_record` (the
+    model) and `forward` (the decoder, whose one-token steps our step takes), nothing else."""
+    from transformers import AutoModelForCausalLM
+
+    from helpers import Fit
+
+    def theirs(model):  # each of transformers' modules' own attributes, by name
+        return {
+            n: set(vars(m))
+            for n, m in model.named_modules()
+            if type(m).__module__.startswith("transformers.")
+        }
+
+    untouched = AutoModelForCausalLM.from_pretrained(
+        tiny_mixtral_dir, dtype=torch.bfloat16, device_map="auto"
+    )
+    before = theirs(untouched)
+    fit = Fit.quantized("int8") if quantized else None
+    model = load_pipeline(str(tiny_mixtral_dir), dtype=torch.bfloat16, fit=fit).model
+    added = {n: names - before[n] for n, names in theirs(model).items() if names - before.get(n, names)}
+    assert added == {"": {"load_record"}, "model": {"forward"}}
+    if quantized:  # their q, k and v joined into one copy: beside each attention, not on it
+        joined = {a for a in decode.JOINED if any(a is m for m in model.modules())}
+        assert joined == {layer.self_attn for layer in model.model.layers}
+
+
 # ---------------------------------------------------------------- the lean decode step
 def greedy_logits(model, ids, steps, **extra):
     """The logits of `steps` greedy one-token forwards after the prompt `ids`, through a DynamicCache."""
@@ -367,7 +396,7 @@ def test_joined_projections_give_the_same_logits_bit_for_bit(monkeypatch, weight
         model.set_experts_implementation("per_token")
     assert fastpath.join_projections(model).startswith("one-token steps multiply q, k and v in one product")
     attention = model.model.layers[0].self_attn
-    assert all(isinstance(layer.self_attn.qkv, decode.Fused) for layer in model.model.layers)
+    assert all(isinstance(decode.JOINED[layer.self_attn], decode.Fused) for layer in model.model.layers)
     ids = torch.randint(0, 512, (2, 6))
 
     def transformers_logits(steps):  # every step through transformers' forward: q, k and v one by one
@@ -378,8 +407,8 @@ def test_joined_projections_give_the_same_logits_bit_for_bit(monkeypatch, weight
     expected = transformers_logits(5)
     assert use_lean_step(model)
     joined = []
-    product = attention.qkv.product
-    monkeypatch.setattr(attention.qkv, "product", lambda x, c: joined.append(1) or product(x, c))
+    product = decode.JOINED[attention].product
+    monkeypatch.setattr(decode.JOINED[attention], "product", lambda x, c: joined.append(1) or product(x, c))
     assert torch.equal(greedy_logits(model, ids, 5), expected) and len(joined) == 5
     handle = attention.k_proj.register_forward_hook(lambda *_: joined.append("hooked"))
     greedy_logits(model, ids, 1)
