@@ -307,18 +307,24 @@ def test_load_pipeline_takes_the_fast_path_unless_told_not_to(tiny_mixtral_dir):
     assert not hasattr(plain.model, "recipe")
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["fast path", "int8"])
-def test_a_load_sets_only_its_record_and_the_step_on_transformers_modules(tiny_mixtral_dir, quantized):
+@pytest.mark.parametrize("fit", ["none", "int8", "expert cache"])
+def test_a_load_changes_on_transformers_modules_only_its_record_the_step_and_the_weights_a_fit_replaces(
+    tiny_mixtral_dir, fit
+):
     """What the fast path made (the kernels' copies, q, k and v joined, what the step reads) lives in our own modules,
-    in the load record or beside transformers' modules (decode.JOINED); on theirs a load sets `load_record` (the
-    model) and `forward` (the decoder, whose one-token steps our step takes), nothing else."""
+    in the load record or beside transformers' modules (decode.JOINED). On theirs a load sets `load_record` (the
+    model) and `forward` (the decoder, whose one-token steps our step takes), and a fit replaces the experts' weights
+    as torch registers them (int8: our quantized modules; the expert cache: its slots). Nothing else: no attribute,
+    submodule, buffer, parameter or hook more or fewer; a module of theirs that is gone was replaced by one of ours."""
     from transformers import AutoModelForCausalLM
 
     from helpers import Fit
 
-    def theirs(model):  # each of transformers' modules' own attributes, by name
+    parts = ("__dict__", "_modules", "_buffers", "_parameters", "_forward_hooks", "_forward_pre_hooks")
+
+    def theirs(model):  # each of transformers' modules by name: the names each part of it holds
         return {
-            n: set(vars(m))
+            n: {p: set(vars(m) if p == "__dict__" else getattr(m, p)) for p in parts}
             for n, m in model.named_modules()
             if type(m).__module__.startswith("transformers.")
         }
@@ -327,11 +333,31 @@ def test_a_load_sets_only_its_record_and_the_step_on_transformers_modules(tiny_m
         tiny_mixtral_dir, dtype=torch.bfloat16, device_map="auto"
     )
     before = theirs(untouched)
-    fit = Fit.quantized("int8") if quantized else None
-    model = load_pipeline(str(tiny_mixtral_dir), dtype=torch.bfloat16, fit=fit).model
-    added = {n: names - before[n] for n, names in theirs(model).items() if names - before.get(n, names)}
-    assert added == {"": {"load_record"}, "model": {"forward"}}
-    if quantized:  # their q, k and v joined into one copy: beside each attention, not on it
+    fits = {"none": None, "int8": Fit.quantized("int8"), "expert cache": Fit.expert_cache(2)}
+    model = load_pipeline(str(tiny_mixtral_dir), dtype=torch.bfloat16, fit=fits[fit]).model
+    after = theirs(model)
+    assert set(after) <= set(before)
+    assert all(
+        type(model.get_submodule(n)).__module__.startswith("helpers.") for n in set(before) - set(after)
+    )
+    changed = {
+        (n, p): (after[n][p] - before[n][p], before[n][p] - after[n][p])
+        for n in after
+        for p in parts
+        if after[n][p] != before[n][p]
+    }
+    expected = {("", "__dict__"): ({"load_record"}, set()), ("model", "__dict__"): ({"forward"}, set())}
+    replaced = {
+        "int8": ("_modules", {"gate_up_q", "down_q"}),
+        "expert cache": ("_buffers", {"cached_gate_up", "cached_down"}),
+    }
+    if fit in replaced:
+        part, names = replaced[fit]
+        for i in range(len(model.model.layers)):
+            expected[f"model.layers.{i}.mlp.experts", part] = (names, set())
+            expected[f"model.layers.{i}.mlp.experts", "_parameters"] = (set(), {"gate_up_proj", "down_proj"})
+    assert changed == expected
+    if fit == "int8":  # their q, k and v joined into one copy: beside each attention, not on it
         joined = {a for a in decode.JOINED if any(a is m for m in model.modules())}
         assert joined == {layer.self_attn for layer in model.model.layers}
 
