@@ -257,6 +257,15 @@ def compiled_layer(decoder, plan: tuple):
 _CODES = {"dense": 0, "reduce": 0, "int8": 8, "int4": 4}  # how layer_step names each way to make a product
 
 
+def _operator_settings(decoder) -> tuple:
+    """What our layer operators take besides tensors: shape [heads, KV heads, experts, experts per token] and
+    constants [eps, scaling, attention scaling]."""
+    cfg = decoder.config
+    shape = [cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_local_experts, cfg.num_experts_per_tok]
+    scalings = [decoder.layers[0].self_attn.scaling, decoder.rotary_emb.attention_scaling]
+    return shape, [cfg.rms_norm_eps, *scalings]
+
+
 def native_layer(decoder, plan: tuple):
     """What `graph_layer` computes (the same arguments and result), by our operator layer_step (quant_ops.cpp) in one
     call with nothing between its parts: norms, rotary angles, attention and router in plain loops over one token's
@@ -264,18 +273,13 @@ def native_layer(decoder, plan: tuple):
     chose for it elsewhere), each value rounded to the model's dtype where graph_layer's compiled graph rounds it (once
     after each fused part, not after each operator); its sums run in other orders, so its logits are within a tolerance
     of the lean step's, not bit for bit. It needs our kernels (`native_reads`)."""
-    import itertools
-
     import torch
 
-    cfg, attention = decoder.config, decoder.layers[0].self_attn
-    run = torch.ops.mixtral_notebooks.layer_step
-    codes = [_CODES[how] for how in plan]
-    shape = [cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_local_experts, cfg.num_experts_per_tok]
-    constants = [cfg.rms_norm_eps, attention.scaling, decoder.rotary_emb.attention_scaling]
+    run, codes = torch.ops.mixtral_notebooks.layer_step, [_CODES[how] for how in plan]
+    shape, constants = _operator_settings(decoder)
 
     def layer(h, length, visible, inv_freq, key, value, weights):
-        tensors = [*weights[0], *itertools.chain.from_iterable(weights[1:])]
+        tensors = [t for part in weights for t in part]  # the norms' and router's, then each product's
         return run(h, length, visible, inv_freq, key, value, tensors, codes, shape, constants)
 
     return layer
@@ -285,16 +289,11 @@ def native_layers(decoder, inputs: list):
     """layers(h, lengths, visible, inv_freq, keys, values) -> h: every layer of `decoder` as `native_layer` computes it,
     in one call of our operator layers_step, each layer with its plan and tensors from `inputs` (`_layers_inputs`):
     no Python between two layers (graph_step uses it where its layers are native_layer's)."""
-    import itertools
-
     import torch
 
-    cfg, attention = decoder.config, decoder.layers[0].self_attn
-    run = torch.ops.mixtral_notebooks.layers_step
-    codes = [_CODES[how] for plan, _ in inputs for how in plan]
-    tensors = [t for _, weights in inputs for t in (*weights[0], *itertools.chain.from_iterable(weights[1:]))]
-    shape = [cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_local_experts, cfg.num_experts_per_tok]
-    constants = [cfg.rms_norm_eps, attention.scaling, decoder.rotary_emb.attention_scaling]
+    run, codes = torch.ops.mixtral_notebooks.layers_step, [_CODES[how] for plan, _ in inputs for how in plan]
+    tensors = [t for _, weights in inputs for part in weights for t in part]  # layer after layer
+    shape, constants = _operator_settings(decoder)
 
     def layers(h, lengths, visible, inv_freq, keys, values):
         return run(h, lengths, visible, inv_freq, keys, values, tensors, codes, shape, constants)

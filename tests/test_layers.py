@@ -53,7 +53,7 @@ LAYERS = {
 # its ceiling may fall with any change, and rises only with a change that says so in the README.
 TARGETS = dict(helpers_lines=3400, core_lines=900, public_names=70, parameters=6)
 CEILINGS = dict(
-    helpers_lines=7460, core_lines=900, public_names=70
+    helpers_lines=7459, core_lines=900, public_names=70
 )  # core_lines, public_names: at their targets
 CORE = (
     "backends.py",
